@@ -1,0 +1,281 @@
+"""Public models of the seed (CONTRACT §7, §10): ``Position``, ``Order``, ``Fill``, ``PnLInfo``.
+
+Pydantic v2, validated at runtime. Money is ``Decimal`` (a float is refused: it has already lost
+digits); identifiers follow CONTRACT §1; timestamps are timezone-aware datetimes (integer epoch
+milliseconds are accepted). Decimals serialize as plain strings without exponent.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    computed_field,
+    field_validator,
+)
+
+from ledger import arithmetic
+from ledger.enums import (
+    Exchange,
+    OrderSide,
+    OrderStatus,
+    OrderType,
+    PositionSide,
+    PositionStatus,
+)
+from ledger.instruments import Instrument, instrument_for
+from ledger.values import (
+    ValueRuleError,
+    check_identifier,
+    divide,
+    format_decimal,
+    ms_to_datetime,
+)
+
+ZERO = Decimal(0)
+
+
+def _to_decimal(value: Any, info: Any = None) -> Decimal:
+    if isinstance(value, float | bool):
+        raise ValueError("must be a Decimal or a decimal string such as \"0.1\", never a float")
+    try:
+        number = Decimal(value) if isinstance(value, str | int) else value
+    except ArithmeticError as exc:
+        raise ValueError(f"must be a decimal string such as \"0.1\" (got {value!r})") from exc
+    if not isinstance(number, Decimal) or not number.is_finite():
+        raise ValueError(f"must be a finite decimal (got {value!r})")
+    return number
+
+
+def _to_datetime(value: Any) -> datetime:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ms_to_datetime(value)
+    if isinstance(value, str) and value.isdigit():
+        return ms_to_datetime(int(value))
+    if isinstance(value, datetime) and value.tzinfo is None:
+        raise ValueError("must be timezone-aware (UTC)")
+    return value  # type: ignore[no-any-return]
+
+
+Money = Annotated[
+    Decimal,
+    BeforeValidator(_to_decimal),
+    PlainSerializer(format_decimal, return_type=str, when_used="json"),
+]
+Timestamp = Annotated[datetime, BeforeValidator(_to_datetime)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, use_enum_values=False, validate_default=True)
+
+    @field_validator("user_id", check_fields=False)
+    @classmethod
+    def _user_id(cls, value: str) -> str:
+        return _identifier("user_id", value)
+
+    @field_validator("symbol", check_fields=False)
+    @classmethod
+    def _symbol(cls, value: str) -> str:
+        return _identifier("symbol", value)
+
+    @property
+    def instrument(self) -> Instrument:
+        return instrument_for(self.exchange, self.symbol)  # type: ignore[attr-defined]
+
+
+def _identifier(kind: str, value: str) -> str:
+    try:
+        return check_identifier(kind, value)
+    except ValueRuleError as exc:
+        raise ValueError(f"must be {exc.rule}") from exc
+
+
+def _positive(value: Decimal, field: str) -> Decimal:
+    if value <= 0:
+        raise ValueError(f"{field} must be greater than zero")
+    return value
+
+
+class PnLInfo(BaseModel):
+    """PnL of a position: net realized, unrealized at a price, settlement fees, return on margin."""
+
+    model_config = ConfigDict(frozen=True)
+
+    realized_pnl: Money = ZERO
+    unrealized_pnl: Money = ZERO
+    fees: Money = ZERO
+    other_fees: dict[str, Money] = Field(default_factory=dict)
+    pnl_percentage: Money = ZERO
+    current_price: Money | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total_pnl(self) -> Money:
+        return self.realized_pnl + self.unrealized_pnl
+
+
+class Position(_Model):
+    """A position; ``current_price`` (the mark) feeds the computed PnL fields."""
+
+    id: str | None = None
+    user_id: str
+    exchange: Exchange
+    symbol: str
+    side: PositionSide
+    size: Money
+    entry_price: Money
+    leverage: int = Field(default=1, ge=1, le=1000)
+    status: PositionStatus = PositionStatus.OPEN
+    exit_price: Money | None = None
+    realized_pnl: Money = ZERO
+    fees: Money = ZERO
+    other_fees: dict[str, Money] = Field(default_factory=dict)
+    stop_loss: Money | None = None
+    take_profit: Money | None = None
+    current_price: Money | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: Timestamp | None = None
+    updated_at: Timestamp | None = None
+    closed_at: Timestamp | None = None
+    version: int = 0
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: Decimal) -> Decimal:
+        if value < 0:
+            raise ValueError("size must not be negative")
+        return value
+
+    @field_validator("entry_price")
+    @classmethod
+    def _entry(cls, value: Decimal) -> Decimal:
+        return _positive(value, "entry_price")
+
+    def unrealized_at(self, price: Decimal) -> Decimal:
+        return arithmetic.gross_pnl(self.instrument, self.side, self.entry_price, price, self.size)
+
+    @property
+    def margin(self) -> Decimal:
+        return arithmetic.margin(self.instrument, self.entry_price, self.size, self.leverage)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def unrealized_pnl(self) -> Money | None:
+        if self.current_price is None:
+            return None
+        return self.unrealized_at(self.current_price)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def pnl_percentage(self) -> Money | None:
+        """Return on margin in percent at ``current_price`` (CONTRACT §7)."""
+        unrealized = self.unrealized_pnl
+        if unrealized is None:
+            return None
+        return arithmetic.pnl_percentage(unrealized, self.margin)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def notional_value(self) -> Money | None:
+        """Value of the open size at ``current_price`` (inverse: in the base coin)."""
+        if self.current_price is None:
+            return None
+        return arithmetic.notional_value(self.instrument, self.size, self.current_price)
+
+    def pnl(self, price: Decimal) -> PnLInfo:
+        unrealized = self.unrealized_at(price) if self.status is PositionStatus.OPEN else ZERO
+        return PnLInfo(
+            realized_pnl=self.realized_pnl,
+            unrealized_pnl=unrealized,
+            fees=self.fees,
+            other_fees=self.other_fees,
+            pnl_percentage=arithmetic.pnl_percentage(unrealized, self.margin),
+            current_price=price,
+        )
+
+
+class Fill(_Model):
+    """One execution of an order, as the venue reported it."""
+
+    order_id: str
+    fill_id: str = Field(min_length=1, max_length=128)
+    quantity: Money
+    price: Money
+    fee: Money = ZERO
+    fee_currency: str | None = Field(default=None, pattern=r"^[A-Za-z0-9]{1,16}$")
+    ts: Timestamp | None = None
+
+    @field_validator("quantity", "price")
+    @classmethod
+    def _amount(cls, value: Decimal, info: Any) -> Decimal:
+        return _positive(value, info.field_name)
+
+
+class Order(_Model):
+    """An order. ``fill_basis`` is the running sum that ``avg_fill_price`` averages over."""
+
+    id: str | None = None
+    user_id: str
+    exchange: Exchange
+    symbol: str
+    side: OrderSide
+    order_type: OrderType
+    quantity: Money
+    price: Money | None = None
+    trigger_price: Money | None = None
+    status: OrderStatus = OrderStatus.PENDING
+    filled_qty: Money = ZERO
+    fill_basis: Money = ZERO
+    exchange_order_id: str | None = None
+    client_order_id: str | None = None
+    position_side: PositionSide | None = None
+    position_id: str | None = None
+    reduce_only: bool = False
+    leverage: int | None = Field(default=None, ge=1, le=1000)
+    grid_level: int | None = Field(default=None, ge=0)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: Timestamp | None = None
+    updated_at: Timestamp | None = None
+    version: int = 0
+
+    @field_validator("quantity")
+    @classmethod
+    def _quantity(cls, value: Decimal) -> Decimal:
+        return _positive(value, "quantity")
+
+    @field_validator("price", "trigger_price")
+    @classmethod
+    def _price(cls, value: Decimal | None, info: Any) -> Decimal | None:
+        return None if value is None else _positive(value, info.field_name)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def remaining_qty(self) -> Money:
+        return max(self.quantity - self.filled_qty, ZERO)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def fill_percentage(self) -> Money:
+        return divide(self.filled_qty * 100, self.quantity)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def avg_fill_price(self) -> Money | None:
+        """Quantity-weighted mean fill price (inverse: contract-weighted harmonic mean)."""
+        if self.filled_qty == 0:
+            return None
+        return arithmetic.average_price(self.instrument, self.filled_qty, self.fill_basis)
+
+    def with_fill(self, fill: Fill) -> Order:
+        """The order after one more fill (quantities only; the ledger decides the status)."""
+        added = arithmetic.basis(self.instrument, fill.quantity, fill.price)
+        return self.model_copy(
+            update={"filled_qty": self.filled_qty + fill.quantity, "fill_basis": self.fill_basis + added}
+        )
