@@ -1,0 +1,1 @@
+"""Stream consumers: the generic runner, the command handler and the paper venue."""

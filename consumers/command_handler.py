@@ -1,0 +1,228 @@
+"""The command handler: decode, validate, decide, append, reply (CONTRACT §3, §4).
+
+A batch of command entries of one shard is handled in log order. State is loaded from the
+shard's snapshots in a few pipelined waves, every command is decided by the pure decider
+against one in-memory book, and all outcomes are appended in one pipeline, each atomically with
+its reply and deduplication record. When another handler changed a user's state in between (the
+append script answers ``conflict``), that user's remaining commands are decided again, one by
+one, on freshly loaded state. Malformed entries are dead-lettered, with a rejection reply when
+their ``command_id`` and ``user_id`` can be read.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from consumers.deadletter import dead_letter_fields
+from consumers.runner import Entry
+from ledger import wire
+from ledger.decider import Book, Context, Decision, Rejection, Requirements, decide, evolve, requirements
+from ledger.eventstore import Append, EventStore
+from ledger.keys import shard_of
+from ledger.state import slot_field
+from ledger.values import now_ms
+
+GROUP = "ledger-handler"
+PREFETCH_WAVES = 3
+MAX_CONFLICT_RETRIES = 20
+
+log = structlog.get_logger("ledger.handler")
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(slots=True)
+class _Pending:
+    entry: Entry
+    command: wire.Command
+
+
+class CommandHandler:
+    def __init__(
+        self,
+        store: EventStore,
+        shards: int,
+        *,
+        clock: Callable[[], int] = now_ms,
+        new_id: Callable[[], str] = new_uuid,
+    ) -> None:
+        self.store = store
+        self.shards = shards
+        self.clock = clock
+        self.new_id = new_id
+
+    async def handle(self, entries: list[Entry]) -> None:
+        commands: list[_Pending] = []
+        for entry in entries:
+            command = await self._decode(entry)
+            if command is not None:
+                commands.append(_Pending(entry, command))
+        if commands:
+            await self._handle_commands(commands)
+
+    # ----------------------------------------------------------------- decoding
+
+    async def _decode(self, entry: Entry) -> wire.Command | None:
+        try:
+            command = wire.decode_command(entry.fields)
+        except wire.WireError as error:
+            await self._reject_malformed(entry, error)
+            return None
+        if shard_of(command.user_id, self.shards) != self.store.keys.shard:
+            error = wire.WireError(
+                "WRONG_SHARD",
+                f"user {command.user_id} belongs to shard {shard_of(command.user_id, self.shards)}, "
+                f"not {self.store.keys.shard}: publish to ledger:{{{shard_of(command.user_id, self.shards)}}}:commands",
+                command_id=command.command_id,
+                user_id=command.user_id,
+            )
+            await self._reject_malformed(entry, error)
+            return None
+        return command
+
+    async def _reject_malformed(self, entry: Entry, error: wire.WireError) -> None:
+        keys = self.store.keys
+        fields = dead_letter_fields(
+            entry.fields, stream=keys.commands, entry_id=entry.id, group=GROUP, code=error.code, reason=error.message
+        )
+        await self.store.redis.xadd(keys.dead, fields)
+        if error.command_id and error.user_id:
+            reply = wire.Reply(
+                command_id=error.command_id,
+                status="rejected",
+                error=wire.ErrorInfo(error.code, error.message),
+            )
+            await self.store.write_reply(error.user_id, error.command_id, reply)
+        log.warning(
+            "malformed command",
+            entry_id=entry.id,
+            command_id=error.command_id,
+            user_id=error.user_id,
+            code=error.code,
+            reason=error.message,
+        )
+
+    # ----------------------------------------------------------------- deciding
+
+    async def _handle_commands(self, commands: list[_Pending]) -> None:
+        book = Book()
+        await self._prefetch(book, [p.command for p in commands])
+        tokens = await self.store.tokens(p.command.user_id for p in commands)
+        appends = [await self._decide(p, book, tokens) for p in commands]
+        results = await self.store.append_many(appends)
+        conflicted: set[str] = set()
+        retry: list[_Pending] = []
+        for pending, append, result in zip(commands, appends, results, strict=True):
+            user = pending.command.user_id
+            if result.status == "conflict" or user in conflicted:
+                conflicted.add(user)
+                retry.append(pending)
+            else:
+                self._log_outcome(pending, append, result.status)
+        for pending in retry:
+            await self._handle_alone(pending)
+
+    async def _prefetch(self, book: Book, commands: Sequence[wire.Command]) -> None:
+        for _ in range(PREFETCH_WAVES):
+            wanted: list[Requirements] = [requirements(c, book).missing(book) for c in commands]
+            missing = Requirements(
+                frozenset().union(*(w.order_ids for w in wanted)),
+                frozenset().union(*(w.position_ids for w in wanted)),
+                frozenset().union(*(w.slots for w in wanted)),
+            )
+            if not missing:
+                return
+            await self.store.load(book, missing)
+
+    async def _load(self, book: Book, command: wire.Command) -> None:
+        while missing := requirements(command, book).missing(book):
+            await self.store.load(book, missing)
+
+    async def _decide(self, pending: _Pending, book: Book, tokens: dict[str, str]) -> Append:
+        command = pending.command
+        await self._load(book, command)
+        decision = decide(command, book, Context(now=self.clock(), new_id=self.new_id))
+        user = command.user_id
+        append = Append(
+            user_id=user,
+            command_id=command.command_id,
+            expected_token=tokens.get(user, ""),
+            new_token=pending.entry.id,
+            reply=_reply(command, decision),
+        )
+        tokens[user] = pending.entry.id
+        if isinstance(decision, Decision):
+            evolve(book, decision.events)
+            _snapshots(append, book, decision.events)
+        return append
+
+    async def _handle_alone(self, pending: _Pending) -> None:
+        """Decide one command again on fresh state until its append is not in conflict."""
+        for _attempt in range(MAX_CONFLICT_RETRIES):
+            book = Book()
+            tokens = await self.store.tokens([pending.command.user_id])
+            append = await self._decide(pending, book, tokens)
+            result = await self.store.append(append)
+            if result.status != "conflict":
+                self._log_outcome(pending, append, result.status)
+                return
+        raise RuntimeError(
+            f"command {pending.command.command_id} of {pending.command.user_id} kept conflicting: "
+            "another handler is writing the same user's state; it will be retried"
+        )
+
+    def _log_outcome(self, pending: _Pending, append: Append, status: str) -> None:
+        command = pending.command
+        fields: dict[str, Any] = {
+            "command_id": command.command_id,
+            "user_id": command.user_id,
+            "type": command.__struct_config__.tag,
+            "entry_id": pending.entry.id,
+            "order_id": append.reply.order_id,
+            "position_id": append.reply.position_id,
+        }
+        if status == "duplicate":
+            log.info("duplicate command, first outcome replayed", **fields)
+        elif append.reply.error is not None:
+            log.info("command rejected", code=append.reply.error.code, reason=append.reply.error.message, **fields)
+        else:
+            log.debug("command accepted", event_ids=[e.event_id for e in append.events], **fields)
+
+
+def _reply(command: wire.Command, decision: Decision | Rejection) -> wire.Reply:
+    if isinstance(decision, Rejection):
+        return wire.Reply(
+            command_id=command.command_id,
+            status="rejected",
+            error=wire.ErrorInfo(decision.code.value, decision.message),
+            order_id=decision.order_id,
+            position_id=decision.position_id,
+        )
+    return wire.Reply(
+        command_id=command.command_id,
+        status="accepted",
+        order_id=decision.order_id,
+        position_id=decision.position_id,
+    )
+
+
+def _snapshots(append: Append, book: Book, events: Sequence[wire.Event]) -> None:
+    append.events = events
+    for event in events:
+        if isinstance(event, wire.PositionEvent):
+            position = book.positions[event.stream]
+            assert position is not None
+            append.positions[event.stream] = position
+            slot = slot_field(position.user_id, position.exchange, position.symbol, position.side)
+            append.slots[slot] = position.id if position.is_open else None
+        else:
+            order = book.orders[event.stream]
+            assert order is not None
+            append.orders[event.stream] = order

@@ -1,0 +1,269 @@
+"""A small consumer-group runner shared by every consumer of the ledger.
+
+It reads a stream with XREADGROUP in batches, hands each batch to an async handler and XACKs it
+after success. Entries left pending by a dead consumer are taken over with XAUTOCLAIM once idle
+for ``claim_idle_ms``. An entry delivered ``max_deliveries`` times without success goes to the
+dead-letter stream with its last error. Redis going away means backoff and reconnection, not a
+crash. ``run`` stops cleanly when its stop event is set (the batch in hand is finished and
+acknowledged first); ``burst`` processes what is there and returns (for tests and tools).
+
+Handlers must be idempotent: delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from redis import exceptions as redis_errors
+
+from consumers.deadletter import dead_letter_fields
+
+RETRYABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    ConnectionError,
+    OSError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: str
+    fields: dict[str, Any]
+
+
+Handler = Callable[[list[Entry]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSettings:
+    batch_size: int = 256
+    block_ms: int = 1000
+    claim_idle_ms: int = 10_000
+    max_deliveries: int = 5
+    backoff_max_s: float = 5.0
+
+
+def consumer_name(role: str) -> str:
+    """A consumer name unique to this process."""
+    return f"{role}:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class StreamConsumer:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        stream: str,
+        group: str,
+        handler: Handler,
+        dead_stream: str,
+        name: str | None = None,
+        settings: ConsumerSettings | None = None,
+        start_id: str = "0",
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.group = group
+        self.handler = handler
+        self.dead_stream = dead_stream
+        self.name = name or consumer_name(group)
+        self.settings = settings or ConsumerSettings()
+        self.start_id = start_id
+        self.log = structlog.get_logger("ledger.consumer").bind(stream=stream, group=group, consumer=self.name)
+        self._errors: dict[str, str] = {}
+        self._own_pending = True
+        self._next_claim = 0.0
+        self._group_ready = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
+        except redis_errors.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set; survive Redis outages with capped backoff."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                if not self._group_ready:
+                    await self.ensure_group()
+                await self.step()
+                backoff = 0.1
+            except RETRYABLE as exc:
+                self.log.warning("redis unavailable, retrying", error=str(exc), retry_in_s=backoff)
+                self._group_ready = False
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, self.settings.backoff_max_s)
+            except redis_errors.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self.log.warning("consumer group missing, recreating it")
+                self._group_ready = False
+        self.log.info("consumer stopped")
+
+    async def burst(self, max_rounds: int = 10_000) -> int:
+        """Process everything available now (new and own pending entries), then return."""
+        await self.ensure_group()
+        handled = 0
+        for _ in range(max_rounds):
+            count = await self.step(block=False)
+            if count == 0:
+                return handled
+            handled += count
+        return handled
+
+    # ----------------------------------------------------------------- one step
+
+    async def step(self, block: bool = True) -> int:
+        """Claim, read, handle and acknowledge one batch; return the number of entries read."""
+        entries = await self._claim_stale()
+        if not entries:
+            entries = await self._read(block)
+        if entries:
+            await self._process(entries)
+        return len(entries)
+
+    async def _read(self, block: bool) -> list[Entry]:
+        own = self._own_pending
+        response = await self.redis.xreadgroup(
+            self.group,
+            self.name,
+            {self.stream: "0" if own else ">"},
+            count=self.settings.batch_size,
+            block=None if own or not block else self.settings.block_ms,
+        )
+        entries = _entries(response)
+        if own:
+            if not entries:
+                self._own_pending = False
+                return await self._read(block)
+            entries = await self._drop_exhausted(entries)
+        return entries
+
+    async def _process(self, entries: list[Entry]) -> None:
+        try:
+            await self.handler(entries)
+        except RETRYABLE:
+            self._own_pending = True
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolate the failing entry, keep the stream moving
+            self.log.error("batch failed, retrying entry by entry", error=repr(exc), size=len(entries))
+            await self._process_singly(entries)
+            return
+        await self.redis.xack(self.stream, self.group, *[e.id for e in entries])
+        for entry in entries:
+            self._errors.pop(entry.id, None)
+
+    async def _process_singly(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            try:
+                await self.handler([entry])
+            except RETRYABLE:
+                self._own_pending = True
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self._errors[entry.id] = repr(exc)
+                self._own_pending = True
+                self.log.error("entry failed", entry_id=entry.id, error=repr(exc))
+                continue
+            await self.redis.xack(self.stream, self.group, entry.id)
+            self._errors.pop(entry.id, None)
+
+    # ----------------------------------------------------------------- failures
+
+    async def _drop_exhausted(self, entries: list[Entry]) -> list[Entry]:
+        """Dead-letter own pending entries delivered too often; return the others."""
+        details = await self.redis.xpending_range(
+            self.stream, self.group, min=entries[0].id, max=entries[-1].id, count=len(entries), consumername=self.name
+        )
+        counts = {_text(d["message_id"]): int(d["times_delivered"]) for d in details}
+        keep = []
+        for entry in entries:
+            if counts.get(entry.id, 0) > self.settings.max_deliveries:
+                await self._dead_letter(entry, counts[entry.id])
+            else:
+                keep.append(entry)
+        return keep
+
+    async def _dead_letter(self, entry: Entry, deliveries: int) -> None:
+        reason = self._errors.pop(entry.id, "unknown error")
+        fields = dead_letter_fields(
+            entry.fields,
+            stream=self.stream,
+            entry_id=entry.id,
+            group=self.group,
+            code="DELIVERY_LIMIT",
+            reason=f"failed {deliveries} deliveries; last error: {reason}",
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self.dead_stream, fields)
+        pipe.xack(self.stream, self.group, entry.id)
+        await pipe.execute()
+        self.log.error("entry dead-lettered", entry_id=entry.id, deliveries=deliveries, error=reason)
+
+    async def _claim_stale(self) -> list[Entry]:
+        """Take over entries another consumer left pending for longer than claim_idle_ms."""
+        now = time.monotonic()
+        if now < self._next_claim:
+            return []
+        self._next_claim = now + self.settings.claim_idle_ms / 2000
+        idle = self.settings.claim_idle_ms
+        stale = await self.redis.xpending_range(self.stream, self.group, min="-", max="+", count=1000, idle=idle)
+        for detail in stale:
+            if int(detail["times_delivered"]) >= self.settings.max_deliveries:
+                claimed = await self.redis.xclaim(self.stream, self.group, self.name, idle, [detail["message_id"]])
+                for entry in _entry_list(claimed):
+                    await self._dead_letter(entry, int(detail["times_delivered"]))
+        _next, claimed, _deleted = await self.redis.xautoclaim(
+            self.stream, self.group, self.name, idle, start_id="0-0", count=self.settings.batch_size
+        )
+        entries = _entry_list(claimed)
+        if entries:
+            self.log.info("claimed stale entries", count=len(entries), first=entries[0].id)
+        return entries
+
+    # ----------------------------------------------------------------- status
+
+    async def lag(self) -> dict[str, Any]:
+        for info in await self.redis.xinfo_groups(self.stream):
+            if _text(info["name"]) == self.group:
+                return {"pending": info["pending"], "lag": info.get("lag")}
+        return {"pending": 0, "lag": None}
+
+
+def _entries(response: Any) -> list[Entry]:
+    if not response:
+        return []
+    if isinstance(response, dict):  # RESP3
+        return [e for value in response.values() for e in _entry_list(value[0])]
+    return [e for _stream, items in response for e in _entry_list(items)]
+
+
+def _entry_list(items: Any) -> list[Entry]:
+    return [Entry(_text(i), dict(f)) for i, f in items if f is not None]  # type: ignore[arg-type]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value  # type: ignore[no-any-return]
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        pass

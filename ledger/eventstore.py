@@ -1,0 +1,256 @@
+"""The event store of one shard: atomic appends with optimistic concurrency, snapshots, reads.
+
+An append writes, in one server-side step on the shard's keys only (so it runs on Redis
+Cluster): the events (XADD), the resulting snapshots of the aggregates they change, the
+open-position slots, the user's new concurrency token, the command's outcome for deduplication
+and its reply (DEL + RPUSH + EXPIRE). It refuses with ``conflict`` when the user's token moved
+since the state was loaded (another handler got there first), and answers ``duplicate`` with the
+first outcome when the command was handled before, however long ago.
+
+Loading state reads snapshots by id (HMGET), never the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import msgspec
+from redis.exceptions import NoScriptError, ResponseError
+
+from ledger import wire
+from ledger.decider import Book, Requirements
+from ledger.keys import ShardKeys, outcome_field
+from ledger.state import OrderState, PositionState
+
+APPEND_LUA = resources.files("ledger").joinpath("lua/append.lua").read_text()
+DEFAULT_REPLY_TTL_S = 600
+
+_order_decoder = msgspec.json.Decoder(OrderState)
+_position_decoder = msgspec.json.Decoder(PositionState)
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event read back from the log with its stream entry id."""
+
+    entry_id: str
+    event: wire.Event
+
+
+@dataclass(slots=True)
+class Append:
+    """One command's outcome, ready to be written."""
+
+    user_id: str
+    command_id: str
+    expected_token: str
+    new_token: str
+    reply: wire.Reply
+    events: Sequence[wire.Event] = ()
+    orders: dict[str, OrderState] = field(default_factory=dict)
+    positions: dict[str, PositionState] = field(default_factory=dict)
+    slots: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    status: Literal["ok", "duplicate", "conflict"]
+    reply: str
+
+
+def reply_head(reply: wire.Reply) -> bytes:
+    """The reply's JSON up to its ``events`` list, which the script fills with entry ids."""
+    encoded = wire.encode(msgspec.structs.replace(reply, events=[]))
+    assert encoded.endswith(b'"events":[]}')
+    return encoded[: -len(b"[]}")]
+
+
+class EventStore:
+    """Reads and writes one shard's log and state. ``redis`` is a plain or cluster client."""
+
+    def __init__(self, redis: Any, shard: int, *, reply_ttl_s: int = DEFAULT_REPLY_TTL_S) -> None:
+        self.redis = redis
+        self.keys = ShardKeys(shard)
+        self.reply_ttl_s = reply_ttl_s
+        self._sha: str | None = None
+
+    # ----------------------------------------------------------------- state
+
+    async def load(self, book: Book, missing: Requirements) -> None:
+        """Fill the book with what is missing (absent aggregates are recorded as None)."""
+        order_ids, position_ids, slots = (sorted(x) for x in (missing.order_ids, missing.position_ids, missing.slots))
+        pipe = self.redis.pipeline(transaction=False)
+        if order_ids:
+            pipe.hmget(self.keys.orders, order_ids)
+        if position_ids:
+            pipe.hmget(self.keys.positions, position_ids)
+        if slots:
+            pipe.hmget(self.keys.slots, slots)
+        results = iter(await pipe.execute())
+        if order_ids:
+            for oid, raw in zip(order_ids, next(results), strict=True):
+                book.orders[oid] = _order_decoder.decode(raw) if raw else None
+        if position_ids:
+            for pid, raw in zip(position_ids, next(results), strict=True):
+                book.positions[pid] = _position_decoder.decode(raw) if raw else None
+        if slots:
+            for slot, value in zip(slots, next(results), strict=True):
+                book.slots[slot] = _text(value) or None
+
+    async def tokens(self, user_ids: Iterable[str]) -> dict[str, str]:
+        users = sorted(set(user_ids))
+        if not users:
+            return {}
+        values = await self.redis.hmget(self.keys.sequence, users)
+        return {user: _text(value) or "" for user, value in zip(users, values, strict=True)}
+
+    async def outcomes(self, fields: Sequence[str]) -> list[str | None]:
+        if not fields:
+            return []
+        return [_text(v) for v in await self.redis.hmget(self.keys.outcomes, list(fields))]
+
+    async def order(self, order_id: str) -> OrderState | None:
+        raw = await self.redis.hget(self.keys.orders, order_id)
+        return _order_decoder.decode(raw) if raw else None
+
+    async def position(self, position_id: str) -> PositionState | None:
+        raw = await self.redis.hget(self.keys.positions, position_id)
+        return _position_decoder.decode(raw) if raw else None
+
+    # ----------------------------------------------------------------- writes
+
+    def _args(self, append: Append) -> tuple[list[str], list[Any]]:
+        keys = self.keys
+        key_list = [
+            keys.events,
+            keys.orders,
+            keys.positions,
+            keys.slots,
+            keys.sequence,
+            keys.outcomes,
+            keys.reply(append.user_id, append.command_id),
+        ]
+        args: list[Any] = [
+            append.user_id,
+            outcome_field(append.user_id, append.command_id),
+            append.expected_token,
+            append.new_token,
+            reply_head(append.reply),
+            self.reply_ttl_s,
+            len(append.events),
+        ]
+        for event in append.events:
+            args += [event.type, wire.encode(event)]
+        for snapshots in (append.orders, append.positions):
+            args.append(len(snapshots))
+            for aggregate_id, state in snapshots.items():
+                args += [aggregate_id, _encoder.encode(state)]
+        args.append(len(append.slots))
+        for slot, position_id in append.slots.items():
+            args += [slot, position_id or ""]
+        return key_list, args
+
+    async def _load_script(self) -> str:
+        self._sha = await self.redis.script_load(APPEND_LUA)
+        return self._sha
+
+    async def append_many(self, appends: Sequence[Append]) -> list[AppendResult]:
+        """Run the appends in one pipeline round trip; each one is atomic on its own."""
+        sha = self._sha or await self._load_script()
+        for _attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for append in appends:
+                key_list, args = self._args(append)
+                pipe.evalsha(sha, len(key_list), *key_list, *args)
+            results = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in results):
+                break
+            sha = await self._load_script()  # the server lost its script cache (restart)
+        return [_result(r) for r in results]
+
+    async def append(self, append: Append) -> AppendResult:
+        return (await self.append_many([append]))[0]
+
+    async def write_reply(self, user_id: str, command_id: str, reply: wire.Reply) -> None:
+        """Answer a command that is not recorded (a malformed entry): reply only, no outcome."""
+        key = self.keys.reply(user_id, command_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(key)
+        pipe.rpush(key, wire.encode(reply))
+        pipe.expire(key, self.reply_ttl_s)
+        await pipe.execute()
+
+    # ----------------------------------------------------------------- reads
+
+    async def read_range(self, start: str = "-", end: str = "+", count: int | None = None) -> list[StoredEvent]:
+        """Events between two entry ids (inclusive); unknown event types are skipped."""
+        entries = await self.redis.xrange(self.keys.events, start, end, count=count)
+        return list(_decoded(entries))
+
+    async def read_from(self, after: str, count: int = 1000) -> list[StoredEvent]:
+        """Events strictly after an entry id ("0" reads from the start)."""
+        return await self.read_range(f"({after}" if after not in ("0", "0-0") else "-", "+", count)
+
+    async def read_aggregate(self, aggregate_id: str, page: int = 1000) -> list[StoredEvent]:
+        """The events of one order or position, in version order.
+
+        This walks the shard's log (an audit path; live state uses snapshots, and the
+        PostgreSQL archive indexes events by aggregate).
+        """
+        found: list[StoredEvent] = []
+        async for stored in self.iterate(page=page):
+            if stored.event.stream == aggregate_id:
+                found.append(stored)
+        return found
+
+    async def iterate(self, after: str = "0", page: int = 1000) -> AsyncIterator[StoredEvent]:
+        """Every event after ``after``, page by page."""
+        while True:
+            batch = await self.read_from(after, page)
+            if not batch:
+                return
+            for stored in batch:
+                yield stored
+            after = batch[-1].entry_id
+
+    async def subscribe(self, after: str = "$", block_ms: int = 1000) -> AsyncIterator[StoredEvent]:
+        """A live subscription: events appended after ``after`` ("$" = from now), forever."""
+        last = after
+        if last == "$":
+            info = await self.redis.xinfo_stream(self.keys.events) if await self.redis.exists(self.keys.events) else None
+            last = _text(info["last-generated-id"]) if info else "0-0"
+        while True:
+            response = await self.redis.xread({self.keys.events: last}, block=block_ms, count=500)
+            for _stream, entries in response or []:
+                for stored in _decoded(entries):
+                    yield stored
+                if entries:
+                    last = _text(entries[-1][0]) or last
+
+
+def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEvent]:
+    for entry_id, fields in entries:
+        event_type = fields.get("type", fields.get(b"type"))
+        data = fields.get("data", fields.get(b"data"))
+        try:
+            event = wire.decode_event(event_type, data)
+        except wire.UnknownEventType:
+            continue
+        yield StoredEvent(_text(entry_id) or "", event)
+
+
+def _result(raw: Any) -> AppendResult:
+    if isinstance(raw, ResponseError):
+        raise raw
+    status, reply = (_text(x) or "" for x in raw)
+    return AppendResult(status, reply)  # type: ignore[arg-type]
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode()
+    return value  # type: ignore[no-any-return]

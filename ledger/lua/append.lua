@@ -1,0 +1,53 @@
+-- Append one command's outcome atomically, on one shard's keys only (Redis Cluster safe).
+-- KEYS: 1 events stream, 2 order snapshots, 3 position snapshots, 4 open-position slots,
+--       5 per-user tokens, 6 outcomes (dedupe), 7 reply list
+-- ARGV: 1 user_id, 2 outcome field, 3 expected token ('' = none yet), 4 new token,
+--       5 reply head (JSON up to and including "events":), 6 reply TTL seconds,
+--       7 event count, then type/data pairs, then order count and id/json pairs,
+--       then position count and id/json pairs, then slot count and field/value pairs
+--       (value '' deletes the slot).
+-- Returns {'ok'|'duplicate', reply} or {'conflict', current token}.
+local function answer(reply)
+  redis.call('DEL', KEYS[7])
+  redis.call('RPUSH', KEYS[7], reply)
+  redis.call('EXPIRE', KEYS[7], ARGV[6])
+end
+
+local earlier = redis.call('HGET', KEYS[6], ARGV[2])
+if earlier then
+  answer(earlier)
+  return {'duplicate', earlier}
+end
+local token = redis.call('HGET', KEYS[5], ARGV[1]) or ''
+if token ~= ARGV[3] then
+  return {'conflict', token}
+end
+
+local i = 7
+local refs = {}
+for _ = 1, tonumber(ARGV[i]) do
+  local id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i + 1], 'data', ARGV[i + 2])
+  refs[#refs + 1] = '{"type":"' .. ARGV[i + 1] .. '","id":"' .. id .. '"}'
+  i = i + 2
+end
+for key = 2, 3 do
+  i = i + 1
+  for _ = 1, tonumber(ARGV[i]) do
+    redis.call('HSET', KEYS[key], ARGV[i + 1], ARGV[i + 2])
+    i = i + 2
+  end
+end
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  if ARGV[i + 2] == '' then
+    redis.call('HDEL', KEYS[4], ARGV[i + 1])
+  else
+    redis.call('HSET', KEYS[4], ARGV[i + 1], ARGV[i + 2])
+  end
+  i = i + 2
+end
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[4])
+local reply = ARGV[5] .. '[' .. table.concat(refs, ',') .. ']}'
+redis.call('HSET', KEYS[6], ARGV[2], reply)
+answer(reply)
+return {'ok', reply}

@@ -1,0 +1,51 @@
+"""Redis clients with deliberate timeouts, plain or cluster (detected from the server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from ledger.keys import META
+
+# redis-py 8 defaults socket_timeout to 5 s, which breaks a blocking XREADGROUP of more than
+# 5 s. Consumers block for at most ~1 s, so reads get that plus a generous margin.
+SOCKET_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+async def connect(url: str, *, decode_responses: bool = True) -> Any:
+    """A client for ``url``; a cluster client when the server runs in cluster mode."""
+    options: dict[str, Any] = {
+        "decode_responses": decode_responses,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+    }
+    plain = aioredis.from_url(url, health_check_interval=15, **options)
+    info = await plain.info("cluster")
+    if not info.get("cluster_enabled"):
+        return plain
+    await plain.aclose()
+    return RedisCluster.from_url(url, **options)
+
+
+class ShardCountMismatch(RuntimeError):
+    pass
+
+
+async def ensure_shard_count(redis: Any, shards: int) -> int:
+    """Record the shard count in ``ledger:meta`` or refuse a different one."""
+    await redis.hsetnx(META, "shards", shards)
+    recorded = int(await redis.hget(META, "shards"))
+    if recorded != shards:
+        raise ShardCountMismatch(
+            f"this Redis holds a ledger of {recorded} shards but {shards} were asked for: "
+            f"start with LEDGER_SHARDS={recorded} (re-sharding an existing ledger is not supported)"
+        )
+    return recorded
+
+
+async def recorded_shards(redis: Any) -> int | None:
+    value = await redis.hget(META, "shards")
+    return int(value) if value is not None else None

@@ -1,0 +1,96 @@
+"""``ledger serve``: the roles of the ledger composed into one process (or run apart).
+
+Each role is a set of stream consumers with a ``run(stop)`` coroutine. ``handler`` decides
+commands on every shard. Later roles (live projection, PostgreSQL projector, paper venue) are
+registered in ``ROLES`` the same way, so any subset can run in one process or each in its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import structlog
+
+from consumers.command_handler import GROUP as HANDLER_GROUP
+from consumers.command_handler import CommandHandler
+from consumers.runner import ConsumerSettings, StreamConsumer
+from ledger import servers
+from ledger.config import Settings
+from ledger.eventstore import EventStore
+from ledger.redis_conn import connect, ensure_shard_count
+
+log = structlog.get_logger("ledger.service")
+
+
+class Runnable(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+RoleFactory = Callable[[Any, Settings], Awaitable[list[Runnable]]]
+
+
+def consumer_settings(settings: Settings) -> ConsumerSettings:
+    return ConsumerSettings(
+        batch_size=settings.batch_size,
+        claim_idle_ms=settings.claim_idle_ms,
+        max_deliveries=settings.max_deliveries,
+    )
+
+
+async def handler_role(redis: Any, settings: Settings) -> list[Runnable]:
+    consumers: list[Runnable] = []
+    for shard in range(settings.shards):
+        store = EventStore(redis, shard, reply_ttl_s=settings.reply_ttl_s)
+        handler = CommandHandler(store, settings.shards)
+        consumers.append(
+            StreamConsumer(
+                redis,
+                stream=store.keys.commands,
+                group=HANDLER_GROUP,
+                handler=handler.handle,
+                dead_stream=store.keys.dead,
+                settings=consumer_settings(settings),
+            )
+        )
+    return consumers
+
+
+ROLES: dict[str, RoleFactory] = {"handler": handler_role}
+
+
+def redis_url(settings: Settings, *, start: bool) -> str:
+    """The configured Redis, else the private one under ``settings.home`` (started if asked)."""
+    if settings.redis_url:
+        return settings.redis_url
+    if start:
+        url = servers.ensure_private_redis(settings.home)
+        log.info("no LEDGER_REDIS_URL: using a private redis-server with AOF on", url=url, home=str(settings.home))
+        return url
+    url = servers.read_private_url(settings.home, "redis")
+    if url is None:
+        raise servers.ServerError("no Redis configured: set LEDGER_REDIS_URL or start `ledger serve` first")
+    return url
+
+
+async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None = None) -> None:
+    """Run the given roles until SIGTERM/SIGINT (or ``stop``); each finishes its batch first."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    redis = await connect(redis_url(settings, start=True))
+    try:
+        await ensure_shard_count(redis, settings.shards)
+        runnables: list[Runnable] = []
+        for role in roles:
+            runnables += await ROLES[role](redis, settings)
+        log.info("serving", roles=roles, shards=settings.shards, consumers=len(runnables))
+        async with asyncio.TaskGroup() as group:
+            for runnable in runnables:
+                group.create_task(runnable.run(stop))
+    finally:
+        await redis.aclose()
+        log.info("stopped")
