@@ -1,0 +1,176 @@
+"""ledger.servers: real local servers that stop, crash, restart and are found again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis as redis_lib
+
+from ledger.servers import (
+    PostgresServer,
+    RedisServer,
+    ServerError,
+    ensure_private_postgres,
+    ensure_private_redis,
+    find_binary,
+    free_port,
+    read_private_url,
+    start_postgres,
+    start_redis,
+    url_answers,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ledger-test-servers-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _get(url: str, key: str) -> str | None:
+    client = redis_lib.Redis.from_url(url, decode_responses=True)
+    try:
+        return client.get(key)
+    finally:
+        client.close()
+
+
+def _set(url: str, key: str, value: str) -> None:
+    client = redis_lib.Redis.from_url(url, decode_responses=True)
+    try:
+        client.set(key, value)
+    finally:
+        client.close()
+
+
+def _pg_value(url: str, sql: str) -> object:
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute(sql).fetchone()
+        assert row is not None
+        return row[0]
+
+
+def test_find_binary_and_free_port() -> None:
+    assert Path(find_binary("redis-server")).name == "redis-server"
+    assert Path(find_binary("initdb")).name == "initdb"
+    with pytest.raises(ServerError, match=r"'no-such-binary-xyz' not found .*make install"):
+        find_binary("no-such-binary-xyz")
+    port = free_port()
+    assert 1024 <= port <= 65535
+
+
+def test_redis_stop_kill_restart_keep_data_with_aof(workdir: Path) -> None:
+    server = start_redis(workdir)
+    try:
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        assert server.pid is not None and server.is_running()
+        _set(server.url, "k", "0.1")
+
+        server.stop()
+        assert server.pid is None and not server.is_running()
+        server.start()
+        assert _get(server.url, "k") == "0.1"
+
+        _set(server.url, "k2", "2")
+        server.kill()  # SIGKILL: the AOF was already written by the time SET replied
+        assert not server.is_running()
+        server.restart()
+        assert _get(server.url, "k") == "0.1"
+        assert _get(server.url, "k2") == "2"
+    finally:
+        server.stop()
+    assert not url_answers(server.url)
+
+
+def test_redis_start_fails_clearly_on_a_busy_port(workdir: Path) -> None:
+    first = start_redis(workdir / "a")
+    try:
+        with pytest.raises(ServerError, match=f"port {first.port} .* already in use"):
+            start_redis(workdir / "b", port=first.port)
+    finally:
+        first.stop()
+
+
+def test_postgres_stop_kill_restart_keep_data(workdir: Path) -> None:
+    server = start_postgres(workdir)
+    try:
+        assert server.url == f"postgresql://postgres@127.0.0.1:{server.port}/postgres"
+        assert (server.datadir / "PG_VERSION").read_text().strip().isdigit()
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (v NUMERIC)")
+            conn.execute("INSERT INTO t VALUES (0.000000000123456789)")
+
+        server.stop()
+        assert server.pid is None and not url_answers(server.url)
+        server.start()  # no initdb again: the table is still there
+        assert _pg_value(server.url, "SELECT v FROM t") == Decimal("0.000000000123456789")
+
+        server.kill()
+        assert server.pid is None and not url_answers(server.url)
+        server.start()  # crash recovery
+        assert _pg_value(server.url, "SELECT count(*) FROM t") == 1
+    finally:
+        server.stop()
+
+
+def test_private_servers_are_reused_and_outlive_their_starter(workdir: Path) -> None:
+    base = workdir / ".ledger"
+    assert read_private_url(base, "redis") is None
+    with pytest.raises(ValueError):
+        read_private_url(base, "mysql")
+
+    # Started from another process that exits at once: the servers must keep running.
+    code = (
+        "import sys; from pathlib import Path;"
+        "from ledger.servers import ensure_private_redis, ensure_private_postgres;"
+        "b = Path(sys.argv[1]);"
+        "print(ensure_private_redis(b)); print(ensure_private_postgres(b))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(base)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    redis_url, pg_url = result.stdout.split()
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    pg_port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        assert read_private_url(base, "redis") == redis_url
+        assert read_private_url(base, "postgres") == pg_url
+        assert url_answers(redis_url) and url_answers(pg_url)
+
+        # Reused, not restarted.
+        _set(redis_url, "still", "here")
+        assert ensure_private_redis(base) == redis_url
+        assert ensure_private_postgres(base) == pg_url
+        assert _get(redis_url, "still") == "here"
+
+        # Stopped: started again on the recorded port, with its data.
+        RedisServer(workdir=base / "redis", port=redis_port).stop()
+        PostgresServer(workdir=base / "postgres", port=pg_port).stop()
+        assert not url_answers(redis_url) and not url_answers(pg_url)
+        assert ensure_private_redis(base) == redis_url
+        assert ensure_private_postgres(base) == pg_url
+        assert _get(redis_url, "still") == "here"
+        assert _pg_value(pg_url, "SELECT 1") == 1
+    finally:
+        RedisServer(workdir=base / "redis", port=redis_port).stop()
+        PostgresServer(workdir=base / "postgres", port=pg_port).stop()
+    assert not url_answers(redis_url) and not url_answers(pg_url)
+    assert os.path.isdir(base / "postgres" / "data")
