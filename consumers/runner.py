@@ -8,6 +8,11 @@ crash. ``run`` stops cleanly when its stop event is set (the batch in hand is fi
 acknowledged first); ``burst`` processes what is there and returns (for tests and tools).
 
 Handlers must be idempotent: delivery is at least once.
+
+With ``lease_key`` the consumer is exclusive: only the holder of the lease (a key with a
+time-to-live of ``claim_idle_ms``, renewed at every step) reads the stream, so entries are
+applied strictly in log order; other processes stand by and take over when the lease lapses,
+first claiming everything the previous holder left pending, in id order.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ import structlog
 from redis import exceptions as redis_errors
 
 from consumers.deadletter import dead_letter_fields
+
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
 
 RETRYABLE = (
     redis_errors.ConnectionError,
@@ -70,6 +82,7 @@ class StreamConsumer:
         name: str | None = None,
         settings: ConsumerSettings | None = None,
         start_id: str = "0",
+        lease_key: str | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -79,6 +92,7 @@ class StreamConsumer:
         self.name = name or consumer_name(group)
         self.settings = settings or ConsumerSettings()
         self.start_id = start_id
+        self.lease_key = lease_key
         self.log = structlog.get_logger("ledger.consumer").bind(stream=stream, group=group, consumer=self.name)
         self._errors: dict[str, str] = {}
         self._own_pending = True
@@ -131,6 +145,10 @@ class StreamConsumer:
 
     async def step(self, block: bool = True) -> int:
         """Claim, read, handle and acknowledge one batch; return the number of entries read."""
+        if self.lease_key is not None and not await self._hold_lease():
+            if block:
+                await asyncio.sleep(self.settings.block_ms / 1000)
+            return 0
         entries = await self._claim_stale()
         if not entries:
             entries = await self._read(block)
@@ -183,6 +201,27 @@ class StreamConsumer:
                 continue
             await self.redis.xack(self.stream, self.group, entry.id)
             self._errors.pop(entry.id, None)
+
+    # ----------------------------------------------------------------- exclusivity
+
+    async def _hold_lease(self) -> bool:
+        """Take or renew the lease; on taking it, adopt every entry left pending."""
+        ttl = self.settings.claim_idle_ms
+        renewed = await self.redis.eval(_RENEW_LEASE, 1, self.lease_key, self.name, ttl)
+        if renewed:
+            return True
+        if not await self.redis.set(self.lease_key, self.name, nx=True, px=ttl):
+            return False
+        self.log.info("lease taken: this consumer is now the active one")
+        start = "0-0"
+        while True:
+            start, _claimed, _deleted = await self.redis.xautoclaim(
+                self.stream, self.group, self.name, 0, start_id=start, count=1000, justid=True
+            )
+            if _text(start) == "0-0":
+                break
+        self._own_pending = True
+        return True
 
     # ----------------------------------------------------------------- failures
 
