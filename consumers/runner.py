@@ -3,8 +3,9 @@
 It reads a stream with XREADGROUP in batches, hands each batch to an async handler and XACKs it
 after success. Entries left pending by a dead consumer are taken over with XAUTOCLAIM once idle
 for ``claim_idle_ms``. An entry delivered ``max_deliveries`` times without success goes to the
-dead-letter stream with its last error. Redis going away means backoff and reconnection, not a
-crash. ``run`` stops cleanly when its stop event is set (the batch in hand is finished and
+dead-letter stream with its last error. Redis (or, for a consumer that
+passes its errors as ``retryable``, PostgreSQL) going away means backoff and reconnection, not a
+crash, and never a dead letter. ``run`` stops cleanly when its stop event is set (the batch in hand is finished and
 acknowledged first); ``burst`` processes what is there and returns (for tests and tools).
 
 Handlers must be idempotent: delivery is at least once.
@@ -83,6 +84,7 @@ class StreamConsumer:
         settings: ConsumerSettings | None = None,
         start_id: str = "0",
         lease_key: str | None = None,
+        retryable: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -93,6 +95,7 @@ class StreamConsumer:
         self.settings = settings or ConsumerSettings()
         self.start_id = start_id
         self.lease_key = lease_key
+        self.retryable = RETRYABLE + retryable
         self.log = structlog.get_logger("ledger.consumer").bind(stream=stream, group=group, consumer=self.name)
         self._errors: dict[str, str] = {}
         self._own_pending = True
@@ -118,8 +121,8 @@ class StreamConsumer:
                     await self.ensure_group()
                 await self.step()
                 backoff = 0.1
-            except RETRYABLE as exc:
-                self.log.warning("redis unavailable, retrying", error=str(exc), retry_in_s=backoff)
+            except self.retryable as exc:
+                self.log.warning("a server is unavailable, retrying", error=str(exc), retry_in_s=backoff)
                 self._group_ready = False
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
@@ -176,7 +179,7 @@ class StreamConsumer:
     async def _process(self, entries: list[Entry]) -> None:
         try:
             await self.handler(entries)
-        except RETRYABLE:
+        except self.retryable:
             self._own_pending = True
             raise
         except Exception as exc:  # noqa: BLE001 - isolate the failing entry, keep the stream moving
@@ -191,7 +194,7 @@ class StreamConsumer:
         for entry in entries:
             try:
                 await self.handler([entry])
-            except RETRYABLE:
+            except self.retryable:
                 self._own_pending = True
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -226,14 +229,18 @@ class StreamConsumer:
     # ----------------------------------------------------------------- failures
 
     async def _drop_exhausted(self, entries: list[Entry]) -> list[Entry]:
-        """Dead-letter own pending entries delivered too often; return the others."""
+        """Dead-letter own pending entries that failed too often; return the others.
+
+        Only entries whose handler raised count: deliveries repeated because a server was down
+        (a ``retryable`` error) never dead-letter an entry.
+        """
         details = await self.redis.xpending_range(
             self.stream, self.group, min=entries[0].id, max=entries[-1].id, count=len(entries), consumername=self.name
         )
         counts = {_text(d["message_id"]): int(d["times_delivered"]) for d in details}
         keep = []
         for entry in entries:
-            if counts.get(entry.id, 0) > self.settings.max_deliveries:
+            if entry.id in self._errors and counts.get(entry.id, 0) > self.settings.max_deliveries:
                 await self._dead_letter(entry, counts[entry.id])
             else:
                 keep.append(entry)
