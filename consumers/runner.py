@@ -263,18 +263,16 @@ class StreamConsumer:
         self.log.error("entry dead-lettered", entry_id=entry.id, deliveries=deliveries, error=reason)
 
     async def _claim_stale(self) -> list[Entry]:
-        """Take over entries another consumer left pending for longer than claim_idle_ms."""
+        """Take over entries another consumer left pending for longer than claim_idle_ms.
+
+        Claimed entries are handled like new ones: only failures seen here count towards the
+        delivery limit (a dead consumer's retries during an outage are not failures).
+        """
         now = time.monotonic()
         if now < self._next_claim:
             return []
         self._next_claim = now + self.settings.claim_idle_ms / 2000
         idle = self.settings.claim_idle_ms
-        stale = await self.redis.xpending_range(self.stream, self.group, min="-", max="+", count=1000, idle=idle)
-        for detail in stale:
-            if int(detail["times_delivered"]) >= self.settings.max_deliveries:
-                claimed = await self.redis.xclaim(self.stream, self.group, self.name, idle, [detail["message_id"]])
-                for entry in _entry_list(claimed):
-                    await self._dead_letter(entry, int(detail["times_delivered"]))
         _next, claimed, _deleted = await self.redis.xautoclaim(
             self.stream, self.group, self.name, idle, start_id="0-0", count=self.settings.batch_size
         )
