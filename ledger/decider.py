@@ -30,7 +30,7 @@ from ledger.enums import (
 )
 from ledger.instruments import Instrument, instrument_for
 from ledger.state import ZERO, OrderState, PositionState, slot_field
-from ledger.values import ValueRuleError, format_decimal, parse_decimal
+from ledger.values import ValueRuleError, exact, format_decimal, parse_decimal
 
 
 class RejectCode(StrEnum):
@@ -187,6 +187,7 @@ class _Emitter:
         return event
 
 
+@exact
 def decide(command: wire.Command, book: Book, ctx: Context) -> Decision | Rejection:
     """Decide what a command means, given the loaded book. Pure: no I/O, no clock."""
     handler = _DECIDERS[type(command)]
@@ -533,6 +534,7 @@ def _decide_fill(command: wire.RecordFill, book: Book, out: _Emitter) -> tuple[s
         fill_ts=command.ts if command.ts is not None else out.ctx.now,
         filled_qty=format_decimal(filled),
         avg_fill_price=format_decimal(arithmetic.average_price(instrument, filled, fill_basis)),
+        fill_basis=format_decimal(fill_basis),
         status=status,
         overfill=filled > order.quantity,
         late=late,
@@ -566,10 +568,12 @@ class _Fill:
             return self._reduce_only(held)
         opening_side = PositionSide.LONG if order.side is OrderSide.BUY else PositionSide.SHORT
         opposite = book.open_position(user, exchange, symbol, opening_side.opposite)
+        # Nothing may open from a reduce-only order, nor a short on spot (there is no short side).
+        cannot_open = order.reduce_only or (
+            self.instrument.kind is InstrumentKind.SPOT and opening_side is PositionSide.SHORT
+        )
         if opposite is None:
-            if order.reduce_only or (
-                self.instrument.kind is InstrumentKind.SPOT and opening_side is PositionSide.SHORT
-            ):
+            if cannot_open:
                 return [], self.quantity
             held = book.open_position(user, exchange, symbol, opening_side)
             return [self._open_or_increase(book, held, opening_side, self.quantity, self.fee)], ZERO
@@ -586,7 +590,7 @@ class _Fill:
         ]
         if rest == 0:
             return touched, ZERO
-        if order.reduce_only:
+        if cannot_open:
             return touched, rest
         touched.append(
             self._open_or_increase(book, None, opening_side, rest, self.fee - closing_fee)
@@ -797,6 +801,7 @@ def _order_from_placed(event: wire.OrderPlaced) -> OrderState:
     return msgspec.convert(data, OrderState)
 
 
+@exact
 def apply(
     state: OrderState | PositionState | None, event: wire.Event
 ) -> OrderState | PositionState:
@@ -816,12 +821,10 @@ def apply(
     elif isinstance(event, wire.OrderRejected):
         changes["reject_reason"] = event.reason
     elif isinstance(event, wire.OrderFilled):
-        instrument = instrument_for(state.exchange, state.symbol)
-        quantity, price = Decimal(event.quantity), Decimal(event.price)
         changes.update(
             filled_qty=Decimal(event.filled_qty),
             avg_fill_price=Decimal(event.avg_fill_price),
-            fill_basis=state.fill_basis + arithmetic.basis(instrument, quantity, price),
+            fill_basis=Decimal(event.fill_basis),
             fill_ids=[*state.fill_ids, event.fill_id],
         )
     return msgspec.structs.replace(state, **changes)

@@ -220,6 +220,7 @@ class OrderFilled(Event, tag="OrderFilled", kw_only=True):
     fill_ts: int
     filled_qty: str
     avg_fill_price: str
+    fill_basis: str
     status: OrderStatus
     overfill: bool = False
     late: bool = False
