@@ -53,6 +53,10 @@ class ShardKeys:
         # The live projection's position in the event log.
         self.checkpoint = f"{tag}:projection"
 
+    def lease(self, group: str) -> str:
+        """The lease that makes one consumer of ``group`` the active one on this shard."""
+        return f"ledger:{{{self.shard}}}:lease:{group}"
+
     def reply(self, user_id: str, command_id: str) -> str:
         check_identifier("user_id", user_id)
         check_identifier("command_id", command_id)
@@ -65,3 +69,55 @@ def outcome_field(user_id: str, command_id: str) -> str:
 
 def marks(exchange: str) -> str:
     return f"{MARKS_PREFIX}{exchange}"
+
+
+# --------------------------------------------------------------------------- legacy live state
+# CONTRACT §6: the key layout the HYPERRSI and GRID readers already use (no hash tags).
+
+ACTIVE_POSITIONS = "positions:active"
+# Our own lookup, position id -> its live hash key (the legacy keys are named by market, not id).
+POSITION_KEYS = "ledger:live:position-keys"
+
+
+def position_key(user_id: str, exchange: str, symbol: str, side: str) -> str:
+    check_identifier("user_id", user_id)
+    check_identifier("symbol", symbol)
+    return f"positions:{user_id}:{exchange}:{symbol}:{side}"
+
+
+def position_index(user_id: str, exchange: str) -> str:
+    check_identifier("user_id", user_id)
+    return f"positions:index:{user_id}:{exchange}"
+
+
+def order_key(order_id: str) -> str:
+    check_identifier("uuid", order_id, "order_id")
+    return f"orders:{order_id}"
+
+
+def user_orders(user_id: str, exchange: str) -> str:
+    check_identifier("user_id", user_id)
+    return f"orders:user:{user_id}:{exchange}"
+
+
+def open_orders(exchange: str, symbol: str) -> str:
+    check_identifier("symbol", symbol)
+    return f"orders:open:{exchange}:{symbol}"
+
+
+def grid_active(exchange: str, user_id: str, symbol: str, level: int) -> str:
+    check_identifier("user_id", user_id)
+    check_identifier("symbol", symbol)
+    return f"{exchange}:user:{user_id}:symbol:{symbol}:active_grid:{int(level)}"
+
+
+def grid_orders(exchange: str, user_id: str, symbol: str) -> str:
+    check_identifier("user_id", user_id)
+    check_identifier("symbol", symbol)
+    return f"orders:{exchange}:user:{user_id}:symbol:{symbol}:orders"
+
+
+def grid_placed_index(exchange: str, user_id: str, symbol: str) -> str:
+    check_identifier("user_id", user_id)
+    check_identifier("symbol", symbol)
+    return f"orders:{exchange}:user:{user_id}:symbol:{symbol}:order_placed_index"

@@ -21,6 +21,8 @@ from ledger import servers
 from ledger.config import Settings
 from ledger.eventstore import EventStore
 from ledger.redis_conn import connect, ensure_shard_count
+from projections.live import GROUP as PROJECTION_GROUP
+from projections.live import LiveProjection
 
 log = structlog.get_logger("ledger.service")
 
@@ -58,7 +60,25 @@ async def handler_role(redis: Any, settings: Settings) -> list[Runnable]:
     return consumers
 
 
-ROLES: dict[str, RoleFactory] = {"handler": handler_role}
+async def projection_role(redis: Any, settings: Settings) -> list[Runnable]:
+    consumers: list[Runnable] = []
+    for shard in range(settings.shards):
+        projection = LiveProjection(redis, shard)
+        consumers.append(
+            StreamConsumer(
+                redis,
+                stream=projection.keys.events,
+                group=PROJECTION_GROUP,
+                handler=projection.handle,
+                dead_stream=projection.keys.dead,
+                settings=consumer_settings(settings),
+                lease_key=projection.keys.lease(PROJECTION_GROUP),
+            )
+        )
+    return consumers
+
+
+ROLES: dict[str, RoleFactory] = {"handler": handler_role, "projection": projection_role}
 
 
 def redis_url(settings: Settings, *, start: bool) -> str:
