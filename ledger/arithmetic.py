@@ -2,7 +2,8 @@
 
 Linear and spot: value is ``quantity * price``; inverse: quantity counts contracts of face value
 ``contract_value`` (quote currency) and PnL is in the base coin. Sums and products are exact;
-every division goes through ``ledger.values.divide`` (28 significant digits, half-even).
+every division goes through ``ledger.values.divide`` (28 significant digits, half-even);
+every function runs in the ``EXACT`` context so that no sum or product is rounded.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from decimal import Decimal
 
 from ledger.enums import PositionSide
 from ledger.instruments import Instrument
-from ledger.values import divide
+from ledger.values import divide, exact
 
 ZERO = Decimal(0)
 HUNDRED = Decimal(100)
 
 
+@exact
 def basis(instrument: Instrument, quantity: Decimal, price: Decimal) -> Decimal:
     """What one fill adds to a weighted average: ``q * p`` (linear) or ``q / p`` (inverse)."""
     if instrument.is_inverse:
@@ -31,6 +33,7 @@ def average_price(instrument: Instrument, quantity: Decimal, total_basis: Decima
     return divide(total_basis, quantity)
 
 
+@exact
 def gross_pnl(
     instrument: Instrument, side: PositionSide, entry: Decimal, price: Decimal, quantity: Decimal
 ) -> Decimal:
@@ -42,6 +45,7 @@ def gross_pnl(
     return move if side is PositionSide.LONG else -move
 
 
+@exact
 def margin(instrument: Instrument, entry: Decimal, size: Decimal, leverage: int) -> Decimal:
     """Margin of an open position: ``entry * size / leverage`` (inverse: in the base coin)."""
     if instrument.is_inverse:
@@ -49,6 +53,7 @@ def margin(instrument: Instrument, entry: Decimal, size: Decimal, leverage: int)
     return divide(entry * size, Decimal(leverage))
 
 
+@exact
 def notional_value(instrument: Instrument, size: Decimal, mark: Decimal) -> Decimal:
     """Value of ``size`` at ``mark``: ``size * mark`` (inverse: ``size * contract_value / mark``)."""
     if instrument.is_inverse:
@@ -56,6 +61,7 @@ def notional_value(instrument: Instrument, size: Decimal, mark: Decimal) -> Deci
     return size * mark
 
 
+@exact
 def pnl_percentage(unrealized: Decimal, position_margin: Decimal) -> Decimal:
     """Return on margin in percent; zero when there is no margin."""
     if position_margin == 0:
@@ -63,6 +69,7 @@ def pnl_percentage(unrealized: Decimal, position_margin: Decimal) -> Decimal:
     return divide(unrealized * HUNDRED, position_margin)
 
 
+@exact
 def split_fee(fee: Decimal, part: Decimal, whole: Decimal) -> Decimal:
     """The share of ``fee`` that belongs to ``part`` of a fill of ``whole`` (proportional)."""
     if part == whole:

@@ -35,6 +35,7 @@ from ledger.values import (
     ValueRuleError,
     check_identifier,
     divide,
+    exact,
     format_decimal,
     ms_to_datetime,
 )
@@ -117,6 +118,7 @@ class PnLInfo(BaseModel):
 
     @computed_field  # type: ignore[prop-decorator]
     @property
+    @exact
     def total_pnl(self) -> Money:
         return self.realized_pnl + self.unrealized_pnl
 
@@ -257,11 +259,13 @@ class Order(_Model):
 
     @computed_field  # type: ignore[prop-decorator]
     @property
+    @exact
     def remaining_qty(self) -> Money:
         return max(self.quantity - self.filled_qty, ZERO)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
+    @exact
     def fill_percentage(self) -> Money:
         return divide(self.filled_qty * 100, self.quantity)
 
@@ -273,6 +277,7 @@ class Order(_Model):
             return None
         return arithmetic.average_price(self.instrument, self.filled_qty, self.fill_basis)
 
+    @exact
     def with_fill(self, fill: Fill) -> Order:
         """The order after one more fill (quantities only; the ledger decides the status)."""
         added = arithmetic.basis(self.instrument, fill.quantity, fill.price)

@@ -19,6 +19,7 @@ from ledger.enums import (
     PositionSide,
     PositionStatus,
 )
+from ledger.values import exact
 
 ZERO = Decimal(0)
 
@@ -56,6 +57,7 @@ class OrderState(msgspec.Struct, kw_only=True):
     version: int = 0
 
     @property
+    @exact
     def remaining_qty(self) -> Decimal:
         return max(self.quantity - self.filled_qty, ZERO)
 

@@ -6,10 +6,21 @@ statement or the domain. Each failure names the field and the rule it broke.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
+from decimal import (
+    ROUND_HALF_EVEN,
+    Context,
+    Decimal,
+    DivisionByZero,
+    InvalidOperation,
+    Overflow,
+    localcontext,
+)
+from typing import ParamSpec, TypeVar
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
 SYMBOL_PATTERN = r"^[A-Za-z0-9._/:-]{1,48}$"
@@ -30,6 +41,27 @@ _RULES = {
 
 # CONTRACT §7: divisions use 28 significant digits, half-even. Sums and products stay exact.
 DIVISION = Context(prec=28, rounding=ROUND_HALF_EVEN)
+# Python's default context rounds every `+`, `-` and `*` to 28 digits too: a product of a 28-digit
+# average price and a quantity, or a sum of a 20-integer-digit and an 18-fraction-digit amount,
+# would be silently rounded. Domain arithmetic runs in this context instead (see `exact`): wide
+# enough that no sum or product of ledger values is ever rounded.
+EXACT = Context(
+    prec=1000, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, DivisionByZero, Overflow]
+)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def exact(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``function`` with exact sums and products (the ``EXACT`` decimal context)."""
+
+    @functools.wraps(function)
+    def in_exact_context(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with localcontext(EXACT):
+            return function(*args, **kwargs)
+
+    return in_exact_context
 
 
 class ValueRuleError(ValueError):
