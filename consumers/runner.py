@@ -218,8 +218,9 @@ class StreamConsumer:
         self.log.info("lease taken: this consumer is now the active one")
         start = "0-0"
         while True:
+            # Not JUSTID: redis-py then returns only the claimed ids and drops the cursor.
             start, _claimed, _deleted = await self.redis.xautoclaim(
-                self.stream, self.group, self.name, 0, start_id=start, count=1000, justid=True
+                self.stream, self.group, self.name, 0, start_id=start, count=1000
             )
             if _text(start) == "0-0":
                 break
