@@ -16,6 +16,7 @@ import structlog
 
 from consumers.command_handler import GROUP as HANDLER_GROUP
 from consumers.command_handler import CommandHandler
+from consumers.paper import paper_role
 from consumers.runner import ConsumerSettings, StreamConsumer
 from ledger import servers
 from ledger.config import Settings
@@ -78,7 +79,7 @@ async def projection_role(redis: Any, settings: Settings) -> list[Runnable]:
     return consumers
 
 
-ROLES: dict[str, RoleFactory] = {"handler": handler_role, "projection": projection_role}
+ROLES: dict[str, RoleFactory] = {"handler": handler_role, "projection": projection_role, "paper": paper_role}
 
 
 def redis_url(settings: Settings, *, start: bool) -> str:

@@ -1,0 +1,673 @@
+"""The paper venue: a simulated exchange for the exchanges configured ``paper`` (CONTRACT §8).
+
+It behaves like an external venue. One consumer group, ``ledger-paper``, reads each shard's
+event log (exclusive per shard through the lease ``ledger:{s}:lease:ledger-paper``, so events
+are handled in log order) and the venue answers by PUBLISHING COMMANDS to the same shard's
+``ledger:{s}:commands``, exactly as a strategy reporting an external execution would:
+
+* ``OrderPlaced`` of a ``market`` order: ``order_accepted`` then ``record_fill`` of the whole
+  quantity at the order's ``price`` if given, else at the mark (``HGET marks:{exchange} symbol``);
+  ``order_rejected`` ("no price and no mark for <symbol>") when there is neither. Reduce-only
+  closes (``close_position``) and entries (``open_position``) are market orders like any other.
+* ``OrderPlaced`` of a ``limit``, ``stop_market``, ``stop_limit`` or ``take_profit_market``
+  order: ``order_accepted``, and the order RESTS in ``ledger:{s}:paper:resting``. A watcher
+  polls the marks of the symbols with resting orders (every ``poll_interval_s``, 100 ms by
+  default) and fills crossing orders whole:
+
+  - ``limit``: buy when mark <= price, sell when mark >= price, at the limit price;
+  - ``stop_market``: triggers when buy mark >= trigger / sell mark <= trigger, fills at the mark;
+  - ``take_profit_market``: triggers when buy mark <= trigger / sell mark >= trigger, fills at
+    the mark;
+  - ``stop_limit``: triggers like a stop, then behaves as a ``limit`` at its price.
+
+  An order that crosses already when it is placed fills at once (at its limit price, or at the
+  mark for the market-like triggers).
+* ``OrderCancelRequested`` of a resting order: ``order_cancelled``. An order that is no longer
+  resting (a market order, which fills at once, or one already filled) is left alone: the
+  request loses the race, as on a real venue.
+* Events that make an order final (``OrderFilled`` with status ``filled``, ``OrderCancelled``,
+  ``OrderRejected``, ``OrderExpired``) remove it from the resting set, whoever caused them.
+
+Fees: ``quantity * price * fee_rate`` in the quote (settlement) currency for spot and linear
+contracts; for inverse contracts (quantity in contracts) ``quantity * contract_value / price *
+fee_rate`` in the base coin (``ledger.instruments``). Decimals are exact and written as strings;
+a fee with more than 18 fraction digits is rounded half-even to 18 (what the ledger can store).
+
+Orders of exchanges configured ``external`` or ``live`` are ignored when they are placed. An
+order the venue accepted stays its own until it is final, whatever the configuration says later.
+
+Exactly once, on top of at-least-once delivery:
+
+* Command ids are deterministic: ``paper:<order_id>:accept`` / ``:fill`` / ``:reject`` /
+  ``:cancel``, ``fill_id`` is ``paper-fill-<order_id>`` and ``exchange_order_id`` is
+  ``paper-<first 16 hex digits of the order id>``. A redelivered event publishes the same
+  commands again, and the command handler's deduplication answers them with the first outcome:
+  nothing happens twice.
+* A resting order leaves the resting set and its terminal command (fill or cancel) is published
+  in ONE atomic script, so a fill and a cancel can never both be published for it.
+* Before it fills, the watcher reads the order's snapshot (``ledger:{s}:orders``): it fills only
+  orders that are ``pending``, ``open`` or ``partially_filled`` (the remaining quantity), skips
+  ``pending_cancel`` ones (their cancel is on its way) and drops final ones. An ``OrderPlaced``
+  whose order is already final is ignored. So a cancelled order never fills afterwards, even
+  when its events are delivered again.
+
+Redis keys (hash-tagged with the shard, so they live on the shard's cluster slot):
+
+* ``ledger:{s}:paper:resting``: hash order_id -> JSON of a ``RestingOrder`` (user_id, exchange,
+  symbol, side, order_type, quantity, price, trigger_price, triggered, placed_event_id),
+  written when the order is accepted, removed when it fills or is cancelled or becomes final.
+* ``ledger:{s}:paper:version``: a counter bumped at every change of the resting set; the watcher
+  reloads the set only when it moved.
+
+The resting set is derived state: it is exactly the orders of ``paper`` exchanges whose
+``OrderPlaced`` is not ``market`` and that are not final in the log and have no
+``OrderCancelRequested`` (whose ``order_cancelled`` the venue publishes). ``PaperVenue.rebuild``
+recomputes it by emptying it and moving the group back to the start of the log (``XGROUP SETID
+ledger-paper 0``): the venue then reads every event again, re-rests the orders that are not
+final, and every command it publishes again is a duplicate the handler absorbs. A ``stop_limit``
+that had triggered but not filled loses its trigger on a rebuild and waits for the next cross.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Iterable, Mapping
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+import msgspec
+import structlog
+
+from consumers.runner import RETRYABLE, ConsumerSettings, Entry, StreamConsumer
+from ledger import wire
+from ledger.arithmetic import basis
+from ledger.config import Settings
+from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType
+from ledger.instruments import instrument_for
+from ledger.keys import ShardKeys, marks
+from ledger.state import OrderState
+from ledger.values import (
+    FEE_CURRENCY_PATTERN,
+    ValueRuleError,
+    exact,
+    format_decimal,
+    now_ms,
+    parse_decimal,
+)
+
+GROUP = "ledger-paper"
+DEFAULT_POLL_INTERVAL_S = 0.1
+POLL_ENV = "LEDGER_PAPER_POLL_MS"
+
+# Orders the venue may still fill: a pending_cancel order waits for its cancel instead.
+FILLABLE = frozenset({OrderStatus.PENDING, OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED})
+FINAL = frozenset({OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED, OrderStatus.EXPIRED})
+_FINAL_EVENTS = {"OrderFilled", "OrderCancelled", "OrderRejected", "OrderExpired"}
+_RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested", *_FINAL_EVENTS}
+_FEE_CURRENCY = re.compile(FEE_CURRENCY_PATTERN)
+_MAX_FRACTION = Decimal("1e-18")
+
+log = structlog.get_logger("ledger.paper")
+
+# KEYS: 1 resting hash, 2 version counter, 3 commands stream.
+# ARGV: 1 order id, 2 resting JSON, 3 command type, 4 command data.
+# Rests the order (unless it rests already: a redelivery keeps the newer entry) and publishes.
+_REST = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('INCR', KEYS[2])
+end
+redis.call('XADD', KEYS[3], '*', 'type', ARGV[3], 'data', ARGV[4])
+return 1
+"""
+
+# KEYS: 1 resting hash, 2 version counter, 3 commands stream.
+# ARGV: 1 order id, 2 command type ('' = none), 3 command data.
+# Takes the order out of the resting set and, only if it was there, publishes its terminal command.
+_TAKE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('INCR', KEYS[2])
+if ARGV[2] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'type', ARGV[2], 'data', ARGV[3])
+end
+return 1
+"""
+
+# KEYS: 1 resting hash, 2 version counter. ARGV: 1 order id, 2 resting JSON.
+# Rewrites a resting order (a stop_limit that triggered) only while it still rests.
+_UPDATE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[2])
+return 1
+"""
+
+
+class PaperKeys:
+    """The keys of the paper venue on one shard."""
+
+    __slots__ = ("shard", "resting", "version", "lease")
+
+    def __init__(self, shard: int) -> None:
+        tag = f"ledger:{{{shard}}}"
+        self.shard = shard
+        self.resting = f"{tag}:paper:resting"
+        self.version = f"{tag}:paper:version"
+        self.lease = f"{tag}:lease:{GROUP}"
+
+
+class RestingOrder(msgspec.Struct, kw_only=True, frozen=True):
+    """An order resting on the paper venue (the JSON value of ``ledger:{s}:paper:resting``)."""
+
+    user_id: str
+    exchange: Exchange
+    symbol: str
+    side: OrderSide
+    order_type: OrderType
+    quantity: str
+    price: str | None = None
+    trigger_price: str | None = None
+    triggered: bool = False
+    placed_event_id: str | None = None
+
+    @classmethod
+    def from_event(cls, event: wire.OrderPlaced) -> RestingOrder:
+        return cls(
+            user_id=event.user_id,
+            exchange=event.exchange,
+            symbol=event.symbol,
+            side=event.side,
+            order_type=event.order_type,
+            quantity=event.quantity,
+            price=event.price,
+            trigger_price=event.trigger_price,
+            placed_event_id=event.event_id,
+        )
+
+
+_resting_decoder = msgspec.json.Decoder(RestingOrder)
+_order_decoder = msgspec.json.Decoder(OrderState)
+
+
+# --------------------------------------------------------------------------- pure rules
+
+
+def _reached(side: OrderSide, mark: Decimal, level: Decimal, *, buy_below: bool) -> bool:
+    """Whether ``mark`` reached ``level``: for a buy at or below it when ``buy_below``, else at
+    or above it (and the reverse for a sell)."""
+    below = mark <= level
+    above = mark >= level
+    if side is OrderSide.BUY:
+        return below if buy_below else above
+    return above if buy_below else below
+
+
+def evaluate(order: RestingOrder, mark: Decimal) -> tuple[RestingOrder, Decimal | None]:
+    """What the mark does to a resting order: (the order, possibly triggered; the fill price or
+    None when it does not fill). Pure."""
+    if order.order_type.needs_trigger and not order.triggered:
+        trigger = Decimal(order.trigger_price or "0")
+        # A stop buys when the price rises to the trigger; a take-profit when it falls to it.
+        take_profit = order.order_type is OrderType.TAKE_PROFIT_MARKET
+        if not _reached(order.side, mark, trigger, buy_below=take_profit):
+            return order, None
+        if order.order_type is not OrderType.STOP_LIMIT:
+            return order, mark
+        order = msgspec.structs.replace(order, triggered=True)
+    if order.price is None:  # a limit without price cannot be placed; never fill it blindly
+        return order, None
+    price = Decimal(order.price)
+    if _reached(order.side, mark, price, buy_below=True):
+        return order, price
+    return order, None
+
+
+@exact
+def paper_fee(exchange: Exchange, symbol: str, quantity: Decimal, price: Decimal, rate: Decimal) -> Decimal:
+    """The fee of a paper fill, in the settlement currency.
+
+    Spot and linear: ``quantity * price * rate`` (exact). Inverse: ``quantity * contract_value /
+    price * rate`` in the base coin (one division, 28 significant digits). At most 18 fraction
+    digits, rounded half-even.
+    """
+    instrument = instrument_for(exchange, symbol)
+    if instrument.is_inverse:
+        fee = basis(instrument, quantity * instrument.contract_value * rate, price)
+    else:
+        fee = quantity * price * rate
+    if fee.as_tuple().exponent < -18:  # type: ignore[operator]
+        fee = fee.quantize(_MAX_FRACTION, rounding=ROUND_HALF_EVEN)
+    return fee
+
+
+def fee_currency(exchange: Exchange, symbol: str) -> str | None:
+    """The settlement currency of a symbol when it is known and writable, else None (a fill
+    without ``fee_currency`` pays in the settlement currency)."""
+    settle = instrument_for(exchange, symbol).settle
+    return settle if settle and _FEE_CURRENCY.match(settle) else None
+
+
+def accept_id(order_id: str) -> str:
+    return f"paper:{order_id}:accept"
+
+
+def fill_command_id(order_id: str) -> str:
+    return f"paper:{order_id}:fill"
+
+
+def reject_id(order_id: str) -> str:
+    return f"paper:{order_id}:reject"
+
+
+def cancel_id(order_id: str) -> str:
+    return f"paper:{order_id}:cancel"
+
+
+def exchange_order_id(order_id: str) -> str:
+    return f"paper-{order_id.replace('-', '')[:16]}"
+
+
+def fill_id(order_id: str) -> str:
+    return f"paper-fill-{order_id}"
+
+
+def _mark(raw: Any) -> Decimal | None:
+    if raw is None:
+        return None
+    try:
+        return parse_decimal(raw, "mark", positive=True)
+    except ValueRuleError:
+        return None
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def poll_interval_from_env(env: Mapping[str, str] | None = None) -> float:
+    """The watcher's poll interval: ``LEDGER_PAPER_POLL_MS`` (milliseconds), default 100 ms."""
+    env = os.environ if env is None else env
+    text = env.get(POLL_ENV)
+    if text is None:
+        return DEFAULT_POLL_INTERVAL_S
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{POLL_ENV}: must be a whole number of milliseconds >= 1 (got {text!r})")
+    return int(text) / 1000
+
+
+# --------------------------------------------------------------------------- the venue
+
+
+class PaperVenue:
+    """The paper venue of one shard: an event consumer plus a mark watcher.
+
+    ``run(stop)`` runs both until ``stop`` is set. For tests and tools: ``burst()`` handles every
+    event available now, ``tick()`` is one pass of the watcher (without the lease check that
+    ``run`` makes: only the holder of the consumer's lease watches).
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        shard: int,
+        *,
+        execution: Mapping[Exchange, str] | None = None,
+        fee_rate: Decimal = Decimal("0.0005"),
+        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+        consumer_settings: ConsumerSettings | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.shard = shard
+        self.keys = ShardKeys(shard)
+        self.paper_keys = PaperKeys(shard)
+        modes = execution if execution is not None else dict.fromkeys(Exchange, "paper")
+        self.execution: dict[str, str] = {str(exchange): mode for exchange, mode in modes.items()}
+        self.fee_rate = fee_rate
+        self.poll_interval_s = poll_interval_s
+        self.consumer = StreamConsumer(
+            redis,
+            stream=self.keys.events,
+            group=GROUP,
+            handler=self.handle,
+            dead_stream=self.keys.dead,
+            name=name,
+            settings=consumer_settings,
+            lease_key=self.paper_keys.lease,
+        )
+        self.log = log.bind(shard=shard)
+        self._cache_version: str | None = None
+        self._cache: dict[str, RestingOrder] = {}
+
+    def executes(self, exchange: Exchange | str) -> bool:
+        """Whether this venue executes new orders of ``exchange`` (it is configured ``paper``)."""
+        return self.execution.get(str(exchange), "paper") == "paper"
+
+    # ----------------------------------------------------------------- running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.consumer.run(stop))
+            group.create_task(self._watch(stop))
+
+    async def burst(self) -> int:
+        """Handle every event available now; return how many entries were read."""
+        return await self.consumer.burst()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        backoff = self.poll_interval_s
+        while not stop.is_set():
+            try:
+                if await self._holds_lease():
+                    await self.tick()
+                backoff = self.poll_interval_s
+            except RETRYABLE as exc:
+                self.log.warning("watcher: a server is unavailable, retrying", error=str(exc))
+                backoff = min(max(backoff * 2, 0.1), 5.0)
+            except Exception as exc:  # noqa: BLE001 - the watcher must outlive a bad tick
+                self.log.error("watcher tick failed", error=repr(exc))
+                backoff = min(max(backoff * 2, 0.1), 5.0)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=backoff)
+            except TimeoutError:
+                pass
+        self.log.info("watcher stopped")
+
+    async def _holds_lease(self) -> bool:
+        return _text(await self.redis.get(self.paper_keys.lease)) == self.consumer.name
+
+    # ----------------------------------------------------------------- events
+
+    async def handle(self, entries: list[Entry]) -> None:
+        """React to a batch of events in log order (idempotent: delivery is at least once)."""
+        events: list[wire.Event] = []
+        for entry in entries:
+            type_name = _text(entry.fields.get("type"))
+            if type_name not in _RELEVANT_EVENTS:
+                continue
+            try:
+                events.append(wire.decode_event(type_name, entry.fields.get("data") or b""))
+            except wire.WireError as exc:
+                self.log.error("undecodable event skipped", entry_id=entry.id, error=exc.message)
+        if not events:
+            return
+        placed = [e for e in events if isinstance(e, wire.OrderPlaced) and self.executes(e.exchange)]
+        states = await self._states(e.stream for e in placed)
+        prices = await self._marks((e.exchange, e.symbol) for e in placed)
+        pipe = self.redis.pipeline(transaction=False)
+        cancels: list[tuple[int, wire.Event]] = []
+        for event in events:
+            if isinstance(event, wire.OrderPlaced):
+                if self.executes(event.exchange):
+                    mark = prices.get((event.exchange, event.symbol))
+                    self._placed(pipe, event, states.get(event.stream), mark)
+            elif isinstance(event, wire.OrderCancelRequested):
+                cancel = wire.OrderCancelledCommand(
+                    command_id=cancel_id(event.stream), user_id=event.user_id, order_id=event.stream
+                )
+                cancels.append((len(pipe), event))
+                self._take(pipe, event.stream, cancel)
+            elif event.status in FINAL:  # type: ignore[attr-defined]
+                self._take(pipe, event.stream, None)
+        if not len(pipe):
+            return
+        results = await pipe.execute()
+        for index, event in cancels:
+            fields = {"order_id": event.stream, "event_id": event.event_id, "command_id": cancel_id(event.stream)}
+            if results[index]:
+                self.log.info("resting order cancelled", **fields)
+            else:
+                self.log.info("cancel request for an order that is not resting: nothing to cancel", **fields)
+
+    def _placed(self, pipe: Any, event: wire.OrderPlaced, state: OrderState | None, mark: Decimal | None) -> None:
+        order_id = event.stream
+        fields = {"order_id": order_id, "event_id": event.event_id, "user_id": event.user_id}
+        if state is not None and state.status in FINAL:
+            self.log.debug("order already final, nothing to do", status=str(state.status), **fields)
+            return
+        accept = wire.OrderAcceptedCommand(
+            command_id=accept_id(order_id),
+            user_id=event.user_id,
+            order_id=order_id,
+            exchange_order_id=exchange_order_id(order_id),
+        )
+        if event.order_type is OrderType.MARKET:
+            price = Decimal(event.price) if event.price is not None else mark
+            if price is None:
+                reason = f"no price and no mark for {event.symbol}"
+                reject = wire.OrderRejectedCommand(
+                    command_id=reject_id(order_id), user_id=event.user_id, order_id=order_id, reason=reason
+                )
+                pipe.xadd(self.keys.commands, wire.command_fields(reject))
+                self.log.info("market order rejected", reason=reason, command_id=reject.command_id, **fields)
+                return
+            fill = self._fill(order_id, event.user_id, event.exchange, event.symbol, _remaining(event, state), price)
+            pipe.xadd(self.keys.commands, wire.command_fields(accept))
+            pipe.xadd(self.keys.commands, wire.command_fields(fill))
+            self.log.info(
+                "market order: fill published",
+                price=fill.price,
+                quantity=fill.quantity,
+                fee=fill.fee,
+                fee_currency=fill.fee_currency,
+                command_id=fill.command_id,
+                **fields,
+            )
+            return
+        resting = RestingOrder.from_event(event)
+        fill_price = None
+        if mark is not None and (state is None or state.status in FILLABLE):
+            resting, fill_price = evaluate(resting, mark)
+        keys = self.paper_keys
+        pipe.eval(
+            _REST,
+            3,
+            keys.resting,
+            keys.version,
+            self.keys.commands,
+            order_id,
+            msgspec.json.encode(resting),
+            "order_accepted",
+            wire.encode(accept),
+        )
+        self.log.info("order resting", order_type=str(event.order_type), command_id=accept.command_id, **fields)
+        if fill_price is not None:
+            self._take(
+                pipe,
+                order_id,
+                self._fill(order_id, event.user_id, event.exchange, event.symbol, _remaining(event, state), fill_price),
+            )
+
+    def _take(self, pipe: Any, order_id: str, command: wire.Command | None) -> None:
+        keys = self.paper_keys
+        type_name = command.__struct_config__.tag if command is not None else ""
+        data = wire.encode(command) if command is not None else b""
+        pipe.eval(_TAKE, 3, keys.resting, keys.version, self.keys.commands, order_id, type_name, data)
+
+    def _fill(
+        self, order_id: str, user_id: str, exchange: Exchange, symbol: str, quantity: Decimal, price: Decimal
+    ) -> wire.RecordFill:
+        return wire.RecordFill(
+            command_id=fill_command_id(order_id),
+            user_id=user_id,
+            order_id=order_id,
+            fill_id=fill_id(order_id),
+            quantity=format_decimal(quantity),
+            price=format_decimal(price),
+            fee=format_decimal(paper_fee(exchange, symbol, quantity, price, self.fee_rate)),
+            fee_currency=fee_currency(exchange, symbol),
+            ts=now_ms(),
+        )
+
+    # ----------------------------------------------------------------- the watcher
+
+    async def tick(self) -> int:
+        """One pass of the watcher: fill or trigger the resting orders their marks reach.
+
+        Returns how many changes it made (commands published, entries updated or dropped).
+        """
+        resting = await self.resting()
+        if not resting:
+            return 0
+        prices = await self._marks((o.exchange, o.symbol) for o in resting.values())
+        moves: dict[str, tuple[RestingOrder, RestingOrder, Decimal | None]] = {}
+        for order_id, order in resting.items():
+            mark = prices.get((order.exchange, order.symbol))
+            if mark is None:
+                continue
+            changed, fill_price = evaluate(order, mark)
+            if fill_price is not None or changed != order:
+                moves[order_id] = (order, changed, fill_price)
+        if not moves:
+            return 0
+        states = await self._states(moves)
+        keys = self.paper_keys
+        pipe = self.redis.pipeline(transaction=False)
+        done = 0
+        for order_id, (_before, after, fill_price) in moves.items():
+            state = states.get(order_id)
+            fields = {"order_id": order_id, "user_id": after.user_id, "event_id": after.placed_event_id}
+            if state is None or state.status in FINAL:
+                self._take(pipe, order_id, None)
+                self.log.info(
+                    "dropped a resting order that is final or unknown",
+                    status=str(state.status) if state else None,
+                    **fields,
+                )
+                done += 1
+                continue
+            if state.status not in FILLABLE:  # pending_cancel: its cancel is on the way
+                continue
+            if fill_price is not None:
+                fill = self._fill(
+                    order_id, after.user_id, after.exchange, after.symbol, state.remaining_qty, fill_price
+                )
+                self._take(pipe, order_id, fill)
+                self.log.info(
+                    "resting order: fill published",
+                    order_type=str(after.order_type),
+                    price=fill.price,
+                    quantity=fill.quantity,
+                    fee=fill.fee,
+                    fee_currency=fill.fee_currency,
+                    command_id=fill.command_id,
+                    **fields,
+                )
+            else:
+                pipe.eval(_UPDATE, 2, keys.resting, keys.version, order_id, msgspec.json.encode(after))
+                self.log.info("stop_limit triggered, now resting as a limit", price=after.price, **fields)
+            done += 1
+        if done:
+            await pipe.execute()
+        return done
+
+    async def resting(self) -> dict[str, RestingOrder]:
+        """The resting orders of this shard (cached; reloaded when the set's version moved)."""
+        keys = self.paper_keys
+        version = _text(await self.redis.get(keys.version))
+        if version != self._cache_version or version is None:
+            raw = await self.redis.hgetall(keys.resting)
+            cache: dict[str, RestingOrder] = {}
+            for order_id, value in raw.items():
+                try:
+                    cache[_text(order_id)] = _resting_decoder.decode(value)
+                except msgspec.DecodeError as exc:
+                    self.log.error("unreadable resting order ignored", order_id=_text(order_id), error=str(exc))
+            self._cache, self._cache_version = cache, version
+        return dict(self._cache)
+
+    async def rebuild(self) -> None:
+        """Recompute the resting set from the log: empty it and read the log again from the start.
+
+        Run it with the venue stopped (or let the running one pick the change up). Commands
+        published again are duplicates that the command handler absorbs.
+        """
+        keys = self.paper_keys
+        await self.consumer.ensure_group()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(keys.resting)
+        pipe.incr(keys.version)
+        await pipe.execute()
+        await self.redis.xgroup_setid(self.keys.events, GROUP, "0")
+        self.log.info("resting set emptied; the event log will be read again from the start")
+
+    # ----------------------------------------------------------------- reads
+
+    async def _states(self, order_ids: Iterable[str]) -> dict[str, OrderState]:
+        ids = sorted(set(order_ids))
+        if not ids:
+            return {}
+        values = await self.redis.hmget(self.keys.orders, ids)
+        return {oid: _order_decoder.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
+
+    async def _marks(self, markets: Iterable[tuple[Exchange, str]]) -> dict[tuple[Exchange, str], Decimal]:
+        by_exchange: dict[Exchange, set[str]] = {}
+        for exchange, symbol in markets:
+            by_exchange.setdefault(exchange, set()).add(symbol)
+        if not by_exchange:
+            return {}
+        requests = [(exchange, sorted(symbols)) for exchange, symbols in by_exchange.items()]
+        pipe = self.redis.pipeline(transaction=False)
+        for exchange, symbols in requests:
+            pipe.hmget(marks(exchange), symbols)
+        found: dict[tuple[Exchange, str], Decimal] = {}
+        for (exchange, symbols), values in zip(requests, await pipe.execute(), strict=True):
+            for symbol, raw in zip(symbols, values, strict=True):
+                mark = _mark(_text(raw))
+                if mark is not None:
+                    found[(exchange, symbol)] = mark
+                elif raw is not None:
+                    self.log.warning("mark is not a positive decimal, ignored", exchange=str(exchange), symbol=symbol)
+        return found
+
+
+def _remaining(event: wire.OrderPlaced, state: OrderState | None) -> Decimal:
+    if state is not None and state.remaining_qty > 0:
+        return state.remaining_qty
+    return Decimal(event.quantity)
+
+
+# --------------------------------------------------------------------------- the role
+
+
+async def paper_role(redis: Any, settings: Settings) -> list[Any]:
+    """``ledger serve`` role ``paper``: one venue (event consumer + mark watcher) per shard.
+
+    It runs even when no exchange is configured ``paper``: it then only keeps its place in the
+    log, so switching an exchange to ``paper`` later never executes orders placed before.
+    """
+    consumer_settings = ConsumerSettings(
+        batch_size=settings.batch_size,
+        claim_idle_ms=settings.claim_idle_ms,
+        max_deliveries=settings.max_deliveries,
+    )
+    poll = poll_interval_from_env()
+    return [
+        PaperVenue(
+            redis,
+            shard,
+            execution=settings.execution,
+            fee_rate=settings.paper_fee_rate,
+            poll_interval_s=poll,
+            consumer_settings=consumer_settings,
+        )
+        for shard in range(settings.shards)
+    ]
+
+
+__all__ = [
+    "GROUP",
+    "PaperKeys",
+    "PaperVenue",
+    "RestingOrder",
+    "evaluate",
+    "fee_currency",
+    "paper_fee",
+    "paper_role",
+    "poll_interval_from_env",
+]
