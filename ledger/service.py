@@ -24,6 +24,7 @@ from ledger.eventstore import EventStore
 from ledger.redis_conn import connect, ensure_shard_count
 from projections.live import GROUP as PROJECTION_GROUP
 from projections.live import LiveProjection
+from projections.projector import projector_role, redact
 
 log = structlog.get_logger("ledger.service")
 
@@ -79,7 +80,12 @@ async def projection_role(redis: Any, settings: Settings) -> list[Runnable]:
     return consumers
 
 
-ROLES: dict[str, RoleFactory] = {"handler": handler_role, "projection": projection_role, "paper": paper_role}
+ROLES: dict[str, RoleFactory] = {
+    "handler": handler_role,
+    "projection": projection_role,
+    "projector": projector_role,
+    "paper": paper_role,
+}
 
 
 def redis_url(settings: Settings, *, start: bool) -> str:
@@ -94,6 +100,21 @@ def redis_url(settings: Settings, *, start: bool) -> str:
     if url is None:
         raise servers.ServerError("no Redis configured: set LEDGER_REDIS_URL or start `ledger serve` first")
     return url
+
+
+def database_url(settings: Settings, *, start: bool) -> str:
+    """The configured PostgreSQL, else the private one under ``settings.home`` (started if asked)."""
+    if settings.database_url:
+        log.info("using PostgreSQL", url=redact(settings.database_url))
+        return settings.database_url
+    if start:
+        url = servers.ensure_private_postgres(settings.home)
+        log.info("no LEDGER_DATABASE_URL: using a private PostgreSQL", url=url, home=str(settings.home))
+        return url
+    recorded = servers.read_private_url(settings.home, "postgres")
+    if recorded is None:
+        raise servers.ServerError("no PostgreSQL configured: set LEDGER_DATABASE_URL or start `ledger serve` first")
+    return recorded
 
 
 async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None = None) -> None:

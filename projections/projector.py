@@ -1,0 +1,643 @@
+"""The PostgreSQL projector: every shard's event log, archived and projected into history.
+
+One consumer group, ``ledger-projector``, reads each shard's ``ledger:{s}:events``. It is
+exclusive per shard (the runner's lease ``ledger:{s}:lease:ledger-projector``), so a shard's
+events are applied in log order by one process at a time; another ``ledger serve --role
+projector`` stands by and takes over when the holder dies.
+
+A batch of entries is applied in ONE PostgreSQL transaction:
+
+1. lock the tracking record (``projector_checkpoints`` row of ``(ledger-projector, shard)``):
+   the last stream entry whose effects are committed. Entries at or before it are skipped (a
+   crash between COMMIT and XACK redelivers them) unless they are missing from the archive (an
+   entry that failed earlier while later ones succeeded is still applied when retried);
+2. archive every event into ``ledger_events`` (unknown event types too, when their envelope is
+   readable; CONTRACT §5);
+3. store every ``OrderFilled`` in ``fills``;
+4. upsert ``positions`` for ``PositionClosed`` / ``PositionLiquidated`` (the event carries the
+   whole position);
+5. upsert ``orders`` for every order an event of the batch leaves in a final status (a late
+   fill on a cancelled order included), with the full order state rebuilt by folding the
+   order's archived events (this batch's included) through ``ledger.decider.apply``;
+6. advance the tracking record to the batch's last entry, COMMIT.
+
+Only then does the runner XACK the entries. Upserts never let an older version overwrite a
+newer one, and every insert ignores a row already there, so applying any entry again changes
+nothing: the history holds every event, fill, closed position and final order exactly once,
+whatever crashes happen in between.
+
+PostgreSQL being unavailable (``RETRYABLE``) makes the runner back off and retry the same
+entries; it never dead-letters them. An entry that cannot be decoded fails on its own (the
+runner retries it alone, then dead-letters it with the reason after ``max_deliveries``).
+
+Two orders reported with the same venue order id on one exchange would break the
+``(exchange, exchange_order_id)`` unique constraint: the order that comes second is written with
+``exchange_order_id`` NULL and ``metadata.duplicate_exchange_order_id`` (plus
+``metadata.duplicate_of_order_id``), and an error is logged with both ids.
+
+Test hook: with the environment variable ``LEDGER_TEST_CRASH_AFTER_COMMIT=1`` the projector
+SIGKILLs its own process right after its first batch COMMIT, before the XACK (used by the
+crash test; never set it in production).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+import psycopg
+import psycopg_pool
+import structlog
+from psycopg import errors as pg_errors
+from psycopg.types.json import Jsonb
+
+from consumers.runner import ConsumerSettings, Entry, StreamConsumer
+from ledger import wire
+from ledger.config import Settings
+from ledger.decider import apply
+from ledger.keys import ShardKeys
+from ledger.schema import apply_schema
+from ledger.state import OrderState
+from ledger.values import ms_to_datetime
+from projections.sql import load_queries
+
+__all__ = [
+    "CRASH_HOOK_ENV",
+    "PROJECTOR",
+    "RETRYABLE",
+    "BatchResult",
+    "Projector",
+    "ProjectorService",
+    "checkpoint",
+    "lease_key",
+    "open_pool",
+    "projector_consumer",
+    "projector_role",
+    "redact",
+]
+
+PROJECTOR = "ledger-projector"
+CRASH_HOOK_ENV = "LEDGER_TEST_CRASH_AFTER_COMMIT"
+
+# PostgreSQL down, restarting, or a transaction that lost a race: back off and retry, never
+# dead-letter (AdminShutdown and "connection is closed" are OperationalErrors; PoolTimeout is
+# what the pool raises when it cannot hand out a connection in time).
+RETRYABLE: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    pg_errors.TransactionRollback,  # serialization failure, deadlock detected
+)
+
+POOL_TIMEOUT_S = 5.0
+POOL_RECONNECT_TIMEOUT_S = 5.0
+VENUE_ID_RETRIES = 3
+VENUE_ID_CONSTRAINT = "orders_exchange_order_id_key"
+
+_SQL = load_queries("projector.sql")
+_POSITION_FINAL = (wire.PositionClosed, wire.PositionLiquidated)
+
+log = structlog.get_logger("ledger.projector")
+
+
+def lease_key(shard: int) -> str:
+    """The lease that makes one projector active per shard (hash-tagged: cluster-safe)."""
+    return ShardKeys(shard).lease(PROJECTOR)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _entry_id(key: tuple[int, int]) -> str:
+    return f"{key[0]}-{key[1]}"
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode()
+    return value  # type: ignore[no-any-return]
+
+
+def _dec(value: str | None) -> Decimal | None:
+    return None if value is None else Decimal(value)
+
+
+class _Envelope(msgspec.Struct):
+    """The envelope of an event of a type this reader does not know (archived, not applied)."""
+
+    event_id: str
+    stream: str
+    version: int
+    user_id: str
+    ts: int
+    command_id: str | None = None
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+
+
+@dataclass(slots=True)
+class _Decoded:
+    entry_id: str
+    key: tuple[int, int]
+    type: str
+    data: str
+    event: wire.Event | None  # None: an event type this reader does not know
+
+
+def _decode(entry: Entry) -> _Decoded | None:
+    """Decode one stream entry; None for an unknown type whose envelope is unreadable.
+
+    Raises ``wire.WireError`` for an entry of a known type that is not a valid event (the
+    runner retries it alone and dead-letters it eventually).
+    """
+    fields: dict[Any, Any] = entry.fields
+    type_name = _text(fields.get("type", fields.get(b"type"))) or ""
+    data = _text(fields.get("data", fields.get(b"data")))
+    if data is None:
+        raise wire.WireError("MISSING_FIELD", f"event entry {entry.id} has no `data` field")
+    try:
+        event: wire.Event | None = wire.decode_event(type_name, data)
+    except wire.UnknownEventType:
+        event = None
+        try:
+            _envelope_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning(
+                "unknown event type with an unreadable envelope: skipped",
+                entry_id=entry.id,
+                type=type_name,
+                error=str(exc),
+            )
+            return None
+    return _Decoded(entry.id, _entry_key(entry.id), type_name, data, event)
+
+
+def _event_row(shard: int, item: _Decoded) -> dict[str, Any]:
+    event = item.event
+    envelope: Any = event if event is not None else _envelope_decoder.decode(item.data)
+    return {
+        "event_id": envelope.event_id,
+        "shard": shard,
+        "entry_id": item.entry_id,
+        "entry_ms": item.key[0],
+        "entry_seq": item.key[1],
+        "type": item.type,
+        "aggregate_id": envelope.stream,
+        "version": envelope.version,
+        "command_id": envelope.command_id,
+        "user_id": envelope.user_id,
+        "data": item.data,
+        "ts": ms_to_datetime(envelope.ts),
+    }
+
+
+def _fill_row(event: wire.OrderFilled) -> dict[str, Any]:
+    return {
+        "order_id": event.stream,
+        "fill_id": event.fill_id,
+        "event_id": event.event_id,
+        "user_id": event.user_id,
+        "exchange": str(event.exchange),
+        "symbol": event.symbol,
+        "side": str(event.side),
+        "position_id": event.position_ids[0] if event.position_ids else None,
+        "quantity": Decimal(event.quantity),
+        "price": Decimal(event.price),
+        "fee": Decimal(event.fee),
+        "fee_currency": event.fee_currency,
+        "overfill": event.overfill,
+        "late": event.late,
+        "ts": ms_to_datetime(event.fill_ts),
+    }
+
+
+def _position_row(event: wire.PositionEvent) -> dict[str, Any]:
+    metadata = {
+        **event.metadata,
+        "other_fees": dict(event.other_fees),
+        "stop_loss": event.stop_loss,
+        "take_profit": event.take_profit,
+        "excess_qty": event.excess_qty,
+    }
+    return {
+        "id": event.stream,
+        "user_id": event.user_id,
+        "exchange": str(event.exchange),
+        "symbol": event.symbol,
+        "side": str(event.side),
+        "size": Decimal(event.entry_qty),  # the total quantity opened over the position's life
+        "entry_price": Decimal(event.entry_price),
+        "exit_price": _dec(event.exit_price),
+        "leverage": event.leverage,
+        "realized_pnl": Decimal(event.realized_pnl),
+        "gross_pnl": Decimal(event.gross_pnl),
+        "unrealized_pnl": Decimal(0),
+        "fees": Decimal(event.fees),
+        "status": str(event.status),
+        "close_reason": event.close_reason,
+        "version": event.version,
+        "metadata": Jsonb(metadata),
+        "created_at": ms_to_datetime(event.created_at),
+        "updated_at": ms_to_datetime(event.updated_at),
+        "closed_at": ms_to_datetime(event.closed_at) if event.closed_at is not None else None,
+    }
+
+
+def _order_row(order: OrderState) -> dict[str, Any]:
+    metadata = dict(order.metadata)
+    for name in ("leverage", "intent", "close_reason"):
+        if (value := getattr(order, name)) is not None:
+            metadata[name] = value
+    for name in ("stop_loss", "take_profit"):
+        if (value := getattr(order, name)) is not None:
+            metadata[name] = str(value)
+    return {
+        "id": order.id,
+        "user_id": order.user_id,
+        "exchange": str(order.exchange),
+        "symbol": order.symbol,
+        "side": str(order.side),
+        "order_type": str(order.order_type),
+        "quantity": order.quantity,
+        "price": order.price,
+        "trigger_price": order.trigger_price,
+        "filled_qty": order.filled_qty,
+        "avg_fill_price": order.avg_fill_price,
+        "status": str(order.status),
+        "exchange_order_id": order.exchange_order_id,
+        "client_order_id": order.client_order_id,
+        "position_id": order.position_id,
+        "position_side": str(order.position_side) if order.position_side else None,
+        "reduce_only": order.reduce_only,
+        "grid_level": order.grid_level,
+        "reject_reason": order.reject_reason,
+        "version": order.version,
+        "metadata": metadata,  # wrapped in Jsonb when written (conflicts may still add to it)
+        "created_at": ms_to_datetime(order.created_at),
+        "updated_at": ms_to_datetime(order.updated_at),
+    }
+
+
+# --------------------------------------------------------------------------- the projector
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one batch did (also logged)."""
+
+    entries: int = 0
+    skipped: int = 0
+    events: int = 0
+    fills: int = 0
+    positions: int = 0
+    orders: int = 0
+    duplicate_venue_ids: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+
+
+class Projector:
+    """Applies batches of one shard's event entries to PostgreSQL (``handle`` for the runner)."""
+
+    def __init__(
+        self,
+        pool: psycopg_pool.AsyncConnectionPool[Any],
+        shard: int,
+        *,
+        name: str = PROJECTOR,
+    ) -> None:
+        self.pool = pool
+        self.shard = shard
+        self.name = name
+        self.log = log.bind(shard=shard, projector=name)
+
+    async def handle(self, entries: list[Entry]) -> None:
+        await self.project(entries)
+
+    async def project(self, entries: Sequence[Entry]) -> BatchResult:
+        """Apply entries (in log order) in one transaction; return what was written."""
+        result = BatchResult(entries=len(entries))
+        if not entries:
+            return result
+        started = time.perf_counter()
+        decoded = [d for d in map(_decode, entries) if d is not None]
+        last = max(_entry_key(e.id) for e in entries)
+        async with self.pool.connection() as conn, conn.transaction():
+            applied = await self._lock_checkpoint(conn)
+            fresh = await self._unapplied(conn, decoded, applied)
+            result.skipped = len(entries) - len(fresh)
+            if fresh:
+                await self._apply(conn, fresh, result)
+            if last > applied:
+                await conn.execute(
+                    _SQL["checkpoint_advance"],
+                    {
+                        "projector": self.name,
+                        "shard": self.shard,
+                        "entry_ms": last[0],
+                        "entry_seq": last[1],
+                    },
+                )
+        result.checkpoint = _entry_id(max(last, applied))
+        if os.environ.get(CRASH_HOOK_ENV) == "1":  # test hook: die between COMMIT and XACK
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.log.info(
+            "batch projected",
+            first_entry_id=entries[0].id,
+            last_entry_id=entries[-1].id,
+            entries=result.entries,
+            skipped=result.skipped,
+            events=result.events,
+            fills=result.fills,
+            positions=result.positions,
+            orders=result.orders,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        return result
+
+    # ----------------------------------------------------------------- steps
+
+    async def _lock_checkpoint(self, conn: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
+        params = {"projector": self.name, "shard": self.shard}
+        cur = await conn.execute(_SQL["checkpoint_lock"], params)
+        row = await cur.fetchone()
+        if row is None:
+            await conn.execute(_SQL["checkpoint_init"], params)
+            cur = await conn.execute(_SQL["checkpoint_lock"], params)
+            row = await cur.fetchone()
+            assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def _unapplied(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        decoded: list[_Decoded],
+        applied: tuple[int, int],
+    ) -> list[_Decoded]:
+        """The entries whose effects are not committed yet."""
+        old = [d for d in decoded if d.key <= applied]
+        if not old:
+            return decoded
+        first, last = min(d.key for d in old), max(d.key for d in old)
+        cur = await conn.execute(
+            _SQL["archived_entries"],
+            {
+                "shard": self.shard,
+                "first_ms": first[0],
+                "first_seq": first[1],
+                "last_ms": last[0],
+                "last_seq": last[1],
+            },
+        )
+        archived = {(int(ms), int(seq)) for ms, seq in await cur.fetchall()}
+        # An unknown type whose envelope was unreadable is not archived; it was skipped anyway.
+        return [d for d in decoded if d.key > applied or d.key not in archived]
+
+    async def _apply(self, conn: psycopg.AsyncConnection[Any], fresh: list[_Decoded], result: BatchResult) -> None:
+        events = [_event_row(self.shard, d) for d in fresh]
+        fills: list[dict[str, Any]] = []
+        positions: dict[str, dict[str, Any]] = {}
+        final_orders: dict[str, None] = {}  # ordered set
+        for item in fresh:
+            event = item.event
+            if isinstance(event, wire.OrderFilled):
+                fills.append(_fill_row(event))
+            if isinstance(event, _POSITION_FINAL):
+                row = _position_row(event)
+                held = positions.get(event.stream)
+                if held is None or held["version"] <= row["version"]:
+                    positions[event.stream] = row
+            elif event is not None and not isinstance(event, wire.PositionEvent):
+                if event.status.is_final:  # type: ignore[attr-defined]
+                    final_orders[event.stream] = None
+        async with conn.cursor() as cur:
+            await cur.executemany(_SQL["insert_event"], events)
+            if fills:
+                await cur.executemany(_SQL["insert_fill"], fills)
+            if positions:
+                await cur.executemany(_SQL["upsert_position"], list(positions.values()))
+        result.events, result.fills, result.positions = len(events), len(fills), len(positions)
+        if final_orders:
+            orders = await self._rebuild_orders(conn, list(final_orders))
+            result.orders = len(orders)
+            result.duplicate_venue_ids = await self._write_orders(conn, orders)
+
+    async def _rebuild_orders(self, conn: psycopg.AsyncConnection[Any], order_ids: list[str]) -> list[OrderState]:
+        """Fold each order's archived events (this transaction's included) into its state."""
+        cur = await conn.execute(_SQL["order_events"], {"ids": order_ids})
+        states: dict[str, OrderState | None] = {}
+        for aggregate_id, type_name, data in await cur.fetchall():
+            if aggregate_id in states and states[aggregate_id] is None:
+                continue  # already failed to rebuild
+            try:
+                event = wire.decode_event(type_name, data)
+                folded = apply(states.get(aggregate_id), event)
+                if not isinstance(folded, OrderState):
+                    raise TypeError(f"{type_name} is not an order event")
+            except Exception as exc:  # a broken history must not block the archive: log, skip the row
+                self.log.error(
+                    "order history cannot be rebuilt: its row is not written",
+                    order_id=aggregate_id,
+                    event_type=type_name,
+                    error=str(exc) or repr(exc),
+                )
+                states[aggregate_id] = None
+                continue
+            states[aggregate_id] = folded
+        rebuilt = []
+        for order_id in order_ids:
+            state = states.get(order_id)
+            if state is not None and state.status.is_final:
+                rebuilt.append(state)
+        return rebuilt
+
+    async def _write_orders(self, conn: psycopg.AsyncConnection[Any], orders: list[OrderState]) -> list[str]:
+        """Upsert the orders; return the ids of those written without their venue id."""
+        for attempt in range(1, VENUE_ID_RETRIES + 1):
+            rows = [_order_row(order) for order in orders]
+            duplicates = await self._resolve_venue_ids(conn, rows)
+            for row in rows:
+                row["metadata"] = Jsonb(row["metadata"])
+            try:
+                # A savepoint: a concurrent writer (another shard's projector) may take a venue
+                # id between the check and the write; then check again and retry.
+                async with conn.transaction(), conn.cursor() as cur:
+                    await cur.executemany(_SQL["upsert_order"], rows)
+            except pg_errors.UniqueViolation as exc:
+                if exc.diag.constraint_name != VENUE_ID_CONSTRAINT or attempt == VENUE_ID_RETRIES:
+                    raise
+                self.log.warning("venue order id taken concurrently: checking again", attempt=attempt)
+                continue
+            return duplicates
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _resolve_venue_ids(self, conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]) -> list[str]:
+        """Drop the venue id of rows whose (exchange, exchange_order_id) another order holds."""
+        wanted = [(r["exchange"], r["exchange_order_id"]) for r in rows if r["exchange_order_id"]]
+        if not wanted:
+            return []
+        cur = await conn.execute(
+            _SQL["venue_id_holders"],
+            {"exchanges": [w[0] for w in wanted], "venue_ids": [w[1] for w in wanted]},
+        )
+        holders: dict[tuple[str, str], str] = {}
+        for exchange, venue_id, order_id in await cur.fetchall():
+            holders[(exchange, venue_id)] = order_id
+        duplicates = []
+        for row in rows:
+            venue_id = row["exchange_order_id"]
+            if not venue_id:
+                continue
+            key = (row["exchange"], venue_id)
+            holder = holders.setdefault(key, row["id"])
+            if holder == row["id"]:
+                continue
+            row["exchange_order_id"] = None
+            row["metadata"]["duplicate_exchange_order_id"] = venue_id
+            row["metadata"]["duplicate_of_order_id"] = holder
+            duplicates.append(row["id"])
+            self.log.error(
+                "two orders reported with the same venue order id: stored without it",
+                order_id=row["id"],
+                other_order_id=holder,
+                exchange=row["exchange"],
+                exchange_order_id=venue_id,
+                user_id=row["user_id"],
+            )
+        return duplicates
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def open_pool(
+    database_url: str, *, max_size: int = 4, timeout: float = POOL_TIMEOUT_S
+) -> psycopg_pool.AsyncConnectionPool[Any]:
+    """A connection pool (not opened yet: ``await pool.open()``) in autocommit mode, so that
+    each ``conn.transaction()`` is one explicit transaction."""
+    return psycopg_pool.AsyncConnectionPool(
+        database_url,
+        min_size=1,
+        max_size=max(1, max_size),
+        timeout=timeout,
+        reconnect_timeout=POOL_RECONNECT_TIMEOUT_S,
+        check=psycopg_pool.AsyncConnectionPool.check_connection,
+        kwargs={"autocommit": True},
+        name=PROJECTOR,
+        open=False,
+    )
+
+
+def projector_consumer(
+    redis: Any,
+    pool: psycopg_pool.AsyncConnectionPool[Any],
+    shard: int,
+    *,
+    settings: ConsumerSettings | None = None,
+    name: str | None = None,
+) -> StreamConsumer:
+    """The exclusive ``ledger-projector`` consumer of one shard's event stream."""
+    keys = ShardKeys(shard)
+    projector = Projector(pool, shard)
+    return StreamConsumer(
+        redis,
+        stream=keys.events,
+        group=PROJECTOR,
+        handler=projector.handle,
+        dead_stream=keys.dead,
+        name=name,
+        settings=settings,
+        lease_key=lease_key(shard),
+        retryable=RETRYABLE,
+    )
+
+
+class ProjectorService:
+    """The ``projector`` role: one pool, schema.sql applied, one projector per shard."""
+
+    def __init__(
+        self,
+        redis: Any,
+        database_url: str,
+        shards: int,
+        *,
+        settings: ConsumerSettings | None = None,
+    ) -> None:
+        self.redis = redis
+        self.database_url = database_url
+        self.shards = shards
+        self.settings = settings or ConsumerSettings()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        pool = open_pool(self.database_url, max_size=self.shards + 1)
+        await pool.open(wait=False)
+        try:
+            if not await self._apply_schema(pool, stop):
+                return
+            consumers = [
+                projector_consumer(self.redis, pool, shard, settings=self.settings) for shard in range(self.shards)
+            ]
+            async with asyncio.TaskGroup() as group:
+                for consumer in consumers:
+                    group.create_task(consumer.run(stop))
+        finally:
+            await pool.close()
+
+    async def _apply_schema(self, pool: psycopg_pool.AsyncConnectionPool[Any], stop: asyncio.Event) -> bool:
+        """Apply schema.sql (idempotent), retrying while PostgreSQL is unavailable."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                async with pool.connection() as conn:
+                    await apply_schema(conn)
+                log.info("schema.sql applied", database=redact(self.database_url))
+                return True
+            except RETRYABLE as exc:
+                log.warning("PostgreSQL unavailable, retrying", error=str(exc), retry_in_s=backoff)
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=backoff)
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, self.settings.backoff_max_s)
+        return False
+
+
+async def projector_role(redis: Any, settings: Settings) -> list[Any]:
+    """``ledger serve --role projector``: the factory registered in ``ledger.service.ROLES``."""
+    from ledger.service import consumer_settings, database_url
+
+    url = await asyncio.to_thread(database_url, settings, start=True)
+    return [ProjectorService(redis, url, settings.shards, settings=consumer_settings(settings))]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+async def checkpoint(conn: psycopg.AsyncConnection[Any], shard: int, projector: str = PROJECTOR) -> str | None:
+    """The last entry id of ``ledger:{shard}:events`` the projector committed (None: none)."""
+    cur = await conn.execute(_SQL["checkpoint_get"], {"projector": projector, "shard": shard})
+    row = await cur.fetchone()
+    if row is None or (row[0], row[1]) == (0, 0):
+        return None
+    return _entry_id((int(row[0]), int(row[1])))
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,143 @@
+-- SQL of the PostgreSQL projector (projections/projector.py).
+-- Every statement runs inside the projector's one transaction per batch.
+
+-- checkpoint_init --
+-- Create the tracking record of a projector on a shard (nothing applied yet).
+INSERT INTO projector_checkpoints (projector, shard, entry_ms, entry_seq)
+VALUES (%(projector)s, %(shard)s, 0, 0)
+ON CONFLICT (projector, shard) DO NOTHING
+
+-- checkpoint_lock --
+-- Read and lock the tracking record: the last stream entry whose effects are committed.
+SELECT entry_ms, entry_seq
+FROM projector_checkpoints
+WHERE projector = %(projector)s AND shard = %(shard)s
+FOR UPDATE
+
+-- checkpoint_advance --
+-- Move the tracking record forward (never backward) to the batch's last entry.
+UPDATE projector_checkpoints
+SET entry_ms = %(entry_ms)s, entry_seq = %(entry_seq)s, updated_at = now()
+WHERE projector = %(projector)s AND shard = %(shard)s
+  AND (entry_ms, entry_seq) < (%(entry_ms)s, %(entry_seq)s)
+
+-- checkpoint_get --
+-- The tracking record, for status and verification (no lock).
+SELECT entry_ms, entry_seq, updated_at
+FROM projector_checkpoints
+WHERE projector = %(projector)s AND shard = %(shard)s
+
+-- archived_entries --
+-- Which stream entries of a range are already in the archive.
+SELECT entry_ms, entry_seq
+FROM ledger_events
+WHERE shard = %(shard)s
+  AND (entry_ms, entry_seq) >= (%(first_ms)s, %(first_seq)s)
+  AND (entry_ms, entry_seq) <= (%(last_ms)s, %(last_seq)s)
+
+-- insert_event --
+-- Archive one event exactly as published (data is its JSON object).
+INSERT INTO ledger_events (
+    event_id, shard, entry_id, entry_ms, entry_seq, type, aggregate_id, version,
+    command_id, user_id, data, ts)
+VALUES (
+    %(event_id)s, %(shard)s, %(entry_id)s, %(entry_ms)s, %(entry_seq)s, %(type)s,
+    %(aggregate_id)s, %(version)s, %(command_id)s, %(user_id)s, %(data)s::jsonb, %(ts)s)
+ON CONFLICT DO NOTHING
+
+-- insert_fill --
+-- One fill (an OrderFilled event); a fill already stored is left as it is.
+INSERT INTO fills (
+    order_id, fill_id, event_id, user_id, exchange, symbol, side, position_id,
+    quantity, price, fee, fee_currency, overfill, late, ts)
+VALUES (
+    %(order_id)s, %(fill_id)s, %(event_id)s, %(user_id)s, %(exchange)s, %(symbol)s, %(side)s,
+    %(position_id)s, %(quantity)s, %(price)s, %(fee)s, %(fee_currency)s, %(overfill)s,
+    %(late)s, %(ts)s)
+ON CONFLICT DO NOTHING
+
+-- upsert_position --
+-- A closed or liquidated position, written whole; an older version never overwrites a newer.
+INSERT INTO positions AS p (
+    id, user_id, exchange, symbol, side, size, entry_price, exit_price, leverage,
+    realized_pnl, gross_pnl, unrealized_pnl, fees, status, close_reason, version, metadata,
+    created_at, updated_at, closed_at)
+VALUES (
+    %(id)s, %(user_id)s, %(exchange)s, %(symbol)s, %(side)s, %(size)s, %(entry_price)s,
+    %(exit_price)s, %(leverage)s, %(realized_pnl)s, %(gross_pnl)s, %(unrealized_pnl)s,
+    %(fees)s, %(status)s, %(close_reason)s, %(version)s, %(metadata)s, %(created_at)s,
+    %(updated_at)s, %(closed_at)s)
+ON CONFLICT (id) DO UPDATE SET
+    user_id = excluded.user_id,
+    exchange = excluded.exchange,
+    symbol = excluded.symbol,
+    side = excluded.side,
+    size = excluded.size,
+    entry_price = excluded.entry_price,
+    exit_price = excluded.exit_price,
+    leverage = excluded.leverage,
+    realized_pnl = excluded.realized_pnl,
+    gross_pnl = excluded.gross_pnl,
+    unrealized_pnl = excluded.unrealized_pnl,
+    fees = excluded.fees,
+    status = excluded.status,
+    close_reason = excluded.close_reason,
+    version = excluded.version,
+    metadata = excluded.metadata,
+    created_at = excluded.created_at,
+    updated_at = excluded.updated_at,
+    closed_at = excluded.closed_at
+WHERE excluded.version >= p.version
+
+-- upsert_order --
+-- An order in a final status, written whole; an older version never overwrites a newer.
+INSERT INTO orders AS o (
+    id, user_id, exchange, symbol, side, order_type, quantity, price, trigger_price,
+    filled_qty, avg_fill_price, status, exchange_order_id, client_order_id, position_id,
+    position_side, reduce_only, grid_level, reject_reason, version, metadata, created_at,
+    updated_at)
+VALUES (
+    %(id)s, %(user_id)s, %(exchange)s, %(symbol)s, %(side)s, %(order_type)s, %(quantity)s,
+    %(price)s, %(trigger_price)s, %(filled_qty)s, %(avg_fill_price)s, %(status)s,
+    %(exchange_order_id)s, %(client_order_id)s, %(position_id)s, %(position_side)s,
+    %(reduce_only)s, %(grid_level)s, %(reject_reason)s, %(version)s, %(metadata)s,
+    %(created_at)s, %(updated_at)s)
+ON CONFLICT (id) DO UPDATE SET
+    user_id = excluded.user_id,
+    exchange = excluded.exchange,
+    symbol = excluded.symbol,
+    side = excluded.side,
+    order_type = excluded.order_type,
+    quantity = excluded.quantity,
+    price = excluded.price,
+    trigger_price = excluded.trigger_price,
+    filled_qty = excluded.filled_qty,
+    avg_fill_price = excluded.avg_fill_price,
+    status = excluded.status,
+    exchange_order_id = excluded.exchange_order_id,
+    client_order_id = excluded.client_order_id,
+    position_id = excluded.position_id,
+    position_side = excluded.position_side,
+    reduce_only = excluded.reduce_only,
+    grid_level = excluded.grid_level,
+    reject_reason = excluded.reject_reason,
+    version = excluded.version,
+    metadata = excluded.metadata,
+    created_at = excluded.created_at,
+    updated_at = excluded.updated_at
+WHERE excluded.version >= o.version
+
+-- order_events --
+-- The archived events of some orders, each order's in version order (this transaction's
+-- own inserts included).
+SELECT aggregate_id::text AS aggregate_id, type, data::text AS data
+FROM ledger_events
+WHERE aggregate_id = ANY(%(ids)s::uuid[])
+ORDER BY aggregate_id, version
+
+-- venue_id_holders --
+-- The orders that hold some (exchange, exchange_order_id) pairs.
+SELECT o.exchange, o.exchange_order_id, o.id::text AS id
+FROM orders AS o
+JOIN unnest(%(exchanges)s::text[], %(venue_ids)s::text[]) AS wanted (exchange, venue_id)
+  ON o.exchange = wanted.exchange AND o.exchange_order_id = wanted.venue_id
