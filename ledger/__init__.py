@@ -3,10 +3,16 @@
 ``import ledger`` gives the public models and enums (CONTRACT §10).
 """
 
+from ledger.api import CommandRejected, LedgerError, LedgerTimeout, OrderManager, PositionManager
 from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide, PositionStatus
 from ledger.models import Fill, Order, PnLInfo, Position
 
 __all__ = [
+    "CommandRejected",
+    "LedgerError",
+    "LedgerTimeout",
+    "OrderManager",
+    "PositionManager",
     "Exchange",
     "Fill",
     "Order",
