@@ -99,11 +99,37 @@ async def marks(redis: Any, exchange: Exchange | str, symbols: list[str]) -> dic
     return {s: Decimal(_str(v)) for s, v in zip(symbols, values, strict=True) if v}
 
 
-async def _positions_at(redis: Any, position_keys: list[str]) -> list[Position]:
+async def _hashes(redis: Any, hash_keys: list[str]) -> list[dict[str, str]]:
     pipe = redis.pipeline(transaction=False)
-    for key in position_keys:
+    for key in hash_keys:
         pipe.hgetall(key)
-    hashes = [_decoded(h) for h in await pipe.execute() if h]
+    return [_decoded(h) for h in await pipe.execute() if h]
+
+
+async def position_hashes(
+    redis: Any, user_id: str | None = None, exchange: Exchange | str | None = None, symbol: str | None = None
+) -> list[dict[str, str]]:
+    """The live hashes of open positions: of a user (on one exchange or all), or of everyone."""
+    exchanges = [Exchange(exchange)] if exchange is not None else list(Exchange)
+    if user_id is not None and symbol is not None:
+        position_keys = [keys.position_key(user_id, ex, symbol, side) for ex in exchanges for side in ("long", "short")]
+    else:
+        if user_id is not None:
+            pipe = redis.pipeline(transaction=False)
+            for ex in exchanges:
+                pipe.smembers(keys.position_index(user_id, ex))
+            ids = sorted({_str(i) for members in await pipe.execute() for i in members})
+        else:
+            ids = sorted(_str(i) for i in await redis.smembers(keys.ACTIVE_POSITIONS))
+        found = await redis.hmget(keys.POSITION_KEYS, ids) if ids else []
+        position_keys = [_str(k) for k in found if k]
+    hashes = await _hashes(redis, position_keys)
+    wanted = {str(e) for e in exchanges}
+    hashes = [h for h in hashes if h["exchange"] in wanted and (symbol is None or h["symbol"] == symbol)]
+    return sorted(hashes, key=lambda h: (h["user_id"], h["exchange"], h["symbol"], h["side"]))
+
+
+async def _priced(redis: Any, hashes: list[dict[str, str]]) -> list[Position]:
     by_exchange: dict[str, set[str]] = {}
     for fields in hashes:
         by_exchange.setdefault(fields["exchange"], set()).add(fields["symbol"])
@@ -115,15 +141,7 @@ async def get_positions(
     redis: Any, user_id: str, exchange: Exchange | str, symbol: str | None = None
 ) -> list[Position]:
     """Open positions of a user on an exchange (one symbol, or all), priced at the marks."""
-    exchange = Exchange(exchange)
-    if symbol is not None:
-        position_keys = [keys.position_key(user_id, exchange, symbol, side) for side in ("long", "short")]
-    else:
-        ids = sorted(_str(i) for i in await redis.smembers(keys.position_index(user_id, exchange)))
-        found = await redis.hmget(keys.POSITION_KEYS, ids) if ids else []
-        position_keys = [_str(k) for k in found if k]
-    positions = await _positions_at(redis, position_keys)
-    return sorted(positions, key=lambda p: (p.symbol, p.side))
+    return await _priced(redis, await position_hashes(redis, user_id, exchange, symbol))
 
 
 async def get_position(redis: Any, position_id: str) -> Position | None:
@@ -132,7 +150,7 @@ async def get_position(redis: Any, position_id: str) -> Position | None:
     key = await redis.hget(keys.POSITION_KEYS, position_id)
     if not key:
         return None
-    found = await _positions_at(redis, [_str(key)])
+    found = await _priced(redis, await _hashes(redis, [_str(key)]))
     return found[0] if found else None
 
 
@@ -141,27 +159,45 @@ async def get_order(redis: Any, order_id: str) -> Order | None:
     return order_from_hash(raw) if raw else None
 
 
+async def order_hashes(
+    redis: Any,
+    user_id: str,
+    exchange: Exchange | str | None = None,
+    status: OrderStatus | str | None = None,
+    symbol: str | None = None,
+) -> list[dict[str, str]]:
+    """The live hashes of a user's orders (one exchange or all), newest first.
+
+    Final orders stay readable for their TTL; ids whose hash expired are dropped from the
+    user's set on the way.
+    """
+    wanted = OrderStatus(status).value if status is not None else None
+    exchanges = [Exchange(exchange)] if exchange is not None else list(Exchange)
+    found: list[dict[str, str]] = []
+    for ex in exchanges:
+        index = keys.user_orders(user_id, ex)
+        ids = sorted(_str(i) for i in await redis.smembers(index))
+        if not ids:
+            continue
+        pipe = redis.pipeline(transaction=False)
+        for order_id in ids:
+            pipe.hgetall(keys.order_key(order_id))
+        hashes = await pipe.execute()
+        expired = [order_id for order_id, raw in zip(ids, hashes, strict=True) if not raw]
+        if expired:
+            await redis.srem(index, *expired)
+        found += [_decoded(raw) for raw in hashes if raw]
+    found = [
+        h for h in found if (wanted is None or h["status"] == wanted) and (symbol is None or h["symbol"] == symbol)
+    ]
+    return sorted(found, key=lambda h: (int(h["created_at"]), h["id"]), reverse=True)
+
+
 async def get_orders(
     redis: Any, user_id: str, exchange: Exchange | str, status: OrderStatus | str | None = None
 ) -> list[Order]:
-    """Orders of a user on an exchange, newest first; final orders stay for their TTL."""
-    exchange = Exchange(exchange)
-    wanted = OrderStatus(status) if status is not None else None
-    index = keys.user_orders(user_id, exchange)
-    ids = sorted(_str(i) for i in await redis.smembers(index))
-    if not ids:
-        return []
-    pipe = redis.pipeline(transaction=False)
-    for order_id in ids:
-        pipe.hgetall(keys.order_key(order_id))
-    hashes = await pipe.execute()
-    expired = [order_id for order_id, raw in zip(ids, hashes, strict=True) if not raw]
-    if expired:
-        await redis.srem(index, *expired)
-    orders = [order_from_hash(raw) for raw in hashes if raw]
-    if wanted is not None:
-        orders = [o for o in orders if o.status is wanted]
-    return sorted(orders, key=lambda o: (o.created_at, o.id or ""), reverse=True)
+    """Orders of a user on an exchange, newest first."""
+    return [order_from_hash(h) for h in await order_hashes(redis, user_id, exchange, status)]
 
 
 async def open_order_ids(redis: Any, exchange: Exchange | str, symbol: str) -> set[str]:
