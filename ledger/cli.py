@@ -8,13 +8,20 @@ import json
 import secrets
 import sys
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
-from ledger import servers
+import psycopg
+
+from ledger import keys, servers
 from ledger.config import ConfigError, Settings
+from ledger.enums import Exchange, OrderStatus
 from ledger.keys import ShardKeys, shard_of
 from ledger.logs import configure_logging
 from ledger.redis_conn import ShardCountMismatch, connect, recorded_shards
+from ledger.values import ValueRuleError, check_identifier, format_decimal, parse_decimal
+from projections import history
+from projections.queries import marks, order_hashes, position_from_hash, position_hashes
 
 
 class CliError(RuntimeError):
@@ -120,9 +127,164 @@ async def _shard_status(redis: Any, keys: ShardKeys) -> list[dict[str, Any]]:
             rows.append(base)
         for group in groups:
             rows.append(
-                {**base, "group": group["name"], "consumers": group["consumers"], "pending": group["pending"], "lag": group.get("lag")}
+                {
+                    **base,
+                    "group": group["name"],
+                    "consumers": group["consumers"],
+                    "pending": group["pending"],
+                    "lag": group.get("lag"),
+                }
             )
     return rows
+
+
+POSITION_COLUMNS = (
+    "id",
+    "user_id",
+    "exchange",
+    "symbol",
+    "side",
+    "size",
+    "entry_price",
+    "leverage",
+    "realized_pnl",
+    "fees",
+    "status",
+    "stop_loss",
+    "take_profit",
+    "created_at",
+    "updated_at",
+    "version",
+)
+ORDER_COLUMNS = (
+    "id",
+    "user_id",
+    "exchange",
+    "symbol",
+    "side",
+    "order_type",
+    "quantity",
+    "price",
+    "filled_qty",
+    "avg_fill_price",
+    "status",
+    "exchange_order_id",
+    "client_order_id",
+    "position_side",
+    "reduce_only",
+    "grid_level",
+    "created_at",
+    "updated_at",
+    "version",
+)
+
+
+def position_rows(hashes: list[dict[str, str]], prices: dict[tuple[str, str], Decimal]) -> list[dict[str, Any]]:
+    """Live position hashes as CONTRACT §11 prints them: §6 names, plus PnL when a mark is known."""
+    rows = []
+    for fields in hashes:
+        row: dict[str, Any] = {name: fields.get(name, "") for name in POSITION_COLUMNS}
+        mark = prices.get((fields["exchange"], fields["symbol"]))
+        if mark is not None:
+            position = position_from_hash(fields, mark)
+            row["mark"] = format_decimal(mark)
+            for name in ("unrealized_pnl", "pnl_percentage", "notional_value"):
+                row[name] = format_decimal(getattr(position, name))
+        rows.append(row)
+    return rows
+
+
+async def _positions(args: argparse.Namespace) -> int:
+    redis = await _client(_settings(args))
+    try:
+        hashes = await position_hashes(redis, args.user, args.exchange, args.symbol)
+        prices: dict[tuple[str, str], Decimal] = {}
+        for exchange in {h["exchange"] for h in hashes}:
+            symbols = sorted({h["symbol"] for h in hashes if h["exchange"] == exchange})
+            prices.update({(exchange, s): p for s, p in (await marks(redis, exchange, symbols)).items()})
+    finally:
+        await redis.aclose()
+    rows = position_rows(hashes, prices)
+    if args.json:
+        _print_json(rows)
+    else:
+        columns = ["id", "user_id", "exchange", "symbol", "side", "size", "entry_price", "leverage", "realized_pnl"]
+        print(_table(rows, columns + ["mark", "unrealized_pnl", "pnl_percentage"]) if rows else "no open positions")
+    return 0
+
+
+async def _orders(args: argparse.Namespace) -> int:
+    redis = await _client(_settings(args))
+    try:
+        hashes = await order_hashes(redis, args.user, args.exchange, args.status, args.symbol)
+    finally:
+        await redis.aclose()
+    rows = [{name: fields.get(name, "") for name in ORDER_COLUMNS} for fields in hashes]
+    if args.json:
+        _print_json(rows)
+    else:
+        columns = [
+            "id",
+            "exchange",
+            "symbol",
+            "side",
+            "order_type",
+            "quantity",
+            "price",
+            "filled_qty",
+            "avg_fill_price",
+        ]
+        print(_table(rows, columns + ["status", "grid_level"]) if rows else "no orders")
+    return 0
+
+
+async def _mark(args: argparse.Namespace) -> int:
+    try:
+        exchange = Exchange(args.exchange)
+        check_identifier("symbol", args.symbol)
+        price = parse_decimal(args.price, "price", positive=True)
+    except (ValueError, ValueRuleError) as exc:
+        raise CliError(str(exc)) from exc
+    redis = await _client(_settings(args))
+    try:
+        await redis.hset(keys.marks(exchange), args.symbol, format_decimal(price))
+    finally:
+        await redis.aclose()
+    print(f"marks:{exchange} {args.symbol} = {format_decimal(price)}")
+    return 0
+
+
+async def _history(args: argparse.Namespace) -> int:
+    from ledger.service import database_url
+
+    settings = _settings(args)
+    try:
+        async with await psycopg.AsyncConnection.connect(database_url(settings, start=False), autocommit=True) as conn:
+            positions = await history.closed_positions(conn, args.user, args.exchange, args.symbol, limit=args.limit)
+            orders = await history.final_orders(conn, args.user, args.exchange, limit=args.limit)
+    except (ValueError, psycopg.OperationalError) as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        _print_json({"positions": positions, "orders": orders})
+        return 0
+    print("closed positions")
+    columns = [
+        "id",
+        "exchange",
+        "symbol",
+        "side",
+        "size",
+        "entry_price",
+        "exit_price",
+        "realized_pnl",
+        "fees",
+        "status",
+    ]
+    print(_table(positions, columns + ["closed_at"]) if positions else "  none")
+    print("\nfinal orders")
+    columns = ["id", "exchange", "symbol", "side", "order_type", "quantity", "price", "filled_qty", "status"]
+    print(_table(orders, columns + ["updated_at"]) if orders else "  none")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -137,6 +299,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="Redis URL (env LEDGER_REDIS_URL; default: private server in ./.ledger)")
     parser.add_argument("--shards", type=int, help="number of shards (env LEDGER_SHARDS, default 1)")
+
+
+def _filter_flags(parser: argparse.ArgumentParser, *, user_required: bool = False) -> None:
+    parser.add_argument("--user", required=user_required, help="user id (default: every user with open positions)")
+    parser.add_argument("--exchange", choices=[e.value for e in Exchange])
+    parser.add_argument("--symbol")
+    parser.add_argument("--json", action="store_true", help="print a JSON array")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +330,31 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=lambda a: asyncio.run(_status(a)))
 
-    demo = commands.add_parser("demo", help="a worked example of the ledger")
+    positions = commands.add_parser("positions", help="open positions from the live projection")
+    _connection_flags(positions)
+    _filter_flags(positions)
+    positions.set_defaults(func=lambda a: asyncio.run(_positions(a)))
+
+    orders = commands.add_parser("orders", help="orders from the live projection")
+    _connection_flags(orders)
+    _filter_flags(orders)
+    orders.add_argument("--status", choices=[s.value for s in OrderStatus])
+    orders.set_defaults(func=lambda a: asyncio.run(_orders(a)))
+
+    mark = commands.add_parser("mark", help="set the mark price of a symbol (HSET marks:EXCHANGE)")
+    _connection_flags(mark)
+    mark.add_argument("exchange", choices=[e.value for e in Exchange])
+    mark.add_argument("symbol")
+    mark.add_argument("price")
+    mark.set_defaults(func=lambda a: asyncio.run(_mark(a)))
+
+    history_cmd = commands.add_parser("history", help="closed positions and final orders from PostgreSQL")
+    history_cmd.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
+    _filter_flags(history_cmd, user_required=True)
+    history_cmd.add_argument("--limit", type=int, default=100)
+    history_cmd.set_defaults(func=lambda a: asyncio.run(_history(a)))
+
+    demo = commands.add_parser("demo", help="start the ledger and run a scripted HYPERRSI-like and GRID-like session")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,63 +1,186 @@
-"""``ledger demo``: a worked example of the ledger's decisions and position arithmetic.
+"""``ledger demo``: the whole system on a short scripted session, for a newcomer.
 
-It runs the pure decider in memory (no servers): a long on OKX built from two fills and closed
-in two steps, then prints every event and the resulting PnL figures.
+It starts private Redis and PostgreSQL servers in a temporary directory (or uses
+``LEDGER_REDIS_URL`` / ``LEDGER_DATABASE_URL`` when set), runs every role of ``ledger serve``
+in-process with the paper venue, then plays two strategies through the seed's API:
+
+* HYPERRSI-like on OKX: opens a BTC long, scales it, closes half, closes the rest as the mark
+  moves; opens an ETH short and leaves it open.
+* GRID-like on OKX: a ladder of limit orders with grid levels, filled by the paper venue as the
+  mark walks through them; one level is cancelled.
+
+It prints the live positions and orders with PnL at the marks, then the PostgreSQL history.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
-import uuid
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
-from ledger import wire
-from ledger.decider import Book, Context, Decision, decide, evolve, requirements
-from ledger.values import now_ms
+import psycopg
 
-USER = "demo-trader"
+from ledger import keys, servers
+from ledger.api import OrderManager, PositionManager
+from ledger.config import Settings
+from ledger.logs import configure_logging
+from ledger.redis_conn import connect, ensure_shard_count, recorded_shards
+from ledger.service import serve
+from projections import history
+
+HYPERRSI = "hyperrsi-demo"
+GRID = "grid-demo"
 
 
-class _InMemoryLedger:
-    def __init__(self) -> None:
-        self.book = Book()
-        self.counter = itertools.count(1)
+@contextlib.contextmanager
+def _servers(settings: Settings) -> Iterator[Settings]:
+    """Use the configured servers, or start throwaway ones for the length of the demo."""
+    with tempfile.TemporaryDirectory(prefix="ledger-demo-") as tmp:
+        started: list[Any] = []
+        try:
+            redis_url = settings.redis_url
+            if redis_url is None:
+                started.append(servers.start_redis(Path(tmp) / "redis", appendonly=False))
+                redis_url = started[-1].url
+            database_url = settings.database_url
+            if database_url is None:
+                print("starting a private PostgreSQL for the demo…")
+                started.append(servers.start_postgres(Path(tmp) / "postgres"))
+                database_url = started[-1].url
+            yield settings.with_overrides(redis_url=redis_url, database_url=database_url)
+        finally:
+            for server in reversed(started):
+                server.stop()
 
-    def submit(self, type_name: str, **data: object) -> Decision:
-        data.update(command_id=f"demo-{next(self.counter)}", user_id=USER)
-        command = wire.decode_command({"type": type_name, "data": json.dumps(data)})
-        while missing := requirements(command, self.book).missing(self.book):
-            self.book.orders.update(dict.fromkeys(missing.order_ids))
-            self.book.positions.update(dict.fromkeys(missing.position_ids))
-            self.book.slots.update(dict.fromkeys(missing.slots))
-        decision = decide(command, self.book, Context(now=now_ms(), new_id=lambda: str(uuid.uuid4())))
-        if not isinstance(decision, Decision):
-            raise RuntimeError(f"{type_name} rejected: {decision.code} {decision.message}")
-        evolve(self.book, decision.events)
-        for event in decision.events:
-            print(f"  {event.type:<18} {event.stream[:8]} v{event.version}")
-        return decision
+
+@contextlib.asynccontextmanager
+async def _running(settings: Settings) -> AsyncIterator[Any]:
+    redis = await connect(settings.redis_url or "")
+    settings = settings.with_overrides(shards=await recorded_shards(redis))
+    await ensure_shard_count(redis, settings.shards)
+    stop = asyncio.Event()
+    service = asyncio.create_task(serve(settings, ["handler", "projection", "projector", "paper"], stop))
+    try:
+        yield redis
+    finally:
+        stop.set()
+        await service
+        await redis.aclose()
+
+
+async def _mark(redis: Any, symbol: str, price: str) -> None:
+    print(f"  mark okx {symbol} -> {price}")
+    await redis.hset(keys.marks("okx"), symbol, price)
+
+
+async def hyperrsi(redis: Any) -> None:
+    print("HYPERRSI-like strategy (user hyperrsi-demo)")
+    positions = PositionManager(redis)
+    await _mark(redis, "BTC-USDT-SWAP", "45000")
+    long = await positions.open_position(
+        HYPERRSI, "okx", "BTC-USDT-SWAP", "long", Decimal("0.1"), 10, stop_loss="43000"
+    )
+    print(f"  opened long {long.size} @ {long.entry_price}")
+    await _mark(redis, "BTC-USDT-SWAP", "45600")
+    long = await positions.open_position(HYPERRSI, "okx", "BTC-USDT-SWAP", "long", Decimal("0.05"), 10)
+    print(f"  scaled to {long.size} @ {long.entry_price}")
+    await _mark(redis, "BTC-USDT-SWAP", "46200")
+    await positions.close_position(long.id or "", Decimal("0.075"), reason="take_profit_1")
+    print("  closed 0.075 (take_profit_1)")
+    await _mark(redis, "BTC-USDT-SWAP", "46500")
+    await positions.close_position(long.id or "", reason="rsi_exit")
+    print("  closed the rest (rsi_exit)")
+    await _mark(redis, "ETH-USDT-SWAP", "2400")
+    short = await positions.open_position(HYPERRSI, "okx", "ETH-USDT-SWAP", "short", Decimal("1.5"), 5)
+    print(f"  opened short {short.size} ETH @ {short.entry_price}")
+    await _mark(redis, "ETH-USDT-SWAP", "2376")
+
+
+async def grid(redis: Any) -> None:
+    print("GRID-like strategy (user grid-demo)")
+    orders = OrderManager(redis)
+    symbol = "SOL-USDT-SWAP"
+    await _mark(redis, symbol, "150")
+    ladder = [("buy", "147", 1), ("buy", "144", 2), ("buy", "141", 3), ("sell", "153", 4), ("sell", "156", 5)]
+    placed = {}
+    for side, price, level in ladder:
+        order = await orders.create_order(
+            GRID, "okx", symbol, side, "limit", Decimal("2"), Decimal(price), grid_level=level
+        )
+        placed[level] = order
+        print(f"  level {level}: {side} 2 @ {price} ({order.status})")
+    for price in ("146.5", "143.9", "153.2"):
+        await _mark(redis, symbol, price)
+        await _settle(orders, placed)
+    await orders.cancel_order(placed[5].id or "")
+    print("  cancelled level 5")
+    await _settle(orders, placed)
+
+
+async def _settle(orders: OrderManager, placed: dict[int, Any], seconds: float = 3.0) -> None:
+    """Give the paper venue a moment to fill what the mark crossed."""
+    deadline = time.monotonic() + seconds
+    before = None
+    while time.monotonic() < deadline:
+        states = [o.status for o in await orders.get_orders(GRID, "okx")]
+        if states == before:
+            return
+        before = states
+        await asyncio.sleep(0.3)
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    from ledger.cli import _table
+
+    print(_table(rows, columns) if rows else "  none")
+
+
+async def _report(redis: Any, database_url: str) -> None:
+    from ledger.cli import position_rows
+    from projections.queries import marks, order_hashes, position_hashes
+
+    print("\nopen positions (live Redis keys, PnL at the marks)")
+    hashes = [h for user in (HYPERRSI, GRID) for h in await position_hashes(redis, user)]
+    prices = {}
+    for h in hashes:
+        found = await marks(redis, h["exchange"], [h["symbol"]])
+        prices.update({(h["exchange"], s): p for s, p in found.items()})
+    columns = ["user_id", "symbol", "side", "size", "entry_price", "leverage", "realized_pnl", "mark", "unrealized_pnl"]
+    _print_table(position_rows(hashes, prices), columns + ["pnl_percentage"])
+    print("\ngrid orders (live Redis keys)")
+    rows = await order_hashes(redis, GRID, "okx")
+    _print_table(rows, ["grid_level", "side", "quantity", "price", "filled_qty", "avg_fill_price", "status"])
+    print("\nhistory (PostgreSQL)")
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        positions: list[dict[str, Any]] = []
+        for _ in range(50):
+            positions = await history.closed_positions(conn, HYPERRSI)
+            if positions:
+                break
+            await asyncio.sleep(0.1)
+        columns = ["symbol", "side", "size", "entry_price", "exit_price", "gross_pnl", "fees", "realized_pnl"]
+        _print_table(positions, columns + ["status", "close_reason"])
+        orders = await history.final_orders(conn, GRID)
+        print(f"\n{len(orders)} final GRID orders in PostgreSQL")
+        _print_table(orders, ["grid_level", "side", "quantity", "price", "filled_qty", "status"])
+
+
+async def _demo(settings: Settings) -> None:
+    async with _running(settings) as redis:
+        await hyperrsi(redis)
+        await grid(redis)
+        await _report(redis, settings.database_url or "")
 
 
 def run_demo(_args: argparse.Namespace) -> int:
-    ledger = _InMemoryLedger()
-    print("open_position long 0.2 BTC-USDT-SWAP on okx, leverage 10")
-    opened = ledger.submit("open_position", exchange="okx", symbol="BTC-USDT-SWAP", side="long", size="0.2", leverage=10)
-    print("fills: 0.1 @ 45000 (fee 0.45 USDT), 0.1 @ 46000 (fee 0.46 USDT)")
-    ledger.submit("record_fill", order_id=opened.order_id, fill_id="t1", quantity="0.1", price="45000", fee="0.45")
-    ledger.submit("record_fill", order_id=opened.order_id, fill_id="t2", quantity="0.1", price="46000", fee="0.46")
-    position_id = opened.position_id
-    for step, (size, price, fee) in enumerate((("0.05", "47000", "0.2"), ("0.15", "44000", "0.3")), 1):
-        print(f"close_position {size} filled @ {price} (fee {fee} USDT)")
-        closing = ledger.submit("close_position", position_id=position_id, size=size)
-        ledger.submit("record_fill", order_id=closing.order_id, fill_id=f"c{step}", quantity=size, price=price, fee=fee)
-    position = ledger.book.positions[position_id]  # type: ignore[index]
-    assert position is not None
-    print()
-    print(f"status        {position.status}")
-    print(f"entry_price   {position.entry_price}   (0.1*45000 + 0.1*46000) / 0.2")
-    print(f"exit_price    {position.exit_price}   (0.05*47000 + 0.15*44000) / 0.2")
-    print(f"gross_pnl     {position.gross_pnl}   (47000-45500)*0.05 + (44000-45500)*0.15")
-    print(f"fees          {position.fees}   0.45 + 0.46 + 0.2 + 0.3")
-    print(f"realized_pnl  {position.realized_pnl}   gross - fees")
+    settings = Settings.from_env()
+    configure_logging(settings.log_format, "warning")
+    with _servers(settings) as ready:
+        asyncio.run(_demo(ready))
     return 0
