@@ -11,6 +11,7 @@ their ``command_id`` and ``user_id`` can be read.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,8 +114,10 @@ class CommandHandler:
 
     async def _handle_commands(self, commands: list[_Pending]) -> None:
         book = Book()
-        await self._prefetch(book, [p.command for p in commands])
+        # Tokens first, state after: state read later is at least as new as the token, so an
+        # append made in between by another handler always shows as a conflict.
         tokens = await self.store.tokens(p.command.user_id for p in commands)
+        await self._prefetch(book, [p.command for p in commands])
         appends = [await self._decide(p, book, tokens) for p in commands]
         results = await self.store.append_many(appends)
         conflicted: set[str] = set()
@@ -154,10 +157,12 @@ class CommandHandler:
             user_id=user,
             command_id=command.command_id,
             expected_token=tokens.get(user, ""),
-            new_token=pending.entry.id,
+            # Unique to this decision, not just the entry: when two handlers decide the same
+            # entry (a claimed one), the loser's next commands must not match the winner's token.
+            new_token=f"{pending.entry.id}:{secrets.token_hex(6)}",
             reply=_reply(command, decision),
         )
-        tokens[user] = pending.entry.id
+        tokens[user] = append.new_token
         if isinstance(decision, Decision):
             evolve(book, decision.events)
             _snapshots(append, book, decision.events)

@@ -165,7 +165,9 @@ class EventStore:
             pipe = self.redis.pipeline(transaction=False)
             for append in appends:
                 key_list, args = self._args(append)
-                pipe.evalsha(sha, len(key_list), *key_list, *args)
+                # Not ``pipe.evalsha``: redis-py's cluster pipeline blocks that method, while
+                # the raw command is routed by its keys (all on this shard's slot).
+                pipe.execute_command("EVALSHA", sha, len(key_list), *key_list, *args)
             results = await pipe.execute(raise_on_error=False)
             if not any(isinstance(r, NoScriptError) for r in results):
                 break

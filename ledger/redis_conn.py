@@ -19,6 +19,9 @@ async def connect(url: str, *, decode_responses: bool = True) -> Any:
     """A client for ``url``; a cluster client when the server runs in cluster mode."""
     options: dict[str, Any] = {
         "decode_responses": decode_responses,
+        # Bytes that are not UTF-8 (a broken command) must not make every read of the stream
+        # fail: they decode to lone surrogates and encode back to the same bytes.
+        "encoding_errors": "surrogateescape",
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
     }

@@ -363,7 +363,7 @@ def encode(value: msgspec.Struct | Mapping[str, Any]) -> bytes:
 def decode_json(raw: bytes | str) -> Any:
     try:
         return _any_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeError) as exc:  # UnicodeError: not UTF-8
         raise WireError("INVALID_JSON", f"data is not valid JSON: {exc}") from exc
 
 
@@ -406,7 +406,7 @@ def _decode_typed(type_name: str, cls: Any, raw: bytes | str) -> Any:
         value = _decoder(cls).decode(raw)
     except msgspec.ValidationError:
         return _upcast(type_name, cls, raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeError) as exc:
         raise WireError("INVALID_JSON", f"data is not valid JSON: {exc}") from exc
     if value.schema != cls.SCHEMA:
         return _upcast(type_name, cls, raw)
@@ -426,7 +426,7 @@ def _readable_ids(raw: str | bytes | None) -> tuple[str | None, str | None]:
     """Best effort: the command_id and user_id of a broken command, if they are valid."""
     try:
         data = _any_decoder.decode(raw) if raw else None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeError):
         return None, None
     if not isinstance(data, dict):
         return None, None
