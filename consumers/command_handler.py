@@ -76,15 +76,16 @@ class CommandHandler:
         except wire.WireError as error:
             await self._reject_malformed(entry, error)
             return None
-        if shard_of(command.user_id, self.shards) != self.store.keys.shard:
-            error = wire.WireError(
+        home = shard_of(command.user_id, self.shards)
+        if home != self.store.keys.shard:
+            wrong_shard = wire.WireError(
                 "WRONG_SHARD",
-                f"user {command.user_id} belongs to shard {shard_of(command.user_id, self.shards)}, "
-                f"not {self.store.keys.shard}: publish to ledger:{{{shard_of(command.user_id, self.shards)}}}:commands",
+                f"user {command.user_id} belongs to shard {home}, not {self.store.keys.shard}: "
+                f"publish to ledger:{{{home}}}:commands",
                 command_id=command.command_id,
                 user_id=command.user_id,
             )
-            await self._reject_malformed(entry, error)
+            await self._reject_malformed(entry, wrong_shard)
             return None
         return command
 

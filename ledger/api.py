@@ -23,13 +23,13 @@ from typing import Any
 
 from ledger import keys, wire
 from ledger.enums import (
-    FINAL_ORDER_STATUSES,
     Exchange,
     OrderSide,
     OrderStatus,
     OrderType,
     PositionSide,
 )
+from ledger.eventstore import EventStore
 from ledger.models import Order, PnLInfo, Position
 from ledger.values import format_decimal
 from projections import queries
@@ -120,31 +120,20 @@ class LedgerClient:
             if applied is not None and _entry_key(applied) >= target:
                 return
             if time.monotonic() > deadline:
-                raise LedgerTimeout(f"the live projection of shard {shard} did not reach {entry_id} in {self.timeout} s")
+                raise LedgerTimeout(
+                    f"the live projection of shard {shard} did not reach {entry_id} in {self.timeout} s"
+                )
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    async def events_after(self, shard: int, after: str) -> AsyncIterator[tuple[str, wire.Event]]:
-        """Every event of ``shard`` after the entry id ``after``, forever."""
-        stream = keys.ShardKeys(shard).events
-        while True:
-            response = await self.redis.xread({stream: after}, block=BLOCK_MS, count=500)
-            for _name, entries in _stream_entries(response):
-                for entry_id, fields in entries:
-                    after = _str(entry_id)
-                    fields = {_str(k): _str(v) for k, v in fields.items()}
-                    try:
-                        yield after, wire.decode_event(fields["type"], fields["data"])
-                    except wire.UnknownEventType:
-                        continue
-
-    async def wait_order_final(self, shard: int, order_id: str, after: str) -> wire.Event:
+    async def wait_order_final(self, shard: int, order_id: str, after: str) -> wire.OrderChange:
         """Wait for the event that makes an order final (filled, cancelled, rejected, expired)."""
 
-        async def watch() -> wire.Event:
-            async for entry_id, event in self.events_after(shard, after):
-                if event.stream == order_id and getattr(event, "status", None) in FINAL_ORDER_STATUSES:
-                    await self.wait_projected(shard, entry_id)
+        async def watch() -> wire.OrderChange:
+            async for stored in EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS):
+                event = stored.event
+                if isinstance(event, wire.OrderChange) and event.stream == order_id and event.status.is_final:
+                    await self.wait_projected(shard, stored.entry_id)
                     return event
             raise AssertionError("unreachable")  # pragma: no cover
 
@@ -155,14 +144,6 @@ class LedgerClient:
                 f"order {order_id} was not filled within {self.timeout} s: "
                 "with LEDGER_EXECUTION=external the strategy must report its fills"
             ) from None
-
-
-def _stream_entries(response: Any) -> list[tuple[Any, list[Any]]]:
-    if not response:
-        return []
-    if isinstance(response, dict):  # RESP3
-        return [(name, value[0]) for name, value in response.items()]
-    return list(response)
 
 
 class PositionManager:
@@ -207,15 +188,20 @@ class PositionManager:
             },
         )
         final = await self.client.wait_order_final(reply["shard"], reply["order_id"], reply["events"][-1]["id"])
-        if final.status is not OrderStatus.FILLED:  # type: ignore[attr-defined]
-            raise LedgerError(f"the entry order {reply['order_id']} ended {final.status}")  # type: ignore[attr-defined]
+        if final.status is not OrderStatus.FILLED:
+            raise LedgerError(f"the entry order {reply['order_id']} ended {final.status}")
         position = await queries.get_position(self.redis, reply["position_id"])
         if position is None:
             raise LedgerError(f"position {reply['position_id']} is not open after its entry fill")
         return position
 
     async def close_position(
-        self, position_id: str, size: Decimal | str | None = None, reason: str = "manual", *, price: Decimal | str | None = None
+        self,
+        position_id: str,
+        size: Decimal | str | None = None,
+        reason: str = "manual",
+        *,
+        price: Decimal | str | None = None,
     ) -> bool:
         """Close all (or ``size`` of) an open position; True once the closing order is filled."""
         position = await queries.get_position(self.redis, position_id)
@@ -235,7 +221,7 @@ class PositionManager:
         except CommandRejected:
             return False
         final = await self.client.wait_order_final(reply["shard"], reply["order_id"], reply["events"][-1]["id"])
-        return final.status is OrderStatus.FILLED  # type: ignore[attr-defined]
+        return final.status is OrderStatus.FILLED
 
     async def calculate_pnl(self, position: Position, current_price: Decimal | str) -> PnLInfo:
         return position.pnl(Decimal(current_price))
@@ -320,12 +306,10 @@ class OrderManager:
         """
         exchange = Exchange(exchange)
         shard = await self.client.shard_of(user_id)
-        if after == "$":
-            last = await self.redis.xrevrange(keys.ShardKeys(shard).events, count=1)
-            after = _str(last[0][0]) if last else "0-0"
-        async for entry_id, event in self.client.events_after(shard, after):
+        async for stored in EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS):
+            event = stored.event
             if isinstance(event, wire.OrderFilled) and event.user_id == user_id and event.exchange is exchange:
-                await self.client.wait_projected(shard, entry_id)
+                await self.client.wait_projected(shard, stored.entry_id)
                 order = await queries.get_order(self.redis, event.stream)
                 if order is not None:
                     yield order.model_copy(

@@ -34,9 +34,7 @@ def average_price(instrument: Instrument, quantity: Decimal, total_basis: Decima
 
 
 @exact
-def gross_pnl(
-    instrument: Instrument, side: PositionSide, entry: Decimal, price: Decimal, quantity: Decimal
-) -> Decimal:
+def gross_pnl(instrument: Instrument, side: PositionSide, entry: Decimal, price: Decimal, quantity: Decimal) -> Decimal:
     """Gross PnL of ``quantity`` leaving a position entered at ``entry`` at ``price``."""
     if instrument.is_inverse:
         move = divide(quantity * instrument.contract_value * (price - entry), entry * price)

@@ -77,9 +77,7 @@ class Book:
     positions: dict[str, PositionState | None] = field(default_factory=dict)
     slots: dict[str, str | None] = field(default_factory=dict)
 
-    def open_position(
-        self, user_id: str, exchange: str, symbol: str, side: PositionSide
-    ) -> PositionState | None:
+    def open_position(self, user_id: str, exchange: str, symbol: str, side: PositionSide) -> PositionState | None:
         position_id = self.slots.get(slot_field(user_id, exchange, symbol, side))
         position = self.positions.get(position_id) if position_id else None
         return position if position is not None and position.is_open else None
@@ -121,9 +119,7 @@ def requirements(command: wire.Command, book: Book) -> Requirements:
         position_ids.add(position_id.lower())
     if isinstance(command, wire.PlaceOrder | wire.OpenPosition):
         market = (command.exchange, command.symbol)
-    slots = (
-        {slot_field(user, market[0], market[1], side) for side in PositionSide} if market else set()
-    )
+    slots = {slot_field(user, market[0], market[1], side) for side in PositionSide} if market else set()
     position_ids.update(pid for s in slots if (pid := book.slots.get(s)))
     return Requirements(frozenset(order_ids), frozenset(position_ids), frozenset(slots))
 
@@ -215,9 +211,7 @@ def _owned_order(command: wire.Command, book: Book) -> OrderState:
     order_id = command.order_id.lower()  # type: ignore[attr-defined]
     order = book.orders.get(order_id)
     if order is None or order.user_id != command.user_id:
-        raise _Rejected(
-            RejectCode.UNKNOWN_ORDER, f"order {order_id} is not known for user {command.user_id}"
-        )
+        raise _Rejected(RejectCode.UNKNOWN_ORDER, f"order {order_id} is not known for user {command.user_id}")
     return order
 
 
@@ -230,17 +224,13 @@ def _owned_position(command: wire.Command, book: Book) -> PositionState:
             f"position {position_id} is not known for user {command.user_id}",
         )
     if not position.is_open:
-        raise _Rejected(
-            RejectCode.POSITION_NOT_OPEN, f"position {position_id} is {position.status}"
-        )
+        raise _Rejected(RejectCode.POSITION_NOT_OPEN, f"position {position_id} is {position.status}")
     return position
 
 
 def _transition(order: OrderState, allowed: Iterable[OrderStatus], action: str) -> None:
     if order.status not in allowed:
-        raise _Rejected(
-            RejectCode.INVALID_TRANSITION, f"cannot {action} order {order.id}: it is {order.status}"
-        )
+        raise _Rejected(RejectCode.INVALID_TRANSITION, f"cannot {action} order {order.id}: it is {order.status}")
 
 
 _OPEN = (
@@ -251,15 +241,11 @@ _OPEN = (
 )
 
 
-def _check_order_shape(
-    order_type: OrderType, price: Decimal | None, trigger: Decimal | None
-) -> None:
+def _check_order_shape(order_type: OrderType, price: Decimal | None, trigger: Decimal | None) -> None:
     if order_type.needs_price and price is None:
         raise _Rejected(RejectCode.INVALID_ORDER, f"price: required for a {order_type} order")
     if order_type.needs_trigger and trigger is None:
-        raise _Rejected(
-            RejectCode.INVALID_ORDER, f"trigger_price: required for a {order_type} order"
-        )
+        raise _Rejected(RejectCode.INVALID_ORDER, f"trigger_price: required for a {order_type} order")
 
 
 def _check_spot_short(
@@ -311,9 +297,7 @@ def _place(
     return order_id
 
 
-def _decide_place_order(
-    command: wire.PlaceOrder, book: Book, out: _Emitter
-) -> tuple[str, str | None]:
+def _decide_place_order(command: wire.PlaceOrder, book: Book, out: _Emitter) -> tuple[str, str | None]:
     quantity = _required(command.quantity, "quantity")
     price = _decimal(command.price, "price", positive=True)
     trigger = _decimal(command.trigger_price, "trigger_price", positive=True)
@@ -330,9 +314,7 @@ def _decide_place_order(
         )
         reduced = book.open_position(user, exchange, symbol, reduced_side)
         if reduced is None or reduced.side.opening_order_side is command.side:
-            raise _Rejected(
-                RejectCode.NO_POSITION, f"reduce_only: no open {reduced_side} position on {symbol}"
-            )
+            raise _Rejected(RejectCode.NO_POSITION, f"reduce_only: no open {reduced_side} position on {symbol}")
     order_id = _place(
         command,
         book,
@@ -355,18 +337,14 @@ def _decide_place_order(
     return order_id, reduced.id if reduced else None
 
 
-def _decide_open_position(
-    command: wire.OpenPosition, book: Book, out: _Emitter
-) -> tuple[str, str | None]:
+def _decide_open_position(command: wire.OpenPosition, book: Book, out: _Emitter) -> tuple[str, str | None]:
     size = _required(command.size, "size")
     price = _decimal(command.price, "price", positive=True)
     stop_loss = _decimal(command.stop_loss, "stop_loss", positive=True)
     take_profit = _decimal(command.take_profit, "take_profit", positive=True)
     instrument = instrument_for(command.exchange, command.symbol)
     if instrument.kind is InstrumentKind.SPOT and command.side is PositionSide.SHORT:
-        raise _Rejected(
-            RejectCode.SPOT_SHORT, f"{command.symbol} is spot: a short cannot be opened"
-        )
+        raise _Rejected(RejectCode.SPOT_SHORT, f"{command.symbol} is spot: a short cannot be opened")
     held = book.open_position(command.user_id, command.exchange, command.symbol, command.side)
     position_id = held.id if held else out.ctx.new_id()
     order_id = _place(
@@ -390,9 +368,7 @@ def _decide_open_position(
     return order_id, position_id
 
 
-def _decide_close_position(
-    command: wire.ClosePosition, book: Book, out: _Emitter
-) -> tuple[str, str | None]:
+def _decide_close_position(command: wire.ClosePosition, book: Book, out: _Emitter) -> tuple[str, str | None]:
     position = _owned_position(command, book)
     size = _decimal(command.size, "size", positive=True) or position.size
     if size > position.size:
@@ -426,17 +402,13 @@ def _decide_cancel(command: wire.CancelOrder, book: Book, out: _Emitter) -> tupl
     return order.id, order.position_id
 
 
-def _decide_accepted(
-    command: wire.OrderAcceptedCommand, book: Book, out: _Emitter
-) -> tuple[str, str | None]:
+def _decide_accepted(command: wire.OrderAcceptedCommand, book: Book, out: _Emitter) -> tuple[str, str | None]:
     order = _owned_order(command, book)
     acknowledgeable = order.status is OrderStatus.PENDING or (
         order.status is OrderStatus.PENDING_CANCEL and order.exchange_order_id is None
     )
     if not acknowledgeable:
-        raise _Rejected(
-            RejectCode.INVALID_TRANSITION, f"cannot accept order {order.id}: it is {order.status}"
-        )
+        raise _Rejected(RejectCode.INVALID_TRANSITION, f"cannot accept order {order.id}: it is {order.status}")
     status = OrderStatus.OPEN if order.status is OrderStatus.PENDING else order.status
     out.emit(
         wire.OrderAccepted,
@@ -450,15 +422,11 @@ def _decide_accepted(
     return order.id, order.position_id
 
 
-def _decide_rejected(
-    command: wire.OrderRejectedCommand, book: Book, out: _Emitter
-) -> tuple[str, str | None]:
+def _decide_rejected(command: wire.OrderRejectedCommand, book: Book, out: _Emitter) -> tuple[str, str | None]:
     order = _owned_order(command, book)
     _transition(order, (OrderStatus.PENDING, OrderStatus.PENDING_CANCEL), "reject")
     if order.filled_qty > 0:
-        raise _Rejected(
-            RejectCode.INVALID_TRANSITION, f"cannot reject order {order.id}: it has fills"
-        )
+        raise _Rejected(RejectCode.INVALID_TRANSITION, f"cannot reject order {order.id}: it has fills")
     out.emit(
         wire.OrderRejected,
         order.id,
@@ -592,9 +560,7 @@ class _Fill:
             return touched, ZERO
         if cannot_open:
             return touched, rest
-        touched.append(
-            self._open_or_increase(book, None, opening_side, rest, self.fee - closing_fee)
-        )
+        touched.append(self._open_or_increase(book, None, opening_side, rest, self.fee - closing_fee))
         return touched, ZERO
 
     def _reduce_only(self, held: PositionState | None) -> tuple[list[str], Decimal]:
@@ -602,9 +568,7 @@ class _Fill:
             return [], self.quantity
         closing = min(self.quantity, held.size)
         reason = self.order.close_reason or "order"
-        return [
-            self._reduce(held, closing, self.fee, reason=reason, excess=self.quantity - closing)
-        ], ZERO
+        return [self._reduce(held, closing, self.fee, reason=reason, excess=self.quantity - closing)], ZERO
 
     def _fee_fields(self, position: PositionState, fee: Decimal) -> dict[str, Any]:
         if self.fee_currency is None or self.fee_currency == self.instrument.settle:
@@ -625,11 +589,7 @@ class _Fill:
         added = arithmetic.basis(self.instrument, quantity, self.price)
         if held is None:
             reserved = order.position_id
-            reusable = (
-                reserved is not None
-                and reserved in book.positions
-                and book.positions[reserved] is None
-            )
+            reusable = reserved is not None and reserved in book.positions and book.positions[reserved] is None
             base = PositionState(
                 id=reserved if reusable else self.out.ctx.new_id(),  # type: ignore[arg-type]
                 user_id=order.user_id,
@@ -666,9 +626,7 @@ class _Fill:
         reason: str,
         excess: Decimal = ZERO,
     ) -> str:
-        pnl = arithmetic.gross_pnl(
-            self.instrument, held.side, held.entry_price, self.price, quantity
-        )
+        pnl = arithmetic.gross_pnl(self.instrument, held.side, held.entry_price, self.price, quantity)
         exit_qty = held.exit_qty + quantity
         exit_basis = held.exit_basis + arithmetic.basis(self.instrument, quantity, self.price)
         size = held.size - quantity
@@ -712,16 +670,12 @@ class _Fill:
         return position.id
 
 
-_POSITION_FIELDS = tuple(
-    name
-    for name in msgspec.structs.fields(PositionState) and PositionState.__struct_fields__
-    if name not in ("id", "user_id", "exchange", "symbol", "version")
+_POSITION_FIELDS: tuple[str, ...] = tuple(
+    name for name in PositionState.__struct_fields__ if name not in ("id", "user_id", "exchange", "symbol", "version")
 )
 
 
-def emit_position(
-    out: _Emitter, cls: type[wire.PositionEvent], position: PositionState, **change: Any
-) -> None:
+def emit_position(out: _Emitter, cls: type[wire.PositionEvent], position: PositionState, **change: Any) -> None:
     """Emit a position event carrying the whole resulting position."""
     realized = position.gross_pnl - position.fees
     payload: dict[str, Any] = {}
@@ -744,9 +698,7 @@ def emit_position(
     )
 
 
-def _decide_liquidation(
-    command: wire.LiquidatePosition, book: Book, out: _Emitter
-) -> tuple[str | None, str | None]:
+def _decide_liquidation(command: wire.LiquidatePosition, book: Book, out: _Emitter) -> tuple[str | None, str | None]:
     position = _owned_position(command, book)
     price = _required(command.price, "price")
     instrument = instrument_for(position.exchange, position.symbol)
@@ -802,20 +754,15 @@ def _order_from_placed(event: wire.OrderPlaced) -> OrderState:
 
 
 @exact
-def apply(
-    state: OrderState | PositionState | None, event: wire.Event
-) -> OrderState | PositionState:
+def apply(state: OrderState | PositionState | None, event: wire.Event) -> OrderState | PositionState:
     """Evolve one aggregate by one of its events."""
     if isinstance(event, wire.PositionEvent):
         return position_from_event(event)
     if isinstance(event, wire.OrderPlaced):
         return _order_from_placed(event)
     assert isinstance(state, OrderState), f"{event.type} for an order that was never placed"
-    changes: dict[str, Any] = {
-        "status": event.status,
-        "updated_at": event.ts,
-        "version": event.version,
-    }  # type: ignore[attr-defined]
+    assert isinstance(event, wire.OrderChange)
+    changes: dict[str, Any] = {"status": event.status, "updated_at": event.ts, "version": event.version}
     if isinstance(event, wire.OrderAccepted):
         changes["exchange_order_id"] = event.exchange_order_id
     elif isinstance(event, wire.OrderRejected):

@@ -75,9 +75,7 @@ class OrderStatus(StrEnum):
         return self in FINAL_ORDER_STATUSES
 
 
-FINAL_ORDER_STATUSES = frozenset(
-    {OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED, OrderStatus.EXPIRED}
-)
+FINAL_ORDER_STATUSES = frozenset({OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED, OrderStatus.EXPIRED})
 OPEN_ORDER_STATUSES = frozenset(set(OrderStatus) - FINAL_ORDER_STATUSES)
 
 

@@ -223,26 +223,26 @@ class EventStore:
         """A live subscription: events appended after ``after`` ("$" = from now), forever."""
         last = after
         if last == "$":
-            info = await self.redis.xinfo_stream(self.keys.events) if await self.redis.exists(self.keys.events) else None
-            last = _text(info["last-generated-id"]) if info else "0-0"
+            newest = await self.redis.xrevrange(self.keys.events, count=1)
+            last = _text(newest[0][0]) if newest else "0-0"
         while True:
             response = await self.redis.xread({self.keys.events: last}, block=block_ms, count=500)
             for _stream, entries in response or []:
                 for stored in _decoded(entries):
                     yield stored
                 if entries:
-                    last = _text(entries[-1][0]) or last
+                    last = _text(entries[-1][0])
 
 
 def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEvent]:
     for entry_id, fields in entries:
-        event_type = fields.get("type", fields.get(b"type"))
-        data = fields.get("data", fields.get(b"data"))
+        event_type = fields.get("type", fields.get(b"type")) or ""
+        data = fields.get("data", fields.get(b"data")) or ""
         try:
             event = wire.decode_event(event_type, data)
         except wire.UnknownEventType:
             continue
-        yield StoredEvent(_text(entry_id) or "", event)
+        yield StoredEvent(_text(entry_id), event)
 
 
 def _result(raw: Any) -> AppendResult:
@@ -252,7 +252,5 @@ def _result(raw: Any) -> AppendResult:
     return AppendResult(status, reply)  # type: ignore[arg-type]
 
 
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode()
-    return value  # type: ignore[no-any-return]
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value

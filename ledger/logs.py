@@ -12,9 +12,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     """``fmt`` is ``json``, ``console`` or ``auto`` (console when stderr is a terminal)."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer()
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[

@@ -45,11 +45,11 @@ ZERO = Decimal(0)
 
 def _to_decimal(value: Any, info: Any = None) -> Decimal:
     if isinstance(value, float | bool):
-        raise ValueError("must be a Decimal or a decimal string such as \"0.1\", never a float")
+        raise ValueError('must be a Decimal or a decimal string such as "0.1", never a float')
     try:
         number = Decimal(value) if isinstance(value, str | int) else value
     except ArithmeticError as exc:
-        raise ValueError(f"must be a decimal string such as \"0.1\" (got {value!r})") from exc
+        raise ValueError(f'must be a decimal string such as "0.1" (got {value!r})') from exc
     if not isinstance(number, Decimal) or not number.is_finite():
         raise ValueError(f"must be a finite decimal (got {value!r})")
     return number

@@ -48,9 +48,7 @@ def schema_path() -> Path:
         if path.is_file():
             return path
     looked = ", ".join(str(p) for p in candidates)
-    raise FileNotFoundError(
-        f"schema.sql not found (looked in {looked}); reinstall trading-ledger (`make install`)"
-    )
+    raise FileNotFoundError(f"schema.sql not found (looked in {looked}); reinstall trading-ledger (`make install`)")
 
 
 def schema_sql() -> str:

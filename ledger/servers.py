@@ -326,9 +326,7 @@ class RedisServer:
         if self.pid is not None and self.is_running():
             return self
         if not _port_is_free(self.port):
-            raise ServerError(
-                f"cannot start redis-server: port {self.port} on {HOST} is already in use"
-            )
+            raise ServerError(f"cannot start redis-server: port {self.port} on {HOST} is already in use")
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = self.command_line()
         with open(self.log_path, "ab") as log:
@@ -477,13 +475,9 @@ def start_redis_cluster(
             "--cluster-replicas", "0",
             "--cluster-yes",
         ]  # fmt: skip
-        result = subprocess.run(
-            create, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
+        result = subprocess.run(create, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
-            raise ServerError(
-                "redis-cli --cluster create failed:\n" + (result.stdout + result.stderr)[-2000:]
-            )
+            raise ServerError("redis-cli --cluster create failed:\n" + (result.stdout + result.stderr)[-2000:])
         deadline = time.monotonic() + timeout
         pending = list(nodes)
         while pending:
@@ -585,9 +579,7 @@ class PostgresServer:
             return self
         self.init()
         if not _port_is_free(self.port):
-            raise ServerError(
-                f"cannot start PostgreSQL: port {self.port} on {HOST} is already in use"
-            )
+            raise ServerError(f"cannot start PostgreSQL: port {self.port} on {HOST} is already in use")
         options = f"-p {self.port} -k {self._socketdir()} -c listen_addresses={HOST} -c fsync=off"
         pg_ctl = _pg_tool("pg_ctl")
         deadline = time.monotonic() + timeout
@@ -695,8 +687,7 @@ class PostgresServer:
             )
         except subprocess.TimeoutExpired as exc:
             raise ServerError(
-                f"{what} timed out after {timeout:.0f}s; log {self.log_path}:\n"
-                f"{_log_tail(self.log_path)}"
+                f"{what} timed out after {timeout:.0f}s; log {self.log_path}:\n{_log_tail(self.log_path)}"
             ) from exc
         if result.returncode != 0:
             raise ServerError(

@@ -88,41 +88,47 @@ ROLES: dict[str, RoleFactory] = {
 }
 
 
-def redis_url(settings: Settings, *, start: bool) -> str:
-    """The configured Redis, else the private one under ``settings.home`` (started if asked)."""
-    if settings.redis_url:
-        return settings.redis_url
+def _server_url(kind: str, configured: str | None, settings: Settings, *, start: bool) -> str:
+    """The configured server, else the private one under ``settings.home`` (started if asked)."""
+    env = {"redis": "LEDGER_REDIS_URL", "postgres": "LEDGER_DATABASE_URL"}[kind]
+    if configured:
+        return configured
     if start:
-        url = servers.ensure_private_redis(settings.home)
-        log.info("no LEDGER_REDIS_URL: using a private redis-server with AOF on", url=url, home=str(settings.home))
+        ensure = servers.ensure_private_redis if kind == "redis" else servers.ensure_private_postgres
+        url = ensure(settings.home)
+        log.info(
+            f"no {env}: using a private {kind} server (Redis with AOF on)"
+            if kind == "redis"
+            else f"no {env}: using a private {kind} server",
+            url=redact(url),
+            home=str(settings.home),
+        )
         return url
-    url = servers.read_private_url(settings.home, "redis")
-    if url is None:
-        raise servers.ServerError("no Redis configured: set LEDGER_REDIS_URL or start `ledger serve` first")
-    return url
-
-
-def database_url(settings: Settings, *, start: bool) -> str:
-    """The configured PostgreSQL, else the private one under ``settings.home`` (started if asked)."""
-    if settings.database_url:
-        log.info("using PostgreSQL", url=redact(settings.database_url))
-        return settings.database_url
-    if start:
-        url = servers.ensure_private_postgres(settings.home)
-        log.info("no LEDGER_DATABASE_URL: using a private PostgreSQL", url=url, home=str(settings.home))
-        return url
-    recorded = servers.read_private_url(settings.home, "postgres")
+    recorded = servers.read_private_url(settings.home, kind)
     if recorded is None:
-        raise servers.ServerError("no PostgreSQL configured: set LEDGER_DATABASE_URL or start `ledger serve` first")
+        raise servers.ServerError(f"no {kind} configured: set {env} or start `ledger serve` first")
     return recorded
 
 
+def redis_url(settings: Settings, *, start: bool) -> str:
+    return _server_url("redis", settings.redis_url, settings, start=start)
+
+
+def database_url(settings: Settings, *, start: bool) -> str:
+    return _server_url("postgres", settings.database_url, settings, start=start)
+
+
 async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None = None) -> None:
-    """Run the given roles until SIGTERM/SIGINT (or ``stop``); each finishes its batch first."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    """Run the given roles until SIGTERM/SIGINT (or ``stop``); each finishes its batch first.
+
+    With a ``stop`` event the caller owns shutdown (tests, embedding): no signal handler is
+    installed, so the host's own SIGINT/SIGTERM handling is left alone.
+    """
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     redis = await connect(redis_url(settings, start=True))
     try:
         await ensure_shard_count(redis, settings.shards)

@@ -96,8 +96,6 @@ class PositionState(msgspec.Struct, kw_only=True):
         return self.status is PositionStatus.OPEN
 
 
-def slot_field(
-    user_id: str, exchange: Exchange | str, symbol: str, side: PositionSide | str
-) -> str:
+def slot_field(user_id: str, exchange: Exchange | str, symbol: str, side: PositionSide | str) -> str:
     """The name under which a shard records the open position of one (user, market, side)."""
     return f"{user_id}|{exchange}|{symbol}|{side}"

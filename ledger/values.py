@@ -45,9 +45,7 @@ DIVISION = Context(prec=28, rounding=ROUND_HALF_EVEN)
 # average price and a quantity, or a sum of a 20-integer-digit and an 18-fraction-digit amount,
 # would be silently rounded. Domain arithmetic runs in this context instead (see `exact`): wide
 # enough that no sum or product of ledger values is ever rounded.
-EXACT = Context(
-    prec=1000, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, DivisionByZero, Overflow]
-)
+EXACT = Context(prec=1000, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, DivisionByZero, Overflow])
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -95,9 +93,7 @@ def parse_decimal(value: object, field: str, *, positive: bool = False) -> Decim
             raise ValueRuleError(field, "a finite decimal", value)
         value = format_decimal(value)
     if not isinstance(value, str) or not _DECIMAL_RE.match(value):
-        raise ValueRuleError(
-            field, 'a decimal string such as "0.1" (≤20 integer and ≤18 fraction digits)', value
-        )
+        raise ValueRuleError(field, 'a decimal string such as "0.1" (≤20 integer and ≤18 fraction digits)', value)
     try:
         number = Decimal(value)
     except InvalidOperation as exc:  # pragma: no cover - the pattern admits only valid text

@@ -200,17 +200,22 @@ class OrderPlaced(Event, tag="OrderPlaced", kw_only=True):
     status: OrderStatus = OrderStatus.PENDING
 
 
-class OrderAccepted(Event, tag="OrderAccepted", kw_only=True):
-    exchange_order_id: str
+class OrderChange(Event, kw_only=True):
+    """An order event after placement: it carries the order's resulting status."""
+
     status: OrderStatus
 
 
-class OrderRejected(Event, tag="OrderRejected", kw_only=True):
+class OrderAccepted(OrderChange, tag="OrderAccepted", kw_only=True):
+    exchange_order_id: str
+
+
+class OrderRejected(OrderChange, tag="OrderRejected", kw_only=True):
     reason: str
     status: OrderStatus = OrderStatus.REJECTED
 
 
-class OrderFilled(Event, tag="OrderFilled", kw_only=True):
+class OrderFilled(OrderChange, tag="OrderFilled", kw_only=True):
     side: OrderSide
     fill_id: str
     quantity: str
@@ -228,15 +233,15 @@ class OrderFilled(Event, tag="OrderFilled", kw_only=True):
     unapplied_qty: str = "0"
 
 
-class OrderCancelRequested(Event, tag="OrderCancelRequested", kw_only=True):
+class OrderCancelRequested(OrderChange, tag="OrderCancelRequested", kw_only=True):
     status: OrderStatus = OrderStatus.PENDING_CANCEL
 
 
-class OrderCancelled(Event, tag="OrderCancelled", kw_only=True):
+class OrderCancelled(OrderChange, tag="OrderCancelled", kw_only=True):
     status: OrderStatus = OrderStatus.CANCELLED
 
 
-class OrderExpired(Event, tag="OrderExpired", kw_only=True):
+class OrderExpired(OrderChange, tag="OrderExpired", kw_only=True):
     status: OrderStatus = OrderStatus.EXPIRED
 
 

@@ -203,8 +203,13 @@ class _GridLevels:
 
     @classmethod
     async def load(cls, redis: Any, events: Sequence[wire.Event]) -> _GridLevels:
-        levels = {e.stream: e.grid_level for e in events if isinstance(e, wire.OrderPlaced) and e.grid_level is not None}
-        unknown = sorted({e.stream for e in events if _is_order_update(e)} - {e.stream for e in events if isinstance(e, wire.OrderPlaced)})
+        levels = {
+            e.stream: e.grid_level for e in events if isinstance(e, wire.OrderPlaced) and e.grid_level is not None
+        }
+        unknown = sorted(
+            {e.stream for e in events if _is_order_update(e)}
+            - {e.stream for e in events if isinstance(e, wire.OrderPlaced)}
+        )
         if unknown:
             pipe = redis.pipeline(transaction=False)
             for order_id in unknown:
@@ -230,7 +235,11 @@ class _GridLevels:
         active = keys.grid_active(event.exchange, event.user_id, event.symbol, level)
         pipe.delete(active)
         pipe.hset(active, mapping=fields)
-        pipe.hset(keys.grid_orders(event.exchange, event.user_id, event.symbol), str(level), event.price or event.trigger_price or "")
+        pipe.hset(
+            keys.grid_orders(event.exchange, event.user_id, event.symbol),
+            str(level),
+            event.price or event.trigger_price or "",
+        )
         pipe.hset(keys.grid_placed_index(event.exchange, event.user_id, event.symbol), str(level), "1")
         self.holders[active] = event.stream
 
