@@ -88,21 +88,20 @@ ROLES: dict[str, RoleFactory] = {
 }
 
 
+_PRIVATE = {
+    "redis": ("LEDGER_REDIS_URL", servers.ensure_private_redis, "redis-server with AOF on"),
+    "postgres": ("LEDGER_DATABASE_URL", servers.ensure_private_postgres, "PostgreSQL"),
+}
+
+
 def _server_url(kind: str, configured: str | None, settings: Settings, *, start: bool) -> str:
     """The configured server, else the private one under ``settings.home`` (started if asked)."""
-    env = {"redis": "LEDGER_REDIS_URL", "postgres": "LEDGER_DATABASE_URL"}[kind]
+    env, ensure, what = _PRIVATE[kind]
     if configured:
         return configured
     if start:
-        ensure = servers.ensure_private_redis if kind == "redis" else servers.ensure_private_postgres
         url = ensure(settings.home)
-        log.info(
-            f"no {env}: using a private {kind} server (Redis with AOF on)"
-            if kind == "redis"
-            else f"no {env}: using a private {kind} server",
-            url=redact(url),
-            home=str(settings.home),
-        )
+        log.info(f"no {env}: using a private {what}", url=redact(url), home=str(settings.home))
         return url
     recorded = servers.read_private_url(settings.home, kind)
     if recorded is None:
