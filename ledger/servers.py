@@ -815,7 +815,7 @@ def ensure_private_redis(base: Path) -> str:
     (the recorded port if it is free, else a free port) as a daemon in its own session, so it
     keeps running after the caller exits, and records its URL.
     """
-    base = Path(base)
+    base = Path(base).absolute()
     with _locked(base, "redis"):
         url = read_private_url(base, "redis")
         if url and url_answers(url):
@@ -842,7 +842,7 @@ def ensure_private_postgres(base: Path) -> str:
     running from that directory) when it answers; otherwise starts it (the recorded port if it
     is free, else a free port) and records its URL. PostgreSQL always runs detached.
     """
-    base = Path(base)
+    base = Path(base).absolute()
     with _locked(base, "postgres"):
         url = read_private_url(base, "postgres")
         if url and url_answers(url):

@@ -133,7 +133,8 @@ def test_private_servers_are_reused_and_outlive_their_starter(workdir: Path) -> 
     with pytest.raises(ValueError):
         read_private_url(base, "mysql")
 
-    # Started from another process that exits at once: the servers must keep running.
+    # Started from another process that exits at once, with a relative base as `ledger serve`
+    # uses (./.ledger): the servers must keep running.
     code = (
         "import sys; from pathlib import Path;"
         "from ledger.servers import ensure_private_redis, ensure_private_postgres;"
@@ -141,7 +142,8 @@ def test_private_servers_are_reused_and_outlive_their_starter(workdir: Path) -> 
         "print(ensure_private_redis(b)); print(ensure_private_postgres(b))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, str(base)],
+        [sys.executable, "-c", code, ".ledger"],
+        cwd=workdir,
         capture_output=True,
         text=True,
         timeout=120,
