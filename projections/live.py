@@ -139,8 +139,15 @@ class LiveProjection:
                 self._position(pipe, event)
             else:
                 self._order(pipe, event, grid)
-        pipe.set(self.keys.checkpoint, entries[-1].id)
+        if self.atomic:
+            pipe.set(self.keys.checkpoint, entries[-1].id)
+            await pipe.execute()
+            return
+        # A cluster pipeline runs its commands on every node at once: a checkpoint sent with them
+        # could be visible before the writes of another node, and a reader waiting on it would
+        # miss its own write. So it is written only once every node has acknowledged the batch.
         await pipe.execute()
+        await self.redis.set(self.keys.checkpoint, entries[-1].id)
 
     async def _decode(self, entries: Sequence[Entry]) -> list[tuple[str, wire.Event]]:
         events = []
@@ -248,15 +255,20 @@ class _GridLevels:
         if level is None:
             return
         active = keys.grid_active(event.exchange, event.user_id, event.symbol, level)
-        if self.holders.get(active) != event.stream:
-            return
+        holder = self.holders.get(active)
         if not final:
-            pipe.hset(active, mapping=fields)
+            if holder == event.stream:
+                pipe.hset(active, mapping=fields)
+            return
+        # A level held by another order is left alone. A level held by nobody is cleared (again):
+        # in a consistent state that changes nothing, and after a batch that died part-way on
+        # Redis Cluster (active_grid deleted, the other two keys not yet written) it completes it.
+        if holder not in (event.stream, None):
             return
         pipe.delete(active)
         pipe.hdel(keys.grid_orders(event.exchange, event.user_id, event.symbol), str(level))
         pipe.hset(keys.grid_placed_index(event.exchange, event.user_id, event.symbol), str(level), "0")
-        del self.holders[active]
+        self.holders.pop(active, None)
 
 
 def _is_order_update(event: wire.Event) -> bool:
