@@ -20,8 +20,9 @@ from typing import Any
 import structlog
 
 from consumers.deadletter import dead_letter_fields
-from consumers.runner import Entry
+from consumers.runner import ConsumerSettings, Entry, StreamConsumer
 from ledger import wire
+from ledger.config import Settings
 from ledger.decider import Book, Context, Decision, Rejection, Requirements, decide, evolve, requirements
 from ledger.eventstore import Append, EventStore
 from ledger.keys import shard_of
@@ -232,3 +233,21 @@ def _snapshots(append: Append, book: Book, events: Sequence[wire.Event]) -> None
             order = book.orders[event.stream]
             assert order is not None
             append.orders[event.stream] = order
+
+
+async def handler_role(redis: Any, settings: Settings) -> list[StreamConsumer]:
+    """``ledger serve`` role ``handler``: one command consumer per shard (more may run)."""
+    consumers = []
+    for shard in range(settings.shards):
+        store = EventStore(redis, shard, reply_ttl_s=settings.reply_ttl_s)
+        consumers.append(
+            StreamConsumer(
+                redis,
+                stream=store.keys.commands,
+                group=GROUP,
+                handler=CommandHandler(store, settings.shards).handle,
+                dead_stream=store.keys.dead,
+                settings=ConsumerSettings.from_settings(settings),
+            )
+        )
+    return consumers

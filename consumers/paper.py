@@ -641,11 +641,7 @@ async def paper_role(redis: Any, settings: Settings) -> list[Any]:
     It runs even when no exchange is configured ``paper``: it then only keeps its place in the
     log, so switching an exchange to ``paper`` later never executes orders placed before.
     """
-    consumer_settings = ConsumerSettings(
-        batch_size=settings.batch_size,
-        claim_idle_ms=settings.claim_idle_ms,
-        max_deliveries=settings.max_deliveries,
-    )
+    consumer_settings = ConsumerSettings.from_settings(settings)
     poll = poll_interval_from_env()
     return [
         PaperVenue(

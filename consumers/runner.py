@@ -25,12 +25,15 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from redis import exceptions as redis_errors
 
 from consumers.deadletter import dead_letter_fields
+
+if TYPE_CHECKING:
+    from ledger.config import Settings
 
 _RENEW_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -64,6 +67,14 @@ class ConsumerSettings:
     claim_idle_ms: int = 10_000
     max_deliveries: int = 5
     backoff_max_s: float = 5.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConsumerSettings:
+        return cls(
+            batch_size=settings.batch_size,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_deliveries=settings.max_deliveries,
+        )
 
 
 def consumer_name(role: str) -> str:

@@ -1,29 +1,26 @@
 """``ledger serve``: the roles of the ledger composed into one process (or run apart).
 
-Each role is a set of stream consumers with a ``run(stop)`` coroutine. ``handler`` decides
-commands on every shard. Later roles (live projection, PostgreSQL projector, paper venue) are
-registered in ``ROLES`` the same way, so any subset can run in one process or each in its own.
+Each role is a set of runnables with a ``run(stop)`` coroutine, built by a factory that lives
+with the role's code: ``handler`` (consumers.command_handler), ``projection``
+(projections.live), ``projector`` (projections.projector), ``paper`` (consumers.paper). Any
+subset runs in one process, or each in its own, so they scale apart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
 
-from consumers.command_handler import GROUP as HANDLER_GROUP
-from consumers.command_handler import CommandHandler
+from consumers.command_handler import handler_role
 from consumers.paper import paper_role
-from consumers.runner import ConsumerSettings, StreamConsumer
 from ledger import servers
 from ledger.config import Settings
-from ledger.eventstore import EventStore
 from ledger.redis_conn import connect, ensure_shard_count
-from projections.live import GROUP as PROJECTION_GROUP
-from projections.live import LiveProjection
+from projections.live import projection_role
 from projections.projector import projector_role, redact
 
 log = structlog.get_logger("ledger.service")
@@ -33,51 +30,7 @@ class Runnable(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
 
 
-RoleFactory = Callable[[Any, Settings], Awaitable[list[Runnable]]]
-
-
-def consumer_settings(settings: Settings) -> ConsumerSettings:
-    return ConsumerSettings(
-        batch_size=settings.batch_size,
-        claim_idle_ms=settings.claim_idle_ms,
-        max_deliveries=settings.max_deliveries,
-    )
-
-
-async def handler_role(redis: Any, settings: Settings) -> list[Runnable]:
-    consumers: list[Runnable] = []
-    for shard in range(settings.shards):
-        store = EventStore(redis, shard, reply_ttl_s=settings.reply_ttl_s)
-        handler = CommandHandler(store, settings.shards)
-        consumers.append(
-            StreamConsumer(
-                redis,
-                stream=store.keys.commands,
-                group=HANDLER_GROUP,
-                handler=handler.handle,
-                dead_stream=store.keys.dead,
-                settings=consumer_settings(settings),
-            )
-        )
-    return consumers
-
-
-async def projection_role(redis: Any, settings: Settings) -> list[Runnable]:
-    consumers: list[Runnable] = []
-    for shard in range(settings.shards):
-        projection = LiveProjection(redis, shard)
-        consumers.append(
-            StreamConsumer(
-                redis,
-                stream=projection.keys.events,
-                group=PROJECTION_GROUP,
-                handler=projection.handle,
-                dead_stream=projection.keys.dead,
-                settings=consumer_settings(settings),
-                lease_key=projection.keys.lease(PROJECTION_GROUP),
-            )
-        )
-    return consumers
+RoleFactory = Callable[[Any, Settings], Awaitable[Sequence[Runnable]]]
 
 
 ROLES: dict[str, RoleFactory] = {

@@ -28,8 +28,9 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from consumers.deadletter import dead_letter_fields
-from consumers.runner import Entry
+from consumers.runner import ConsumerSettings, Entry, StreamConsumer
 from ledger import keys, wire
+from ledger.config import Settings
 from ledger.enums import FINAL_ORDER_STATUSES, PositionStatus
 
 GROUP = "ledger-projection"
@@ -273,3 +274,22 @@ class _GridLevels:
 
 def _is_order_update(event: wire.Event) -> bool:
     return not isinstance(event, wire.PositionEvent | wire.OrderPlaced)
+
+
+async def projection_role(redis: Any, settings: Settings) -> list[StreamConsumer]:
+    """``ledger serve`` role ``projection``: one leased applier per shard."""
+    consumers = []
+    for shard in range(settings.shards):
+        projection = LiveProjection(redis, shard)
+        consumers.append(
+            StreamConsumer(
+                redis,
+                stream=projection.keys.events,
+                group=GROUP,
+                handler=projection.handle,
+                dead_stream=projection.keys.dead,
+                settings=ConsumerSettings.from_settings(settings),
+                lease_key=projection.keys.lease(GROUP),
+            )
+        )
+    return consumers

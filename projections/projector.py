@@ -616,10 +616,10 @@ class ProjectorService:
 
 async def projector_role(redis: Any, settings: Settings) -> list[Any]:
     """``ledger serve --role projector``: the factory registered in ``ledger.service.ROLES``."""
-    from ledger.service import consumer_settings, database_url
+    from ledger.service import database_url
 
     url = await asyncio.to_thread(database_url, settings, start=True)
-    return [ProjectorService(redis, url, settings.shards, settings=consumer_settings(settings))]
+    return [ProjectorService(redis, url, settings.shards, settings=ConsumerSettings.from_settings(settings))]
 
 
 # --------------------------------------------------------------------------- reading
