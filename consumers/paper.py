@@ -71,7 +71,6 @@ that had triggered but not filled loses its trigger on a rebuild and waits for t
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from collections.abc import Iterable, Mapping
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -99,7 +98,6 @@ from ledger.values import (
 
 GROUP = "ledger-paper"
 DEFAULT_POLL_INTERVAL_S = 0.1
-POLL_ENV = "LEDGER_PAPER_POLL_MS"
 
 # Orders the venue may still fill: a pending_cancel order waits for its cancel instead.
 FILLABLE = frozenset({OrderStatus.PENDING, OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED})
@@ -287,17 +285,6 @@ def _mark(raw: Any) -> Decimal | None:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def poll_interval_from_env(env: Mapping[str, str] | None = None) -> float:
-    """The watcher's poll interval: ``LEDGER_PAPER_POLL_MS`` (milliseconds), default 100 ms."""
-    env = os.environ if env is None else env
-    text = env.get(POLL_ENV)
-    if text is None:
-        return DEFAULT_POLL_INTERVAL_S
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"{POLL_ENV}: must be a whole number of milliseconds >= 1 (got {text!r})")
-    return int(text) / 1000
 
 
 # --------------------------------------------------------------------------- the venue
@@ -642,7 +629,7 @@ async def paper_role(redis: Any, settings: Settings) -> list[Any]:
     log, so switching an exchange to ``paper`` later never executes orders placed before.
     """
     consumer_settings = ConsumerSettings.from_settings(settings)
-    poll = poll_interval_from_env()
+    poll = settings.paper_poll_ms / 1000
     return [
         PaperVenue(
             redis,
@@ -665,5 +652,4 @@ __all__ = [
     "fee_currency",
     "paper_fee",
     "paper_role",
-    "poll_interval_from_env",
 ]

@@ -48,6 +48,7 @@ class Settings:
     shards: int = 1
     execution: dict[Exchange, str] = field(default_factory=lambda: parse_execution("paper"))
     paper_fee_rate: Decimal = Decimal("0.0005")
+    paper_poll_ms: int = 100
     home: Path = Path(".ledger")
     batch_size: int = 256
     claim_idle_ms: int = 10_000
@@ -76,6 +77,7 @@ class Settings:
             ("claim_idle_ms", "LEDGER_CLAIM_IDLE_MS"),
             ("max_deliveries", "LEDGER_MAX_DELIVERIES"),
             ("reply_ttl_s", "LEDGER_REPLY_TTL_S"),
+            ("paper_poll_ms", "LEDGER_PAPER_POLL_MS"),
         ):
             if key in env:
                 values[name] = _positive_int(key, env[key])

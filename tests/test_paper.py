@@ -26,10 +26,9 @@ from consumers.paper import (
     fee_currency,
     paper_fee,
     paper_role,
-    poll_interval_from_env,
 )
 from consumers.runner import ConsumerSettings, StreamConsumer
-from ledger.config import Settings, parse_execution
+from ledger.config import ConfigError, Settings, parse_execution
 from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.eventstore import EventStore
 from ledger.keys import ShardKeys, marks
@@ -563,11 +562,11 @@ def test_fee_currency() -> None:
     assert fee_currency(Exchange.BINANCE, "WEIRD") is None
 
 
-def test_poll_interval_from_env() -> None:
-    assert poll_interval_from_env({}) == 0.1
-    assert poll_interval_from_env({"LEDGER_PAPER_POLL_MS": "250"}) == 0.25
-    with pytest.raises(ValueError):
-        poll_interval_from_env({"LEDGER_PAPER_POLL_MS": "0"})
+def test_poll_interval_setting() -> None:
+    assert Settings.from_env({}).paper_poll_ms == 100
+    assert Settings.from_env({"LEDGER_PAPER_POLL_MS": "250"}).paper_poll_ms == 250
+    with pytest.raises(ConfigError, match="LEDGER_PAPER_POLL_MS"):
+        Settings.from_env({"LEDGER_PAPER_POLL_MS": "0"})
 
 
 async def test_paper_venue_on_redis_cluster(redis_cluster: Any) -> None:
