@@ -23,10 +23,11 @@ from consumers.deadletter import dead_letter_fields
 from consumers.runner import ConsumerSettings, Entry, StreamConsumer
 from ledger import wire
 from ledger.config import Settings
-from ledger.decider import Book, Context, Decision, Rejection, Requirements, decide, evolve, requirements
+from ledger.decider import Context, Decision, Rejection, Requirements, decide, requirements
 from ledger.eventstore import Append, EventStore
+from ledger.evolution import evolve
 from ledger.keys import shard_of
-from ledger.state import slot_field
+from ledger.state import Book, slot_field
 from ledger.values import now_ms
 
 GROUP = "ledger-handler"

@@ -3,15 +3,14 @@
 ``decide(command, book, ctx)`` returns a ``Decision`` (the events to append) or a ``Rejection``
 (a code and a message); it performs no I/O. ``book`` holds the user's aggregates the command
 touches, loaded beforehand by following ``requirements(command, book)`` until it is satisfied.
-``apply(state, event)`` evolves one aggregate; ``evolve(book, events)`` a whole book. Replaying a
-log through ``apply`` gives exactly the states the decider saw, because events carry the
-resulting values.
+``ledger.evolution`` evolves state by events; replaying a log through it gives exactly the
+states the decider saw, because events carry the resulting values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -28,8 +27,9 @@ from ledger.enums import (
     PositionSide,
     PositionStatus,
 )
+from ledger.evolution import position_payload
 from ledger.instruments import Instrument, instrument_for
-from ledger.state import ZERO, OrderState, PositionState, slot_field
+from ledger.state import ZERO, Book, OrderState, PositionState, slot_field
 from ledger.values import ValueRuleError, exact, format_decimal, parse_decimal
 
 
@@ -67,20 +67,6 @@ class Context:
 
     now: int
     new_id: Callable[[], str]
-
-
-@dataclass(slots=True)
-class Book:
-    """The loaded aggregates of one user; ``None`` records a known absence."""
-
-    orders: dict[str, OrderState | None] = field(default_factory=dict)
-    positions: dict[str, PositionState | None] = field(default_factory=dict)
-    slots: dict[str, str | None] = field(default_factory=dict)
-
-    def open_position(self, user_id: str, exchange: str, symbol: str, side: PositionSide) -> PositionState | None:
-        position_id = self.slots.get(slot_field(user_id, exchange, symbol, side))
-        position = self.positions.get(position_id) if position_id else None
-        return position if position is not None and position.is_open else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,14 +437,6 @@ def _final_transition(cls: type[wire.Event], action: str) -> Callable[..., tuple
 # --------------------------------------------------------------------------- fills
 
 
-@dataclass(slots=True)
-class _Leg:
-    """One part of a fill applied to one position."""
-
-    quantity: Decimal
-    fee: Decimal = ZERO
-
-
 def _fill_status(order: OrderState, filled: Decimal) -> tuple[OrderStatus, bool]:
     """The order status after a fill, and whether the fill came after a final status."""
     if order.status in FINAL_ORDER_STATUSES - {OrderStatus.FILLED}:
@@ -670,32 +648,11 @@ class _Fill:
         return position.id
 
 
-_POSITION_FIELDS: tuple[str, ...] = tuple(
-    name for name in PositionState.__struct_fields__ if name not in ("id", "user_id", "exchange", "symbol", "version")
-)
-
-
 def emit_position(out: _Emitter, cls: type[wire.PositionEvent], position: PositionState, **change: Any) -> None:
     """Emit a position event carrying the whole resulting position."""
-    realized = position.gross_pnl - position.fees
-    payload: dict[str, Any] = {}
-    for name in _POSITION_FIELDS:
-        value = realized if name == "realized_pnl" else getattr(position, name)
-        if isinstance(value, Decimal):
-            value = format_decimal(value)
-        elif name == "other_fees":
-            value = {currency: format_decimal(amount) for currency, amount in value.items()}
-        payload[name] = value
+    payload = position_payload(position)
     payload["updated_at"] = out.ctx.now
-    out.emit(
-        cls,
-        position.id,
-        position.version + 1,
-        position.exchange,
-        position.symbol,
-        **payload,
-        **change,
-    )
+    out.emit(cls, position.id, position.version + 1, position.exchange, position.symbol, **payload, **change)
 
 
 def _decide_liquidation(command: wire.LiquidatePosition, book: Book, out: _Emitter) -> tuple[str | None, str | None]:
@@ -740,62 +697,3 @@ _DECIDERS: dict[type[wire.Command], Callable[..., tuple[str | None, str | None]]
     wire.ClosePosition: _decide_close_position,
     wire.LiquidatePosition: _decide_liquidation,
 }
-
-
-# --------------------------------------------------------------------------- apply
-
-
-def _order_from_placed(event: wire.OrderPlaced) -> OrderState:
-    data = msgspec.structs.asdict(event)
-    for name in ("event_id", "stream", "command_id", "ts", "schema"):
-        data.pop(name)
-    data.update(id=event.stream, created_at=event.ts, updated_at=event.ts)
-    return msgspec.convert(data, OrderState)
-
-
-@exact
-def apply(state: OrderState | PositionState | None, event: wire.Event) -> OrderState | PositionState:
-    """Evolve one aggregate by one of its events."""
-    if isinstance(event, wire.PositionEvent):
-        return position_from_event(event)
-    if isinstance(event, wire.OrderPlaced):
-        return _order_from_placed(event)
-    assert isinstance(state, OrderState), f"{event.type} for an order that was never placed"
-    assert isinstance(event, wire.OrderChange)
-    changes: dict[str, Any] = {"status": event.status, "updated_at": event.ts, "version": event.version}
-    if isinstance(event, wire.OrderAccepted):
-        changes["exchange_order_id"] = event.exchange_order_id
-    elif isinstance(event, wire.OrderRejected):
-        changes["reject_reason"] = event.reason
-    elif isinstance(event, wire.OrderFilled):
-        changes.update(
-            filled_qty=Decimal(event.filled_qty),
-            avg_fill_price=Decimal(event.avg_fill_price),
-            fill_basis=Decimal(event.fill_basis),
-            fill_ids=[*state.fill_ids, event.fill_id],
-        )
-    return msgspec.structs.replace(state, **changes)
-
-
-def position_from_event(event: wire.PositionEvent) -> PositionState:
-    data = {name: getattr(event, name) for name in _POSITION_FIELDS}
-    data.update(
-        id=event.stream,
-        user_id=event.user_id,
-        exchange=event.exchange,
-        symbol=event.symbol,
-        version=event.version,
-    )
-    return msgspec.convert(data, PositionState)
-
-
-def evolve(book: Book, events: Iterable[wire.Event]) -> None:
-    """Apply events to a book in place, keeping its open-position slots current."""
-    for event in events:
-        if isinstance(event, wire.PositionEvent):
-            position = position_from_event(event)
-            book.positions[position.id] = position
-            slot = slot_field(position.user_id, position.exchange, position.symbol, position.side)
-            book.slots[slot] = position.id if position.is_open else None
-        else:
-            book.orders[event.stream] = apply(book.orders.get(event.stream), event)  # type: ignore[assignment]

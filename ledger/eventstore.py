@@ -21,9 +21,9 @@ import msgspec
 from redis.exceptions import NoScriptError, ResponseError
 
 from ledger import wire
-from ledger.decider import Book, Requirements
+from ledger.decider import Requirements
 from ledger.keys import ShardKeys, outcome_field
-from ledger.state import OrderState, PositionState
+from ledger.state import Book, OrderState, PositionState
 
 APPEND_LUA = resources.files("ledger").joinpath("lua/append.lua").read_text()
 DEFAULT_REPLY_TTL_S = 600

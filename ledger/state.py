@@ -1,11 +1,12 @@
 """Aggregate state: what the decider needs to know about one order or one position.
 
 States are plain msgspec Structs holding exact Decimals. They are rebuilt from events by
-``ledger.decider.apply`` and kept as per-aggregate snapshots, so loading one never scans the log.
+``ledger.evolution.apply`` and kept as per-aggregate snapshots, so loading one never scans the log.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -94,6 +95,20 @@ class PositionState(msgspec.Struct, kw_only=True):
     @property
     def is_open(self) -> bool:
         return self.status is PositionStatus.OPEN
+
+
+@dataclass(slots=True)
+class Book:
+    """The loaded aggregates of one user; ``None`` records a known absence."""
+
+    orders: dict[str, OrderState | None] = field(default_factory=dict)
+    positions: dict[str, PositionState | None] = field(default_factory=dict)
+    slots: dict[str, str | None] = field(default_factory=dict)
+
+    def open_position(self, user_id: str, exchange: str, symbol: str, side: PositionSide) -> PositionState | None:
+        position_id = self.slots.get(slot_field(user_id, exchange, symbol, side))
+        position = self.positions.get(position_id) if position_id else None
+        return position if position is not None and position.is_open else None
 
 
 def slot_field(user_id: str, exchange: Exchange | str, symbol: str, side: PositionSide | str) -> str:

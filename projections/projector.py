@@ -18,7 +18,7 @@ A batch of entries is applied in ONE PostgreSQL transaction:
    whole position);
 5. upsert ``orders`` for every order an event of the batch leaves in a final status (a late
    fill on a cancelled order included), with the full order state rebuilt by folding the
-   order's archived events (this batch's included) through ``ledger.decider.apply``;
+   order's archived events (this batch's included) through ``ledger.evolution.apply``;
 6. advance the tracking record to the batch's last entry, COMMIT.
 
 Only then does the runner XACK the entries. Upserts never let an older version overwrite a
@@ -62,7 +62,7 @@ from psycopg.types.json import Jsonb
 from consumers.runner import ConsumerSettings, Entry, StreamConsumer
 from ledger import wire
 from ledger.config import Settings
-from ledger.decider import apply
+from ledger.evolution import apply
 from ledger.keys import ShardKeys
 from ledger.schema import apply_schema
 from ledger.state import OrderState

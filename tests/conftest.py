@@ -248,9 +248,7 @@ def postgres_server(_postgres_backend: Backend) -> PostgresServer:
     """The locally managed PostgresServer (stop/kill/restart); skips if PostgreSQL is
     external."""
     if not isinstance(_postgres_backend.server, PostgresServer):
-        pytest.skip(
-            f"PostgreSQL is external ({_postgres_backend.source}); fault tests need a local one"
-        )
+        pytest.skip(f"PostgreSQL is external ({_postgres_backend.source}); fault tests need a local one")
     return _postgres_backend.server
 
 

@@ -23,9 +23,10 @@ from fractions import Fraction
 from typing import Any, TypeVar
 
 from ledger import wire
-from ledger.decider import Book, Context, Decision, Rejection, decide, evolve, requirements
+from ledger.decider import Context, Decision, Rejection, decide, requirements
 from ledger.enums import PositionSide
-from ledger.state import OrderState, PositionState
+from ledger.evolution import evolve
+from ledger.state import Book, OrderState, PositionState
 from ledger.values import format_decimal
 
 USER = "alice"

@@ -51,9 +51,7 @@ def test_unknown_order_id_is_rejected(command: str) -> None:
 
 
 def test_fill_for_an_unknown_order_is_rejected() -> None:
-    rejection = Driver().refused(
-        "record_fill", order_id=UNKNOWN_ID, fill_id="t1", quantity="1", price="1"
-    )
+    rejection = Driver().refused("record_fill", order_id=UNKNOWN_ID, fill_id="t1", quantity="1", price="1")
 
     assert rejection.code is RejectCode.UNKNOWN_ORDER
 
@@ -120,9 +118,7 @@ def test_same_fill_id_twice_is_a_duplicate() -> None:
     order_id = driver.place("buy", "0.2")
     driver.fill(order_id, "0.1", "50000", fill_id="T-1")
 
-    rejection = driver.refused(
-        "record_fill", order_id=order_id, fill_id="T-1", quantity="0.1", price="50000"
-    )
+    rejection = driver.refused("record_fill", order_id=order_id, fill_id="T-1", quantity="0.1", price="50000")
 
     assert rejection.code is RejectCode.DUPLICATE_FILL
     assert driver.order(order_id).filled_qty == D("0.1")
@@ -283,9 +279,7 @@ def test_stop_order_without_trigger_price_is_invalid(order_type: str) -> None:
 
 def test_stop_limit_with_trigger_and_price_is_placed() -> None:
     driver = Driver()
-    order_id = driver.place(
-        "sell", "0.1", order_type="stop_limit", price="49000", trigger_price="49500"
-    )
+    order_id = driver.place("sell", "0.1", order_type="stop_limit", price="49000", trigger_price="49500")
 
     order = driver.order(order_id)
     assert (order.price, order.trigger_price) == (D("49000"), D("49500"))
@@ -328,9 +322,7 @@ def test_spot_sell_of_what_is_held_is_placed() -> None:
 
 
 def test_open_position_short_on_spot_is_a_spot_short() -> None:
-    rejection = Driver().refused(
-        "open_position", exchange="okx", symbol=SPOT, side="short", size="1"
-    )
+    rejection = Driver().refused("open_position", exchange="okx", symbol=SPOT, side="short", size="1")
 
     assert rejection.code is RejectCode.SPOT_SHORT
 
@@ -455,9 +447,7 @@ def test_close_of_more_than_the_open_size_is_rejected() -> None:
 def test_place_order_with_a_non_positive_amount_is_invalid(field: str, value: str) -> None:
     data = {"quantity": "0.1", "price": "50000", field: value}
 
-    rejection = Driver().refused(
-        "place_order", exchange="okx", symbol=LINEAR, side="buy", order_type="limit", **data
-    )
+    rejection = Driver().refused("place_order", exchange="okx", symbol=LINEAR, side="buy", order_type="limit", **data)
 
     assert rejection.code is RejectCode.INVALID_COMMAND
     assert field in rejection.message

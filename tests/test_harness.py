@@ -101,7 +101,5 @@ async def test_cluster_has_three_masters_and_hash_tags_share_a_slot(
         "1",
         "2",
     ]
-    count = await redis_cluster.execute_command(
-        "CLUSTER COUNTKEYSINSLOT", slot_a, target_nodes=node
-    )
+    count = await redis_cluster.execute_command("CLUSTER COUNTKEYSINSLOT", slot_a, target_nodes=node)
     assert count == 2

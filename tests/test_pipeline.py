@@ -227,9 +227,7 @@ async def test_same_command_id_twice_appends_once_and_replays_the_outcome(ledger
         assert await r.xlen(events) == 4
 
     log = await read_events(r, 0)
-    assert events_per_command(log) == Counter(
-        {(user, "dup-1"): 1, (user, "dup-2"): 2, (other_user, "dup-1"): 1}
-    )
+    assert events_per_command(log) == Counter({(user, "dup-1"): 1, (user, "dup-2"): 2, (other_user, "dup-1"): 1})
     assert_gapless(log)
     assert await r.hlen(outcomes) == 4  # dup-1, dup-2, dup-3 of user; dup-1 of other_user
     assert json.loads(await r.hget(outcomes, f"{user}:dup-1")) == first
@@ -319,9 +317,7 @@ async def test_two_handlers_on_one_shard_keep_versions_gapless_under_load(ledger
     entry_ids = {e.entry_id: e.type for e in log}
     assert_no_duplicates(log)
     versions = assert_gapless(log)
-    assert events_per_command(log) == Counter(
-        {(u, c): (1 if kind == "place" else 2) for u, c, kind in commands}
-    )
+    assert events_per_command(log) == Counter({(u, c): (1 if kind == "place" else 2) for u, c, kind in commands})
     for user in users:
         for order_id in order_ids[user]:
             assert versions[order_id] == 1 + fills_per_order
@@ -479,76 +475,195 @@ async def test_every_malformed_command_is_answered_and_the_stream_moves_on(ledge
             assert await r.xlen(events_key(0)) == 4
 
             cases = [
-                Case("bad JSON", {"type": "place_order", "data": '{"command_id": "m1", "user_id": "mal-0",'},
-                     "INVALID_JSON", None, True, "JSON"),
-                Case("not UTF-8", {"type": "place_order", "data": b'{"command_id": "m1b", "user_id": "\xff"}'},
-                     "INVALID_JSON", None, True),
-                Case("data is an array", {"type": "place_order", "data": "[1, 2]"}, "INVALID_JSON", None, True,
-                     "object"),
-                Case("data is a string", {"type": "cancel_order", "data": '"cancel everything"'},
-                     "INVALID_JSON", None, True, "object"),
-                Case("unknown type", {"type": "teleport_order", "data": data(alice, "m2", **order, quantity="1")},
-                     "UNKNOWN_TYPE", (alice, "m2"), True, "teleport_order"),
-                Case("missing type", {"data": data(alice, "m3", **order, quantity="1")},
-                     "MISSING_FIELD", (alice, "m3"), True, "type"),
+                Case(
+                    "bad JSON",
+                    {"type": "place_order", "data": '{"command_id": "m1", "user_id": "mal-0",'},
+                    "INVALID_JSON",
+                    None,
+                    True,
+                    "JSON",
+                ),
+                Case(
+                    "not UTF-8",
+                    {"type": "place_order", "data": b'{"command_id": "m1b", "user_id": "\xff"}'},
+                    "INVALID_JSON",
+                    None,
+                    True,
+                ),
+                Case(
+                    "data is an array", {"type": "place_order", "data": "[1, 2]"}, "INVALID_JSON", None, True, "object"
+                ),
+                Case(
+                    "data is a string",
+                    {"type": "cancel_order", "data": '"cancel everything"'},
+                    "INVALID_JSON",
+                    None,
+                    True,
+                    "object",
+                ),
+                Case(
+                    "unknown type",
+                    {"type": "teleport_order", "data": data(alice, "m2", **order, quantity="1")},
+                    "UNKNOWN_TYPE",
+                    (alice, "m2"),
+                    True,
+                    "teleport_order",
+                ),
+                Case(
+                    "missing type",
+                    {"data": data(alice, "m3", **order, quantity="1")},
+                    "MISSING_FIELD",
+                    (alice, "m3"),
+                    True,
+                    "type",
+                ),
                 Case("missing data", {"type": "place_order"}, "MISSING_FIELD", None, True, "data"),
-                Case("missing required field", {"type": "place_order", "data": data(alice, "m4", **order)},
-                     "MISSING_FIELD", (alice, "m4"), True, "quantity"),
-                Case("decimal as a JSON number",
-                     {"type": "place_order", "data": data(alice, "m5", **{**order, "quantity": 0.1})},
-                     "INVALID_FIELD", (alice, "m5"), True, "string"),
-                Case("user_id with a space",
-                     {"type": "place_order", "data": data("mal 0", "m6", **order, quantity="1")},
-                     "INVALID_FIELD", None, True, "user_id"),
-                Case("user_id of 65 characters",
-                     {"type": "place_order", "data": data("u" * 65, "m7", **order, quantity="1")},
-                     "INVALID_FIELD", None, True, "user_id"),
-                Case("command_id with a brace",
-                     {"type": "place_order", "data": data(alice, "m{8}", **order, quantity="1")},
-                     "INVALID_FIELD", None, True, "command_id"),
-                Case("symbol with a bad character",
-                     {"type": "place_order",
-                      "data": data(alice, "m9", **{**order, "symbol": "BTC USDT"}, quantity="1")},
-                     "INVALID_FIELD", (alice, "m9"), True, "symbol"),
-                Case("unknown exchange",
-                     {"type": "place_order",
-                      "data": data(alice, "m10", **{**order, "exchange": "kraken"}, quantity="1")},
-                     "INVALID_FIELD", (alice, "m10"), True, "exchange"),
-                Case("unknown field",
-                     {"type": "place_order", "data": data(alice, "m11", **order, quantity="1", colour="red")},
-                     "INVALID_FIELD", (alice, "m11"), True, "colour"),
-                Case("decimal with an exponent",
-                     {"type": "place_order", "data": data(alice, "m12", **order, quantity="1E+1")},
-                     "INVALID_FIELD", (alice, "m12"), True, "quantity"),
-                Case("unknown order id",
-                     {"type": "cancel_order", "data": data(alice, "m13", order_id=str(uuid.uuid4()))},
-                     "UNKNOWN_ORDER", (alice, "m13"), False),
-                Case("another user's order id",
-                     {"type": "cancel_order", "data": data(bob, "m14", order_id=o2)},
-                     "UNKNOWN_ORDER", (bob, "m14"), False, o2),
-                Case("another user's order id, filled",
-                     {"type": "record_fill",
-                      "data": data(bob, "m15", order_id=o2, fill_id="X", quantity="1", price="1")},
-                     "UNKNOWN_ORDER", (bob, "m15"), False),
-                Case("wrong shard",
-                     {"type": "place_order", "data": data(carol, "m16", **order, quantity="1")},
-                     "WRONG_SHARD", (carol, "m16"), True, "ledger:{1}:commands", shard=0),
-                Case("duplicate fill_id",
-                     {"type": "record_fill", "data": data(alice, "m17", **{**fill, "quantity": "0.5"})},
-                     "DUPLICATE_FILL", (alice, "m17"), False, "F-1"),
-                Case("impossible transition",
-                     {"type": "cancel_order", "data": data(alice, "m18", order_id=o1)},
-                     "INVALID_TRANSITION", (alice, "m18"), False, "filled"),
-                Case("impossible transition (accept a filled order)",
-                     {"type": "order_accepted", "data": data(alice, "m19", order_id=o1, exchange_order_id="E1")},
-                     "INVALID_TRANSITION", (alice, "m19"), False),
-                Case("negative quantity",
-                     {"type": "place_order", "data": data(alice, "m20", **order, quantity="-1")},
-                     "INVALID_COMMAND", (alice, "m20"), False, "quantity"),
+                Case(
+                    "missing required field",
+                    {"type": "place_order", "data": data(alice, "m4", **order)},
+                    "MISSING_FIELD",
+                    (alice, "m4"),
+                    True,
+                    "quantity",
+                ),
+                Case(
+                    "decimal as a JSON number",
+                    {"type": "place_order", "data": data(alice, "m5", **{**order, "quantity": 0.1})},
+                    "INVALID_FIELD",
+                    (alice, "m5"),
+                    True,
+                    "string",
+                ),
+                Case(
+                    "user_id with a space",
+                    {"type": "place_order", "data": data("mal 0", "m6", **order, quantity="1")},
+                    "INVALID_FIELD",
+                    None,
+                    True,
+                    "user_id",
+                ),
+                Case(
+                    "user_id of 65 characters",
+                    {"type": "place_order", "data": data("u" * 65, "m7", **order, quantity="1")},
+                    "INVALID_FIELD",
+                    None,
+                    True,
+                    "user_id",
+                ),
+                Case(
+                    "command_id with a brace",
+                    {"type": "place_order", "data": data(alice, "m{8}", **order, quantity="1")},
+                    "INVALID_FIELD",
+                    None,
+                    True,
+                    "command_id",
+                ),
+                Case(
+                    "symbol with a bad character",
+                    {"type": "place_order", "data": data(alice, "m9", **{**order, "symbol": "BTC USDT"}, quantity="1")},
+                    "INVALID_FIELD",
+                    (alice, "m9"),
+                    True,
+                    "symbol",
+                ),
+                Case(
+                    "unknown exchange",
+                    {
+                        "type": "place_order",
+                        "data": data(alice, "m10", **{**order, "exchange": "kraken"}, quantity="1"),
+                    },
+                    "INVALID_FIELD",
+                    (alice, "m10"),
+                    True,
+                    "exchange",
+                ),
+                Case(
+                    "unknown field",
+                    {"type": "place_order", "data": data(alice, "m11", **order, quantity="1", colour="red")},
+                    "INVALID_FIELD",
+                    (alice, "m11"),
+                    True,
+                    "colour",
+                ),
+                Case(
+                    "decimal with an exponent",
+                    {"type": "place_order", "data": data(alice, "m12", **order, quantity="1E+1")},
+                    "INVALID_FIELD",
+                    (alice, "m12"),
+                    True,
+                    "quantity",
+                ),
+                Case(
+                    "unknown order id",
+                    {"type": "cancel_order", "data": data(alice, "m13", order_id=str(uuid.uuid4()))},
+                    "UNKNOWN_ORDER",
+                    (alice, "m13"),
+                    False,
+                ),
+                Case(
+                    "another user's order id",
+                    {"type": "cancel_order", "data": data(bob, "m14", order_id=o2)},
+                    "UNKNOWN_ORDER",
+                    (bob, "m14"),
+                    False,
+                    o2,
+                ),
+                Case(
+                    "another user's order id, filled",
+                    {
+                        "type": "record_fill",
+                        "data": data(bob, "m15", order_id=o2, fill_id="X", quantity="1", price="1"),
+                    },
+                    "UNKNOWN_ORDER",
+                    (bob, "m15"),
+                    False,
+                ),
+                Case(
+                    "wrong shard",
+                    {"type": "place_order", "data": data(carol, "m16", **order, quantity="1")},
+                    "WRONG_SHARD",
+                    (carol, "m16"),
+                    True,
+                    "ledger:{1}:commands",
+                    shard=0,
+                ),
+                Case(
+                    "duplicate fill_id",
+                    {"type": "record_fill", "data": data(alice, "m17", **{**fill, "quantity": "0.5"})},
+                    "DUPLICATE_FILL",
+                    (alice, "m17"),
+                    False,
+                    "F-1",
+                ),
+                Case(
+                    "impossible transition",
+                    {"type": "cancel_order", "data": data(alice, "m18", order_id=o1)},
+                    "INVALID_TRANSITION",
+                    (alice, "m18"),
+                    False,
+                    "filled",
+                ),
+                Case(
+                    "impossible transition (accept a filled order)",
+                    {"type": "order_accepted", "data": data(alice, "m19", order_id=o1, exchange_order_id="E1")},
+                    "INVALID_TRANSITION",
+                    (alice, "m19"),
+                    False,
+                ),
+                Case(
+                    "negative quantity",
+                    {"type": "place_order", "data": data(alice, "m20", **order, quantity="-1")},
+                    "INVALID_COMMAND",
+                    (alice, "m20"),
+                    False,
+                    "quantity",
+                ),
             ]
             for case in cases:
-                target = case.shard if case.shard is not None else (
-                    shard_of(case.reply_to[0], shards) if case.reply_to else 0
+                target = (
+                    case.shard
+                    if case.shard is not None
+                    else (shard_of(case.reply_to[0], shards) if case.reply_to else 0)
                 )
                 case.shard = target
                 case.entry_id = _s(await raw.xadd(commands_key(target), case.fields))
@@ -799,9 +914,7 @@ async def test_submit_and_status_against_a_running_serve(
     assert all(ENTRY_ID_RE.match(e["id"]) for e in reply["events"])
 
     cancel = {"user_id": "cli-user", "order_id": str(uuid.uuid4())}  # command_id generated
-    rejected = await asyncio.to_thread(
-        run_ledger, redis_url, "submit", "cancel_order", "--data", json.dumps(cancel)
-    )
+    rejected = await asyncio.to_thread(run_ledger, redis_url, "submit", "cancel_order", "--data", json.dumps(cancel))
     assert rejected.returncode == 1, rejected.stderr
     reply = json.loads(rejected.stdout)
     assert (reply["status"], reply["error"]["code"]) == ("rejected", "UNKNOWN_ORDER")

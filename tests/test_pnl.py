@@ -370,9 +370,7 @@ def test_position_model_percentage_is_rounded_to_28_digits() -> None:
 
 
 def test_position_model_inverse_against_the_mark() -> None:
-    position = _position(
-        symbol=INVERSE, size="10", entry_price="50000", leverage=5, current_price="62500"
-    )
+    position = _position(symbol=INVERSE, size="10", entry_price="50000", leverage=5, current_price="62500")
 
     # 10 * 100 * (1/50000 - 1/62500) = 1000 * 0.000004
     assert position.unrealized_pnl == D("0.004")
@@ -446,9 +444,7 @@ def test_order_model_inverse_average_is_harmonic() -> None:
 
 def test_order_model_sums_are_exact_at_38_digits() -> None:
     order = _order(quantity="12345678901234567890.123456789012345678", price=None)
-    order = order.with_fill(
-        Fill(order_id="o", fill_id="t", quantity="0.000000000000000001", price="1")
-    )
+    order = order.with_fill(Fill(order_id="o", fill_id="t", quantity="0.000000000000000001", price="1"))
 
     # 12345678901234567890.123456789012345678 - 0.000000000000000001
     assert order.remaining_qty == D("12345678901234567890.123456789012345677")

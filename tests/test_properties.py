@@ -20,14 +20,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ledger import wire
-from ledger.decider import Book, Decision, evolve
+from ledger.decider import Decision
 from ledger.enums import FINAL_ORDER_STATUSES, PositionStatus
+from ledger.evolution import evolve
 from ledger.instruments import instrument_for
+from ledger.state import Book
 from tests.domain_helpers import INVERSE, LINEAR, SPOT, Driver, fraction, of_type, replay
 
-PROPERTY = settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CV = Fraction(100)  # contract_value of BTC-USD-SWAP (OKX): 100 USD
 TWENTY_EIGHT = Context(prec=28, rounding=ROUND_HALF_EVEN)
 
@@ -45,9 +45,7 @@ def decimals(low: str, high: str, places: int = 8) -> st.SearchStrategy[Decimal]
         value = Decimal(units).scaleb(-places)  # e.g. "12.50000000"
         return value.normalize() if strip else value  # e.g. "12.5", or "1E+1" for ten
 
-    return st.builds(
-        build, st.integers(int(Decimal(low) * scale), int(Decimal(high) * scale)), st.booleans()
-    )
+    return st.builds(build, st.integers(int(Decimal(low) * scale), int(Decimal(high) * scale)), st.booleans())
 
 
 QUANTITY = decimals("0.00000001", "20")
@@ -61,15 +59,11 @@ FEE = st.one_of(st.none(), decimals("-0.5", "25"))  # a negative fee is a rebate
 # ones cover the rest. A fill quantity of None fills what the order asked for.
 ROUND = [Decimal(text) for text in ("0.1", "0.2", "0.3", "0.5", "1")]
 SIZE = st.one_of(st.sampled_from(ROUND), st.sampled_from(ROUND), QUANTITY)
-FILL = st.tuples(
-    st.one_of(st.none(), SIZE), PRICE, FEE, st.sampled_from([None, None, "USDT", "BTC", "BNB"])
-)
+FILL = st.tuples(st.one_of(st.none(), SIZE), PRICE, FEE, st.sampled_from([None, None, "USDT", "BTC", "BNB"]))
 FILLS = st.lists(FILL, max_size=3)
 # Mostly one market per session (drawn once per example), so that orders meet each other.
 MARKETS = [LINEAR, INVERSE, SPOT]
-SYMBOL = st.one_of(
-    st.shared(st.sampled_from(MARKETS), key="session market"), st.sampled_from(MARKETS)
-)
+SYMBOL = st.one_of(st.shared(st.sampled_from(MARKETS), key="session market"), st.sampled_from(MARKETS))
 PLACE = st.tuples(
     st.just("order"),
     SYMBOL,
@@ -128,9 +122,7 @@ def run_session(operations: list[tuple[Any, ...]]) -> Driver:
             fills(placed(decision), items)
         elif kind == "open":
             _, symbol, side, size, items = operation
-            decision = driver.send(
-                "open_position", exchange="okx", symbol=symbol, side=side, size=size, leverage=3
-            )
+            decision = driver.send("open_position", exchange="okx", symbol=symbol, side=side, size=size, leverage=3)
             fills(placed(decision), items)
         elif kind in ("close", "liquidate"):
             open_ids = sorted(p.id for p in driver.store.positions.values() if p and p.is_open)
@@ -225,9 +217,7 @@ def test_sizes_never_go_negative(operations: list[tuple[Any, ...]]) -> None:
         assert position.size >= 0
         assert fraction(position.size) == fraction(position.entry_qty) - fraction(position.exit_qty)
         assert (position.size > 0) == (position.status is PositionStatus.OPEN)
-        assert fraction(position.realized_pnl) == (
-            fraction(position.gross_pnl) - fraction(position.fees)
-        )
+        assert fraction(position.realized_pnl) == (fraction(position.gross_pnl) - fraction(position.fees))
         if instrument_for(position.exchange, position.symbol).kind == "spot":
             assert position.side == "long", "spot has no short side"
     for order in driver.store.orders.values():
@@ -264,9 +254,7 @@ def test_every_filled_quantity_lands_somewhere(operations: list[tuple[Any, ...]]
         if filled:
             [fill] = filled
             assert moved + fraction(fill.unapplied_qty) == fraction(fill.quantity)
-            assert fill.position_ids == [
-                e.stream for e in batch if isinstance(e, wire.PositionEvent)
-            ]
+            assert fill.position_ids == [e.stream for e in batch if isinstance(e, wire.PositionEvent)]
 
 
 @PROPERTY
@@ -301,9 +289,7 @@ def round_trips(draw: st.DrawFn) -> RoundTrip:
     entry_units = draw(st.lists(st.integers(1, 2 * 10**9), min_size=1, max_size=4))
     total = sum(entry_units)
     cuts = draw(
-        st.lists(st.integers(1, total - 1), unique=True, max_size=min(4, total - 1))
-        if total > 1
-        else st.just([])
+        st.lists(st.integers(1, total - 1), unique=True, max_size=min(4, total - 1)) if total > 1 else st.just([])
     )
     bounds = [0, *sorted(cuts), total]
     exit_units = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
@@ -400,10 +386,7 @@ def test_inverse_pnl_does_not_depend_on_how_the_position_is_closed(trip: RoundTr
         for event in driver.log
         if isinstance(event, wire.PositionReduced | wire.PositionClosed)
     ]
-    exact_legs = [
-        sign * fraction(q) * CV * (fraction(p) - entry) / (entry * fraction(p))
-        for q, p in trip.exits
-    ]
+    exact_legs = [sign * fraction(q) * CV * (fraction(p) - entry) / (entry * fraction(p)) for q, p in trip.exits]
     assert legs == [round28(leg) for leg in exact_legs]
     gross = fraction(position.gross_pnl)
     assert gross == sum(legs)  # the sum itself is exact
@@ -491,12 +474,7 @@ FIELD_NAMES = st.sampled_from(
      "order_type", "quantity", "price", "size", "fill_id", "reason", "schema", "metadata"]
 )  # fmt: skip
 COMMAND_DATA = st.dictionaries(FIELD_NAMES, JSON | st.sampled_from(["okx", "buy", "0.1", "u1"]))
-RAW = (
-    st.text(max_size=40)
-    | st.binary(max_size=40)
-    | JSON.map(json.dumps)
-    | COMMAND_DATA.map(json.dumps)
-)
+RAW = st.text(max_size=40) | st.binary(max_size=40) | JSON.map(json.dumps) | COMMAND_DATA.map(json.dumps)
 
 
 @PROPERTY

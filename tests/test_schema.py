@@ -209,12 +209,9 @@ async def test_tables_and_columns_have_the_specified_types(
 
 
 async def test_indexes_and_unique_constraints(pg: psycopg.AsyncConnection[Any]) -> None:
-    cur = await pg.execute(
-        "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
-    )
+    cur = await pg.execute("SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'")
     actual = {
-        (table, name): definition[definition.rindex(" (") + 1 :]
-        for table, name, definition in await cur.fetchall()
+        (table, name): definition[definition.rindex(" (") + 1 :] for table, name, definition in await cur.fetchall()
     }
     assert actual == EXPECTED_INDEXES
 
@@ -231,9 +228,7 @@ async def test_defaults(pg: psycopg.AsyncConnection[Any]) -> None:
         " version) VALUES (%s, 'u1', 'okx', 'BTC-USDT-SWAP', 'buy', 'market', 0.1, 'pending', 1)",
         (order_id,),
     )
-    cur = await pg.execute(
-        "SELECT leverage, metadata, created_at IS NOT NULL, closed_at FROM positions"
-    )
+    cur = await pg.execute("SELECT leverage, metadata, created_at IS NOT NULL, closed_at FROM positions")
     assert await cur.fetchone() == (1, {}, True, None)
     cur = await pg.execute("SELECT filled_qty, reduce_only, metadata, quantity::text FROM orders")
     assert await cur.fetchone() == (Decimal("0"), False, {}, "0.1")
