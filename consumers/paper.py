@@ -86,6 +86,7 @@ from ledger.config import Settings
 from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.instruments import instrument_for
 from ledger.keys import ShardKeys, marks
+from ledger.redis_conn import text
 from ledger.state import OrderState
 from ledger.values import (
     FEE_CURRENCY_PATTERN,
@@ -283,10 +284,6 @@ def _mark(raw: Any) -> Decimal | None:
         return None
 
 
-def _text(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 # --------------------------------------------------------------------------- the venue
 
 
@@ -366,7 +363,7 @@ class PaperVenue:
         self.log.info("watcher stopped")
 
     async def _holds_lease(self) -> bool:
-        return _text(await self.redis.get(self.paper_keys.lease)) == self.consumer.name
+        return text(await self.redis.get(self.paper_keys.lease)) == self.consumer.name
 
     # ----------------------------------------------------------------- events
 
@@ -374,7 +371,7 @@ class PaperVenue:
         """React to a batch of events in log order (idempotent: delivery is at least once)."""
         events: list[wire.Event] = []
         for entry in entries:
-            type_name = _text(entry.fields.get("type"))
+            type_name = text(entry.fields.get("type"))
             if type_name not in _RELEVANT_EVENTS:
                 continue
             try:
@@ -556,15 +553,15 @@ class PaperVenue:
     async def resting(self) -> dict[str, RestingOrder]:
         """The resting orders of this shard (cached; reloaded when the set's version moved)."""
         keys = self.paper_keys
-        version = _text(await self.redis.get(keys.version))
+        version = text(await self.redis.get(keys.version))
         if version != self._cache_version or version is None:
             raw = await self.redis.hgetall(keys.resting)
             cache: dict[str, RestingOrder] = {}
             for order_id, value in raw.items():
                 try:
-                    cache[_text(order_id)] = _resting_decoder.decode(value)
+                    cache[text(order_id)] = _resting_decoder.decode(value)
                 except msgspec.DecodeError as exc:
-                    self.log.error("unreadable resting order ignored", order_id=_text(order_id), error=str(exc))
+                    self.log.error("unreadable resting order ignored", order_id=text(order_id), error=str(exc))
             self._cache, self._cache_version = cache, version
         return dict(self._cache)
 
@@ -605,7 +602,7 @@ class PaperVenue:
         found: dict[tuple[Exchange, str], Decimal] = {}
         for (exchange, symbols), values in zip(requests, await pipe.execute(), strict=True):
             for symbol, raw in zip(symbols, values, strict=True):
-                mark = _mark(_text(raw))
+                mark = _mark(text(raw))
                 if mark is not None:
                     found[(exchange, symbol)] = mark
                 elif raw is not None:

@@ -31,6 +31,7 @@ import structlog
 from redis import exceptions as redis_errors
 
 from consumers.deadletter import dead_letter_fields
+from ledger.redis_conn import text
 
 if TYPE_CHECKING:
     from ledger.config import Settings
@@ -233,7 +234,7 @@ class StreamConsumer:
             start, _claimed, _deleted = await self.redis.xautoclaim(
                 self.stream, self.group, self.name, 0, start_id=start, count=1000
             )
-            if _text(start) == "0-0":
+            if text(start) == "0-0":
                 break
         self._own_pending = True
         return True
@@ -249,7 +250,7 @@ class StreamConsumer:
         details = await self.redis.xpending_range(
             self.stream, self.group, min=entries[0].id, max=entries[-1].id, count=len(entries), consumername=self.name
         )
-        counts = {_text(d["message_id"]): int(d["times_delivered"]) for d in details}
+        counts = {text(d["message_id"]): int(d["times_delivered"]) for d in details}
         keep = []
         for entry in entries:
             if entry.id in self._errors and counts.get(entry.id, 0) > self.settings.max_deliveries:
@@ -297,7 +298,7 @@ class StreamConsumer:
 
     async def lag(self) -> dict[str, Any]:
         for info in await self.redis.xinfo_groups(self.stream):
-            if _text(info["name"]) == self.group:
+            if text(info["name"]) == self.group:
                 return {"pending": info["pending"], "lag": info.get("lag")}
         return {"pending": 0, "lag": None}
 
@@ -311,11 +312,7 @@ def _entries(response: Any) -> list[Entry]:
 
 
 def _entry_list(items: Any) -> list[Entry]:
-    return [Entry(_text(i), dict(f)) for i, f in items if f is not None]  # type: ignore[arg-type]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value  # type: ignore[no-any-return]
+    return [Entry(text(i), dict(f)) for i, f in items if f is not None]  # type: ignore[arg-type]
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -31,6 +31,7 @@ from ledger.enums import (
 )
 from ledger.eventstore import EventStore
 from ledger.models import Order, PnLInfo, Position
+from ledger.redis_conn import entry_order, text
 from ledger.values import format_decimal
 from projections import queries
 
@@ -51,15 +52,6 @@ class CommandRejected(LedgerError):
 
 class LedgerTimeout(LedgerError):
     pass
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value  # type: ignore[no-any-return]
-
-
-def _entry_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _wire_decimal(value: Decimal | str | int | None) -> str | None:
@@ -107,17 +99,17 @@ class LedgerClient:
         while time.monotonic() < deadline:
             found = await self.redis.blpop([reply_key], timeout=1)
             if found is not None:
-                return json.loads(_str(found[1]))  # type: ignore[no-any-return]
+                return json.loads(text(found[1]))  # type: ignore[no-any-return]
         raise LedgerTimeout(f"no reply on {reply_key} within {self.timeout} s: is `ledger serve` running?")
 
     async def wait_projected(self, shard: int, entry_id: str) -> None:
         """Wait until the live projection of ``shard`` has applied the event ``entry_id``."""
-        target = _entry_key(entry_id)
+        target = entry_order(entry_id)
         deadline = time.monotonic() + self.timeout
         pause = 0.001
         while True:
             applied = await queries.projected_up_to(self.redis, shard)
-            if applied is not None and _entry_key(applied) >= target:
+            if applied is not None and entry_order(applied) >= target:
                 return
             if time.monotonic() > deadline:
                 raise LedgerTimeout(

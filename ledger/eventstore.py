@@ -23,6 +23,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from ledger import wire
 from ledger.decider import Requirements
 from ledger.keys import ShardKeys, outcome_field
+from ledger.redis_conn import text
 from ledger.state import Book, OrderState, PositionState
 
 APPEND_LUA = resources.files("ledger").joinpath("lua/append.lua").read_text()
@@ -99,19 +100,19 @@ class EventStore:
                 book.positions[pid] = _position_decoder.decode(raw) if raw else None
         if slots:
             for slot, value in zip(slots, next(results), strict=True):
-                book.slots[slot] = _text(value) or None
+                book.slots[slot] = text(value) or None
 
     async def tokens(self, user_ids: Iterable[str]) -> dict[str, str]:
         users = sorted(set(user_ids))
         if not users:
             return {}
         values = await self.redis.hmget(self.keys.sequence, users)
-        return {user: _text(value) or "" for user, value in zip(users, values, strict=True)}
+        return {user: text(value) or "" for user, value in zip(users, values, strict=True)}
 
     async def outcomes(self, fields: Sequence[str]) -> list[str | None]:
         if not fields:
             return []
-        return [_text(v) for v in await self.redis.hmget(self.keys.outcomes, list(fields))]
+        return [text(v) for v in await self.redis.hmget(self.keys.outcomes, list(fields))]
 
     async def order(self, order_id: str) -> OrderState | None:
         raw = await self.redis.hget(self.keys.orders, order_id)
@@ -224,14 +225,14 @@ class EventStore:
         last = after
         if last == "$":
             newest = await self.redis.xrevrange(self.keys.events, count=1)
-            last = _text(newest[0][0]) if newest else "0-0"
+            last = text(newest[0][0]) if newest else "0-0"
         while True:
             response = await self.redis.xread({self.keys.events: last}, block=block_ms, count=500)
             for _stream, entries in response or []:
                 for stored in _decoded(entries):
                     yield stored
                 if entries:
-                    last = _text(entries[-1][0])
+                    last = text(entries[-1][0])
 
 
 def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEvent]:
@@ -242,15 +243,11 @@ def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEv
             event = wire.decode_event(event_type, data)
         except wire.UnknownEventType:
             continue
-        yield StoredEvent(_text(entry_id), event)
+        yield StoredEvent(text(entry_id), event)
 
 
 def _result(raw: Any) -> AppendResult:
     if isinstance(raw, ResponseError):
         raise raw
-    status, reply = (_text(x) or "" for x in raw)
+    status, reply = (text(x) or "" for x in raw)
     return AppendResult(status, reply)  # type: ignore[arg-type]
-
-
-def _text(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value

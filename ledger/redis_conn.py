@@ -33,6 +33,17 @@ async def connect(url: str, *, decode_responses: bool = True) -> Any:
     return RedisCluster.from_url(url, **options)
 
 
+def text(value: Any) -> Any:
+    """A reply value as ``str`` whether the client decodes responses or not."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as a tuple that sorts like the stream."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class ShardCountMismatch(RuntimeError):
     pass
 

@@ -64,6 +64,7 @@ from ledger import wire
 from ledger.config import Settings
 from ledger.evolution import apply
 from ledger.keys import ShardKeys
+from ledger.redis_conn import entry_order, text
 from ledger.schema import apply_schema
 from ledger.state import OrderState
 from ledger.values import ms_to_datetime
@@ -115,19 +116,8 @@ def lease_key(shard: int) -> str:
 # --------------------------------------------------------------------------- rows
 
 
-def _entry_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _entry_id(key: tuple[int, int]) -> str:
     return f"{key[0]}-{key[1]}"
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode()
-    return value  # type: ignore[no-any-return]
 
 
 def _dec(value: str | None) -> Decimal | None:
@@ -164,8 +154,8 @@ def _decode(entry: Entry) -> _Decoded | None:
     runner retries it alone and dead-letters it eventually).
     """
     fields: dict[Any, Any] = entry.fields
-    type_name = _text(fields.get("type", fields.get(b"type"))) or ""
-    data = _text(fields.get("data", fields.get(b"data")))
+    type_name = text(fields.get("type", fields.get(b"type"))) or ""
+    data = text(fields.get("data", fields.get(b"data")))
     if data is None:
         raise wire.WireError("MISSING_FIELD", f"event entry {entry.id} has no `data` field")
     try:
@@ -182,7 +172,7 @@ def _decode(entry: Entry) -> _Decoded | None:
                 error=str(exc),
             )
             return None
-    return _Decoded(entry.id, _entry_key(entry.id), type_name, data, event)
+    return _Decoded(entry.id, entry_order(entry.id), type_name, data, event)
 
 
 def _event_row(shard: int, item: _Decoded) -> dict[str, Any]:
@@ -333,7 +323,7 @@ class Projector:
             return result
         started = time.perf_counter()
         decoded = [d for d in map(_decode, entries) if d is not None]
-        last = max(_entry_key(e.id) for e in entries)
+        last = max(entry_order(e.id) for e in entries)
         async with self.pool.connection() as conn, conn.transaction():
             applied = await self._lock_checkpoint(conn)
             fresh = await self._unapplied(conn, decoded, applied)

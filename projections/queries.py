@@ -13,15 +13,12 @@ from typing import Any
 from ledger import keys
 from ledger.enums import Exchange, OrderStatus
 from ledger.models import Order, Position
+from ledger.redis_conn import text
 from ledger.values import check_identifier
 
 
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value  # type: ignore[no-any-return]
-
-
 def _decoded(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_str(k): _str(v) for k, v in raw.items()}
+    return {text(k): text(v) for k, v in raw.items()}
 
 
 def _optional(fields: dict[str, str], name: str) -> str | None:
@@ -96,7 +93,7 @@ async def marks(redis: Any, exchange: Exchange | str, symbols: list[str]) -> dic
     if not symbols:
         return {}
     values = await redis.hmget(keys.marks(Exchange(exchange)), symbols)
-    return {s: Decimal(_str(v)) for s, v in zip(symbols, values, strict=True) if v}
+    return {s: Decimal(text(v)) for s, v in zip(symbols, values, strict=True) if v}
 
 
 async def _hashes(redis: Any, hash_keys: list[str]) -> list[dict[str, str]]:
@@ -118,11 +115,11 @@ async def position_hashes(
             pipe = redis.pipeline(transaction=False)
             for ex in exchanges:
                 pipe.smembers(keys.position_index(user_id, ex))
-            ids = sorted({_str(i) for members in await pipe.execute() for i in members})
+            ids = sorted({text(i) for members in await pipe.execute() for i in members})
         else:
-            ids = sorted(_str(i) for i in await redis.smembers(keys.ACTIVE_POSITIONS))
+            ids = sorted(text(i) for i in await redis.smembers(keys.ACTIVE_POSITIONS))
         found = await redis.hmget(keys.POSITION_KEYS, ids) if ids else []
-        position_keys = [_str(k) for k in found if k]
+        position_keys = [text(k) for k in found if k]
     hashes = await _hashes(redis, position_keys)
     wanted = {str(e) for e in exchanges}
     hashes = [h for h in hashes if h["exchange"] in wanted and (symbol is None or h["symbol"] == symbol)]
@@ -150,7 +147,7 @@ async def get_position(redis: Any, position_id: str) -> Position | None:
     key = await redis.hget(keys.POSITION_KEYS, position_id)
     if not key:
         return None
-    found = await _priced(redis, await _hashes(redis, [_str(key)]))
+    found = await _priced(redis, await _hashes(redis, [text(key)]))
     return found[0] if found else None
 
 
@@ -176,7 +173,7 @@ async def order_hashes(
     found: list[dict[str, str]] = []
     for ex in exchanges:
         index = keys.user_orders(user_id, ex)
-        ids = sorted(_str(i) for i in await redis.smembers(index))
+        ids = sorted(text(i) for i in await redis.smembers(index))
         if not ids:
             continue
         pipe = redis.pipeline(transaction=False)
@@ -201,10 +198,10 @@ async def get_orders(
 
 
 async def open_order_ids(redis: Any, exchange: Exchange | str, symbol: str) -> set[str]:
-    return {_str(i) for i in await redis.smembers(keys.open_orders(Exchange(exchange), symbol))}
+    return {text(i) for i in await redis.smembers(keys.open_orders(Exchange(exchange), symbol))}
 
 
 async def projected_up_to(redis: Any, shard: int) -> str | None:
     """The id of the last event the live projection applied on a shard."""
     value = await redis.get(keys.ShardKeys(shard).checkpoint)
-    return _str(value) if value else None
+    return text(value) if value else None
