@@ -31,7 +31,7 @@ from consumers.deadletter import dead_letter_fields
 from consumers.runner import ConsumerSettings, Entry, StreamConsumer
 from ledger import keys, wire
 from ledger.config import Settings
-from ledger.enums import FINAL_ORDER_STATUSES, PositionStatus
+from ledger.enums import PositionStatus
 
 GROUP = "ledger-projection"
 FINAL_ORDER_TTL_S = 7 * 24 * 3600
@@ -39,7 +39,7 @@ FINAL_ORDER_TTL_S = 7 * 24 * 3600
 log = structlog.get_logger("ledger.projection")
 
 
-def _text(value: Any) -> str:
+def _hash_value(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -75,7 +75,7 @@ def position_hash(event: wire.PositionEvent) -> dict[str, str]:
         "updated_at": event.updated_at,
         "version": event.version,
     }
-    return {name: _text(value) for name, value in fields.items()}
+    return {name: _hash_value(value) for name, value in fields.items()}
 
 
 def order_hash(event: wire.OrderPlaced) -> dict[str, str]:
@@ -107,19 +107,19 @@ def order_hash(event: wire.OrderPlaced) -> dict[str, str]:
         "updated_at": event.ts,
         "version": event.version,
     }
-    return {name: _text(value) for name, value in fields.items()}
+    return {name: _hash_value(value) for name, value in fields.items()}
 
 
-def order_update(event: wire.Event) -> dict[str, str]:
+def order_update(event: wire.OrderChange) -> dict[str, str]:
     """The fields of an order hash that a later order event sets."""
-    fields: dict[str, Any] = {"status": event.status, "updated_at": event.ts, "version": event.version}  # type: ignore[attr-defined]
+    fields: dict[str, Any] = {"status": event.status, "updated_at": event.ts, "version": event.version}
     if isinstance(event, wire.OrderAccepted):
         fields["exchange_order_id"] = event.exchange_order_id
     elif isinstance(event, wire.OrderRejected):
         fields["reject_reason"] = event.reason
     elif isinstance(event, wire.OrderFilled):
         fields.update(filled_qty=event.filled_qty, avg_fill_price=event.avg_fill_price, fill_basis=event.fill_basis)
-    return {name: _text(value) for name, value in fields.items()}
+    return {name: _hash_value(value) for name, value in fields.items()}
 
 
 class LiveProjection:
@@ -193,9 +193,10 @@ class LiveProjection:
             pipe.sadd(keys.open_orders(event.exchange, event.symbol), event.stream)
             grid.placed(pipe, event, fields)
             return
+        assert isinstance(event, wire.OrderChange)
         fields = order_update(event)
         pipe.hset(order_key, mapping=fields)
-        final = event.status in FINAL_ORDER_STATUSES  # type: ignore[attr-defined]
+        final = event.status.is_final
         if final:
             pipe.srem(keys.open_orders(event.exchange, event.symbol), event.stream)
             pipe.expire(order_key, self.final_order_ttl_s)
