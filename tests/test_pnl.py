@@ -95,7 +95,7 @@ def test_long_closed_in_two_steps_realizes_gross_minus_every_fee() -> None:
     assert position.fees == D("1.41")  # 0.45 + 0.46 + 0.2 + 0.3
     assert position.realized_pnl == D("-151.41")  # -150 - 1.41
     assert position.close_reason == "manual"
-    assert position.closed_at is not None
+    assert position.closed_at == driver.now  # the clock of the closing fill
     assert driver.open_slot("long") is None
 
 
@@ -290,7 +290,7 @@ def test_liquidation_of_a_leveraged_long_at_a_loss() -> None:
     assert position.fees == D("3")
     assert position.realized_pnl == D("-1353")  # -1350 - 3
     assert position.close_reason == "liquidation"
-    assert position.closed_at is not None
+    assert position.closed_at == driver.now  # the clock of the liquidation
     assert driver.open_slot("long") is None
 
 
