@@ -27,7 +27,7 @@ from ledger.decider import Context, Decision, Rejection, Requirements, decide, r
 from ledger.eventstore import Append, EventStore
 from ledger.evolution import evolve
 from ledger.keys import shard_of
-from ledger.state import Book, slot_field
+from ledger.state import Book
 from ledger.values import now_ms
 
 GROUP = "ledger-handler"
@@ -167,8 +167,8 @@ class CommandHandler:
         )
         tokens[user] = append.new_token
         if isinstance(decision, Decision):
-            evolve(book, decision.events)
-            _snapshots(append, book, decision.events)
+            slots = evolve(book, decision.events)
+            _snapshots(append, book, decision.events, slots)
         return append
 
     async def _handle_alone(self, pending: _Pending) -> None:
@@ -221,19 +221,18 @@ def _reply(command: wire.Command, decision: Decision | Rejection) -> wire.Reply:
     )
 
 
-def _snapshots(append: Append, book: Book, events: Sequence[wire.Event]) -> None:
+def _snapshots(append: Append, book: Book, events: Sequence[wire.Event], slots: set[str]) -> None:
     append.events = events
     for event in events:
         if isinstance(event, wire.PositionEvent):
             position = book.positions[event.stream]
             assert position is not None
             append.positions[event.stream] = position
-            slot = slot_field(position.user_id, position.exchange, position.symbol, position.side)
-            append.slots[slot] = position.id if position.is_open else None
         else:
             order = book.orders[event.stream]
             assert order is not None
             append.orders[event.stream] = order
+    append.slots = {slot: book.slots[slot] for slot in slots}
 
 
 async def handler_role(redis: Any, settings: Settings) -> list[StreamConsumer]:

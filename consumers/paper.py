@@ -71,7 +71,6 @@ that had triggered but not filled loses its trigger on a rebuild and waits for t
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Iterable, Mapping
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -89,7 +88,7 @@ from ledger.keys import ShardKeys, marks
 from ledger.redis_conn import text
 from ledger.state import OrderState
 from ledger.values import (
-    FEE_CURRENCY_PATTERN,
+    RULES,
     ValueRuleError,
     exact,
     format_decimal,
@@ -105,7 +104,6 @@ FILLABLE = frozenset({OrderStatus.PENDING, OrderStatus.OPEN, OrderStatus.PARTIAL
 FINAL = frozenset({OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED, OrderStatus.EXPIRED})
 _FINAL_EVENTS = {"OrderFilled", "OrderCancelled", "OrderRejected", "OrderExpired"}
 _RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested", *_FINAL_EVENTS}
-_FEE_CURRENCY = re.compile(FEE_CURRENCY_PATTERN)
 _MAX_FRACTION = Decimal("1e-18")
 
 log = structlog.get_logger("ledger.paper")
@@ -248,7 +246,7 @@ def fee_currency(exchange: Exchange, symbol: str) -> str | None:
     """The settlement currency of a symbol when it is known and writable, else None (a fill
     without ``fee_currency`` pays in the settlement currency)."""
     settle = instrument_for(exchange, symbol).settle
-    return settle if settle and _FEE_CURRENCY.match(settle) else None
+    return settle if RULES["fee_currency"].matches(settle) else None
 
 
 def accept_id(order_id: str) -> str:

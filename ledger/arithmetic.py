@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from ledger.enums import PositionSide
 from ledger.instruments import Instrument
-from ledger.values import divide, exact
+from ledger.values import MAX_AMOUNT, divide, exact
 
 ZERO = Decimal(0)
 HUNDRED = Decimal(100)
@@ -57,6 +57,12 @@ def notional_value(instrument: Instrument, size: Decimal, mark: Decimal) -> Deci
     if instrument.is_inverse:
         return divide(size * instrument.contract_value, mark)
     return size * mark
+
+
+def amount_fits(instrument: Instrument, quantity: Decimal, price: Decimal) -> bool:
+    """Whether ``quantity`` at ``price`` is worth at most ``MAX_AMOUNT`` in the settlement
+    currency, so that its fee and PnL fit the wire's decimal rule."""
+    return notional_value(instrument, quantity, price) <= MAX_AMOUNT
 
 
 @exact

@@ -20,6 +20,7 @@ import msgspec
 from ledger import arithmetic, wire
 from ledger.enums import (
     FINAL_ORDER_STATUSES,
+    OPEN_ORDER_STATUSES,
     InstrumentKind,
     OrderSide,
     OrderStatus,
@@ -30,7 +31,7 @@ from ledger.enums import (
 from ledger.evolution import position_payload
 from ledger.instruments import Instrument, instrument_for
 from ledger.state import ZERO, Book, OrderState, PositionState, slot_field
-from ledger.values import ValueRuleError, exact, format_decimal, parse_decimal
+from ledger.values import MAX_AMOUNT, ValueRuleError, exact, format_decimal, parse_decimal
 
 
 class RejectCode(StrEnum):
@@ -219,19 +220,23 @@ def _transition(order: OrderState, allowed: Iterable[OrderStatus], action: str) 
         raise _Rejected(RejectCode.INVALID_TRANSITION, f"cannot {action} order {order.id}: it is {order.status}")
 
 
-_OPEN = (
-    OrderStatus.PENDING,
-    OrderStatus.OPEN,
-    OrderStatus.PARTIALLY_FILLED,
-    OrderStatus.PENDING_CANCEL,
-)
-
-
 def _check_order_shape(order_type: OrderType, price: Decimal | None, trigger: Decimal | None) -> None:
     if order_type.needs_price and price is None:
         raise _Rejected(RejectCode.INVALID_ORDER, f"price: required for a {order_type} order")
     if order_type.needs_trigger and trigger is None:
         raise _Rejected(RejectCode.INVALID_ORDER, f"trigger_price: required for a {order_type} order")
+
+
+def _check_amount(instrument: Instrument, quantity: Decimal, *prices: Decimal | None) -> None:
+    """Refuse an order whose value at a price it names is out of range: a venue could never
+    report its fill (the fee and the PnL of that value would not fit the decimal rule)."""
+    for price in prices:
+        if price is not None and not arithmetic.amount_fits(instrument, quantity, price):
+            raise _Rejected(
+                RejectCode.INVALID_ORDER,
+                f"quantity {format_decimal(quantity)} at {format_decimal(price)} is worth more than "
+                f"{format_decimal(MAX_AMOUNT)} {instrument.settle}: split the order",
+            )
 
 
 def _check_spot_short(
@@ -289,6 +294,7 @@ def _decide_place_order(command: wire.PlaceOrder, book: Book, out: _Emitter) -> 
     trigger = _decimal(command.trigger_price, "trigger_price", positive=True)
     _check_order_shape(command.order_type, price, trigger)
     instrument = instrument_for(command.exchange, command.symbol)
+    _check_amount(instrument, quantity, price, trigger)
     user, exchange, symbol = command.user_id, command.exchange, command.symbol
     if instrument.kind is InstrumentKind.SPOT and command.position_side is PositionSide.SHORT:
         raise _Rejected(RejectCode.SPOT_SHORT, f"{symbol} is spot: there is no short side")
@@ -329,10 +335,13 @@ def _decide_open_position(command: wire.OpenPosition, book: Book, out: _Emitter)
     stop_loss = _decimal(command.stop_loss, "stop_loss", positive=True)
     take_profit = _decimal(command.take_profit, "take_profit", positive=True)
     instrument = instrument_for(command.exchange, command.symbol)
+    _check_amount(instrument, size, price)
     if instrument.kind is InstrumentKind.SPOT and command.side is PositionSide.SHORT:
         raise _Rejected(RejectCode.SPOT_SHORT, f"{command.symbol} is spot: a short cannot be opened")
-    held = book.open_position(command.user_id, command.exchange, command.symbol, command.side)
-    position_id = held.id if held else out.ctx.new_id()
+    # The position the fills will change: the open one, else the one an unfilled entry order
+    # already named (so two opens before a fill name one position), else a new one.
+    position_id = book.position_id_for(command.user_id, command.exchange, command.symbol, command.side)
+    position_id = position_id or out.ctx.new_id()
     order_id = _place(
         command,
         book,
@@ -357,6 +366,8 @@ def _decide_open_position(command: wire.OpenPosition, book: Book, out: _Emitter)
 def _decide_close_position(command: wire.ClosePosition, book: Book, out: _Emitter) -> tuple[str, str | None]:
     position = _owned_position(command, book)
     size = _decimal(command.size, "size", positive=True) or position.size
+    price = _decimal(command.price, "price", positive=True)
+    _check_amount(instrument_for(position.exchange, position.symbol), size, price)
     if size > position.size:
         raise _Rejected(
             RejectCode.SIZE_EXCEEDS_POSITION,
@@ -371,7 +382,7 @@ def _decide_close_position(command: wire.ClosePosition, book: Book, out: _Emitte
         side=position.side.opening_order_side.opposite,
         order_type=OrderType.MARKET,
         quantity=size,
-        price=_decimal(command.price, "price", positive=True),
+        price=price,
         position_side=position.side,
         reduce_only=True,
         position_id=position.id,
@@ -383,7 +394,7 @@ def _decide_close_position(command: wire.ClosePosition, book: Book, out: _Emitte
 
 def _decide_cancel(command: wire.CancelOrder, book: Book, out: _Emitter) -> tuple[str, str | None]:
     order = _owned_order(command, book)
-    _transition(order, _OPEN[:3], "cancel")
+    _transition(order, OPEN_ORDER_STATUSES, "cancel")
     out.emit(wire.OrderCancelRequested, order.id, order.version + 1, order.exchange, order.symbol)
     return order.id, order.position_id
 
@@ -427,7 +438,7 @@ def _decide_rejected(command: wire.OrderRejectedCommand, book: Book, out: _Emitt
 def _final_transition(cls: type[wire.Event], action: str) -> Callable[..., tuple[str, str | None]]:
     def decide_final(command: wire.Command, book: Book, out: _Emitter) -> tuple[str, str | None]:
         order = _owned_order(command, book)
-        _transition(order, _OPEN, action)
+        _transition(order, OPEN_ORDER_STATUSES, action)
         out.emit(cls, order.id, order.version + 1, order.exchange, order.symbol)
         return order.id, order.position_id
 
@@ -508,10 +519,9 @@ class _Fill:
         user, exchange, symbol = order.user_id, order.exchange, order.symbol
         if order.position_side is not None:
             side = order.position_side
-            held = book.open_position(user, exchange, symbol, side)
             if order.side is side.opening_order_side:
-                return [self._open_or_increase(book, held, side, self.quantity, self.fee)], ZERO
-            return self._reduce_only(held)
+                return [self._open_or_increase(book, side, self.quantity, self.fee)], ZERO
+            return self._reduce_only(book.open_position(user, exchange, symbol, side))
         opening_side = PositionSide.LONG if order.side is OrderSide.BUY else PositionSide.SHORT
         opposite = book.open_position(user, exchange, symbol, opening_side.opposite)
         # Nothing may open from a reduce-only order, nor a short on spot (there is no short side).
@@ -521,8 +531,7 @@ class _Fill:
         if opposite is None:
             if cannot_open:
                 return [], self.quantity
-            held = book.open_position(user, exchange, symbol, opening_side)
-            return [self._open_or_increase(book, held, opening_side, self.quantity, self.fee)], ZERO
+            return [self._open_or_increase(book, opening_side, self.quantity, self.fee)], ZERO
         closing = min(self.quantity, opposite.size)
         rest = self.quantity - closing
         closing_fee = arithmetic.split_fee(self.fee, closing, self.quantity)
@@ -538,7 +547,7 @@ class _Fill:
             return touched, ZERO
         if cannot_open:
             return touched, rest
-        touched.append(self._open_or_increase(book, None, opening_side, rest, self.fee - closing_fee))
+        touched.append(self._open_or_increase(book, opening_side, rest, self.fee - closing_fee))
         return touched, ZERO
 
     def _reduce_only(self, held: PositionState | None) -> tuple[list[str], Decimal]:
@@ -555,21 +564,17 @@ class _Fill:
         other[self.fee_currency] = other.get(self.fee_currency, ZERO) + fee
         return {"other_fees": other}
 
-    def _open_or_increase(
-        self,
-        book: Book,
-        held: PositionState | None,
-        side: PositionSide,
-        quantity: Decimal,
-        fee: Decimal,
-    ) -> str:
+    def _open_or_increase(self, book: Book, side: PositionSide, quantity: Decimal, fee: Decimal) -> str:
+        """Increase the open position of ``side``, or open it: there is at most one per side."""
         order, now = self.order, self.out.ctx.now
         added = arithmetic.basis(self.instrument, quantity, self.price)
+        held = book.open_position(order.user_id, order.exchange, order.symbol, side)
         if held is None:
+            pending = book.position_id_for(order.user_id, order.exchange, order.symbol, side)
             reserved = order.position_id
             reusable = reserved is not None and reserved in book.positions and book.positions[reserved] is None
             base = PositionState(
-                id=reserved if reusable else self.out.ctx.new_id(),  # type: ignore[arg-type]
+                id=pending or (reserved if reusable else self.out.ctx.new_id()),  # type: ignore[arg-type]
                 user_id=order.user_id,
                 exchange=order.exchange,
                 symbol=order.symbol,

@@ -80,13 +80,29 @@ def position_from_event(event: wire.PositionEvent) -> PositionState:
     return msgspec.convert(data, PositionState)
 
 
-def evolve(book: Book, events: Iterable[wire.Event]) -> None:
-    """Apply events to a book in place, keeping its open-position slots current."""
+def evolve(book: Book, events: Iterable[wire.Event]) -> set[str]:
+    """Apply events to a book in place, keeping its position slots current; return the slots
+    the events changed.
+
+    A position event sets its side's slot to the position while it is open and clears it when it
+    closes. An ``open_position`` entry order reserves the slot for the position it names while
+    its side has none open, so the fills and any second ``open_position`` name that position.
+    """
+    changed: set[str] = set()
     for event in events:
         if isinstance(event, wire.PositionEvent):
             position = position_from_event(event)
             book.positions[position.id] = position
             slot = slot_field(position.user_id, position.exchange, position.symbol, position.side)
             book.slots[slot] = position.id if position.is_open else None
-        else:
-            book.orders[event.stream] = apply(book.orders.get(event.stream), event)  # type: ignore[assignment]
+            changed.add(slot)
+            continue
+        book.orders[event.stream] = apply(book.orders.get(event.stream), event)  # type: ignore[assignment]
+        if isinstance(event, wire.OrderPlaced) and event.intent == "open" and event.position_side and event.position_id:
+            side = event.position_side
+            if book.open_position(event.user_id, event.exchange, event.symbol, side) is None:
+                slot = slot_field(event.user_id, event.exchange, event.symbol, side)
+                book.slots[slot] = event.position_id
+                book.positions.setdefault(event.position_id, None)
+                changed.add(slot)
+    return changed

@@ -99,7 +99,12 @@ class PositionState(msgspec.Struct, kw_only=True):
 
 @dataclass(slots=True)
 class Book:
-    """The loaded aggregates of one user; ``None`` records a known absence."""
+    """The loaded aggregates of one user; ``None`` records a known absence.
+
+    ``slots`` maps each (user, market, side) to the one position of that side: the open
+    position, or the id an unfilled entry order reserved for it (``open_position``), so that
+    every fill and every later ``open_position`` of that side names the same position.
+    """
 
     orders: dict[str, OrderState | None] = field(default_factory=dict)
     positions: dict[str, PositionState | None] = field(default_factory=dict)
@@ -109,6 +114,15 @@ class Book:
         position_id = self.slots.get(slot_field(user_id, exchange, symbol, side))
         position = self.positions.get(position_id) if position_id else None
         return position if position is not None and position.is_open else None
+
+    def position_id_for(self, user_id: str, exchange: str, symbol: str, side: PositionSide) -> str | None:
+        """The id of the one position of a side: the open one, or the pending one that an
+        unfilled entry order reserved (known to have no state yet); None when neither exists."""
+        position_id = self.slots.get(slot_field(user_id, exchange, symbol, side))
+        if position_id is None or position_id not in self.positions:
+            return None
+        position = self.positions[position_id]
+        return position_id if position is None or position.is_open else None
 
 
 def slot_field(user_id: str, exchange: Exchange | str, symbol: str, side: PositionSide | str) -> str:

@@ -10,6 +10,7 @@ import functools
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import (
     ROUND_HALF_EVEN,
@@ -20,24 +21,70 @@ from decimal import (
     Overflow,
     localcontext,
 )
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-USER_ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
-SYMBOL_PATTERN = r"^[A-Za-z0-9._/:-]{1,48}$"
-COMMAND_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
-UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+@dataclass(frozen=True, slots=True)
+class TextRule:
+    """The rule of one text field, declared once: the wire types, key builders, models and the
+    SQL columns (checked against ``schema.sql`` by the tests) all take it from here.
+
+    ``body`` is the character class and length without anchors. Python's ``$`` matches before a
+    trailing newline, so every check is a full match: ``fullmatch`` here, and ``\\A...\\Z`` in
+    ``pattern`` (msgspec searches with ``re.search``).
+    """
+
+    body: str
+    max_length: int
+    description: str
+
+    @property
+    def pattern(self) -> str:
+        return rf"\A(?:{self.body})\Z"
+
+    def matches(self, value: object) -> bool:
+        return isinstance(value, str) and re.fullmatch(self.body, value) is not None
+
+
 # A decimal PostgreSQL NUMERIC(38, 18) holds exactly: at most 20 integer and 18 fraction digits.
-DECIMAL_PATTERN = r"^-?[0-9]{1,20}(\.[0-9]{1,18})?$"
-FEE_CURRENCY_PATTERN = r"^[A-Za-z0-9]{1,16}$"
-EXCHANGE_ORDER_ID_PATTERN = r"^[A-Za-z0-9_.:/@-]{1,128}$"
-FILL_ID_PATTERN = EXCHANGE_ORDER_ID_PATTERN
+MAX_INTEGER_DIGITS = 20
+MAX_FRACTION_DIGITS = 18
+# Free text (reasons) ends up in TEXT/VARCHAR columns and in the JSONB event archive: PostgreSQL
+# refuses NUL there, and control characters have no business in a reason, so none are allowed.
+_PRINTABLE = r"[^\x00-\x1f\x7f]"
 
-_RULES = {
-    "user_id": (re.compile(USER_ID_PATTERN), "1 to 64 characters of A-Z a-z 0-9 _ . @ -"),
-    "symbol": (re.compile(SYMBOL_PATTERN), "1 to 48 characters of A-Z a-z 0-9 . _ / : -"),
-    "command_id": (re.compile(COMMAND_ID_PATTERN), "1 to 64 characters of A-Z a-z 0-9 _ . : -"),
-    "uuid": (re.compile(UUID_PATTERN), "a lower-case UUID string"),
+RULES: dict[str, TextRule] = {
+    "user_id": TextRule(r"[A-Za-z0-9_.@-]{1,64}", 64, "1 to 64 characters of A-Z a-z 0-9 _ . @ -"),
+    "symbol": TextRule(r"[A-Za-z0-9._/:-]{1,48}", 48, "1 to 48 characters of A-Z a-z 0-9 . _ / : -"),
+    "command_id": TextRule(r"[A-Za-z0-9_.:-]{1,64}", 64, "1 to 64 characters of A-Z a-z 0-9 _ . : -"),
+    "client_order_id": TextRule(r"[A-Za-z0-9_.:-]{1,64}", 64, "1 to 64 characters of A-Z a-z 0-9 _ . : -"),
+    "exchange_order_id": TextRule(r"[A-Za-z0-9_.:/@-]{1,128}", 128, "1 to 128 characters of A-Z a-z 0-9 _ . : / @ -"),
+    "fill_id": TextRule(r"[A-Za-z0-9_.:/@-]{1,128}", 128, "1 to 128 characters of A-Z a-z 0-9 _ . : / @ -"),
+    "fee_currency": TextRule(r"[A-Za-z0-9]{1,16}", 16, "1 to 16 letters or digits"),
+    "uuid": TextRule(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", 36, "a lower-case UUID string"
+    ),
+    # Ids a client sends back: a UUID in either case (the ledger lower-cases it).
+    "id": TextRule(
+        r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", 36, "a UUID string"
+    ),
+    "close_reason": TextRule(rf"{_PRINTABLE}{{1,64}}", 64, "1 to 64 characters, no control characters"),
+    "reject_reason": TextRule(rf"{_PRINTABLE}{{1,256}}", 256, "1 to 256 characters, no control characters"),
+    "decimal": TextRule(
+        rf"-?[0-9]{{1,{MAX_INTEGER_DIGITS}}}(?:\.[0-9]{{1,{MAX_FRACTION_DIGITS}}})?",
+        1 + MAX_INTEGER_DIGITS + 1 + MAX_FRACTION_DIGITS,
+        f'a decimal string such as "0.1" (≤{MAX_INTEGER_DIGITS} integer and ≤{MAX_FRACTION_DIGITS} fraction digits)',
+    ),
 }
+
+# The largest amount a command may imply (a notional, hence a fee or a PnL): every value derived
+# from it keeps within the decimal rule above, so whatever the ledger accepts, a venue can fill.
+MAX_AMOUNT = Decimal(10) ** MAX_INTEGER_DIGITS - 1
+
+# ``metadata`` objects travel in events and end up in PostgreSQL JSONB, which refuses NUL in any
+# string; the size and depth caps keep one command from bloating every store it reaches.
+METADATA_MAX_BYTES = 16_384
+METADATA_MAX_DEPTH = 16
 
 # CONTRACT §7: divisions use 28 significant digits, half-even. Sums and products stay exact.
 DIVISION = Context(prec=28, rounding=ROUND_HALF_EVEN)
@@ -72,35 +119,60 @@ class ValueRuleError(ValueError):
 
 
 def check_identifier(kind: str, value: object, field: str | None = None) -> str:
-    """Return `value` if it matches the identifier rule `kind` (user_id, symbol, ...)."""
-    pattern, rule = _RULES[kind]
-    if not isinstance(value, str) or not pattern.match(value):
-        raise ValueRuleError(field or kind, rule, value)
-    return value
-
-
-_DECIMAL_RE = re.compile(DECIMAL_PATTERN)
+    """Return `value` if it fully matches the text rule `kind` (user_id, symbol, ...)."""
+    rule = RULES[kind]
+    if not rule.matches(value):
+        raise ValueRuleError(field or kind, rule.description, value)
+    return value  # type: ignore[return-value]
 
 
 def parse_decimal(value: object, field: str, *, positive: bool = False) -> Decimal:
-    """Parse a wire decimal string (never a float) into an exact Decimal.
+    """Parse a wire decimal string (never a float) into an exact Decimal: the one decimal rule.
 
     The string must fit PostgreSQL NUMERIC(38, 18) exactly (CONTRACT §7, §9): up to 20 integer
-    digits and 18 fraction digits, no exponent.
+    digits and 18 fraction digits, no exponent. A ``Decimal`` is normalized to its plain text
+    first, so it passes when its value fits.
     """
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise ValueRuleError(field, "a finite decimal", value)
         value = format_decimal(value)
-    if not isinstance(value, str) or not _DECIMAL_RE.match(value):
-        raise ValueRuleError(field, 'a decimal string such as "0.1" (≤20 integer and ≤18 fraction digits)', value)
-    try:
-        number = Decimal(value)
-    except InvalidOperation as exc:  # pragma: no cover - the pattern admits only valid text
-        raise ValueRuleError(field, "a decimal string", value) from exc
+    rule = RULES["decimal"]
+    if not rule.matches(value):
+        raise ValueRuleError(field, rule.description, value)
+    number = Decimal(value)  # type: ignore[arg-type]
     if positive and number <= 0:
         raise ValueRuleError(field, "greater than zero", value)
     return number
+
+
+def check_json_object(value: object, field: str) -> dict[str, Any]:
+    """Check a JSON object (``metadata``) against what every store can hold.
+
+    PostgreSQL JSONB refuses NUL (``\\u0000``) in any string or key; the depth and size caps
+    (``METADATA_MAX_DEPTH``, ``METADATA_MAX_BYTES``) bound what one command can write.
+    """
+    if not isinstance(value, dict):
+        raise ValueRuleError(field, "a JSON object", type(value).__name__)
+    size = _check_json(value, field, 1)
+    if size > METADATA_MAX_BYTES:
+        raise ValueRuleError(field, f"at most {METADATA_MAX_BYTES} bytes of JSON", f"about {size} bytes")
+    return value
+
+
+def _check_json(value: object, field: str, depth: int) -> int:
+    """Validate one JSON value; return an upper bound of its encoded size in bytes."""
+    if depth > METADATA_MAX_DEPTH:
+        raise ValueRuleError(field, f"nested at most {METADATA_MAX_DEPTH} levels deep", "deeper")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueRuleError(field, "free of NUL characters (\\u0000)", value[:40])
+        return 6 * len(value) + 2
+    if isinstance(value, dict):
+        return 2 + sum(_check_json(k, field, depth) + _check_json(v, field, depth + 1) + 2 for k, v in value.items())
+    if isinstance(value, list):
+        return 2 + sum(_check_json(v, field, depth + 1) + 1 for v in value)
+    return len(str(value))
 
 
 def format_decimal(value: Decimal) -> str:
@@ -132,3 +204,9 @@ def datetime_to_ms(moment: datetime) -> int:
     if moment.tzinfo is None:
         raise ValueRuleError("timestamp", "timezone-aware", moment)
     return (moment - EPOCH) // ONE_MS
+
+
+# Timestamps on the wire: what Python's datetime (hence the models) and PostgreSQL TIMESTAMPTZ
+# both hold, from the epoch to the last millisecond of year 9999.
+MIN_TS_MS = 0
+MAX_TS_MS = datetime_to_ms(datetime.max.replace(tzinfo=UTC))

@@ -16,29 +16,28 @@ import msgspec
 
 from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide, PositionStatus
 from ledger.values import (
-    COMMAND_ID_PATTERN,
-    DECIMAL_PATTERN,
-    EXCHANGE_ORDER_ID_PATTERN,
-    FEE_CURRENCY_PATTERN,
-    FILL_ID_PATTERN,
-    SYMBOL_PATTERN,
-    USER_ID_PATTERN,
+    MAX_TS_MS,
+    MIN_TS_MS,
+    RULES,
+    ValueRuleError,
     check_identifier,
+    check_json_object,
 )
 
-Dec = Annotated[str, msgspec.Meta(pattern=DECIMAL_PATTERN)]
-UserId = Annotated[str, msgspec.Meta(pattern=USER_ID_PATTERN)]
-Symbol = Annotated[str, msgspec.Meta(pattern=SYMBOL_PATTERN)]
-CommandId = Annotated[str, msgspec.Meta(pattern=COMMAND_ID_PATTERN)]
-ClientOrderId = Annotated[str, msgspec.Meta(pattern=COMMAND_ID_PATTERN)]
-ExchangeOrderId = Annotated[str, msgspec.Meta(pattern=EXCHANGE_ORDER_ID_PATTERN)]
-FillId = Annotated[str, msgspec.Meta(pattern=FILL_ID_PATTERN)]
-FeeCurrency = Annotated[str, msgspec.Meta(pattern=FEE_CURRENCY_PATTERN)]
-Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Dec = Annotated[str, msgspec.Meta(pattern=RULES["decimal"].pattern)]
+UserId = Annotated[str, msgspec.Meta(pattern=RULES["user_id"].pattern)]
+Symbol = Annotated[str, msgspec.Meta(pattern=RULES["symbol"].pattern)]
+CommandId = Annotated[str, msgspec.Meta(pattern=RULES["command_id"].pattern)]
+ClientOrderId = Annotated[str, msgspec.Meta(pattern=RULES["client_order_id"].pattern)]
+ExchangeOrderId = Annotated[str, msgspec.Meta(pattern=RULES["exchange_order_id"].pattern)]
+FillId = Annotated[str, msgspec.Meta(pattern=RULES["fill_id"].pattern)]
+FeeCurrency = Annotated[str, msgspec.Meta(pattern=RULES["fee_currency"].pattern)]
+CloseReason = Annotated[str, msgspec.Meta(pattern=RULES["close_reason"].pattern)]
+RejectReason = Annotated[str, msgspec.Meta(pattern=RULES["reject_reason"].pattern)]
+Id = Annotated[str, msgspec.Meta(pattern=RULES["id"].pattern)]
 Leverage = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 GridLevel = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
-Millis = Annotated[int, msgspec.Meta(ge=0)]
-Id = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F-]{32,36}$")]
+Millis = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
 
 
 class WireError(ValueError):
@@ -69,6 +68,15 @@ class Command(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_fiel
     schema: int = 1
 
 
+def _check_metadata(metadata: dict[str, Any] | None) -> None:
+    """msgspec turns a ValueError raised here into a ValidationError naming the command."""
+    if metadata is not None:
+        try:
+            check_json_object(metadata, "metadata")
+        except ValueRuleError as exc:
+            raise ValueError(str(exc)) from None
+
+
 class PlaceOrder(Command, tag="place_order", kw_only=True):
     exchange: Exchange
     symbol: Symbol
@@ -84,6 +92,9 @@ class PlaceOrder(Command, tag="place_order", kw_only=True):
     grid_level: GridLevel | None = None
     metadata: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        _check_metadata(self.metadata)
+
 
 class CancelOrder(Command, tag="cancel_order", kw_only=True):
     order_id: Id
@@ -96,7 +107,7 @@ class OrderAcceptedCommand(Command, tag="order_accepted", kw_only=True):
 
 class OrderRejectedCommand(Command, tag="order_rejected", kw_only=True):
     order_id: Id
-    reason: Reason
+    reason: RejectReason
 
 
 class RecordFill(Command, tag="record_fill", kw_only=True):
@@ -128,11 +139,14 @@ class OpenPosition(Command, tag="open_position", kw_only=True):
     take_profit: Dec | None = None
     metadata: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        _check_metadata(self.metadata)
+
 
 class ClosePosition(Command, tag="close_position", kw_only=True):
     position_id: Id
     size: Dec | None = None
-    reason: Reason = "manual"
+    reason: CloseReason = "manual"
     price: Dec | None = None
 
 
@@ -365,11 +379,22 @@ def encode(value: msgspec.Struct | Mapping[str, Any]) -> bytes:
     return _encoder.encode(value)
 
 
+# What a JSON decoder may raise on hostile input: invalid JSON, text that is not UTF-8, and JSON
+# nested deeper than the decoder's recursion limit.
+_UNREADABLE = (msgspec.DecodeError, UnicodeError, RecursionError)
+
+
+def _unreadable(exc: Exception) -> WireError:
+    if isinstance(exc, RecursionError):
+        return WireError("INVALID_JSON", "data is nested too deeply to be a command")
+    return WireError("INVALID_JSON", f"data is not valid JSON: {exc}")
+
+
 def decode_json(raw: bytes | str) -> Any:
     try:
         return _any_decoder.decode(raw)
-    except (msgspec.DecodeError, UnicodeError) as exc:  # UnicodeError: not UTF-8
-        raise WireError("INVALID_JSON", f"data is not valid JSON: {exc}") from exc
+    except _UNREADABLE as exc:
+        raise _unreadable(exc) from exc
 
 
 def _decoder(cls: type) -> msgspec.json.Decoder[Any]:
@@ -397,8 +422,14 @@ def _upcast(type_name: str, cls: Any, raw: bytes | str) -> Any:
         raise _field_error(exc) from exc
 
 
+# msgspec names a broken pattern by its regex; users read the rule's description instead.
+_RULE_BY_REGEX = {repr(rule.pattern): rule.description for rule in RULES.values()}
+
+
 def _field_error(exc: msgspec.ValidationError) -> WireError:
     message = str(exc)
+    for regex, description in _RULE_BY_REGEX.items():
+        message = message.replace(f"`str` matching regex {regex}", description)
     if "missing required field" in message:
         return WireError("MISSING_FIELD", message)
     if "got `float`" in message or "got `int`" in message:
@@ -411,8 +442,8 @@ def _decode_typed(type_name: str, cls: Any, raw: bytes | str) -> Any:
         value = _decoder(cls).decode(raw)
     except msgspec.ValidationError:
         return _upcast(type_name, cls, raw)
-    except (msgspec.DecodeError, UnicodeError) as exc:
-        raise WireError("INVALID_JSON", f"data is not valid JSON: {exc}") from exc
+    except _UNREADABLE as exc:
+        raise _unreadable(exc) from exc
     if value.schema != cls.SCHEMA:
         return _upcast(type_name, cls, raw)
     return value
@@ -431,7 +462,7 @@ def _readable_ids(raw: str | bytes | None) -> tuple[str | None, str | None]:
     """Best effort: the command_id and user_id of a broken command, if they are valid."""
     try:
         data = _any_decoder.decode(raw) if raw else None
-    except (msgspec.DecodeError, UnicodeError):
+    except _UNREADABLE:
         return None, None
     if not isinstance(data, dict):
         return None, None

@@ -146,14 +146,18 @@ def test_cancel_of_a_filled_order_is_an_invalid_transition() -> None:
     assert rejection.code is RejectCode.INVALID_TRANSITION
 
 
-def test_cancel_twice_is_an_invalid_transition() -> None:
+def test_cancel_twice_requests_the_cancel_again() -> None:
+    """CONTRACT §3: a cancel is accepted for any order not yet final, pending_cancel included."""
     driver = Driver()
     order_id = driver.place("buy", "0.1")
     driver.ok("cancel_order", order_id=order_id)
 
-    rejection = driver.refused("cancel_order", order_id=order_id)
+    again = driver.ok("cancel_order", order_id=order_id)
 
-    assert rejection.code is RejectCode.INVALID_TRANSITION
+    assert [(e.type, e.version, e.status) for e in again.events] == [  # type: ignore[attr-defined]
+        ("OrderCancelRequested", 3, OrderStatus.PENDING_CANCEL)
+    ]
+    assert again.order_id == order_id
     assert _status(driver, order_id) is OrderStatus.PENDING_CANCEL
 
 

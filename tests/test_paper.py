@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from decimal import Decimal
 from typing import Any
 
@@ -32,7 +31,7 @@ from ledger.config import ConfigError, Settings, parse_execution
 from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.eventstore import EventStore
 from ledger.keys import ShardKeys, marks
-from ledger.values import DECIMAL_PATTERN
+from ledger.values import RULES
 
 USER = "alice"
 LINEAR = "BTC-USDT-SWAP"
@@ -552,7 +551,7 @@ def test_paper_fee() -> None:
     tiny = paper_fee(Exchange.OKX, LINEAR, Decimal("0.000000000000000001"), Decimal("0.3"), Decimal("0.0005"))
     inverse = paper_fee(Exchange.OKX, INVERSE, Decimal("1"), Decimal("3"), Decimal("0.0005"))
     for fee in (tiny, inverse):  # what the ledger stores: at most 18 fraction digits
-        assert re.match(DECIMAL_PATTERN, format(fee, "f"))
+        assert RULES["decimal"].matches(format(fee, "f"))
 
 
 def test_fee_currency() -> None:

@@ -212,8 +212,10 @@ def test_sizes_never_go_negative(operations: list[tuple[Any, ...]]) -> None:
         if isinstance(event, wire.PositionEvent):
             assert Decimal(event.size) >= 0, event
             assert Decimal(event.excess_qty) >= 0, event
-    for position in driver.store.positions.values():
-        assert position is not None
+    for position_id, position in driver.store.positions.items():
+        if position is None:  # an id an unfilled entry order reserved: it has no state yet
+            assert position_id in driver.store.slots.values()
+            continue
         assert position.size >= 0
         assert fraction(position.size) == fraction(position.entry_qty) - fraction(position.exit_qty)
         assert (position.size > 0) == (position.status is PositionStatus.OPEN)
