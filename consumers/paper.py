@@ -80,7 +80,7 @@ import structlog
 
 from consumers.runner import RETRYABLE, ConsumerSettings, Entry, StreamConsumer
 from ledger import wire
-from ledger.arithmetic import basis
+from ledger.arithmetic import amount_fits, basis
 from ledger.config import Settings
 from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.instruments import instrument_for
@@ -88,6 +88,7 @@ from ledger.keys import ShardKeys, marks
 from ledger.redis_conn import text
 from ledger.state import OrderState
 from ledger.values import (
+    MAX_AMOUNT,
     RULES,
     ValueRuleError,
     exact,
@@ -265,6 +266,22 @@ def cancel_id(order_id: str) -> str:
     return f"paper:{order_id}:cancel"
 
 
+def expire_id(order_id: str) -> str:
+    return f"paper:{order_id}:expire"
+
+
+def unfillable_reason(exchange: Exchange, symbol: str, quantity: Decimal, price: Decimal) -> str | None:
+    """Why the venue cannot fill ``quantity`` at ``price``: its value is out of the range a fill
+    can report (the ledger refuses orders that name such a price, but a market or stop order
+    fills at the mark). None when it can."""
+    if amount_fits(instrument_for(exchange, symbol), quantity, price):
+        return None
+    return (
+        f"{format_decimal(quantity)} {symbol} at {format_decimal(price)} is worth more than "
+        f"{format_decimal(MAX_AMOUNT)}: the venue cannot fill it"
+    )
+
+
 def exchange_order_id(order_id: str) -> str:
     return f"paper-{order_id.replace('-', '')[:16]}"
 
@@ -421,12 +438,11 @@ class PaperVenue:
         if event.order_type is OrderType.MARKET:
             price = Decimal(event.price) if event.price is not None else mark
             if price is None:
-                reason = f"no price and no mark for {event.symbol}"
-                reject = wire.OrderRejectedCommand(
-                    command_id=reject_id(order_id), user_id=event.user_id, order_id=order_id, reason=reason
-                )
-                pipe.xadd(self.keys.commands, wire.command_fields(reject))
-                self.log.info("market order rejected", reason=reason, command_id=reject.command_id, **fields)
+                self._reject(pipe, event, f"no price and no mark for {event.symbol}")
+                return
+            reason = unfillable_reason(event.exchange, event.symbol, _remaining(event, state), price)
+            if reason is not None:
+                self._reject(pipe, event, reason)
                 return
             fill = self._fill(order_id, event.user_id, event.exchange, event.symbol, _remaining(event, state), price)
             pipe.xadd(self.keys.commands, wire.command_fields(accept))
@@ -459,11 +475,54 @@ class PaperVenue:
         )
         self.log.info("order resting", order_type=str(event.order_type), command_id=accept.command_id, **fields)
         if fill_price is not None:
-            self._take(
-                pipe,
-                order_id,
-                self._fill(order_id, event.user_id, event.exchange, event.symbol, _remaining(event, state), fill_price),
-            )
+            quantity = _remaining(event, state)
+            self._take_resting(pipe, order_id, event.user_id, event.exchange, event.symbol, quantity, fill_price)
+
+    def _reject(self, pipe: Any, event: wire.OrderPlaced, reason: str) -> None:
+        order_id = event.stream
+        reject = wire.OrderRejectedCommand(
+            command_id=reject_id(order_id), user_id=event.user_id, order_id=order_id, reason=reason
+        )
+        pipe.xadd(self.keys.commands, wire.command_fields(reject))
+        self.log.info(
+            "market order rejected",
+            reason=reason,
+            command_id=reject.command_id,
+            order_id=order_id,
+            event_id=event.event_id,
+            user_id=event.user_id,
+        )
+
+    def _take_resting(
+        self,
+        pipe: Any,
+        order_id: str,
+        user_id: str,
+        exchange: Exchange,
+        symbol: str,
+        quantity: Decimal,
+        price: Decimal,
+    ) -> None:
+        """Take a resting order the mark reached off the book: fill its remaining quantity, or
+        expire it when that fill could not be reported (an accepted order cannot be rejected)."""
+        fields = {"order_id": order_id, "user_id": user_id}
+        reason = unfillable_reason(exchange, symbol, quantity, price)
+        if reason is not None:
+            expire = wire.OrderExpiredCommand(command_id=expire_id(order_id), user_id=user_id, order_id=order_id)
+            self._take(pipe, order_id, expire)
+            self.log.warning("resting order expired", reason=reason, command_id=expire.command_id, **fields)
+            return
+        fill = self._fill(order_id, user_id, exchange, symbol, quantity, price)
+        self._take(pipe, order_id, fill)
+        self.log.info(
+            "resting order: fill published",
+            price=fill.price,
+            quantity=fill.quantity,
+            fee=fill.fee,
+            fee_currency=fill.fee_currency,
+            command_id=fill.command_id,
+            **fields,
+        )
 
     def _take(self, pipe: Any, order_id: str, command: wire.Command | None) -> None:
         keys = self.paper_keys
@@ -526,19 +585,8 @@ class PaperVenue:
             if state.status not in FILLABLE:  # pending_cancel: its cancel is on the way
                 continue
             if fill_price is not None:
-                fill = self._fill(
-                    order_id, after.user_id, after.exchange, after.symbol, state.remaining_qty, fill_price
-                )
-                self._take(pipe, order_id, fill)
-                self.log.info(
-                    "resting order: fill published",
-                    order_type=str(after.order_type),
-                    price=fill.price,
-                    quantity=fill.quantity,
-                    fee=fill.fee,
-                    fee_currency=fill.fee_currency,
-                    command_id=fill.command_id,
-                    **fields,
+                self._take_resting(
+                    pipe, order_id, after.user_id, after.exchange, after.symbol, state.remaining_qty, fill_price
                 )
             else:
                 pipe.eval(_UPDATE, 2, keys.resting, keys.version, order_id, msgspec.json.encode(after))

@@ -151,6 +151,30 @@ async def test_market_order_without_price_or_mark_is_rejected(rig: Rig) -> None:
     assert await rig.events("OrderFilled") == []
 
 
+async def test_market_order_worth_more_than_a_fill_can_report_is_rejected_not_left_open(rig: Rig) -> None:
+    """Issue 7, defect 4: 1e12 at a mark of 1e12 (fee 5e20, 21 integer digits) once published a
+    fill the ledger dead-lettered, and the order stayed open forever."""
+    await rig.redis.hset(marks("okx"), LINEAR, "1000000000000")
+    order_id = await rig.place(side="buy", order_type="market", quantity="1000000000000")
+    assert await rig.status(order_id) is OrderStatus.REJECTED
+    (rejected,) = await rig.events("OrderRejected", order_id)
+    assert rejected.reason == (
+        f"1000000000000 {LINEAR} at 1000000000000 is worth more than 99999999999999999999: the venue cannot fill it"
+    )
+    assert await rig.events("OrderFilled") == []
+
+
+async def test_resting_order_the_mark_takes_out_of_range_expires(rig: Rig) -> None:
+    await rig.redis.hset(marks("okx"), LINEAR, "100")
+    order_id = await rig.place(
+        side="buy", order_type="stop_market", quantity="10000000000", trigger_price="1000"
+    )  # worth 1e13 at its trigger: accepted
+    assert await rig.status(order_id) is OrderStatus.OPEN
+    await rig.mark("90000000000")  # 1e10 * 9e10 = 9e20 > 1e20 - 1
+    assert await rig.status(order_id) is OrderStatus.EXPIRED
+    assert await rig.events("OrderFilled") == []
+
+
 async def test_open_and_close_position_fill_as_market_orders(rig: Rig) -> None:
     await rig.redis.hset(marks("okx"), LINEAR, "45000")
     opening = await rig.send("open_position", exchange="okx", symbol=LINEAR, side="long", size="0.3", leverage=5)
