@@ -6,7 +6,9 @@ against one in-memory book, and all outcomes are appended in one pipeline, each 
 its reply and deduplication record. When another handler changed a user's state in between (the
 append script answers ``conflict``), that user's remaining commands are decided again, one by
 one, on freshly loaded state. Malformed entries are dead-lettered, with a rejection reply when
-their ``command_id`` and ``user_id`` can be read.
+their ``command_id`` and ``user_id`` can be read, once per entry: a redelivered entry (a batch
+retried entry by entry, a claimed entry) writes neither again. Any other failure of one entry
+is the runner's to isolate (it retries the entry alone and counts its tries).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from consumers.deadletter import dead_letter_fields
+from consumers.deadletter import Reply, write_dead_letter
 from consumers.runner import ConsumerSettings, Entry, StreamConsumer
 from ledger import wire
 from ledger.config import Settings
@@ -92,20 +94,30 @@ class CommandHandler:
         return command
 
     async def _reject_malformed(self, entry: Entry, error: wire.WireError) -> None:
+        """Dead-letter a malformed entry and answer it, both once per entry however often it
+        is delivered (a redelivered batch, a claimed entry, a retry entry by entry)."""
         keys = self.store.keys
-        fields = dead_letter_fields(
-            entry.fields, stream=keys.commands, entry_id=entry.id, group=GROUP, code=error.code, reason=error.message
-        )
-        await self.store.redis.xadd(keys.dead, fields)
+        reply = None
         if error.command_id and error.user_id:
-            reply = wire.Reply(
+            body = wire.Reply(
                 command_id=error.command_id,
                 status="rejected",
                 error=wire.ErrorInfo(error.code, error.message),
             )
-            await self.store.write_reply(error.user_id, error.command_id, reply)
+            reply = Reply(keys.reply(error.user_id, error.command_id), wire.encode(body), self.store.reply_ttl_s)
+        written = await write_dead_letter(
+            self.store.redis,
+            keys.dead,
+            entry.fields,
+            stream=keys.commands,
+            entry_id=entry.id,
+            group=GROUP,
+            code=error.code,
+            reason=error.message,
+            reply=reply,
+        )
         log.warning(
-            "malformed command",
+            "malformed command" if written else "malformed command already dead-lettered",
             entry_id=entry.id,
             command_id=error.command_id,
             user_id=error.user_id,

@@ -1,19 +1,74 @@
-"""Dead letters: entries that could not be processed, kept with the reason (CONTRACT §2)."""
+"""Dead letters: entries that could not be processed, kept with the reason (CONTRACT §2).
+
+A dead letter is the original entry's fields plus ``dead_*`` fields saying where it came from
+and why. It is written **at most once** per (stream, group, entry id), however often the entry is
+delivered again: the dead stream's index (``keys.dead_index``, a hash "stream/group/entry id" ->
+dead entry id) is written in the same Lua step as the XADD, so a redelivered entry finds it and
+writes nothing. What goes with the first dead letter goes in that same step: the rejection reply
+of a malformed command (never written twice either), and, for a consumer giving up on an entry,
+its XACK and the removal of its try counter (``keys.tries``). Every key of the step is on the
+shard's hash tag, so it is one step on Redis Cluster too.
+
+A Lua step cannot pass more than about 8,000 arguments to one command, so a hostile entry with
+more than ``MAX_FIELDS`` fields keeps its first ``MAX_FIELDS`` and says how many it dropped in
+``dead_fields_dropped``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from ledger.keys import dead_index
 from ledger.values import now_ms
+
+MAX_FIELDS = 1000
+
+# KEYS[1] dead stream, KEYS[2] dead index, then KEYS[3] source stream and KEYS[4] its try
+# counters (when ARGV[2], the group, is not empty: acknowledge), then the reply list (when
+# ARGV[4], the reply, is not empty).
+# ARGV[1] index field, ARGV[2] group or '', ARGV[3] entry id, ARGV[4] reply or '', ARGV[5] reply
+# time-to-live in seconds, ARGV[6..] the dead letter's field/value pairs.
+# Returns 1 if this call wrote the dead letter, 0 if it was already there.
+_DEAD_LETTER_LUA = """
+local fresh = redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
+if fresh then
+  redis.call('HSET', KEYS[2], ARGV[1], redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6)))
+  if ARGV[4] ~= '' then
+    local reply = KEYS[#KEYS]
+    redis.call('DEL', reply)
+    redis.call('RPUSH', reply, ARGV[4])
+    redis.call('EXPIRE', reply, ARGV[5])
+  end
+end
+if ARGV[2] ~= '' then
+  redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
+  redis.call('HDEL', KEYS[4], ARGV[3], ARGV[3] .. ':error')
+end
+return fresh and 1 or 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply to write with the first dead letter: its list key, JSON and time-to-live."""
+
+    key: str
+    body: bytes | str
+    ttl_s: int
 
 
 def dead_letter_fields(
     fields: Mapping[str, Any], *, stream: str, entry_id: str, group: str, code: str, reason: str
 ) -> dict[str, Any]:
     """The original fields plus ``dead_*`` fields saying where the entry came from and why."""
+    kept = dict(list(fields.items())[:MAX_FIELDS])
+    dropped = len(fields) - len(kept)
+    if dropped:
+        kept["dead_fields_dropped"] = str(dropped)
     return {
-        **fields,
+        **kept,
         "dead_code": code,
         "dead_reason": reason,
         "dead_stream": stream,
@@ -21,3 +76,39 @@ def dead_letter_fields(
         "dead_group": group,
         "dead_ts": str(now_ms()),
     }
+
+
+async def write_dead_letter(
+    redis: Any,
+    dead_stream: str,
+    fields: Mapping[str, Any],
+    *,
+    stream: str,
+    entry_id: str,
+    group: str,
+    code: str,
+    reason: str,
+    reply: Reply | None = None,
+    ack_tries: str | None = None,
+) -> bool:
+    """Dead-letter an entry unless it already is; True if this call wrote the dead letter.
+
+    ``reply`` is written only with the dead letter. ``ack_tries`` (the group's try-counter
+    key) also acknowledges the entry and drops its counter, whether or not it was written now.
+    """
+    letter = dead_letter_fields(fields, stream=stream, entry_id=entry_id, group=group, code=code, reason=reason)
+    keys = [dead_stream, dead_index(dead_stream)]
+    if ack_tries is not None:
+        keys += [stream, ack_tries]
+    if reply is not None:
+        keys.append(reply.key)
+    args: list[Any] = [
+        f"{stream}/{group}/{entry_id}",
+        group if ack_tries is not None else "",
+        entry_id,
+        reply.body if reply is not None else "",
+        reply.ttl_s if reply is not None else 0,
+    ]
+    for name, value in letter.items():
+        args += [name, value]
+    return bool(await redis.eval(_DEAD_LETTER_LUA, len(keys), *keys, *args))

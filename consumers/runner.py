@@ -2,11 +2,26 @@
 
 It reads a stream with XREADGROUP in batches, hands each batch to an async handler and XACKs it
 after success. Entries left pending by a dead consumer are taken over with XAUTOCLAIM once idle
-for ``claim_idle_ms``. An entry delivered ``max_deliveries`` times without success goes to the
-dead-letter stream with its last error. Redis (or, for a consumer that
-passes its errors as ``retryable``, PostgreSQL) going away means backoff and reconnection, not a
-crash, and never a dead letter. ``run`` stops cleanly when its stop event is set (the batch in hand is finished and
-acknowledged first); ``burst`` processes what is there and returns (for tests and tools).
+for ``claim_idle_ms``. Redis (or, for a consumer that passes its errors as ``retryable``,
+PostgreSQL) going away means backoff and reconnection, not a crash, and never a dead letter.
+``run`` stops cleanly when its stop event is set (the batch in hand is finished and acknowledged
+first); ``burst`` processes what is there and returns (for tests and tools).
+
+Failures are counted in Redis, so that they survive the process (``keys.tries``, one hash per
+stream and group on the stream's hash tag):
+
+* before a batch of fresh entries is handled, each entry gets a try counter of 0 (a mark);
+* an entry that already has a counter was in a batch that failed or never finished (the process
+  died): it is handled alone, and its counter is incremented *before* it is handled, so a
+  delivery that kills the process counts too; its last error is kept next to the counter;
+* a batch that raises is retried at once entry by entry, the same way;
+* an entry whose counter would exceed ``max_deliveries`` is dead-lettered with its last known
+  error instead (``consumers.deadletter``: written once, acknowledged in the same step);
+* acknowledging an entry deletes its counter in the same step.
+
+So only the entry that fails (or kills the process) accumulates tries: the other entries of its
+batch are handled alone once and acknowledged. A delivery cut short by a ``retryable`` error
+(a server down) gives its count back, so an outage never dead-letters anything.
 
 Handlers must be idempotent: delivery is at least once.
 
@@ -19,6 +34,7 @@ first claiming everything the previous holder left pending, in id order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -30,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from redis import exceptions as redis_errors
 
-from consumers.deadletter import dead_letter_fields
+from consumers.deadletter import write_dead_letter
+from ledger.keys import tries
 from ledger.redis_conn import text
 
 if TYPE_CHECKING:
@@ -42,6 +59,43 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+# KEYS[1] try counters; ARGV[1] the increment (0: mark), ARGV[2..] entry ids. A mark (0) creates
+# a counter of 0 only where there is none. Returns each entry's counter as it was before.
+_COUNT = """
+local before = {}
+for i = 2, #ARGV do
+  local n = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
+  before[#before + 1] = n
+  if ARGV[1] ~= '0' or n < 0 then
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[1])
+  end
+end
+return before
+"""
+
+# KEYS[1] try counters; ARGV[1..] entry ids: give back the count of a delivery that a server
+# outage cut short (a mark given back is deleted).
+_UNCOUNT = """
+for i = 1, #ARGV do
+  if redis.call('HINCRBY', KEYS[1], ARGV[i], -1) < 0 then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return 1
+"""
+
+# KEYS[1] stream, KEYS[2] try counters; ARGV[1] group, ARGV[2..] entry ids.
+_ACK = """
+for i = 2, #ARGV do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i], ARGV[i] .. ':error')
+end
+return 1
+"""
+
+# The reason given when an entry's last delivery never finished (the process died in it).
+UNFINISHED = "the consumer handling it stopped before finishing (a crash, a kill or a timeout)"
 
 RETRYABLE = (
     redis_errors.ConnectionError,
@@ -108,8 +162,10 @@ class StreamConsumer:
         self.start_id = start_id
         self.lease_key = lease_key
         self.retryable = RETRYABLE + retryable
+        self.tries = tries(stream, group)
         self.log = structlog.get_logger("ledger.consumer").bind(stream=stream, group=group, consumer=self.name)
-        self._errors: dict[str, str] = {}
+        # Entries whose delivery a server outage cut short, their count not given back yet.
+        self._uncounted: set[str] = set()
         self._own_pending = True
         self._next_claim = 0.0
         self._group_ready = False
@@ -181,41 +237,66 @@ class StreamConsumer:
             block=None if own or not block else self.settings.block_ms,
         )
         entries = _entries(response)
-        if own:
-            if not entries:
-                self._own_pending = False
-                return await self._read(block)
-            entries = await self._drop_exhausted(entries)
+        if own and not entries:
+            self._own_pending = False
+            return await self._read(block)
         return entries
 
     async def _process(self, entries: list[Entry]) -> None:
+        """Handle a batch; entries tried before (or a batch that fails) are handled alone."""
+        await self._give_back()
+        before = await self._count(entries, 0)
+        if any(n >= 0 for n in before):
+            await self._process_alone(entries)
+            return
         try:
             await self.handler(entries)
         except self.retryable:
-            self._own_pending = True
+            await self._uncount(entries)
             raise
         except Exception as exc:  # noqa: BLE001 - isolate the failing entry, keep the stream moving
             self.log.error("batch failed, retrying entry by entry", error=repr(exc), size=len(entries))
-            await self._process_singly(entries)
+            await self._process_alone(entries)
             return
-        await self.redis.xack(self.stream, self.group, *[e.id for e in entries])
-        for entry in entries:
-            self._errors.pop(entry.id, None)
+        await self._ack(entries)
 
-    async def _process_singly(self, entries: list[Entry]) -> None:
+    async def _process_alone(self, entries: list[Entry]) -> None:
         for entry in entries:
+            (before,) = await self._count([entry], 1)
+            if before >= self.settings.max_deliveries:
+                await self._dead_letter(entry, before)
+                continue
             try:
                 await self.handler([entry])
             except self.retryable:
-                self._own_pending = True
+                await self._uncount([entry])
                 raise
-            except Exception as exc:  # noqa: BLE001
-                self._errors[entry.id] = repr(exc)
+            except Exception as exc:  # noqa: BLE001 - counted; dead-lettered after max_deliveries
                 self._own_pending = True
-                self.log.error("entry failed", entry_id=entry.id, error=repr(exc))
+                await self.redis.hset(self.tries, f"{entry.id}:error", repr(exc))
+                self.log.error("entry failed", entry_id=entry.id, tries=before + 1, error=repr(exc))
                 continue
-            await self.redis.xack(self.stream, self.group, entry.id)
-            self._errors.pop(entry.id, None)
+            await self._ack([entry])
+
+    async def _count(self, entries: list[Entry], increment: int) -> list[int]:
+        """Increment (or, with 0, mark) the entries' try counters; return them as they were."""
+        before = await self.redis.eval(_COUNT, 1, self.tries, increment, *[e.id for e in entries])
+        return [int(n) for n in before]
+
+    async def _uncount(self, entries: list[Entry]) -> None:
+        """Give back the count of a delivery a server outage cut short (now, or before the next)."""
+        self._own_pending = True
+        self._uncounted.update(e.id for e in entries)
+        with contextlib.suppress(*self.retryable):
+            await self._give_back()
+
+    async def _give_back(self) -> None:
+        if self._uncounted:
+            await self.redis.eval(_UNCOUNT, 1, self.tries, *sorted(self._uncounted))
+            self._uncounted.clear()
+
+    async def _ack(self, entries: list[Entry]) -> None:
+        await self.redis.eval(_ACK, 2, self.stream, self.tries, self.group, *[e.id for e in entries])
 
     # ----------------------------------------------------------------- exclusivity
 
@@ -241,45 +322,26 @@ class StreamConsumer:
 
     # ----------------------------------------------------------------- failures
 
-    async def _drop_exhausted(self, entries: list[Entry]) -> list[Entry]:
-        """Dead-letter own pending entries that failed too often; return the others.
-
-        Only entries whose handler raised count: deliveries repeated because a server was down
-        (a ``retryable`` error) never dead-letter an entry.
-        """
-        details = await self.redis.xpending_range(
-            self.stream, self.group, min=entries[0].id, max=entries[-1].id, count=len(entries), consumername=self.name
-        )
-        counts = {text(d["message_id"]): int(d["times_delivered"]) for d in details}
-        keep = []
-        for entry in entries:
-            if entry.id in self._errors and counts.get(entry.id, 0) > self.settings.max_deliveries:
-                await self._dead_letter(entry, counts[entry.id])
-            else:
-                keep.append(entry)
-        return keep
-
-    async def _dead_letter(self, entry: Entry, deliveries: int) -> None:
-        reason = self._errors.pop(entry.id, "unknown error")
-        fields = dead_letter_fields(
+    async def _dead_letter(self, entry: Entry, failures: int) -> None:
+        reason = text(await self.redis.hget(self.tries, f"{entry.id}:error")) or UNFINISHED
+        written = await write_dead_letter(
+            self.redis,
+            self.dead_stream,
             entry.fields,
             stream=self.stream,
             entry_id=entry.id,
             group=self.group,
             code="DELIVERY_LIMIT",
-            reason=f"failed {deliveries} deliveries; last error: {reason}",
+            reason=f"failed deliveries: {failures}; last error: {reason}",
+            ack_tries=self.tries,
         )
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(self.dead_stream, fields)
-        pipe.xack(self.stream, self.group, entry.id)
-        await pipe.execute()
-        self.log.error("entry dead-lettered", entry_id=entry.id, deliveries=deliveries, error=reason)
+        self.log.error("entry dead-lettered", entry_id=entry.id, deliveries=failures, error=reason, written=written)
 
     async def _claim_stale(self) -> list[Entry]:
         """Take over entries another consumer left pending for longer than claim_idle_ms.
 
-        Claimed entries are handled like new ones: only failures seen here count towards the
-        delivery limit (a dead consumer's retries during an outage are not failures).
+        A claimed entry that has a try counter was in a delivery that failed or never finished:
+        it is handled alone, and counted (``_process``).
         """
         now = time.monotonic()
         if now < self._next_claim:

@@ -178,15 +178,6 @@ class EventStore:
     async def append(self, append: Append) -> AppendResult:
         return (await self.append_many([append]))[0]
 
-    async def write_reply(self, user_id: str, command_id: str, reply: wire.Reply) -> None:
-        """Answer a command that is not recorded (a malformed entry): reply only, no outcome."""
-        key = self.keys.reply(user_id, command_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.rpush(key, wire.encode(reply))
-        pipe.expire(key, self.reply_ttl_s)
-        await pipe.execute()
-
     # ----------------------------------------------------------------- reads
 
     async def read_range(self, start: str = "-", end: str = "+", count: int | None = None) -> list[StoredEvent]:

@@ -3,6 +3,19 @@
 Shard keys carry the hash tag ``{s}`` so that a Redis Cluster keeps a shard on one slot. The
 legacy live-state keys carry no tag: they are written by the projection, never by a script.
 Builders validate the identifiers they put into a key.
+
+Internal keys of the consumers (not in the contract), on the hash tag of the stream they serve:
+
+``<stream>:tries:<group>`` (hash, ``tries``)
+    A consumer group's try counters: field ``<entry id>`` is how many times the entry was
+    handled alone and failed or never finished (a crash), ``<entry id>:error`` its last error.
+    Written before an entry is handled, deleted when it is acknowledged or dead-lettered, so it
+    holds only entries pending in the group (``ledger:{s}:commands:tries:ledger-handler``,
+    ``ledger:{s}:events:tries:ledger-projector``, ...).
+``<dead stream>:index`` (hash, ``dead_index``)
+    Every dead letter written to a dead stream, field ``<stream>/<group>/<entry id>`` -> dead
+    entry id, so an entry is dead-lettered at most once however often it is delivered
+    (``ledger:{s}:dead:index``). Kept as long as the dead stream.
 """
 
 from __future__ import annotations
@@ -61,6 +74,16 @@ class ShardKeys:
         check_identifier("user_id", user_id)
         check_identifier("command_id", command_id)
         return f"ledger:{{{self.shard}}}:reply:{user_id}:{command_id}"
+
+
+def tries(stream: str, group: str) -> str:
+    """The try counters of a consumer group on a stream (same hash tag as the stream)."""
+    return f"{stream}:tries:{group}"
+
+
+def dead_index(dead_stream: str) -> str:
+    """The index of the dead letters written to a dead stream (same hash tag)."""
+    return f"{dead_stream}:index"
 
 
 def outcome_field(user_id: str, command_id: str) -> str:
