@@ -4,28 +4,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import math
 import secrets
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
+import redis.exceptions
 
 from ledger import keys, servers
-from ledger.config import ConfigError, Settings
+from ledger.config import Settings, whole_number
 from ledger.enums import Exchange, OrderStatus
 from ledger.keys import ShardKeys, shard_of
 from ledger.logs import configure_logging
-from ledger.redis_conn import ShardCountMismatch, connect, recorded_shards
-from ledger.values import ValueRuleError, check_identifier, format_decimal, parse_decimal
+from ledger.redis_conn import CONNECT_TIMEOUT_S, ShardCountMismatch, connect, recorded_shards, text
+from ledger.values import check_identifier, format_decimal, parse_decimal
 from projections import history
 from projections.queries import marks, order_hashes, position_from_hash, position_hashes
 
+T = TypeVar("T")
+
+EXIT_FAILURE = 1  # the ledger or a server could not do what was asked
+EXIT_USAGE = 2  # the command line or a setting is wrong (argparse's own status)
+HISTORY_MAX_LIMIT = 10_000
+REPLY_BLOCK_S = 1.0  # BLPOP a second at a time: a long --wait never meets the client's socket timeout
+LAG_PAGE = 1000
+
 
 class CliError(RuntimeError):
-    """A failure to report on one line with a non-zero exit status."""
+    """A failure to report on one line (exit status 1)."""
+
+
+class UsageError(ValueError):
+    """The command line asks for something impossible (exit status 2)."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -58,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     roles = args.role or list(ROLES)
     unknown = [r for r in roles if r not in ROLES]
     if unknown:
-        raise CliError(f"unknown role {unknown[0]!r}; roles: {', '.join(ROLES)}")
+        raise UsageError(f"--role: unknown role {unknown[0]!r}: use one of {', '.join(ROLES)}")
     asyncio.run(serve(settings, roles))
     return 0
 
@@ -69,32 +85,48 @@ async def _client(settings: Settings) -> Any:
     return await connect(redis_url(settings, start=False))
 
 
-async def _submit(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def _command_data(text_: str) -> dict[str, Any]:
+    """``--data``: a JSON object whose ``user_id`` and ``command_id`` (generated when absent)
+    can name the reply key; every other field is the ledger's to judge."""
     try:
-        data = json.loads(args.data)
-    except json.JSONDecodeError as exc:
-        raise CliError(f"--data is not valid JSON: {exc}") from exc
+        data = json.loads(text_)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"--data: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise CliError("--data must be a JSON object")
-    user_id = data.get("user_id")
-    if not isinstance(user_id, str):
-        raise CliError("--data needs a user_id")
+        raise UsageError("--data: must be a JSON object")
     data.setdefault("command_id", f"cli-{secrets.token_hex(8)}")
+    for name in ("user_id", "command_id"):
+        try:
+            check_identifier(name, data.get(name))
+        except ValueError as exc:
+            raise UsageError(f"--data: {exc}") from None
+    return data
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    data = _command_data(args.data)
+    settings = _settings(args)
     redis = await _client(settings)
     try:
-        shards = await recorded_shards(redis) or settings.shards
-        keys = ShardKeys(shard_of(user_id, shards))
-        reply_key = keys.reply(user_id, data["command_id"])
-        await redis.xadd(keys.commands, {"type": args.type, "data": json.dumps(data)})
-        answer = await redis.blpop([reply_key], timeout=args.wait)
+        recorded = await recorded_shards(redis)
+        shards = settings.shards if recorded is None else recorded  # the count `serve` is about to record
+        shard_keys = ShardKeys(shard_of(data["user_id"], shards))
+        reply_key = shard_keys.reply(data["user_id"], data["command_id"])
+        await redis.xadd(shard_keys.commands, {"type": args.type, "data": json.dumps(data)})
+        answer = None
+        deadline = time.monotonic() + args.wait
+        while answer is None and (left := deadline - time.monotonic()) > 0:
+            answer = await redis.blpop([reply_key], timeout=max(0.01, min(REPLY_BLOCK_S, left)))
     finally:
         await redis.aclose()
     if answer is None:
-        raise CliError(f"no reply within {args.wait} s: is `ledger serve` running? (command_id {data['command_id']})")
-    reply = json.loads(answer[1])
+        raise CliError(
+            f"no reply within {args.wait:g} s (command_id {data['command_id']}): check that `ledger serve` runs, "
+            "then submit again with the same command_id (it is answered once)"
+        )
+    reply = json.loads(text(answer[1]))
     _print_json(reply)
-    return 0 if reply["status"] == "accepted" else 1
+    return 0 if reply["status"] == "accepted" else EXIT_FAILURE
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -132,10 +164,34 @@ async def _shard_status(redis: Any, keys: ShardKeys) -> list[dict[str, Any]]:
                     "group": group["name"],
                     "consumers": group["consumers"],
                     "pending": group["pending"],
-                    "lag": group.get("lag"),
+                    "lag": await group_lag(redis, stream, text(group["last-delivered-id"])),
                 }
             )
     return rows
+
+
+async def group_lag(redis: Any, stream: str, last_delivered_id: str) -> int:
+    """The entries of ``stream`` after a group's last-delivered-id, counted from the ids.
+
+    Redis's own ``lag`` (entries-added minus entries-read) is null after an AOF reload or a
+    deletion and can be wrong after a trim, so it is never used. The count walks from both ends
+    a page at a time and stops at the first that runs out: the entries after the id, or the
+    stream's length minus the entries up to it, whichever are fewer to read.
+    """
+    length = await redis.xlen(stream)
+    after, up_to = 0, 0
+    after_from, up_to_till = f"({last_delivered_id}", last_delivered_id
+    while True:
+        page = await redis.xrange(stream, min=after_from, max="+", count=LAG_PAGE)
+        after += len(page)
+        if len(page) < LAG_PAGE:
+            return after
+        after_from = f"({text(page[-1][0])}"
+        page = await redis.xrevrange(stream, max=up_to_till, min="-", count=LAG_PAGE)
+        up_to += len(page)
+        if len(page) < LAG_PAGE:
+            return max(0, length - up_to)
+        up_to_till = f"({text(page[-1][0])}"
 
 
 POSITION_COLUMNS = (
@@ -239,31 +295,25 @@ async def _orders(args: argparse.Namespace) -> int:
 
 
 async def _mark(args: argparse.Namespace) -> int:
-    try:
-        exchange = Exchange(args.exchange)
-        check_identifier("symbol", args.symbol)
-        price = parse_decimal(args.price, "price", positive=True)
-    except (ValueError, ValueRuleError) as exc:
-        raise CliError(str(exc)) from exc
+    exchange, price = Exchange(args.exchange), format_decimal(args.price)
     redis = await _client(_settings(args))
     try:
-        await redis.hset(keys.marks(exchange), args.symbol, format_decimal(price))
+        await redis.hset(keys.marks(exchange), args.symbol, price)
     finally:
         await redis.aclose()
-    print(f"marks:{exchange} {args.symbol} = {format_decimal(price)}")
+    print(f"marks:{exchange} {args.symbol} = {price}")
     return 0
 
 
 async def _history(args: argparse.Namespace) -> int:
     from ledger.service import database_url
 
-    settings = _settings(args)
-    try:
-        async with await psycopg.AsyncConnection.connect(database_url(settings, start=False), autocommit=True) as conn:
-            positions = await history.closed_positions(conn, args.user, args.exchange, args.symbol, limit=args.limit)
-            orders = await history.final_orders(conn, args.user, args.exchange, limit=args.limit)
-    except (ValueError, psycopg.OperationalError) as exc:
-        raise CliError(str(exc)) from exc
+    url = database_url(_settings(args), start=False)
+    async with await psycopg.AsyncConnection.connect(
+        url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
+    ) as conn:
+        positions = await history.closed_positions(conn, args.user, args.exchange, args.symbol, limit=args.limit)
+        orders = await history.final_orders(conn, args.user, args.exchange, limit=args.limit)
     if args.json:
         _print_json({"positions": positions, "orders": orders})
         return 0
@@ -296,62 +346,115 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def _connection_flags(parser: argparse.ArgumentParser) -> None:
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (CONTRACT §11)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _option(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
+    """An argparse ``type`` from a parser that raises ``ValueError`` with the rule it broke."""
+
+    def convert(value: str) -> T:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"must be a number of seconds > 0 (got {value!r})")
+    return seconds
+
+
+def _limit(value: str) -> int:
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= HISTORY_MAX_LIMIT):
+        raise ValueError(f"must be a whole number from 1 to {HISTORY_MAX_LIMIT} (got {value!r})")
+    return int(value)
+
+
+SHARDS = _option(functools.partial(whole_number, "shards"), "shards")
+SECONDS = _option(_seconds, "seconds")
+LIMIT = _option(_limit, "limit")
+USER_ID = _option(functools.partial(check_identifier, "user_id"), "user_id")
+SYMBOL = _option(functools.partial(check_identifier, "symbol"), "symbol")
+PRICE = _option(functools.partial(parse_decimal, field="price", positive=True), "price")
+
+
+def _redis_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="Redis URL (env LEDGER_REDIS_URL; default: private server in ./.ledger)")
-    parser.add_argument("--shards", type=int, help="number of shards (env LEDGER_SHARDS, default 1)")
+
+
+def _shards_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", type=SHARDS, help="number of shards (env LEDGER_SHARDS, default 1)")
 
 
 def _filter_flags(parser: argparse.ArgumentParser, *, user_required: bool = False) -> None:
-    parser.add_argument("--user", required=user_required, help="user id (default: every user with open positions)")
+    parser.add_argument(
+        "--user", type=USER_ID, required=user_required, help="user id (default: every user with open positions)"
+    )
     parser.add_argument("--exchange", choices=[e.value for e in Exchange])
-    parser.add_argument("--symbol")
+    parser.add_argument("--symbol", type=SYMBOL)
     parser.add_argument("--json", action="store_true", help="print a JSON array")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ledger", description="The shared event-sourced position and order ledger.")
+    parser = _Parser(prog="ledger", description="The shared event-sourced position and order ledger.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the ledger (handler, projections, projector, paper venue)")
-    _connection_flags(serve)
+    _redis_flag(serve)
+    _shards_flag(serve)
     serve.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
     serve.add_argument("--role", action="append", help="run only this role (repeatable)")
     serve.set_defaults(func=cmd_serve)
 
     submit = commands.add_parser("submit", help="publish one command and print its reply")
-    _connection_flags(submit)
+    _redis_flag(submit)
+    _shards_flag(submit)
     submit.add_argument("type", help="command type, e.g. place_order")
     submit.add_argument("--data", required=True, help="the command's JSON object (command_id is generated if absent)")
-    submit.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the reply")
+    submit.add_argument("--wait", type=SECONDS, default=10.0, help="seconds to wait for the reply (default 10)")
     submit.set_defaults(func=lambda a: asyncio.run(_submit(a)))
 
     status = commands.add_parser("status", help="per shard: streams, consumer groups, pending, lag, dead letters")
-    _connection_flags(status)
+    _redis_flag(status)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=lambda a: asyncio.run(_status(a)))
 
     positions = commands.add_parser("positions", help="open positions from the live projection")
-    _connection_flags(positions)
+    _redis_flag(positions)
     _filter_flags(positions)
     positions.set_defaults(func=lambda a: asyncio.run(_positions(a)))
 
     orders = commands.add_parser("orders", help="orders from the live projection")
-    _connection_flags(orders)
+    _redis_flag(orders)
     _filter_flags(orders)
     orders.add_argument("--status", choices=[s.value for s in OrderStatus])
     orders.set_defaults(func=lambda a: asyncio.run(_orders(a)))
 
     mark = commands.add_parser("mark", help="set the mark price of a symbol (HSET marks:EXCHANGE)")
-    _connection_flags(mark)
+    _redis_flag(mark)
     mark.add_argument("exchange", choices=[e.value for e in Exchange])
-    mark.add_argument("symbol")
-    mark.add_argument("price")
+    mark.add_argument("symbol", type=SYMBOL)
+    mark.add_argument("price", type=PRICE)
     mark.set_defaults(func=lambda a: asyncio.run(_mark(a)))
 
     history_cmd = commands.add_parser("history", help="closed positions and final orders from PostgreSQL")
     history_cmd.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
     _filter_flags(history_cmd, user_required=True)
-    history_cmd.add_argument("--limit", type=int, default=100)
+    history_cmd.add_argument(
+        "--limit", type=LIMIT, default=100, help=f"rows of each kind, 1 to {HISTORY_MAX_LIMIT} (default 100)"
+    )
     history_cmd.set_defaults(func=lambda a: asyncio.run(_history(a)))
 
     demo = commands.add_parser("demo", help="start the ledger and run a scripted HYPERRSI-like and GRID-like session")
@@ -359,15 +462,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --------------------------------------------------------------------------- the edge
+
+_START_REDIS = "start it (`ledger serve` starts a private one) or point --redis-url / LEDGER_REDIS_URL at a running one"
+_START_POSTGRES = "start it or point --database-url / LEDGER_DATABASE_URL at a running one"
+
+# Every expected failure, most specific class first: (classes, exit status, what failed, what to
+# do). Anything else is a bug and keeps its traceback.
+FAILURES: tuple[tuple[tuple[type[BaseException], ...], int, str, str], ...] = (
+    ((redis.exceptions.AuthenticationError,), EXIT_FAILURE, "Redis", "put the right password in the Redis URL"),
+    ((redis.exceptions.ConnectionError, redis.exceptions.TimeoutError), EXIT_FAILURE, "Redis", _START_REDIS),
+    ((redis.exceptions.RedisError,), EXIT_FAILURE, "Redis", "check that the URL names the ledger's Redis"),
+    ((psycopg.OperationalError,), EXIT_FAILURE, "PostgreSQL", _START_POSTGRES),
+    ((psycopg.errors.UndefinedTable,), EXIT_FAILURE, "PostgreSQL", "start `ledger serve` once: it applies schema.sql"),
+    ((psycopg.Error,), EXIT_FAILURE, "PostgreSQL", "check that the URL names the ledger's database"),
+    ((ValueError,), EXIT_USAGE, "", ""),
+    ((CliError, servers.ServerError, ShardCountMismatch, OSError), EXIT_FAILURE, "", ""),
+)
+
+
+def failure_line(exc: BaseException) -> tuple[int, str] | None:
+    """The exit status and the one line that report an expected failure; None for a bug."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    for classes, status, what, todo in FAILURES:
+        if isinstance(exc, classes):
+            lines = str(exc).strip().splitlines()
+            reason = lines[0].strip().rstrip(".:") if lines else type(exc).__name__
+            return status, ": ".join(part for part in (what, reason, todo) if part)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CliError, ConfigError, ShardCountMismatch, servers.ServerError) as exc:
-        print(f"ledger: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        failure = failure_line(exc)
+        if failure is None:
+            raise
+        status, line = failure
+        print(f"ledger: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

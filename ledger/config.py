@@ -9,10 +9,30 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from redis.connection import parse_url as parse_redis_url
+
 from ledger.enums import Exchange
+from ledger.servers import DEFAULT_DURABILITY, Durability
 from ledger.values import ValueRuleError, parse_decimal
 
 EXECUTION_MODES = ("paper", "external", "live")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# More shards than this are never useful on one Redis and each shard runs consumers of every
+# role; since the count is fixed once recorded in ledger:meta, a typo must not be recorded.
+MAX_SHARDS = 1024
+
+# Whole-number settings: field -> (environment variable, command-line flag or None, maximum).
+WHOLE_NUMBERS: dict[str, tuple[str, str | None, int | None]] = {
+    "shards": ("LEDGER_SHARDS", "--shards", MAX_SHARDS),
+    "batch_size": ("LEDGER_BATCH_SIZE", None, None),
+    "claim_idle_ms": ("LEDGER_CLAIM_IDLE_MS", None, None),
+    "max_deliveries": ("LEDGER_MAX_DELIVERIES", None, None),
+    "reply_ttl_s": ("LEDGER_REPLY_TTL_S", None, None),
+    "paper_poll_ms": ("LEDGER_PAPER_POLL_MS", None, None),
+}
 
 
 class ConfigError(ValueError):
@@ -43,6 +63,9 @@ def parse_execution(text: str) -> dict[Exchange, str]:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """Every setting, checked when built (from the environment, flags or code): a value that
+    cannot work raises :class:`ConfigError` before anything uses it."""
+
     redis_url: str | None = None
     database_url: str | None = None
     shards: int = 1
@@ -50,12 +73,24 @@ class Settings:
     paper_fee_rate: Decimal = Decimal("0.0005")
     paper_poll_ms: int = 100
     home: Path = Path(".ledger")
+    durability: Durability = DEFAULT_DURABILITY
     batch_size: int = 256
     claim_idle_ms: int = 10_000
     max_deliveries: int = 5
     reply_ttl_s: int = 600
     log_format: str = "auto"
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in WHOLE_NUMBERS:
+            whole_number(name, getattr(self, name))
+        object.__setattr__(self, "durability", _durability(self.durability))
+        _one_of("LEDGER_LOG_FORMAT", self.log_format, LOG_FORMATS)
+        _one_of("LEDGER_LOG_LEVEL", self.log_level.lower(), LOG_LEVELS)
+        if self.redis_url is not None:
+            _check_redis_url(self.redis_url)
+        if self.database_url is not None:
+            _check_database_url(self.database_url)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,16 +106,11 @@ class Settings:
             values["paper_fee_rate"] = _fee_rate(rate)
         if home := env.get("LEDGER_HOME"):
             values["home"] = Path(home)
-        for name, key in (
-            ("shards", "LEDGER_SHARDS"),
-            ("batch_size", "LEDGER_BATCH_SIZE"),
-            ("claim_idle_ms", "LEDGER_CLAIM_IDLE_MS"),
-            ("max_deliveries", "LEDGER_MAX_DELIVERIES"),
-            ("reply_ttl_s", "LEDGER_REPLY_TTL_S"),
-            ("paper_poll_ms", "LEDGER_PAPER_POLL_MS"),
-        ):
+        if durability := env.get("LEDGER_DURABILITY"):
+            values["durability"] = durability
+        for name, (key, _flag, _maximum) in WHOLE_NUMBERS.items():
             if key in env:
-                values[name] = _positive_int(key, env[key])
+                values[name] = whole_number(name, env[key])
         for name, key in (("log_format", "LEDGER_LOG_FORMAT"), ("log_level", "LEDGER_LOG_LEVEL")):
             if key in env:
                 values[name] = env[key]
@@ -90,10 +120,49 @@ class Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _positive_int(key: str, text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"{key}: must be a whole number ≥ 1 (got {text!r})")
-    return int(text)
+def whole_number(name: str, value: object) -> int:
+    """The rule of the whole-number setting ``name`` (a field of :data:`WHOLE_NUMBERS`): 1 up
+    to its maximum, given as an ``int`` or as the text of an environment variable or a flag."""
+    key, flag, maximum = WHOLE_NUMBERS[name]
+    number: int | None = None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    if number is None or number < 1 or (maximum is not None and number > maximum):
+        where = f"{key} / {flag}" if flag else key
+        bound = f"from 1 to {maximum}" if maximum is not None else "≥ 1"
+        raise ConfigError(f"{where}: must be a whole number {bound} (got {value!r})")
+    return number
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _durability(value: object) -> Durability:
+    try:
+        return Durability(str(value))
+    except ValueError:
+        raise ConfigError(f"LEDGER_DURABILITY: must be one of {', '.join(Durability)} (got {value!r})") from None
+
+
+def _check_redis_url(url: str) -> None:
+    try:
+        parse_redis_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"LEDGER_REDIS_URL / --redis-url: {exc}: use redis://[:password@]host:port/db") from None
+
+
+def _check_database_url(url: str) -> None:
+    try:
+        conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0].replace(url, "the URL")
+        raise ConfigError(
+            f"LEDGER_DATABASE_URL / --database-url: {reason}: use postgresql://user[:password]@host:port/dbname"
+        ) from None
 
 
 def _fee_rate(text: str) -> Decimal:

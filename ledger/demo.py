@@ -35,6 +35,7 @@ from ledger.service import serve
 from projections import history
 
 HYPERRSI = "hyperrsi-demo"
+THROWAWAY = servers.Durability.OFF  # the demo's own servers live in a temp dir for a minute
 GRID = "grid-demo"
 
 
@@ -46,12 +47,12 @@ def _servers(settings: Settings) -> Iterator[Settings]:
         try:
             redis_url = settings.redis_url
             if redis_url is None:
-                started.append(servers.start_redis(Path(tmp) / "redis", appendonly=False))
+                started.append(servers.start_redis(Path(tmp) / "redis", appendonly=False, durability=THROWAWAY))
                 redis_url = started[-1].url
             database_url = settings.database_url
             if database_url is None:
                 print("starting a private PostgreSQL for the demo…")
-                started.append(servers.start_postgres(Path(tmp) / "postgres"))
+                started.append(servers.start_postgres(Path(tmp) / "postgres", durability=THROWAWAY))
                 database_url = started[-1].url
             yield settings.with_overrides(redis_url=redis_url, database_url=database_url)
         finally:

@@ -7,6 +7,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
+from ledger.config import ConfigError, whole_number
 from ledger.keys import META
 
 # redis-py 8 defaults socket_timeout to 5 s, which breaks a blocking XREADGROUP of more than
@@ -49,9 +50,11 @@ class ShardCountMismatch(RuntimeError):
 
 
 async def ensure_shard_count(redis: Any, shards: int) -> int:
-    """Record the shard count in ``ledger:meta`` or refuse a different one."""
+    """Record the shard count in ``ledger:meta`` or refuse a different one; a count that is
+    not one (``ConfigError``) is refused before anything is written."""
+    shards = whole_number("shards", shards)
     await redis.hsetnx(META, "shards", shards)
-    recorded = int(await redis.hget(META, "shards"))
+    recorded = await recorded_shards(redis)
     if recorded != shards:
         raise ShardCountMismatch(
             f"this Redis holds a ledger of {recorded} shards but {shards} were asked for: "
@@ -62,4 +65,12 @@ async def ensure_shard_count(redis: Any, shards: int) -> int:
 
 async def recorded_shards(redis: Any) -> int | None:
     value = await redis.hget(META, "shards")
-    return int(value) if value is not None else None
+    if value is None:
+        return None
+    try:
+        return whole_number("shards", text(value))
+    except ConfigError:
+        raise ShardCountMismatch(
+            f"ledger:meta records shards={text(value)!r}, which is not a shard count: if this Redis holds no "
+            "ledger data yet, delete it (HDEL ledger:meta shards) and start `ledger serve` again"
+        ) from None

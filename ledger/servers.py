@@ -27,10 +27,13 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DEFAULT_DURABILITY",
+    "Durability",
     "PostgresServer",
     "RedisCluster",
     "RedisServer",
@@ -53,7 +56,38 @@ PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 
 
 class ServerError(RuntimeError):
-    """A local server could not be found, started or stopped; the message says what to do."""
+    """A local server could not be found, started or stopped; the message says what to do.
+
+    The first line is the whole reason; a server log tail may follow on the next lines.
+    """
+
+
+class Durability(StrEnum):
+    """What a machine crash (power loss, kernel panic) may cost the servers started here.
+
+    A crash of the server process alone loses nothing acknowledged at any level: Redis writes
+    its AOF and PostgreSQL its WAL to the OS before answering.
+    """
+
+    ALWAYS = "always"
+    """Redis ``appendfsync always``, PostgreSQL ``fsync=on``: nothing acknowledged is lost."""
+    EVERYSEC = "everysec"
+    """Redis ``appendfsync everysec`` (PostgreSQL ``fsync=on``): up to about a second of
+    acknowledged commands and events can be lost from Redis."""
+    OFF = "off"
+    """Redis ``appendfsync no``, PostgreSQL ``fsync=off``: throwaway data only (tests, demo);
+    recent writes can be lost and the PostgreSQL cluster corrupted."""
+
+    @property
+    def appendfsync(self) -> str:
+        return "no" if self is Durability.OFF else self.value
+
+    @property
+    def fsync(self) -> str:
+        return "off" if self is Durability.OFF else "on"
+
+
+DEFAULT_DURABILITY = Durability.ALWAYS
 
 
 # --------------------------------------------------------------------------- helpers
@@ -113,6 +147,13 @@ def _free_cluster_port() -> int:
         if port + 10000 <= 65535 and _port_is_free(port + 10000):
             return port
     raise ServerError("could not find a free port pair (p, p+10000) for a Redis Cluster node")
+
+
+def _failed(reason: str, log_path: Path, output: str = "") -> ServerError:
+    """A :class:`ServerError` whose first line is the reason and the log to read; the
+    command's output and the log's tail follow on the next lines."""
+    details = [part for part in (output.strip()[-2000:], _log_tail(log_path)) if part]
+    return ServerError("\n".join([f"{reason}: read {log_path}", *details]))
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:
@@ -274,6 +315,7 @@ class RedisServer:
     appendonly: bool = True
     detached: bool = False
     extra_args: Sequence[str] = ()
+    durability: Durability = DEFAULT_DURABILITY
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -312,6 +354,7 @@ class RedisServer:
             "--bind", HOST,
             "--dir", str(self.workdir),
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.durability.appendfsync,
             "--save", "",
             "--daemonize", "no",
             "--protected-mode", "no",
@@ -342,18 +385,15 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(
-                    f"redis-server exited with status {self.process.returncode} while starting "
-                    f"on port {self.port}; log {self.log_path}:\n{_log_tail(self.log_path)}"
+                raise _failed(
+                    f"redis-server exited with status {self.process.returncode} while starting on port {self.port}",
+                    self.log_path,
                 )
             if _redis_pings(self.port):
                 return self
             time.sleep(0.05)
         self.kill()
-        raise ServerError(
-            f"redis-server on port {self.port} did not answer PING within {timeout:.0f}s; "
-            f"log {self.log_path}:\n{_log_tail(self.log_path)}"
-        )
+        raise _failed(f"redis-server on port {self.port} did not answer PING within {timeout:.0f}s", self.log_path)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop gracefully (SIGTERM: the AOF is flushed) and wait; SIGKILL after ``timeout``."""
@@ -409,6 +449,7 @@ def start_redis(
     *,
     detached: bool = False,
     extra_args: Sequence[str] = (),
+    durability: Durability = DEFAULT_DURABILITY,
 ) -> RedisServer:
     """Start a ``redis-server`` on ``127.0.0.1`` (a free port unless given) with files in
     ``workdir``, wait until it answers, and return it."""
@@ -418,6 +459,7 @@ def start_redis(
         appendonly=appendonly,
         detached=detached,
         extra_args=tuple(extra_args),
+        durability=durability,
     )
     return server.start()
 
@@ -517,6 +559,7 @@ class PostgresServer:
     workdir: Path
     port: int
     socketdir: Path | None = None
+    durability: Durability = DEFAULT_DURABILITY
 
     @property
     def url(self) -> str:
@@ -580,7 +623,7 @@ class PostgresServer:
         self.init()
         if not _port_is_free(self.port):
             raise ServerError(f"cannot start PostgreSQL: port {self.port} on {HOST} is already in use")
-        options = f"-p {self.port} -k {self._socketdir()} -c listen_addresses={HOST} -c fsync=off"
+        options = f"-p {self.port} -k {self._socketdir()} -c listen_addresses={HOST} -c fsync={self.durability.fsync}"
         pg_ctl = _pg_tool("pg_ctl")
         deadline = time.monotonic() + timeout
         while True:
@@ -600,10 +643,7 @@ class PostgresServer:
                     raise
                 time.sleep(0.5)
         if not _wait_tcp(HOST, self.port, timeout):
-            raise ServerError(
-                f"PostgreSQL started but does not accept connections on port {self.port}; "
-                f"log {self.log_path}:\n{_log_tail(self.log_path)}"
-            )
+            raise _failed(f"PostgreSQL started but does not accept connections on port {self.port}", self.log_path)
         return self
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -686,15 +726,9 @@ class PostgresServer:
                 start_new_session=True,
             )
         except subprocess.TimeoutExpired as exc:
-            raise ServerError(
-                f"{what} timed out after {timeout:.0f}s; log {self.log_path}:\n{_log_tail(self.log_path)}"
-            ) from exc
+            raise _failed(f"{what} timed out after {timeout:.0f}s", self.log_path) from exc
         if result.returncode != 0:
-            raise ServerError(
-                f"{what} failed (status {result.returncode}):\n"
-                f"{(result.stdout + result.stderr).strip()[-2000:]}\n"
-                f"log {self.log_path}:\n{_log_tail(self.log_path)}"
-            )
+            raise _failed(f"{what} failed (status {result.returncode})", self.log_path, result.stdout + result.stderr)
 
 
 def _pg_tool(name: str) -> str:
@@ -756,10 +790,14 @@ def _make_traversable(path: Path) -> None:
             os.chmod(parent, mode | 0o001)
 
 
-def start_postgres(workdir: Path, port: int | None = None) -> PostgresServer:
+def start_postgres(
+    workdir: Path, port: int | None = None, *, durability: Durability = DEFAULT_DURABILITY
+) -> PostgresServer:
     """Start PostgreSQL with its cluster in ``workdir/data`` on ``127.0.0.1`` (a free port
     unless given): ``initdb`` only if not initialized yet, then ``pg_ctl start -w``."""
-    server = PostgresServer(workdir=Path(workdir), port=port if port is not None else free_port())
+    server = PostgresServer(
+        workdir=Path(workdir), port=port if port is not None else free_port(), durability=durability
+    )
     return server.start()
 
 
@@ -808,61 +846,76 @@ def _recorded_port(url: str | None) -> int | None:
         return None
 
 
-def ensure_private_redis(base: Path) -> str:
+def ensure_private_redis(base: Path, durability: Durability = DEFAULT_DURABILITY) -> str:
     """Return the URL of the private Redis under ``base/redis``, starting it if needed.
 
-    Reuses the server recorded in ``base/redis.url`` when it answers; otherwise starts one
-    (the recorded port if it is free, else a free port) as a daemon in its own session, so it
-    keeps running after the caller exits, and records its URL.
+    Reuses the server recorded in ``base/redis.url`` when it answers (its ``appendfsync`` set
+    to what ``durability`` asks); otherwise starts one (the recorded port if it is free, else a
+    free port) as a daemon in its own session, so it keeps running after the caller exits, and
+    records its URL.
     """
     base = Path(base).absolute()
     with _locked(base, "redis"):
         url = read_private_url(base, "redis")
-        if url and url_answers(url):
+        port = _recorded_port(url)
+        if url and port is not None and url_answers(url):
+            _redis_command(port, "CONFIG", "SET", "appendfsync", durability.appendfsync)
             return url
         workdir = base / "redis"
-        stale = RedisServer(workdir=workdir, port=_recorded_port(url) or 0)
+        stale = RedisServer(workdir=workdir, port=port or 0)
         if stale.pid is not None:
             raise ServerError(
                 f"a redis-server (pid {stale.pid}) runs from {workdir} but does not answer at "
                 f"{url or '(no recorded URL)'}: stop it (kill {stale.pid}) and retry"
             )
-        port = _recorded_port(url)
         if port is None or not _port_is_free(port):
             port = free_port()
-        server = start_redis(workdir, port, appendonly=True, detached=True)
+        server = start_redis(workdir, port, appendonly=True, detached=True, durability=durability)
         _write_private_url(base, "redis", server.url)
         return server.url
 
 
-def ensure_private_postgres(base: Path) -> str:
+def ensure_private_postgres(base: Path, durability: Durability = DEFAULT_DURABILITY) -> str:
     """Return the URL of the private PostgreSQL under ``base/postgres``, starting it if needed.
 
     Reuses the server recorded in ``base/postgres.url`` (or the one ``postmaster.pid`` says is
-    running from that directory) when it answers; otherwise starts it (the recorded port if it
-    is free, else a free port) and records its URL. PostgreSQL always runs detached.
+    running from that directory) when it answers, restarted when it runs with another ``fsync``
+    than ``durability`` asks; otherwise starts it (the recorded port if it is free, else a free
+    port) and records its URL. PostgreSQL always runs detached.
     """
     base = Path(base).absolute()
     with _locked(base, "postgres"):
         url = read_private_url(base, "postgres")
-        if url and url_answers(url):
-            return url
         workdir = base / "postgres"
-        running = PostgresServer(workdir=workdir, port=0)
+        port = _recorded_port(url)
+        if url and port is not None and url_answers(url):
+            return _keep_durability(PostgresServer(workdir=workdir, port=port, durability=durability)).url
+        running = PostgresServer(workdir=workdir, port=0, durability=durability)
         info = _postmaster_info(running.datadir)
         if info is not None and running.pid is not None:
             running.port = info[1]
             if _wait_tcp(HOST, running.port, 10.0) and url_answers(running.url):
-                _write_private_url(base, "postgres", running.url)
+                _write_private_url(base, "postgres", _keep_durability(running).url)
                 return running.url
             raise ServerError(
                 f"a PostgreSQL server (pid {info[0]}) runs from {running.datadir} but does not "
                 f"answer on port {running.port}: stop it (pg_ctl -D {running.datadir} stop) "
                 "and retry"
             )
-        port = _recorded_port(url)
         if port is None or not _port_is_free(port):
             port = free_port()
-        server = start_postgres(workdir, port)
+        server = start_postgres(workdir, port, durability=durability)
         _write_private_url(base, "postgres", server.url)
         return server.url
+
+
+def _keep_durability(server: PostgresServer) -> PostgresServer:
+    """Restart the running ``server`` when its ``fsync`` is not the one its durability asks
+    for (a server started by an older ledger, or with another ``LEDGER_DURABILITY``)."""
+    import psycopg
+
+    with psycopg.connect(server.url, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("SHOW fsync").fetchone()
+    if row is None or row[0] != server.durability.fsync:
+        server.restart()
+    return server

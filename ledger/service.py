@@ -46,6 +46,11 @@ _PRIVATE = {
     "postgres": ("LEDGER_DATABASE_URL", servers.ensure_private_postgres, "PostgreSQL"),
 }
 
+# The only maxmemory-policy under which Redis never evicts a ledger key. The volatile-* policies
+# evict keys with a TTL: replies (a waiting caller times out) and final order hashes (readers
+# lose them before their 7 days); the allkeys-* policies evict anything, the event log included.
+SAFE_EVICTION_POLICY = "noeviction"
+
 
 def _server_url(kind: str, configured: str | None, settings: Settings, *, start: bool) -> str:
     """The configured server, else the private one under ``settings.home`` (started if asked)."""
@@ -53,8 +58,13 @@ def _server_url(kind: str, configured: str | None, settings: Settings, *, start:
     if configured:
         return configured
     if start:
-        url = ensure(settings.home)
-        log.info(f"no {env}: using a private {what}", url=redact(url), home=str(settings.home))
+        url = ensure(settings.home, settings.durability)
+        log.info(
+            f"no {env}: using a private {what}",
+            url=redact(url),
+            home=str(settings.home),
+            durability=str(settings.durability),
+        )
         return url
     recorded = servers.read_private_url(settings.home, kind)
     if recorded is None:
@@ -70,6 +80,22 @@ def database_url(settings: Settings, *, start: bool) -> str:
     return _server_url("postgres", settings.database_url, settings, start=start)
 
 
+async def warn_if_evicting(redis: Any) -> str:
+    """Warn (one log line that says what to do) when Redis may evict ledger keys; return the
+    ``maxmemory-policy`` (of every node, for a cluster: the first that is not safe)."""
+    memory = await redis.info("memory")
+    nodes = memory.values() if memory and all(isinstance(v, dict) for v in memory.values()) else [memory]
+    policies = [str(node.get("maxmemory_policy", SAFE_EVICTION_POLICY)) for node in nodes]
+    policy = next((p for p in policies if p != SAFE_EVICTION_POLICY), SAFE_EVICTION_POLICY)
+    if policy != SAFE_EVICTION_POLICY:
+        log.warning(
+            "redis may evict ledger keys: set maxmemory-policy noeviction (CONFIG SET maxmemory-policy "
+            "noeviction, and in redis.conf) and give Redis enough memory",
+            maxmemory_policy=policy,
+        )
+    return policy
+
+
 async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None = None) -> None:
     """Run the given roles until SIGTERM/SIGINT (or ``stop``); each finishes its batch first.
 
@@ -83,14 +109,17 @@ async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None
             loop.add_signal_handler(sig, stop.set)
     redis = await connect(redis_url(settings, start=True))
     try:
+        await warn_if_evicting(redis)
         await ensure_shard_count(redis, settings.shards)
         runnables: list[Runnable] = []
         for role in roles:
             runnables += await ROLES[role](redis, settings)
         log.info("serving", roles=roles, shards=settings.shards, consumers=len(runnables))
-        async with asyncio.TaskGroup() as group:
-            for runnable in runnables:
-                group.create_task(runnable.run(stop))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for runnable in runnables:
+                    group.create_task(runnable.run(stop))
+        finally:
+            log.info("stopped")
     finally:
         await redis.aclose()
-        log.info("stopped")
