@@ -85,16 +85,15 @@ from ledger.config import Settings
 from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.instruments import instrument_for
 from ledger.keys import ShardKeys, marks
+from ledger.models import read_mark
 from ledger.redis_conn import text
 from ledger.state import OrderState
 from ledger.values import (
     MAX_AMOUNT,
     RULES,
-    ValueRuleError,
     exact,
     format_decimal,
     now_ms,
-    parse_decimal,
 )
 
 GROUP = "ledger-paper"
@@ -288,15 +287,6 @@ def exchange_order_id(order_id: str) -> str:
 
 def fill_id(order_id: str) -> str:
     return f"paper-fill-{order_id}"
-
-
-def _mark(raw: Any) -> Decimal | None:
-    if raw is None:
-        return None
-    try:
-        return parse_decimal(raw, "mark", positive=True)
-    except ValueRuleError:
-        return None
 
 
 # --------------------------------------------------------------------------- the venue
@@ -648,11 +638,9 @@ class PaperVenue:
         found: dict[tuple[Exchange, str], Decimal] = {}
         for (exchange, symbols), values in zip(requests, await pipe.execute(), strict=True):
             for symbol, raw in zip(symbols, values, strict=True):
-                mark = _mark(text(raw))
+                mark = read_mark(raw, exchange, symbol)
                 if mark is not None:
                     found[(exchange, symbol)] = mark
-                elif raw is not None:
-                    self.log.warning("mark is not a positive decimal, ignored", exchange=str(exchange), symbol=symbol)
         return found
 
 

@@ -11,6 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
+import structlog
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -31,6 +32,7 @@ from ledger.enums import (
     PositionStatus,
 )
 from ledger.instruments import Instrument, instrument_for
+from ledger.redis_conn import text
 from ledger.values import (
     ValueRuleError,
     check_identifier,
@@ -38,9 +40,34 @@ from ledger.values import (
     exact,
     format_decimal,
     ms_to_datetime,
+    parse_decimal,
 )
 
 ZERO = Decimal(0)
+log = structlog.get_logger("ledger.marks")
+
+
+def parse_mark(value: Decimal | str | int) -> Decimal:
+    """The mark rule (CONTRACT §8): a mark is a positive decimal under the wire's decimal rule
+    (``parse_decimal``: a plain decimal string, ≤20 integer and ≤18 fraction digits, no
+    exponent, so "1e5", "NaN" and "abc" are not marks). Raises ``ValueRuleError``."""
+    if isinstance(value, float | bool):
+        raise ValueRuleError("mark", 'a Decimal or a decimal string such as "45000", never a float', value)
+    return parse_decimal(Decimal(value) if isinstance(value, int) else value, "mark", positive=True)
+
+
+def read_mark(raw: object, exchange: str, symbol: str) -> Decimal | None:
+    """A mark as read from ``marks:{exchange}`` (written by whoever has market data): the one
+    reader every consumer of marks uses. Absent is ``None``; an invalid value is ignored with a
+    warning naming exchange, symbol and value (no unrealized PnL for it), never an exception."""
+    if raw is None:
+        return None
+    value = text(raw)
+    try:
+        return parse_mark(value)
+    except ValueRuleError as exc:
+        log.warning("invalid mark ignored", exchange=str(exchange), symbol=symbol, value=value, error=str(exc))
+        return None
 
 
 def _to_decimal(value: Any, info: Any = None) -> Decimal:
@@ -71,6 +98,11 @@ Money = Annotated[
     PlainSerializer(format_decimal, return_type=str, when_used="json"),
 ]
 Timestamp = Annotated[datetime, BeforeValidator(_to_datetime)]
+Mark = Annotated[
+    Decimal,
+    BeforeValidator(parse_mark),
+    PlainSerializer(format_decimal, return_type=str, when_used="json"),
+]
 
 
 class _Model(BaseModel):
@@ -114,7 +146,7 @@ class PnLInfo(BaseModel):
     fees: Money = ZERO
     other_fees: dict[str, Money] = Field(default_factory=dict)
     pnl_percentage: Money = ZERO
-    current_price: Money | None = None
+    current_price: Mark | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -141,7 +173,7 @@ class Position(_Model):
     other_fees: dict[str, Money] = Field(default_factory=dict)
     stop_loss: Money | None = None
     take_profit: Money | None = None
-    current_price: Money | None = None
+    current_price: Mark | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: Timestamp | None = None
     updated_at: Timestamp | None = None
@@ -191,7 +223,9 @@ class Position(_Model):
             return None
         return arithmetic.notional_value(self.instrument, self.size, self.current_price)
 
-    def pnl(self, price: Decimal) -> PnLInfo:
+    def pnl(self, price: Decimal | str) -> PnLInfo:
+        """PnL at ``price``, a mark under the mark rule (``parse_mark``)."""
+        price = parse_mark(price)
         unrealized = self.unrealized_at(price) if self.status is PositionStatus.OPEN else ZERO
         return PnLInfo(
             realized_pnl=self.realized_pnl,
