@@ -256,4 +256,3 @@ def test_json_nested_a_thousand_levels_deep_is_a_wire_error() -> None:
     assert caught.value.code == "INVALID_JSON"
     with pytest.raises(wire.WireError):
         wire.decode_event("OrderPlaced", raw)
-
