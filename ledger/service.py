@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
+from redis.asyncio.cluster import RedisCluster
 
 from consumers.command_handler import handler_role
 from consumers.paper import paper_role
@@ -83,8 +84,10 @@ def database_url(settings: Settings, *, start: bool) -> str:
 async def warn_if_evicting(redis: Any) -> str:
     """Warn (one log line that says what to do) when Redis may evict ledger keys; return the
     ``maxmemory-policy`` (of every node, for a cluster: the first that is not safe)."""
-    memory = await redis.info("memory")
-    nodes = memory.values() if memory and all(isinstance(v, dict) for v in memory.values()) else [memory]
+    if isinstance(redis, RedisCluster):
+        nodes = list((await redis.info("memory", target_nodes=RedisCluster.ALL_NODES)).values())
+    else:
+        nodes = [await redis.info("memory")]
     policies = [str(node.get("maxmemory_policy", SAFE_EVICTION_POLICY)) for node in nodes]
     policy = next((p for p in policies if p != SAFE_EVICTION_POLICY), SAFE_EVICTION_POLICY)
     if policy != SAFE_EVICTION_POLICY:

@@ -10,12 +10,17 @@ import tempfile
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import redis as redis_lib
+import structlog
 
+from ledger.config import ConfigError, Settings
 from ledger.servers import (
+    DEFAULT_DURABILITY,
+    Durability,
     PostgresServer,
     RedisServer,
     ServerError,
@@ -28,6 +33,7 @@ from ledger.servers import (
     start_redis,
     url_answers,
 )
+from ledger.service import warn_if_evicting
 
 pytestmark = pytest.mark.integration
 
@@ -176,3 +182,83 @@ def test_private_servers_are_reused_and_outlive_their_starter(workdir: Path) -> 
         PostgresServer(workdir=base / "postgres", port=pg_port).stop()
     assert not url_answers(redis_url) and not url_answers(pg_url)
     assert os.path.isdir(base / "postgres" / "data")
+
+
+def _redis_config(url: str, name: str) -> str:
+    client = redis_lib.Redis.from_url(url, decode_responses=True)
+    try:
+        return str(client.config_get(name)[name])
+    finally:
+        client.close()
+
+
+def test_servers_are_durable_unless_asked_otherwise(workdir: Path) -> None:
+    """Defect 13: the private servers ran with PostgreSQL fsync=off and Redis appendfsync everysec."""
+    assert DEFAULT_DURABILITY is Durability.ALWAYS
+    assert [(d.appendfsync, d.fsync) for d in Durability] == [("always", "on"), ("everysec", "on"), ("no", "off")]
+    server = RedisServer(workdir=workdir, port=1)
+    assert server.command_line()[7:11] == ["--appendonly", "yes", "--appendfsync", "always"]
+    base = workdir / ".ledger"
+    redis_url = ensure_private_redis(base, Durability.OFF)
+    pg_url = ensure_private_postgres(base, Durability.OFF)
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    pg_port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        assert _redis_config(redis_url, "appendfsync") == "no"
+        assert _pg_value(pg_url, "SHOW fsync") == "off"
+        _set(redis_url, "kept", "1")
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (v int)")
+
+        # Reused by a later start with the default: made durable in place, same URLs, same data.
+        assert ensure_private_redis(base) == redis_url
+        assert ensure_private_postgres(base) == pg_url
+        assert _redis_config(redis_url, "appendfsync") == "always"
+        assert _pg_value(pg_url, "SHOW fsync") == "on"
+        assert _pg_value(pg_url, "SHOW synchronous_commit") == "on"
+        assert _get(redis_url, "kept") == "1"
+        assert _pg_value(pg_url, "SELECT count(*) FROM kept") == 0
+
+        assert ensure_private_redis(base, Durability.EVERYSEC) == redis_url
+        assert _redis_config(redis_url, "appendfsync") == "everysec"
+    finally:
+        RedisServer(workdir=base / "redis", port=redis_port).stop()
+        PostgresServer(workdir=base / "postgres", port=pg_port).stop()
+
+
+def test_durability_is_a_setting() -> None:
+    assert Settings().durability is Durability.ALWAYS
+    assert Settings.from_env({"LEDGER_DURABILITY": "everysec"}).durability is Durability.EVERYSEC
+    with pytest.raises(ConfigError, match=r"^LEDGER_DURABILITY: must be one of always, everysec, off \(got 'no'\)$"):
+        Settings.from_env({"LEDGER_DURABILITY": "no"})
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl", "noeviction"])
+async def test_serve_warns_when_redis_may_evict_ledger_keys(redis: Any, policy: str) -> None:
+    await redis.config_set("maxmemory-policy", policy)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert await warn_if_evicting(redis) == policy
+    finally:
+        await redis.config_set("maxmemory-policy", "noeviction")
+    expected = [
+        {
+            "event": "redis may evict ledger keys: set maxmemory-policy noeviction (CONFIG SET maxmemory-policy "
+            "noeviction, and in redis.conf) and give Redis enough memory",
+            "maxmemory_policy": policy,
+            "log_level": "warning",
+        }
+    ]
+    assert logs == ([] if policy == "noeviction" else expected)
+
+
+async def test_the_eviction_warning_reads_every_cluster_node(redis_cluster: Any) -> None:
+    node = redis_cluster.get_primaries()[1]
+    await redis_cluster.config_set("maxmemory-policy", "allkeys-random", target_nodes=node)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert await warn_if_evicting(redis_cluster) == "allkeys-random"
+    finally:
+        await redis_cluster.config_set("maxmemory-policy", "noeviction", target_nodes=node)
+    assert [entry["maxmemory_policy"] for entry in logs] == ["allkeys-random"]
+    assert await warn_if_evicting(redis_cluster) == "noeviction"
