@@ -29,7 +29,7 @@ from decimal import Decimal
 from ledger.enums import Exchange, InstrumentKind
 
 _QUOTES = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "KRW", "EUR", "TRY", "BTC", "ETH", "BNB", "USD")
-_EXPIRY = re.compile(r"^[0-9]{6}$")
+_EXPIRY = re.compile(r"[0-9]{6}")
 _INVERSE_FACE_VALUE = {"BTC": Decimal(100)}
 _DEFAULT_INVERSE_FACE_VALUE = Decimal(10)
 
@@ -70,7 +70,7 @@ def _dashed(exchange: Exchange, parts: list[str]) -> Instrument:
             return Instrument(InstrumentKind.SPOT, second, first, first)
         return Instrument(InstrumentKind.SPOT, first, second, second)
     base, quote, tail = parts[0], parts[1], parts[2]
-    if tail == "SWAP" or _EXPIRY.match(tail):
+    if tail == "SWAP" or _EXPIRY.fullmatch(tail):
         return _derivative(base, quote, base if quote == "USD" else quote)
     return Instrument(InstrumentKind.LINEAR, base, quote, quote)
 

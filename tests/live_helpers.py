@@ -242,7 +242,7 @@ def assert_decimals(fields: dict[str, str], expected: dict[str, Decimal]) -> Non
     """Computed money: a plain decimal string (no exponent) of exactly the expected value."""
     for name, value in expected.items():
         text = fields[name]
-        assert PLAIN_DECIMAL.match(text), f"{name}={text!r} is not a plain decimal string"
+        assert PLAIN_DECIMAL.fullmatch(text), f"{name}={text!r} is not a plain decimal string"
         assert Decimal(text) == value, f"{name}: {text} != {value}"
 
 
@@ -521,7 +521,7 @@ async def check_session_keys(redis: Any, s: Session, shards: int) -> None:
         assert set(actual) == ORDER_FIELDS | ORDER_EXTRA, label
         fill_basis = actual.pop("fill_basis")
         expected_basis = Decimal(expected["filled_qty"]) * Decimal(expected["price"] or 0)
-        assert Decimal(fill_basis) == expected_basis and PLAIN_DECIMAL.match(fill_basis), (label, fill_basis)
+        assert Decimal(fill_basis) == expected_basis and PLAIN_DECIMAL.fullmatch(fill_basis), (label, fill_basis)
         assert actual == expected, label
         ttl = await redis.ttl(f"orders:{o[label]}")
         if expected["status"] in {"filled", "cancelled"}:

@@ -193,8 +193,8 @@ def check_envelope(event: LoggedEvent, *, command_id: str, user_id: str, version
     assert set(event.raw_fields) == {"type", "data"}
     data = event.data
     assert ENVELOPE <= set(data), f"missing envelope fields: {ENVELOPE - set(data)}"
-    assert UUID_RE.match(data["event_id"])
-    assert isinstance(data["stream"], str) and UUID_RE.match(data["stream"])
+    assert UUID_RE.fullmatch(data["event_id"])
+    assert isinstance(data["stream"], str) and UUID_RE.fullmatch(data["stream"])
     assert data["version"] == version and type(data["version"]) is int
     assert data["command_id"] == command_id
     assert data["user_id"] == user_id

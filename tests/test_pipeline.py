@@ -120,7 +120,7 @@ async def test_raw_xadd_command_gets_contract_reply_and_events(ledger_redis: Led
         assert reply["command_id"] == "cmd:0001"
         assert reply["status"] == "accepted"
         assert reply["error"] is None
-        assert UUID_RE.match(reply["order_id"])
+        assert UUID_RE.fullmatch(reply["order_id"])
         assert reply["position_id"] is None
         log = await r.xrange(events_key(shard), "-", "+")
         assert [{"type": f["type"], "id": i} for i, f in log] == reply["events"]
@@ -152,7 +152,7 @@ async def test_raw_xadd_command_gets_contract_reply_and_events(ledger_redis: Led
         assert sorted(reply2) == sorted(REPLY_KEYS)
         assert (reply2["command_id"], reply2["status"], reply2["error"]) == ("cmd:0002", "accepted", None)
         assert reply2["order_id"] == order_id
-        assert UUID_RE.match(reply2["position_id"])
+        assert UUID_RE.fullmatch(reply2["position_id"])
         assert [e["type"] for e in reply2["events"]] == ["OrderFilled", "PositionOpened"]
 
     events = await read_events(r, shard)
@@ -911,7 +911,7 @@ async def test_submit_and_status_against_a_running_serve(
     assert sorted(reply) == sorted(REPLY_KEYS)
     assert (reply["command_id"], reply["status"], reply["error"]) == ("cli-1", "accepted", None)
     assert [e["type"] for e in reply["events"]] == ["OrderPlaced"]
-    assert all(ENTRY_ID_RE.match(e["id"]) for e in reply["events"])
+    assert all(ENTRY_ID_RE.fullmatch(e["id"]) for e in reply["events"])
 
     cancel = {"user_id": "cli-user", "order_id": str(uuid.uuid4())}  # command_id generated
     rejected = await asyncio.to_thread(run_ledger, redis_url, "submit", "cancel_order", "--data", json.dumps(cancel))

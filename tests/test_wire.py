@@ -311,7 +311,7 @@ def _decimal_strings(value: Any) -> list[str]:
         return [s for item in value.values() for s in _decimal_strings(item)]
     if isinstance(value, list):
         return [s for item in value for s in _decimal_strings(item)]
-    if isinstance(value, str) and re.match(r"^-?[0-9.]+([eE][-+]?[0-9]+)?$", value):
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9.]+([eE][-+]?[0-9]+)?", value):
         return [value]
     return []
 
@@ -337,7 +337,7 @@ def test_no_decimal_in_any_event_is_written_with_an_exponent() -> None:
     assert opened.entry_price == "50000"
     for event in events:
         for text in _decimal_strings(json.loads(wire.encode(event))):
-            assert _DECIMAL_TEXT.match(text), f"{event.type}: {text}"
+            assert _DECIMAL_TEXT.fullmatch(text), f"{event.type}: {text}"
 
 
 def test_unknown_event_type_raises_unknown_event_type() -> None:
