@@ -7,6 +7,12 @@ the caller reads its own writes. ``open_position`` and ``close_position`` also w
 to be filled by whoever executes it (the paper venue, a live venue, or the strategy reporting
 fills in ``external`` mode).
 
+Commands are built as the typed wire structs (``ledger.wire``) and published with
+``wire.command_fields``. Every method that changes state takes an optional ``command_id`` (by
+default a fresh one per call): the ledger executes a ``command_id`` once per user, so after a
+``LedgerTimeout`` calling the same method again with the same ``command_id`` and arguments
+returns the first call's order or position and appends nothing twice.
+
 The client may be plain or cluster, with or without ``decode_responses``. Blocking reads never
 block longer than one second at a time, below redis-py's default 5 s socket timeout.
 """
@@ -18,6 +24,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -31,8 +38,8 @@ from ledger.enums import (
 )
 from ledger.eventstore import EventStore
 from ledger.models import Order, PnLInfo, Position
-from ledger.redis_conn import entry_order, text
-from ledger.values import format_decimal
+from ledger.redis_conn import entry_order, recorded_shards, text
+from ledger.values import check_identifier, format_decimal, parse_decimal
 from projections import queries
 
 BLOCK_MS = 1000
@@ -51,15 +58,43 @@ class CommandRejected(LedgerError):
 
 
 class LedgerTimeout(LedgerError):
-    pass
+    """No outcome within the timeout. Call the method again with the same ``command_id``: the
+    ledger executes a command once, so the retry returns the first call's outcome."""
 
 
-def _wire_decimal(value: Decimal | str | int | None) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float):
-        raise TypeError("decimals must be Decimal or str, never float")
-    return format_decimal(Decimal(value))
+def _decimal(value: Decimal | str | int, field: str) -> str:
+    """A caller's amount as a wire decimal string (the wire's decimal rule; never a float)."""
+    if isinstance(value, float | bool):
+        raise TypeError(f"{field}: decimals must be Decimal or str, never float")
+    return format_decimal(parse_decimal(Decimal(value) if isinstance(value, int) else value, field))
+
+
+def _optional_decimal(value: Decimal | str | int | None, field: str) -> str | None:
+    return None if value is None else _decimal(value, field)
+
+
+def _command_id(command_id: str | None) -> str:
+    return command_id if command_id is not None else f"api-{secrets.token_hex(10)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """How an order ended: its final event and the position events of its fills."""
+
+    final: wire.OrderChange
+    positions: list[wire.PositionEvent]
+
+    def position_id(self, side: PositionSide) -> str | None:
+        """The position of ``side`` that the order's fills changed last."""
+        return next((e.stream for e in reversed(self.positions) if e.side is side), None)
+
+    @property
+    def complete(self) -> bool:
+        """The final event is in, and so is every position event of a final fill."""
+        if not isinstance(self.final, wire.OrderFilled):
+            return True
+        seen = {e.stream for e in self.positions if e.fill_id == self.final.fill_id}
+        return seen >= set(self.final.position_ids)
 
 
 class LedgerClient:
@@ -70,22 +105,44 @@ class LedgerClient:
         self.timeout = timeout
         self._shards: int | None = None
 
-    async def shard_of(self, user_id: str) -> int:
+    async def shards(self) -> int:
         if self._shards is None:
-            recorded = await self.redis.hget(keys.META, "shards")
+            recorded = await recorded_shards(self.redis)
             if recorded is None:
                 raise LedgerError("no ledger in this Redis (ledger:meta has no shards): start `ledger serve`")
-            self._shards = int(recorded)
-        return keys.shard_of(user_id, self._shards)
+            self._shards = recorded
+        return self._shards
 
-    async def submit(self, command_type: str, data: dict[str, Any]) -> dict[str, Any]:
-        """Publish a command and return its accepted reply, projected; raise if rejected."""
-        data = {k: v for k, v in data.items() if v is not None}
-        data.setdefault("command_id", f"api-{secrets.token_hex(10)}")
-        shard = await self.shard_of(data["user_id"])
+    async def shard_of(self, user_id: str) -> int:
+        return keys.shard_of(user_id, await self.shards())
+
+    async def submit(self, command: wire.Command) -> dict[str, Any]:
+        """Publish a command and return its accepted reply, projected; raise if rejected.
+
+        The command is checked by the handler's own wire rules before it is published (a broken
+        one raises ``CommandRejected`` with the code the handler would give). Publishing the
+        same ``command_id`` again returns the first outcome and changes nothing.
+        """
+        fields = wire.command_fields(command)
+        try:
+            wire.decode_command(fields)
+        except wire.WireError as exc:
+            raise CommandRejected(
+                {
+                    "command_id": command.command_id,
+                    "status": "rejected",
+                    "error": {"code": exc.code, "message": exc.message},
+                    "order_id": None,
+                    "position_id": None,
+                    "events": [],
+                }
+            ) from None
+        shard = await self.shard_of(command.user_id)
         shard_keys = keys.ShardKeys(shard)
-        reply_key = shard_keys.reply(data["user_id"], data["command_id"])
-        await self.redis.xadd(shard_keys.commands, {"type": command_type, "data": json.dumps(data)})
+        reply_key = shard_keys.reply(command.user_id, command.command_id)
+        # A reply left by an earlier try (one that timed out) is not this publication's answer.
+        await self.redis.delete(reply_key)
+        await self.redis.xadd(shard_keys.commands, fields)
         reply = await self._reply(reply_key)
         if reply["status"] != "accepted":
             raise CommandRejected(reply)
@@ -100,7 +157,10 @@ class LedgerClient:
             found = await self.redis.blpop([reply_key], timeout=1)
             if found is not None:
                 return json.loads(text(found[1]))  # type: ignore[no-any-return]
-        raise LedgerTimeout(f"no reply on {reply_key} within {self.timeout} s: is `ledger serve` running?")
+        raise LedgerTimeout(
+            f"no reply on {reply_key} within {self.timeout} s: is `ledger serve` running? "
+            "retry with the same command_id"
+        )
 
     async def wait_projected(self, shard: int, entry_id: str) -> None:
         """Wait until the live projection of ``shard`` has applied the event ``entry_id``."""
@@ -113,32 +173,55 @@ class LedgerClient:
                 return
             if time.monotonic() > deadline:
                 raise LedgerTimeout(
-                    f"the live projection of shard {shard} did not reach {entry_id} in {self.timeout} s"
+                    f"the live projection of shard {shard} did not reach {entry_id} in {self.timeout} s: "
+                    "is the projection role running?"
                 )
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    async def wait_order_final(self, shard: int, order_id: str, after: str) -> wire.OrderChange:
-        """Wait for the event that makes an order final (filled, cancelled, rejected, expired)."""
+    async def wait_order_final(self, shard: int, order_id: str, after: str) -> Settled:
+        """Wait for the event that makes an order final (filled, cancelled, rejected, expired)
+        and, for a fill, the position events it appended; return them once projected."""
 
-        async def watch() -> wire.OrderChange:
+        async def watch() -> Settled:
+            final: wire.OrderChange | None = None
+            positions: list[wire.PositionEvent] = []
             async for stored in EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS):
                 event = stored.event
-                if isinstance(event, wire.OrderChange) and event.stream == order_id and event.status.is_final:
+                if isinstance(event, wire.PositionEvent) and event.order_id == order_id:
+                    positions.append(event)
+                elif isinstance(event, wire.OrderChange) and event.stream == order_id and event.status.is_final:
+                    final = event
+                else:
+                    continue
+                if final is not None and (settled := Settled(final, positions)).complete:
                     await self.wait_projected(shard, stored.entry_id)
-                    return event
+                    return settled
             raise AssertionError("unreachable")  # pragma: no cover
 
         try:
             return await asyncio.wait_for(watch(), self.timeout)
         except TimeoutError:
             raise LedgerTimeout(
-                f"order {order_id} was not filled within {self.timeout} s: "
-                "with LEDGER_EXECUTION=external the strategy must report its fills"
+                f"order {order_id} was not filled within {self.timeout} s (with LEDGER_EXECUTION=external "
+                "the strategy must report its fills): retry with the same command_id to keep waiting"
             ) from None
+
+    async def owner(self, kind: str, aggregate_id: str) -> str | None:
+        """The user of an order or position (``kind``) the ledger knows, open or not: the live
+        keys hold open positions and recent orders, the shards' snapshots every one."""
+        for shard in range(await self.shards()):
+            store = EventStore(self.redis, shard)
+            state = await (store.order(aggregate_id) if kind == "order" else store.position(aggregate_id))
+            if state is not None:
+                return state.user_id
+        return None
 
 
 class PositionManager:
+    """Positions of the seed's API (CONTRACT §10). Methods that change state take an optional
+    ``command_id``: after a ``LedgerTimeout``, call again with the same one (see the README)."""
+
     def __init__(self, redis: Any, *, timeout: float = 30.0) -> None:
         self.redis = redis
         self.client = LedgerClient(redis, timeout=timeout)
@@ -162,29 +245,41 @@ class PositionManager:
         *,
         price: Decimal | str | None = None,
         metadata: dict[str, Any] | None = None,
+        command_id: str | None = None,
     ) -> Position:
-        """Open (or increase) a position and return it once its entry order is filled."""
+        """Open (or increase) a position; return it once its entry order is filled.
+
+        The position returned is the one the entry order's fills changed (their position
+        events). Called again with the same ``command_id`` it places nothing new and returns
+        that position as it is then.
+        """
+        side = PositionSide(side)
         reply = await self.client.submit(
-            "open_position",
-            {
-                "user_id": user_id,
-                "exchange": Exchange(exchange).value,
-                "symbol": symbol,
-                "side": PositionSide(side).value,
-                "size": _wire_decimal(size),
-                "leverage": leverage,
-                "price": _wire_decimal(price),
-                "stop_loss": _wire_decimal(stop_loss),
-                "take_profit": _wire_decimal(take_profit),
-                "metadata": metadata,
-            },
+            wire.OpenPosition(
+                command_id=_command_id(command_id),
+                user_id=user_id,
+                exchange=Exchange(exchange),
+                symbol=symbol,
+                side=side,
+                size=_decimal(size, "size"),
+                leverage=leverage,
+                price=_optional_decimal(price, "price"),
+                stop_loss=_optional_decimal(stop_loss, "stop_loss"),
+                take_profit=_optional_decimal(take_profit, "take_profit"),
+                metadata=metadata,
+            )
         )
-        final = await self.client.wait_order_final(reply["shard"], reply["order_id"], reply["events"][-1]["id"])
-        if final.status is not OrderStatus.FILLED:
-            raise LedgerError(f"the entry order {reply['order_id']} ended {final.status}")
-        position = await queries.get_position(self.redis, reply["position_id"])
+        order_id = reply["order_id"]
+        settled = await self.client.wait_order_final(reply["shard"], order_id, reply["events"][-1]["id"])
+        if settled.final.status is not OrderStatus.FILLED:
+            raise LedgerError(f"the entry order {order_id} ended {settled.final.status}")
+        position_id = settled.position_id(side)
+        position = await queries.get_position(self.redis, position_id) if position_id else None
         if position is None:
-            raise LedgerError(f"position {reply['position_id']} is not open after its entry fill")
+            raise LedgerError(
+                f"the entry order {order_id} filled but no {side} position it changed is open "
+                f"(position {position_id}): see `ledger history {order_id}`"
+            )
         return position
 
     async def close_position(
@@ -194,35 +289,46 @@ class PositionManager:
         reason: str = "manual",
         *,
         price: Decimal | str | None = None,
+        command_id: str | None = None,
     ) -> bool:
-        """Close all (or ``size`` of) an open position; True once the closing order is filled."""
-        position = await queries.get_position(self.redis, position_id)
-        if position is None:
+        """Close all (or ``size`` of) an open position; True once the closing order is filled,
+        False when the ledger refuses (unknown or closed position, size too large).
+
+        Called again with the same ``command_id`` (even once the position is closed) it closes
+        nothing more and answers as the first call would have.
+        """
+        position_id = check_identifier("id", position_id, "position_id").lower()
+        user_id = await self.client.owner("position", position_id)
+        if user_id is None:
             return False
         try:
             reply = await self.client.submit(
-                "close_position",
-                {
-                    "user_id": position.user_id,
-                    "position_id": position_id,
-                    "size": _wire_decimal(size),
-                    "reason": reason,
-                    "price": _wire_decimal(price),
-                },
+                wire.ClosePosition(
+                    command_id=_command_id(command_id),
+                    user_id=user_id,
+                    position_id=position_id,
+                    size=_optional_decimal(size, "size"),
+                    reason=reason,
+                    price=_optional_decimal(price, "price"),
+                )
             )
         except CommandRejected:
             return False
-        final = await self.client.wait_order_final(reply["shard"], reply["order_id"], reply["events"][-1]["id"])
-        return final.status is OrderStatus.FILLED
+        settled = await self.client.wait_order_final(reply["shard"], reply["order_id"], reply["events"][-1]["id"])
+        return settled.final.status is OrderStatus.FILLED
 
     async def calculate_pnl(self, position: Position, current_price: Decimal | str) -> PnLInfo:
-        return position.pnl(Decimal(current_price))
+        """PnL at ``current_price``, a mark under the mark rule (``ledger.models.parse_mark``)."""
+        return position.pnl(current_price)
 
     async def sync_positions_from_exchange(self, user_id: str, exchange: Exchange | str) -> list[Position]:
         raise NotImplementedError("reconciliation with live venues arrives with the ccxt venue layer")
 
 
 class OrderManager:
+    """Orders of the seed's API (CONTRACT §10). Methods that change state take an optional
+    ``command_id``: after a ``LedgerTimeout``, call again with the same one (see the README)."""
+
     def __init__(self, redis: Any, *, timeout: float = 30.0) -> None:
         self.redis = redis
         self.client = LedgerClient(redis, timeout=timeout)
@@ -244,49 +350,71 @@ class OrderManager:
         leverage: int | None = None,
         grid_level: int | None = None,
         metadata: dict[str, Any] | None = None,
+        command_id: str | None = None,
     ) -> Order:
-        """Place an order; return it as the live projection shows it (status pending or later)."""
+        """Place an order; return it as the live projection shows it (status pending or later).
+
+        Called again with the same ``command_id`` it places nothing and returns that order.
+        """
         reply = await self.client.submit(
-            "place_order",
-            {
-                "user_id": user_id,
-                "exchange": Exchange(exchange).value,
-                "symbol": symbol,
-                "side": OrderSide(side).value,
-                "order_type": OrderType(order_type).value,
-                "quantity": _wire_decimal(quantity),
-                "price": _wire_decimal(price),
-                "trigger_price": _wire_decimal(trigger_price),
-                "client_order_id": client_order_id,
-                "position_side": PositionSide(position_side).value if position_side else None,
-                "reduce_only": reduce_only or None,
-                "leverage": leverage,
-                "grid_level": grid_level,
-                "metadata": metadata,
-            },
+            wire.PlaceOrder(
+                command_id=_command_id(command_id),
+                user_id=user_id,
+                exchange=Exchange(exchange),
+                symbol=symbol,
+                side=OrderSide(side),
+                order_type=OrderType(order_type),
+                quantity=_decimal(quantity, "quantity"),
+                price=_optional_decimal(price, "price"),
+                trigger_price=_optional_decimal(trigger_price, "trigger_price"),
+                client_order_id=client_order_id,
+                position_side=PositionSide(position_side) if position_side is not None else None,
+                reduce_only=reduce_only,
+                leverage=leverage,
+                grid_level=grid_level,
+                metadata=metadata,
+            )
         )
         order = await queries.get_order(self.redis, reply["order_id"])
-        assert order is not None, "the projection applied the placement"
+        if order is None:
+            raise LedgerError(f"order {reply['order_id']} is no longer in the live keys: see `ledger history`")
         return order
 
     async def get_order(self, order_id: str) -> Order | None:
         return await queries.get_order(self.redis, order_id)
 
-    async def cancel_order(self, order_id: str) -> bool:
-        """Request the cancel of an order not yet final; True when the ledger accepted it."""
-        order = await queries.get_order(self.redis, order_id)
-        if order is None:
+    async def cancel_order(self, order_id: str, *, command_id: str | None = None) -> bool:
+        """Request the cancel of an order not yet final; True when the ledger accepted it,
+        False when it refused (unknown or final order).
+
+        Called again with the same ``command_id`` it requests nothing more and answers as the
+        first call would have.
+        """
+        order_id = check_identifier("id", order_id, "order_id").lower()
+        user_id = await self.client.owner("order", order_id)
+        if user_id is None:
             return False
         try:
-            await self.client.submit("cancel_order", {"user_id": order.user_id, "order_id": order_id})
+            await self.client.submit(
+                wire.CancelOrder(command_id=_command_id(command_id), user_id=user_id, order_id=order_id)
+            )
         except CommandRejected:
             return False
         return True
 
     async def get_orders(
-        self, user_id: str, exchange: Exchange | str, status: OrderStatus | str | None = None
+        self,
+        user_id: str,
+        exchange: Exchange | str,
+        status: OrderStatus | str | None = None,
+        *,
+        exact_status: OrderStatus | str | None = None,
     ) -> list[Order]:
-        return await queries.get_orders(self.redis, user_id, exchange, status)
+        """A user's orders on an exchange, newest first. ``status=OrderStatus.OPEN`` returns
+        every order not yet final (pending, open, partially_filled, pending_cancel; CONTRACT
+        §10), any other ``status`` that status; ``exact_status`` returns one status only
+        (``exact_status="open"``: acknowledged, nothing filled, no cancel requested)."""
+        return await queries.get_orders(self.redis, user_id, exchange, status, exact_status=exact_status)
 
     async def monitor_order_fills(
         self, user_id: str, exchange: Exchange | str, *, after: str = "$"

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+import structlog
 
 from ledger import (
     CommandRejected,
@@ -102,7 +103,7 @@ async def test_seed_lifecycle_open_hash_close_postgres_row_with_exact_pnl(
         position = await manager.open_position(
             "user123", "okx", "BTC-USDT-SWAP", "long", Decimal("0.1"), 10, price=Decimal("45000")
         )
-        assert isinstance(position, Position) and UUID.match(str(position.id))
+        assert isinstance(position, Position) and UUID.fullmatch(str(position.id))
         assert (position.status, position.size, position.entry_price, position.leverage) == (
             PositionStatus.OPEN,
             Decimal("0.1"),
@@ -183,7 +184,7 @@ async def test_create_order_returns_the_order_as_the_projection_shows_it(
             grid_level=7,
             metadata={"strategy": "grid"},
         )
-        assert isinstance(order, Order) and UUID.match(str(order.id))
+        assert isinstance(order, Order) and UUID.fullmatch(str(order.id))
         assert (order.user_id, order.exchange, order.symbol, order.side, order.order_type) == (
             USER,
             Exchange.OKX,
@@ -606,3 +607,224 @@ async def test_the_live_projection_keeps_working_while_postgresql_is_down(
             Decimal("190.9"),
         )
         assert third.id not in {r["id"] for r in await pg_rows(database_url, "SELECT id::text FROM positions")}
+
+
+# --------------------------------------------------------------------------- issue 7: retries, open orders, marks
+
+
+def command(type_name: str, **data: Any) -> dict[str, str]:
+    """A command entry as a strategy in another language publishes it."""
+    return {"type": type_name, "data": json.dumps({"user_id": USER, **data})}
+
+
+async def placed_orders(redis: Any) -> list[dict[str, Any]]:
+    return [data for _id, type_name, data in await events_of(redis, 0) if type_name == "OrderPlaced"]
+
+
+async def orders_of(redis: Any, symbol: str) -> list[str]:
+    return [d["stream"] for d in await placed_orders(redis) if d["symbol"] == symbol]
+
+
+async def test_open_position_returns_the_position_its_fills_changed_not_the_reply_s(
+    redis: Any, redis_url: str, tmp_path: Path
+) -> None:
+    """The entry order names position P1; before it fills, another order opens P1 and a third
+    closes it, so the entry fill opens a new position P2: open_position returns P2."""
+    async with running_ledger(redis_url, tmp_path, roles=("handler", "projection"), execution="external"):
+        positions, orders = PositionManager(redis), OrderManager(redis)
+        opening = asyncio.create_task(
+            positions.open_position(USER, "okx", BTC, "long", "0.1", 10, price="47000", command_id="open-1")
+        )
+        reply_key = "ledger:{0}:reply:user123:open-1"
+        await wait_for(lambda: placed_orders(redis), "the entry order")
+        ((entry,),) = [await placed_orders(redis)]
+        reserved = entry["position_id"]
+        buy = await orders.create_order(USER, "okx", BTC, "buy", "market", "0.2", "45000", command_id="buy-1")
+        await redis.xadd("ledger:{0}:commands", fill_command(USER, str(buy.id), "f-buy", "0.2", "45000", "0"))
+        sell = await orders.create_order(USER, "okx", BTC, "sell", "market", "0.2", "46000", reduce_only=True)
+        await redis.xadd("ledger:{0}:commands", fill_command(USER, str(sell.id), "f-sell", "0.2", "46000", "0"))
+        await wait_order_status(redis, str(sell.id), OrderStatus.FILLED)
+        assert await redis.exists(reply_key) == 0  # open_position read its reply
+        await redis.xadd("ledger:{0}:commands", fill_command(USER, entry["stream"], "f-entry", "0.1", "47000", "0"))
+        position = await asyncio.wait_for(opening, 10)
+
+        opened = [d for _i, t, d in await events_of(redis, 0) if t == "PositionOpened"]
+        assert [(d["stream"], d["order_id"]) for d in opened] == [
+            (reserved, str(buy.id)),
+            (position.id, entry["stream"]),
+        ]
+        assert position.id != reserved
+        assert (position.size, position.entry_price, position.status) == (
+            Decimal("0.1"),
+            Decimal(47000),
+            PositionStatus.OPEN,
+        )
+        assert await redis.hget(f"positions:{USER}:okx:{BTC}:long", "id") == position.id
+
+
+async def test_a_retry_with_the_same_command_id_after_a_timeout_does_nothing_twice(
+    redis: Any, redis_url: str, tmp_path: Path
+) -> None:
+    # No handler: the reply never comes.
+    async with running_ledger(redis_url, tmp_path, roles=("projection",), execution="external"):
+        with pytest.raises(LedgerTimeout, match="retry with the same command_id"):
+            await OrderManager(redis, timeout=1).create_order(
+                USER, "okx", BTC, "buy", "limit", "0.1", "40000", grid_level=3, command_id="grid-3"
+            )
+    async with running_ledger(redis_url, tmp_path, roles=("handler", "projection"), execution="external"):
+        orders, positions = OrderManager(redis), PositionManager(redis)
+        first = await orders.create_order(
+            USER, "okx", BTC, "buy", "limit", "0.1", "40000", grid_level=3, command_id="grid-3"
+        )
+        again = await orders.create_order(
+            USER, "okx", BTC, "buy", "limit", "0.1", "40000", grid_level=3, command_id="grid-3"
+        )
+        assert first == again and first.status is OrderStatus.PENDING
+        assert await redis.xlen("ledger:{0}:commands") == 3
+        assert [d["stream"] for d in await placed_orders(redis)] == [first.id]
+
+        assert await orders.cancel_order(str(first.id), command_id="cancel-3") is True
+        assert await orders.cancel_order(str(first.id), command_id="cancel-3") is True
+        await redis.xadd("ledger:{0}:commands", command("order_cancelled", command_id="venue-c3", order_id=first.id))
+        await wait_order_status(redis, str(first.id), OrderStatus.CANCELLED)
+        assert await orders.cancel_order(str(first.id), command_id="cancel-3") is True  # the first outcome
+        assert await orders.cancel_order(str(first.id)) is False  # a new cancel of a final order
+        requested = [t for _i, t, d in await events_of(redis, 0) if d["stream"] == first.id]
+        assert requested == ["OrderPlaced", "OrderCancelRequested", "OrderCancelled"]
+
+        # open_position: the entry order is not filled in time; the fill comes; the retry
+        # returns the position the first call opened, with the size of one open.
+        with pytest.raises(LedgerTimeout, match="retry with the same command_id"):
+            await PositionManager(redis, timeout=1).open_position(
+                USER, "okx", ETH, "long", "2", 5, price="3000", command_id="open-eth"
+            )
+        (entry,) = [d for d in await placed_orders(redis) if d["symbol"] == ETH]
+        await redis.xadd("ledger:{0}:commands", fill_command(USER, entry["stream"], "f-eth", "2", "3000", "0.6"))
+        opened = await positions.open_position(USER, "okx", ETH, "long", "2", 5, price="3000", command_id="open-eth")
+        assert (opened.id, opened.size, opened.entry_price, opened.fees) == (
+            entry["position_id"],
+            Decimal(2),
+            Decimal(3000),
+            Decimal("0.6"),
+        )
+        assert (
+            await positions.open_position(USER, "okx", ETH, "long", "2", 5, price="3000", command_id="open-eth")
+            == opened
+        )
+        assert len([d for d in await placed_orders(redis) if d["symbol"] == ETH]) == 1
+
+        # close_position: the same, and the retry still answers True once the position is closed.
+        with pytest.raises(LedgerTimeout):
+            await PositionManager(redis, timeout=1).close_position(str(opened.id), price="3100", command_id="close-eth")
+        (exit_,) = [d for d in await placed_orders(redis) if d["symbol"] == ETH and d["reduce_only"]]
+        await redis.xadd("ledger:{0}:commands", fill_command(USER, exit_["stream"], "f-eth-x", "2", "3100", "0.62"))
+        assert await positions.close_position(str(opened.id), price="3100", command_id="close-eth") is True
+        assert await positions.get_position(str(opened.id)) is None
+        assert await positions.close_position(str(opened.id), price="3100", command_id="close-eth") is True
+        assert await positions.close_position(str(opened.id), price="3100") is False
+        assert len([d for d in await placed_orders(redis) if d["symbol"] == ETH]) == 2
+        closed = [d for _i, t, d in await events_of(redis, 0) if t == "PositionClosed"]
+        assert [(d["stream"], d["realized_pnl"]) for d in closed] == [(opened.id, "198.78")]
+
+
+async def test_a_command_breaking_the_wire_rules_is_refused_before_it_is_published(
+    redis: Any, redis_url: str, tmp_path: Path
+) -> None:
+    async with running_ledger(redis_url, tmp_path, roles=("handler", "projection"), execution="external"):
+        with pytest.raises(CommandRejected) as rejected:
+            await OrderManager(redis).create_order(USER, "okx", BTC, "buy", "limit", "0.1", "40000", leverage=0)
+        assert rejected.value.code == "INVALID_FIELD"
+        assert rejected.value.reply["events"] == []
+        assert "leverage" in str(rejected.value)
+        with pytest.raises(ValueError, match=r"^quantity: must be a decimal string"):
+            await OrderManager(redis).create_order(USER, "okx", BTC, "buy", "limit", "1e5", "40000")
+        assert await redis.xlen("ledger:{0}:commands") == 0
+
+
+async def test_get_orders_open_means_every_order_not_yet_final(redis: Any, redis_url: str, tmp_path: Path) -> None:
+    async with running_ledger(redis_url, tmp_path, roles=("handler", "projection"), execution="external"):
+        orders = OrderManager(redis)
+        made: dict[str, str] = {}
+        for status in (
+            "pending",
+            "open",
+            "partially_filled",
+            "pending_cancel",
+            "filled",
+            "cancelled",
+            "rejected",
+            "expired",
+        ):
+            order = await orders.create_order(USER, "okx", BTC, "buy", "limit", "1", "40000", client_order_id=status)
+            made[status] = str(order.id)
+            await asyncio.sleep(0.002)  # distinct created_at: newest first is well defined
+        venue = [
+            command("order_accepted", command_id="a-open", order_id=made["open"], exchange_order_id="x-1"),
+            fill_command(USER, made["partially_filled"], "p-1", "0.4", "40000", "0"),
+            fill_command(USER, made["filled"], "p-2", "1", "40000", "0"),
+            command("order_cancelled", command_id="c-1", order_id=made["cancelled"]),
+            command("order_rejected", command_id="r-1", order_id=made["rejected"], reason="no margin"),
+            command("order_expired", command_id="e-1", order_id=made["expired"]),
+        ]
+        for fields in venue:
+            await redis.xadd("ledger:{0}:commands", fields)
+        assert await orders.cancel_order(made["pending_cancel"]) is True
+        for status, order_id in made.items():
+            await wait_order_status(redis, order_id, OrderStatus(status))
+
+        newest_first = list(reversed(made))
+        not_final = [s for s in newest_first if s in {"pending", "open", "partially_filled", "pending_cancel"}]
+        for open_ in (OrderStatus.OPEN, "open"):
+            assert [o.client_order_id for o in await orders.get_orders(USER, "okx", status=open_)] == not_final
+        assert [o.client_order_id for o in await orders.get_orders(USER, "okx", exact_status="open")] == ["open"]
+        for status in made:
+            if status != "open":
+                assert [o.client_order_id for o in await orders.get_orders(USER, "okx", status)] == [status]
+                assert [o.client_order_id for o in await orders.get_orders(USER, "okx", exact_status=status)] == [
+                    status
+                ]
+        assert [o.client_order_id for o in await orders.get_orders(USER, "okx")] == newest_first
+        with pytest.raises(ValueError, match="give status or exact_status, not both"):
+            await orders.get_orders(USER, "okx", status="open", exact_status="open")
+        # The open-orders set of CONTRACT §6 agrees.
+        assert await members(redis, f"orders:open:okx:{BTC}") == {made[s] for s in not_final}
+
+
+async def test_invalid_marks_give_no_unrealized_pnl_and_a_warning_never_a_crash(
+    redis: Any, redis_url: str, tmp_path: Path
+) -> None:
+    async with running_ledger(redis_url, tmp_path, roles=("handler", "projection"), execution="external"):
+        positions = PositionManager(redis)
+        opened = {}
+        for symbol in (BTC, ETH, SOL, "XRP-USDT-SWAP"):
+            task = asyncio.create_task(positions.open_position(USER, "okx", symbol, "long", "1", 1, price="100"))
+            (entry,) = await wait_for(lambda s=symbol: orders_of(redis, s), f"the entry order of {symbol}")
+            await redis.xadd("ledger:{0}:commands", fill_command(USER, entry, f"f-{symbol}", "1", "100", "0"))
+            opened[symbol] = await asyncio.wait_for(task, 10)
+        await redis.hset("marks:okx", mapping={BTC: "NaN", ETH: "abc", SOL: "1e5", "XRP-USDT-SWAP": "101"})
+
+        with structlog.testing.capture_logs() as logs:
+            found = await positions.get_positions(USER, "okx")
+            (btc,) = await positions.get_positions(USER, "okx", BTC)
+            single = await positions.get_position(str(opened[SOL].id))
+        assert [(p.symbol, p.current_price, p.unrealized_pnl, p.pnl_percentage, p.notional_value) for p in found] == [
+            (BTC, None, None, None, None),
+            (ETH, None, None, None, None),
+            (SOL, None, None, None, None),
+            ("XRP-USDT-SWAP", Decimal(101), Decimal(1), Decimal(1), Decimal(101)),
+        ]
+        assert (btc.current_price, btc.unrealized_pnl) == (None, None)
+        assert single is not None and (single.id, single.unrealized_pnl) == (opened[SOL].id, None)
+        warnings = [(e["event"], e["exchange"], e["symbol"], e["value"]) for e in logs if e["log_level"] == "warning"]
+        invalid = "invalid mark ignored"
+        assert warnings == [
+            (invalid, "okx", BTC, "NaN"),
+            (invalid, "okx", ETH, "abc"),
+            (invalid, "okx", SOL, "1e5"),
+            (invalid, "okx", BTC, "NaN"),
+            (invalid, "okx", SOL, "1e5"),
+        ]
+        # calculate_pnl takes the caller's price under the same rule: "1e5" is refused, not read as 100000.
+        with pytest.raises(ValueError, match="mark: must be a decimal string"):
+            await positions.calculate_pnl(opened[BTC], "1e5")
+        assert (await positions.calculate_pnl(opened[BTC], "110")).unrealized_pnl == Decimal(10)
