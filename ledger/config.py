@@ -85,6 +85,7 @@ class Settings:
         for name in WHOLE_NUMBERS:
             whole_number(name, getattr(self, name))
         object.__setattr__(self, "durability", _durability(self.durability))
+        object.__setattr__(self, "paper_fee_rate", _fee_rate(self.paper_fee_rate))
         _one_of("LEDGER_LOG_FORMAT", self.log_format, LOG_FORMATS)
         _one_of("LEDGER_LOG_LEVEL", self.log_level.lower(), LOG_LEVELS)
         if self.redis_url is not None:
@@ -103,7 +104,7 @@ class Settings:
         if mode := env.get("LEDGER_EXECUTION"):
             values["execution"] = parse_execution(mode)
         if rate := env.get("LEDGER_PAPER_FEE_RATE"):
-            values["paper_fee_rate"] = _fee_rate(rate)
+            values["paper_fee_rate"] = rate
         if home := env.get("LEDGER_HOME"):
             values["home"] = Path(home)
         if durability := env.get("LEDGER_DURABILITY"):
@@ -165,8 +166,12 @@ def _check_database_url(url: str) -> None:
         ) from None
 
 
-def _fee_rate(text: str) -> Decimal:
+def _fee_rate(value: object) -> Decimal:
+    """A paper fee rate: a decimal from 0 up to (not including) 1; 0.0005 is 5 basis points."""
     try:
-        return parse_decimal(text, "LEDGER_PAPER_FEE_RATE")
+        rate = parse_decimal(value, "LEDGER_PAPER_FEE_RATE")
     except ValueRuleError as exc:
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(str(exc)) from None
+    if not 0 <= rate < 1:
+        raise ConfigError(f"LEDGER_PAPER_FEE_RATE: must be from 0 up to 1, such as 0.0005 (got {value!r})")
+    return rate

@@ -47,10 +47,22 @@ _PRIVATE = {
     "postgres": ("LEDGER_DATABASE_URL", servers.ensure_private_postgres, "PostgreSQL"),
 }
 
-# The only maxmemory-policy under which Redis never evicts a ledger key. The volatile-* policies
-# evict keys with a TTL: replies (a waiting caller times out) and final order hashes (readers
-# lose them before their 7 days); the allkeys-* policies evict anything, the event log included.
-SAFE_EVICTION_POLICY = "noeviction"
+# Redis settings under which the ledger can lose keys: INFO field -> (the safe value, the warning).
+# noeviction is the only maxmemory-policy that never evicts a ledger key: the volatile-* policies
+# evict keys with a TTL, replies (a waiting caller times out) and final order hashes (readers lose
+# them before their 7 days); the allkeys-* policies evict anything, the event log included.
+REDIS_RISKS = {
+    "maxmemory_policy": (
+        "noeviction",
+        "redis may evict ledger keys: set maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction, "
+        "and in redis.conf) and give Redis enough memory",
+    ),
+    "aof_enabled": (
+        "1",
+        "redis keeps no append-only file, so a restart loses the ledger: set appendonly yes (CONFIG SET "
+        "appendonly yes, and in redis.conf)",
+    ),
+}
 
 
 def _server_url(kind: str, configured: str | None, settings: Settings, *, start: bool) -> str:
@@ -81,22 +93,21 @@ def database_url(settings: Settings, *, start: bool) -> str:
     return _server_url("postgres", settings.database_url, settings, start=start)
 
 
-async def warn_if_evicting(redis: Any) -> str:
-    """Warn (one log line that says what to do) when Redis may evict ledger keys; return the
-    ``maxmemory-policy`` (of every node, for a cluster: the first that is not safe)."""
+async def warn_about_redis(redis: Any) -> dict[str, str]:
+    """Log one warning (that says what to do) per Redis setting that can lose ledger keys, read
+    from every node of a cluster; return the unsafe values found (INFO field -> value)."""
     if isinstance(redis, RedisCluster):
-        nodes = list((await redis.info("memory", target_nodes=RedisCluster.ALL_NODES)).values())
+        nodes = list((await redis.info(target_nodes=RedisCluster.ALL_NODES)).values())
     else:
-        nodes = [await redis.info("memory")]
-    policies = [str(node.get("maxmemory_policy", SAFE_EVICTION_POLICY)) for node in nodes]
-    policy = next((p for p in policies if p != SAFE_EVICTION_POLICY), SAFE_EVICTION_POLICY)
-    if policy != SAFE_EVICTION_POLICY:
-        log.warning(
-            "redis may evict ledger keys: set maxmemory-policy noeviction (CONFIG SET maxmemory-policy "
-            "noeviction, and in redis.conf) and give Redis enough memory",
-            maxmemory_policy=policy,
-        )
-    return policy
+        nodes = [await redis.info()]
+    unsafe: dict[str, str] = {}
+    for name, (safe, warning) in REDIS_RISKS.items():
+        values = [str(node.get(name, safe)) for node in nodes]
+        value = next((v for v in values if v != safe), safe)
+        if value != safe:
+            log.warning(warning, **{name: value})
+            unsafe[name] = value
+    return unsafe
 
 
 async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None = None) -> None:
@@ -112,7 +123,7 @@ async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None
             loop.add_signal_handler(sig, stop.set)
     redis = await connect(redis_url(settings, start=True))
     try:
-        await warn_if_evicting(redis)
+        await warn_about_redis(redis)
         await ensure_shard_count(redis, settings.shards)
         runnables: list[Runnable] = []
         for role in roles:

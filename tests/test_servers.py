@@ -33,7 +33,7 @@ from ledger.servers import (
     start_redis,
     url_answers,
 )
-from ledger.service import warn_if_evicting
+from ledger.service import warn_about_redis
 
 pytestmark = pytest.mark.integration
 
@@ -233,32 +233,60 @@ def test_durability_is_a_setting() -> None:
         Settings.from_env({"LEDGER_DURABILITY": "no"})
 
 
+@pytest.mark.parametrize("rate", ["-0.0005", "1", "2"])
+def test_a_paper_fee_rate_is_from_0_up_to_1(rate: str) -> None:
+    message = f"LEDGER_PAPER_FEE_RATE: must be from 0 up to 1, such as 0.0005 (got '{rate}')"
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"LEDGER_PAPER_FEE_RATE": rate})
+    assert str(caught.value) == message
+    assert Settings.from_env({"LEDGER_PAPER_FEE_RATE": "0"}).paper_fee_rate == 0
+
+
+EVICTION_WARNING = (
+    "redis may evict ledger keys: set maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction, "
+    "and in redis.conf) and give Redis enough memory"
+)
+NO_AOF_WARNING = (
+    "redis keeps no append-only file, so a restart loses the ledger: set appendonly yes (CONFIG SET "
+    "appendonly yes, and in redis.conf)"
+)
+
+
 @pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl", "noeviction"])
 async def test_serve_warns_when_redis_may_evict_ledger_keys(redis: Any, policy: str) -> None:
     await redis.config_set("maxmemory-policy", policy)
     try:
         with structlog.testing.capture_logs() as logs:
-            assert await warn_if_evicting(redis) == policy
+            unsafe = await warn_about_redis(redis)
     finally:
         await redis.config_set("maxmemory-policy", "noeviction")
-    expected = [
-        {
-            "event": "redis may evict ledger keys: set maxmemory-policy noeviction (CONFIG SET maxmemory-policy "
-            "noeviction, and in redis.conf) and give Redis enough memory",
-            "maxmemory_policy": policy,
-            "log_level": "warning",
-        }
-    ]
-    assert logs == ([] if policy == "noeviction" else expected)
+    if policy == "noeviction":
+        assert (unsafe, logs) == ({}, [])
+    else:
+        assert unsafe == {"maxmemory_policy": policy}
+        assert logs == [{"event": EVICTION_WARNING, "maxmemory_policy": policy, "log_level": "warning"}]
 
 
-async def test_the_eviction_warning_reads_every_cluster_node(redis_cluster: Any) -> None:
+async def test_serve_warns_when_redis_keeps_no_aof(redis: Any) -> None:
+    await redis.config_set("appendonly", "no")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            unsafe = await warn_about_redis(redis)
+    finally:
+        await redis.config_set("appendonly", "yes")
+    assert unsafe == {"aof_enabled": "0"}
+    assert logs == [{"event": NO_AOF_WARNING, "aof_enabled": "0", "log_level": "warning"}]
+
+
+async def test_the_redis_warnings_read_every_cluster_node(redis_cluster: Any) -> None:
+    """The test cluster runs without AOF; one of its nodes is given an evicting policy."""
     node = redis_cluster.get_primaries()[1]
     await redis_cluster.config_set("maxmemory-policy", "allkeys-random", target_nodes=node)
     try:
         with structlog.testing.capture_logs() as logs:
-            assert await warn_if_evicting(redis_cluster) == "allkeys-random"
+            unsafe = await warn_about_redis(redis_cluster)
     finally:
         await redis_cluster.config_set("maxmemory-policy", "noeviction", target_nodes=node)
-    assert [entry["maxmemory_policy"] for entry in logs] == ["allkeys-random"]
-    assert await warn_if_evicting(redis_cluster) == "noeviction"
+    assert unsafe == {"maxmemory_policy": "allkeys-random", "aof_enabled": "0"}
+    assert [entry["event"] for entry in logs] == [EVICTION_WARNING, NO_AOF_WARNING]
+    assert await warn_about_redis(redis_cluster) == {"aof_enabled": "0"}
