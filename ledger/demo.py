@@ -47,7 +47,7 @@ def _servers(settings: Settings) -> Iterator[Settings]:
         try:
             redis_url = settings.redis_url
             if redis_url is None:
-                started.append(servers.start_redis(Path(tmp) / "redis", appendonly=False, durability=THROWAWAY))
+                started.append(servers.start_redis(Path(tmp) / "redis", durability=THROWAWAY))
                 redis_url = started[-1].url
             database_url = settings.database_url
             if database_url is None:
