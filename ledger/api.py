@@ -119,13 +119,12 @@ class LedgerClient:
     async def submit(self, command: wire.Command) -> dict[str, Any]:
         """Publish a command and return its accepted reply, projected; raise if rejected.
 
-        The command is checked by the handler's own wire rules before it is published (a broken
+        ``wire.command_fields`` checks the command by the handler's own wire rules (a broken
         one raises ``CommandRejected`` with the code the handler would give). Publishing the
         same ``command_id`` again returns the first outcome and changes nothing.
         """
-        fields = wire.command_fields(command)
         try:
-            wire.decode_command(fields)
+            fields = wire.command_fields(command)
         except wire.WireError as exc:
             raise CommandRejected(
                 {
