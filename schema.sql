@@ -136,3 +136,24 @@ CREATE TABLE IF NOT EXISTS projector_checkpoints (
     updated_at      TIMESTAMPTZ     NOT NULL DEFAULT now(),
     PRIMARY KEY (projector, shard)
 );
+
+-- ----------------------------------------------------------------------------- projector_gaps
+-- Every event entry the projector dead-lettered (it could not be decoded or stored) and every
+-- final order it could not rebuild, so that history is never silently missing: the entry, what
+-- it was (its type; its event and its order or position when readable), why, and when that
+-- order or position reached history after all (filled_at; NULL while it is still missing).
+-- `ledger status` reports the open ones.
+CREATE TABLE IF NOT EXISTS projector_gaps (
+    shard           INT             NOT NULL,
+    entry_id        VARCHAR(41)     NOT NULL,   -- Redis stream entry id "<ms>-<seq>"
+    entry_ms        BIGINT          NOT NULL,
+    entry_seq       BIGINT          NOT NULL,
+    type            VARCHAR(64)     NOT NULL,   -- as published, cut to 64 characters
+    event_id        UUID,
+    aggregate_id    UUID,                       -- data.stream: the order or the position
+    code            VARCHAR(32)     NOT NULL,
+    reason          TEXT            NOT NULL,
+    recorded_at     TIMESTAMPTZ     NOT NULL DEFAULT now(),
+    filled_at       TIMESTAMPTZ,
+    PRIMARY KEY (shard, entry_ms, entry_seq)
+);

@@ -17,7 +17,13 @@ stream and group on the stream's hash tag):
 * a batch that raises is retried at once entry by entry, the same way;
 * an entry whose counter would exceed ``max_deliveries`` is dead-lettered with its last known
   error instead (``consumers.deadletter``: written once, acknowledged in the same step);
-* acknowledging an entry deletes its counter in the same step.
+* acknowledging an entry deletes its counter in the same step;
+* an entry the handler declares unprocessable for good (``Undeliverable``: an event that cannot
+  be decoded, say) is dead-lettered at once, with the handler's code and reason, once it is
+  handled alone.
+
+Before a dead letter is written, ``on_dead_letter`` (if given) is told: the PostgreSQL
+projector records the gap in history there.
 
 So only the entry that fails (or kills the process) accumulates tries: the other entries of its
 batch are handled alone once and acknowledged. A delivery cut short by a ``retryable`` error
@@ -113,6 +119,17 @@ class Entry:
 
 
 Handler = Callable[[list[Entry]], Awaitable[None]]
+# Told (entry, code, reason) before the entry is dead-lettered; may raise a retryable error.
+DeadLetterHook = Callable[[Entry, str, str], Awaitable[None]]
+
+
+class Undeliverable(Exception):
+    """Raised by a handler for an entry that no retry can process: dead-letter it now."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +168,7 @@ class StreamConsumer:
         start_id: str = "0",
         lease_key: str | None = None,
         retryable: tuple[type[BaseException], ...] = (),
+        on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -162,6 +180,7 @@ class StreamConsumer:
         self.start_id = start_id
         self.lease_key = lease_key
         self.retryable = RETRYABLE + retryable
+        self.on_dead_letter = on_dead_letter
         self.tries = tries(stream, group)
         self.log = structlog.get_logger("ledger.consumer").bind(stream=stream, group=group, consumer=self.name)
         # Entries whose delivery a server outage cut short, their count not given back yet.
@@ -264,13 +283,17 @@ class StreamConsumer:
         for entry in entries:
             (before,) = await self._count([entry], 1)
             if before >= self.settings.max_deliveries:
-                await self._dead_letter(entry, before)
+                reason = text(await self.redis.hget(self.tries, f"{entry.id}:error")) or UNFINISHED
+                await self._dead_letter(entry, "DELIVERY_LIMIT", f"failed deliveries: {before}; last error: {reason}")
                 continue
             try:
                 await self.handler([entry])
             except self.retryable:
                 await self._uncount([entry])
                 raise
+            except Undeliverable as exc:
+                await self._dead_letter(entry, exc.code, exc.reason)
+                continue
             except Exception as exc:  # noqa: BLE001 - counted; dead-lettered after max_deliveries
                 self._own_pending = True
                 await self.redis.hset(self.tries, f"{entry.id}:error", repr(exc))
@@ -322,8 +345,9 @@ class StreamConsumer:
 
     # ----------------------------------------------------------------- failures
 
-    async def _dead_letter(self, entry: Entry, failures: int) -> None:
-        reason = text(await self.redis.hget(self.tries, f"{entry.id}:error")) or UNFINISHED
+    async def _dead_letter(self, entry: Entry, code: str, reason: str) -> None:
+        if self.on_dead_letter is not None:
+            await self.on_dead_letter(entry, code, reason)
         written = await write_dead_letter(
             self.redis,
             self.dead_stream,
@@ -331,11 +355,11 @@ class StreamConsumer:
             stream=self.stream,
             entry_id=entry.id,
             group=self.group,
-            code="DELIVERY_LIMIT",
-            reason=f"failed deliveries: {failures}; last error: {reason}",
+            code=code,
+            reason=reason,
             ack_tries=self.tries,
         )
-        self.log.error("entry dead-lettered", entry_id=entry.id, deliveries=failures, error=reason, written=written)
+        self.log.error("entry dead-lettered", entry_id=entry.id, code=code, reason=reason, written=written)
 
     async def _claim_stale(self) -> list[Entry]:
         """Take over entries another consumer left pending for longer than claim_idle_ms.

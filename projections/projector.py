@@ -18,8 +18,11 @@ A batch of entries is applied in ONE PostgreSQL transaction:
    whole position);
 5. upsert ``orders`` for every order an event of the batch leaves in a final status (a late
    fill on a cancelled order included), with the full order state rebuilt by folding the
-   order's archived events (this batch's included) through ``ledger.evolution.apply``;
-6. advance the tracking record to the batch's last entry, COMMIT.
+   order's archived events (this batch's included) through ``ledger.evolution.apply``; when
+   the archive misses one of them (its versions are not 1..n, or one cannot be applied) the
+   order is written from its snapshot in Redis (``ledger:{s}:orders``) instead;
+6. fill the gaps (below) of the orders and positions just written;
+7. advance the tracking record to the batch's last entry, COMMIT.
 
 Only then does the runner XACK the entries. Upserts never let an older version overwrite a
 newer one, and every insert ignores a row already there, so applying any entry again changes
@@ -27,8 +30,14 @@ nothing: the history holds every event, fill, closed position and final order ex
 whatever crashes happen in between.
 
 PostgreSQL being unavailable (``RETRYABLE``) makes the runner back off and retry the same
-entries; it never dead-letters them. An entry that cannot be decoded fails on its own (the
-runner retries it alone, then dead-letters it with the reason after ``max_deliveries``).
+entries; it never dead-letters them. An event of a known type that cannot be decoded is
+dead-lettered at once with the decoder's reason (``Undeliverable``: no retry can read it); an
+entry that fails otherwise (a value PostgreSQL refuses, say) is retried alone and dead-lettered
+after ``max_deliveries``. Either way history is never silently missing: before the dead letter
+is written, the entry is recorded in ``projector_gaps`` (its type, event, order or position id
+when readable, the code and the reason), and the gap is filled (``filled_at``) when that order
+or position reaches history after all (at once, if it already has). ``open_gaps`` lists the
+open ones per shard.
 
 Two orders reported with the same venue order id on one exchange would break the
 ``(exchange, exchange_order_id)`` unique constraint: the order that comes second is written with
@@ -59,15 +68,17 @@ import structlog
 from psycopg import errors as pg_errors
 from psycopg.types.json import Jsonb
 
-from consumers.runner import ConsumerSettings, Entry, StreamConsumer
+from consumers.runner import ConsumerSettings, Entry, StreamConsumer, Undeliverable
 from ledger import wire
 from ledger.config import Settings
+from ledger.decider import Requirements
+from ledger.eventstore import EventStore
 from ledger.evolution import apply
 from ledger.keys import ShardKeys
 from ledger.redis_conn import entry_order, text
 from ledger.schema import apply_schema
-from ledger.state import OrderState
-from ledger.values import ms_to_datetime
+from ledger.state import Book, OrderState
+from ledger.values import check_identifier, ms_to_datetime
 from projections.sql import load_queries
 
 __all__ = [
@@ -79,6 +90,7 @@ __all__ = [
     "ProjectorService",
     "checkpoint",
     "lease_key",
+    "open_gaps",
     "open_pool",
     "projector_consumer",
     "projector_role",
@@ -101,6 +113,8 @@ POOL_TIMEOUT_S = 5.0
 POOL_RECONNECT_TIMEOUT_S = 5.0
 VENUE_ID_RETRIES = 3
 VENUE_ID_CONSTRAINT = "orders_exchange_order_id_key"
+GAP_TYPE_LENGTH = 64  # projector_gaps.type
+GAP_CODE_LENGTH = 32  # projector_gaps.code
 
 _SQL = load_queries("projector.sql")
 _POSITION_FINAL = (wire.PositionClosed, wire.PositionLiquidated)
@@ -147,24 +161,28 @@ class _Decoded:
     event: wire.Event | None  # None: an event type this reader does not know
 
 
+def _entry_text(entry: Entry, name: str) -> str | None:
+    fields: dict[Any, Any] = entry.fields
+    return text(fields.get(name, fields.get(name.encode())))
+
+
 def _decode(entry: Entry) -> _Decoded | None:
     """Decode one stream entry; None for an unknown type whose envelope is unreadable.
 
-    Raises ``wire.WireError`` for an entry of a known type that is not a valid event (the
-    runner retries it alone and dead-letters it eventually).
+    Raises ``Undeliverable`` for an entry of a known type that is not a valid event (the runner
+    dead-letters it, and the projector records the gap).
     """
-    fields: dict[Any, Any] = entry.fields
-    type_name = text(fields.get("type", fields.get(b"type"))) or ""
-    data = text(fields.get("data", fields.get(b"data")))
+    type_name = _entry_text(entry, "type") or ""
+    data = _entry_text(entry, "data")
     if data is None:
-        raise wire.WireError("MISSING_FIELD", f"event entry {entry.id} has no `data` field")
+        raise Undeliverable("MISSING_FIELD", f"event entry {entry.id} has no `data` field")
     try:
         event: wire.Event | None = wire.decode_event(type_name, data)
     except wire.UnknownEventType:
         event = None
         try:
             _envelope_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.MsgspecError, RecursionError, UnicodeError) as exc:
             log.warning(
                 "unknown event type with an unreadable envelope: skipped",
                 entry_id=entry.id,
@@ -172,7 +190,46 @@ def _decode(entry: Entry) -> _Decoded | None:
                 error=str(exc),
             )
             return None
+    except wire.WireError as error:
+        raise Undeliverable(error.code, f"{type_name} event entry {entry.id}: {error.message}") from error
     return _Decoded(entry.id, entry_order(entry.id), type_name, data, event)
+
+
+def _storable(value: str, limit: int | None = None) -> str:
+    """Text PostgreSQL takes whatever an entry held: no NUL, no lone surrogate."""
+    clean = value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return clean[:limit]
+
+
+def _gap_row(shard: int, entry_id: str, type_name: str, data: str | None, code: str, reason: str) -> dict[str, Any]:
+    """A ``projector_gaps`` row; the event's ids and version only when they are readable."""
+    try:
+        envelope = wire.decode_json(data) if data is not None else None
+    except wire.WireError:
+        envelope = None
+    if not isinstance(envelope, dict):
+        envelope = {}
+
+    def uuid_of(name: str) -> str | None:
+        try:
+            return check_identifier("uuid", envelope.get(name))
+        except ValueError:
+            return None
+
+    version = envelope.get("version")
+    ms, seq = entry_order(entry_id)
+    return {
+        "shard": shard,
+        "entry_id": entry_id,
+        "entry_ms": ms,
+        "entry_seq": seq,
+        "type": _storable(type_name, GAP_TYPE_LENGTH),
+        "event_id": uuid_of("event_id"),
+        "aggregate_id": uuid_of("stream"),
+        "version": version if type(version) is int else None,
+        "code": _storable(code, GAP_CODE_LENGTH),
+        "reason": _storable(reason),
+    }
 
 
 def _event_row(shard: int, item: _Decoded) -> dict[str, Any]:
@@ -304,17 +361,33 @@ class Projector:
     def __init__(
         self,
         pool: psycopg_pool.AsyncConnectionPool[Any],
+        redis: Any,
         shard: int,
         *,
         name: str = PROJECTOR,
     ) -> None:
         self.pool = pool
+        self.snapshots = EventStore(redis, shard)
         self.shard = shard
         self.name = name
         self.log = log.bind(shard=shard, projector=name)
 
     async def handle(self, entries: list[Entry]) -> None:
         await self.project(entries)
+
+    async def record_gap(self, entry: Entry, code: str, reason: str) -> None:
+        """Record an entry about to be dead-lettered (the runner's ``on_dead_letter``)."""
+        row = _gap_row(self.shard, entry.id, _entry_text(entry, "type") or "", _entry_text(entry, "data"), code, reason)
+        async with self.pool.connection() as conn:
+            await conn.execute(_SQL["insert_gap"], row)
+        self.log.error(
+            "event missing from history: gap recorded",
+            entry_id=entry.id,
+            event_id=row["event_id"],
+            aggregate_id=row["aggregate_id"],
+            code=code,
+            reason=reason,
+        )
 
     async def project(self, entries: Sequence[Entry]) -> BatchResult:
         """Apply entries (in log order) in one transaction; return what was written."""
@@ -399,7 +472,7 @@ class Projector:
         events = [_event_row(self.shard, d) for d in fresh]
         fills: list[dict[str, Any]] = []
         positions: dict[str, dict[str, Any]] = {}
-        final_orders: dict[str, None] = {}  # ordered set
+        final_orders: dict[str, _Decoded] = {}  # order id -> the entry that made it final
         for item in fresh:
             event = item.event
             if isinstance(event, wire.OrderFilled):
@@ -411,7 +484,7 @@ class Projector:
                     positions[event.stream] = row
             elif event is not None and not isinstance(event, wire.PositionEvent):
                 if event.status.is_final:  # type: ignore[attr-defined]
-                    final_orders[event.stream] = None
+                    final_orders[event.stream] = item
         async with conn.cursor() as cur:
             await cur.executemany(_SQL["insert_event"], events)
             if fills:
@@ -419,39 +492,79 @@ class Projector:
             if positions:
                 await cur.executemany(_SQL["upsert_position"], list(positions.values()))
         result.events, result.fills, result.positions = len(events), len(fills), len(positions)
+        written = list(positions)
         if final_orders:
-            orders = await self._rebuild_orders(conn, list(final_orders))
+            orders = await self._rebuild_orders(conn, final_orders)
             result.orders = len(orders)
             result.duplicate_venue_ids = await self._write_orders(conn, orders)
+            written += [order.id for order in orders]
+        if written:
+            await conn.execute(_SQL["fill_gaps"], {"ids": written})
 
-    async def _rebuild_orders(self, conn: psycopg.AsyncConnection[Any], order_ids: list[str]) -> list[OrderState]:
-        """Fold each order's archived events (this transaction's included) into its state."""
-        cur = await conn.execute(_SQL["order_events"], {"ids": order_ids})
+    async def _rebuild_orders(self, conn: psycopg.AsyncConnection[Any], final: dict[str, _Decoded]) -> list[OrderState]:
+        """Fold each order's archived events (this transaction's included) into its state.
+
+        An order whose archived history is incomplete (a version missing: an event that was
+        dead-lettered or is still being retried) or cannot be applied is taken from its Redis
+        snapshot, which is at least as new; without a final snapshot, the gap is recorded.
+        """
+        cur = await conn.execute(_SQL["order_events"], {"ids": list(final)})
         states: dict[str, OrderState | None] = {}
+        broken: dict[str, str] = {}
         for aggregate_id, type_name, data in await cur.fetchall():
-            if aggregate_id in states and states[aggregate_id] is None:
-                continue  # already failed to rebuild
+            if aggregate_id in broken:
+                continue
+            state = states.get(aggregate_id)
             try:
                 event = wire.decode_event(type_name, data)
-                folded = apply(states.get(aggregate_id), event)
+                expected = 1 if state is None else state.version + 1
+                if event.version != expected:
+                    raise LookupError(f"version {expected} is missing from the archive")
+                folded = apply(state, event)
                 if not isinstance(folded, OrderState):
                     raise TypeError(f"{type_name} is not an order event")
-            except Exception as exc:  # a broken history must not block the archive: log, skip the row
-                self.log.error(
-                    "order history cannot be rebuilt: its row is not written",
-                    order_id=aggregate_id,
-                    event_type=type_name,
-                    error=str(exc) or repr(exc),
-                )
-                states[aggregate_id] = None
+            except Exception as exc:  # noqa: BLE001 - a broken history must not block the archive
+                broken[aggregate_id] = f"{type_name}: {exc}" if str(exc) else repr(exc)
                 continue
             states[aggregate_id] = folded
-        rebuilt = []
-        for order_id in order_ids:
-            state = states.get(order_id)
-            if state is not None and state.status.is_final:
-                rebuilt.append(state)
-        return rebuilt
+        broken.update((i, "no event in the archive") for i in final if i not in states and i not in broken)
+        if broken:
+            await self._from_snapshots(conn, broken, final, states)
+        return [state for i in final if (state := states.get(i)) is not None and state.status.is_final]
+
+    async def _from_snapshots(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        broken: dict[str, str],
+        final: dict[str, _Decoded],
+        states: dict[str, OrderState | None],
+    ) -> None:
+        book = Book()
+        await self.snapshots.load(book, Requirements(order_ids=frozenset(broken)))
+        for order_id, why in broken.items():
+            snapshot = book.orders.get(order_id)
+            if snapshot is not None and snapshot.status.is_final:
+                states[order_id] = snapshot
+                self.log.warning(
+                    "order history incomplete in the archive: written from its snapshot",
+                    order_id=order_id,
+                    version=snapshot.version,
+                    reason=why,
+                )
+                continue
+            states[order_id] = None
+            item = final[order_id]
+            reason = f"order {order_id} cannot be rebuilt ({why}) and has no final snapshot"
+            await conn.execute(
+                _SQL["insert_gap"],
+                _gap_row(self.shard, item.entry_id, item.type, item.data, "HISTORY_INCOMPLETE", reason),
+            )
+            self.log.error(
+                "final order missing from history: gap recorded",
+                order_id=order_id,
+                entry_id=item.entry_id,
+                reason=reason,
+            )
 
     async def _write_orders(self, conn: psycopg.AsyncConnection[Any], orders: list[OrderState]) -> list[str]:
         """Upsert the orders; return the ids of those written without their venue id."""
@@ -540,7 +653,7 @@ def projector_consumer(
 ) -> StreamConsumer:
     """The exclusive ``ledger-projector`` consumer of one shard's event stream."""
     keys = ShardKeys(shard)
-    projector = Projector(pool, shard)
+    projector = Projector(pool, redis, shard)
     return StreamConsumer(
         redis,
         stream=keys.events,
@@ -551,6 +664,7 @@ def projector_consumer(
         settings=settings,
         lease_key=lease_key(shard),
         retryable=RETRYABLE,
+        on_dead_letter=projector.record_gap,
     )
 
 
@@ -622,6 +736,12 @@ async def checkpoint(conn: psycopg.AsyncConnection[Any], shard: int, projector: 
     if row is None or (row[0], row[1]) == (0, 0):
         return None
     return _entry_id((int(row[0]), int(row[1])))
+
+
+async def open_gaps(conn: psycopg.AsyncConnection[Any]) -> dict[int, tuple[int, str]]:
+    """Per shard, the gaps in history not filled yet: (how many, the first entry id)."""
+    cur = await conn.execute(_SQL["open_gaps"])
+    return {int(shard): (int(gaps), str(first)) for shard, gaps, first in await cur.fetchall()}
 
 
 def redact(url: str) -> str:

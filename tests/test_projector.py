@@ -450,7 +450,7 @@ async def test_projector_handle_is_one_transaction(
     entries = await redis.xrange(KEYS.events)
     from consumers.runner import Entry
 
-    projector = Projector(pool, 0)
+    projector = Projector(pool, redis, 0)
     with pytest.raises(psycopg.errors.CheckViolation):
         await projector.project([Entry(i, f) for i, f in entries])
     assert await count(pg, "SELECT count(*) FROM ledger_events") == 0

@@ -112,6 +112,19 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, int | None, str]]] = {
         "entry_seq": ("bigint", None, "NO"),
         "updated_at": TS,
     },
+    "projector_gaps": {
+        "shard": ("integer", None, "NO"),
+        "entry_id": vc(41),
+        "entry_ms": ("bigint", None, "NO"),
+        "entry_seq": ("bigint", None, "NO"),
+        "type": vc(64),
+        "event_id": ("uuid", None, "YES"),
+        "aggregate_id": ("uuid", None, "YES"),
+        "code": vc(32),
+        "reason": ("text", None, "NO"),
+        "recorded_at": TS,
+        "filled_at": ("timestamp with time zone", None, "YES"),
+    },
 }
 
 EXPECTED_INDEXES = {
@@ -130,6 +143,7 @@ EXPECTED_INDEXES = {
     ("ledger_events", "ledger_events_aggregate_version_key"): "(aggregate_id, version)",
     ("ledger_events", "ledger_events_user_ts_idx"): "(user_id, ts)",
     ("projector_checkpoints", "projector_checkpoints_pkey"): "(projector, shard)",
+    ("projector_gaps", "projector_gaps_pkey"): "(shard, entry_ms, entry_seq)",
 }
 
 CATALOG_SNAPSHOT = """
@@ -154,9 +168,9 @@ async def _snapshot(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, str]]
 def test_schema_file_is_the_repository_root_one() -> None:
     assert schema_path() == Path(__file__).resolve().parent.parent / "schema.sql"
     code = "\n".join(line.split("--")[0] for line in schema_sql().splitlines()).upper()
-    assert code.count("CREATE TABLE IF NOT EXISTS ") == 5
+    assert code.count("CREATE TABLE IF NOT EXISTS ") == 6
     assert code.count("CREATE INDEX IF NOT EXISTS ") == 6
-    assert code.count("CREATE ") == 11
+    assert code.count("CREATE ") == 12
     # Money columns are unconstrained NUMERIC: no precision anywhere.
     assert "DECIMAL" not in code
     assert "NUMERIC(" not in code.replace(" ", "")

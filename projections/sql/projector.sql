@@ -141,3 +141,33 @@ SELECT o.exchange, o.exchange_order_id, o.id::text AS id
 FROM orders AS o
 JOIN unnest(%(exchanges)s::text[], %(venue_ids)s::text[]) AS wanted (exchange, venue_id)
   ON o.exchange = wanted.exchange AND o.exchange_order_id = wanted.venue_id
+
+-- insert_gap --
+-- An entry whose effects are missing from history (dead-lettered, or an order that could not
+-- be rebuilt); recorded once, and filled at once when its order or position is already in
+-- history at that version or a later one.
+INSERT INTO projector_gaps (
+    shard, entry_id, entry_ms, entry_seq, type, event_id, aggregate_id, code, reason, filled_at)
+SELECT
+    %(shard)s, %(entry_id)s, %(entry_ms)s, %(entry_seq)s, %(type)s, %(event_id)s::uuid,
+    %(aggregate_id)s::uuid, %(code)s, %(reason)s,
+    CASE WHEN EXISTS (
+        SELECT 1 FROM orders WHERE id = %(aggregate_id)s::uuid AND version >= %(version)s::int
+        UNION ALL
+        SELECT 1 FROM positions WHERE id = %(aggregate_id)s::uuid AND version >= %(version)s::int
+    ) THEN now() END
+ON CONFLICT DO NOTHING
+
+-- fill_gaps --
+-- Orders and positions just written to history: their gaps are filled.
+UPDATE projector_gaps
+SET filled_at = now()
+WHERE aggregate_id = ANY(%(ids)s::uuid[]) AND filled_at IS NULL
+
+-- open_gaps --
+-- The gaps not filled yet, per shard (for `ledger status`).
+SELECT shard, count(*) AS gaps, min(entry_id) AS first_entry_id
+FROM projector_gaps
+WHERE filled_at IS NULL
+GROUP BY shard
+ORDER BY shard
