@@ -461,7 +461,7 @@ class PaperVenue:
             order_id,
             msgspec.json.encode(resting),
             "order_accepted",
-            wire.encode(accept),
+            wire.encode_command(accept),
         )
         self.log.info("order resting", order_type=str(event.order_type), command_id=accept.command_id, **fields)
         if fill_price is not None:
@@ -517,7 +517,7 @@ class PaperVenue:
     def _take(self, pipe: Any, order_id: str, command: wire.Command | None) -> None:
         keys = self.paper_keys
         type_name = command.__struct_config__.tag if command is not None else ""
-        data = wire.encode(command) if command is not None else b""
+        data = wire.encode_command(command) if command is not None else b""
         pipe.eval(_TAKE, 3, keys.resting, keys.version, self.keys.commands, order_id, type_name, data)
 
     def _fill(

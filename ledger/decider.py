@@ -396,16 +396,23 @@ def _decide_cancel(command: wire.CancelOrder, book: Book, out: _Emitter) -> tupl
     order = _owned_order(command, book)
     _transition(order, OPEN_ORDER_STATUSES, "cancel")
     out.emit(wire.OrderCancelRequested, order.id, order.version + 1, order.exchange, order.symbol)
-    return order.id, order.position_id
+    return order.id, _position_of(order, book)
+
+
+def _position_of(order: OrderState, book: Book) -> str | None:
+    """The position an order command's reply names: the order's, once it exists (an entry order's
+    reserved id is named by ``open_position`` and by the fills that open it, never before)."""
+    return order.position_id if order.position_id and book.positions.get(order.position_id) else None
 
 
 def _decide_accepted(command: wire.OrderAcceptedCommand, book: Book, out: _Emitter) -> tuple[str, str | None]:
     order = _owned_order(command, book)
-    acknowledgeable = order.status is OrderStatus.PENDING or (
-        order.status is OrderStatus.PENDING_CANCEL and order.exchange_order_id is None
-    )
-    if not acknowledgeable:
-        raise _Rejected(RejectCode.INVALID_TRANSITION, f"cannot accept order {order.id}: it is {order.status}")
+    # The venue's acknowledgement is a fact, whenever it arrives: after a cancel request, or after
+    # a fill that already accepted the order implicitly (venues report those out of order), it
+    # records the venue's order id and leaves the status as it is. Only once per order.
+    if order.exchange_order_id is not None or order.status not in OPEN_ORDER_STATUSES:
+        acknowledged = f"already acknowledged as {order.exchange_order_id}" if order.exchange_order_id else order.status
+        raise _Rejected(RejectCode.INVALID_TRANSITION, f"cannot accept order {order.id}: it is {acknowledged}")
     status = OrderStatus.OPEN if order.status is OrderStatus.PENDING else order.status
     out.emit(
         wire.OrderAccepted,
@@ -416,7 +423,7 @@ def _decide_accepted(command: wire.OrderAcceptedCommand, book: Book, out: _Emitt
         exchange_order_id=command.exchange_order_id,
         status=status,
     )
-    return order.id, order.position_id
+    return order.id, _position_of(order, book)
 
 
 def _decide_rejected(command: wire.OrderRejectedCommand, book: Book, out: _Emitter) -> tuple[str, str | None]:
@@ -432,7 +439,7 @@ def _decide_rejected(command: wire.OrderRejectedCommand, book: Book, out: _Emitt
         order.symbol,
         reason=command.reason,
     )
-    return order.id, order.position_id
+    return order.id, _position_of(order, book)
 
 
 def _final_transition(cls: type[wire.Event], action: str) -> Callable[..., tuple[str, str | None]]:
@@ -440,7 +447,7 @@ def _final_transition(cls: type[wire.Event], action: str) -> Callable[..., tuple
         order = _owned_order(command, book)
         _transition(order, OPEN_ORDER_STATUSES, action)
         out.emit(cls, order.id, order.version + 1, order.exchange, order.symbol)
-        return order.id, order.position_id
+        return order.id, _position_of(order, book)
 
     return decide_final
 
@@ -499,7 +506,7 @@ def _decide_fill(command: wire.RecordFill, book: Book, out: _Emitter) -> tuple[s
         unapplied_qty=format_decimal(unapplied),
     )
     out.events.insert(0, out.events.pop())
-    return order.id, touched[-1] if touched else order.position_id
+    return order.id, touched[-1] if touched else _position_of(order, book)
 
 
 @dataclass(slots=True)

@@ -515,6 +515,19 @@ def event_fields(event: Event) -> dict[str, bytes | str]:
     return {"type": event.type, "data": encode(event)}
 
 
+def encode_command(command: Command) -> bytes:
+    """A command's ``data``, checked against the wire rules first: building a Struct does not
+    validate it, and a publisher (the paper venue, the API) must never publish a command the
+    handler would dead-letter. Raises ``WireError`` naming the broken rule."""
+    data = encode(command)
+    try:
+        _decoder(type(command)).decode(data)
+    except msgspec.ValidationError as exc:
+        raise _field_error(exc) from exc
+    return data
+
+
 def command_fields(command: Command) -> dict[str, bytes | str]:
-    """The stream entry fields of a command, as a strategy publishes it."""
-    return {"type": command.__struct_config__.tag, "data": encode(command)}  # type: ignore[dict-item]
+    """The stream entry fields of a command, as a strategy publishes it (validated)."""
+    type_name: str = command.__struct_config__.tag  # type: ignore[assignment]
+    return {"type": type_name, "data": encode_command(command)}

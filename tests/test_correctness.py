@@ -256,3 +256,54 @@ def test_json_nested_a_thousand_levels_deep_is_a_wire_error() -> None:
     assert caught.value.code == "INVALID_JSON"
     with pytest.raises(wire.WireError):
         wire.decode_event("OrderPlaced", raw)
+
+
+# ----------------------------------------------------------- the class of 15: facts a venue reports
+
+
+def test_the_venues_acknowledgement_after_a_fill_records_its_order_id() -> None:
+    """A fill accepts a pending order implicitly; the venue's acknowledgement may still come after
+    it (venues report out of order): it is a fact, recorded without changing the status."""
+    driver = Driver()
+    order_id = driver.place("buy", "1", order_type="limit", price="100")
+    driver.fill(order_id, "0.4", "100")
+
+    decision = driver.ok("order_accepted", order_id=order_id, exchange_order_id="x-9")
+
+    assert [(e.type, e.status) for e in decision.events] == [("OrderAccepted", "partially_filled")]  # type: ignore[attr-defined]
+    assert driver.order(order_id).exchange_order_id == "x-9"
+    again = driver.refused("order_accepted", order_id=order_id, exchange_order_id="x-10")
+    assert again.code is RejectCode.INVALID_TRANSITION
+    assert again.message == f"cannot accept order {order_id}: it is already acknowledged as x-9"
+
+
+# ----------------------------------------------------------- the class of 5: replies name real positions
+
+
+def test_order_replies_never_name_a_reserved_position_that_does_not_exist() -> None:
+    driver = Driver()
+    entry_order, reserved = driver.open_position("long", "1")
+
+    cancel = driver.ok("cancel_order", order_id=entry_order)
+    cancelled = driver.ok("order_cancelled", order_id=entry_order)
+
+    assert (cancel.position_id, cancelled.position_id) == (None, None)
+    assert driver.store.positions[reserved] is None
+    filled_order, position = driver.open_position("long", "1")
+    assert position == reserved  # the reservation is kept for the side's next position
+    assert driver.fill(filled_order, "1", "100").position_id == reserved
+
+
+def test_a_publisher_cannot_publish_a_command_the_handler_would_refuse() -> None:
+    fill = wire.RecordFill(
+        command_id="paper:x:fill",
+        user_id="alice",
+        order_id=FILL["order_id"],  # type: ignore[arg-type]
+        fill_id="t-1",
+        quantity="1",
+        price="100",
+        fee="500000000000000000000",  # 21 integer digits
+    )
+    with pytest.raises(wire.WireError) as caught:
+        wire.command_fields(fill)
+    assert caught.value.code == "INVALID_FIELD" and "$.fee" in caught.value.message

@@ -367,7 +367,9 @@ class Books(RuleBasedStateMachine):
         reply = self.send(
             "order_accepted", {"user_id": order.user, "order_id": order.id, "exchange_order_id": f"x-{self.n}"}
         )
-        expected = order.status == "pending" or (order.status == "pending_cancel" and not order.accepted_by_venue)
+        # The venue's acknowledgement is recorded once, for any order not yet final (after a
+        # cancel request or a fill too); it moves only a pending order to open.
+        expected = order.status in OPEN_STATUSES and not order.accepted_by_venue
         self.accepted(reply, expected, "order_accepted")
         if expected:
             order.accepted_by_venue = True
