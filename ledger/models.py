@@ -105,18 +105,17 @@ Mark = Annotated[
 ]
 
 
+# Text fields checked by the rule of the same name (``ledger.values.RULES``, full match).
+_TEXT_FIELDS = ("user_id", "symbol", "fill_id", "fee_currency", "client_order_id", "exchange_order_id")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, use_enum_values=False, validate_default=True)
 
-    @field_validator("user_id", check_fields=False)
+    @field_validator(*_TEXT_FIELDS, check_fields=False)
     @classmethod
-    def _user_id(cls, value: str) -> str:
-        return _identifier("user_id", value)
-
-    @field_validator("symbol", check_fields=False)
-    @classmethod
-    def _symbol(cls, value: str) -> str:
-        return _identifier("symbol", value)
+    def _text_rule(cls, value: str | None, info: Any) -> str | None:
+        return None if value is None else _identifier(info.field_name, value)
 
     @property
     def instrument(self) -> Instrument:
@@ -241,11 +240,11 @@ class Fill(_Model):
     """One execution of an order, as the venue reported it."""
 
     order_id: str
-    fill_id: str = Field(min_length=1, max_length=128)
+    fill_id: str
     quantity: Money
     price: Money
     fee: Money = ZERO
-    fee_currency: str | None = Field(default=None, pattern=r"^[A-Za-z0-9]{1,16}$")
+    fee_currency: str | None = None
     ts: Timestamp | None = None
 
     @field_validator("quantity", "price")

@@ -23,6 +23,7 @@ import structlog
 from ledger import (
     CommandRejected,
     Exchange,
+    Fill,
     LedgerTimeout,
     Order,
     OrderManager,
@@ -828,3 +829,26 @@ async def test_invalid_marks_give_no_unrealized_pnl_and_a_warning_never_a_crash(
         with pytest.raises(ValueError, match="mark: must be a decimal string"):
             await positions.calculate_pnl(opened[BTC], "1e5")
         assert (await positions.calculate_pnl(opened[BTC], "110")).unrealized_pnl == Decimal(10)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("fill_id", "t-1\n"),
+        ("fill_id", "x" * 129),
+        ("fee_currency", "USDT\n"),
+        ("fee_currency", "US DT"),
+        ("user_id", "alice\n"),
+        ("symbol", f"{BTC}\n"),
+    ],
+)
+def test_model_text_fields_follow_the_wire_rules_by_full_match(field: str, value: str) -> None:
+    fields: dict[str, Any] = {"order_id": "o", "fill_id": "t-1", "quantity": "1", "price": "1", field: value}
+    if field in {"user_id", "symbol"}:
+        fields = {"user_id": USER, "exchange": "okx", "symbol": BTC, "side": "buy", "order_type": "market"}
+        fields |= {"quantity": "1", field: value}
+        model: type[Any] = Order
+    else:
+        model = Fill
+    with pytest.raises(ValueError, match=f"{field}\n  Value error, must be "):
+        model(**fields)
