@@ -138,8 +138,9 @@ CREATE TABLE IF NOT EXISTS projector_checkpoints (
 );
 
 -- ----------------------------------------------------------------------------- projector_gaps
--- Every event entry the projector dead-lettered (it could not be decoded or stored) and every
--- final order it could not rebuild, so that history is never silently missing: the entry, what
+-- Every event entry the projector dead-lettered (it could not be decoded or stored) or skipped
+-- (an unknown type whose envelope is unreadable) and every final order it could not rebuild, so
+-- that history is never silently missing: the entry, what
 -- it was (its type; its event and its order or position when readable), why, and when that
 -- order or position reached history after all (filled_at; NULL while it is still missing).
 -- `ledger status` reports the open ones.

@@ -12,7 +12,7 @@ A batch of entries is applied in ONE PostgreSQL transaction:
    crash between COMMIT and XACK redelivers them) unless they are missing from the archive (an
    entry that failed earlier while later ones succeeded is still applied when retried);
 2. archive every event into ``ledger_events`` (unknown event types too, when their envelope is
-   readable; CONTRACT §5);
+   readable; CONTRACT §5; when it is not, the entry is skipped and recorded as a gap);
 3. store every ``OrderFilled`` in ``fills``;
 4. upsert ``positions`` for ``PositionClosed`` / ``PositionLiquidated`` (the event carries the
    whole position);
@@ -166,8 +166,18 @@ def _entry_text(entry: Entry, name: str) -> str | None:
     return text(fields.get(name, fields.get(name.encode())))
 
 
-def _decode(entry: Entry) -> _Decoded | None:
-    """Decode one stream entry; None for an unknown type whose envelope is unreadable.
+@dataclass(slots=True)
+class _Unreadable:
+    """An event of a type this reader does not know whose envelope cannot be read either."""
+
+    entry: Entry
+    type: str
+    data: str
+    reason: str
+
+
+def _decode(entry: Entry) -> _Decoded | _Unreadable:
+    """Decode one stream entry (an unknown type whose envelope is unreadable: ``_Unreadable``).
 
     Raises ``Undeliverable`` for an entry of a known type that is not a valid event (the runner
     dead-letters it, and the projector records the gap).
@@ -183,13 +193,8 @@ def _decode(entry: Entry) -> _Decoded | None:
         try:
             _envelope_decoder.decode(data)
         except (msgspec.MsgspecError, RecursionError, UnicodeError) as exc:
-            log.warning(
-                "unknown event type with an unreadable envelope: skipped",
-                entry_id=entry.id,
-                type=type_name,
-                error=str(exc),
-            )
-            return None
+            reason = f"unknown event type {type_name!r} with an unreadable envelope ({exc!r}): not archived"
+            return _Unreadable(entry, type_name, data, reason)
     except wire.WireError as error:
         raise Undeliverable(error.code, f"{type_name} event entry {entry.id}: {error.message}") from error
     return _Decoded(entry.id, entry_order(entry.id), type_name, data, event)
@@ -395,10 +400,14 @@ class Projector:
         if not entries:
             return result
         started = time.perf_counter()
-        decoded = [d for d in map(_decode, entries) if d is not None]
+        items = [_decode(entry) for entry in entries]
+        decoded = [item for item in items if isinstance(item, _Decoded)]
         last = max(entry_order(e.id) for e in entries)
         async with self.pool.connection() as conn, conn.transaction():
             applied = await self._lock_checkpoint(conn)
+            for item in items:
+                if isinstance(item, _Unreadable):
+                    await self._unreadable(conn, item)
             fresh = await self._unapplied(conn, decoded, applied)
             result.skipped = len(entries) - len(fresh)
             if fresh:
@@ -442,6 +451,12 @@ class Projector:
             row = await cur.fetchone()
             assert row is not None
         return int(row[0]), int(row[1])
+
+    async def _unreadable(self, conn: psycopg.AsyncConnection[Any], item: _Unreadable) -> None:
+        """Skip an unknown event type that cannot be archived, and record the gap (once)."""
+        gap = _gap_row(self.shard, item.entry.id, item.type, item.data, "UNKNOWN_TYPE", item.reason)
+        await conn.execute(_SQL["insert_gap"], gap)
+        self.log.warning("event skipped: gap recorded", entry_id=item.entry.id, type=gap["type"], reason=gap["reason"])
 
     async def _unapplied(
         self,

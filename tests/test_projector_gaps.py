@@ -169,3 +169,23 @@ async def test_gap_is_recorded_whatever_the_entry_held(
     reasons = {letter["dead_entry_id"]: letter["dead_reason"] for _id, letter in letters}
     assert {g[1]: g[6] for g in gaps} == reasons
     assert await open_gaps(pg) == {0: (2, future)}
+
+
+async def test_unknown_type_that_cannot_be_archived_is_skipped_and_recorded(
+    redis: Any, pool: Any, pg: psycopg.AsyncConnection[Any]
+) -> None:
+    skipped = await redis.xadd(KEYS.events, {"type": "SomethingNew", "data": "[" * 5000 + "]" * 5000})
+    consumer = projector_consumer(redis, pool, 0)
+    await consumer.burst()
+    await redis.xadd(KEYS.events, {"type": "SomethingNew", "data": "not json"})
+    await consumer.burst()
+
+    gaps = await _gaps(pg)
+    assert [g[:6] + g[7:] for g in gaps] == [
+        (0, skipped, "SomethingNew", None, None, "UNKNOWN_TYPE", False),
+        (0, gaps[1][1], "SomethingNew", None, None, "UNKNOWN_TYPE", False),
+    ]
+    assert gaps[1][6].startswith("unknown event type 'SomethingNew' with an unreadable envelope (DecodeError(")
+    assert gaps[1][6].endswith("): not archived")
+    assert await redis.exists(KEYS.dead) == 0  # a type this reader does not know is not an error
+    assert await pending(redis) == 0
