@@ -76,7 +76,7 @@ class MPosition:
 
     @property
     def realized(self) -> Decimal:
-        return self.gross - self.fees
+        return EXACT.subtract(self.gross, self.fees)
 
 
 @dataclass
@@ -508,7 +508,7 @@ class Books(RuleBasedStateMachine):
                 expected.size,
                 expected.entry_price,
             )
-            assert position.gross_pnl - position.fees == expected.realized
+            assert EXACT.subtract(position.gross_pnl, position.fees) == expected.realized
         for order_id, order in self.model.orders.items():
             state = book.orders[order_id]
             assert state is not None and state.status.value == order.status and state.filled_qty == order.filled
