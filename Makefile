@@ -2,6 +2,7 @@
 #
 #   make install   venv + editable install (only when pyproject.toml changed) + redis/postgres
 #   make test      run the test suite against real local servers (PYTEST_ARGS=... to pass options)
+#   make test-fuzz the command-path fuzz test, long (FUZZ_EXAMPLES=2000 by default)
 #   make demo      run `ledger demo`
 #   make lint      ruff + mypy
 #   make bench     run the benchmarks (if any)
@@ -20,7 +21,7 @@ PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: install system-deps test demo lint bench clean
+.PHONY: install system-deps test test-fuzz demo lint bench clean
 
 install: system-deps $(STAMP)
 
@@ -57,6 +58,11 @@ test: install
 	@rc=0; $(VENV_PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected (treated as success)"; exit 0; fi; \
 	exit $$rc
+
+# The fuzz test runs bounded in `make test`; here with many more examples.
+FUZZ_EXAMPLES ?= 2000
+test-fuzz: install
+	LEDGER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV_PY) -m pytest -m fuzz tests/test_fuzz.py $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/ledger demo
