@@ -25,6 +25,7 @@ from ledger.logs import configure_logging
 from ledger.redis_conn import CONNECT_TIMEOUT_S, ShardCountMismatch, connect, recorded_shards, text
 from ledger.values import check_identifier, format_decimal, parse_decimal
 from projections import history
+from projections.projector import open_gaps
 from projections.queries import marks, order_hashes, position_from_hash, position_hashes
 
 T = TypeVar("T")
@@ -139,14 +140,42 @@ async def _status(args: argparse.Namespace) -> int:
             rows += await _shard_status(redis, ShardKeys(shard))
     finally:
         await redis.aclose()
+    gaps = await _history_gaps(settings)
     if args.json:
-        _print_json({"shards": shards, "streams": rows})
+        _print_json({"shards": shards, "streams": rows, "history_gaps": gaps})
     elif shards is None:
         print("no ledger in this Redis yet (ledger:meta has no shards): start `ledger serve`")
     else:
         print(f"shards: {shards}")
         print(_table(rows, ["shard", "stream", "length", "group", "consumers", "pending", "lag"]))
+        print(_gaps_line(gaps))
     return 0
+
+
+async def _history_gaps(settings: Settings) -> dict[str, Any]:
+    """The PostgreSQL history's open gaps per shard (events it could not write), or why they are
+    unknown: ``status`` reports on Redis whether or not PostgreSQL answers."""
+    from ledger.service import database_url
+
+    try:
+        url = database_url(settings, start=False)
+        async with await psycopg.AsyncConnection.connect(
+            url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
+        ) as conn:
+            found = await open_gaps(conn)
+    except (psycopg.Error, servers.ServerError) as exc:
+        return {"available": False, "reason": str(exc).strip().splitlines()[0]}
+    shards = {str(shard): {"open": count, "first_entry_id": first} for shard, (count, first) in sorted(found.items())}
+    return {"available": True, "shards": shards}
+
+
+def _gaps_line(gaps: dict[str, Any]) -> str:
+    if not gaps["available"]:
+        return f"history gaps: unknown (PostgreSQL: {gaps['reason']})"
+    if not gaps["shards"]:
+        return "history gaps: none"
+    listed = ", ".join(f"shard {s}: {g['open']} from {g['first_entry_id']}" for s, g in gaps["shards"].items())
+    return f"history gaps: {listed} (see the projector's dead letters in ledger:{{s}}:dead)"
 
 
 async def _shard_status(redis: Any, keys: ShardKeys) -> list[dict[str, Any]]:
@@ -426,8 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", type=SECONDS, default=10.0, help="seconds to wait for the reply (default 10)")
     submit.set_defaults(func=lambda a: asyncio.run(_submit(a)))
 
-    status = commands.add_parser("status", help="per shard: streams, consumer groups, pending, lag, dead letters")
+    status = commands.add_parser(
+        "status", help="per shard: streams, consumer groups, pending, lag, dead letters, history gaps"
+    )
     _redis_flag(status)
+    status.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=lambda a: asyncio.run(_status(a)))
 

@@ -9,19 +9,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import redis.asyncio as aioredis
 
 from ledger.cli import LAG_PAGE, group_lag
-from ledger.servers import RedisServer
+from ledger.servers import RedisServer, free_port
 
 LEDGER_BIN = Path(sys.executable).parent / "ledger"
 COMMANDS = "ledger:{0}:commands"
 GROUP = "ledger-handler"
 
 
-def status(redis_url: str, home: Path) -> dict[str, Any]:
+def status(redis_url: str, home: Path, database_url: str | None = None) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
     env.update(LEDGER_REDIS_URL=redis_url, LEDGER_HOME=str(home))
+    if database_url:
+        env.update(LEDGER_DATABASE_URL=database_url)
     result = subprocess.run(
         [str(LEDGER_BIN), "status", "--json"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
@@ -77,3 +80,26 @@ async def test_group_lag_counts_from_the_nearer_end_and_survives_deletions(redis
     assert await group_lag(redis, COMMANDS, ids[9]) == total - 10 - 5
     assert await group_lag(redis, COMMANDS, ids[2]) == total - 10  # the id itself was deleted
     assert await group_lag(redis, COMMANDS, ids[-11]) == 5
+
+
+async def test_status_reports_the_open_gaps_of_the_postgresql_history(
+    redis: Any, redis_url: str, database_url: str, tmp_path: Path
+) -> None:
+    await redis.hset("ledger:meta", "shards", "1")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for entry_ms, filled in ((10, False), (9, False), (8, True)):
+            conn.execute(
+                "INSERT INTO projector_gaps (shard, entry_id, entry_ms, entry_seq, type, code, reason, filled_at)"
+                " VALUES (0, %s, %s, 0, 'OrderPlaced', 'INVALID_EVENT', 'test', CASE WHEN %s THEN now() END)",
+                [f"{entry_ms}-0", entry_ms, filled],
+            )
+
+    gaps = status(redis_url, tmp_path, database_url)["history_gaps"]
+
+    assert gaps == {"available": True, "shards": {"0": {"open": 2, "first_entry_id": "9-0"}}}
+
+
+def test_status_without_postgresql_still_reports_redis(redis_url: str, tmp_path: Path) -> None:
+    report = status(redis_url, tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/ledger")
+    assert report["history_gaps"]["available"] is False
+    assert "127.0.0.1" in report["history_gaps"]["reason"]

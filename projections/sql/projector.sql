@@ -166,7 +166,7 @@ WHERE aggregate_id = ANY(%(ids)s::uuid[]) AND filled_at IS NULL
 
 -- open_gaps --
 -- The gaps not filled yet, per shard (for `ledger status`).
-SELECT shard, count(*) AS gaps, min(entry_id) AS first_entry_id
+SELECT shard, count(*) AS gaps, (array_agg(entry_id ORDER BY entry_ms, entry_seq))[1] AS first_entry_id
 FROM projector_gaps
 WHERE filled_at IS NULL
 GROUP BY shard
