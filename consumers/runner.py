@@ -382,13 +382,6 @@ class StreamConsumer:
 
     # ----------------------------------------------------------------- status
 
-    async def lag(self) -> dict[str, Any]:
-        for info in await self.redis.xinfo_groups(self.stream):
-            if text(info["name"]) == self.group:
-                return {"pending": info["pending"], "lag": info.get("lag")}
-        return {"pending": 0, "lag": None}
-
-
 def _entries(response: Any) -> list[Entry]:
     if not response:
         return []
