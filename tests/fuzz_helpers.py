@@ -16,9 +16,9 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hypothesis import strategies as st
 
@@ -312,11 +312,24 @@ def injections(value: str) -> list[str]:
 
 
 @dataclass
+class KnownOrder:
+    user: str
+    remaining: str = "1"  # quantity not filled yet (the whole quantity once filled: an overfill)
+    final: bool = False
+
+
+@dataclass
+class KnownPosition:
+    user: str
+    open: bool = False
+
+
+@dataclass
 class Known:
     """What the strategy learned from replies and live keys (CONTRACT §4, §6)."""
 
-    orders: dict[str, tuple[str, str]] = field(default_factory=dict)  # order id -> (user, remaining qty)
-    positions: dict[str, str] = field(default_factory=dict)  # position id -> user
+    orders: dict[str, KnownOrder] = field(default_factory=dict)
+    positions: dict[str, KnownPosition] = field(default_factory=dict)
     fills: list[tuple[str, str, str]] = field(default_factory=list)  # (user, order id, fill id)
     counter: int = 0
 
@@ -324,6 +337,23 @@ class Known:
         """A fresh id; padded to ``width`` characters with zeros after the prefix."""
         self.counter += 1
         return prefix + str(self.counter).rjust(width - len(prefix), "0")
+
+
+KINDS = (  # the command types of CONTRACT §3, weighted towards what makes positions open and close
+    *["place_order"] * 2,
+    *["open_position"] * 3,
+    *["record_fill"] * 6,
+    "cancel_order",
+    "order_accepted",
+    "order_rejected",
+    "order_cancelled",
+    "order_expired",
+    *["close_position"] * 3,
+    "liquidate_position",
+)
+ORDER_KINDS = {"record_fill", "cancel_order", "order_accepted", "order_rejected", "order_cancelled", "order_expired"}
+POSITION_KINDS = {"close_position", "liquidate_position"}
+_K = TypeVar("_K")
 
 
 @dataclass(frozen=True)
@@ -350,34 +380,17 @@ def entry(type_name: str | bytes, data: bytes | None, label: str, well_formed: b
 
 def valid_command(draw: st.DrawFn, known: Known) -> tuple[str, dict[str, Any]]:
     """A well-formed command (CONTRACT §1, §3); its outcome may still be a rejection."""
-    kind = draw(
-        st.sampled_from(
-            [
-                "place_order",
-                "open_position",
-                "open_position",
-                "record_fill",
-                "record_fill",
-                "record_fill",
-                "cancel_order",
-                "order_accepted",
-                "order_rejected",
-                "order_cancelled",
-                "order_expired",
-                "close_position",
-                "close_position",
-                "liquidate_position",
-            ]
-        )
-    )
-    user = draw(st.sampled_from(USERS))
+    kind = draw(st.sampled_from(KINDS))
+    order_id, order = _pick(draw, known.orders, [k for k, o in known.orders.items() if not o.final])
+    position_id, position = _pick(draw, known.positions, [k for k, p in known.positions.items() if p.open])
+    subject = order if kind in ORDER_KINDS else position if kind in POSITION_KINDS else None
+    # Mostly the owner of the order or position; sometimes another user (it is not theirs).
+    user = subject.user if subject is not None and draw(st.integers(0, 9)) else draw(st.sampled_from(USERS))
     data: dict[str, Any] = {
-        "command_id": known.next_id(*draw(st.sampled_from([("c",), ("cmd:",), ("c.",), ("C-",), ("L", 64)]))),
+        "command_id": known.next_id(*draw(st.sampled_from([("c", 0), ("cmd:", 0), ("c.", 0), ("C-", 0), ("L", 64)]))),
         "user_id": user,
     }
     exchange, symbol = draw(st.sampled_from(MARKETS))
-    order = _pick(draw, known.orders, user)
-    position = _pick(draw, known.positions, user)
     if kind == "place_order":
         order_type = draw(st.sampled_from(["market", "limit", "stop_market", "stop_limit", "take_profit_market"]))
         data |= {
@@ -415,12 +428,12 @@ def valid_command(draw: st.DrawFn, known: Known) -> tuple[str, dict[str, Any]]:
             data["stop_loss"] = "50"
             data["metadata"] = draw(st.sampled_from(METADATA))
     elif kind == "record_fill":
-        order_id, remaining = order if order is not None else (str(uuid.uuid4()), "1")
+        remaining = order.remaining if order is not None else "1"
         repeat = [f for f in known.fills if f[1] == order_id]
         if repeat and draw(st.integers(0, 4)) == 0:
             fill_id = repeat[0][2]  # the venue reports the same trade again
         else:
-            fill_id = known.next_id(*draw(st.sampled_from([("f",), ("trade/",), ("T:",), ("F@", 128)])))
+            fill_id = known.next_id(*draw(st.sampled_from([("f", 0), ("trade/", 0), ("T:", 0), ("F@", 128)])))
         quantity = draw(st.sampled_from([remaining, remaining, "0.1", "0.00000001", "3"]))
         data |= {
             "order_id": order_id,
@@ -436,7 +449,7 @@ def valid_command(draw: st.DrawFn, known: Known) -> tuple[str, dict[str, Any]]:
             data["ts"] = draw(st.sampled_from([0, 1_700_000_000_000, 253_402_300_799_999]) | st.integers(0, 2**41))
         known.fills.append((user, order_id, fill_id))
     elif kind in ("cancel_order", "order_cancelled", "order_expired", "order_accepted", "order_rejected"):
-        data["order_id"] = order[0] if order is not None else str(uuid.uuid4())
+        data["order_id"] = order_id
         if kind == "order_accepted":
             # Venue ids are unique per exchange; a venue repeating one is a fact to record.
             venue_ids = [f"ex-{n}" for n in range(1, known.counter + 1, 7)]
@@ -446,7 +459,7 @@ def valid_command(draw: st.DrawFn, known: Known) -> tuple[str, dict[str, Any]]:
         if kind == "order_rejected":
             data["reason"] = draw(st.sampled_from(["insufficient margin", "price out of band", "ü 😀"]))
     else:
-        data["position_id"] = position if position is not None else str(uuid.uuid4())
+        data["position_id"] = position_id
         if kind == "close_position":
             if draw(st.booleans()):
                 data["size"] = draw(st.sampled_from(QUANTITIES))
@@ -459,17 +472,16 @@ def valid_command(draw: st.DrawFn, known: Known) -> tuple[str, dict[str, Any]]:
     return kind, data
 
 
-def _pick(draw: st.DrawFn, pool: dict[str, Any], user: str) -> Any:
-    """Mostly one of the user's own ids, sometimes another user's (never theirs to touch)."""
-    own = sorted(k for k, v in pool.items() if (v[0] if isinstance(v, tuple) else v) == user)
-    anyone = sorted(pool)
-    choice = draw(st.sampled_from(["own", "own", "own", "any", "none"]))
-    ids = own if choice == "own" else anyone if choice == "any" else []
+def _pick(draw: st.DrawFn, pool: Mapping[str, _K], live: list[str]) -> tuple[str, _K | None]:
+    """Mostly a live id (an order not final, an open position), sometimes any known one, now and
+    then an id nobody knows. Ids are in the order they were learned, never sorted: the ledger's
+    ids are random, and the same draws must pick the same order or position in every run."""
+    choice = draw(st.sampled_from(["live", "live", "live", "live", "any", "unknown"]))
+    ids = [] if choice == "unknown" else live if choice == "live" and live else list(pool)
     if not ids:
-        return None
+        return str(uuid.uuid4()), None
     picked = draw(st.sampled_from(ids))
-    value = pool[picked]
-    return (picked, value[1]) if isinstance(value, tuple) else picked
+    return picked, pool[picked]
 
 
 def _deep(levels: int, leaf: Any = None) -> str:

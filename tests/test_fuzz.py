@@ -55,6 +55,7 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import event as reached
 from hypothesis import strategies as st
 
 from consumers.command_handler import handler_role
@@ -68,6 +69,8 @@ from tests.fuzz_helpers import (
     SYMBOL,
     USER_ID,
     Known,
+    KnownOrder,
+    KnownPosition,
     Planned,
     classify,
     encode,
@@ -91,7 +94,7 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-ROUNDS = 4  # rounds of publishing then draining per example
+ROUNDS = 8  # rounds of publishing then draining per example
 BATCH = 12  # entries per round at most
 
 SHARDS = 1
@@ -156,23 +159,27 @@ class Session:
             if not isinstance(reply, dict) or reply.get("status") != "accepted":
                 continue
             if isinstance(reply.get("order_id"), str):
-                self.known.orders.setdefault(reply["order_id"], (user, "1"))
+                self.known.orders.setdefault(reply["order_id"], KnownOrder(user))
             if isinstance(reply.get("position_id"), str):
-                self.known.positions[reply["position_id"]] = user
-        for order_id, (user, _) in list(self.known.orders.items()):
+                self.known.positions.setdefault(reply["position_id"], KnownPosition(user))
+        for order_id, order in self.known.orders.items():
             fields = await self.raw.hgetall(f"orders:{order_id}")
             try:
                 quantity = Decimal(text(fields[b"quantity"]))
                 remaining = quantity - Decimal(text(fields.get(b"filled_qty") or b"0"))
             except (KeyError, InvalidOperation):
                 continue
-            self.known.orders[order_id] = (user, format(remaining if remaining > 0 else quantity, "f"))
+            order.remaining = format(remaining if remaining > 0 else quantity, "f")
+            order.final = text(fields.get(b"status")) in FINAL_ORDER
+        active = {text(i) for i in await self.raw.smembers("positions:active")}
+        for position_id, position in self.known.positions.items():
+            position.open = position_id in active
 
 
 @st.composite
 def planned_entry(draw: st.DrawFn, session: Session) -> Planned:
     """A well-formed command, a hostile one, an entry published again, or a reused command id."""
-    choice = draw(st.sampled_from(["valid"] * 5 + ["hostile"] * 4 + ["again", "reused-id"]))
+    choice = draw(st.sampled_from(["valid"] * 7 + ["hostile"] * 3 + ["again", "reused-id"]))
     if choice == "again" and session.sent:
         before = draw(st.sampled_from(session.sent)).planned
         return Planned(before.fields, f"again: {before.label}", before.well_formed)
@@ -209,10 +216,10 @@ async def run_session(redis_url: str, database_url: str, home: Path, data: st.Da
             projector_consumer(ledger_redis, pool, 0, settings=ConsumerSettings.from_settings(config)),
         ]
         session = Session(raw, consumers)
-        for _ in range(data.draw(st.integers(1, ROUNDS), label="rounds")):
+        for _ in range(data.draw(st.integers(2, ROUNDS), label="rounds")):
             batch = [
                 await session.publish(data.draw(planned_entry(session), label="entry"))
-                for _ in range(data.draw(st.integers(1, BATCH), label="entries"))
+                for _ in range(data.draw(st.integers(2, BATCH), label="entries"))
             ]
             await session.drain()
             await session.learn(batch)
@@ -252,6 +259,10 @@ async def check(session: Session, pg: psycopg.AsyncConnection[Any]) -> None:
     found = Findings()
     events = [Logged(text(i), text(f[b"type"]), json.loads(f[b"data"])) for i, f in await raw.xrange(EVENTS)]
     dead = await dead_letters(raw, found)
+    for name in sorted(
+        {e.type for e in events} | {f"dead letter {text(d[0].get(b'dead_code'))}" for d in dead.values()}
+    ):
+        reached(name)  # what the session reached: --hypothesis-show-statistics
     await check_consumed(raw, session, found)
     by_key = check_outcomes(session, dead, found)
     await check_replies(raw, by_key, dead, events, found)
