@@ -34,7 +34,11 @@ Handlers must be idempotent: delivery is at least once.
 With ``lease_key`` the consumer is exclusive: only the holder of the lease (a key with a
 time-to-live of ``claim_idle_ms``, renewed at every step) reads the stream, so entries are
 applied strictly in log order; other processes stand by and take over when the lease lapses,
-first claiming everything the previous holder left pending, in id order.
+first claiming everything the previous holder left pending, in id order. A lease elects, it does
+not fence: a holder whose batch outlives the lease (a pause, a slow server) would still write it
+after the new holder wrote newer state. So every exclusive handler fences its own writes: it
+checks, in the batch's atomic step, that the lease still names this consumer (``name``) and
+raises ``LeaseLost`` when it does not; the delivery is then given back like a server outage.
 """
 
 from __future__ import annotations
@@ -103,7 +107,15 @@ return 1
 # The reason given when an entry's last delivery never finished (the process died in it).
 UNFINISHED = "the consumer handling it stopped before finishing (a crash, a kill or a timeout)"
 
+
+class LeaseLost(Exception):
+    """A leased consumer found, in the atomic step of a batch, that it no longer holds its lease:
+    the batch was not applied (or only where nothing newer was), and another consumer applies it.
+    Retryable: the delivery's count is given back and the consumer stands by."""
+
+
 RETRYABLE = (
+    LeaseLost,
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.BusyLoadingError,
@@ -208,6 +220,8 @@ class StreamConsumer:
                     await self.ensure_group()
                 await self.step()
                 backoff = 0.1
+            except LeaseLost as exc:
+                self.log.warning("lease lost mid-batch: batch left to the new holder, standing by", error=str(exc))
             except self.retryable as exc:
                 self.log.warning("a server is unavailable, retrying", error=str(exc), retry_in_s=backoff)
                 self._group_ready = False

@@ -16,6 +16,23 @@ Internal keys of the consumers (not in the contract), on the hash tag of the str
     Every dead letter written to a dead stream, field ``<stream>/<group>/<entry id>`` -> dead
     entry id, so an entry is dead-lettered at most once however often it is delivered
     (``ledger:{s}:dead:index``). Kept as long as the dead stream.
+
+Internal keys of the live projection (``projections.live``):
+
+``ledger:{s}:projection`` (string, ``ShardKeys.checkpoint``)
+    The last event-log entry the live projection applied on the shard; it only moves forward.
+``ledger:{s}:projection:expiring`` (sorted set, ``ShardKeys.expiring``)
+    What the projection forgets later, scored by when (epoch milliseconds): a final order's id
+    leaves ``orders:user:…`` once its hash ``orders:{id}`` has expired, and the fence fields of
+    final orders and closed positions (below) are dropped after the same retention.
+``ledger:live:fence:{<live key>}`` (hash, ``fence``)
+    The fence of one legacy live key, on that key's cluster slot (the key itself is the hash
+    tag; legacy keys never contain braces): field ``""`` (the whole key: a position hash, a GRID
+    level hash) or a member / hash field (a set member, a GRID level, a position id of
+    ``ledger:live:position-keys``) -> the entry id of the last event written there. A write of an
+    older event is refused, so a consumer that lost its lease mid-batch never moves a live key
+    backwards; a deleted key keeps its fence (a tombstone). Order hashes need none: they are
+    written only over the previous ``version`` of the same order.
 """
 
 from __future__ import annotations
@@ -47,6 +64,7 @@ class ShardKeys:
         "sequence",
         "outcomes",
         "checkpoint",
+        "expiring",
     )
 
     def __init__(self, shard: int) -> None:
@@ -65,6 +83,8 @@ class ShardKeys:
         self.outcomes = f"{tag}:outcomes"
         # The live projection's position in the event log.
         self.checkpoint = f"{tag}:projection"
+        # What the live projection forgets later (expired final orders, old fence fields).
+        self.expiring = f"{tag}:projection:expiring"
 
     def lease(self, group: str) -> str:
         """The lease that makes one consumer of ``group`` the active one on this shard."""
@@ -100,6 +120,12 @@ def marks(exchange: str) -> str:
 ACTIVE_POSITIONS = "positions:active"
 # Our own lookup, position id -> its live hash key (the legacy keys are named by market, not id).
 POSITION_KEYS = "ledger:live:position-keys"
+FENCE_PREFIX = "ledger:live:fence:"
+
+
+def fence(live_key: str) -> str:
+    """The fence of a legacy live key: a hash on the same cluster slot (the key is its hash tag)."""
+    return f"{FENCE_PREFIX}{{{live_key}}}"
 
 
 def position_key(user_id: str, exchange: str, symbol: str, side: str) -> str:

@@ -366,6 +366,20 @@ async def check_session_keys(redis: Any, s: Session, shards: int) -> None:
         *(f"orders:{order_id}" for order_id in o.values()),
         *(f"ledger:{{{shard_of_user(user, shards)}}}:projection" for user in (POS_USER, GRID_USER)),
     }
+    # The fence of every legacy key ever written (a deleted key keeps its fence: a tombstone).
+    fenced = {
+        *(f"positions:{POS_USER}:okx:{symbol}:long" for symbol in (BTC, ETH)),
+        f"positions:{GRID_USER}:okx:{SOL}:long",
+        *(f"positions:index:{user}:okx" for user in (POS_USER, GRID_USER)),
+        "positions:active",
+        "ledger:live:position-keys",
+        *(f"orders:user:{user}:okx" for user in (POS_USER, GRID_USER)),
+        *(f"orders:open:okx:{symbol}" for symbol in (BTC, ETH, SOL)),
+        *(f"{grid_prefix}:active_grid:{level}" for level in GRID_PRICES),
+        f"{grid_hashes}:orders",
+        f"{grid_hashes}:order_placed_index",
+    }
+    expected_keys |= {f"ledger:live:fence:{{{key}}}" for key in fenced}
     assert set(await live_keys(redis)) == expected_keys
 
     # ------------------------------------------------------------------ positions
