@@ -57,6 +57,18 @@ CONTRACT_KEYS: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
         ("marks", rf"marks:{EXCHANGE}", "hash"),
     )
 )
+# The legacy live keys of CONTRACT §6.
+LIVE_KEYS = {
+    "open position",
+    "user's open positions",
+    "all open positions",
+    "order",
+    "user's orders",
+    "open orders",
+    "GRID active level",
+    "GRID order prices",
+    "GRID placement index",
+}
 
 
 def internal_keys(shards: int, consumers: Iterable[Any]) -> dict[str, str]:
@@ -66,7 +78,8 @@ def internal_keys(shards: int, consumers: Iterable[Any]) -> dict[str, str]:
     ``ledger.keys``: every key of ``ShardKeys`` (its slots), the dead-letter index of each dead
     stream (``dead_index``), and, for each consumer that runs, its try counters (``tries``) and
     its lease (``ShardKeys.lease``, the consumer's ``lease_key``). ``ledger:live:position-keys``
-    (``POSITION_KEYS``) is the live projection's id -> key lookup.
+    (``POSITION_KEYS``) is the live projection's id -> key lookup. The fences of live keys
+    (``keys.fence``) are matched by :func:`classify`.
     """
     from ledger import keys
 
@@ -86,9 +99,21 @@ def internal_keys(shards: int, consumers: Iterable[Any]) -> dict[str, str]:
 
 
 def classify(key: str, shards: int, internal: dict[str, str]) -> tuple[str, str] | None:
-    """(what, Redis type) of a key the contract or the documented internal keys allow, else None."""
+    """(what, Redis type) of a key the contract or the documented internal keys allow, else None.
+
+    A fence (``keys.fence(live_key)``, kept after its live key is gone) is allowed when its live
+    key is one of CONTRACT §6 or ``POSITION_KEYS`` and the project's builder gives it back.
+    """
+    from ledger import keys
+
     if key in internal:
         return "internal", internal[key]
+    if key.startswith(keys.FENCE_PREFIX + "{") and key.endswith("}"):
+        live_key = key[len(keys.FENCE_PREFIX) + 1 : -1]
+        fenced = classify(live_key, shards, {keys.POSITION_KEYS: "hash"})
+        if fenced is not None and (fenced[0] in LIVE_KEYS or live_key == keys.POSITION_KEYS):
+            return ("fence", "hash") if keys.fence(live_key) == key else None
+        return None
     for what, pattern, kind in CONTRACT_KEYS:
         match = pattern.fullmatch(key)
         if match is None:
