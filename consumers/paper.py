@@ -45,6 +45,10 @@ Exactly once, on top of at-least-once delivery:
   nothing happens twice.
 * A resting order leaves the resting set and its terminal command (fill or cancel) is published
   in ONE atomic script, so a fill and a cancel can never both be published for it.
+* Every write (resting, taking, publishing) is a script that first checks that the venue's lease
+  still names this venue: a venue whose batch or tick outlived its lease (a pause, a slow
+  server) writes nothing after the new holder took over (``LeaseLost`` for a batch), so it never
+  re-rests an order the new holder already took off the book.
 * Before it fills, the watcher reads the order's snapshot (``ledger:{s}:orders``): it fills only
   orders that are ``pending``, ``open`` or ``partially_filled`` (the remaining quantity), skips
   ``pending_cancel`` ones (their cancel is on its way) and drops final ones. An ``OrderPlaced``
@@ -78,7 +82,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from consumers.runner import RETRYABLE, ConsumerSettings, Entry, StreamConsumer
+from consumers.runner import RETRYABLE, ConsumerSettings, Entry, LeaseLost, StreamConsumer
 from ledger import wire
 from ledger.arithmetic import amount_fits, basis
 from ledger.config import Settings
@@ -108,41 +112,72 @@ _MAX_FRACTION = Decimal("1e-18")
 
 log = structlog.get_logger("ledger.paper")
 
-# KEYS: 1 resting hash, 2 version counter, 3 commands stream.
-# ARGV: 1 order id, 2 resting JSON, 3 command type, 4 command data.
+# Every write of the venue is one of these scripts, fenced: KEYS[1] is the venue's lease and
+# ARGV[1] this venue's consumer name; when the lease names another consumer (or none) the script
+# writes nothing and returns -1 (``LOST``), so a venue whose batch or tick outlived its lease
+# never rests, takes or publishes after the new holder did.
+LOST = -1
+_FENCE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return -1
+end
+"""
+
+# KEYS: 2 commands stream. ARGV: 2.. command type and data pairs. Publishes the commands.
+_PUBLISH = (
+    _FENCE
+    + """
+for i = 2, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+end
+return 1
+"""
+)
+
+# KEYS: 2 resting hash, 3 version counter, 4 commands stream.
+# ARGV: 2 order id, 3 resting JSON, 4 command type, 5 command data.
 # Rests the order (unless it rests already: a redelivery keeps the newer entry) and publishes.
-_REST = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('INCR', KEYS[2])
+_REST = (
+    _FENCE
+    + """
+if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 1 then
+  redis.call('INCR', KEYS[3])
 end
-redis.call('XADD', KEYS[3], '*', 'type', ARGV[3], 'data', ARGV[4])
+redis.call('XADD', KEYS[4], '*', 'type', ARGV[4], 'data', ARGV[5])
 return 1
 """
+)
 
-# KEYS: 1 resting hash, 2 version counter, 3 commands stream.
-# ARGV: 1 order id, 2 command type ('' = none), 3 command data.
+# KEYS: 2 resting hash, 3 version counter, 4 commands stream.
+# ARGV: 2 order id, 3 command type ('' = none), 4 command data.
 # Takes the order out of the resting set and, only if it was there, publishes its terminal command.
-_TAKE = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+_TAKE = (
+    _FENCE
+    + """
+if redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then
   return 0
 end
-redis.call('INCR', KEYS[2])
-if ARGV[2] ~= '' then
-  redis.call('XADD', KEYS[3], '*', 'type', ARGV[2], 'data', ARGV[3])
+redis.call('INCR', KEYS[3])
+if ARGV[3] ~= '' then
+  redis.call('XADD', KEYS[4], '*', 'type', ARGV[3], 'data', ARGV[4])
 end
 return 1
 """
+)
 
-# KEYS: 1 resting hash, 2 version counter. ARGV: 1 order id, 2 resting JSON.
+# KEYS: 2 resting hash, 3 version counter. ARGV: 2 order id, 3 resting JSON.
 # Rewrites a resting order (a stop_limit that triggered) only while it still rests.
-_UPDATE = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+_UPDATE = (
+    _FENCE
+    + """
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
   return 0
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('INCR', KEYS[3])
 return 1
 """
+)
 
 
 class PaperKeys:
@@ -296,8 +331,8 @@ class PaperVenue:
     """The paper venue of one shard: an event consumer plus a mark watcher.
 
     ``run(stop)`` runs both until ``stop`` is set. For tests and tools: ``burst()`` handles every
-    event available now, ``tick()`` is one pass of the watcher (without the lease check that
-    ``run`` makes: only the holder of the consumer's lease watches).
+    event available now, ``tick()`` is one pass of the watcher (``run`` ticks only while it holds
+    the consumer's lease; a tick writes nothing without it).
     """
 
     def __init__(
@@ -406,6 +441,8 @@ class PaperVenue:
         if not len(pipe):
             return
         results = await pipe.execute()
+        if LOST in results:
+            raise LeaseLost(f"{self.paper_keys.lease} no longer names {self.consumer.name!r}: batch not applied")
         for index, event in cancels:
             fields = {"order_id": event.stream, "event_id": event.event_id, "command_id": cancel_id(event.stream)}
             if results[index]:
@@ -435,8 +472,7 @@ class PaperVenue:
                 self._reject(pipe, event, reason)
                 return
             fill = self._fill(order_id, event.user_id, event.exchange, event.symbol, _remaining(event, state), price)
-            pipe.xadd(self.keys.commands, wire.command_fields(accept))
-            pipe.xadd(self.keys.commands, wire.command_fields(fill))
+            self._publish(pipe, accept, fill)
             self.log.info(
                 "market order: fill published",
                 price=fill.price,
@@ -454,10 +490,12 @@ class PaperVenue:
         keys = self.paper_keys
         pipe.eval(
             _REST,
-            3,
+            4,
+            keys.lease,
             keys.resting,
             keys.version,
             self.keys.commands,
+            self.consumer.name,
             order_id,
             msgspec.json.encode(resting),
             "order_accepted",
@@ -473,7 +511,7 @@ class PaperVenue:
         reject = wire.OrderRejectedCommand(
             command_id=reject_id(order_id), user_id=event.user_id, order_id=order_id, reason=reason
         )
-        pipe.xadd(self.keys.commands, wire.command_fields(reject))
+        self._publish(pipe, reject)
         self.log.info(
             "market order rejected",
             reason=reason,
@@ -518,7 +556,22 @@ class PaperVenue:
         keys = self.paper_keys
         type_name = command.__struct_config__.tag if command is not None else ""
         data = wire.encode_command(command) if command is not None else b""
-        pipe.eval(_TAKE, 3, keys.resting, keys.version, self.keys.commands, order_id, type_name, data)
+        pipe.eval(
+            _TAKE,
+            4,
+            keys.lease,
+            keys.resting,
+            keys.version,
+            self.keys.commands,
+            self.consumer.name,
+            order_id,
+            type_name,
+            data,
+        )
+
+    def _publish(self, pipe: Any, *commands: wire.Command) -> None:
+        args = [item for command in commands for item in wire.command_fields(command).values()]
+        pipe.eval(_PUBLISH, 2, self.paper_keys.lease, self.keys.commands, self.consumer.name, *args)
 
     def _fill(
         self, order_id: str, user_id: str, exchange: Exchange, symbol: str, quantity: Decimal, price: Decimal
@@ -579,11 +632,21 @@ class PaperVenue:
                     pipe, order_id, after.user_id, after.exchange, after.symbol, state.remaining_qty, fill_price
                 )
             else:
-                pipe.eval(_UPDATE, 2, keys.resting, keys.version, order_id, msgspec.json.encode(after))
+                pipe.eval(
+                    _UPDATE,
+                    3,
+                    keys.lease,
+                    keys.resting,
+                    keys.version,
+                    self.consumer.name,
+                    order_id,
+                    msgspec.json.encode(after),
+                )
                 self.log.info("stop_limit triggered, now resting as a limit", price=after.price, **fields)
             done += 1
-        if done:
-            await pipe.execute()
+        if done and LOST in await pipe.execute():
+            self.log.warning("watcher: lease lost mid-tick, its changes left to the new holder")
+            return 0
         return done
 
     async def resting(self) -> dict[str, RestingOrder]:

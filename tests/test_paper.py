@@ -291,6 +291,7 @@ async def test_stop_limit_triggers_then_rests_as_a_limit(rig: Rig) -> None:
     stored = json.loads(await rig.redis.hget(PAPER.resting, order_id))
     assert stored["triggered"] is True
     # The trigger survives a restart: a new venue reads it back from Redis.
+    await rig.redis.delete(PAPER.lease)  # the old process is gone, its lease lapsed
     rig.venue = rig.new_venue()
     await rig.mark("45400")
     (fill,) = await rig.events("OrderFilled", order_id)
@@ -433,6 +434,7 @@ async def test_rebuild_recomputes_the_resting_set_from_the_log(rig: Rig) -> None
 async def test_resting_orders_survive_a_restart(rig: Rig) -> None:
     await rig.redis.hset(marks("okx"), LINEAR, "45000")
     order_id = await rig.place(side="buy", order_type="limit", quantity="0.1", price="44000")
+    await rig.redis.delete(PAPER.lease)  # the old process is gone, its lease lapsed
     rig.venue = rig.new_venue()  # a new process: nothing in memory
     assert set((await rig.venue.resting()).keys()) == {order_id}
     await rig.mark("44000")
