@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,15 @@ from tests.live_helpers import (
     check_session_keys,
     events_of,
     live_keys,
+    members,
     quiesce,
     run_session,
     running_ledger,
     shard_of_user,
     snapshot,
+    wait_for,
 )
+from tests.test_fencing import USER, Ledger
 
 
 def events_key(shard: int) -> str:
@@ -291,3 +295,54 @@ async def test_cluster_crash_mid_batch_converges_to_the_clean_state(
 
 async def _raw_events(redis: Any, shard: int) -> list[tuple[str, str, str]]:
     return [(i, f["type"], f["data"]) for i, f in await redis.xrange(events_key(shard))]
+
+
+# --------------------------------------------------------------------------- retention
+
+
+async def test_expired_final_orders_leave_the_users_order_set(redis: Any) -> None:
+    await _expiry_scenario(redis)
+
+
+async def test_expired_final_orders_leave_the_users_order_set_on_cluster(redis_cluster: Any) -> None:
+    await _expiry_scenario(redis_cluster)
+
+
+async def _expiry_scenario(redis: Any) -> None:
+    """Reads never write: the projection itself removes the id of a final order from
+    ``orders:user:…`` once its hash expired (here a 1 s retention), and drops its fences."""
+    ledger = Ledger(redis)
+    limit = {"exchange": "okx", "symbol": BTC, "side": "buy", "order_type": "limit", "quantity": "1"}
+    cancelled = (await ledger.send("place_order", price="40000", **limit))["order_id"]
+    await ledger.send("cancel_order", order_id=cancelled)
+    await ledger.send("order_cancelled", order_id=cancelled)
+    resting = (await ledger.send("place_order", price="39000", **limit))["order_id"]
+    projection = LiveProjection(redis, 0, final_order_ttl_s=1)
+    await projection.handle([Entry(await ledger.last_entry(), {})])
+
+    user_orders = f"orders:user:{USER}:okx"
+    assert await members(redis, user_orders) == {cancelled, resting}
+    assert 0 < await redis.pttl(f"orders:{cancelled}") <= 1000
+    assert await redis.ttl(f"orders:{resting}") == -1
+    (item,) = await redis.zrange("ledger:{0}:projection:expiring", 0, -1)
+    assert json.loads(item) == {
+        "gone": f"orders:{cancelled}",
+        "remove": [[user_orders, cancelled]],
+        "forget": [[user_orders, cancelled], [f"orders:open:okx:{BTC}", cancelled]],
+    }
+    assert await projection.sweep() == 0  # not due yet
+
+    await wait_for(lambda: _gone(redis, f"orders:{cancelled}"), "the final order's hash to expire", timeout=5)
+    await asyncio.sleep(0.05)
+    # The next batch sweeps.
+    await ledger.send("cancel_order", order_id=resting)
+    await projection.handle([Entry(await ledger.last_entry(), {})])
+    assert await members(redis, user_orders) == {resting}
+    assert await members(redis, f"orders:open:okx:{BTC}") == {resting}  # pending_cancel is open
+    assert set(await redis.hkeys(f"ledger:live:fence:{{{user_orders}}}")) == {resting}
+    assert set(await redis.hkeys(f"ledger:live:fence:{{orders:open:okx:{BTC}}}")) == {resting}
+    assert await redis.zcard("ledger:{0}:projection:expiring") == 0
+
+
+async def _gone(redis: Any, key: str) -> bool:
+    return not await redis.exists(key)
