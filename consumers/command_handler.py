@@ -28,7 +28,7 @@ from ledger.config import Settings
 from ledger.decider import Context, Decision, Rejection, Requirements, decide, requirements
 from ledger.eventstore import Append, EventStore
 from ledger.evolution import evolve
-from ledger.keys import shard_of
+from ledger.keys import outcome_field, shard_of
 from ledger.state import Book
 from ledger.values import now_ms
 
@@ -104,7 +104,13 @@ class CommandHandler:
                 status="rejected",
                 error=wire.ErrorInfo(error.code, error.message),
             )
-            reply = Reply(keys.reply(error.user_id, error.command_id), wire.encode(body), self.store.reply_ttl_s)
+            reply = Reply(
+                keys.reply(error.user_id, error.command_id),
+                wire.encode(body),
+                self.store.reply_ttl_s,
+                keys.outcomes,
+                outcome_field(error.user_id, error.command_id),
+            )
         written = await write_dead_letter(
             self.store.redis,
             keys.dead,

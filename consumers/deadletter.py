@@ -26,19 +26,23 @@ from ledger.values import now_ms
 MAX_FIELDS = 1000
 
 # KEYS[1] dead stream, KEYS[2] dead index, then KEYS[3] source stream and KEYS[4] its try
-# counters (when ARGV[2], the group, is not empty: acknowledge), then the reply list (when
-# ARGV[4], the reply, is not empty).
+# counters (when ARGV[2], the group, is not empty: acknowledge), then the reply list and the
+# shard's outcomes hash (when ARGV[4], the reply, is not empty).
 # ARGV[1] index field, ARGV[2] group or '', ARGV[3] entry id, ARGV[4] reply or '', ARGV[5] reply
-# time-to-live in seconds, ARGV[6..] the dead letter's field/value pairs.
+# time-to-live in seconds, ARGV[6] the command's outcome field or '', ARGV[7..] the dead letter's
+# field/value pairs.
+# A command whose id already has an outcome keeps it: the reply written is that outcome (CONTRACT
+# §3: a repeated command_id gets the first outcome), so a malformed entry never overwrites it.
 # Returns 1 if this call wrote the dead letter, 0 if it was already there.
 _DEAD_LETTER_LUA = """
 local fresh = redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
 if fresh then
-  redis.call('HSET', KEYS[2], ARGV[1], redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6)))
+  redis.call('HSET', KEYS[2], ARGV[1], redis.call('XADD', KEYS[1], '*', unpack(ARGV, 7)))
   if ARGV[4] ~= '' then
-    local reply = KEYS[#KEYS]
+    local reply = KEYS[#KEYS - 1]
+    local body = redis.call('HGET', KEYS[#KEYS], ARGV[6]) or ARGV[4]
     redis.call('DEL', reply)
-    redis.call('RPUSH', reply, ARGV[4])
+    redis.call('RPUSH', reply, body)
     redis.call('EXPIRE', reply, ARGV[5])
   end
 end
@@ -52,11 +56,14 @@ return fresh and 1 or 0
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A reply to write with the first dead letter: its list key, JSON and time-to-live."""
+    """A reply to write with the first dead letter: its list key, JSON and time-to-live, and
+    where the command's outcome would be recorded (an outcome found there is written instead)."""
 
     key: str
     body: bytes | str
     ttl_s: int
+    outcomes_key: str
+    outcome_field: str
 
 
 def dead_letter_fields(
@@ -101,13 +108,14 @@ async def write_dead_letter(
     if ack_tries is not None:
         keys += [stream, ack_tries]
     if reply is not None:
-        keys.append(reply.key)
+        keys += [reply.key, reply.outcomes_key]
     args: list[Any] = [
         f"{stream}/{group}/{entry_id}",
         group if ack_tries is not None else "",
         entry_id,
         reply.body if reply is not None else "",
         reply.ttl_s if reply is not None else 0,
+        reply.outcome_field if reply is not None else "",
     ]
     for name, value in letter.items():
         args += [name, value]

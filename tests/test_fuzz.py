@@ -26,8 +26,9 @@ Properties, after draining (CONTRACT §2-§6, §9):
 * **Replies.** Each reply key holds exactly one JSON element of the shape of CONTRACT §4, with an
   expiry. It says either the rejection of one of the dead-lettered entries of its (user_id,
   command_id), with that dead letter's code, or the outcome of the command, whose ``events`` are
-  exactly the log's events of that command (a duplicate never appends twice). Which of the two,
-  when well-formed and malformed entries share a command id, the contract does not fix.
+  exactly the log's events of that command (a duplicate never appends twice). When well-formed
+  and malformed entries share a command id, the recorded outcome wins, whatever the batches:
+  a malformed entry records none and never replaces one (CONTRACT §3).
 * **Keys.** Every key in Redis (SCAN) fully matches a key pattern of CONTRACT §2, §6 or §8 with
   identifiers valid per §1, with the right Redis type, or is an internal key documented in
   ``ledger/keys.py`` (``fuzz_helpers.internal_keys``); every event carries valid identifiers.
@@ -362,11 +363,15 @@ async def check_replies(
         error = reply.get("error")
         malformed = reply.get("status") == "rejected" and isinstance(error, dict) and error.get("code") in codes
         logged = by_command.get((user, command_id), [])
-        outcome = len(codes) < len(sent) and reply.get("events") == logged
-        if not (malformed or outcome):
+        decided = len(codes) < len(sent)  # a well-formed entry was decided: its outcome is recorded
+        if decided and reply.get("events") != logged:
             found.replies.append(
-                f"{key} says {reply}: neither the rejection of a dead-lettered entry ({sorted(codes)}) nor an "
-                f"outcome whose events are the log's {logged}; last entry: {last}"
+                f"{key} says {reply}: not the recorded outcome, whose events are the log's {logged} "
+                f"(a malformed entry must never replace it); last entry: {last}"
+            )
+        elif not decided and not malformed:
+            found.replies.append(
+                f"{key} says {reply}: not the rejection of a dead-lettered entry ({sorted(codes)}); last entry: {last}"
             )
     answered = {ids for ids, sent in by_key.items() if any((COMMANDS, s.entry_id) not in dead for s in sent)}
     for event in events:

@@ -157,16 +157,26 @@ async def test_poison_batch_redelivered_dead_letters_and_answers_each_entry_once
 
 async def test_dead_letter_and_its_reply_are_written_once(client: Any) -> None:
     redis = client
-    stream, dead, reply = "t:{d}:in", "t:{d}:dead", "t:{d}:reply"
+    stream, dead, reply, outcomes = "t:{d}:in", "t:{d}:dead", "t:{d}:reply", "t:{d}:outcomes"
     entry_id = await redis.xadd(stream, {"type": "x", "data": "{"})
     args: dict[str, Any] = {"stream": stream, "entry_id": entry_id, "group": "g", "code": "INVALID_JSON"}
 
     first = await write_dead_letter(
-        redis, dead, {"type": "x", "data": "{"}, reason="first", reply=Reply(reply, b'{"n": 1}', 60), **args
+        redis,
+        dead,
+        {"type": "x", "data": "{"},
+        reason="first",
+        reply=Reply(reply, b'{"n": 1}', 60, outcomes, "alice:c-1"),
+        **args,
     )
     assert await redis.blpop([reply], timeout=1) == (reply, '{"n": 1}')  # the client took it
     again = await write_dead_letter(
-        redis, dead, {"type": "x", "data": "{"}, reason="again", reply=Reply(reply, b'{"n": 2}', 60), **args
+        redis,
+        dead,
+        {"type": "x", "data": "{"},
+        reason="again",
+        reply=Reply(reply, b'{"n": 2}', 60, outcomes, "alice:c-1"),
+        **args,
     )
 
     assert (first, again) == (True, False)
@@ -174,6 +184,28 @@ async def test_dead_letter_and_its_reply_are_written_once(client: Any) -> None:
     assert (letter["dead_reason"], letter["type"], letter["data"]) == ("first", "x", "{")
     assert await redis.hgetall(f"{dead}:index") == {f"{stream}/g/{entry_id}": letter_id}
     assert await redis.exists(reply) == 0
+
+
+async def test_a_malformed_entry_never_overwrites_the_recorded_outcome_of_its_command_id(client: Any) -> None:
+    """A valid command answered first, then a malformed entry with the same command_id: the reply
+    stays the first outcome (CONTRACT §3), whatever batches the two were in."""
+    redis = client
+    stream, dead, reply, outcomes = "t:{d}:in", "t:{d}:dead", "t:{d}:reply", "t:{d}:outcomes"
+    await redis.hset(outcomes, "alice:c-1", '{"status": "accepted"}')
+    entry_id = await redis.xadd(stream, {"type": "x", "data": "{"})
+    args: dict[str, Any] = {"stream": stream, "entry_id": entry_id, "group": "g", "code": "INVALID_JSON"}
+
+    await write_dead_letter(
+        redis,
+        dead,
+        {"type": "x"},
+        reason="bad",
+        reply=Reply(reply, b'{"status": "rejected"}', 60, outcomes, "alice:c-1"),
+        **args,
+    )
+
+    assert await redis.lrange(reply, 0, -1) == ['{"status": "accepted"}']
+    assert await redis.xlen(dead) == 1
 
 
 async def test_entry_with_too_many_fields_is_dead_lettered_with_the_first_ones(redis: Any) -> None:
