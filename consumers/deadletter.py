@@ -16,12 +16,17 @@ more than ``MAX_FIELDS`` fields keeps its first ``MAX_FIELDS`` and says how many
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ledger import wire
 from ledger.keys import dead_index
+from ledger.redis_conn import text
 from ledger.values import now_ms
+
+if TYPE_CHECKING:
+    from consumers.runner import Entry
 
 MAX_FIELDS = 1000
 
@@ -120,3 +125,49 @@ async def write_dead_letter(
     for name, value in letter.items():
         args += [name, value]
     return bool(await redis.eval(_DEAD_LETTER_LUA, len(keys), *keys, *args))
+
+
+async def decode_events(
+    redis: Any,
+    entries: Sequence[Entry],
+    *,
+    stream: str,
+    dead_stream: str,
+    group: str,
+    log: Any,
+    types: Collection[str] | None = None,
+) -> list[tuple[str, wire.Event]]:
+    """Decode a batch of event entries with the one policy for an event that cannot be decoded:
+    dead-letter it once (per group) with the reason and go on. Unknown types are skipped, as
+    readers do (CONTRACT §5); with ``types``, so is every other type, undecoded.
+
+    The PostgreSQL projector follows the same policy by raising ``Undeliverable``, because it must
+    record the gap in history before the dead letter is written.
+    """
+    events: list[tuple[str, wire.Event]] = []
+    for entry in entries:
+        type_name = text(entry.fields.get("type")) or ""
+        if types is not None and type_name not in types:
+            continue
+        try:
+            events.append((entry.id, wire.decode_event(type_name, entry.fields.get("data") or b"")))
+        except wire.UnknownEventType:
+            continue
+        except wire.WireError as error:
+            written = await write_dead_letter(
+                redis,
+                dead_stream,
+                entry.fields,
+                stream=stream,
+                entry_id=entry.id,
+                group=group,
+                code=error.code,
+                reason=error.message,
+            )
+            log.error(
+                "undecodable event dead-lettered" if written else "undecodable event already dead-lettered",
+                entry_id=entry.id,
+                code=error.code,
+                reason=error.message,
+            )
+    return events

@@ -82,6 +82,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from consumers.deadletter import decode_events
 from consumers.runner import RETRYABLE, ConsumerSettings, Entry, LeaseLost, StreamConsumer
 from ledger import wire
 from ledger.arithmetic import amount_fits, basis
@@ -409,15 +410,16 @@ class PaperVenue:
 
     async def handle(self, entries: list[Entry]) -> None:
         """React to a batch of events in log order (idempotent: delivery is at least once)."""
-        events: list[wire.Event] = []
-        for entry in entries:
-            type_name = text(entry.fields.get("type"))
-            if type_name not in _RELEVANT_EVENTS:
-                continue
-            try:
-                events.append(wire.decode_event(type_name, entry.fields.get("data") or b""))
-            except wire.WireError as exc:
-                self.log.error("undecodable event skipped", entry_id=entry.id, error=exc.message)
+        decoded = await decode_events(
+            self.redis,
+            entries,
+            stream=self.keys.events,
+            dead_stream=self.keys.dead,
+            group=GROUP,
+            log=self.log,
+            types=_RELEVANT_EVENTS,
+        )
+        events = [event for _entry_id, event in decoded]
         if not events:
             return
         placed = [e for e in events if isinstance(e, wire.OrderPlaced) and self.executes(e.exchange)]

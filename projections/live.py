@@ -51,7 +51,7 @@ import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
-from consumers.deadletter import write_dead_letter
+from consumers.deadletter import decode_events
 from consumers.runner import ConsumerSettings, Entry, LeaseLost, StreamConsumer
 from ledger import keys, wire
 from ledger.config import Settings
@@ -347,7 +347,14 @@ class LiveProjection:
         if not raw:
             return None
         entries = [Entry(text(entry_id), dict(fields)) for entry_id, fields in raw]
-        events = await self._decode(entries)
+        events = await decode_events(
+            self.redis,
+            entries,
+            stream=self.keys.events,
+            dead_stream=self.keys.dead,
+            group=GROUP,
+            log=self.log,
+        )
         writes = _Writes(entries[-1].id, now_ms() + self.final_order_ttl_s * 1000)
         grid = await _GridLevels.load(self.redis, [e for _, e in events])
         for entry_id, event in events:
@@ -356,27 +363,6 @@ class LiveProjection:
             else:
                 self._order(writes, entry_id, event, grid)
         return writes
-
-    async def _decode(self, entries: Sequence[Entry]) -> list[tuple[str, wire.Event]]:
-        events = []
-        for entry in entries:
-            try:
-                events.append((entry.id, wire.decode_event(entry.fields.get("type", ""), entry.fields.get("data", ""))))
-            except wire.UnknownEventType:
-                continue
-            except wire.WireError as error:
-                await write_dead_letter(
-                    self.redis,
-                    self.keys.dead,
-                    entry.fields,
-                    stream=self.keys.events,
-                    entry_id=entry.id,
-                    group=GROUP,
-                    code=error.code,
-                    reason=error.message,
-                )
-                self.log.error("undecodable event skipped", entry_id=entry.id, code=error.code, reason=error.message)
-        return events
 
     # ----------------------------------------------------------------- writes
 

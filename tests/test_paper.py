@@ -175,6 +175,18 @@ async def test_resting_order_the_mark_takes_out_of_range_expires(rig: Rig) -> No
     assert await rig.events("OrderFilled") == []
 
 
+async def test_an_undecodable_event_is_dead_lettered_once_and_the_venue_goes_on(rig: Rig) -> None:
+    """The one policy for an event that cannot be decoded (once skipped with a log line only)."""
+    await rig.redis.xadd(KEYS.events, {"type": "OrderPlaced", "data": '{"event_id": 1}'})
+    order_id = await rig.place(side="buy", order_type="market", quantity="1", price="100")
+    assert await rig.status(order_id) is OrderStatus.FILLED
+    await rig.redis.xgroup_setid(KEYS.events, "ledger-paper", id="0")  # every event delivered again
+    await rig.settle()
+
+    letters = [f for _id, f in await rig.redis.xrange(KEYS.dead) if f["dead_group"] == "ledger-paper"]
+    assert [(f["type"], f["dead_code"]) for f in letters] == [("OrderPlaced", "INVALID_FIELD")]
+
+
 async def test_open_and_close_position_fill_as_market_orders(rig: Rig) -> None:
     await rig.redis.hset(marks("okx"), LINEAR, "45000")
     opening = await rig.send("open_position", exchange="okx", symbol=LINEAR, side="long", size="0.3", leverage=5)
