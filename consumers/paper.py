@@ -367,6 +367,7 @@ class PaperVenue:
         )
         self.log = log.bind(shard=shard)
         self._cache_version: str | None = None
+        self._invalid_marks: dict[tuple[str, str], str] = {}
         self._cache: dict[str, RestingOrder] = {}
 
     def executes(self, exchange: Exchange | str) -> bool:
@@ -703,7 +704,7 @@ class PaperVenue:
         found: dict[tuple[Exchange, str], Decimal] = {}
         for (exchange, symbols), values in zip(requests, await pipe.execute(), strict=True):
             for symbol, raw in zip(symbols, values, strict=True):
-                mark = read_mark(raw, exchange, symbol)
+                mark = read_mark(raw, exchange, symbol, self._invalid_marks)
                 if mark is not None:
                     found[(exchange, symbol)] = mark
         return found

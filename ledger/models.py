@@ -56,18 +56,30 @@ def parse_mark(value: Decimal | str | int) -> Decimal:
     return parse_decimal(Decimal(value) if isinstance(value, int) else value, "mark", positive=True)
 
 
-def read_mark(raw: object, exchange: str, symbol: str) -> Decimal | None:
+def read_mark(
+    raw: object, exchange: str, symbol: str, warned: dict[tuple[str, str], str] | None = None
+) -> Decimal | None:
     """A mark as read from ``marks:{exchange}`` (written by whoever has market data): the one
     reader every consumer of marks uses. Absent is ``None``; an invalid value is ignored with a
-    warning naming exchange, symbol and value (no unrealized PnL for it), never an exception."""
+    warning naming exchange, symbol and value (no unrealized PnL for it), never an exception.
+
+    A caller that polls marks passes its own ``warned`` memo (market -> the invalid value last
+    warned about), so one bad value is warned about once, not at every poll."""
     if raw is None:
         return None
     value = text(raw)
+    market = (str(exchange), symbol)
     try:
-        return parse_mark(value)
+        mark = parse_mark(value)
     except ValueRuleError as exc:
-        log.warning("invalid mark ignored", exchange=str(exchange), symbol=symbol, value=value, error=str(exc))
+        if warned is None or warned.get(market) != value:
+            log.warning("invalid mark ignored", exchange=market[0], symbol=symbol, value=value, error=str(exc))
+        if warned is not None:
+            warned[market] = value
         return None
+    if warned is not None:
+        warned.pop(market, None)
+    return mark
 
 
 def _to_decimal(value: Any, info: Any = None) -> Decimal:

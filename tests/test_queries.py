@@ -205,3 +205,11 @@ async def test_hashes_and_ids_written_by_another_program_are_skipped_with_a_warn
     found = await positions.get_position(eth.upper())
     assert found is not None and found.id == eth
     assert (await hash_of(redis, f"positions:{USER}:okx:{ETH}:long"))["id"] == eth
+
+
+def test_a_poller_is_warned_once_per_bad_value_of_a_market() -> None:
+    warned: dict[tuple[str, str], str] = {}
+    with structlog.testing.capture_logs() as logs:
+        for raw in ("NaN", "NaN", "NaN", "abc", "abc", "45000", "NaN"):
+            read_mark(raw, "okx", BTC, warned)
+    assert [w["value"] for w in warnings_of(logs)] == ["NaN", "abc", "NaN"]
