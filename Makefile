@@ -2,7 +2,7 @@
 #
 #   make install   venv + editable install (only when pyproject.toml changed) + redis/postgres
 #   make test      run the test suite against real local servers (PYTEST_ARGS=... to pass options)
-#   make test-fuzz the command-path fuzz test, long (FUZZ_EXAMPLES=2000 by default)
+#   make test-fuzz the fuzz and model-based tests, long (FUZZ_EXAMPLES=2000 by default)
 #   make demo      run `ledger demo`
 #   make lint      ruff + mypy
 #   make bench     run the benchmarks (if any)
@@ -59,10 +59,10 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected (treated as success)"; exit 0; fi; \
 	exit $$rc
 
-# The fuzz test runs bounded in `make test`; here with many more examples.
+# The fuzz and model-based tests run bounded in `make test`; here with many more examples, shrunk.
 FUZZ_EXAMPLES ?= 2000
 test-fuzz: install
-	LEDGER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV_PY) -m pytest -m fuzz tests/test_fuzz.py $(PYTEST_ARGS)
+	LEDGER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV_PY) -m pytest -m fuzz tests/test_fuzz.py tests/test_model.py $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/ledger demo

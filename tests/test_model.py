@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, settings
+import pytest
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -518,12 +520,19 @@ class Books(RuleBasedStateMachine):
                 assert position_id in logged, f"open_position named {position_id}, which never existed"
 
 
+# Bounded in ``make test`` (no shrinking: a failing run prints its steps as drawn); long and shrunk
+# in ``make test-fuzz`` (LEDGER_FUZZ_EXAMPLES examples).
+LONG_RUN = os.environ.get("LEDGER_FUZZ_EXAMPLES")
+
+
+@pytest.mark.fuzz
 def test_the_books_agree_with_an_independent_model(redis_url: str, tmp_path: Path) -> None:
     run_state_machine_as_test(
         lambda: Books(redis_url, tmp_path),
         settings=settings(
-            max_examples=25,
+            max_examples=int(LONG_RUN) if LONG_RUN else 25,
             stateful_step_count=30,
+            phases=tuple(Phase) if LONG_RUN else (Phase.explicit, Phase.reuse, Phase.generate),
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
