@@ -476,15 +476,7 @@ class PaperVenue:
                 return
             fill = self._fill(order_id, event.user_id, event.exchange, event.symbol, _remaining(event, state), price)
             self._publish(pipe, accept, fill)
-            self.log.info(
-                "market order: fill published",
-                price=fill.price,
-                quantity=fill.quantity,
-                fee=fill.fee,
-                fee_currency=fill.fee_currency,
-                command_id=fill.command_id,
-                **fields,
-            )
+            self._log_fill("market order: fill published", fill, fields)
             return
         resting = RestingOrder.from_event(event)
         fill_price = None
@@ -545,8 +537,11 @@ class PaperVenue:
             return
         fill = self._fill(order_id, user_id, exchange, symbol, quantity, price)
         self._take(pipe, order_id, fill)
+        self._log_fill("resting order: fill published", fill, fields)
+
+    def _log_fill(self, message: str, fill: wire.RecordFill, fields: dict[str, Any]) -> None:
         self.log.info(
-            "resting order: fill published",
+            message,
             price=fill.price,
             quantity=fill.quantity,
             fee=fill.fee,
