@@ -71,6 +71,11 @@ class Reply:
     outcome_field: str
 
 
+def index_field(stream: str, group: str, entry_id: str) -> str:
+    """The dead index's field of an entry of ``stream`` dead-lettered by ``group``."""
+    return f"{stream}/{group}/{entry_id}"
+
+
 def dead_letter_fields(
     fields: Mapping[str, Any], *, stream: str, entry_id: str, group: str, code: str, reason: str
 ) -> dict[str, Any]:
@@ -115,7 +120,7 @@ async def write_dead_letter(
     if reply is not None:
         keys += [reply.key, reply.outcomes_key]
     args: list[Any] = [
-        f"{stream}/{group}/{entry_id}",
+        index_field(stream, group, entry_id),
         group if ack_tries is not None else "",
         entry_id,
         reply.body if reply is not None else "",

@@ -25,6 +25,14 @@ stream and group on the stream's hash tag):
 Before a dead letter is written, ``on_dead_letter`` (if given) is told: the PostgreSQL
 projector records the gap in history there.
 
+An operator re-runs a dead-lettered entry (``ledger dead retry``) by adding its id to the
+group's retry set (``keys.retries``) in the step that removes its dead letter and its index
+field. Every ``block_ms`` (and at the start of a ``burst``) the runner reads the set and handles
+each listed entry alone from the stream, in id order, exactly like an entry tried before: its
+tries start again from zero, a failure is counted, and ``max_deliveries`` failures dead-letter it
+again. An entry leaves the set once it is acknowledged or dead-lettered (it has no try counter
+any more); one the stream no longer holds (trimmed) leaves it with an error logged.
+
 So only the entry that fails (or kills the process) accumulates tries: the other entries of its
 batch are handled alone once and acknowledged. A delivery cut short by a ``retryable`` error
 (a server down) gives its count back, so an outage never dead-letters anything.
@@ -57,8 +65,8 @@ import structlog
 from redis import exceptions as redis_errors
 
 from consumers.deadletter import write_dead_letter
-from ledger.keys import tries
-from ledger.redis_conn import text
+from ledger.keys import retries, tries
+from ledger.redis_conn import entry_order, text
 
 if TYPE_CHECKING:
     from ledger.config import Settings
@@ -194,11 +202,13 @@ class StreamConsumer:
         self.retryable = RETRYABLE + retryable
         self.on_dead_letter = on_dead_letter
         self.tries = tries(stream, group)
+        self.retries = retries(stream, group)
         self.log = structlog.get_logger("ledger.consumer").bind(stream=stream, group=group, consumer=self.name)
         # Entries whose delivery a server outage cut short, their count not given back yet.
         self._uncounted: set[str] = set()
         self._own_pending = True
         self._next_claim = 0.0
+        self._next_retry = 0.0
         self._group_ready = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -237,6 +247,7 @@ class StreamConsumer:
     async def burst(self, max_rounds: int = 10_000) -> int:
         """Process everything available now (new and own pending entries), then return."""
         await self.ensure_group()
+        self._next_retry = 0.0
         handled = 0
         for _ in range(max_rounds):
             count = await self.step(block=False)
@@ -253,12 +264,13 @@ class StreamConsumer:
             if block:
                 await asyncio.sleep(self.settings.block_ms / 1000)
             return 0
+        retried = await self._retry_requested()
         entries = await self._claim_stale()
         if not entries:
             entries = await self._read(block)
         if entries:
             await self._process(entries)
-        return len(entries)
+        return retried + len(entries)
 
     async def _read(self, block: bool) -> list[Entry]:
         own = self._own_pending
@@ -334,6 +346,31 @@ class StreamConsumer:
 
     async def _ack(self, entries: list[Entry]) -> None:
         await self.redis.eval(_ACK, 2, self.stream, self.tries, self.group, *[e.id for e in entries])
+
+    async def _retry_requested(self) -> int:
+        """Handle, each alone, the entries an operator asked this group to retry; return how many."""
+        now = time.monotonic()
+        if now < self._next_retry:
+            return 0
+        self._next_retry = now + self.settings.block_ms / 1000
+        ids = sorted((text(i) for i in await self.redis.smembers(self.retries)), key=entry_order)
+        entries: list[Entry] = []
+        for entry_id in ids:
+            found = _entry_list(await self.redis.xrange(self.stream, entry_id, entry_id))
+            if not found:
+                self.log.error("retry asked for an entry the stream no longer holds: not run", entry_id=entry_id)
+                await self.redis.srem(self.retries, entry_id)
+            entries += found
+        if not entries:
+            return 0
+        self.log.info("re-running entries an operator retried", entry_ids=[e.id for e in entries])
+        await self._count(entries, 0)
+        await self._process_alone(entries)
+        counters = await self.redis.hmget(self.tries, [e.id for e in entries])
+        done = [e.id for e, counter in zip(entries, counters, strict=True) if counter is None]
+        if done:
+            await self.redis.srem(self.retries, *done)
+        return len(entries)
 
     # ----------------------------------------------------------------- exclusivity
 

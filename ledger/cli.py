@@ -114,20 +114,25 @@ async def _submit(args: argparse.Namespace) -> int:
         shard_keys = ShardKeys(shard_of(data["user_id"], shards))
         reply_key = shard_keys.reply(data["user_id"], data["command_id"])
         await redis.xadd(shard_keys.commands, {"type": args.type, "data": json.dumps(data)})
-        answer = None
-        deadline = time.monotonic() + args.wait
-        while answer is None and (left := deadline - time.monotonic()) > 0:
-            answer = await redis.blpop([reply_key], timeout=max(0.01, min(REPLY_BLOCK_S, left)))
+        reply = await _await_reply(redis, reply_key, args.wait)
     finally:
         await redis.aclose()
-    if answer is None:
+    if reply is None:
         raise CliError(
             f"no reply within {args.wait:g} s (command_id {data['command_id']}): check that `ledger serve` runs, "
             "then submit again with the same command_id (it is answered once)"
         )
-    reply = json.loads(text(answer[1]))
     _print_json(reply)
     return 0 if reply["status"] == "accepted" else EXIT_FAILURE
+
+
+async def _await_reply(redis: Any, reply_key: str, wait_s: float) -> dict[str, Any] | None:
+    """Take a command's reply from its list (BLPOP), waiting up to ``wait_s``; None if none came."""
+    answer = None
+    deadline = time.monotonic() + wait_s
+    while answer is None and (left := deadline - time.monotonic()) > 0:
+        answer = await redis.blpop([reply_key], timeout=max(0.01, min(REPLY_BLOCK_S, left)))
+    return None if answer is None else json.loads(text(answer[1]))  # type: ignore[no-any-return]
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -337,6 +342,12 @@ async def _mark(args: argparse.Namespace) -> int:
 async def _history(args: argparse.Namespace) -> int:
     from ledger.service import database_url
 
+    if args.id is not None:
+        if args.user or args.exchange or args.symbol:
+            raise UsageError("history: give an order or position ID, or --user U (with filters), not both")
+        return await _history_trail(args)
+    if args.user is None:
+        raise UsageError("history: give an order or position ID, or --user U")
     url = database_url(_settings(args), start=False)
     async with await psycopg.AsyncConnection.connect(
         url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
@@ -363,6 +374,81 @@ async def _history(args: argparse.Namespace) -> int:
     print("\nfinal orders")
     columns = ["id", "exchange", "symbol", "side", "order_type", "quantity", "price", "filled_qty", "status"]
     print(_table(orders, columns + ["updated_at"]) if orders else "  none")
+    return 0
+
+
+async def _history_trail(args: argparse.Namespace) -> int:
+    from ledger.audit_trail import read_trail
+
+    settings = _settings(args)
+    redis = await _client(settings)
+    try:
+        trail = await read_trail(redis, settings, args.id)
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json(trail.as_dict())
+    else:
+        print(trail.heading())
+        print(_table(*trail.rows()))
+    return 0
+
+
+async def _dead(args: argparse.Namespace) -> int:
+    from ledger import dead
+    from ledger.operations import operations
+
+    redis = await _client(_settings(args))
+    try:
+        if args.action == "ops":
+            result: Any = [op.as_dict() for op in await operations(redis, args.limit)]
+            return _print_listing(args, result, ["id", "time", "actor", "action", "target", "reason"], "no operations")
+        shards = await dead.shards_of(redis, args.shard)
+        if args.action == "list":
+            letters, total = await dead.dead_letters(redis, shards, args.limit)
+            rows = [letter.summary() for letter in letters]
+            columns = ["shard", "id", "time", "kind", "type", "code", "reason", "stream", "group", "entry_id"]
+            _print_listing(args, rows, columns, "no dead letters")
+            if not args.json and len(rows) < total:
+                print(f"({len(rows)} of {total} shown: raise --limit)")
+            return 0
+        letter = await dead.find(redis, shards, args.id)
+        if args.action == "show":
+            _print_json(letter.as_dict())
+            return 0
+        if args.action == "drop":
+            _print_json(await dead.drop(redis, letter, args.note))
+            return 0
+        return await _dead_retry(redis, letter, args)
+    finally:
+        await redis.aclose()
+
+
+async def _dead_retry(redis: Any, letter: Any, args: argparse.Namespace) -> int:
+    """Retry a dead letter; print the operation and, for a command, its reply once it comes."""
+    from ledger import dead
+
+    data = None if args.data is None else _command_data(args.data)
+    operation = await dead.retry(redis, letter, args.note, type_name=args.type, data=data)
+    published = operation["detail"].get("published")
+    if published is None or published["reply_key"] is None:
+        _print_json({"operation": operation})
+        return 0
+    reply = await _await_reply(redis, published["reply_key"], args.wait)
+    if reply is None:
+        raise CliError(
+            f"no reply within {args.wait:g} s on {published['reply_key']}: check that `ledger serve` runs; "
+            f"the command is published again as entry {published['entry_id']} (operation {operation['id']})"
+        )
+    _print_json({"operation": operation, "reply": reply})
+    return 0 if reply["status"] == "accepted" else EXIT_FAILURE
+
+
+def _print_listing(args: argparse.Namespace, rows: list[dict[str, Any]], columns: list[str], empty: str) -> int:
+    if args.json:
+        _print_json(rows)
+    else:
+        print(_table(rows, columns) if rows else empty)
     return 0
 
 
@@ -411,12 +497,27 @@ def _limit(value: str) -> int:
     return int(value)
 
 
+def _shard_number(value: str) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"must be a shard number such as 0 (got {value!r})")
+    return int(value)
+
+
+def _entry_id(value: str) -> str:
+    from ledger.dead import entry_id
+
+    return entry_id(value)
+
+
 SHARDS = _option(functools.partial(whole_number, "shards"), "shards")
 SECONDS = _option(_seconds, "seconds")
 LIMIT = _option(_limit, "limit")
 USER_ID = _option(functools.partial(check_identifier, "user_id"), "user_id")
 SYMBOL = _option(functools.partial(check_identifier, "symbol"), "symbol")
 PRICE = _option(functools.partial(parse_decimal, field="price", positive=True), "price")
+AGGREGATE_ID = _option(lambda v: check_identifier("id", v).lower(), "id")
+SHARD = _option(_shard_number, "shard")
+ENTRY_ID = _option(_entry_id, "entry_id")
 
 
 def _redis_flag(parser: argparse.ArgumentParser) -> None:
@@ -481,17 +582,52 @@ def build_parser() -> argparse.ArgumentParser:
     mark.add_argument("price", type=PRICE)
     mark.set_defaults(func=lambda a: asyncio.run(_mark(a)))
 
-    history_cmd = commands.add_parser("history", help="closed positions and final orders from PostgreSQL")
+    history_cmd = commands.add_parser(
+        "history", help="the audit trail of one order or position (ID), or a user's closed positions and final orders"
+    )
+    history_cmd.add_argument(
+        "id", nargs="?", type=AGGREGATE_ID, help="an order or position id: print its every event and state"
+    )
+    _redis_flag(history_cmd)
     history_cmd.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
-    _filter_flags(history_cmd, user_required=True)
+    _filter_flags(history_cmd)
     history_cmd.add_argument(
         "--limit", type=LIMIT, default=100, help=f"rows of each kind, 1 to {HISTORY_MAX_LIMIT} (default 100)"
     )
     history_cmd.set_defaults(func=lambda a: asyncio.run(_history(a)))
 
+    _dead_parser(commands)
+
     demo = commands.add_parser("demo", help="start the ledger and run a scripted HYPERRSI-like and GRID-like session")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _dead_parser(commands: Any) -> None:
+    dead = commands.add_parser("dead", help="dead letters: list, show, retry, drop; the operations stream")
+    actions = dead.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="dead letters with their reasons, oldest first")
+    show = actions.add_parser("show", help="one whole dead letter (JSON)")
+    retry = actions.add_parser("retry", help="republish a dead command (as it was or fixed) or re-run a dead event")
+    drop = actions.add_parser("drop", help="remove a dead letter, with a note")
+    ops = actions.add_parser("ops", help="the operations stream: every operator action, oldest first")
+    for parser in (listing, show, retry, drop, ops):
+        _redis_flag(parser)
+    for parser in (listing, show, retry, drop):
+        parser.add_argument("--shard", type=SHARD, help="only this shard (default: every shard)")
+    for parser in (show, retry, drop):
+        parser.add_argument("id", type=ENTRY_ID, help="the dead letter's id (its entry id in ledger:{s}:dead)")
+    for parser in (listing, ops):
+        parser.add_argument("--json", action="store_true", help="print a JSON array")
+        parser.add_argument(
+            "--limit", type=LIMIT, default=100, help=f"at most this many (per shard), 1 to {HISTORY_MAX_LIMIT}"
+        )
+    retry.add_argument("--type", help="a dead command's fixed type (default: as it was)")
+    retry.add_argument("--data", help="a dead command's fixed JSON data (default: as it was)")
+    retry.add_argument("--note", default="", help="why (recorded in the operations stream)")
+    retry.add_argument("--wait", type=SECONDS, default=10.0, help="seconds to wait for a command's reply (default 10)")
+    drop.add_argument("--note", required=True, help="why (recorded in the operations stream)")
+    dead.set_defaults(func=lambda a: asyncio.run(_dead(a)))
 
 
 # --------------------------------------------------------------------------- the edge

@@ -15,7 +15,21 @@ Internal keys of the consumers (not in the contract), on the hash tag of the str
 ``<dead stream>:index`` (hash, ``dead_index``)
     Every dead letter written to a dead stream, field ``<stream>/<group>/<entry id>`` -> dead
     entry id, so an entry is dead-lettered at most once however often it is delivered
-    (``ledger:{s}:dead:index``). Kept as long as the dead stream.
+    (``ledger:{s}:dead:index``). Kept as long as the dead stream: an operator's retry or drop
+    removes the field with the dead letter.
+``<stream>:retry:<group>`` (set, ``retries``)
+    Entry ids of ``<stream>`` an operator asked the group to handle again (``ledger dead
+    retry`` of a dead event; ``ledger.dead``), added in the step that removes their dead
+    letter. The group's runner handles each alone, counting tries as for any entry, and removes
+    it once it is acknowledged or dead-lettered again (``ledger:{s}:events:retry:ledger-projector``).
+
+Internal keys of the operators' tools:
+
+``ledger:ops`` (stream, ``OPERATIONS``)
+    Every operator action on the ledger (``ledger dead retry``/``drop``, repair, trim, rebuild),
+    one entry each: ``ts`` (epoch ms), ``actor`` (user@host), ``action``, ``target``,
+    ``reason`` and ``detail`` (JSON: what was acted on and what came of it). Written by
+    ``ledger.operations.record_operation`` after the action; never trimmed by the ledger.
 
 Internal keys of the live projection (``projections.live``):
 
@@ -42,6 +56,7 @@ import zlib
 from ledger.values import check_identifier
 
 META = "ledger:meta"
+OPERATIONS = "ledger:ops"
 MARKS_PREFIX = "marks:"
 
 
@@ -104,6 +119,11 @@ def tries(stream: str, group: str) -> str:
 def dead_index(dead_stream: str) -> str:
     """The index of the dead letters written to a dead stream (same hash tag)."""
     return f"{dead_stream}:index"
+
+
+def retries(stream: str, group: str) -> str:
+    """The entries of ``stream`` an operator asked ``group`` to handle again (same hash tag)."""
+    return f"{stream}:retry:{group}"
 
 
 def outcome_field(user_id: str, command_id: str) -> str:
