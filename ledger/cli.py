@@ -406,7 +406,7 @@ async def _dead(args: argparse.Namespace) -> int:
         shards = await dead.shards_of(redis, args.shard)
         if args.action == "list":
             letters, total = await dead.dead_letters(redis, shards, args.limit)
-            rows = [letter.summary() for letter in letters]
+            rows = [letter.summary() if args.json else letter.terminal_row() for letter in letters]
             columns = ["shard", "id", "time", "kind", "type", "code", "reason", "stream", "group", "entry_id"]
             _print_listing(args, rows, columns, "no dead letters")
             if not args.json and len(rows) < total:

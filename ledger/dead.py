@@ -40,6 +40,7 @@ from ledger.redis_conn import recorded_shards, text
 from ledger.values import RULES
 
 DEAD_PREFIX = "dead_"  # the fields a dead letter adds to the original entry's
+REASON_WIDTH = 60  # a reason is cut to this many characters in a terminal listing (show gives it whole)
 ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 # KEYS[1] dead stream, KEYS[2] dead index. ARGV[1] dead entry id, ARGV[2] index field.
@@ -133,6 +134,13 @@ class DeadLetter:
             "group": self.group,
             "entry_id": self.entry_id,
         }
+
+    def terminal_row(self) -> dict[str, Any]:
+        """The summary with a long reason cut short, for a table."""
+        row = self.summary()
+        if len(row["reason"]) > REASON_WIDTH:
+            row["reason"] = row["reason"][: REASON_WIDTH - 1] + "…"
+        return row
 
     def as_dict(self) -> dict[str, Any]:
         """The whole dead letter: the summary, the original fields and any other ``dead_*``."""
