@@ -8,8 +8,9 @@ Where the events come from:
 
 * with a reachable PostgreSQL, the archive (``ledger_events``, read by its (aggregate_id,
   version) index) and, for the events the projector has not archived yet (it lags the log), the
-  shard's Redis log after the projector's checkpoint. The two are merged by version, an event
-  in both counted once (the archive's copy is shown);
+  shard's Redis log after the projector's checkpoint, then the archive once more (an event
+  archived while this ran, perhaps trimmed from Redis since, is found there). They are merged by
+  version, an event in both counted once (the copy read first is shown);
 * without one, the shard's Redis log, walked whole (``EventStore.read_aggregate``).
 
 The trail must be whole: versions 1..n with no gap. When one is missing from the tiers read
@@ -149,14 +150,7 @@ async def trail(
 ) -> Trail:
     """The trail of one aggregate (``conn`` None: from Redis alone; ``unread`` says why)."""
     found: dict[int, tuple[str, wire.Event, str]] = {}
-    shard = None
-    if conn is not None:
-        cur = await conn.execute(_SQL["aggregate_events"], {"aggregate_id": aggregate_id})
-        for archived_shard, entry_id, type_name, data in await cur.fetchall():
-            shard = archived_shard
-            event = _decoded(type_name, data)
-            if event is not None:
-                found[event.version] = (entry_id, event, ARCHIVE)
+    shard = None if conn is None else await _archived(conn, aggregate_id, found)
     not_read = "" if conn is not None else f" (PostgreSQL not read: {unread})"
     if shard is None:
         shard = await _shard_of(redis, aggregate_id)
@@ -166,6 +160,9 @@ async def trail(
     if conn is not None:
         after = await checkpoint(conn, shard) or "0"
         _merge(found, [stored async for stored in store.iterate(after) if stored.event.stream == aggregate_id])
+        # Archived meanwhile (after the first read, at or before the checkpoint, or trimmed from
+        # Redis since: a trim removes only archived entries): read once more, so none is lost.
+        await _archived(conn, aggregate_id, found)
     if conn is None or _missing(found):
         _merge(found, await store.read_aggregate(aggregate_id))
     if not found:
@@ -182,6 +179,20 @@ async def trail(
         state = apply(state, event)
         steps.append(Step(entry_id, event, source, state))
     return Trail(aggregate_id, shard, steps, "read" if conn is not None else unread)
+
+
+async def _archived(
+    conn: psycopg.AsyncConnection[Any], aggregate_id: str, found: dict[int, tuple[str, wire.Event, str]]
+) -> int | None:
+    """Add the aggregate's archived events to ``found`` (versions not there yet); return its shard."""
+    shard = None
+    cur = await conn.execute(_SQL["aggregate_events"], {"aggregate_id": aggregate_id})
+    for archived_shard, entry_id, type_name, data in await cur.fetchall():
+        shard = archived_shard
+        event = _decoded(type_name, data)
+        if event is not None:
+            found.setdefault(event.version, (entry_id, event, ARCHIVE))
+    return shard
 
 
 def _decoded(type_name: str, data: str) -> wire.Event | None:
