@@ -18,10 +18,12 @@ from typing import Any
 import psycopg
 
 from consumers.command_handler import GROUP as HANDLER_GROUP
-from ledger.keys import OPERATIONS, dead_index, retries
+from consumers.runner import Entry, StreamConsumer, Undeliverable
+from ledger.keys import OPERATIONS, ShardKeys, dead_index, retries
 from ledger.operations import actor, iso_time
+from ledger.redis_conn import ensure_shard_count
 from projections.projector import PROJECTOR
-from tests.audit_helpers import KEYS, SYMBOL, USER, Ledger, entries, ledger_cli, projector
+from tests.audit_helpers import FAST, KEYS, SYMBOL, USER, Ledger, entries, ledger_cli, projector
 
 PLACE = {"exchange": "okx", "symbol": SYMBOL, "side": "buy", "order_type": "limit", "quantity": "1", "price": "100"}
 BAD_QUANTITY = (
@@ -292,3 +294,45 @@ async def test_drop_removes_the_dead_letter_and_records_the_operation(
     assert lines[1].split() == [op_id, iso_time(dropped["ts"]), actor(), "drop", f"{KEYS.dead}/{dead_id}", "a", "test",
                                 "publisher's", "garbage"]  # fmt: skip
     assert (await cli(tmp_path, redis_url, "list")).stdout == "no dead letters\n"
+
+
+async def test_a_dead_event_is_rerun_by_its_group_on_a_redis_cluster(
+    redis_cluster: Any, redis_cluster_url: str, tmp_path: Path
+) -> None:
+    """Any consumer group re-runs a retried entry from the stream, on a cluster too (every key of
+    the retry step on the shard's slot); the operations stream lives on its own slot."""
+    await ensure_shard_count(redis_cluster, 2)
+    keys = ShardKeys(1)
+    refusing = True
+    handled: list[str] = []
+
+    async def handle(batch: list[Entry]) -> None:
+        for entry in batch:
+            if refusing and entry.fields["data"] == "poison":
+                raise Undeliverable("TEST", "refused until fixed")
+            handled.append(entry.fields["data"])
+
+    consumer = StreamConsumer(
+        redis_cluster, stream=keys.events, group="g-test", handler=handle, dead_stream=keys.dead, settings=FAST
+    )
+    await consumer.ensure_group()
+    poison = await redis_cluster.xadd(keys.events, {"type": "Test", "data": "poison"})
+    await redis_cluster.xadd(keys.events, {"type": "Test", "data": "fine"})
+    await consumer.burst()
+    assert handled == ["fine"]
+    ((dead_id, letter),) = [(str(i), f) for i, f in await redis_cluster.xrange(keys.dead)]
+    assert (letter["dead_code"], letter["dead_entry_id"]) == ("TEST", poison)
+
+    run = await ledger_cli(tmp_path, "dead", "retry", dead_id, "--shard", "1", LEDGER_REDIS_URL=redis_cluster_url)
+    assert run.status == 0, run.stderr
+    assert await redis_cluster.smembers(retries(keys.events, "g-test")) == {poison}
+    refusing = False
+    await consumer.burst()
+
+    assert handled == ["fine", "poison"]
+    assert await redis_cluster.xlen(keys.dead) == 0
+    assert await redis_cluster.smembers(retries(keys.events, "g-test")) == set()
+    assert [
+        o["action"]
+        for o in (await ledger_cli(tmp_path, "dead", "ops", "--json", LEDGER_REDIS_URL=redis_cluster_url)).json()
+    ] == ["retry"]

@@ -298,3 +298,14 @@ async def test_an_unknown_id_or_no_id_is_one_line(
         "positions": [],
         "orders": [],
     }
+
+
+async def test_trail_on_a_redis_cluster(redis_cluster: Any, redis_cluster_url: str, tmp_path: Path) -> None:
+    ledger = await Ledger.start(redis_cluster)
+    order_id = await buy(ledger)
+    closed = f"postgresql://ledger@127.0.0.1:{free_port()}/ledger"
+
+    order = await history(tmp_path, redis_cluster_url, closed, order_id)
+    log = await logged(redis_cluster, order_id)
+    assert without_states(order["events"]) == expected_events(log, ORDER_TRAIL[:2], ["redis"] * 2)
+    assert order_states(order["events"]) == EXPECTED_ORDER_STATES[:2]
