@@ -1,0 +1,26 @@
+-- SQL of the reader over both tiers of a shard's event log (projections/log.py).
+
+-- archived_page --
+-- The archived events of a shard after an entry and up to another, in log order (keyset pages
+-- over the unique index ledger_events_entry_key).
+SELECT entry_id, entry_ms, entry_seq, type, data::text
+FROM ledger_events
+WHERE shard = %(shard)s
+  AND (entry_ms, entry_seq) > (%(after_ms)s, %(after_seq)s)
+  AND (entry_ms, entry_seq) <= (%(upto_ms)s, %(upto_seq)s)
+ORDER BY entry_ms, entry_seq
+LIMIT %(limit)s
+
+-- archived_count --
+-- How many entries of a shard up to an entry the archive holds.
+SELECT count(*)
+FROM ledger_events
+WHERE shard = %(shard)s
+  AND (entry_ms, entry_seq) <= (%(upto_ms)s, %(upto_seq)s)
+
+-- archived_among --
+-- How many of the given entries of a shard the archive holds.
+SELECT count(*)
+FROM ledger_events
+JOIN unnest(%(ms)s::bigint[], %(seq)s::bigint[]) AS held (entry_ms, entry_seq) USING (entry_ms, entry_seq)
+WHERE shard = %(shard)s
