@@ -29,13 +29,13 @@ import msgspec
 import psycopg
 
 from ledger import servers, wire
-from ledger.cli import CliError
+from ledger.cli import CliError, shard_count
 from ledger.config import Settings
 from ledger.eventstore import EventStore, StoredEvent
 from ledger.evolution import apply
 from ledger.keys import ShardKeys
 from ledger.operations import iso_time
-from ledger.redis_conn import CONNECT_TIMEOUT_S, recorded_shards
+from ledger.redis_conn import CONNECT_TIMEOUT_S
 from ledger.state import OrderState, PositionState
 from ledger.values import format_decimal
 from projections.projector import checkpoint
@@ -213,9 +213,7 @@ def _missing(found: dict[int, tuple[str, wire.Event, str]]) -> list[int]:
 
 async def _shard_of(redis: Any, aggregate_id: str) -> int | None:
     """The shard whose snapshots hold the aggregate (every aggregate has one while in Redis)."""
-    shards = await recorded_shards(redis)
-    if shards is None:
-        raise CliError("no ledger in this Redis yet (ledger:meta has no shards): start `ledger serve`")
+    shards = await shard_count(redis)
     pipe = redis.pipeline(transaction=False)
     for shard in range(shards):
         pipe.hexists(ShardKeys(shard).orders, aggregate_id)

@@ -35,6 +35,7 @@ EXIT_USAGE = 2  # the command line or a setting is wrong (argparse's own status)
 HISTORY_MAX_LIMIT = 10_000
 REPLY_BLOCK_S = 1.0  # BLPOP a second at a time: a long --wait never meets the client's socket timeout
 LAG_PAGE = 1000
+NO_LEDGER = "no ledger in this Redis yet (ledger:meta has no shards): start `ledger serve`"
 
 
 class CliError(RuntimeError):
@@ -149,7 +150,7 @@ async def _status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"shards": shards, "streams": rows, "history_gaps": gaps})
     elif shards is None:
-        print("no ledger in this Redis yet (ledger:meta has no shards): start `ledger serve`")
+        print(NO_LEDGER)
     else:
         print(f"shards: {shards}")
         print(_table(rows, ["shard", "stream", "length", "group", "consumers", "pending", "lag"]))
@@ -202,6 +203,14 @@ async def _shard_status(redis: Any, keys: ShardKeys) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+async def shard_count(redis: Any) -> int:
+    """The ledger's recorded shard count; a one-line error when this Redis holds no ledger."""
+    count = await recorded_shards(redis)
+    if count is None:
+        raise CliError(NO_LEDGER)
+    return count
 
 
 async def group_lag(redis: Any, stream: str, last_delivered_id: str) -> int:

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from consumers.deadletter import index_field
-from ledger.cli import CliError
+from ledger.cli import CliError, shard_count
 from ledger.keys import ShardKeys, dead_index, retries, shard_of, tries
 from ledger.operations import iso_time, record_operation
-from ledger.redis_conn import recorded_shards, text
+from ledger.redis_conn import text
 from ledger.values import RULES
 
 DEAD_PREFIX = "dead_"  # the fields a dead letter adds to the original entry's
@@ -158,9 +158,7 @@ def entry_id(value: str) -> str:
 
 async def shards_of(redis: Any, shard: int | None) -> list[int]:
     """The shards to look in: ``shard`` if given (it must exist), else every shard."""
-    count = await recorded_shards(redis)
-    if count is None:
-        raise CliError("no ledger in this Redis yet (ledger:meta has no shards): start `ledger serve`")
+    count = await shard_count(redis)
     if shard is None:
         return list(range(count))
     if not 0 <= shard < count:
@@ -278,7 +276,7 @@ async def _republish(
     if data is not None:
         fields["data"] = json.dumps(data)
     user_id, command_id = _ids(fields.get("data", ""))
-    shard = letter.shard if user_id is None else shard_of(user_id, await recorded_shards(redis) or 1)
+    shard = letter.shard if user_id is None else shard_of(user_id, await shard_count(redis))
     commands = ShardKeys(shard).commands
     reply = None if user_id is None or command_id is None else ShardKeys(shard).reply(user_id, command_id)
     keys = [commands] if reply is None else [commands, reply]
