@@ -19,7 +19,9 @@ shards hold the same id).
   dead letter and its index field, resets the group's try counter of the entry and adds the
   entry id to the group's retry set (``keys.retries``); the group's runner handles it alone
   within a second, with fresh tries (``consumers.runner``), and dead-letters it again if it
-  still fails. The entry must still be in the stream and the group must exist.
+  still fails. The entry must still be in the stream and the group must exist. (The live
+  projection applies the log in order, not deliveries: an entry before its checkpoint is applied
+  already, or skipped for good when it cannot be decoded, so re-running it there changes nothing.)
 
 **Drop** removes the dead letter and its index field, with a note. Every retry and drop is
 recorded in the operations stream (``ledger.operations``) with the dead letter as it was.
