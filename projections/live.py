@@ -43,9 +43,9 @@ writer is never that late).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from redis import exceptions as redis_errors
@@ -235,20 +235,42 @@ def _pairs(fields: dict[str, str]) -> list[str]:
     return [item for pair in fields.items() for item in pair]
 
 
+class Writes(Protocol):
+    """Where ``plan`` puts the writes of events: Redis commands (``_Writes``), or an in-memory
+    expected state (``projections.verify``)."""
+
+    def fenced(self, key: str, stamp: str, op: str, fence_field: str = "", *operands: str) -> None:
+        """``op`` on ``key`` (``put`` a whole hash, ``del``, ``sadd``/``srem`` the member
+        ``fence_field``, ``hset``/``hdel`` the hash field ``fence_field``) by the event ``stamp``."""
+
+    def order(self, key: str, event: wire.Event, fields: dict[str, str], final: bool = False) -> None:
+        """Set ``fields`` of the order hash ``key``; ``final``: it expires after the retention."""
+
+    def later(self, *, gone: str | None, remove: list[tuple[str, str]], forget: list[tuple[str, str]]) -> None:
+        """At the end of the retention: remove set members (once the hash ``gone`` has expired)
+        and drop fence fields."""
+
+
 @dataclass
 class _Writes:
     """The commands of one step: fenced writes of the events after the checkpoint."""
 
     last_id: str
     expire_at_ms: int
+    expiring: str
     commands: list[tuple[Any, ...]] = field(default_factory=list)
 
     def fenced(self, key: str, stamp: str, op: str, fence_field: str = "", *operands: str) -> None:
         self.commands.append(("EVAL", _FENCED, 2, key, keys.fence(key), stamp, fence_field, op, *operands))
 
-    def order(self, key: str, event: wire.Event, fields: dict[str, str], expire_at_ms: int | None = None) -> None:
-        expire = "" if expire_at_ms is None else str(expire_at_ms)
+    def order(self, key: str, event: wire.Event, fields: dict[str, str], final: bool = False) -> None:
+        expire = str(self.expire_at_ms) if final else ""
         self.commands.append(("EVAL", _ORDER, 1, key, event.stream, event.version, expire, *_pairs(fields)))
+
+    def later(self, *, gone: str | None, remove: list[tuple[str, str]], forget: list[tuple[str, str]]) -> None:
+        """Scheduled once in ``ShardKeys.expiring`` (a redelivery keeps the time)."""
+        item = json.dumps({"gone": gone, "remove": remove, "forget": forget}, separators=(",", ":"))
+        self.commands.append(("ZADD", self.expiring, "NX", self.expire_at_ms, item))
 
 
 class LiveProjection:
@@ -355,61 +377,9 @@ class LiveProjection:
             group=GROUP,
             log=self.log,
         )
-        writes = _Writes(entries[-1].id, now_ms() + self.final_order_ttl_s * 1000)
-        grid = await _GridLevels.load(self.redis, [e for _, e in events])
-        for entry_id, event in events:
-            if isinstance(event, wire.PositionEvent):
-                self._position(writes, entry_id, event)
-            else:
-                self._order(writes, entry_id, event, grid)
+        writes = _Writes(entries[-1].id, now_ms() + self.final_order_ttl_s * 1000, self.keys.expiring)
+        plan(writes, events, await GridLevels.load(self.redis, [e for _, e in events]))
         return writes
-
-    # ----------------------------------------------------------------- writes
-
-    def _position(self, writes: _Writes, stamp: str, event: wire.PositionEvent) -> None:
-        key = keys.position_key(event.user_id, event.exchange, event.symbol, event.side)
-        index = keys.position_index(event.user_id, event.exchange)
-        if event.status is PositionStatus.OPEN:
-            writes.fenced(key, stamp, "put", "", *_pairs(position_hash(event)))
-            writes.fenced(index, stamp, "sadd", event.stream)
-            writes.fenced(keys.ACTIVE_POSITIONS, stamp, "sadd", event.stream)
-            writes.fenced(keys.POSITION_KEYS, stamp, "hset", event.stream, key)
-            return
-        writes.fenced(key, stamp, "del")
-        members = [(index, event.stream), (keys.ACTIVE_POSITIONS, event.stream), (keys.POSITION_KEYS, event.stream)]
-        writes.fenced(index, stamp, "srem", event.stream)
-        writes.fenced(keys.ACTIVE_POSITIONS, stamp, "srem", event.stream)
-        writes.fenced(keys.POSITION_KEYS, stamp, "hdel", event.stream)
-        self._later(writes, gone=None, remove=[], forget=members)
-
-    def _order(self, writes: _Writes, stamp: str, event: wire.Event, grid: _GridLevels) -> None:
-        order_key = keys.order_key(event.stream)
-        user_orders = keys.user_orders(event.user_id, event.exchange)
-        open_orders = keys.open_orders(event.exchange, event.symbol)
-        if isinstance(event, wire.OrderPlaced):
-            fields = order_hash(event)
-            writes.order(order_key, event, fields)
-            writes.fenced(user_orders, stamp, "sadd", event.stream)
-            writes.fenced(open_orders, stamp, "sadd", event.stream)
-            grid.placed(writes, stamp, event, fields)
-            return
-        assert isinstance(event, wire.OrderChange)
-        fields = order_update(event)
-        final = event.status.is_final
-        writes.order(order_key, event, fields, writes.expire_at_ms if final else None)
-        if final:
-            writes.fenced(open_orders, stamp, "srem", event.stream)
-            members = [(user_orders, event.stream), (open_orders, event.stream)]
-            self._later(writes, gone=order_key, remove=[(user_orders, event.stream)], forget=members)
-        grid.updated(writes, stamp, event, fields, final)
-
-    def _later(
-        self, writes: _Writes, *, gone: str | None, remove: list[tuple[str, str]], forget: list[tuple[str, str]]
-    ) -> None:
-        """Schedule, for the end of the retention: removing set members (once the hash ``gone``
-        has expired) and dropping fence fields. Scheduled once (a redelivery keeps the time)."""
-        item = json.dumps({"gone": gone, "remove": remove, "forget": forget}, separators=(",", ":"))
-        writes.commands.append(("ZADD", self.keys.expiring, "NX", writes.expire_at_ms, item))
 
     async def sweep(self) -> int:
         """Carry out what is due in ``ShardKeys.expiring``; return how many items were done."""
@@ -446,15 +416,67 @@ class LiveProjection:
         return len(done)
 
 
-class _GridLevels:
-    """Which order holds each grid level, so an order leaving a level clears only its own."""
+def plan(writes: Writes, events: Iterable[tuple[str, wire.Event]], grid: GridLevels) -> None:
+    """The writes of events (entry id, event), in log order: the projection's pure core."""
+    for entry_id, event in events:
+        if isinstance(event, wire.PositionEvent):
+            _position(writes, entry_id, event)
+        else:
+            _order(writes, entry_id, event, grid)
 
-    def __init__(self, levels: dict[str, int], holders: dict[str, str]) -> None:
-        self.levels = levels  # order id -> grid level
-        self.holders = holders  # active_grid key -> id of the order holding it
+
+def _position(writes: Writes, stamp: str, event: wire.PositionEvent) -> None:
+    key = keys.position_key(event.user_id, event.exchange, event.symbol, event.side)
+    index = keys.position_index(event.user_id, event.exchange)
+    if event.status is PositionStatus.OPEN:
+        writes.fenced(key, stamp, "put", "", *_pairs(position_hash(event)))
+        writes.fenced(index, stamp, "sadd", event.stream)
+        writes.fenced(keys.ACTIVE_POSITIONS, stamp, "sadd", event.stream)
+        writes.fenced(keys.POSITION_KEYS, stamp, "hset", event.stream, key)
+        return
+    writes.fenced(key, stamp, "del")
+    members = [(index, event.stream), (keys.ACTIVE_POSITIONS, event.stream), (keys.POSITION_KEYS, event.stream)]
+    writes.fenced(index, stamp, "srem", event.stream)
+    writes.fenced(keys.ACTIVE_POSITIONS, stamp, "srem", event.stream)
+    writes.fenced(keys.POSITION_KEYS, stamp, "hdel", event.stream)
+    writes.later(gone=None, remove=[], forget=members)
+
+
+def _order(writes: Writes, stamp: str, event: wire.Event, grid: GridLevels) -> None:
+    order_key = keys.order_key(event.stream)
+    user_orders = keys.user_orders(event.user_id, event.exchange)
+    open_orders = keys.open_orders(event.exchange, event.symbol)
+    if isinstance(event, wire.OrderPlaced):
+        fields = order_hash(event)
+        writes.order(order_key, event, fields)
+        writes.fenced(user_orders, stamp, "sadd", event.stream)
+        writes.fenced(open_orders, stamp, "sadd", event.stream)
+        grid.placed(writes, stamp, event, fields)
+        return
+    assert isinstance(event, wire.OrderChange)
+    fields = order_update(event)
+    final = event.status.is_final
+    writes.order(order_key, event, fields, final)
+    if final:
+        writes.fenced(open_orders, stamp, "srem", event.stream)
+        members = [(user_orders, event.stream), (open_orders, event.stream)]
+        writes.later(gone=order_key, remove=[(user_orders, event.stream)], forget=members)
+    grid.updated(writes, stamp, event, fields, final)
+
+
+class GridLevels:
+    """Which order holds each grid level, so an order leaving a level clears only its own.
+
+    ``load`` reads what a batch needs from Redis; a replay of the whole log (verify) starts
+    empty and keeps one instance: placements record their levels and holders as they come.
+    """
+
+    def __init__(self, levels: dict[str, int] | None = None, holders: dict[str, str] | None = None) -> None:
+        self.levels = levels or {}  # order id -> grid level
+        self.holders = holders or {}  # active_grid key -> id of the order holding it
 
     @classmethod
-    async def load(cls, redis: Any, events: Sequence[wire.Event]) -> _GridLevels:
+    async def load(cls, redis: Any, events: Sequence[wire.Event]) -> GridLevels:
         levels = {
             e.stream: e.grid_level for e in events if isinstance(e, wire.OrderPlaced) and e.grid_level is not None
         }
@@ -480,9 +502,10 @@ class _GridLevels:
             holders = {k: text(v) for k, v in zip(grid_keys, await pipe.execute(), strict=True) if v}
         return cls(levels, holders)
 
-    def placed(self, writes: _Writes, stamp: str, event: wire.OrderPlaced, fields: dict[str, str]) -> None:
+    def placed(self, writes: Writes, stamp: str, event: wire.OrderPlaced, fields: dict[str, str]) -> None:
         if event.grid_level is None:
             return
+        self.levels[event.stream] = event.grid_level
         level = str(event.grid_level)
         active = keys.grid_active(event.exchange, event.user_id, event.symbol, event.grid_level)
         writes.fenced(active, stamp, "put", "", *_pairs(fields))
@@ -491,7 +514,7 @@ class _GridLevels:
         writes.fenced(keys.grid_placed_index(event.exchange, event.user_id, event.symbol), stamp, "hset", level, "1")
         self.holders[active] = event.stream
 
-    def updated(self, writes: _Writes, stamp: str, event: wire.Event, fields: dict[str, str], final: bool) -> None:
+    def updated(self, writes: Writes, stamp: str, event: wire.Event, fields: dict[str, str], final: bool) -> None:
         level = self.levels.get(event.stream)
         if level is None:
             return

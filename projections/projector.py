@@ -55,7 +55,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -86,6 +86,7 @@ __all__ = [
     "PROJECTOR",
     "RETRYABLE",
     "BatchResult",
+    "HistoryRows",
     "Projector",
     "ProjectorService",
     "checkpoint",
@@ -343,6 +344,33 @@ def _order_row(order: OrderState) -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True)
+class HistoryRows:
+    """The rows that decoded entries give, before any database: the projector's pure core
+    (``projections.verify`` rebuilds the expected history with it)."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    fills: list[dict[str, Any]] = field(default_factory=list)
+    positions: dict[str, dict[str, Any]] = field(default_factory=dict)  # closed and liquidated
+    final_orders: dict[str, _Decoded] = field(default_factory=dict)  # order id -> the entry that made it final
+
+    def add(self, shard: int, items: Iterable[_Decoded]) -> None:
+        """Add the rows of entries, in log order."""
+        for item in items:
+            self.events.append(_event_row(shard, item))
+            event = item.event
+            if isinstance(event, wire.OrderFilled):
+                self.fills.append(_fill_row(event))
+            if isinstance(event, _POSITION_FINAL):
+                row = _position_row(event)
+                held = self.positions.get(event.stream)
+                if held is None or held["version"] <= row["version"]:
+                    self.positions[event.stream] = row
+            elif event is not None and not isinstance(event, wire.PositionEvent):
+                if event.status.is_final:  # type: ignore[attr-defined]
+                    self.final_orders[event.stream] = item
+
+
 # --------------------------------------------------------------------------- the projector
 
 
@@ -484,22 +512,9 @@ class Projector:
         return [d for d in decoded if d.key > applied or d.key not in archived]
 
     async def _apply(self, conn: psycopg.AsyncConnection[Any], fresh: list[_Decoded], result: BatchResult) -> None:
-        events = [_event_row(self.shard, d) for d in fresh]
-        fills: list[dict[str, Any]] = []
-        positions: dict[str, dict[str, Any]] = {}
-        final_orders: dict[str, _Decoded] = {}  # order id -> the entry that made it final
-        for item in fresh:
-            event = item.event
-            if isinstance(event, wire.OrderFilled):
-                fills.append(_fill_row(event))
-            if isinstance(event, _POSITION_FINAL):
-                row = _position_row(event)
-                held = positions.get(event.stream)
-                if held is None or held["version"] <= row["version"]:
-                    positions[event.stream] = row
-            elif event is not None and not isinstance(event, wire.PositionEvent):
-                if event.status.is_final:  # type: ignore[attr-defined]
-                    final_orders[event.stream] = item
+        rows = HistoryRows()
+        rows.add(self.shard, fresh)
+        events, fills, positions, final_orders = rows.events, rows.fills, rows.positions, rows.final_orders
         async with conn.cursor() as cur:
             await cur.executemany(_SQL["insert_event"], events)
             if fills:
