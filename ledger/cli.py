@@ -25,6 +25,7 @@ from ledger.logs import configure_logging
 from ledger.redis_conn import CONNECT_TIMEOUT_S, ShardCountMismatch, connect, recorded_shards, text
 from ledger.values import check_identifier, format_decimal, parse_decimal
 from projections import history
+from projections.log import LogError
 from projections.projector import open_gaps
 from projections.queries import marks, order_hashes, position_from_hash, position_hashes
 
@@ -403,6 +404,27 @@ async def _history_trail(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _replay(args: argparse.Namespace) -> int:
+    from ledger.replay import ORDER_TABLE, POSITION_TABLE, Selection, replay
+    from projections.log import open_archive
+
+    settings = _settings(args)
+    redis = await _client(settings)
+    try:
+        selection = Selection(args.user, args.exchange, args.symbol)
+        async with open_archive(settings) as (conn, archive):
+            result = await replay(redis, conn, until=args.until, selection=selection, no_archive=archive)
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json(result.as_dict())
+        return 0
+    print(result.heading())
+    print(_table(result.positions, POSITION_TABLE) if result.positions else "no positions")
+    print(_table(result.orders, ORDER_TABLE) if result.orders else "no orders")
+    return 0
+
+
 async def _dead(args: argparse.Namespace) -> int:
     from ledger import dead
     from ledger.operations import operations
@@ -512,6 +534,12 @@ def _shard_number(value: str) -> int:
     return int(value)
 
 
+def _moment(value: str) -> int:
+    from ledger.replay import parse_moment
+
+    return parse_moment(value)
+
+
 def _entry_id(value: str) -> str:
     from ledger.dead import entry_id
 
@@ -527,6 +555,7 @@ PRICE = _option(functools.partial(parse_decimal, field="price", positive=True), 
 AGGREGATE_ID = _option(lambda v: check_identifier("id", v).lower(), "id")
 SHARD = _option(_shard_number, "shard")
 ENTRY_ID = _option(_entry_id, "entry_id")
+MOMENT = _option(_moment, "moment")
 
 
 def _redis_flag(parser: argparse.ArgumentParser) -> None:
@@ -605,6 +634,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     history_cmd.set_defaults(func=lambda a: asyncio.run(_history(a)))
 
+    replay_cmd = commands.add_parser("replay", help="positions and orders rebuilt from the log as of a moment")
+    _redis_flag(replay_cmd)
+    replay_cmd.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
+    replay_cmd.add_argument(
+        "--until", type=MOMENT, help="epoch milliseconds or ISO 8601, UTC unless it names a zone (default: now)"
+    )
+    _filter_flags(replay_cmd)
+    replay_cmd.set_defaults(func=lambda a: asyncio.run(_replay(a)))
+
     _dead_parser(commands)
 
     demo = commands.add_parser("demo", help="start the ledger and run a scripted HYPERRSI-like and GRID-like session")
@@ -654,7 +692,7 @@ FAILURES: tuple[tuple[tuple[type[BaseException], ...], int, str, str], ...] = (
     ((psycopg.errors.UndefinedTable,), EXIT_FAILURE, "PostgreSQL", "start `ledger serve` once: it applies schema.sql"),
     ((psycopg.Error,), EXIT_FAILURE, "PostgreSQL", "check that the URL names the ledger's database"),
     ((ValueError,), EXIT_USAGE, "", ""),
-    ((CliError, servers.ServerError, ShardCountMismatch, OSError), EXIT_FAILURE, "", ""),
+    ((CliError, LogError, servers.ServerError, ShardCountMismatch, OSError), EXIT_FAILURE, "", ""),
 )
 
 
