@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import psycopg
@@ -475,6 +476,38 @@ async def _dead_retry(redis: Any, letter: Any, args: argparse.Namespace) -> int:
     return 0 if reply["status"] == "accepted" else EXIT_FAILURE
 
 
+async def _verify(args: argparse.Namespace) -> int:
+    """``verify``: the live projection and the history compared with the log (exit 1 on any
+    difference)."""
+    from ledger.service import database_url
+    from projections.log import LogError
+    from projections.verify import verify
+
+    settings = _settings(args)
+    redis = await _client(settings)
+    try:
+        count = await shard_count(redis)
+        if args.shard is not None and args.shard >= count:
+            raise UsageError(f"--shard: this ledger has shards 0 to {count - 1}, not {args.shard}")
+        shards = list(range(count)) if args.shard is None else [args.shard]
+        url = database_url(settings, start=False)
+        async with await psycopg.AsyncConnection.connect(
+            url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
+        ) as conn:
+            report = await verify(redis, conn, shards, count, repair=args.repair)
+    except LogError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        if report.differences:
+            print(_table([d.as_dict() for d in report.differences], ["store", "key", "field", "expected", "found"]))
+        print(report.summary())
+    return 0 if report.ok else EXIT_FAILURE
+
+
 def _print_listing(args: argparse.Namespace, rows: list[dict[str, Any]], columns: list[str], empty: str) -> int:
     if args.json:
         _print_json(rows)
@@ -532,6 +565,33 @@ def _shard_number(value: str) -> int:
     if not (value.isascii() and value.isdigit()):
         raise ValueError(f"must be a shard number such as 0 (got {value!r})")
     return int(value)
+
+
+async def _export(args: argparse.Namespace) -> int:
+    from ledger.export import export_to
+    from projections.log import open_archive
+
+    settings = _settings(args)
+    redis = await _client(settings)
+    try:
+        async with open_archive(settings) as (conn, archive):
+            written = await export_to(
+                args.output,
+                sys.stdout,
+                redis=redis,
+                conn=conn,
+                fmt=args.format,
+                since=args.since,
+                until=args.until,
+                user=args.user,
+                no_archive=archive,
+                progress_stream=sys.stderr,
+            )
+    finally:
+        await redis.aclose()
+    if args.output is not None:
+        print(f"{written} events written to {args.output}")
+    return 0
 
 
 def _moment(value: str) -> int:
@@ -643,11 +703,43 @@ def build_parser() -> argparse.ArgumentParser:
     _filter_flags(replay_cmd)
     replay_cmd.set_defaults(func=lambda a: asyncio.run(_replay(a)))
 
+    _export_parser(commands)
+
     _dead_parser(commands)
+
+    _verify_parser(commands)
 
     demo = commands.add_parser("demo", help="start the ledger and run a scripted HYPERRSI-like and GRID-like session")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _export_parser(commands: Any) -> None:
+    from ledger.export import FORMATS
+
+    export = commands.add_parser("export", help="every event of the log (Redis and the archive), streamed")
+    _redis_flag(export)
+    export.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
+    export.add_argument("--format", choices=FORMATS, default=FORMATS[0], help=f"default {FORMATS[0]}")
+    export.add_argument("--since", type=MOMENT, help="events from this moment: epoch milliseconds or ISO 8601")
+    export.add_argument("--until", type=MOMENT, help="events up to this moment: epoch milliseconds or ISO 8601")
+    export.add_argument("--user", type=USER_ID, help="only this user's events")
+    export.add_argument("--output", type=Path, help="write to this file (default: standard output)")
+    export.set_defaults(func=lambda a: asyncio.run(_export(a)))
+
+
+def _verify_parser(commands: Any) -> None:
+    verify = commands.add_parser(
+        "verify", help="rebuild the projections from the log and compare: live Redis keys and PostgreSQL rows"
+    )
+    _redis_flag(verify)
+    verify.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
+    verify.add_argument("--shard", type=SHARD, help="only this shard (default: every shard)")
+    verify.add_argument(
+        "--repair", action="store_true", help="after showing the differences, rewrite the live keys from the log"
+    )
+    verify.add_argument("--json", action="store_true", help="print a JSON object")
+    verify.set_defaults(func=lambda a: asyncio.run(_verify(a)))
 
 
 def _dead_parser(commands: Any) -> None:

@@ -140,9 +140,7 @@ async def replay(
     """The book as of ``until`` (None: the whole log) for the selected events of every shard."""
     book = Book()
     for shard in selection.shards(await shard_count(redis)):
-        async for stored in read_log(redis, shard, conn=conn, no_archive=no_archive):
-            if until is not None and stored.event.ts > until:
-                break
+        async for stored in read_log(redis, shard, conn=conn, until=until, no_archive=no_archive):
             if stored.event in selection:
                 evolve(book, (stored.event,))
     return Replay(

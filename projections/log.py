@@ -37,7 +37,7 @@ from ledger.keys import ShardKeys
 from ledger.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
 from projections.sql import load_queries
 
-__all__ = ["PAGE", "LogError", "open_archive", "read_log"]
+__all__ = ["PAGE", "LogError", "log_size", "open_archive", "read_log"]
 
 PAGE = 1000  # entries per Redis XRANGE and per archive query
 _SEQ_MAX = 2**63 - 1  # the largest entry_seq the archive can hold (BIGINT)
@@ -98,14 +98,39 @@ async def read_log(
     *,
     conn: psycopg.AsyncConnection[Any] | None = None,
     after: str | None = None,
+    until: int | None = None,
     no_archive: str = "no database URL given",
     page: int = PAGE,
 ) -> AsyncIterator[StoredEvent]:
-    """The events of ``shard`` after entry ``after`` (None: from the first), in log order.
+    """The events of ``shard`` after entry ``after`` (None: from the first), in log order; with
+    ``until`` (epoch ms), the log as of that moment: up to the first event whose ``ts`` is later.
 
     ``conn`` reads the archive (autocommit); without it, reading what Redis no longer holds
     fails with ``LogError`` (``no_archive`` says why there is none).
     """
+    async for stored in _read(redis, shard, conn, after, no_archive, page):
+        if until is not None and stored.event.ts > until:
+            return
+        yield stored
+
+
+async def log_size(redis: Any, shard: int) -> int:
+    """How many entries the shard's log has held in all, both tiers (Redis's ``entries-added``)."""
+    try:
+        info = await redis.xinfo_stream(ShardKeys(shard).events)
+    except ResponseError:  # no such key: nothing was ever appended to the shard
+        return 0
+    return int(info["entries-added"])
+
+
+async def _read(
+    redis: Any,
+    shard: int,
+    conn: psycopg.AsyncConnection[Any] | None,
+    after: str | None,
+    no_archive: str,
+    page: int,
+) -> AsyncIterator[StoredEvent]:
     key = ShardKeys(shard).events
     cursor: Key = entry_order(after) if after else (0, 0)
     checked: _Holes | None = None
