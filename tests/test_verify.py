@@ -14,10 +14,23 @@ from typing import Any
 
 import psycopg
 
+from ledger import OrderStatus
+from ledger.cli import _table
 from ledger.keys import OPERATIONS
 from projections.verify import ABSENT, POSTGRES, REDIS, Difference, verify
 from tests.audit_helpers import Run, ledger_cli
-from tests.live_helpers import BTC, GRID_USER, POS_USER, SOL, Session, hash_of, quiesce, run_session, running_ledger
+from tests.live_helpers import (
+    BTC,
+    GRID_USER,
+    POS_USER,
+    SOL,
+    Session,
+    hash_of,
+    quiesce,
+    run_session,
+    running_ledger,
+    wait_order_status,
+)
 
 ROLES = ("handler", "projection", "paper", "projector")
 GROUPS = ("ledger-paper", "ledger-projector")
@@ -52,3 +65,99 @@ async def test_healthy_session_verifies(redis: Any, redis_url: str, database_url
         assert run.status == 0, run.stdout + run.stderr
         report = json.loads(run.stdout)
         assert report["ok"] is True and report["differences"] == []
+
+
+ORDER_HASH = "a hash of 25 fields"  # CONTRACT §6 order fields and the ones this ledger adds
+
+
+async def tamper_live(redis: Any, s: Session) -> list[Difference]:
+    """One tampering of each kind on the live keys; the differences verify must report."""
+    btc_key = f"positions:{POS_USER}:okx:{BTC}:long"
+    ghost = "00000000-0000-4000-8000-000000000001"
+    placed = f"orders:okx:user:{GRID_USER}:symbol:{SOL}:order_placed_index"
+    await redis.hset(btc_key, "size", "9")  # a field changed
+    await redis.delete(f"orders:{s.orders['grid2']}")  # an open order's hash missing
+    await redis.delete(f"orders:{s.orders['grid3']}")  # a final order's hash, within its retention
+    await redis.hset(f"orders:{ghost}", mapping={"id": ghost, "user_id": POS_USER})  # a key the log never wrote
+    await redis.srem("positions:active", s.btc)  # a member missing
+    await redis.sadd(f"orders:open:okx:{SOL}", ghost)  # a member the log never added
+    await redis.hset(placed, "3", "1")  # a GRID level
+    return sorted(
+        [
+            Difference(REDIS, f"orders:{ghost}", "", ABSENT, "a hash of 2 fields"),
+            Difference(REDIS, f"orders:{s.orders['grid2']}", "", ORDER_HASH, ABSENT),
+            Difference(REDIS, f"orders:{s.orders['grid3']}", "", ORDER_HASH, ABSENT),
+            Difference(REDIS, f"orders:open:okx:{SOL}", ghost, ABSENT, "member"),
+            Difference(REDIS, placed, "3", "0", "1"),
+            Difference(REDIS, btc_key, "size", "0.15", "9"),
+            Difference(REDIS, "positions:active", s.btc, "member", ABSENT),
+        ],
+        key=lambda d: d.key,
+    )
+
+
+async def tamper_history(redis: Any, pg: Any, s: Session) -> list[Difference]:
+    """One tampering of each kind on the PostgreSQL rows; the differences verify must report."""
+    row = await (await pg.execute("SELECT realized_pnl FROM positions WHERE id = %s", (s.eth,))).fetchone()
+    await pg.execute("UPDATE positions SET realized_pnl = realized_pnl + 1 WHERE id = %s", (s.eth,))
+    fill = await (await pg.execute("SELECT fill_id FROM fills WHERE order_id = %s", (s.orders["grid0"],))).fetchone()
+    await pg.execute("DELETE FROM fills WHERE order_id = %s", (s.orders["grid0"],))
+    await pg.execute("DELETE FROM orders WHERE id = %s", (s.orders["grid3"],))
+    cur = await pg.execute(
+        "UPDATE ledger_events SET data = jsonb_set(data, '{symbol}', '\"XRP-USDT-SWAP\"')"
+        " WHERE aggregate_id = %s AND version = 1 RETURNING entry_id, type, data::text",
+        (s.orders["grid4"],),
+    )
+    entry_id, type_name, edited = await cur.fetchone()
+    assert type_name == "OrderPlaced"
+    ((_id, appended),) = await redis.xrange("ledger:{0}:events", entry_id, entry_id)
+    return [
+        Difference(POSTGRES, f"positions {s.eth}", "realized_pnl", str(row[0]), str(row[0] + 1)),
+        Difference(POSTGRES, f"orders {s.orders['grid3']}", "", "row", ABSENT),
+        Difference(POSTGRES, f"fills {s.orders['grid0']}/{fill[0]}", "", "row", ABSENT),
+        Difference(POSTGRES, f"ledger_events 0/{entry_id}", "data", appended["data"], edited),
+    ]
+
+
+async def test_each_tampering_is_reported_and_repair_fixes_the_live_ones(
+    redis: Any, redis_url: str, database_url: str, pg: Any, tmp_path: Path
+) -> None:
+    async with running_ledger(redis_url, tmp_path, roles=ROLES, database_url=database_url):
+        s = await session(redis, 1)
+        assert await api_verify(redis, database_url, 1) == []
+        live = await tamper_live(redis, s)
+        history = await tamper_history(redis, pg, s)
+        assert await api_verify(redis, database_url, 1) == live + history
+
+        # Past its retention a final order's hash may be gone (and its id from orders:user:...).
+        await redis.srem(f"orders:user:{GRID_USER}:okx", s.orders["grid3"])
+        retained = [d for d in live if d.key != f"orders:{s.orders['grid3']}"]
+        assert await api_verify(redis, database_url, 1, final_order_ttl_s=0) == retained + history
+        missing_member = Difference(REDIS, f"orders:user:{GRID_USER}:okx", s.orders["grid3"], "member", ABSENT)
+        live = sorted([*live, missing_member], key=lambda d: d.key)
+
+        run = await cli_verify(tmp_path, redis_url, database_url)
+        assert run.status == 1, run.stderr
+        *table, summary = run.stdout.splitlines()
+        assert table == _table([d.as_dict() for d in live + history], COLUMNS).splitlines()
+        assert summary.startswith("live state and history 12 differences from the log (shard 0: live at ")
+
+        run = await cli_verify(tmp_path, redis_url, database_url, "--json", "--repair")
+        assert run.status == 1, run.stderr
+        assert differences(run) == live + history
+        assert json.loads(run.stdout)["repaired"] == len(live)
+
+        run = await cli_verify(tmp_path, redis_url, database_url, "--json")
+        assert (run.status, differences(run)) == (1, history)
+        grid3 = await hash_of(redis, f"orders:{s.orders['grid3']}")
+        assert grid3["status"] == "cancelled" and 0 < await redis.ttl(f"orders:{s.orders['grid3']}") <= 7 * 24 * 3600
+        (operation,) = [f for _id, f in await redis.xrange(OPERATIONS) if f["action"] == "repair"]
+        assert operation["target"] == "ledger:{0}:projection" and operation["reason"] == "ledger verify --repair"
+        assert len(json.loads(operation["detail"])["differences"]) == len(live)
+
+        # The projection took its lease back and goes on from its checkpoint.
+        await redis.hset("marks:okx", SOL, "135")  # fills grid levels 2 (136) and 0 (135)
+        for label in ("grid2", "grid0b"):
+            await wait_order_status(redis, s.orders[label], OrderStatus.FILLED)
+        await quiesce(redis, 1, GROUPS)
+        assert await api_verify(redis, database_url, 1) == history
