@@ -3,6 +3,7 @@
 #   make install   venv + editable install (only when pyproject.toml changed) + redis/postgres
 #   make test      run the test suite against real local servers (PYTEST_ARGS=... to pass options)
 #   make test-fuzz the fuzz and model-based tests, long (FUZZ_EXAMPLES=2000 by default)
+#   make test-slow the slow tests `make test` skips (export of 1,000,000 events in bounded memory)
 #   make demo      run `ledger demo`
 #   make lint      ruff + mypy
 #   make bench     run the benchmarks (if any)
@@ -21,7 +22,7 @@ PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: install system-deps test test-fuzz demo lint bench clean
+.PHONY: install system-deps test test-fuzz test-slow demo lint bench clean
 
 install: system-deps $(STAMP)
 
@@ -63,6 +64,10 @@ test: install
 FUZZ_EXAMPLES ?= 2000
 test-fuzz: install
 	LEDGER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV_PY) -m pytest -m fuzz tests/test_fuzz.py tests/test_model.py $(PYTEST_ARGS)
+
+# The slow tests (marked `slow`, skipped unless LEDGER_SLOW=1).
+test-slow: install
+	LEDGER_SLOW=1 $(VENV_PY) -m pytest -m slow $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/ledger demo
