@@ -400,6 +400,12 @@ class _LiveComparison:
         return diffs
 
     async def key(self, redis: Any, key: str, found: _Found) -> list[Difference]:
+        layout = _layout(key)
+        if layout is not None and layout.shared and found.kind == HASH:  # only the verified shards' fields
+            expected = self.expected.hashes.get(key, {})
+            owned = await self.scope.owns_members(redis, found.content.keys() - expected.keys())
+            content = {name: value for name, value in found.content.items() if name in expected or name in owned}
+            found = _Found(HASH if content else "none", content or None, found.pttl)
         kind = self.expected.kind(key)
         if kind is None:
             return await self._extra(redis, key, found)
@@ -431,7 +437,7 @@ class _LiveComparison:
         expected = self.expected.sets.get(key, set())
         layout = _layout(key)
         extra = members - expected
-        if layout is not None and layout.shared:
+        if layout is not None and layout.shared:  # only the verified shards' members
             extra = await self.scope.owns_members(redis, extra)
         missing = {m for m in expected - members if not self._optional(key, m)}
         diffs = [Difference(REDIS, key, m, "member", ABSENT) for m in missing]

@@ -16,7 +16,7 @@ import psycopg
 
 from ledger import OrderStatus
 from ledger.cli import _table
-from ledger.keys import OPERATIONS
+from ledger.keys import OPERATIONS, shard_of
 from projections.verify import ABSENT, POSTGRES, REDIS, Difference, verify
 from tests.audit_helpers import Run, ledger_cli
 from tests.live_helpers import (
@@ -161,3 +161,54 @@ async def test_each_tampering_is_reported_and_repair_fixes_the_live_ones(
             await wait_order_status(redis, s.orders[label], OrderStatus.FILLED)
         await quiesce(redis, 1, GROUPS)
         assert await api_verify(redis, database_url, 1) == history
+
+
+async def test_lag_is_no_difference(redis: Any, redis_url: str, database_url: str, tmp_path: Path) -> None:
+    """Events the projections have not applied yet (both stopped) are compared with nothing."""
+    async with running_ledger(redis_url, tmp_path, roles=ROLES, database_url=database_url):
+        s = await session(redis, 1)
+    async with running_ledger(redis_url, tmp_path, roles=("handler",)):
+        data = {"command_id": "lagging-1", "user_id": POS_USER, "position_id": s.btc, "price": "48000"}
+        await redis.xadd("ledger:{0}:commands", {"type": "close_position", "data": json.dumps(data)})
+        reply = await redis.blpop(["ledger:{0}:reply:user123:lagging-1"], timeout=10)
+        assert reply is not None and json.loads(reply[1])["status"] == "accepted"
+    run = await cli_verify(tmp_path, redis_url, database_url, "--json")
+    assert run.status == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    last = (await redis.xrevrange("ledger:{0}:events", count=1))[0][0]
+    assert report["shards"]["0"]["live"] == report["shards"]["0"]["history"] != last
+
+
+async def test_cluster_verify_per_shard_and_repair(
+    redis_cluster: Any, redis_cluster_url: str, database_url: str, tmp_path: Path
+) -> None:
+    shards = 4
+    async with running_ledger(redis_cluster_url, tmp_path, roles=ROLES, shards=shards, database_url=database_url):
+        s = await session(redis_cluster, shards)
+        run = await cli_verify(tmp_path, redis_cluster_url, database_url)
+        assert run.status == 0, run.stdout + run.stderr
+        pos_shard, grid_shard = (shard_of(user, shards) for user in (POS_USER, GRID_USER))
+        assert pos_shard != grid_shard
+        btc_key = f"positions:{POS_USER}:okx:{BTC}:long"
+        grid_active = f"okx:user:{GRID_USER}:symbol:{SOL}:active_grid:2"
+        ghost = "00000000-0000-4000-8000-000000000002"
+        await redis_cluster.hset(btc_key, "entry_price", "1")
+        await redis_cluster.sadd("positions:active", ghost)  # no shard knows it: every shard reports it
+        await redis_cluster.delete(grid_active)
+        pos_diffs = [
+            Difference(REDIS, "positions:active", ghost, ABSENT, "member"),
+            Difference(REDIS, btc_key, "entry_price", "45500", "1"),
+        ]
+        grid_diffs = [
+            Difference(REDIS, grid_active, "", "a hash of 25 fields", ABSENT),
+            Difference(REDIS, "positions:active", ghost, ABSENT, "member"),
+        ]
+        run = await cli_verify(tmp_path, redis_cluster_url, database_url, "--json", "--shard", str(pos_shard))
+        assert (run.status, differences(run)) == (1, pos_diffs)
+        run = await cli_verify(tmp_path, redis_cluster_url, database_url, "--json", "--shard", str(grid_shard))
+        assert (run.status, differences(run)) == (1, grid_diffs)
+        run = await cli_verify(tmp_path, redis_cluster_url, database_url, "--json", "--repair")
+        assert run.status == 1 and json.loads(run.stdout)["repaired"] == 3, run.stdout + run.stderr
+        assert await hash_of(redis_cluster, grid_active) == await hash_of(redis_cluster, f"orders:{s.orders['grid2']}")
+        run = await cli_verify(tmp_path, redis_cluster_url, database_url)
+        assert run.status == 0, run.stdout + run.stderr
