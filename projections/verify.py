@@ -49,11 +49,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple, cast
-from uuid import UUID
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from psycopg.types.string import TextLoader
 from redis.exceptions import ResponseError
 
 from ledger import keys, wire
@@ -497,6 +497,7 @@ async def _read_history(conn: psycopg.AsyncConnection[Any], scope: _Scope) -> _H
             applied = await checkpoint(conn, shard, PROJECTOR)
             checkpoints[shard] = entry_order(applied) if applied else (0, 0)
         async with conn.cursor(row_factory=dict_row) as cur:
+            cur.adapters.register_loader("uuid", TextLoader)  # ids as the row builders give them
             tables: dict[str, list[dict[str, Any]]] = {}
             for table in ("positions", "orders", "fills"):
                 await cur.execute(_SQL[table])
@@ -518,9 +519,7 @@ async def _read_history(conn: psycopg.AsyncConnection[Any], scope: _Scope) -> _H
 
 
 def _plain(value: Any) -> Any:
-    """A column value comparable across the two sides: ids as text, JSON as parsed JSON."""
-    if isinstance(value, UUID):
-        return str(value)
+    """A column value comparable across the two sides: JSON as parsed JSON."""
     if isinstance(value, Jsonb):
         value = value.obj
     if isinstance(value, dict | list):
@@ -557,8 +556,11 @@ def _rows(table: str, expected: dict[str, dict[str, Any]], found: dict[str, dict
                 if _archived_event(have) != value:
                     diffs.append(Difference(POSTGRES, name, column, wire.encode(value).decode(), have[column]))
                 continue
-            if not _same(_plain(value), _plain(have.get(column))):
-                diffs.append(Difference(POSTGRES, name, column, _show(_plain(value)), _show(_plain(have.get(column)))))
+            found_value = have.get(column)
+            if value == found_value:  # the common case, at once (ids are read as text)
+                continue
+            if not _same(_plain(value), _plain(found_value)):
+                diffs.append(Difference(POSTGRES, name, column, _show(_plain(value)), _show(_plain(found_value))))
     return diffs
 
 

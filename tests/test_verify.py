@@ -9,6 +9,9 @@ it runs, on a plain Redis and on a Redis Cluster. Each tampering is reported exa
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +20,10 @@ import psycopg
 from ledger import OrderStatus
 from ledger.cli import _table
 from ledger.keys import OPERATIONS, shard_of
+from projections.live import LiveProjection
+from projections.projector import checkpoint
 from projections.verify import ABSENT, POSTGRES, REDIS, Difference, verify
-from tests.audit_helpers import Run, ledger_cli
+from tests.audit_helpers import FAST, KEYS, LEDGER_BIN, USER, Ledger, Run, ledger_cli, projector
 from tests.live_helpers import (
     BTC,
     GRID_USER,
@@ -30,6 +35,18 @@ from tests.live_helpers import (
     run_session,
     running_ledger,
     wait_order_status,
+)
+from tests.pipeline_helpers import (
+    ServeProcess,
+    fill_json,
+    ledger_env,
+    outcomes_key,
+    peek_reply,
+    place_order_json,
+    reply_key,
+    serve_processes_fixture,  # noqa: F401 - the serve_processes fixture
+    wait_until,
+    xadd,
 )
 
 ROLES = ("handler", "projection", "paper", "projector")
@@ -212,3 +229,114 @@ async def test_cluster_verify_per_shard_and_repair(
         assert await hash_of(redis_cluster, grid_active) == await hash_of(redis_cluster, f"orders:{s.orders['grid2']}")
         run = await cli_verify(tmp_path, redis_cluster_url, database_url)
         assert run.status == 0, run.stdout + run.stderr
+
+
+async def test_verify_speed(redis: Any, database_url: str) -> None:
+    """Verify of a book of ``LEDGER_VERIFY_EVENTS`` events (2,000 here; 100,000 by hand), built
+    by the real handler, live projection and projector; prints the events per second."""
+    wanted = int(os.environ.get("LEDGER_VERIFY_EVENTS", "2000"))
+    ledger = await Ledger.start(redis)
+    orders = wanted // 4  # placed, accepted, filled, position opened or increased
+    commands = [("place_order", f"p{i}", PLACE) for i in range(orders)]
+    await publish(ledger, commands)
+    replies = [json.loads(r) for r in await pipelined(redis, [KEYS.reply(USER, f"p{i}") for i in range(orders)])]
+    ids = [reply["order_id"] for reply in replies]
+    await publish(
+        ledger, [("order_accepted", f"a{i}", {"order_id": o, "exchange_order_id": f"x{i}"}) for i, o in enumerate(ids)]
+    )
+    fill = {"quantity": "0.001", "price": "100", "fee": "0.001"}
+    await publish(
+        ledger, [("record_fill", f"f{i}", {"order_id": o, "fill_id": f"t{i}", **fill}) for i, o in enumerate(ids)]
+    )
+    await LiveProjection(redis, 0).consumer(FAST).burst()
+    async with projector(redis, database_url) as consumer:
+        await consumer.burst()
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        report = await verify(redis, conn, [0], 1)
+    assert report.ok and report.events == 4 * orders, report.differences[:5]
+    print(f"\nverify: {report.events} events in {report.seconds:.2f} s, {report.events_per_s} events/s")
+
+
+PLACE = {
+    "exchange": "okx",
+    "symbol": "BTC-USDT-SWAP",
+    "side": "buy",
+    "order_type": "limit",
+    "quantity": "0.001",
+    "price": "100",
+}
+
+
+async def publish(ledger: Ledger, commands: list[tuple[str, str, dict[str, Any]]]) -> None:
+    for start in range(0, len(commands), 1000):
+        pipe = ledger.redis.pipeline(transaction=False)
+        for type_, command_id, data in commands[start : start + 1000]:
+            body = {"command_id": command_id, "user_id": USER, **data}
+            pipe.xadd(KEYS.commands, {"type": type_, "data": json.dumps(body)})
+        await pipe.execute()
+    await ledger.consumer.burst(max_rounds=1_000_000)
+
+
+async def pipelined(redis: Any, reply_keys: list[str]) -> list[str]:
+    pipe = redis.pipeline(transaction=False)
+    for key in reply_keys:
+        pipe.lindex(key, 0)
+    return list(await pipe.execute())
+
+
+async def test_verify_passes_after_kill_9_rounds(
+    redis: Any, redis_url: str, database_url: str, tmp_path: Path, serve_processes: list[ServeProcess]
+) -> None:
+    """``ledger serve`` (handler, projection, projector) killed with SIGKILL twice mid-stream, then
+    restarted: once it has caught up, verify finds nothing."""
+    env = {"LEDGER_DATABASE_URL": database_url, "LEDGER_EXECUTION": "external", "LEDGER_CLAIM_IDLE_MS": "1000"}
+    users = [f"k9-{n}" for n in range(5)]
+
+    def serve(name: str) -> ServeProcess:
+        log = tmp_path / f"{name}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [str(LEDGER_BIN), "serve", *(a for role in ROLES[:2] + ROLES[3:] for a in ("--role", role))],
+                cwd=tmp_path,
+                env=ledger_env(redis_url, **env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        serve_processes.append(ServeProcess(process, log))
+        return serve_processes[-1]
+
+    running = serve("first")
+    places = [(u, f"{u}:o{k}") for u in users for k in range(4)]
+    for user, cid in places:
+        await xadd(redis, 0, {"type": "place_order", "data": place_order_json(user, cid, quantity="10")})
+    orders = [(u, (await peek_reply(redis, reply_key(0, u, c), timeout=30))["order_id"]) for u, c in places]
+    fills = [(u, f"{u}:f{i}", o) for i, (u, o) in enumerate(orders * 30)]
+    for user, cid, order_id in fills:
+        fill = fill_json(user, cid, order_id, f"T{cid}", quantity="0.01")
+        await xadd(redis, 0, {"type": "record_fill", "data": fill})
+    total = len(places) + len(fills)
+    for round_, at in enumerate((total // 3, 2 * total // 3)):
+
+        async def reached(at: int = at) -> bool:
+            return bool(await redis.hlen(outcomes_key(0)) >= at)
+
+        await wait_until(reached, timeout=60, interval=0.005, what=f"{at} commands handled")
+        running.process.send_signal(signal.SIGKILL)
+        assert running.process.wait(timeout=10) == -signal.SIGKILL
+        running = serve(f"restart-{round_}")
+
+    async def caught_up() -> bool:
+        last = await redis.xrevrange("ledger:{0}:events", count=1)
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            history = await checkpoint(conn, 0)
+        return bool(
+            await redis.hlen(outcomes_key(0)) == total
+            and last[0][0] == await redis.get("ledger:{0}:projection") == history
+        )
+
+    await wait_until(caught_up, timeout=90, interval=0.1, what="the restarted ledger to catch up")
+    run = await cli_verify(tmp_path, redis_url, database_url, "--json")
+    assert run.status == 0, run.stdout + run.stderr
+    assert json.loads(run.stdout)["events"] == len(places) + 2 * len(fills)
+    assert running.stop() == 0
