@@ -1,7 +1,8 @@
 """The event store of one shard: atomic appends with optimistic concurrency, snapshots, reads.
 
 An append writes, in one server-side step on the shard's keys only (so it runs on Redis
-Cluster): the events (XADD), the resulting snapshots of the aggregates they change, the
+Cluster): the events (XADD, each chained by hash to the one before it and the chain's head
+moved: ``ledger.chain``), the resulting snapshots of the aggregates they change, the
 open-position slots, the user's new concurrency token, the command's outcome for deduplication
 and its reply (DEL + RPUSH + EXPIRE). It refuses with ``conflict`` when the user's token moved
 since the state was loaded (another handler got there first), and answers ``duplicate`` with the
@@ -18,6 +19,7 @@ from importlib import resources
 from typing import Any, Literal
 
 import msgspec
+import structlog
 from redis.exceptions import NoScriptError, ResponseError
 
 from ledger import wire
@@ -26,6 +28,7 @@ from ledger.keys import ShardKeys, outcome_field
 from ledger.redis_conn import text
 from ledger.state import Book, OrderState, PositionState
 
+log = structlog.get_logger("ledger.eventstore")
 APPEND_LUA = resources.files("ledger").joinpath("lua/append.lua").read_text()
 DEFAULT_REPLY_TTL_S = 600
 
@@ -134,6 +137,7 @@ class EventStore:
             keys.sequence,
             keys.outcomes,
             keys.reply(append.user_id, append.command_id),
+            keys.chain,
         ]
         args: list[Any] = [
             append.user_id,
@@ -187,7 +191,7 @@ class EventStore:
 
     async def read_from(self, after: str, count: int = 1000) -> list[StoredEvent]:
         """Events strictly after an entry id ("0" reads from the start)."""
-        return await self.read_range(f"({after}" if after not in ("0", "0-0") else "-", "+", count)
+        return await self.read_range(_after(after), "+", count)
 
     async def read_aggregate(self, aggregate_id: str, page: int = 1000) -> list[StoredEvent]:
         """The events of one order or position, in version order.
@@ -202,14 +206,15 @@ class EventStore:
         return found
 
     async def iterate(self, after: str = "0", page: int = 1000) -> AsyncIterator[StoredEvent]:
-        """Every event after ``after``, page by page."""
+        """Every event after ``after``, page by page (a page of only skipped entries does not end
+        the walk: paging follows the stream's entries, not the events decoded from them)."""
         while True:
-            batch = await self.read_from(after, page)
-            if not batch:
+            entries = await self.redis.xrange(self.keys.events, _after(after), "+", count=page)
+            if not entries:
                 return
-            for stored in batch:
+            for stored in _decoded(entries):
                 yield stored
-            after = batch[-1].entry_id
+            after = text(entries[-1][0])
 
     async def subscribe(self, after: str = "$", block_ms: int = 1000) -> AsyncIterator[StoredEvent]:
         """A live subscription: events appended after ``after`` ("$" = from now), forever."""
@@ -226,13 +231,22 @@ class EventStore:
                     last = text(entries[-1][0])
 
 
+def _after(entry_id: str) -> str:
+    return f"({entry_id}" if entry_id not in ("0", "0-0") else "-"
+
+
 def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEvent]:
+    """The events of stream entries: unknown types are skipped (CONTRACT §5), and so is an entry
+    that cannot be decoded, with a warning naming it (its consumers dead-letter it)."""
     for entry_id, fields in entries:
         event_type = fields.get("type", fields.get(b"type")) or ""
         data = fields.get("data", fields.get(b"data")) or ""
         try:
             event = wire.decode_event(event_type, data)
         except wire.UnknownEventType:
+            continue
+        except wire.WireError as error:
+            log.warning("undecodable event skipped", entry_id=text(entry_id), code=error.code, reason=error.message)
             continue
         yield StoredEvent(text(entry_id), event)
 

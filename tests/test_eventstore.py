@@ -107,3 +107,30 @@ async def test_subscription_sees_events_appended_after_it_started(redis) -> None
     await _handle(redis, store, _fill("f1", placed["order_id"], "t1"))
     await asyncio.wait_for(follower, 5)
     assert [e.type for e in seen] == ["OrderFilled", "PositionOpened"]
+
+
+async def test_iterate_pages_past_entries_it_skips(redis) -> None:
+    """A page holding only unknown or undecodable entries once ended the walk early."""
+    store = EventStore(redis, 0)
+    for n in range(5):
+        await redis.xadd(store.keys.events, {"type": "FutureEvent", "data": "{}"})
+        await redis.xadd(store.keys.events, {"type": "OrderPlaced", "data": f'{{"broken": {n}}}'})
+    placed = wire.OrderPlaced(
+        event_id="e-1",
+        stream="o-1",
+        version=1,
+        command_id="c-1",
+        user_id="alice",
+        exchange="okx",  # type: ignore[arg-type]
+        symbol="BTC-USDT-SWAP",
+        ts=1,
+        side="buy",  # type: ignore[arg-type]
+        order_type="market",  # type: ignore[arg-type]
+        quantity="1",
+    )
+    last = await redis.xadd(store.keys.events, wire.event_fields(placed))
+
+    found = [s async for s in store.iterate(page=2)]
+
+    assert [(s.entry_id, s.event) for s in found] == [(last, placed)]
+    assert [s.entry_id for s in await store.read_range()] == [last]
