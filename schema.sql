@@ -158,3 +158,12 @@ CREATE TABLE IF NOT EXISTS projector_gaps (
     filled_at       TIMESTAMPTZ,
     PRIMARY KEY (shard, entry_ms, entry_seq)
 );
+
+-- ----------------------------------------------------------------------------- the hash chain
+-- Tamper evidence (ledger/chain.py): every archived event keeps the exact text of its data as
+-- appended (data_raw: JSONB reorders keys and drops spaces, so `data` cannot be hashed again),
+-- its number in the shard's chain (chain_n: 1, 2, 3 ...) and its hash (chain_hash), as the
+-- Redis entry's fields `n` and `hash`. NULL in rows archived before the chain existed.
+ALTER TABLE ledger_events ADD COLUMN IF NOT EXISTS data_raw TEXT;
+ALTER TABLE ledger_events ADD COLUMN IF NOT EXISTS chain_n BIGINT;
+ALTER TABLE ledger_events ADD COLUMN IF NOT EXISTS chain_hash TEXT;

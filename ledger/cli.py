@@ -19,6 +19,7 @@ import psycopg
 import redis.exceptions
 
 from ledger import keys, servers
+from ledger.chain import parse_expect
 from ledger.config import Settings, whole_number
 from ledger.enums import Exchange, OrderStatus
 from ledger.keys import ShardKeys, shard_of
@@ -483,13 +484,14 @@ async def _verify(args: argparse.Namespace) -> int:
     from projections.log import LogError
     from projections.verify import verify
 
+    if args.chain:
+        return await _verify_chain(args)
+    if args.expect:
+        raise UsageError("--expect: checkpoints are checked by `verify --chain`: add --chain")
     settings = _settings(args)
     redis = await _client(settings)
     try:
-        count = await shard_count(redis)
-        if args.shard is not None and args.shard >= count:
-            raise UsageError(f"--shard: this ledger has shards 0 to {count - 1}, not {args.shard}")
-        shards = list(range(count)) if args.shard is None else [args.shard]
+        count, shards = await _chosen_shards(redis, args.shard)
         url = database_url(settings, start=False)
         async with await psycopg.AsyncConnection.connect(
             url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
@@ -506,6 +508,66 @@ async def _verify(args: argparse.Namespace) -> int:
             print(_table([d.as_dict() for d in report.differences], ["store", "key", "field", "expected", "found"]))
         print(report.summary())
     return 0 if report.ok else EXIT_FAILURE
+
+
+async def _chosen_shards(redis: Any, shard: int | None) -> tuple[int, list[int]]:
+    """The ledger's shard count and the shards ``--shard`` picks (default: all)."""
+    count = await shard_count(redis)
+    if shard is not None and shard >= count:
+        raise UsageError(f"--shard: this ledger has shards 0 to {count - 1}, not {shard}")
+    return count, list(range(count)) if shard is None else [shard]
+
+
+async def _verify_chain(args: argparse.Namespace) -> int:
+    """``verify --chain``: the events' hash chain checked in Redis and the archive (exit 1 on a break)."""
+    from ledger.service import database_url
+    from projections.chain_check import verify_chain
+
+    if args.repair:
+        raise UsageError("--repair rewrites the live projection: run it without --chain (events are never rewritten)")
+    settings = _settings(args)
+    redis = await _client(settings)
+    try:
+        _count, shards = await _chosen_shards(redis, args.shard)
+        unknown = sorted({s for s, _n, _h in args.expect or ()} - set(shards))
+        if unknown:
+            raise UsageError(f"--expect: checkpoint of shard {unknown[0]}, which this check does not cover")
+        url = database_url(settings, start=False)
+        async with await psycopg.AsyncConnection.connect(
+            url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
+        ) as conn:
+            report = await verify_chain(redis, conn, shards, args.expect or ())
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        for finding in report.findings:
+            print(finding.message)
+        for shard in report.shards:
+            print(shard.line())
+    return 0 if report.ok else EXIT_FAILURE
+
+
+async def _checkpoint(args: argparse.Namespace) -> int:
+    """``checkpoint``: the chain head of every shard, to write down and check later."""
+    from projections.chain_check import read_head
+
+    redis = await _client(_settings(args))
+    try:
+        _count, shards = await _chosen_shards(redis, args.shard)
+        heads = [await read_head(redis, shard) for shard in shards]
+    finally:
+        await redis.aclose()
+    rows = [
+        {"shard": shard, "entry_id": None, "n": 0, "hash": None, "checkpoint": None} if head is None else head.as_dict()
+        for shard, head in zip(shards, heads, strict=True)
+    ]
+    if args.json:
+        _print_json(rows)
+    else:
+        print(_table(rows, ["shard", "n", "entry_id", "hash", "checkpoint"]))
+    return 0
 
 
 def _print_listing(args: argparse.Namespace, rows: list[dict[str, Any]], columns: list[str], empty: str) -> int:
@@ -616,6 +678,7 @@ AGGREGATE_ID = _option(lambda v: check_identifier("id", v).lower(), "id")
 SHARD = _option(_shard_number, "shard")
 ENTRY_ID = _option(_entry_id, "entry_id")
 MOMENT = _option(_moment, "moment")
+EXPECT = _option(parse_expect, "checkpoint")
 
 
 def _redis_flag(parser: argparse.ArgumentParser) -> None:
@@ -709,6 +772,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _verify_parser(commands)
 
+    checkpoint = commands.add_parser(
+        "checkpoint", help="the hash chain head of every shard: write it down, check it later with verify --expect"
+    )
+    _redis_flag(checkpoint)
+    checkpoint.add_argument("--shard", type=SHARD, help="only this shard (default: every shard)")
+    checkpoint.add_argument("--json", action="store_true", help="print a JSON array")
+    checkpoint.set_defaults(func=lambda a: asyncio.run(_checkpoint(a)))
+
     demo = commands.add_parser("demo", help="start the ledger and run a scripted HYPERRSI-like and GRID-like session")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -739,6 +810,15 @@ def _verify_parser(commands: Any) -> None:
         "--repair", action="store_true", help="after showing the differences, rewrite the live keys from the log"
     )
     verify.add_argument("--json", action="store_true", help="print a JSON object")
+    verify.add_argument(
+        "--chain", action="store_true", help="check the events' hash chain in Redis and the archive instead"
+    )
+    verify.add_argument(
+        "--expect",
+        type=EXPECT,
+        action="append",
+        help="with --chain: a checkpoint SHARD:N:HASH (from `ledger checkpoint`) that must still hold (repeatable)",
+    )
     verify.set_defaults(func=lambda a: asyncio.run(_verify(a)))
 
 

@@ -80,6 +80,7 @@ class ShardKeys:
         "outcomes",
         "checkpoint",
         "expiring",
+        "chain",
     )
 
     def __init__(self, shard: int) -> None:
@@ -100,6 +101,8 @@ class ShardKeys:
         self.checkpoint = f"{tag}:projection"
         # What the live projection forgets later (expired final orders, old fence fields).
         self.expiring = f"{tag}:projection:expiring"
+        # The head of the events' hash chain (``ledger.chain``): hash of ``id``, ``n``, ``hash``.
+        self.chain = f"{tag}:chain"
 
     def lease(self, group: str) -> str:
         """The lease that makes one consumer of ``group`` the active one on this shard."""

@@ -12,7 +12,9 @@ A batch of entries is applied in ONE PostgreSQL transaction:
    crash between COMMIT and XACK redelivers them) unless they are missing from the archive (an
    entry that failed earlier while later ones succeeded is still applied when retried);
 2. archive every event into ``ledger_events`` (unknown event types too, when their envelope is
-   readable; CONTRACT §5; when it is not, the entry is skipped and recorded as a gap);
+   readable; CONTRACT §5; when it is not, the entry is skipped and recorded as a gap), with its
+   hash chain fields (``ledger.chain``): the exact data text (``data_raw``; the JSONB ``data``
+   reorders keys), its number ``chain_n`` and its ``chain_hash``;
 3. store every ``OrderFilled`` in ``fills``;
 4. upsert ``positions`` for ``PositionClosed`` / ``PositionLiquidated`` (the event carries the
    whole position);
@@ -160,6 +162,8 @@ class _Decoded:
     type: str
     data: str
     event: wire.Event | None  # None: an event type this reader does not know
+    n: int | None = None  # the entry's place in the hash chain (None: appended before the chain)
+    hash: str | None = None
 
 
 def _entry_text(entry: Entry, name: str) -> str | None:
@@ -198,7 +202,18 @@ def _decode(entry: Entry) -> _Decoded | _Unreadable:
             return _Unreadable(entry, type_name, data, reason)
     except wire.WireError as error:
         raise Undeliverable(error.code, f"{type_name} event entry {entry.id}: {error.message}") from error
-    return _Decoded(entry.id, entry_order(entry.id), type_name, data, event)
+    number = _entry_text(entry, "n")
+    n = int(number) if number is not None and number.isascii() and number.isdigit() else None
+    return _Decoded(entry.id, entry_order(entry.id), type_name, data, event, n, _entry_text(entry, "hash"))
+
+
+def _chain_columns(item: _Decoded) -> dict[str, Any]:
+    """The archive's hash chain columns of an entry: what ``ledger verify --chain`` rehashes."""
+    return {
+        "data_raw": item.data,
+        "chain_n": item.n,
+        "chain_hash": None if item.hash is None else _storable(item.hash),
+    }
 
 
 def _storable(value: str, limit: int | None = None) -> str:
@@ -514,7 +529,8 @@ class Projector:
     async def _apply(self, conn: psycopg.AsyncConnection[Any], fresh: list[_Decoded], result: BatchResult) -> None:
         rows = HistoryRows()
         rows.add(self.shard, fresh)
-        events, fills, positions, final_orders = rows.events, rows.fills, rows.positions, rows.final_orders
+        fills, positions, final_orders = rows.fills, rows.positions, rows.final_orders
+        events = [{**row, **_chain_columns(item)} for row, item in zip(rows.events, fresh, strict=True)]
         async with conn.cursor() as cur:
             await cur.executemany(_SQL["insert_event"], events)
             if fills:

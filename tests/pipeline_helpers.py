@@ -189,8 +189,9 @@ def events_per_command(events: Iterable[LoggedEvent]) -> Counter[tuple[str, str]
 
 
 def check_envelope(event: LoggedEvent, *, command_id: str, user_id: str, version: int) -> None:
-    """CONTRACT §5: fields type/data; data carries the full envelope."""
-    assert set(event.raw_fields) == {"type", "data"}
+    """CONTRACT §5: fields type/data (plus the hash chain's n and hash, an addition readers
+    ignore: ledger.chain); data carries the full envelope."""
+    assert set(event.raw_fields) == {"type", "data", "n", "hash"}
     data = event.data
     assert ENVELOPE <= set(data), f"missing envelope fields: {ENVELOPE - set(data)}"
     assert UUID_RE.fullmatch(data["event_id"])

@@ -94,7 +94,8 @@ def closed_port() -> int:
         (
             ["nope"],
             "ledger: argument command: invalid choice: 'nope' (choose from 'serve', 'submit', 'status', "
-            "'positions', 'orders', 'mark', 'history', 'replay', 'export', 'dead', 'verify', 'demo') "
+            "'positions', 'orders', 'mark', 'history', 'replay', 'export', 'dead', 'verify', 'checkpoint', "
+            "'demo') "
             "(see `ledger --help`)",
         ),  # fmt: skip
     ],

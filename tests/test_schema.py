@@ -104,6 +104,9 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, int | None, str]]] = {
         "user_id": vc(64),
         "data": ("jsonb", None, "NO"),
         "ts": TS,
+        "data_raw": ("text", None, "YES"),  # the hash chain (ledger.chain): NULL before it existed
+        "chain_n": ("bigint", None, "YES"),
+        "chain_hash": ("text", None, "YES"),
     },
     "projector_checkpoints": {
         "projector": vc(64),

@@ -1,12 +1,15 @@
 -- Append one command's outcome atomically, on one shard's keys only (Redis Cluster safe).
 -- KEYS: 1 events stream, 2 order snapshots, 3 position snapshots, 4 open-position slots,
---       5 per-user tokens, 6 outcomes (dedupe), 7 reply list
+--       5 per-user tokens, 6 outcomes (dedupe), 7 reply list, 8 chain head
 -- ARGV: 1 user_id, 2 outcome field, 3 expected token ('' = none yet), 4 new token,
 --       5 reply head (JSON up to and including "events":), 6 reply TTL seconds,
 --       7 event count, then type/data pairs, then order count and id/json pairs,
 --       then position count and id/json pairs, then slot count and field/value pairs
 --       (value '' deletes the slot).
 -- Returns {'ok'|'duplicate', reply} or {'conflict', current token}.
+-- Every event is chained (ledger/chain.py): its entry gets fields n (its number in the shard's
+-- chain, 1, 2, 3 ...) and hash = sha1hex(previous hash .. '\n' .. n .. '\n' .. type .. '\n' .. data),
+-- the first previous hash being the genesis sha1hex(KEYS[1]); KEYS[8] holds the head (id, n, hash).
 local function answer(reply)
   redis.call('DEL', KEYS[7])
   redis.call('RPUSH', KEYS[7], reply)
@@ -25,10 +28,20 @@ end
 
 local i = 7
 local refs = {}
-for _ = 1, tonumber(ARGV[i]) do
-  local id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i + 1], 'data', ARGV[i + 2])
-  refs[#refs + 1] = '{"type":"' .. ARGV[i + 1] .. '","id":"' .. id .. '"}'
-  i = i + 2
+if tonumber(ARGV[i]) > 0 then
+  local head = redis.call('HMGET', KEYS[8], 'n', 'hash')
+  local n = tonumber(head[1] or '0')
+  local hash = head[2] or redis.sha1hex(KEYS[1])
+  local id
+  for _ = 1, tonumber(ARGV[i]) do
+    n = n + 1
+    local number = string.format('%d', n)
+    hash = redis.sha1hex(hash .. '\n' .. number .. '\n' .. ARGV[i + 1] .. '\n' .. ARGV[i + 2])
+    id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i + 1], 'data', ARGV[i + 2], 'n', number, 'hash', hash)
+    refs[#refs + 1] = '{"type":"' .. ARGV[i + 1] .. '","id":"' .. id .. '"}'
+    i = i + 2
+  end
+  redis.call('HSET', KEYS[8], 'id', id, 'n', string.format('%d', n), 'hash', hash)
 end
 for key = 2, 3 do
   i = i + 1

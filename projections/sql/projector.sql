@@ -36,13 +36,15 @@ WHERE shard = %(shard)s
   AND (entry_ms, entry_seq) <= (%(last_ms)s, %(last_seq)s)
 
 -- insert_event --
--- Archive one event exactly as published (data is its JSON object).
+-- Archive one event exactly as published (data is its JSON object, data_raw its exact text),
+-- with its place in the shard's hash chain.
 INSERT INTO ledger_events (
     event_id, shard, entry_id, entry_ms, entry_seq, type, aggregate_id, version,
-    command_id, user_id, data, ts)
+    command_id, user_id, data, ts, data_raw, chain_n, chain_hash)
 VALUES (
     %(event_id)s, %(shard)s, %(entry_id)s, %(entry_ms)s, %(entry_seq)s, %(type)s,
-    %(aggregate_id)s, %(version)s, %(command_id)s, %(user_id)s, %(data)s::jsonb, %(ts)s)
+    %(aggregate_id)s, %(version)s, %(command_id)s, %(user_id)s, %(data)s::jsonb, %(ts)s,
+    %(data_raw)s, %(chain_n)s, %(chain_hash)s)
 ON CONFLICT DO NOTHING
 
 -- insert_fill --
