@@ -41,11 +41,24 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ledger.keys import ShardKeys
+from ledger.redis_conn import text
 
-__all__ = ["LOOKAHEAD", "Finding", "Head", "Link", "Walker", "genesis", "link_hash", "parse_expect"]
+__all__ = [
+    "LOOKAHEAD",
+    "Finding",
+    "Head",
+    "Link",
+    "Walker",
+    "chain_fields",
+    "genesis",
+    "link_hash",
+    "parse_expect",
+]
 
 LOOKAHEAD = 1000  # entries read past a break to tell an insertion, a deletion and a reordering apart
 
@@ -67,6 +80,17 @@ def genesis(shard: int) -> str:
 def link_hash(prev: str, n: int, type_name: str, data: str) -> str:
     """The hash of event ``n`` of a chain, as ``append.lua`` computes it."""
     return hashlib.sha1(f"{prev}\n{n}\n{type_name}\n{data}".encode()).hexdigest()
+
+
+def chain_fields(fields: Mapping[Any, Any]) -> tuple[int | None, str | None]:
+    """An event entry's ``n`` and ``hash`` (fields as Redis gives them, text or bytes); None
+    for a field that is absent (an entry from before the chain) or, for ``n``, not a number."""
+
+    def get(name: str) -> str | None:
+        return text(fields.get(name, fields.get(name.encode())))
+
+    number = get("n")
+    return (int(number) if number is not None and number.isascii() and number.isdigit() else None), get("hash")
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 from redis.exceptions import ResponseError
 
-from ledger.chain import DISAGREE, Finding, Head, Link, Walker
+from ledger.chain import DISAGREE, Finding, Head, Link, Walker, chain_fields
 from ledger.keys import ShardKeys
 from ledger.redis_conn import entry_order, text
 from projections.projector import checkpoint
@@ -251,12 +251,9 @@ class _ShardCheck:
 
 
 def _redis_link(entry_id: str, fields: dict[Any, Any]) -> Link:
-    def get(name: str) -> str | None:
-        return text(fields.get(name, fields.get(name.encode())))
-
-    number = get("n")
-    n = int(number) if number is not None and number.isascii() and number.isdigit() else None
-    return Link(entry_id, get("type") or "", get("data"), n, get("hash"), REDIS)
+    n, hash_ = chain_fields(fields)
+    type_name, data = (text(fields.get(name, fields.get(name.encode()))) for name in ("type", "data"))
+    return Link(entry_id, type_name or "", data, n, hash_, REDIS)
 
 
 async def _merged(

@@ -72,6 +72,7 @@ from psycopg.types.json import Jsonb
 
 from consumers.runner import ConsumerSettings, Entry, StreamConsumer, Undeliverable
 from ledger import wire
+from ledger.chain import chain_fields
 from ledger.config import Settings
 from ledger.decider import Requirements
 from ledger.eventstore import EventStore
@@ -202,9 +203,7 @@ def _decode(entry: Entry) -> _Decoded | _Unreadable:
             return _Unreadable(entry, type_name, data, reason)
     except wire.WireError as error:
         raise Undeliverable(error.code, f"{type_name} event entry {entry.id}: {error.message}") from error
-    number = _entry_text(entry, "n")
-    n = int(number) if number is not None and number.isascii() and number.isdigit() else None
-    return _Decoded(entry.id, entry_order(entry.id), type_name, data, event, n, _entry_text(entry, "hash"))
+    return _Decoded(entry.id, entry_order(entry.id), type_name, data, event, *chain_fields(entry.fields))
 
 
 def _chain_columns(item: _Decoded) -> dict[str, Any]:
