@@ -2,8 +2,9 @@
 
 -- archived_page --
 -- The archived events of a shard after an entry and up to another, in log order (keyset pages
--- over the unique index ledger_events_entry_key).
-SELECT entry_id, entry_ms, entry_seq, type, data::text
+-- over the unique index ledger_events_entry_key); the exact text as published where the archive
+-- holds it (data_raw), else the JSONB rewritten as text.
+SELECT entry_id, entry_ms, entry_seq, type, coalesce(data_raw, data::text) AS data
 FROM ledger_events
 WHERE shard = %(shard)s
   AND (entry_ms, entry_seq) > (%(after_ms)s, %(after_seq)s)
