@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import psycopg
+
 from ledger import keys, wire
 from ledger.enums import (
     Exchange,
@@ -36,11 +38,12 @@ from ledger.enums import (
     OrderType,
     PositionSide,
 )
-from ledger.eventstore import EventStore
+from ledger.eventstore import EventStore, StoredEvent
 from ledger.models import Order, PnLInfo, Position
 from ledger.redis_conn import entry_order, recorded_shards, text
 from ledger.values import check_identifier, format_decimal, parse_decimal
 from projections import queries
+from projections.log import read_log
 
 BLOCK_MS = 1000
 
@@ -415,17 +418,40 @@ class OrderManager:
         (``exact_status="open"``: acknowledged, nothing filled, no cancel requested)."""
         return await queries.get_orders(self.redis, user_id, exchange, status, exact_status=exact_status)
 
+    async def _events_from(
+        self, shard: int, after: str, archive: psycopg.AsyncConnection[Any] | None
+    ) -> AsyncIterator[StoredEvent]:
+        """The shard's events after ``after``: the past through the reader over both tiers, then
+        live from the last entry it read."""
+        if after != "$":
+            start = None if after in ("0", "0-0") else after
+            async for stored in read_log(
+                self.redis, shard, conn=archive, after=start, no_archive="no archive connection given"
+            ):
+                yield stored
+                after = stored.entry_id
+        async for stored in EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS):
+            yield stored
+
     async def monitor_order_fills(
-        self, user_id: str, exchange: Exchange | str, *, after: str = "$"
+        self,
+        user_id: str,
+        exchange: Exchange | str,
+        *,
+        after: str = "$",
+        archive: psycopg.AsyncConnection[Any] | None = None,
     ) -> AsyncIterator[Order]:
         """Yield the updated order after each fill of the user on the exchange, live.
 
-        It follows the shard's event log from ``after`` (default: now) and never skips an entry,
-        so no fill between two reads is missed.
+        It follows the shard's event log from ``after`` (an entry id; default: now) and never
+        skips an entry, so no fill between two reads is missed. From an ``after`` older than what
+        Redis still holds (a trimmed log), it reads the PostgreSQL archive through ``archive``
+        (an autocommit connection), or raises ``projections.log.LogError`` without one: it never
+        skips silently.
         """
         exchange = Exchange(exchange)
         shard = await self.client.shard_of(user_id)
-        async for stored in EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS):
+        async for stored in self._events_from(shard, after, archive):
             event = stored.event
             if isinstance(event, wire.OrderFilled) and event.user_id == user_id and event.exchange is exchange:
                 await self.client.wait_projected(shard, stored.entry_id)
