@@ -549,6 +549,43 @@ async def _verify_chain(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_FAILURE
 
 
+async def _trim(args: argparse.Namespace) -> int:
+    """``trim``: remove from Redis the stream entries that are archived and processed by every
+    group (events) or answered (commands); nothing else, ever."""
+    from ledger.operations import record_operation
+    from ledger.service import database_url
+    from projections.trim import trim_shard
+
+    if args.retention_ms < 0:
+        raise UsageError("--retention-ms: must be 0 or more milliseconds")
+    settings = _settings(args)
+    redis = await _client(settings)
+    try:
+        _count, shards = await _chosen_shards(redis, args.shard)
+        url = database_url(settings, start=False)
+        async with await psycopg.AsyncConnection.connect(
+            url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
+        ) as conn:
+            done = [
+                t
+                for shard in shards
+                for t in await trim_shard(redis, conn, shard, retention_ms=args.retention_ms, dry_run=args.dry_run)
+            ]
+        rows = [
+            {"shard": t.shard, "stream": t.stream, "up_to": t.bound, "limited_by": t.limited_by, "removed": t.removed}
+            for t in done
+        ]
+        if not args.dry_run:
+            await record_operation(redis, "trim", ",".join(str(s) for s in shards), args.reason, {"streams": rows})
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json(rows)
+    else:
+        print(_table(rows, ["shard", "stream", "up_to", "limited_by", "removed"]))
+    return 0
+
+
 async def _checkpoint(args: argparse.Namespace) -> int:
     """``checkpoint``: the chain head of every shard, to write down and check later."""
     from projections.chain_check import read_head
@@ -779,6 +816,18 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--shard", type=SHARD, help="only this shard (default: every shard)")
     checkpoint.add_argument("--json", action="store_true", help="print a JSON array")
     checkpoint.set_defaults(func=lambda a: asyncio.run(_checkpoint(a)))
+
+    trim = commands.add_parser(
+        "trim", help="remove from Redis the stream entries archived and processed by every group (never anything else)"
+    )
+    _redis_flag(trim)
+    trim.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL): proves what is archived")
+    trim.add_argument("--shard", type=SHARD, help="only this shard (default: every shard)")
+    trim.add_argument("--retention-ms", type=int, default=0, help="keep entries younger than this (default 0)")
+    trim.add_argument("--dry-run", action="store_true", help="print the bounds, remove nothing")
+    trim.add_argument("--reason", default="manual trim", help="recorded in the operations stream")
+    trim.add_argument("--json", action="store_true", help="print a JSON array")
+    trim.set_defaults(func=lambda a: asyncio.run(_trim(a)))
 
     demo = commands.add_parser("demo", help="start the ledger and run a scripted HYPERRSI-like and GRID-like session")
     demo.set_defaults(func=cmd_demo)

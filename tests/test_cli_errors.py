@@ -94,7 +94,7 @@ def closed_port() -> int:
         (
             ["nope"],
             "ledger: argument command: invalid choice: 'nope' (choose from 'serve', 'submit', 'status', "
-            "'positions', 'orders', 'mark', 'history', 'replay', 'export', 'dead', 'verify', 'checkpoint', "
+            "'positions', 'orders', 'mark', 'history', 'replay', 'export', 'dead', 'verify', 'checkpoint', 'trim', "
             "'demo') "
             "(see `ledger --help`)",
         ),  # fmt: skip

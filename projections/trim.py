@@ -1,0 +1,111 @@
+"""Trimming a shard's Redis streams safely (issue 9, part 2; CONTRACT §5).
+
+An event-stream entry may leave Redis only once it is **archived** (at or before the PostgreSQL
+projector's tracking record) **and processed by every consumer group** (at or before each group's
+last-delivered id and before its oldest pending entry) and by the live projection (at or before
+its checkpoint ``ledger:{s}:projection``, which it reads the log from). A command-stream entry may
+leave once the handler group has processed it (its reply and outcome are written). With a
+retention, entries younger than it stay too. The bound is computed, then ``XTRIM MINID`` removes
+only entries strictly before the entry after it, so nothing past the bound is ever removed, even
+if more is appended meanwhile.
+
+What stays in Redis per command after trimming (outcomes, order and position snapshots) is not
+compacted yet: see the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from redis.exceptions import ResponseError
+
+from ledger.keys import ShardKeys
+from ledger.redis_conn import entry_order, text
+from ledger.values import now_ms
+from projections.projector import checkpoint as archived_up_to
+
+Key = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTrim:
+    """What trimming one stream of one shard did (or would do): entries up to ``bound`` may go."""
+
+    shard: int
+    stream: str
+    bound: str | None  # the last entry that may be removed; None: nothing may be removed
+    limited_by: str  # what set the bound (a group, the archive, the retention, ...)
+    removed: int  # 0 on a dry run
+
+
+def _key(entry_id: str) -> Key:
+    ms, seq = entry_order(entry_id)
+    return ms, seq
+
+
+def _before(entry_id: str) -> Key:
+    """The greatest id before ``entry_id``."""
+    ms, seq = _key(entry_id)
+    return (ms, seq - 1) if seq else (ms - 1, 2**64 - 1)
+
+
+async def _group_bounds(redis: Any, stream: str) -> dict[str, Key]:
+    """Per consumer group: the last entry it has processed (none pending at or before it)."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:  # no such stream
+        return {}
+    bounds: dict[str, Key] = {}
+    for group in groups:
+        name = text(group["name"])
+        bound = _key(text(group["last-delivered-id"]))
+        if int(group["pending"]):
+            oldest = await redis.xpending(stream, name)
+            bound = min(bound, _before(text(oldest["min"])))
+        bounds[f"group {name}"] = bound
+    return bounds
+
+
+async def trim_bounds(
+    redis: Any, conn: psycopg.AsyncConnection[Any], shard: int, *, retention_ms: int = 0
+) -> dict[str, tuple[Key, str]]:
+    """The last removable entry of the shard's event and command streams, and what limits it."""
+    keys = ShardKeys(shard)
+    retained: Key = (now_ms() - retention_ms - 1, 2**64 - 1) if retention_ms else (2**64 - 1, 0)
+    archived = await archived_up_to(conn, shard)
+    live = text(await redis.get(keys.checkpoint))
+    # On a tie the first named limit is reported: the archive, then the live checkpoint, then groups.
+    event_limits = {
+        "the PostgreSQL archive": _key(archived) if archived else (0, 0),
+        "the live projection's checkpoint": _key(live) if live else (0, 0),
+        **await _group_bounds(redis, keys.events),
+        "the retention": retained,
+    }
+    command_limits = {**await _group_bounds(redis, keys.commands), "the retention": retained}
+    if not any(name.startswith("group ") for name in command_limits):
+        command_limits["no handler group yet"] = (0, 0)
+    result: dict[str, tuple[Key, str]] = {}
+    for stream, limits in ((keys.events, event_limits), (keys.commands, command_limits)):
+        limited_by = min(limits, key=lambda name: limits[name])
+        result[stream] = (limits[limited_by], limited_by)
+    return result
+
+
+async def trim_shard(
+    redis: Any, conn: psycopg.AsyncConnection[Any], shard: int, *, retention_ms: int = 0, dry_run: bool = False
+) -> list[StreamTrim]:
+    """Trim the shard's event and command streams up to their safe bounds."""
+    done = []
+    for stream, (bound, limited_by) in (await trim_bounds(redis, conn, shard, retention_ms=retention_ms)).items():
+        if bound <= (0, 0):
+            done.append(StreamTrim(shard, stream, None, limited_by, 0))
+            continue
+        ms, seq = bound
+        removed = 0
+        if not dry_run:
+            minid = f"{ms}-{seq + 1}" if seq < 2**64 - 1 else f"{ms + 1}-0"
+            removed = int(await redis.xtrim(stream, minid=minid, approximate=False))
+        done.append(StreamTrim(shard, stream, f"{ms}-{seq}", limited_by, removed))
+    return done

@@ -1,0 +1,127 @@
+"""Trimming Redis safely (issue 9, part 2): only entries archived and processed by every group
+(events) or answered (commands) leave Redis; reading from the start after a trim gives exactly the
+events before it. Real handler, live projection, projector, Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from ledger.eventstore import EventStore
+from projections.log import read_log
+from projections.trim import trim_shard
+from tests.log_helpers import Rig, log_entries
+
+USER = "trim-user"
+EVENTS, COMMANDS = "ledger:{0}:events", "ledger:{0}:commands"
+
+
+async def _events(redis: Any, conn: Any) -> list[str]:
+    return [s.entry_id async for s in read_log(redis, 0, conn=conn)]
+
+
+async def test_trim_removes_only_archived_entries_every_group_processed(redis: Any, database_url: str) -> None:
+    rig = await Rig.start(redis)
+    await rig.round_trip(USER, "100", "110")
+    await rig.project()
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        # The projector has never run: nothing is archived, so no event may leave Redis.
+        before = await log_entries(redis)
+        (events, commands) = await trim_shard(redis, conn, 0)
+        assert (events.bound, events.limited_by, events.removed) == (None, "the PostgreSQL archive", 0)
+        assert await log_entries(redis) == before
+        assert commands.limited_by == "group ledger-handler" and commands.removed == await _command_count(rig)
+        assert await redis.xlen(COMMANDS) == 0
+
+        async with rig.projector(database_url):
+            await rig.archive()
+        archived = await log_entries(redis)
+        await rig.round_trip(USER, "120", "130")  # appended, not archived, not projected
+        everything = await _events(redis, conn)
+
+        (events, _commands) = await trim_shard(redis, conn, 0)
+
+        assert (events.bound, events.limited_by, events.removed) == (
+            archived[-1],
+            "the PostgreSQL archive",
+            len(archived),
+        )
+        assert await log_entries(redis) == everything[len(archived) :]
+        assert await _events(redis, conn) == everything  # read from the start: the archive, then Redis
+        await rig.project()
+        assert [s.entry_id async for s in EventStore(redis, 0).iterate()] == everything[len(archived) :]
+
+
+async def test_a_pending_entry_of_a_group_bounds_the_trim(redis: Any, database_url: str) -> None:
+    rig = await Rig.start(redis)
+    await rig.round_trip(USER, "100", "110")
+    await rig.project()
+    async with rig.projector(database_url):
+        await rig.archive()
+    ids = await log_entries(redis)
+    await redis.xgroup_create(EVENTS, "slow-reader", id="0")
+    await redis.xreadgroup("slow-reader", "c", {EVENTS: ">"}, count=3)  # delivered, never acknowledged
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        (events, _commands) = await trim_shard(redis, conn, 0)
+    assert events.limited_by == "group slow-reader" and events.removed == 0
+    assert await log_entries(redis) == ids
+
+
+async def test_retention_keeps_young_entries(redis: Any, database_url: str) -> None:
+    rig = await Rig.start(redis)
+    await rig.round_trip(USER, "100", "110")
+    await rig.project()
+    async with rig.projector(database_url):
+        await rig.archive()
+    ids = await log_entries(redis)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        trims = await trim_shard(redis, conn, 0, retention_ms=3_600_000, dry_run=False)
+    assert [(t.limited_by, t.removed) for t in trims] == [("the retention", 0), ("the retention", 0)]
+    assert await log_entries(redis) == ids
+
+
+async def _command_count(rig: Rig) -> int:
+    return rig.counter
+
+
+def _ledger(args: list[str], redis_url: str, database_url: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    env.update(LEDGER_REDIS_URL=redis_url, LEDGER_DATABASE_URL=database_url, LEDGER_HOME=str(home))
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ledger"), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_ledger_trim_prints_the_bounds_and_records_the_operation(
+    redis: Any, redis_url: str, database_url: str, tmp_path: Path
+) -> None:
+    rig = await Rig.start(redis)
+    await rig.round_trip(USER, "100", "110")
+    await rig.project()
+    async with rig.projector(database_url):
+        await rig.archive()
+    ids = await log_entries(redis)
+
+    dry = _ledger(["trim", "--dry-run", "--json"], redis_url, database_url, tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)[0] == {
+        "shard": 0,
+        "stream": EVENTS,
+        "up_to": ids[-1],
+        "limited_by": "the PostgreSQL archive",
+        "removed": 0,
+    }
+    assert await log_entries(redis) == ids and await redis.xlen("ledger:ops") == 0
+
+    done = _ledger(["trim", "--json", "--reason", "nightly"], redis_url, database_url, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [row["removed"] for row in json.loads(done.stdout)] == [len(ids), rig.counter]
+    assert await log_entries(redis) == []
+    ((_id, operation),) = await redis.xrange("ledger:ops")
+    assert (operation["action"], operation["target"], operation["reason"]) == ("trim", "0", "nightly")
