@@ -32,6 +32,8 @@ WHOLE_NUMBERS: dict[str, tuple[str, str | None, int | None]] = {
     "max_deliveries": ("LEDGER_MAX_DELIVERIES", None, None),
     "reply_ttl_s": ("LEDGER_REPLY_TTL_S", None, None),
     "paper_poll_ms": ("LEDGER_PAPER_POLL_MS", None, None),
+    "retention_ms": ("LEDGER_RETENTION_MS", None, None),
+    "trim_interval_s": ("LEDGER_TRIM_INTERVAL_S", None, None),
 }
 
 
@@ -78,12 +80,17 @@ class Settings:
     claim_idle_ms: int = 10_000
     max_deliveries: int = 5
     reply_ttl_s: int = 600
+    # Retention (off unless set): `serve` trims every shard's streams every trim_interval_s down to
+    # what is archived, processed by every group and older than retention_ms (projections.trim).
+    retention_ms: int | None = None
+    trim_interval_s: int = 60
     log_format: str = "auto"
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         for name in WHOLE_NUMBERS:
-            whole_number(name, getattr(self, name))
+            if getattr(self, name) is not None:  # only retention_ms may be unset (off)
+                whole_number(name, getattr(self, name))
         object.__setattr__(self, "durability", _durability(self.durability))
         object.__setattr__(self, "paper_fee_rate", _fee_rate(self.paper_fee_rate))
         _one_of("LEDGER_LOG_FORMAT", self.log_format, LOG_FORMATS)

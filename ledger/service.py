@@ -23,6 +23,7 @@ from ledger.config import Settings
 from ledger.redis_conn import connect, ensure_shard_count
 from projections.live import projection_role
 from projections.projector import projector_role, redact
+from projections.trim import retention_role
 
 log = structlog.get_logger("ledger.service")
 
@@ -39,6 +40,7 @@ ROLES: dict[str, RoleFactory] = {
     "projection": projection_role,
     "projector": projector_role,
     "paper": paper_role,
+    "retention": retention_role,
 }
 
 

@@ -9,24 +9,34 @@ retention, entries younger than it stay too. The bound is computed, then ``XTRIM
 only entries strictly before the entry after it, so nothing past the bound is ever removed, even
 if more is appended meanwhile.
 
+``ledger trim`` runs it by hand; the ``retention`` role of ``serve`` (``Retention``) periodically,
+only when ``LEDGER_RETENTION_MS`` is set (CONTRACT §11: ``serve`` trims nothing unless configured).
+
 What stays in Redis per command after trimming (outcomes, order and position snapshots) is not
 compacted yet: see the README.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import structlog
 from redis.exceptions import ResponseError
 
+from consumers.runner import RETRYABLE
+from ledger.config import Settings
 from ledger.keys import ShardKeys
-from ledger.redis_conn import entry_order, text
+from ledger.operations import record_operation
+from ledger.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
 from ledger.values import now_ms
 from projections.projector import checkpoint as archived_up_to
 
 Key = tuple[int, int]
+log = structlog.get_logger("ledger.retention")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,3 +119,54 @@ async def trim_shard(
             removed = int(await redis.xtrim(stream, minid=minid, approximate=False))
         done.append(StreamTrim(shard, stream, f"{ms}-{seq}", limited_by, removed))
     return done
+
+
+class Retention:
+    """``serve``'s periodic trim (role ``retention``, off unless ``LEDGER_RETENTION_MS`` is set):
+    every ``trim_interval_s``, every shard's streams down to their safe bounds, keeping entries
+    younger than ``retention_ms``. A server that is away only postpones the next pass."""
+
+    def __init__(self, redis: Any, database_url: str, settings: Settings) -> None:
+        assert settings.retention_ms is not None
+        self.redis = redis
+        self.database_url = database_url
+        self.shards = settings.shards
+        self.retention_ms = settings.retention_ms
+        self.interval_s = settings.trim_interval_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("retention on", retention_ms=self.retention_ms, interval_s=self.interval_s)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+            if stop.is_set():
+                return
+            try:
+                await self.pass_once()
+            except (psycopg.OperationalError, *RETRYABLE) as exc:
+                log.warning("retention pass postponed: a server is away", error=str(exc))
+
+    async def pass_once(self) -> list[StreamTrim]:
+        """One pass over every shard; what was removed is recorded in the operations stream."""
+        done: list[StreamTrim] = []
+        async with await psycopg.AsyncConnection.connect(
+            self.database_url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
+        ) as conn:
+            for shard in range(self.shards):
+                done += await trim_shard(self.redis, conn, shard, retention_ms=self.retention_ms)
+        removed = [t for t in done if t.removed]
+        if removed:
+            detail = {"streams": [{"stream": t.stream, "up_to": t.bound, "removed": t.removed} for t in removed]}
+            await record_operation(self.redis, "trim", "all shards", "retention", detail)
+            log.info("retention pass", removed=sum(t.removed for t in removed), streams=len(removed))
+        return done
+
+
+async def retention_role(redis: Any, settings: Settings) -> list[Retention]:
+    """``ledger serve --role retention``: nothing unless a retention is configured."""
+    if settings.retention_ms is None:
+        return []
+    from ledger.service import database_url
+
+    url = await asyncio.to_thread(database_url, settings, start=True)
+    return [Retention(redis, url, settings)]

@@ -4,6 +4,7 @@ events before it. Real handler, live projection, projector, Redis and PostgreSQL
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,9 +14,10 @@ from typing import Any
 
 import psycopg
 
+from ledger.config import Settings
 from ledger.eventstore import EventStore
 from projections.log import read_log
-from projections.trim import trim_shard
+from projections.trim import StreamTrim, retention_role, trim_shard
 from tests.log_helpers import Rig, log_entries
 
 USER = "trim-user"
@@ -125,3 +127,36 @@ async def test_ledger_trim_prints_the_bounds_and_records_the_operation(
     assert await log_entries(redis) == []
     ((_id, operation),) = await redis.xrange("ledger:ops")
     assert (operation["action"], operation["target"], operation["reason"]) == ("trim", "0", "nightly")
+
+
+async def test_retention_is_off_unless_configured_and_trims_every_pass(redis: Any, database_url: str) -> None:
+    assert Settings().retention_ms is None
+    assert await retention_role(redis, Settings(database_url=database_url)) == []
+    settings = Settings.from_env({"LEDGER_RETENTION_MS": "1", "LEDGER_TRIM_INTERVAL_S": "3600"})
+    assert (settings.retention_ms, settings.trim_interval_s) == (1, 3600)
+    (retention,) = await retention_role(redis, settings.with_overrides(database_url=database_url))
+
+    rig = await Rig.start(redis)
+    await rig.round_trip(USER, "100", "110")
+    await rig.project()
+    async with rig.projector(database_url):
+        await rig.archive()
+    ids = await log_entries(redis)
+    await asyncio.sleep(0.01)  # every entry is now older than the 1 ms retention
+
+    done = await retention.pass_once()
+
+    assert [(t.stream, t.removed) for t in done] == [(EVENTS, len(ids)), (COMMANDS, rig.counter)]
+    assert await log_entries(redis) == []
+    ((_id, operation),) = await redis.xrange("ledger:ops")
+    assert (operation["action"], operation["reason"]) == ("trim", "retention")
+    assert await retention.pass_once() == [
+        StreamTrim(0, EVENTS, ids[-1], "the PostgreSQL archive", 0),
+        StreamTrim(0, COMMANDS, done[1].bound, "group ledger-handler", 0),
+    ]
+    assert await redis.xlen("ledger:ops") == 1  # a pass that removes nothing records nothing
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(retention.run(stop))
+    stop.set()
+    await asyncio.wait_for(task, timeout=2)
