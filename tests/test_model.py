@@ -237,10 +237,20 @@ class Books(RuleBasedStateMachine):
         quantity=quantities,
         position_side=st.sampled_from([None, None, "long", "short"]),
         reduce_only=st.booleans(),
+        fill_at=st.one_of(st.none(), prices),
     )
     def place_order(
-        self, user: str, symbol: str, side: str, quantity: Decimal, position_side: str | None, reduce_only: bool
+        self,
+        user: str,
+        symbol: str,
+        side: str,
+        quantity: Decimal,
+        position_side: str | None,
+        reduce_only: bool,
+        fill_at: Decimal | None,
     ) -> None:
+        """Place an order; with ``fill_at``, the venue fills it at once (so that sequences of
+        positions, flips and hedges are drawn often, not only orders waiting for fills)."""
         data: dict[str, Any] = {
             "user_id": user,
             "exchange": "okx",
@@ -262,10 +272,38 @@ class Books(RuleBasedStateMachine):
         self.accepted(reply, expected, "place_order")
         if expected:
             order_id = reply["order_id"]
-            self.model.orders[order_id] = MOrder(order_id, user, symbol, side, quantity, position_side, reduce_only)
+            order = self.model.orders[order_id] = MOrder(
+                order_id, user, symbol, side, quantity, position_side, reduce_only
+            )
+            if fill_at is not None:
+                self.report_fill(order, quantity, fill_at, Decimal(0))
 
-    @rule(user=st.sampled_from(USERS), symbol=st.sampled_from(SYMBOLS), side=st.sampled_from(SIDES), size=quantities)
-    def open_position(self, user: str, symbol: str, side: str, size: Decimal) -> None:
+    @rule(
+        data=st.data(),
+        side=st.sampled_from(["buy", "sell"]),
+        position_side=st.sampled_from([None, None, "long", "short"]),
+        change=st.sampled_from(["-0.1", "0", "0.1", "1"]).map(Decimal),
+        price=prices,
+    )
+    def trade_on_an_open_market(
+        self, data: st.DataObject, side: str, position_side: str | None, change: Decimal, price: Decimal
+    ) -> None:
+        """A filled order on a market where a position is open, about its size: flips, hedges
+        beside it, reductions and increases, the sequences where books go wrong."""
+        if not self.model.positions:
+            return
+        (user, symbol, _side), position = data.draw(st.sampled_from(sorted(self.model.positions.items())))
+        quantity = max(position.size + change, Decimal("0.1"))
+        self.place_order(user, symbol, side, quantity, position_side, False, price)
+
+    @rule(
+        user=st.sampled_from(USERS),
+        symbol=st.sampled_from(SYMBOLS),
+        side=st.sampled_from(SIDES),
+        size=quantities,
+        fill_at=st.one_of(st.none(), prices),
+    )
+    def open_position(self, user: str, symbol: str, side: str, size: Decimal, fill_at: Decimal | None) -> None:
         data = {"user_id": user, "exchange": "okx", "symbol": symbol, "side": side, "size": str(size), "leverage": 3}
         reply = self.send("open_position", data)
         self.accepted(reply, True, "open_position")
@@ -273,10 +311,12 @@ class Books(RuleBasedStateMachine):
         if held is not None:
             assert reply["position_id"] == held.id, "open_position on an open side names the open position"
         order_id = reply["order_id"]
-        self.model.orders[order_id] = MOrder(
+        order = self.model.orders[order_id] = MOrder(
             order_id, user, symbol, "buy" if side == "long" else "sell", size, position_side=side
         )
         self.named_positions[reply["position_id"]] = order_id
+        if fill_at is not None:
+            self.report_fill(order, size, fill_at, Decimal(0))
 
     @rule(data=st.data(), price=prices, size_part=st.sampled_from([None, "half", "all", "more"]))
     def close_position(self, data: st.DataObject, price: Decimal, size_part: str | None) -> None:
@@ -320,6 +360,9 @@ class Books(RuleBasedStateMachine):
             return
         remaining = max(order.quantity - order.filled, Decimal("0.1"))
         quantity = {"all": remaining, "part": remaining / 2, "over": remaining + Decimal("0.5")}[part]
+        self.report_fill(order, quantity, price, fee)
+
+    def report_fill(self, order: MOrder, quantity: Decimal, price: Decimal, fee: Decimal) -> None:
         fill_id = f"t-{self.n}"
         before = {slot: p.id for slot, p in self.model.positions.items()}
         reply = self.send(
@@ -530,7 +573,7 @@ def test_the_books_agree_with_an_independent_model(redis_url: str, tmp_path: Pat
     run_state_machine_as_test(
         lambda: Books(redis_url, tmp_path),
         settings=settings(
-            max_examples=int(LONG_RUN) if LONG_RUN else 25,
+            max_examples=int(LONG_RUN) if LONG_RUN else 40,
             stateful_step_count=30,
             phases=tuple(Phase) if LONG_RUN else (Phase.explicit, Phase.reuse, Phase.generate),
             deadline=None,
