@@ -29,7 +29,7 @@ from ledger.decider import Context, Decision, Rejection, Requirements, decide, r
 from ledger.eventstore import Append, EventStore
 from ledger.evolution import evolve
 from ledger.keys import outcome_field, shard_of
-from ledger.state import Book
+from ledger.state import Book, StateError
 from ledger.values import now_ms
 
 GROUP = "ledger-handler"
@@ -244,11 +244,13 @@ def _snapshots(append: Append, book: Book, events: Sequence[wire.Event], slots: 
     for event in events:
         if isinstance(event, wire.PositionEvent):
             position = book.positions[event.stream]
-            assert position is not None
+            if position is None:
+                raise StateError(f"{event.type} of {event.stream}: no position state after evolving it")
             append.positions[event.stream] = position
         else:
             order = book.orders[event.stream]
-            assert order is not None
+            if order is None:
+                raise StateError(f"{event.type} of {event.stream}: no order state after evolving it")
             append.orders[event.stream] = order
     append.slots = {slot: book.slots[slot] for slot in slots}
 

@@ -433,6 +433,7 @@ class StreamConsumer:
 
     # ----------------------------------------------------------------- status
 
+
 def _entries(response: Any) -> list[Entry]:
     if not response:
         return []

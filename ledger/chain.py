@@ -47,6 +47,7 @@ from typing import Any
 
 from ledger.keys import ShardKeys
 from ledger.redis_conn import text
+from ledger.state import StateError
 
 __all__ = [
     "LOOKAHEAD",
@@ -287,7 +288,8 @@ class Walker:
         return link.n == n + 1 and link.data is not None and link.hash == link_hash(prev, n + 1, link.type, link.data)
 
     def _advance(self, link: Link) -> None:
-        assert link.n is not None and link.hash is not None
+        if link.n is None or link.hash is None:
+            raise StateError(f"entry {link.entry_id}: a chain link without its number or hash")
         self.n, self.before, self.hash, self.entry_id = link.n, self.hash, link.hash, link.entry_id
         self._recent.append((link.n, link.entry_id))
         wanted = self.expect.get(link.n)

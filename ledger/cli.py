@@ -139,6 +139,15 @@ async def _await_reply(redis: Any, reply_key: str, wait_s: float) -> dict[str, A
     return None if answer is None else json.loads(text(answer[1]))  # type: ignore[no-any-return]
 
 
+async def _archive(settings: Settings) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection to the ledger's PostgreSQL: the configured one, else the private
+    one ``serve`` started (never started here)."""
+    from ledger.service import database_url
+
+    url = database_url(settings, start=False)
+    return await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S))
+
+
 async def _status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     redis = await _client(settings)
@@ -164,13 +173,9 @@ async def _status(args: argparse.Namespace) -> int:
 async def _history_gaps(settings: Settings) -> dict[str, Any]:
     """The PostgreSQL history's open gaps per shard (events it could not write), or why they are
     unknown: ``status`` reports on Redis whether or not PostgreSQL answers."""
-    from ledger.service import database_url
 
     try:
-        url = database_url(settings, start=False)
-        async with await psycopg.AsyncConnection.connect(
-            url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
-        ) as conn:
+        async with await _archive(settings) as conn:
             found = await open_gaps(conn)
     except (psycopg.Error, servers.ServerError) as exc:
         return {"available": False, "reason": str(exc).strip().splitlines()[0]}
@@ -352,7 +357,6 @@ async def _mark(args: argparse.Namespace) -> int:
 
 
 async def _history(args: argparse.Namespace) -> int:
-    from ledger.service import database_url
 
     if args.id is not None:
         if args.user or args.exchange or args.symbol:
@@ -360,10 +364,7 @@ async def _history(args: argparse.Namespace) -> int:
         return await _history_trail(args)
     if args.user is None:
         raise UsageError("history: give an order or position ID, or --user U")
-    url = database_url(_settings(args), start=False)
-    async with await psycopg.AsyncConnection.connect(
-        url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
-    ) as conn:
+    async with await _archive(_settings(args)) as conn:
         positions = await history.closed_positions(conn, args.user, args.exchange, args.symbol, limit=args.limit)
         orders = await history.final_orders(conn, args.user, args.exchange, limit=args.limit)
     if args.json:
@@ -480,7 +481,6 @@ async def _dead_retry(redis: Any, letter: Any, args: argparse.Namespace) -> int:
 async def _verify(args: argparse.Namespace) -> int:
     """``verify``: the live projection and the history compared with the log (exit 1 on any
     difference)."""
-    from ledger.service import database_url
     from projections.log import LogError
     from projections.verify import verify
 
@@ -492,10 +492,7 @@ async def _verify(args: argparse.Namespace) -> int:
     redis = await _client(settings)
     try:
         count, shards = await _chosen_shards(redis, args.shard)
-        url = database_url(settings, start=False)
-        async with await psycopg.AsyncConnection.connect(
-            url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
-        ) as conn:
+        async with await _archive(settings) as conn:
             report = await verify(redis, conn, shards, count, repair=args.repair)
     except LogError as exc:
         raise CliError(str(exc)) from None
@@ -520,7 +517,6 @@ async def _chosen_shards(redis: Any, shard: int | None) -> tuple[int, list[int]]
 
 async def _verify_chain(args: argparse.Namespace) -> int:
     """``verify --chain``: the events' hash chain checked in Redis and the archive (exit 1 on a break)."""
-    from ledger.service import database_url
     from projections.chain_check import verify_chain
 
     if args.repair:
@@ -532,10 +528,7 @@ async def _verify_chain(args: argparse.Namespace) -> int:
         unknown = sorted({s for s, _n, _h in args.expect or ()} - set(shards))
         if unknown:
             raise UsageError(f"--expect: checkpoint of shard {unknown[0]}, which this check does not cover")
-        url = database_url(settings, start=False)
-        async with await psycopg.AsyncConnection.connect(
-            url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
-        ) as conn:
+        async with await _archive(settings) as conn:
             report = await verify_chain(redis, conn, shards, args.expect or ())
     finally:
         await redis.aclose()
@@ -553,7 +546,6 @@ async def _trim(args: argparse.Namespace) -> int:
     """``trim``: remove from Redis the stream entries that are archived and processed by every
     group (events) or answered (commands); nothing else, ever."""
     from ledger.operations import record_operation
-    from ledger.service import database_url
     from projections.trim import trim_shard
 
     if args.retention_ms < 0:
@@ -562,10 +554,7 @@ async def _trim(args: argparse.Namespace) -> int:
     redis = await _client(settings)
     try:
         _count, shards = await _chosen_shards(redis, args.shard)
-        url = database_url(settings, start=False)
-        async with await psycopg.AsyncConnection.connect(
-            url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
-        ) as conn:
+        async with await _archive(settings) as conn:
             done = [
                 t
                 for shard in shards

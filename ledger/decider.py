@@ -128,9 +128,10 @@ def _decimal(value: str | None, field_name: str, *, positive: bool = False) -> D
 
 
 def _required(value: str, field_name: str) -> Decimal:
-    number = _decimal(value, field_name, positive=True)
-    assert number is not None
-    return number
+    try:
+        return parse_decimal(value, field_name, positive=True)
+    except ValueRuleError as exc:
+        raise _Rejected(RejectCode.INVALID_COMMAND, str(exc)) from exc
 
 
 def _text(value: Decimal | None) -> str | None:

@@ -69,7 +69,8 @@ class AppendResult:
 def reply_head(reply: wire.Reply) -> bytes:
     """The reply's JSON up to its ``events`` list, which the script fills with entry ids."""
     encoded = wire.encode(msgspec.structs.replace(reply, events=[]))
-    assert encoded.endswith(b'"events":[]}')
+    if not encoded.endswith(b'"events":[]}'):
+        raise RuntimeError(f"a reply must end with its events list to be completed by the script: {encoded!r}")
     return encoded[: -len(b"[]}")]
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from ledger import wire
-from ledger.state import Book, OrderState, PositionState, slot_field
+from ledger.state import Book, OrderState, PositionState, StateError, slot_field
 from ledger.values import exact, format_decimal
 
 # The position fields a position event carries besides its envelope.
@@ -51,8 +51,8 @@ def apply(state: OrderState | PositionState | None, event: wire.Event) -> OrderS
         return position_from_event(event)
     if isinstance(event, wire.OrderPlaced):
         return _order_from_placed(event)
-    assert isinstance(state, OrderState), f"{event.type} for an order that was never placed"
-    assert isinstance(event, wire.OrderChange)
+    if not isinstance(state, OrderState) or not isinstance(event, wire.OrderChange):
+        raise StateError(f"{event.type} v{event.version} of {event.stream}: an order event for an order never placed")
     changes: dict[str, Any] = {"status": event.status, "updated_at": event.ts, "version": event.version}
     if isinstance(event, wire.OrderAccepted):
         changes["exchange_order_id"] = event.exchange_order_id

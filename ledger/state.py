@@ -25,6 +25,12 @@ from ledger.values import exact
 ZERO = Decimal(0)
 
 
+class StateError(RuntimeError):
+    """The log or the stored state contradicts itself (an event for an aggregate that does not
+    exist, a snapshot missing for an event just decided): a bug or a damaged log, never bad input.
+    Raised instead of ``assert``, which ``python -O`` removes."""
+
+
 class OrderState(msgspec.Struct, kw_only=True):
     id: str
     user_id: str

@@ -61,13 +61,9 @@ RULES: dict[str, TextRule] = {
     "exchange_order_id": TextRule(r"[A-Za-z0-9_.:/@-]{1,128}", 128, "1 to 128 characters of A-Z a-z 0-9 _ . : / @ -"),
     "fill_id": TextRule(r"[A-Za-z0-9_.:/@-]{1,128}", 128, "1 to 128 characters of A-Z a-z 0-9 _ . : / @ -"),
     "fee_currency": TextRule(r"[A-Za-z0-9]{1,16}", 16, "1 to 16 letters or digits"),
-    "uuid": TextRule(
-        r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", 36, "a lower-case UUID string"
-    ),
+    "uuid": TextRule(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", 36, "a lower-case UUID string"),
     # Ids a client sends back: a UUID in either case (the ledger lower-cases it).
-    "id": TextRule(
-        r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", 36, "a UUID string"
-    ),
+    "id": TextRule(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", 36, "a UUID string"),
     "close_reason": TextRule(rf"{_PRINTABLE}{{1,64}}", 64, "1 to 64 characters, no control characters"),
     "reject_reason": TextRule(rf"{_PRINTABLE}{{1,256}}", 256, "1 to 256 characters, no control characters"),
     "decimal": TextRule(

@@ -57,6 +57,7 @@ from ledger import keys, wire
 from ledger.config import Settings
 from ledger.enums import PositionStatus
 from ledger.redis_conn import entry_order, text
+from ledger.state import StateError
 from ledger.values import now_ms
 
 GROUP = "ledger-projection"
@@ -453,7 +454,8 @@ def _order(writes: Writes, stamp: str, event: wire.Event, grid: GridLevels) -> N
         writes.fenced(open_orders, stamp, "sadd", event.stream)
         grid.placed(writes, stamp, event, fields)
         return
-    assert isinstance(event, wire.OrderChange)
+    if not isinstance(event, wire.OrderChange):
+        raise StateError(f"{event.type} of {event.stream}: neither a position nor an order event")
     fields = order_update(event)
     final = event.status.is_final
     writes.order(order_key, event, fields, final)

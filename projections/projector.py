@@ -491,7 +491,10 @@ class Projector:
             await conn.execute(_SQL["checkpoint_init"], params)
             cur = await conn.execute(_SQL["checkpoint_lock"], params)
             row = await cur.fetchone()
-            assert row is not None
+            if row is None:
+                raise RuntimeError(
+                    f"projector_checkpoints has no row for {self.name} on shard {self.shard} after creating it"
+                )
         return int(row[0]), int(row[1])
 
     async def _unreadable(self, conn: psycopg.AsyncConnection[Any], item: _Unreadable) -> None:

@@ -127,7 +127,8 @@ class Retention:
     younger than ``retention_ms``. A server that is away only postpones the next pass."""
 
     def __init__(self, redis: Any, database_url: str, settings: Settings) -> None:
-        assert settings.retention_ms is not None
+        if settings.retention_ms is None:
+            raise ValueError("LEDGER_RETENTION_MS is not set: the retention role is off")
         self.redis = redis
         self.database_url = database_url
         self.shards = settings.shards

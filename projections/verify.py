@@ -62,7 +62,7 @@ from ledger.evolution import apply
 from ledger.keys import ShardKeys, shard_of
 from ledger.operations import record_operation
 from ledger.redis_conn import entry_order, text
-from ledger.state import OrderState
+from ledger.state import OrderState, StateError
 from ledger.values import RULES, now_ms
 from projections import live
 from projections.log import read_log
@@ -245,7 +245,8 @@ class _Replay:
         self.rows.events[-1]["data"] = event  # compared with the archived JSON, decoded
         if not isinstance(event, wire.PositionEvent):
             state = apply(self.orders.get(event.stream), event)
-            assert isinstance(state, OrderState)
+            if not isinstance(state, OrderState):
+                raise StateError(f"{event.type} of {event.stream} in entry {entry_id}: not an order event")
             self.orders[event.stream] = state
 
 

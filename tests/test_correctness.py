@@ -13,6 +13,8 @@ import pytest
 from ledger import wire
 from ledger.decider import Decision, RejectCode
 from ledger.enums import PositionStatus
+from ledger.evolution import apply
+from ledger.state import StateError
 from tests.domain_helpers import INVERSE, LINEAR, Driver, of_type, replay
 
 # --------------------------------------------------------------------------- 1. one position per side
@@ -307,3 +309,15 @@ def test_a_publisher_cannot_publish_a_command_the_handler_would_refuse() -> None
     with pytest.raises(wire.WireError) as caught:
         wire.command_fields(fill)
     assert caught.value.code == "INVALID_FIELD" and "$.fee" in caught.value.message
+
+
+def test_an_order_event_for_an_order_never_placed_is_a_state_error_not_an_assert() -> None:
+    """A damaged log raises a real error, which ``python -O`` keeps (an ``assert`` vanished there)."""
+    driver = Driver()
+    order_id = driver.place("buy", "1")
+    (placed,) = driver.log
+    accepted = driver.ok("order_accepted", order_id=order_id, exchange_order_id="x-1").events[0]
+
+    with pytest.raises(StateError, match=f"OrderAccepted v2 of {order_id}: an order event for an order never placed"):
+        apply(None, accepted)
+    assert placed.stream == order_id

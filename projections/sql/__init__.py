@@ -13,7 +13,8 @@ from importlib import resources
 
 __all__ = ["load_queries", "parse_queries"]
 
-_NAME = re.compile(r"^-- ([a-z_][a-z0-9_]*) --$", re.MULTILINE)
+# A query's name line; \n, not $ (which also matches before a trailing newline), ends it.
+_NAME = re.compile(r"^-- ([a-z_][a-z0-9_]*) --(?=\n|\Z)", re.MULTILINE)
 
 
 def parse_queries(text: str) -> dict[str, str]:
