@@ -43,6 +43,8 @@ from ledger.values import RULES
 
 DEAD_PREFIX = "dead_"  # the fields a dead letter adds to the original entry's
 REASON_WIDTH = 60  # a reason is cut to this many characters in a terminal listing (show gives it whole)
+FIELD_WIDTH = 40  # any other text column of a terminal listing is cut to this many characters
+TS = re.compile(r"[0-9]{1,15}")
 ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 # KEYS[1] dead stream, KEYS[2] dead index. ARGV[1] dead entry id, ARGV[2] index field.
@@ -121,13 +123,26 @@ class DeadLetter:
         """How the operations stream names this dead letter."""
         return f"{ShardKeys(self.shard).dead}/{self.id}"
 
+    @property
+    def ts(self) -> int | None:
+        """When it was dead-lettered (epoch ms); None when ``dead_ts`` is not a time (a dead
+        letter someone else wrote)."""
+        raw = self._dead("ts")
+        if not TS.fullmatch(raw):
+            return None
+        try:
+            iso_time(int(raw))
+        except (ValueError, OverflowError):
+            return None
+        return int(raw)
+
     def summary(self) -> dict[str, Any]:
-        ts = int(self._dead("ts") or 0)
+        ts = self.ts
         return {
             "shard": self.shard,
             "id": self.id,
             "ts": ts,
-            "time": iso_time(ts),
+            "time": None if ts is None else iso_time(ts),
             "kind": self.kind,
             "type": self.fields.get("type", ""),
             "code": self._dead("code"),
@@ -138,10 +153,11 @@ class DeadLetter:
         }
 
     def terminal_row(self) -> dict[str, Any]:
-        """The summary with a long reason cut short, for a table."""
+        """The summary for a table: every text printable on one line, a long one cut short."""
         row = self.summary()
-        if len(row["reason"]) > REASON_WIDTH:
-            row["reason"] = row["reason"][: REASON_WIDTH - 1] + "…"
+        for name, value in row.items():
+            if isinstance(value, str):
+                row[name] = printable(value, REASON_WIDTH if name == "reason" else FIELD_WIDTH)
         return row
 
     def as_dict(self) -> dict[str, Any]:
@@ -149,6 +165,26 @@ class DeadLetter:
         shown = {DEAD_PREFIX + name for name in ("code", "reason", "stream", "group", "entry_id", "ts")}
         extra = {k: v for k, v in self.fields.items() if k.startswith(DEAD_PREFIX) and k not in shown}
         return {**self.summary(), "fields": self.original, **extra}
+
+
+def printable(value: str, width: int) -> str:
+    """``value`` safe for a terminal, at most ``width`` characters: bytes that are not UTF-8 (read
+    as lone surrogates) as ``\\xNN``, control and other unprintable characters escaped as Python
+    writes them (``\\n``, ``\\x1b``), a longer text cut with ``…`` (never inside an escape)."""
+    shown = ""
+    for index, char in enumerate(value):
+        piece = char if char.isprintable() else _escape(char)
+        last = index == len(value) - 1
+        if len(shown) + len(piece) > (width if last else width - 1):
+            return shown + "…"
+        shown += piece
+    return shown
+
+
+def _escape(char: str) -> str:
+    if "\udc80" <= char <= "\udcff":  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{ord(char) - 0xDC00:02x}"
+    return repr(char)[1:-1]
 
 
 def entry_id(value: str) -> str:
