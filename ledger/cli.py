@@ -24,6 +24,7 @@ from ledger.config import Settings, whole_number
 from ledger.enums import Exchange, OrderStatus
 from ledger.keys import ShardKeys, shard_of
 from ledger.logs import configure_logging
+from ledger.mapping import ORDER, POSITION
 from ledger.redis_conn import CONNECT_TIMEOUT_S, ShardCountMismatch, connect, recorded_shards, text
 from ledger.values import check_identifier, format_decimal, parse_decimal
 from projections import history
@@ -245,45 +246,9 @@ async def group_lag(redis: Any, stream: str, last_delivered_id: str) -> int:
         up_to_till = f"({text(page[-1][0])}"
 
 
-POSITION_COLUMNS = (
-    "id",
-    "user_id",
-    "exchange",
-    "symbol",
-    "side",
-    "size",
-    "entry_price",
-    "leverage",
-    "realized_pnl",
-    "fees",
-    "status",
-    "stop_loss",
-    "take_profit",
-    "created_at",
-    "updated_at",
-    "version",
-)
-ORDER_COLUMNS = (
-    "id",
-    "user_id",
-    "exchange",
-    "symbol",
-    "side",
-    "order_type",
-    "quantity",
-    "price",
-    "filled_qty",
-    "avg_fill_price",
-    "status",
-    "exchange_order_id",
-    "client_order_id",
-    "position_side",
-    "reduce_only",
-    "grid_level",
-    "created_at",
-    "updated_at",
-    "version",
-)
+# The names of CONTRACT §6, in its order: the fields of `positions --json` / `orders --json`.
+POSITION_COLUMNS = POSITION.contract_fields
+ORDER_COLUMNS = ORDER.contract_fields
 
 
 def position_rows(hashes: list[dict[str, str]], prices: dict[tuple[str, str], Decimal]) -> list[dict[str, Any]]:
@@ -575,6 +540,32 @@ async def _trim(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _rebuild(args: argparse.Namespace) -> int:
+    """``rebuild``: a projection rebuilt from the log while ``serve`` runs (projections.rebuild)."""
+    from projections.log import open_archive
+    from projections.rebuild import rebuild_live, rebuild_postgres
+
+    if args.projection == "postgres" and args.shard is not None:
+        raise UsageError("--shard: the history tables hold every shard's rows and are rebuilt whole; drop --shard")
+    settings = _settings(args)
+    redis = await _client(settings)
+    try:
+        count, shards = await _chosen_shards(redis, args.shard)
+        if args.projection == "live":
+            async with open_archive(settings) as (conn, _why):
+                done = await rebuild_live(redis, shards, count, conn=conn, reason=args.reason, progress=sys.stderr)
+        else:
+            async with await _archive(settings) as conn:
+                done = await rebuild_postgres(redis, conn, count, reason=args.reason, progress=sys.stderr)
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json(done.as_dict())
+    else:
+        print(done.summary())
+    return 0
+
+
 async def _checkpoint(args: argparse.Namespace) -> int:
     """``checkpoint``: the chain head of every shard, to write down and check later."""
     from projections.chain_check import read_head
@@ -817,6 +808,17 @@ def build_parser() -> argparse.ArgumentParser:
     trim.add_argument("--reason", default="manual trim", help="recorded in the operations stream")
     trim.add_argument("--json", action="store_true", help="print a JSON array")
     trim.set_defaults(func=lambda a: asyncio.run(_trim(a)))
+
+    rebuild = commands.add_parser(
+        "rebuild", help="rebuild a projection from the log while serve runs (live: in place; postgres: swapped)"
+    )
+    _redis_flag(rebuild)
+    rebuild.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
+    rebuild.add_argument("--projection", choices=("live", "postgres"), required=True, help="which projection")
+    rebuild.add_argument("--shard", type=SHARD, help="live only: only this shard (default: every shard)")
+    rebuild.add_argument("--reason", default="manual rebuild", help="recorded in the operations stream")
+    rebuild.add_argument("--json", action="store_true", help="print a JSON object")
+    rebuild.set_defaults(func=lambda a: asyncio.run(_rebuild(a)))
 
     demo = commands.add_parser("demo", help="start the ledger and run a scripted HYPERRSI-like and GRID-like session")
     demo.set_defaults(func=cmd_demo)

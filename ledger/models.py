@@ -7,9 +7,10 @@ milliseconds are accepted). Decimals serialize as plain strings without exponent
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Self
 
 import structlog
 from pydantic import (
@@ -20,6 +21,7 @@ from pydantic import (
     PlainSerializer,
     computed_field,
     field_validator,
+    model_validator,
 )
 
 from ledger import arithmetic
@@ -32,7 +34,9 @@ from ledger.enums import (
     PositionStatus,
 )
 from ledger.instruments import Instrument, instrument_for
+from ledger.mapping import ORDER, POSITION, AggregateMapping
 from ledger.redis_conn import text
+from ledger.state import OrderState, PositionState
 from ledger.values import (
     ValueRuleError,
     check_identifier,
@@ -118,7 +122,16 @@ Mark = Annotated[
 
 
 # Text fields checked by the rule of the same name (``ledger.values.RULES``, full match).
-_TEXT_FIELDS = ("user_id", "symbol", "fill_id", "fee_currency", "client_order_id", "exchange_order_id")
+_TEXT_FIELDS = (
+    "user_id",
+    "symbol",
+    "fill_id",
+    "fee_currency",
+    "client_order_id",
+    "exchange_order_id",
+    "close_reason",
+    "reject_reason",
+)
 
 
 class _Model(BaseModel):
@@ -132,6 +145,27 @@ class _Model(BaseModel):
     @property
     def instrument(self) -> Instrument:
         return instrument_for(self.exchange, self.symbol)  # type: ignore[attr-defined]
+
+
+class _Aggregate(_Model):
+    """A model of an aggregate, built from any of its representations by ``ledger.mapping``."""
+
+    MAPPING: ClassVar[AggregateMapping]
+
+    @classmethod
+    def _of(cls, values: Mapping[str, Any], **extra: Any) -> Self:
+        return cls(**cls.MAPPING.model_kwargs(values), **extra)
+
+    @classmethod
+    def from_live(cls, fields: Mapping[str, str], **extra: Any) -> Self:
+        """From its live hash (CONTRACT §6; decoded to text). ``KeyError`` or ``ValueError``
+        when the hash is not a ledger hash."""
+        return cls._of(cls.MAPPING.from_live(fields), **extra)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], **extra: Any) -> Self:
+        """From its history row, as ``cls.MAPPING.select`` reads it (CONTRACT §9)."""
+        return cls._of(cls.MAPPING.from_row(row), **extra)
 
 
 def _identifier(kind: str, value: str) -> str:
@@ -166,8 +200,14 @@ class PnLInfo(BaseModel):
         return self.realized_pnl + self.unrealized_pnl
 
 
-class Position(_Model):
-    """A position; ``current_price`` (the mark) feeds the computed PnL fields."""
+class Position(_Aggregate):
+    """A position; ``current_price`` (the mark) feeds the computed PnL fields.
+
+    ``realized_pnl`` is net: ``gross_pnl`` minus ``fees``. ``excess_qty`` is what fills reported
+    beyond the open size (recorded, flagged, moving nothing). ``close_reason`` and ``closed_at``
+    belong to a closed or liquidated position (history)."""
+
+    MAPPING: ClassVar[AggregateMapping] = POSITION
 
     id: str | None = None
     user_id: str
@@ -180,16 +220,23 @@ class Position(_Model):
     status: PositionStatus = PositionStatus.OPEN
     exit_price: Money | None = None
     realized_pnl: Money = ZERO
+    gross_pnl: Money = ZERO
     fees: Money = ZERO
     other_fees: dict[str, Money] = Field(default_factory=dict)
+    excess_qty: Money = ZERO
     stop_loss: Money | None = None
     take_profit: Money | None = None
+    close_reason: str | None = None
     current_price: Mark | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: Timestamp | None = None
     updated_at: Timestamp | None = None
     closed_at: Timestamp | None = None
     version: int = 0
+
+    @classmethod
+    def from_state(cls, state: PositionState, **extra: Any) -> Self:
+        return cls._of(POSITION.values(state), **extra)
 
     @field_validator("size")
     @classmethod
@@ -265,8 +312,12 @@ class Fill(_Model):
         return _positive(value, info.field_name)
 
 
-class Order(_Model):
-    """An order. ``fill_basis`` is the running sum that ``avg_fill_price`` averages over."""
+class Order(_Aggregate):
+    """An order. ``fill_basis`` is the running sum that ``avg_fill_price`` averages over; given
+    without ``avg_fill_price``, the average is computed from it. A history row holds the
+    average but not the sum (``fill_basis`` is then 0)."""
+
+    MAPPING: ClassVar[AggregateMapping] = ORDER
 
     id: str | None = None
     user_id: str
@@ -280,6 +331,7 @@ class Order(_Model):
     status: OrderStatus = OrderStatus.PENDING
     filled_qty: Money = ZERO
     fill_basis: Money = ZERO
+    avg_fill_price: Money | None = None
     exchange_order_id: str | None = None
     client_order_id: str | None = None
     position_side: PositionSide | None = None
@@ -287,10 +339,26 @@ class Order(_Model):
     reduce_only: bool = False
     leverage: int | None = Field(default=None, ge=1, le=1000)
     grid_level: int | None = Field(default=None, ge=0)
+    reject_reason: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: Timestamp | None = None
     updated_at: Timestamp | None = None
     version: int = 0
+
+    @classmethod
+    def from_state(cls, state: OrderState, **extra: Any) -> Self:
+        return cls._of(ORDER.values(state), **extra)
+
+    @model_validator(mode="after")
+    def _average(self) -> Self:
+        if self.avg_fill_price is None and self.fill_basis != 0:
+            # Frozen: set once, while the model is being validated.
+            object.__setattr__(self, "avg_fill_price", self._average_of_fills())
+        return self
+
+    def _average_of_fills(self) -> Decimal:
+        """Quantity-weighted mean fill price (inverse: contract-weighted harmonic mean)."""
+        return arithmetic.average_price(self.instrument, self.filled_qty, self.fill_basis)
 
     @field_validator("quantity")
     @classmethod
@@ -314,18 +382,11 @@ class Order(_Model):
     def fill_percentage(self) -> Money:
         return divide(self.filled_qty * 100, self.quantity)
 
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def avg_fill_price(self) -> Money | None:
-        """Quantity-weighted mean fill price (inverse: contract-weighted harmonic mean)."""
-        if self.filled_qty == 0:
-            return None
-        return arithmetic.average_price(self.instrument, self.filled_qty, self.fill_basis)
-
     @exact
     def with_fill(self, fill: Fill) -> Order:
         """The order after one more fill (quantities only; the ledger decides the status)."""
         added = arithmetic.basis(self.instrument, fill.quantity, fill.price)
-        return self.model_copy(
+        order = self.model_copy(
             update={"filled_qty": self.filled_qty + fill.quantity, "fill_basis": self.fill_basis + added}
         )
+        return order.model_copy(update={"avg_fill_price": order._average_of_fills()})

@@ -17,21 +17,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import psycopg
 
 from ledger import wire
-from ledger.cli import ORDER_COLUMNS, POSITION_COLUMNS, shard_count
+from ledger.cli import shard_count
 from ledger.evolution import evolve
 from ledger.keys import shard_of
+from ledger.mapping import ORDER, POSITION, AggregateMapping
 from ledger.operations import iso_time
 from ledger.state import Book
-from ledger.values import MAX_TS_MS, MIN_TS_MS, datetime_to_ms, format_decimal
+from ledger.values import MAX_TS_MS, MIN_TS_MS, datetime_to_ms
 from projections.log import read_log
 
-REPLAY_POSITION_COLUMNS = (*POSITION_COLUMNS, "exit_price", "closed_at")
+REPLAY_POSITION_COLUMNS = (*POSITION.contract_fields, "exit_price", "closed_at")
 # What a terminal shows of each (``--json`` gives every column).
 POSITION_TABLE = (
     "id",
@@ -99,17 +99,6 @@ class Selection:
         return [shard_of(self.user, count)] if self.user is not None else range(count)
 
 
-def _cell(value: Any) -> str:
-    """A state value as the live hashes write it."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Decimal):
-        return format_decimal(value)
-    return str(value)
-
-
 @dataclass(frozen=True, slots=True)
 class Replay:
     until: int | None
@@ -124,9 +113,10 @@ class Replay:
         return f"as of {moment}: {len(self.positions)} positions, {len(self.orders)} orders"
 
 
-def _rows(states: Any, columns: Sequence[str]) -> list[dict[str, str]]:
+def _rows(states: Any, mapping: AggregateMapping, columns: Sequence[str]) -> list[dict[str, str]]:
+    """States as the live hashes write their fields (``ledger.mapping``)."""
     present = sorted((s for s in states if s is not None), key=lambda s: (s.created_at, s.id))
-    return [{name: _cell(getattr(state, name)) for name in columns} for state in present]
+    return [mapping.cells(mapping.values(state), columns) for state in present]
 
 
 async def replay(
@@ -145,6 +135,6 @@ async def replay(
                 evolve(book, (stored.event,))
     return Replay(
         until,
-        _rows(book.positions.values(), REPLAY_POSITION_COLUMNS),
-        _rows(book.orders.values(), ORDER_COLUMNS),
+        _rows(book.positions.values(), POSITION, REPLAY_POSITION_COLUMNS),
+        _rows(book.orders.values(), ORDER, ORDER.contract_fields),
     )

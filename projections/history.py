@@ -3,7 +3,8 @@
 Each function takes a psycopg 3 ``AsyncConnection`` and returns a list of dicts, one per row,
 keyed by column name: ids as strings, money and quantities as ``Decimal`` (exact, never float),
 timestamps as timezone-aware ``datetime``, ``metadata`` as a dict. The SQL is in
-``projections/sql/history.sql``.
+``projections/sql/history.sql``, its column lists from ``ledger.mapping`` (every column of the
+table); ``Position.from_row`` / ``Order.from_row`` turn a row into a model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ledger.enums import FINAL_ORDER_STATUSES, Exchange, OrderStatus
+from ledger.mapping import ORDER, POSITION
 from ledger.values import check_identifier
 from projections.sql import load_queries
 
@@ -22,6 +24,8 @@ __all__ = ["MAX_LIMIT", "closed_positions", "final_orders"]
 MAX_LIMIT = 10_000
 
 _SQL = load_queries("history.sql")
+_CLOSED_POSITIONS = POSITION.sql(_SQL["closed_positions"])
+_FINAL_ORDERS = ORDER.sql(_SQL["final_orders"])
 
 
 def _limit(limit: int) -> int:
@@ -64,7 +68,7 @@ async def closed_positions(
         "symbol": None if symbol is None else check_identifier("symbol", symbol),
         "limit": _limit(limit),
     }
-    return await _rows(conn, _SQL["closed_positions"], params)
+    return await _rows(conn, _CLOSED_POSITIONS, params)
 
 
 async def final_orders(
@@ -90,4 +94,4 @@ async def final_orders(
         "status": None if wanted is None else str(wanted),
         "limit": _limit(limit),
     }
-    return await _rows(conn, _SQL["final_orders"], params)
+    return await _rows(conn, _FINAL_ORDERS, params)

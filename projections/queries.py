@@ -9,7 +9,6 @@ written). Marks are read by ``ledger.models.read_mark``: an invalid one is ignor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -29,71 +28,14 @@ def _decoded(raw: dict[Any, Any]) -> dict[str, str]:
     return {text(k): text(v) for k, v in raw.items()}
 
 
-def _optional(fields: dict[str, str], name: str) -> str | None:
-    value = fields.get(name, "")
-    return value if value != "" else None
-
-
-def _json(fields: dict[str, str], name: str) -> Any:
-    value = _optional(fields, name)
-    return json.loads(value) if value else {}
-
-
 def position_from_hash(raw: dict[Any, Any], mark: Decimal | None = None) -> Position:
-    fields = _decoded(raw)
-    return Position(
-        id=fields["id"],
-        user_id=fields["user_id"],
-        exchange=fields["exchange"],  # type: ignore[arg-type]
-        symbol=fields["symbol"],
-        side=fields["side"],  # type: ignore[arg-type]
-        size=fields["size"],  # type: ignore[arg-type]
-        entry_price=fields["entry_price"],  # type: ignore[arg-type]
-        leverage=int(fields.get("leverage") or 1),
-        status=fields["status"],  # type: ignore[arg-type]
-        exit_price=_optional(fields, "exit_price"),  # type: ignore[arg-type]
-        realized_pnl=fields.get("realized_pnl") or "0",  # type: ignore[arg-type]
-        fees=fields.get("fees") or "0",  # type: ignore[arg-type]
-        other_fees=_json(fields, "other_fees"),
-        stop_loss=_optional(fields, "stop_loss"),  # type: ignore[arg-type]
-        take_profit=_optional(fields, "take_profit"),  # type: ignore[arg-type]
-        current_price=mark,
-        metadata=_json(fields, "metadata"),
-        created_at=int(fields["created_at"]),  # type: ignore[arg-type]
-        updated_at=int(fields["updated_at"]),  # type: ignore[arg-type]
-        version=int(fields["version"]),
-    )
+    """A position from its live hash (``ledger.mapping.POSITION``), priced at ``mark``."""
+    return Position.from_live(_decoded(raw), current_price=mark)
 
 
 def order_from_hash(raw: dict[Any, Any]) -> Order:
-    fields = _decoded(raw)
-    grid_level = _optional(fields, "grid_level")
-    leverage = _optional(fields, "leverage")
-    return Order(
-        id=fields["id"],
-        user_id=fields["user_id"],
-        exchange=fields["exchange"],  # type: ignore[arg-type]
-        symbol=fields["symbol"],
-        side=fields["side"],  # type: ignore[arg-type]
-        order_type=fields["order_type"],  # type: ignore[arg-type]
-        quantity=fields["quantity"],  # type: ignore[arg-type]
-        price=_optional(fields, "price"),  # type: ignore[arg-type]
-        trigger_price=_optional(fields, "trigger_price"),  # type: ignore[arg-type]
-        status=fields["status"],  # type: ignore[arg-type]
-        filled_qty=fields.get("filled_qty") or "0",  # type: ignore[arg-type]
-        fill_basis=fields.get("fill_basis") or "0",  # type: ignore[arg-type]
-        exchange_order_id=_optional(fields, "exchange_order_id"),
-        client_order_id=_optional(fields, "client_order_id"),
-        position_side=_optional(fields, "position_side"),  # type: ignore[arg-type]
-        position_id=_optional(fields, "position_id"),
-        reduce_only=fields.get("reduce_only") == "true",
-        leverage=int(leverage) if leverage else None,
-        grid_level=int(grid_level) if grid_level else None,
-        metadata=_json(fields, "metadata"),
-        created_at=int(fields["created_at"]),  # type: ignore[arg-type]
-        updated_at=int(fields["updated_at"]),  # type: ignore[arg-type]
-        version=int(fields["version"]),
-    )
+    """An order from its live hash (``ledger.mapping.ORDER``)."""
+    return Order.from_live(_decoded(raw))
 
 
 async def marks(redis: Any, exchange: Exchange | str, symbols: list[str]) -> dict[str, Decimal]:

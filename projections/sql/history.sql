@@ -1,10 +1,9 @@
 -- SQL of the history reads (projections/history.py). Optional filters are NULL when absent.
+-- {select} is the table's column list, put in from its one declaration (ledger/mapping.py).
 
 -- closed_positions --
 -- A user's closed and liquidated positions, most recently closed first.
-SELECT id::text AS id, user_id, exchange, symbol, side, size, entry_price, exit_price,
-       leverage, realized_pnl, gross_pnl, unrealized_pnl, fees, status, close_reason, version,
-       metadata, created_at, updated_at, closed_at
+SELECT {select}
 FROM positions
 WHERE user_id = %(user_id)s
   AND status IN ('closed', 'liquidated')
@@ -15,10 +14,7 @@ LIMIT %(limit)s
 
 -- final_orders --
 -- A user's orders in a final status (filled, cancelled, rejected, expired), latest first.
-SELECT id::text AS id, user_id, exchange, symbol, side, order_type, quantity, price,
-       trigger_price, filled_qty, avg_fill_price, status, exchange_order_id, client_order_id,
-       position_id::text AS position_id, position_side, reduce_only, grid_level, reject_reason,
-       version, metadata, created_at, updated_at
+SELECT {select}
 FROM orders
 WHERE user_id = %(user_id)s
   AND status IN ('filled', 'cancelled', 'rejected', 'expired')
