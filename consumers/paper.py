@@ -66,20 +66,24 @@ Redis keys (hash-tagged with the shard, so they live on the shard's cluster slot
 The resting set is derived state: it is exactly the orders of ``paper`` exchanges whose
 ``OrderPlaced`` is not ``market`` and that are not final in the log and have no
 ``OrderCancelRequested`` (whose ``order_cancelled`` the venue publishes). ``PaperVenue.rebuild``
-recomputes it by emptying it and moving the group back to the start of the log (``XGROUP SETID
-ledger-paper 0``): the venue then reads every event again, re-rests the orders that are not
-final, and every command it publishes again is a duplicate the handler absorbs. A ``stop_limit``
-that had triggered but not filled loses its trigger on a rebuild and waits for the next cross.
+recomputes it by that rule from the log, read over both tiers (``projections.log.read_log``: the
+PostgreSQL archive for what a trim removed from Redis, given a connection; without one, a trimmed
+log fails with ``LogError`` rather than leave orders out), up to the group's last-delivered
+entry (what comes after is delivered as usual). It holds the venue's lease meanwhile, so the
+running venue stands by, and replaces the set in one step. A ``stop_limit`` that had triggered
+but not filled loses its trigger on a rebuild and waits for the next cross.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any
+from typing import Any, cast
 
 import msgspec
+import psycopg
 import structlog
 
 from consumers.deadletter import decode_events
@@ -88,10 +92,11 @@ from ledger import wire
 from ledger.arithmetic import amount_fits, basis
 from ledger.config import Settings
 from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType
+from ledger.eventstore import StoredEvent
 from ledger.instruments import instrument_for
 from ledger.keys import ShardKeys, marks
 from ledger.models import read_mark
-from ledger.redis_conn import text
+from ledger.redis_conn import entry_order, text
 from ledger.state import OrderState
 from ledger.values import (
     MAX_AMOUNT,
@@ -100,6 +105,8 @@ from ledger.values import (
     format_decimal,
     now_ms,
 )
+from projections.log import read_log
+from projections.pause import paused
 
 GROUP = "ledger-paper"
 DEFAULT_POLL_INTERVAL_S = 0.1
@@ -165,6 +172,16 @@ end
 return 1
 """
 )
+
+# KEYS: 1 resting hash, 2 version counter. ARGV: order id / resting JSON pairs.
+# Replaces the whole resting set (a rebuild, under the venue's lease held by the rebuild).
+_REPLACE = """
+redis.call('DEL', KEYS[1])
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return redis.call('INCR', KEYS[2])
+"""
 
 # KEYS: 2 resting hash, 3 version counter. ARGV: 2 order id, 3 resting JSON.
 # Rewrites a resting order (a stop_limit that triggered) only while it still rests.
@@ -662,20 +679,40 @@ class PaperVenue:
             self._cache, self._cache_version = cache, version
         return dict(self._cache)
 
-    async def rebuild(self) -> None:
-        """Recompute the resting set from the log: empty it and read the log again from the start.
+    async def rebuild(
+        self, conn: psycopg.AsyncConnection[Any] | None = None, *, no_archive: str = "no database URL given"
+    ) -> int:
+        """Recompute the resting set from the log (module doc); return how many orders rest.
 
-        Run it with the venue stopped (or let the running one pick the change up). Commands
-        published again are duplicates that the command handler absorbs.
+        ``conn`` (autocommit) reads the archive for what Redis no longer holds; without it a
+        trimmed log raises ``LogError`` (``no_archive`` says why there is none).
         """
         keys = self.paper_keys
         await self.consumer.ensure_group()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(keys.resting)
-        pipe.incr(keys.version)
-        await pipe.execute()
-        await self.redis.xgroup_setid(self.keys.events, GROUP, "0")
-        self.log.info("resting set emptied; the event log will be read again from the start")
+        async with paused(self.redis, [keys.lease], "ledger-paper-rebuild"):
+            groups = await self.redis.xinfo_groups(self.keys.events)
+            upto = entry_order(next(text(g["last-delivered-id"]) for g in groups if text(g["name"]) == GROUP))
+            resting: dict[str, RestingOrder] = {}
+            log = cast(
+                "AsyncGenerator[StoredEvent, None]",
+                read_log(self.redis, self.shard, conn=conn, no_archive=no_archive),
+            )
+            async with contextlib.aclosing(log) as events:
+                async for stored in events:
+                    if entry_order(stored.entry_id) > upto:
+                        break
+                    event = stored.event
+                    if isinstance(event, wire.OrderPlaced):
+                        if self.executes(event.exchange) and event.order_type is not OrderType.MARKET:
+                            resting[event.stream] = RestingOrder.from_event(event)
+                    elif isinstance(event, wire.OrderCancelRequested) or (
+                        isinstance(event, wire.OrderChange) and event.status in FINAL
+                    ):
+                        resting.pop(event.stream, None)
+            pairs = [item for order_id, order in resting.items() for item in (order_id, msgspec.json.encode(order))]
+            await self.redis.eval(_REPLACE, 2, keys.resting, keys.version, *pairs)
+        self.log.info("resting set rebuilt from the log", resting=len(resting), up_to=f"{upto[0]}-{upto[1]}")
+        return len(resting)
 
     # ----------------------------------------------------------------- reads
 

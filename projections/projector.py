@@ -99,6 +99,7 @@ __all__ = [
     "projector_consumer",
     "projector_role",
     "redact",
+    "write_orders",
 ]
 
 PROJECTOR = "ledger-projector"
@@ -544,7 +545,7 @@ class Projector:
         if final_orders:
             orders = await self._rebuild_orders(conn, final_orders)
             result.orders = len(orders)
-            result.duplicate_venue_ids = await self._write_orders(conn, orders)
+            result.duplicate_venue_ids = await write_orders(conn, orders, self.log)
             written += [order.id for order in orders]
         if written:
             await conn.execute(_SQL["fill_gaps"], {"ids": written})
@@ -614,60 +615,63 @@ class Projector:
                 reason=reason,
             )
 
-    async def _write_orders(self, conn: psycopg.AsyncConnection[Any], orders: list[OrderState]) -> list[str]:
-        """Upsert the orders; return the ids of those written without their venue id."""
-        for attempt in range(1, VENUE_ID_RETRIES + 1):
-            rows = [_order_row(order) for order in orders]
-            duplicates = await self._resolve_venue_ids(conn, rows)
-            for row in rows:
-                row["metadata"] = Jsonb(row["metadata"])
-            try:
-                # A savepoint: a concurrent writer (another shard's projector) may take a venue
-                # id between the check and the write; then check again and retry.
-                async with conn.transaction(), conn.cursor() as cur:
-                    await cur.executemany(_SQL["upsert_order"], rows)
-            except pg_errors.UniqueViolation as exc:
-                if exc.diag.constraint_name != VENUE_ID_CONSTRAINT or attempt == VENUE_ID_RETRIES:
-                    raise
-                self.log.warning("venue order id taken concurrently: checking again", attempt=attempt)
-                continue
-            return duplicates
-        raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _resolve_venue_ids(self, conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]) -> list[str]:
-        """Drop the venue id of rows whose (exchange, exchange_order_id) another order holds."""
-        wanted = [(r["exchange"], r["exchange_order_id"]) for r in rows if r["exchange_order_id"]]
-        if not wanted:
-            return []
-        cur = await conn.execute(
-            _SQL["venue_id_holders"],
-            {"exchanges": [w[0] for w in wanted], "venue_ids": [w[1] for w in wanted]},
-        )
-        holders: dict[tuple[str, str], str] = {}
-        for exchange, venue_id, order_id in await cur.fetchall():
-            holders[(exchange, venue_id)] = order_id
-        duplicates = []
+async def write_orders(conn: psycopg.AsyncConnection[Any], orders: list[OrderState], logger: Any = log) -> list[str]:
+    """Upsert final orders into ``orders``; return the ids of those written without their venue id
+    (another order holds it: see the module doc). Used by the projector and ``ledger rebuild``."""
+    for attempt in range(1, VENUE_ID_RETRIES + 1):
+        rows = [_order_row(order) for order in orders]
+        duplicates = await _resolve_venue_ids(conn, rows, logger)
         for row in rows:
-            venue_id = row["exchange_order_id"]
-            if not venue_id:
-                continue
-            key = (row["exchange"], venue_id)
-            holder = holders.setdefault(key, row["id"])
-            if holder == row["id"]:
-                continue
-            row["exchange_order_id"] = None
-            row["metadata"]["duplicate_exchange_order_id"] = venue_id
-            row["metadata"]["duplicate_of_order_id"] = holder
-            duplicates.append(row["id"])
-            self.log.error(
-                "two orders reported with the same venue order id: stored without it",
-                order_id=row["id"],
-                other_order_id=holder,
-                exchange=row["exchange"],
-                exchange_order_id=venue_id,
-                user_id=row["user_id"],
-            )
+            row["metadata"] = Jsonb(row["metadata"])
+        try:
+            # A savepoint: a concurrent writer (another shard's projector) may take a venue
+            # id between the check and the write; then check again and retry.
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(_SQL["upsert_order"], rows)
+        except pg_errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != VENUE_ID_CONSTRAINT or attempt == VENUE_ID_RETRIES:
+                raise
+            logger.warning("venue order id taken concurrently: checking again", attempt=attempt)
+            continue
         return duplicates
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _resolve_venue_ids(conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]], logger: Any) -> list[str]:
+    """Drop the venue id of rows whose (exchange, exchange_order_id) another order holds."""
+    wanted = [(r["exchange"], r["exchange_order_id"]) for r in rows if r["exchange_order_id"]]
+    if not wanted:
+        return []
+    cur = await conn.execute(
+        _SQL["venue_id_holders"],
+        {"exchanges": [w[0] for w in wanted], "venue_ids": [w[1] for w in wanted]},
+    )
+    holders: dict[tuple[str, str], str] = {}
+    for exchange, venue_id, order_id in await cur.fetchall():
+        holders[(exchange, venue_id)] = order_id
+    duplicates = []
+    for row in rows:
+        venue_id = row["exchange_order_id"]
+        if not venue_id:
+            continue
+        key = (row["exchange"], venue_id)
+        holder = holders.setdefault(key, row["id"])
+        if holder == row["id"]:
+            continue
+        row["exchange_order_id"] = None
+        row["metadata"]["duplicate_exchange_order_id"] = venue_id
+        row["metadata"]["duplicate_of_order_id"] = holder
+        duplicates.append(row["id"])
+        logger.error(
+            "two orders reported with the same venue order id: stored without it",
+            order_id=row["id"],
+            other_order_id=holder,
+            exchange=row["exchange"],
+            exchange_order_id=venue_id,
+            user_id=row["user_id"],
+        )
+    return duplicates
 
 
 # --------------------------------------------------------------------------- wiring

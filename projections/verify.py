@@ -41,10 +41,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
-import socket
 import time
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -60,12 +58,13 @@ from ledger import keys, wire
 from ledger.eventstore import StoredEvent
 from ledger.evolution import apply
 from ledger.keys import ShardKeys, shard_of
-from ledger.operations import record_operation
+from ledger.operations import Operation, record_operation
 from ledger.redis_conn import entry_order, text
 from ledger.state import OrderState, StateError
 from ledger.values import RULES, now_ms
 from projections import live
 from projections.log import read_log
+from projections.pause import paused
 from projections.projector import PROJECTOR, HistoryRows, _Decoded, _order_row, checkpoint
 from projections.sql import load_queries
 
@@ -77,7 +76,6 @@ ABSENT = "(absent)"  # no such key, field, member or row
 ROUNDS = 5  # reads of the differing live keys while the checkpoint moves
 SETTLE_S = 0.2  # how long a checkpoint must stand still before a difference is final
 READ_CHUNK = 500  # live keys per pipeline
-REPAIR_LEASE_MS = 60_000  # how long the projection waits for a repair that died holding its lease
 HASH, SET, OTHER = "hash", "set", "other"
 
 _SQL = load_queries("verify.sql")
@@ -117,14 +115,6 @@ elseif ARGV[3] ~= '-' then
   redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 end
 return 1
-"""
-
-# KEYS[1] a lease; ARGV[1] its holder: deleted only while it still names that holder.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
 """
 
 
@@ -213,6 +203,7 @@ class _Replay:
     rows: HistoryRows = field(default_factory=HistoryRows)
     orders: dict[str, OrderState] = field(default_factory=dict)
     events: int = 0  # events read (an event both projections needed counts once)
+    on_event: Callable[[], None] | None = None  # called after each event read (a progress bar)
 
     async def advance(
         self,
@@ -234,6 +225,8 @@ class _Replay:
                 if key > end:
                     break
                 self.events += 1
+                if self.on_event is not None:
+                    self.on_event()
                 if self.live_to < key <= live_to:
                     live.plan(expected, [(stored.entry_id, stored.event)], self.grid)
                 if self.history_to < key <= history_to:
@@ -641,13 +634,16 @@ async def _live_checkpoints(redis: Any, shards: list[int]) -> dict[int, Key]:
 
 
 class _Verifier:
-    def __init__(self, redis: Any, conn: psycopg.AsyncConnection[Any], scope: _Scope, final_order_ttl_s: int) -> None:
+    def __init__(
+        self, redis: Any, conn: psycopg.AsyncConnection[Any] | None, scope: _Scope, final_order_ttl_s: int
+    ) -> None:
         self.redis = redis
         self.conn = conn
         self.scope = scope
         self.expected = ExpectedLive()
         self.replays = {shard: _Replay(shard) for shard in scope.shards}
         self.ttl_ms = final_order_ttl_s * 1000
+        self.recorded: Operation | None = None  # what ``repair`` recorded in ledger:ops
 
     async def advance(self, live_to: dict[int, Key], history_to: dict[int, Key] | None = None) -> None:
         for shard, replay in self.replays.items():
@@ -678,13 +674,13 @@ class _Verifier:
             diffs = await compare.differences(self.redis, {d.key: found[d.key] for d in diffs})
         return diffs, checkpoints
 
-    async def repair(self, diffs: list[Difference]) -> int:
-        """Rewrite the differing live keys under the projection's leases (see the module doc)."""
-        holder = f"ledger-verify-repair:{socket.gethostname()}:{secrets.token_hex(4)}"
+    async def repair(
+        self, diffs: list[Difference], action: str = "repair", reason: str = "ledger verify --repair"
+    ) -> int:
+        """Rewrite the differing live keys under the projection's leases (see the module doc);
+        record ``action`` in ``ledger:ops``. Return how many differences were rewritten."""
         leases = [ShardKeys(shard).lease(live.GROUP) for shard in self.scope.shards]
-        for lease in leases:
-            await self.redis.set(lease, holder, px=REPAIR_LEASE_MS)
-        try:
+        async with paused(self.redis, leases, f"ledger-{action}"):
             frozen = await _live_checkpoints(self.redis, self.scope.shards)
             await self.advance(frozen)
             compare = self.comparison()
@@ -694,20 +690,17 @@ class _Verifier:
             for diff in now_diffs:
                 pipe.execute_command("EVAL", _REPAIR, 2, diff.key, keys.fence(diff.key), *self._repair_args(diff))
             await pipe.execute()
-            await record_operation(
+            self.recorded = await record_operation(
                 self.redis,
-                "repair",
+                action,
                 ",".join(ShardKeys(shard).checkpoint for shard in self.scope.shards),
-                "ledger verify --repair",
+                reason,
                 {
                     "differences": [d.as_dict() for d in now_diffs],
                     "checkpoints": {str(s): _id(c) for s, c in frozen.items()},
                 },
             )
             return len(now_diffs)
-        finally:
-            for lease in leases:
-                await self.redis.eval(_RELEASE, 1, lease, holder)
 
     def _repair_args(self, diff: Difference) -> list[str]:
         """The ``_REPAIR`` arguments that give a key (a member, a field) its expected value, its

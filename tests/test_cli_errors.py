@@ -95,7 +95,7 @@ def closed_port() -> int:
             ["nope"],
             "ledger: argument command: invalid choice: 'nope' (choose from 'serve', 'submit', 'status', "
             "'positions', 'orders', 'mark', 'history', 'replay', 'export', 'dead', 'verify', 'checkpoint', 'trim', "
-            "'demo') "
+            "'rebuild', 'demo') "
             "(see `ledger --help`)",
         ),  # fmt: skip
     ],
