@@ -56,6 +56,8 @@ from consumers.runner import ConsumerSettings, Entry, LeaseLost, StreamConsumer
 from ledger import keys, wire
 from ledger.config import Settings
 from ledger.enums import PositionStatus
+from ledger.evolution import apply, position_from_event
+from ledger.mapping import ORDER, POSITION, order_changes
 from ledger.redis_conn import entry_order, text
 from ledger.state import StateError
 from ledger.values import now_ms
@@ -149,87 +151,19 @@ return 1
 )
 
 
-def _hash_value(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"), sort_keys=True)
-    return str(value)
-
-
 def position_hash(event: wire.PositionEvent) -> dict[str, str]:
-    """The live hash of an open position after ``event``."""
-    fields = {
-        "id": event.stream,
-        "user_id": event.user_id,
-        "exchange": event.exchange,
-        "symbol": event.symbol,
-        "side": event.side,
-        "size": event.size,
-        "entry_price": event.entry_price,
-        "leverage": event.leverage,
-        "realized_pnl": event.realized_pnl,
-        "pnl": event.realized_pnl,
-        "gross_pnl": event.gross_pnl,
-        "fees": event.fees,
-        "other_fees": event.other_fees,
-        "exit_price": event.exit_price,
-        "status": event.status,
-        "stop_loss": event.stop_loss,
-        "take_profit": event.take_profit,
-        "excess_qty": event.excess_qty,
-        "metadata": event.metadata,
-        "created_at": event.created_at,
-        "updated_at": event.updated_at,
-        "version": event.version,
-    }
-    return {name: _hash_value(value) for name, value in fields.items()}
+    """The live hash of an open position after ``event`` (``ledger.mapping.POSITION``)."""
+    return POSITION.to_live(POSITION.values(position_from_event(event)))
 
 
 def order_hash(event: wire.OrderPlaced) -> dict[str, str]:
-    """The live hash of an order when it is placed."""
-    fields = {
-        "id": event.stream,
-        "user_id": event.user_id,
-        "exchange": event.exchange,
-        "symbol": event.symbol,
-        "side": event.side,
-        "order_type": event.order_type,
-        "quantity": event.quantity,
-        "price": event.price,
-        "trigger_price": event.trigger_price,
-        "filled_qty": "0",
-        "avg_fill_price": None,
-        "fill_basis": "0",
-        "status": event.status,
-        "exchange_order_id": None,
-        "client_order_id": event.client_order_id,
-        "position_side": event.position_side,
-        "position_id": event.position_id,
-        "reduce_only": event.reduce_only,
-        "leverage": event.leverage,
-        "grid_level": event.grid_level,
-        "reject_reason": None,
-        "metadata": event.metadata,
-        "created_at": event.ts,
-        "updated_at": event.ts,
-        "version": event.version,
-    }
-    return {name: _hash_value(value) for name, value in fields.items()}
+    """The live hash of an order when it is placed (``ledger.mapping.ORDER``)."""
+    return ORDER.to_live(ORDER.values(apply(None, event)))
 
 
 def order_update(event: wire.OrderChange) -> dict[str, str]:
     """The fields of an order hash that a later order event sets."""
-    fields: dict[str, Any] = {"status": event.status, "updated_at": event.ts, "version": event.version}
-    if isinstance(event, wire.OrderAccepted):
-        fields["exchange_order_id"] = event.exchange_order_id
-    elif isinstance(event, wire.OrderRejected):
-        fields["reject_reason"] = event.reason
-    elif isinstance(event, wire.OrderFilled):
-        fields.update(filled_qty=event.filled_qty, avg_fill_price=event.avg_fill_price, fill_basis=event.fill_basis)
-    return {name: _hash_value(value) for name, value in fields.items()}
+    return ORDER.to_live(order_changes(event))
 
 
 def _pairs(fields: dict[str, str]) -> list[str]:

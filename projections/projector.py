@@ -76,8 +76,9 @@ from ledger.chain import chain_fields
 from ledger.config import Settings
 from ledger.decider import Requirements
 from ledger.eventstore import EventStore
-from ledger.evolution import apply
+from ledger.evolution import apply, position_from_event
 from ledger.keys import ShardKeys
+from ledger.mapping import ORDER, POSITION
 from ledger.redis_conn import entry_order, text
 from ledger.schema import apply_schema
 from ledger.state import Book, OrderState
@@ -121,7 +122,10 @@ VENUE_ID_CONSTRAINT = "orders_exchange_order_id_key"
 GAP_TYPE_LENGTH = 64  # projector_gaps.type
 GAP_CODE_LENGTH = 32  # projector_gaps.code
 
-_SQL = load_queries("projector.sql")
+# The upserts' column lists are put in from each aggregate's one declaration (ledger.mapping).
+_SQL = {**load_queries("projector.sql")}
+_SQL["upsert_position"] = POSITION.sql(_SQL["upsert_position"])
+_SQL["upsert_order"] = ORDER.sql(_SQL["upsert_order"])
 _POSITION_FINAL = (wire.PositionClosed, wire.PositionLiquidated)
 
 log = structlog.get_logger("ledger.projector")
@@ -137,10 +141,6 @@ def lease_key(shard: int) -> str:
 
 def _entry_id(key: tuple[int, int]) -> str:
     return f"{key[0]}-{key[1]}"
-
-
-def _dec(value: str | None) -> Decimal | None:
-    return None if value is None else Decimal(value)
 
 
 class _Envelope(msgspec.Struct):
@@ -293,70 +293,15 @@ def _fill_row(event: wire.OrderFilled) -> dict[str, Any]:
 
 
 def _position_row(event: wire.PositionEvent) -> dict[str, Any]:
-    metadata = {
-        **event.metadata,
-        "other_fees": dict(event.other_fees),
-        "stop_loss": event.stop_loss,
-        "take_profit": event.take_profit,
-        "excess_qty": event.excess_qty,
-    }
-    return {
-        "id": event.stream,
-        "user_id": event.user_id,
-        "exchange": str(event.exchange),
-        "symbol": event.symbol,
-        "side": str(event.side),
-        "size": Decimal(event.entry_qty),  # the total quantity opened over the position's life
-        "entry_price": Decimal(event.entry_price),
-        "exit_price": _dec(event.exit_price),
-        "leverage": event.leverage,
-        "realized_pnl": Decimal(event.realized_pnl),
-        "gross_pnl": Decimal(event.gross_pnl),
-        "unrealized_pnl": Decimal(0),
-        "fees": Decimal(event.fees),
-        "status": str(event.status),
-        "close_reason": event.close_reason,
-        "version": event.version,
-        "metadata": Jsonb(metadata),
-        "created_at": ms_to_datetime(event.created_at),
-        "updated_at": ms_to_datetime(event.updated_at),
-        "closed_at": ms_to_datetime(event.closed_at) if event.closed_at is not None else None,
-    }
+    """The history row of the position an event leaves (``ledger.mapping.POSITION``)."""
+    row = POSITION.to_row(POSITION.values(position_from_event(event)))
+    return {**row, "metadata": Jsonb(row["metadata"])}
 
 
 def _order_row(order: OrderState) -> dict[str, Any]:
-    metadata = dict(order.metadata)
-    for name in ("leverage", "intent", "close_reason"):
-        if (value := getattr(order, name)) is not None:
-            metadata[name] = value
-    for name in ("stop_loss", "take_profit"):
-        if (value := getattr(order, name)) is not None:
-            metadata[name] = str(value)
-    return {
-        "id": order.id,
-        "user_id": order.user_id,
-        "exchange": str(order.exchange),
-        "symbol": order.symbol,
-        "side": str(order.side),
-        "order_type": str(order.order_type),
-        "quantity": order.quantity,
-        "price": order.price,
-        "trigger_price": order.trigger_price,
-        "filled_qty": order.filled_qty,
-        "avg_fill_price": order.avg_fill_price,
-        "status": str(order.status),
-        "exchange_order_id": order.exchange_order_id,
-        "client_order_id": order.client_order_id,
-        "position_id": order.position_id,
-        "position_side": str(order.position_side) if order.position_side else None,
-        "reduce_only": order.reduce_only,
-        "grid_level": order.grid_level,
-        "reject_reason": order.reject_reason,
-        "version": order.version,
-        "metadata": metadata,  # wrapped in Jsonb when written (conflicts may still add to it)
-        "created_at": ms_to_datetime(order.created_at),
-        "updated_at": ms_to_datetime(order.updated_at),
-    }
+    """The history row of an order (``ledger.mapping.ORDER``); ``metadata`` is a dict, wrapped
+    in Jsonb when written (conflicts may still add to it)."""
+    return ORDER.to_row(ORDER.values(order))
 
 
 @dataclass(slots=True)

@@ -60,73 +60,21 @@ ON CONFLICT DO NOTHING
 
 -- upsert_position --
 -- A closed or liquidated position, written whole; an older version never overwrites a newer.
-INSERT INTO positions AS p (
-    id, user_id, exchange, symbol, side, size, entry_price, exit_price, leverage,
-    realized_pnl, gross_pnl, unrealized_pnl, fees, status, close_reason, version, metadata,
-    created_at, updated_at, closed_at)
-VALUES (
-    %(id)s, %(user_id)s, %(exchange)s, %(symbol)s, %(side)s, %(size)s, %(entry_price)s,
-    %(exit_price)s, %(leverage)s, %(realized_pnl)s, %(gross_pnl)s, %(unrealized_pnl)s,
-    %(fees)s, %(status)s, %(close_reason)s, %(version)s, %(metadata)s, %(created_at)s,
-    %(updated_at)s, %(closed_at)s)
+-- {columns}, {values} and {updates} are put in from the position's one declaration
+-- (ledger/mapping.py): every column of the table.
+INSERT INTO positions AS p ({columns})
+VALUES ({values})
 ON CONFLICT (id) DO UPDATE SET
-    user_id = excluded.user_id,
-    exchange = excluded.exchange,
-    symbol = excluded.symbol,
-    side = excluded.side,
-    size = excluded.size,
-    entry_price = excluded.entry_price,
-    exit_price = excluded.exit_price,
-    leverage = excluded.leverage,
-    realized_pnl = excluded.realized_pnl,
-    gross_pnl = excluded.gross_pnl,
-    unrealized_pnl = excluded.unrealized_pnl,
-    fees = excluded.fees,
-    status = excluded.status,
-    close_reason = excluded.close_reason,
-    version = excluded.version,
-    metadata = excluded.metadata,
-    created_at = excluded.created_at,
-    updated_at = excluded.updated_at,
-    closed_at = excluded.closed_at
+    {updates}
 WHERE excluded.version >= p.version
 
 -- upsert_order --
 -- An order in a final status, written whole; an older version never overwrites a newer.
-INSERT INTO orders AS o (
-    id, user_id, exchange, symbol, side, order_type, quantity, price, trigger_price,
-    filled_qty, avg_fill_price, status, exchange_order_id, client_order_id, position_id,
-    position_side, reduce_only, grid_level, reject_reason, version, metadata, created_at,
-    updated_at)
-VALUES (
-    %(id)s, %(user_id)s, %(exchange)s, %(symbol)s, %(side)s, %(order_type)s, %(quantity)s,
-    %(price)s, %(trigger_price)s, %(filled_qty)s, %(avg_fill_price)s, %(status)s,
-    %(exchange_order_id)s, %(client_order_id)s, %(position_id)s, %(position_side)s,
-    %(reduce_only)s, %(grid_level)s, %(reject_reason)s, %(version)s, %(metadata)s,
-    %(created_at)s, %(updated_at)s)
+-- The column lists are put in from the order's one declaration (ledger/mapping.py).
+INSERT INTO orders AS o ({columns})
+VALUES ({values})
 ON CONFLICT (id) DO UPDATE SET
-    user_id = excluded.user_id,
-    exchange = excluded.exchange,
-    symbol = excluded.symbol,
-    side = excluded.side,
-    order_type = excluded.order_type,
-    quantity = excluded.quantity,
-    price = excluded.price,
-    trigger_price = excluded.trigger_price,
-    filled_qty = excluded.filled_qty,
-    avg_fill_price = excluded.avg_fill_price,
-    status = excluded.status,
-    exchange_order_id = excluded.exchange_order_id,
-    client_order_id = excluded.client_order_id,
-    position_id = excluded.position_id,
-    position_side = excluded.position_side,
-    reduce_only = excluded.reduce_only,
-    grid_level = excluded.grid_level,
-    reject_reason = excluded.reject_reason,
-    version = excluded.version,
-    metadata = excluded.metadata,
-    created_at = excluded.created_at,
-    updated_at = excluded.updated_at
+    {updates}
 WHERE excluded.version >= o.version
 
 -- order_events --
