@@ -209,6 +209,8 @@ class AggregateMapping:
     constants: Mapping[str, Any] = field(default_factory=dict)
     nested_none: bool = False
     _defaults: dict[str, Callable[[], Any]] = field(init=False, repr=False, compare=False)
+    _by_place: dict[In, tuple[Field, ...]] = field(init=False, repr=False, compare=False)
+    _required: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         declared = [f.name for f in self.fields]
@@ -223,11 +225,16 @@ class AggregateMapping:
             elif info.default is not msgspec.NODEFAULT:
                 defaults[info.name] = functools.partial(_identity, info.default)
         object.__setattr__(self, "_defaults", defaults)
+        # Computed once: flag arithmetic is slow, and the live projection maps every event.
+        places = (In.LIVE, In.SIX, In.ROW, In.META, In.MODEL, In.REQUIRED)
+        by_place = {place: tuple(f for f in self.fields if f.has(place)) for place in places}
+        object.__setattr__(self, "_by_place", by_place)
+        object.__setattr__(self, "_required", frozenset(f.name for f in by_place[In.REQUIRED]))
 
     # ------------------------------------------------------------- declared facts
 
     def _where(self, where: In) -> tuple[Field, ...]:
-        return tuple(f for f in self.fields if f.has(where))
+        return self._by_place[where]
 
     @property
     def live_fields(self) -> tuple[str, ...]:
@@ -275,7 +282,7 @@ class AggregateMapping:
         values: dict[str, Any] = {}
         for f in self._where(In.LIVE):
             name = f.live[0]
-            if f.has(In.REQUIRED):
+            if f.name in self._required:
                 values[f.name] = f.coder.parse(fields[name])
             else:
                 text = fields.get(name, "")
@@ -314,7 +321,7 @@ class AggregateMapping:
         """The values a history row holds (as read with ``select``'s columns)."""
         values: dict[str, Any] = {}
         for f in self._where(In.ROW):
-            value = row[f.col] if f.has(In.REQUIRED) else row.get(f.col)
+            value = row[f.col] if f.name in self._required else row.get(f.col)
             values[f.name] = self.default(f.name) if value is None else f.coder.unsql(value)
         metadata = dict(values["metadata"])
         for f in self._where(In.META):
