@@ -12,9 +12,11 @@ updates agree with the state the events fold into.
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -25,6 +27,7 @@ from hypothesis import strategies as st
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from ledger import mapping as mapping_module
 from ledger import wire
 from ledger.cli import ORDER_COLUMNS, POSITION_COLUMNS
 from ledger.enums import (
@@ -447,3 +450,20 @@ def test_a_final_order_comes_back_from_postgresql_as_its_state(
     assert {name: values[name] for name in ("intent", "close_reason", "stop_loss", "take_profit")} == {
         name: getattr(state, name) for name in ("intent", "close_reason", "stop_loss", "take_profit")
     }
+
+
+def test_the_mapping_is_pure() -> None:
+    """No Redis, PostgreSQL or asyncio: it moves into the domain package with the rest."""
+    source = Path(mapping_module.__file__).read_text(encoding="utf-8")
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module == "ledger":
+            imported |= {f"ledger.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    imported |= {name.split(".")[0] for name in imported}
+    assert not imported & {"redis", "psycopg", "psycopg_pool", "asyncio", "projections", "consumers"}
+    pure = {"ledger.wire", "ledger.enums", "ledger.state", "ledger.values"}
+    assert {m for m in imported if m.startswith("ledger.")} <= pure
