@@ -12,6 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Self
 
+import msgspec
 import structlog
 from pydantic import (
     BaseModel,
@@ -36,7 +37,6 @@ from ledger.enums import (
 from ledger.instruments import Instrument, instrument_for
 from ledger.mapping import ORDER, POSITION, AggregateMapping
 from ledger.redis_conn import text
-from ledger.state import OrderState, PositionState
 from ledger.values import (
     ValueRuleError,
     check_identifier,
@@ -157,6 +157,11 @@ class _Aggregate(_Model):
         return cls(**cls.MAPPING.model_kwargs(values), **extra)
 
     @classmethod
+    def from_state(cls, state: msgspec.Struct, **extra: Any) -> Self:
+        """From the state the decider holds (``ledger.state``)."""
+        return cls._of(cls.MAPPING.values(state), **extra)
+
+    @classmethod
     def from_live(cls, fields: Mapping[str, str], **extra: Any) -> Self:
         """From its live hash (CONTRACT §6; decoded to text). ``KeyError`` or ``ValueError``
         when the hash is not a ledger hash."""
@@ -233,10 +238,6 @@ class Position(_Aggregate):
     updated_at: Timestamp | None = None
     closed_at: Timestamp | None = None
     version: int = 0
-
-    @classmethod
-    def from_state(cls, state: PositionState, **extra: Any) -> Self:
-        return cls._of(POSITION.values(state), **extra)
 
     @field_validator("size")
     @classmethod
@@ -344,10 +345,6 @@ class Order(_Aggregate):
     created_at: Timestamp | None = None
     updated_at: Timestamp | None = None
     version: int = 0
-
-    @classmethod
-    def from_state(cls, state: OrderState, **extra: Any) -> Self:
-        return cls._of(ORDER.values(state), **extra)
 
     @model_validator(mode="after")
     def _average(self) -> Self:
