@@ -6,7 +6,8 @@
 #   make test-slow the slow tests `make test` skips (export of 1,000,000 events in bounded memory)
 #   make demo      run `ledger demo`
 #   make lint      ruff + mypy
-#   make bench     run the benchmarks (if any)
+#   make bench     run the benchmark suite (benchmarks/, full sizes; writes benchmarks/results/latest.json)
+#   make bench-quick  the same, small sizes, under a minute (writes benchmarks/results/latest-quick.json)
 #   make clean     remove the venv, private servers' data and caches
 
 SHELL := /bin/bash
@@ -16,13 +17,14 @@ PYTHON ?= python3
 VENV := .venv
 VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 PYTEST_ARGS ?=
 
 # sudo only when not already root (CI runs as root and may not have sudo at all).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: install system-deps test test-fuzz test-slow demo lint bench clean
+.PHONY: install system-deps test test-fuzz test-slow demo lint bench bench-quick clean
 
 install: system-deps $(STAMP)
 
@@ -72,16 +74,21 @@ test-slow: install
 demo: install
 	$(VENV)/bin/ledger demo
 
-lint: install
-	$(VENV)/bin/ruff check ledger projections consumers tests
-	$(VENV)/bin/mypy ledger projections consumers
+lint: install $(BENCH_STAMP)
+	$(VENV)/bin/ruff check ledger projections consumers tests benchmarks
+	$(VENV)/bin/mypy ledger projections consumers benchmarks
 
-bench: install
-	@if [ -d benchmarks ]; then \
-		$(VENV_PY) -m benchmarks; \
-	else \
-		echo "no benchmarks yet (no benchmarks/ directory)"; \
-	fi
+# The benchmarks' own dependencies (the optional group `bench`: rich, eventsourcing, py-spy).
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(VENV_PY) -m pip install -q -e '.[dev,bench]'
+	@touch $@
+
+# Not tests: nothing here runs in `make test`; each scenario starts its own servers.
+bench: install $(BENCH_STAMP)
+	$(VENV_PY) -m benchmarks $(BENCH_ARGS)
+
+bench-quick: install $(BENCH_STAMP)
+	$(VENV_PY) -m benchmarks --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .ledger .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
