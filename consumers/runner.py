@@ -65,6 +65,7 @@ import structlog
 from redis import exceptions as redis_errors
 
 from consumers.deadletter import write_dead_letter
+from ledger.errors import HandlingSignal
 from ledger.keys import retries, tries
 from ledger.redis_conn import entry_order, text
 
@@ -116,7 +117,7 @@ return 1
 UNFINISHED = "the consumer handling it stopped before finishing (a crash, a kill or a timeout)"
 
 
-class LeaseLost(Exception):
+class LeaseLost(HandlingSignal):
     """A leased consumer found, in the atomic step of a batch, that it no longer holds its lease:
     the batch was not applied (or only where nothing newer was), and another consumer applies it.
     Retryable: the delivery's count is given back and the consumer stands by."""
@@ -143,7 +144,7 @@ Handler = Callable[[list[Entry]], Awaitable[None]]
 DeadLetterHook = Callable[[Entry, str, str], Awaitable[None]]
 
 
-class Undeliverable(Exception):
+class Undeliverable(HandlingSignal):
     """Raised by a handler for an entry that no retry can process: dead-letter it now."""
 
     def __init__(self, code: str, reason: str) -> None:

@@ -38,6 +38,7 @@ from ledger.enums import (
     OrderType,
     PositionSide,
 )
+from ledger.errors import LedgerError, OperationFailed
 from ledger.eventstore import EventStore, StoredEvent
 from ledger.models import Order, PnLInfo, Position
 from ledger.redis_conn import entry_order, recorded_shards, text
@@ -45,14 +46,12 @@ from ledger.values import check_identifier, format_decimal, parse_decimal
 from projections import queries
 from projections.log import read_log
 
+__all__ = ["CommandRejected", "LedgerClient", "LedgerError", "LedgerTimeout", "OrderManager", "PositionManager"]
+
 BLOCK_MS = 1000
 
 
-class LedgerError(RuntimeError):
-    """The ledger could not do what was asked; the message says why."""
-
-
-class CommandRejected(LedgerError):
+class CommandRejected(OperationFailed):
     def __init__(self, reply: dict[str, Any]) -> None:
         error = reply.get("error") or {}
         super().__init__(f"{reply.get('command_id')} rejected: {error.get('code')}: {error.get('message')}")
@@ -60,7 +59,7 @@ class CommandRejected(LedgerError):
         self.reply = reply
 
 
-class LedgerTimeout(LedgerError):
+class LedgerTimeout(OperationFailed):
     """No outcome within the timeout. Call the method again with the same ``command_id``: the
     ledger executes a command once, so the retry returns the first call's outcome."""
 
@@ -112,7 +111,7 @@ class LedgerClient:
         if self._shards is None:
             recorded = await recorded_shards(self.redis)
             if recorded is None:
-                raise LedgerError("no ledger in this Redis (ledger:meta has no shards): start `ledger serve`")
+                raise OperationFailed("no ledger in this Redis (ledger:meta has no shards): start `ledger serve`")
             self._shards = recorded
         return self._shards
 
@@ -188,7 +187,9 @@ class LedgerClient:
         async def watch() -> Settled:
             final: wire.OrderChange | None = None
             positions: list[wire.PositionEvent] = []
-            async for stored in EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS):
+            subscription = EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS)
+            while True:  # the subscription never ends: the timeout around it does
+                stored = await anext(subscription)
                 event = stored.event
                 if isinstance(event, wire.PositionEvent) and event.order_id == order_id:
                     positions.append(event)
@@ -199,7 +200,6 @@ class LedgerClient:
                 if final is not None and (settled := Settled(final, positions)).complete:
                     await self.wait_projected(shard, stored.entry_id)
                     return settled
-            raise AssertionError("unreachable")  # pragma: no cover
 
         try:
             return await asyncio.wait_for(watch(), self.timeout)
@@ -274,11 +274,11 @@ class PositionManager:
         order_id = reply["order_id"]
         settled = await self.client.wait_order_final(reply["shard"], order_id, reply["events"][-1]["id"])
         if settled.final.status is not OrderStatus.FILLED:
-            raise LedgerError(f"the entry order {order_id} ended {settled.final.status}")
+            raise OperationFailed(f"the entry order {order_id} ended {settled.final.status}")
         position_id = settled.position_id(side)
         position = await queries.get_position(self.redis, position_id) if position_id else None
         if position is None:
-            raise LedgerError(
+            raise OperationFailed(
                 f"the entry order {order_id} filled but no {side} position it changed is open "
                 f"(position {position_id}): see `ledger history {order_id}`"
             )
@@ -379,7 +379,7 @@ class OrderManager:
         )
         order = await queries.get_order(self.redis, reply["order_id"])
         if order is None:
-            raise LedgerError(f"order {reply['order_id']} is no longer in the live keys: see `ledger history`")
+            raise OperationFailed(f"order {reply['order_id']} is no longer in the live keys: see `ledger history`")
         return order
 
     async def get_order(self, order_id: str) -> Order | None:

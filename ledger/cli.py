@@ -18,17 +18,17 @@ from typing import Any, NoReturn, TypeVar
 import psycopg
 import redis.exceptions
 
-from ledger import keys, servers
+from ledger import keys, servers, wire
 from ledger.chain import parse_expect
 from ledger.config import Settings, whole_number
 from ledger.enums import Exchange, OrderStatus
+from ledger.errors import InvalidInput, LedgerError, OperationFailed
 from ledger.keys import ShardKeys, shard_of
 from ledger.logs import configure_logging
 from ledger.mapping import ORDER, POSITION
-from ledger.redis_conn import CONNECT_TIMEOUT_S, ShardCountMismatch, connect, recorded_shards, text
+from ledger.redis_conn import CONNECT_TIMEOUT_S, connect, recorded_shards, text
 from ledger.values import check_identifier, format_decimal, parse_decimal
 from projections import history
-from projections.log import LogError
 from projections.projector import open_gaps
 from projections.queries import marks, order_hashes, position_from_hash, position_hashes
 
@@ -42,11 +42,11 @@ LAG_PAGE = 1000
 NO_LEDGER = "no ledger in this Redis yet (ledger:meta has no shards): start `ledger serve`"
 
 
-class CliError(RuntimeError):
+class CliError(OperationFailed):
     """A failure to report on one line (exit status 1)."""
 
 
-class UsageError(ValueError):
+class UsageError(InvalidInput):
     """The command line asks for something impossible (exit status 2)."""
 
 
@@ -109,22 +109,31 @@ def _command_data(text_: str) -> dict[str, Any]:
     return data
 
 
+def _command(type_name: str, data: dict[str, Any]) -> wire.Command:
+    """``submit``'s command, checked by the handler's own wire rules: one it would dead-letter is
+    refused here (nothing is published)."""
+    try:
+        return wire.decode_command({"type": type_name, "data": wire.encode(data)})
+    except wire.WireError as exc:
+        raise UsageError(f"--data: {exc.message} ({exc.code}): fix the command; nothing was published") from None
+
+
 async def _submit(args: argparse.Namespace) -> int:
-    data = _command_data(args.data)
+    command = _command(args.type, _command_data(args.data))
     settings = _settings(args)
     redis = await _client(settings)
     try:
         recorded = await recorded_shards(redis)
         shards = settings.shards if recorded is None else recorded  # the count `serve` is about to record
-        shard_keys = ShardKeys(shard_of(data["user_id"], shards))
-        reply_key = shard_keys.reply(data["user_id"], data["command_id"])
-        await redis.xadd(shard_keys.commands, {"type": args.type, "data": json.dumps(data)})
+        shard_keys = ShardKeys(shard_of(command.user_id, shards))
+        reply_key = shard_keys.reply(command.user_id, command.command_id)
+        await redis.xadd(shard_keys.commands, wire.command_fields(command))
         reply = await _await_reply(redis, reply_key, args.wait)
     finally:
         await redis.aclose()
     if reply is None:
         raise CliError(
-            f"no reply within {args.wait:g} s (command_id {data['command_id']}): check that `ledger serve` runs, "
+            f"no reply within {args.wait:g} s (command_id {command.command_id}): check that `ledger serve` runs, "
             "then submit again with the same command_id (it is answered once)"
         )
     _print_json(reply)
@@ -446,7 +455,6 @@ async def _dead_retry(redis: Any, letter: Any, args: argparse.Namespace) -> int:
 async def _verify(args: argparse.Namespace) -> int:
     """``verify``: the live projection and the history compared with the log (exit 1 on any
     difference)."""
-    from projections.log import LogError
     from projections.verify import verify
 
     if args.chain:
@@ -459,8 +467,6 @@ async def _verify(args: argparse.Namespace) -> int:
         count, shards = await _chosen_shards(redis, args.shard)
         async with await _archive(settings) as conn:
             report = await verify(redis, conn, shards, count, repair=args.repair)
-    except LogError as exc:
-        raise CliError(str(exc)) from None
     finally:
         await redis.aclose()
     if args.json:
@@ -903,8 +909,8 @@ FAILURES: tuple[tuple[tuple[type[BaseException], ...], int, str, str], ...] = (
     ((psycopg.OperationalError,), EXIT_FAILURE, "PostgreSQL", _START_POSTGRES),
     ((psycopg.errors.UndefinedTable,), EXIT_FAILURE, "PostgreSQL", "start `ledger serve` once: it applies schema.sql"),
     ((psycopg.Error,), EXIT_FAILURE, "PostgreSQL", "check that the URL names the ledger's database"),
-    ((ValueError,), EXIT_USAGE, "", ""),
-    ((CliError, LogError, servers.ServerError, ShardCountMismatch, OSError), EXIT_FAILURE, "", ""),
+    ((InvalidInput, ValueError), EXIT_USAGE, "", ""),
+    ((LedgerError, OSError), EXIT_FAILURE, "", ""),
 )
 
 

@@ -14,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict
 from redis.connection import parse_url as parse_redis_url
 
 from ledger.enums import Exchange
+from ledger.errors import InvalidInput
 from ledger.servers import DEFAULT_DURABILITY, Durability
 from ledger.values import ValueRuleError, parse_decimal
 
@@ -37,7 +38,7 @@ WHOLE_NUMBERS: dict[str, tuple[str, str | None, int | None]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput):
     """A setting that cannot work; the message says what to change."""
 
 

@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from ledger.config import ConfigError, whole_number
+from ledger.errors import OperationFailed
 from ledger.keys import META
 
 # redis-py 8 defaults socket_timeout to 5 s, which breaks a blocking XREADGROUP of more than
@@ -45,7 +46,7 @@ def entry_order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class ShardCountMismatch(RuntimeError):
+class ShardCountMismatch(OperationFailed):
     pass
 
 

@@ -31,6 +31,8 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ledger.errors import OperationFailed
+
 __all__ = [
     "DEFAULT_DURABILITY",
     "Durability",
@@ -55,7 +57,7 @@ STOP_TIMEOUT = 15.0
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 
 
-class ServerError(RuntimeError):
+class ServerError(OperationFailed):
     """A local server could not be found, started or stopped; the message says what to do.
 
     The first line is the whole reason; a server log tail may follow on the next lines.

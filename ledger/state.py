@@ -20,12 +20,13 @@ from ledger.enums import (
     PositionSide,
     PositionStatus,
 )
+from ledger.errors import Inconsistent
 from ledger.values import exact
 
 ZERO = Decimal(0)
 
 
-class StateError(RuntimeError):
+class StateError(Inconsistent):
     """The log or the stored state contradicts itself (an event for an aggregate that does not
     exist, a snapshot missing for an event just decided): a bug or a damaged log, never bad input.
     Raised instead of ``assert``, which ``python -O`` removes."""

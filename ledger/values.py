@@ -23,6 +23,8 @@ from decimal import (
 )
 from typing import Any, ParamSpec, TypeVar
 
+from ledger.errors import InvalidInput
+
 
 @dataclass(frozen=True, slots=True)
 class TextRule:
@@ -105,7 +107,7 @@ def exact(function: Callable[_P, _R]) -> Callable[_P, _R]:
     return in_exact_context
 
 
-class ValueRuleError(ValueError):
+class ValueRuleError(InvalidInput):
     """A value broke a rule of CONTRACT §1; the message names the field and the rule."""
 
     def __init__(self, field: str, rule: str, value: object) -> None:

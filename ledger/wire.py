@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 
 from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide, PositionStatus
+from ledger.errors import InvalidInput
 from ledger.values import (
     MAX_TS_MS,
     MIN_TS_MS,
@@ -40,7 +41,7 @@ GridLevel = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
 Millis = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
 
 
-class WireError(ValueError):
+class WireError(InvalidInput):
     """An entry that is not a valid command or event. ``code`` says which rule it broke."""
 
     def __init__(

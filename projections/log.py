@@ -32,6 +32,7 @@ from redis.exceptions import ResponseError
 
 from ledger import servers, wire
 from ledger.config import Settings
+from ledger.errors import OperationFailed
 from ledger.eventstore import StoredEvent
 from ledger.keys import ShardKeys
 from ledger.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
@@ -48,7 +49,7 @@ log = structlog.get_logger("ledger.log")
 Key = tuple[int, int]
 
 
-class LogError(RuntimeError):
+class LogError(OperationFailed):
     """Part of a shard's log is in neither Redis nor the archive (or no archive can be read)."""
 
 

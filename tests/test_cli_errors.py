@@ -23,6 +23,15 @@ USER_RULE = RULES["user_id"].description
 START_REDIS = "start it (`ledger serve` starts a private one) or point --redis-url / LEDGER_REDIS_URL at a running one"
 START_POSTGRES = "start it or point --database-url / LEDGER_DATABASE_URL at a running one"
 SHARDS_RULE = f"must be a whole number from 1 to {MAX_SHARDS}"
+# A command the handler would accept: `submit` refuses any other before it connects.
+ORDER = {
+    "user_id": "u1",
+    "exchange": "okx",
+    "symbol": "BTC-USDT-SWAP",
+    "side": "buy",
+    "order_type": "market",
+    "quantity": "0.1",
+}
 
 
 def ledger(home: Path, *args: str, timeout: float = 60.0, **env: str) -> subprocess.CompletedProcess[str]:
@@ -81,6 +90,22 @@ def closed_port() -> int:
             f"ledger: --data: command_id: must be {RULES['command_id'].description} (got 'a b')",
         ),
         (["submit", "place_order", "--data", "[1]"], "ledger: --data: must be a JSON object"),
+        (
+            ["submit", "place_order", "--data", '{"user_id": "u1"}'],
+            "ledger: --data: place_order: Object missing required field `exchange` (MISSING_FIELD): "
+            "fix the command; nothing was published",
+        ),
+        (
+            ["submit", "place_order", "--data", json.dumps({**ORDER, "quantity": 0.1})],
+            "ledger: --data: place_order: Expected `str`, got `float` - at `$.quantity` (decimals are JSON "
+            'strings such as "0.1", never numbers) (INVALID_FIELD): fix the command; nothing was published',
+        ),
+        (
+            ["submit", "plcae_order", "--data", json.dumps(ORDER)],
+            "ledger: --data: unknown command type 'plcae_order'; known: cancel_order, close_position, "
+            "liquidate_position, open_position, order_accepted, order_cancelled, order_expired, order_rejected, "
+            "place_order, record_fill (UNKNOWN_TYPE): fix the command; nothing was published",
+        ),
         (
             ["serve", "--shards", "0"],
             f"ledger serve: argument --shards: LEDGER_SHARDS / --shards: {SHARDS_RULE} (got '0') "
@@ -167,7 +192,7 @@ async def test_a_bogus_recorded_shard_count_says_how_to_repair_it(tmp_path: Path
     with pytest.raises(ShardCountMismatch) as caught:
         await recorded_shards(redis)
     assert str(caught.value) == expected
-    for args in (["status"], ["serve", "--role", "handler"], ["submit", "x", "--data", '{"user_id": "u1"}']):
+    for args in (["status"], ["serve", "--role", "handler"], ["submit", "place_order", "--data", json.dumps(ORDER)]):
         assert one_line(ledger(tmp_path, *args, LEDGER_REDIS_URL=redis_url), 1) == f"ledger: {expected}"
     assert await redis.hgetall("ledger:meta") == {"shards": "0"}
 
@@ -184,7 +209,7 @@ async def test_a_bogus_recorded_shard_count_says_how_to_repair_it(tmp_path: Path
         ["positions", "--user", "u1", "--exchange", "okx"],
         ["orders", "--user", "u1"],
         ["mark", "okx", "BTC-USDT-SWAP", "45000"],
-        ["submit", "place_order", "--data", '{"user_id": "u1"}'],
+        ["submit", "place_order", "--data", json.dumps(ORDER)],
         ["serve", "--role", "handler"],
     ],
 )
@@ -222,7 +247,7 @@ def test_history_without_the_schema_says_to_apply_it(tmp_path: Path, empty_datab
 async def test_submit_without_a_reply_says_how_to_retry(tmp_path: Path, redis: Any, redis_url: str) -> None:
     """No handler runs: the wait ends after --wait (in short blocks, never the socket timeout)."""
     await ensure_shard_count(redis, 1)
-    data = json.dumps({"user_id": "u1", "command_id": "c-wait"})
+    data = json.dumps({**ORDER, "command_id": "c-wait"})
     result = ledger(tmp_path, "submit", "place_order", "--wait", "1.5", "--data", data, LEDGER_REDIS_URL=redis_url)
     assert one_line(result, 1) == (
         "ledger: no reply within 1.5 s (command_id c-wait): check that `ledger serve` runs, then submit again "
