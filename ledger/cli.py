@@ -601,6 +601,22 @@ def _print_listing(args: argparse.Namespace, rows: list[dict[str, Any]], columns
     return 0
 
 
+def cmd_markets(args: argparse.Namespace) -> int:
+    """``markets show`` (the bundled snapshot) and ``markets sync`` (refresh it from the venue)."""
+    from ledger.venues import exchanges, markets
+
+    exchange = Exchange(args.exchange)
+    if args.action == "sync":
+        print(exchanges.sync(exchange, output=args.output, base_url=args.base_url, symbols=args.symbol).summary())
+        return 0
+    found = markets.show(exchange, args.symbol)
+    if args.json:
+        _print_json([market.as_dict() for market in found])
+    else:
+        print(_table([market.row() for market in found], markets.TABLE_COLUMNS) if found else "no markets")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ledger.demo import run_demo
 
@@ -793,6 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _dead_parser(commands)
 
+    _markets_parser(commands)
+
     _verify_parser(commands)
 
     checkpoint = commands.add_parser(
@@ -866,6 +884,25 @@ def _verify_parser(commands: Any) -> None:
         help="with --chain: a checkpoint SHARD:N:HASH (from `ledger checkpoint`) that must still hold (repeatable)",
     )
     verify.set_defaults(func=lambda a: asyncio.run(_verify(a)))
+
+
+def _markets_parser(commands: Any) -> None:
+    from ledger.venues.exchanges import check_base_url
+
+    markets = commands.add_parser("markets", help="the exchanges' markets (ccxt): the bundled snapshot, and sync")
+    actions = markets.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="markets of the snapshot, or the one a unified symbol or native id names")
+    sync = actions.add_parser("sync", help="load the markets from the venue (ccxt load_markets), rewrite the snapshot")
+    for parser in (show, sync):
+        parser.add_argument("exchange", choices=[e.value for e in Exchange])
+    show.add_argument("symbol", nargs="?", type=SYMBOL, help="a unified symbol or native id (default: every market)")
+    show.add_argument("--json", action="store_true", help="print a JSON array")
+    sync.add_argument("--output", type=Path, help="write here (default: the bundled snapshot)")
+    sync.add_argument("--symbol", type=SYMBOL, action="append", default=[], help="also keep this market (repeatable)")
+    sync.add_argument(
+        "--base-url", type=_option(check_base_url, "base URL"), help="the venue's REST host (a testnet, a stand-in)"
+    )
+    markets.set_defaults(func=cmd_markets)
 
 
 def _dead_parser(commands: Any) -> None:

@@ -1,7 +1,11 @@
 """What a symbol trades: spot, linear or inverse contract, its settlement currency and size.
 
-The ledger keeps symbols as the strategy sent them (CONTRACT §1), so the kind is read from the
-symbol's shape:
+The ledger keeps symbols as the strategy sent them (CONTRACT §1). A symbol that names a market
+of the exchange's market data (unified symbol or native id, any case) takes its kind, settlement
+currency and contract size from that market. The data is an input: ``instrument_for`` takes an
+``InstrumentTable``; without one it uses the exchange layer's table of the bundled snapshot
+(``ledger.venues.markets.instrument_table``: JSON read once, no ccxt). Any other symbol is
+classified by its shape, as before market data existed:
 
 * ccxt unified: ``BTC/USDT`` spot, ``BTC/USDT:USDT`` linear, ``BTC/USD:BTC`` inverse (settle ==
   base), with an optional expiry suffix ``-251226``.
@@ -16,13 +20,17 @@ Anything else is treated as a linear contract whose settlement currency is unkno
 without ``fee_currency`` count as settlement fees, fees in a named currency are kept apart.
 
 Inverse contracts count quantity in contracts. ``contract_value`` is the contract's face value in
-the quote currency (OKX and Binance: 100 USD for BTC, 10 USD for the others); a venue adapter with
-market data can give the exact value.
+the quote currency: the market's contract size when the market is known, else 100 USD for BTC and
+10 USD for the others (OKX's and Binance's values); 1 for spot and linear, whose quantities are
+base units. ``contract_size`` is the market's contract size as ccxt gives it (linear: base units
+per contract, for the exchange layer's conversion; inverse: the face value; 1 when unknown).
+``market`` is the canonical (ccxt unified) symbol of a known market, None otherwise.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -41,6 +49,8 @@ class Instrument:
     quote: str
     settle: str
     contract_value: Decimal = Decimal(1)
+    contract_size: Decimal = Decimal(1)
+    market: str | None = None
 
     @property
     def is_inverse(self) -> bool:
@@ -50,7 +60,7 @@ class Instrument:
 def _derivative(base: str, quote: str, settle: str) -> Instrument:
     if settle == base:
         face = _INVERSE_FACE_VALUE.get(base, _DEFAULT_INVERSE_FACE_VALUE)
-        return Instrument(InstrumentKind.INVERSE, base, quote, settle, face)
+        return Instrument(InstrumentKind.INVERSE, base, quote, settle, face, face)
     return Instrument(InstrumentKind.LINEAR, base, quote, settle)
 
 
@@ -88,8 +98,25 @@ def _joined(symbol: str) -> Instrument:
     return Instrument(InstrumentKind.LINEAR, symbol, "", "")
 
 
-def instrument_for(exchange: Exchange, symbol: str) -> Instrument:
-    """Classify a (validated) symbol of an exchange. Pure; never raises for a valid symbol."""
+# Instrument data by (exchange, spelling in upper case): what market data says each name trades.
+InstrumentTable = Mapping[tuple[Exchange, str], Instrument]
+
+
+def _bundled_table() -> InstrumentTable:
+    from ledger.venues.markets import instrument_table  # the exchange layer imports this module
+
+    return instrument_table()
+
+
+def instrument_for(exchange: Exchange, symbol: str, table: InstrumentTable | None = None) -> Instrument:
+    """What a (validated) symbol of an exchange trades: the market's facts when ``table`` (default:
+    the bundled snapshot's) knows the symbol, else its shape. Never raises for a valid symbol."""
+    known = (_bundled_table() if table is None else table).get((exchange, symbol.upper()))
+    return known if known is not None else classify(exchange, symbol)
+
+
+def classify(exchange: Exchange, symbol: str) -> Instrument:
+    """What a symbol's shape says it trades (no market data). Pure."""
     upper = symbol.upper()
     if "/" in upper:
         return _unified(upper)

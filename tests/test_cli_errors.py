@@ -119,8 +119,8 @@ def closed_port() -> int:
         (
             ["nope"],
             "ledger: argument command: invalid choice: 'nope' (choose from 'serve', 'submit', 'status', "
-            "'positions', 'orders', 'mark', 'history', 'replay', 'export', 'dead', 'verify', 'checkpoint', 'trim', "
-            "'rebuild', 'demo') "
+            "'positions', 'orders', 'mark', 'history', 'replay', 'export', 'dead', 'markets', 'verify', 'checkpoint', "
+            "'trim', 'rebuild', 'demo') "
             "(see `ledger --help`)",
         ),  # fmt: skip
     ],
