@@ -9,7 +9,7 @@ states the decider saw, because events carry the resulting values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
@@ -19,8 +19,6 @@ import msgspec
 
 from ledger import arithmetic, wire
 from ledger.enums import (
-    FINAL_ORDER_STATUSES,
-    OPEN_ORDER_STATUSES,
     InstrumentKind,
     OrderSide,
     OrderStatus,
@@ -31,6 +29,7 @@ from ledger.enums import (
 from ledger.evolution import position_payload
 from ledger.instruments import Instrument, instrument_for
 from ledger.state import ZERO, Book, OrderState, PositionState, slot_field
+from ledger.transitions import LATE_FILL_STATUSES, Trigger, next_status, refusal
 from ledger.values import MAX_AMOUNT, ValueRuleError, exact, format_decimal, parse_decimal
 
 
@@ -216,9 +215,12 @@ def _owned_position(command: wire.Command, book: Book) -> PositionState:
     return position
 
 
-def _transition(order: OrderState, allowed: Iterable[OrderStatus], action: str) -> None:
-    if order.status not in allowed:
-        raise _Rejected(RejectCode.INVALID_TRANSITION, f"cannot {action} order {order.id}: it is {order.status}")
+def _transition(order: OrderState, trigger: Trigger) -> OrderStatus:
+    """The order's status after ``trigger`` (``ledger.transitions``); refused: INVALID_TRANSITION."""
+    status = next_status(order.status, trigger)
+    if status is None:
+        raise _Rejected(RejectCode.INVALID_TRANSITION, refusal(order.id, order.status, trigger))
+    return status
 
 
 def _check_order_shape(order_type: OrderType, price: Decimal | None, trigger: Decimal | None) -> None:
@@ -395,8 +397,8 @@ def _decide_close_position(command: wire.ClosePosition, book: Book, out: _Emitte
 
 def _decide_cancel(command: wire.CancelOrder, book: Book, out: _Emitter) -> tuple[str, str | None]:
     order = _owned_order(command, book)
-    _transition(order, OPEN_ORDER_STATUSES, "cancel")
-    out.emit(wire.OrderCancelRequested, order.id, order.version + 1, order.exchange, order.symbol)
+    status = _transition(order, Trigger.REQUEST_CANCEL)
+    out.emit(wire.OrderCancelRequested, order.id, order.version + 1, order.exchange, order.symbol, status=status)
     return order.id, _position_of(order, book)
 
 
@@ -411,10 +413,12 @@ def _decide_accepted(command: wire.OrderAcceptedCommand, book: Book, out: _Emitt
     # The venue's acknowledgement is a fact, whenever it arrives: after a cancel request, or after
     # a fill that already accepted the order implicitly (venues report those out of order), it
     # records the venue's order id and leaves the status as it is. Only once per order.
-    if order.exchange_order_id is not None or order.status not in OPEN_ORDER_STATUSES:
-        acknowledged = f"already acknowledged as {order.exchange_order_id}" if order.exchange_order_id else order.status
-        raise _Rejected(RejectCode.INVALID_TRANSITION, f"cannot accept order {order.id}: it is {acknowledged}")
-    status = OrderStatus.OPEN if order.status is OrderStatus.PENDING else order.status
+    if order.exchange_order_id is not None:
+        raise _Rejected(
+            RejectCode.INVALID_TRANSITION,
+            f"cannot accept order {order.id}: it is already acknowledged as {order.exchange_order_id}",
+        )
+    status = _transition(order, Trigger.ACCEPT)
     out.emit(
         wire.OrderAccepted,
         order.id,
@@ -429,7 +433,7 @@ def _decide_accepted(command: wire.OrderAcceptedCommand, book: Book, out: _Emitt
 
 def _decide_rejected(command: wire.OrderRejectedCommand, book: Book, out: _Emitter) -> tuple[str, str | None]:
     order = _owned_order(command, book)
-    _transition(order, (OrderStatus.PENDING, OrderStatus.PENDING_CANCEL), "reject")
+    status = _transition(order, Trigger.REJECT)
     if order.filled_qty > 0:
         raise _Rejected(RejectCode.INVALID_TRANSITION, f"cannot reject order {order.id}: it has fills")
     out.emit(
@@ -439,15 +443,16 @@ def _decide_rejected(command: wire.OrderRejectedCommand, book: Book, out: _Emitt
         order.exchange,
         order.symbol,
         reason=command.reason,
+        status=status,
     )
     return order.id, _position_of(order, book)
 
 
-def _final_transition(cls: type[wire.Event], action: str) -> Callable[..., tuple[str, str | None]]:
+def _final_transition(cls: type[wire.Event], trigger: Trigger) -> Callable[..., tuple[str, str | None]]:
     def decide_final(command: wire.Command, book: Book, out: _Emitter) -> tuple[str, str | None]:
         order = _owned_order(command, book)
-        _transition(order, OPEN_ORDER_STATUSES, action)
-        out.emit(cls, order.id, order.version + 1, order.exchange, order.symbol)
+        status = _transition(order, trigger)
+        out.emit(cls, order.id, order.version + 1, order.exchange, order.symbol, status=status)
         return order.id, _position_of(order, book)
 
     return decide_final
@@ -457,14 +462,9 @@ def _final_transition(cls: type[wire.Event], action: str) -> Callable[..., tuple
 
 
 def _fill_status(order: OrderState, filled: Decimal) -> tuple[OrderStatus, bool]:
-    """The order status after a fill, and whether the fill came after a final status."""
-    if order.status in FINAL_ORDER_STATUSES - {OrderStatus.FILLED}:
-        return order.status, True
-    if filled >= order.quantity:
-        return OrderStatus.FILLED, False
-    if order.status is OrderStatus.PENDING_CANCEL:
-        return order.status, False
-    return OrderStatus.PARTIALLY_FILLED, False
+    """The order status after a fill, and whether the fill came after a final status (late)."""
+    status = _transition(order, Trigger.FILL_ALL if filled >= order.quantity else Trigger.FILL)
+    return status, order.status in LATE_FILL_STATUSES
 
 
 def _decide_fill(command: wire.RecordFill, book: Book, out: _Emitter) -> tuple[str, str | None]:
@@ -704,8 +704,8 @@ _DECIDERS: dict[type[wire.Command], Callable[..., tuple[str | None, str | None]]
     wire.OrderAcceptedCommand: _decide_accepted,
     wire.OrderRejectedCommand: _decide_rejected,
     wire.RecordFill: _decide_fill,
-    wire.OrderCancelledCommand: _final_transition(wire.OrderCancelled, "confirm the cancel of"),
-    wire.OrderExpiredCommand: _final_transition(wire.OrderExpired, "expire"),
+    wire.OrderCancelledCommand: _final_transition(wire.OrderCancelled, Trigger.CONFIRM_CANCEL),
+    wire.OrderExpiredCommand: _final_transition(wire.OrderExpired, Trigger.EXPIRE),
     wire.OpenPosition: _decide_open_position,
     wire.ClosePosition: _decide_close_position,
     wire.LiquidatePosition: _decide_liquidation,

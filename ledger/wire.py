@@ -216,7 +216,8 @@ class OrderPlaced(Event, tag="OrderPlaced", kw_only=True):
 
 
 class OrderChange(Event, kw_only=True):
-    """An order event after placement: it carries the order's resulting status."""
+    """An order event after placement: it carries the order's resulting status (the decider
+    takes it from ``ledger.transitions``)."""
 
     status: OrderStatus
 
@@ -227,7 +228,6 @@ class OrderAccepted(OrderChange, tag="OrderAccepted", kw_only=True):
 
 class OrderRejected(OrderChange, tag="OrderRejected", kw_only=True):
     reason: str
-    status: OrderStatus = OrderStatus.REJECTED
 
 
 class OrderFilled(OrderChange, tag="OrderFilled", kw_only=True):
@@ -241,7 +241,6 @@ class OrderFilled(OrderChange, tag="OrderFilled", kw_only=True):
     filled_qty: str
     avg_fill_price: str
     fill_basis: str
-    status: OrderStatus
     overfill: bool = False
     late: bool = False
     position_ids: list[str] = []
@@ -249,15 +248,15 @@ class OrderFilled(OrderChange, tag="OrderFilled", kw_only=True):
 
 
 class OrderCancelRequested(OrderChange, tag="OrderCancelRequested", kw_only=True):
-    status: OrderStatus = OrderStatus.PENDING_CANCEL
+    pass
 
 
 class OrderCancelled(OrderChange, tag="OrderCancelled", kw_only=True):
-    status: OrderStatus = OrderStatus.CANCELLED
+    pass
 
 
 class OrderExpired(OrderChange, tag="OrderExpired", kw_only=True):
-    status: OrderStatus = OrderStatus.EXPIRED
+    pass
 
 
 class PositionEvent(Event, kw_only=True):
