@@ -167,3 +167,17 @@ CREATE TABLE IF NOT EXISTS projector_gaps (
 ALTER TABLE ledger_events ADD COLUMN IF NOT EXISTS data_raw TEXT;
 ALTER TABLE ledger_events ADD COLUMN IF NOT EXISTS chain_n BIGINT;
 ALTER TABLE ledger_events ADD COLUMN IF NOT EXISTS chain_hash TEXT;
+
+-- ----------------------------------------------------------------------------- ledger_outcomes
+-- The first outcome (reply JSON, byte for byte as the append step stored it) of every command
+-- whose outcome was compacted in Redis (projections/compact.py): its field in
+-- `ledger:{s}:outcomes` then holds a small marker, and a duplicate of the command is answered
+-- from here by the command handler (CONTRACT §3: however long after).
+CREATE TABLE IF NOT EXISTS ledger_outcomes (
+    shard           INT             NOT NULL,
+    user_id         VARCHAR(64)     NOT NULL,
+    command_id      VARCHAR(64)     NOT NULL,
+    reply           TEXT            NOT NULL,
+    archived_at     TIMESTAMPTZ     NOT NULL DEFAULT now(),
+    PRIMARY KEY (shard, user_id, command_id)
+);

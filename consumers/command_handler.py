@@ -9,32 +9,50 @@ one, on freshly loaded state. Malformed entries are dead-lettered, with a reject
 their ``command_id`` and ``user_id`` can be read, once per entry: a redelivered entry (a batch
 retried entry by entry, a claimed entry) writes neither again. Any other failure of one entry
 is the runner's to isolate (it retries the entry alone and counts its tries).
+
+A duplicate of a command whose outcome was compacted (``projections.compact``: the reply moved to
+PostgreSQL's ``ledger_outcomes``, a marker left in Redis) is not answered in the batch: the append
+step records it in ``ledger:{s}:outcomes:waiting`` and the shard's ``OutcomeReader`` answers it
+from PostgreSQL, retrying with back-off while PostgreSQL is away. So commands keep flowing
+without PostgreSQL; only duplicates of compacted commands wait for it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import structlog
 
 from consumers.deadletter import Reply, write_dead_letter
-from consumers.runner import ConsumerSettings, Entry, StreamConsumer
+from consumers.runner import RETRYABLE, ConsumerSettings, Entry, StreamConsumer
 from ledger import wire
 from ledger.config import Settings
 from ledger.decider import Context, Decision, Rejection, Requirements, decide, requirements
-from ledger.eventstore import Append, EventStore
+from ledger.eventstore import Append, EventStore, outcome_marker
 from ledger.evolution import evolve
-from ledger.keys import outcome_field, shard_of
+from ledger.keys import outcome_field, outcome_ids, shard_of
+from ledger.redis_conn import CONNECT_TIMEOUT_S
+from ledger.servers import ServerError
 from ledger.state import Book, StateError
 from ledger.values import now_ms
+from projections.sql import load_queries
 
 GROUP = "ledger-handler"
 PREFETCH_WAVES = 3
 MAX_CONFLICT_RETRIES = 20
+# The OutcomeReader looks for waiting duplicates this often (it is also woken by its handler),
+# and backs off from the first delay, doubling up to the last, while PostgreSQL is away.
+OUTCOME_POLL_S = 1.0
+OUTCOME_BACKOFF_S = (0.5, 30.0)
+OUTCOME_QUERY_TIMEOUT_S = 10.0
+_SQL = load_queries("compact.sql")
 
 log = structlog.get_logger("ledger.handler")
 
@@ -57,11 +75,14 @@ class CommandHandler:
         *,
         clock: Callable[[], int] = now_ms,
         new_id: Callable[[], str] = new_uuid,
+        on_archived: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.shards = shards
         self.clock = clock
         self.new_id = new_id
+        # Called when a duplicate of a compacted command starts waiting (wakes its OutcomeReader).
+        self.on_archived = on_archived
 
     async def handle(self, entries: list[Entry]) -> None:
         commands: list[_Pending] = []
@@ -216,6 +237,10 @@ class CommandHandler:
         }
         if status == "duplicate":
             log.info("duplicate command, first outcome replayed", **fields)
+        elif status == "archived":
+            log.info("duplicate of a compacted command: its first outcome is read from PostgreSQL", **fields)
+            if self.on_archived is not None:
+                self.on_archived()
         elif append.reply.error is not None:
             log.info("command rejected", code=append.reply.error.code, reason=append.reply.error.message, **fields)
         else:
@@ -255,19 +280,117 @@ def _snapshots(append: Append, book: Book, events: Sequence[wire.Event], slots: 
     append.slots = {slot: book.slots[slot] for slot in slots}
 
 
-async def handler_role(redis: Any, settings: Settings) -> list[StreamConsumer]:
-    """``ledger serve`` role ``handler``: one command consumer per shard (more may run)."""
-    consumers = []
+class OutcomeReader:
+    """Answers the duplicates of compacted commands of one shard from PostgreSQL.
+
+    Each waiting duplicate (``ledger:{s}:outcomes:waiting``: outcome field -> marker) is answered
+    with the reply stored in ``ledger_outcomes``, byte for byte, once its digest matches the
+    marker, in one step that also stops its waiting (``EventStore.answer_waiting``). While
+    PostgreSQL is away, or no database is configured (``database_url`` raises ``ServerError``),
+    or a reply is missing or does not match, it logs what to do and tries again with back-off.
+    It connects only when a duplicate waits, so a ledger that never compacts never needs it.
+    """
+
+    def __init__(self, store: EventStore, database_url: Callable[[], str], *, poll_s: float = OUTCOME_POLL_S) -> None:
+        self.store = store
+        self.database_url = database_url
+        self.poll_s = poll_s
+        self.wake = asyncio.Event()
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.log = log.bind(shard=store.keys.shard)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = OUTCOME_BACKOFF_S[0]
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                try:
+                    left = await self.answer_once()
+                except (psycopg.OperationalError, ServerError, TimeoutError, *RETRYABLE) as exc:
+                    self.log.warning(
+                        "duplicates of compacted commands wait: PostgreSQL is away; retrying",
+                        error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
+                        retry_in_s=backoff,
+                    )
+                    await self._disconnect()
+                    left = -1
+                delay = self.poll_s if left == 0 else backoff
+                backoff = OUTCOME_BACKOFF_S[0] if left == 0 else min(backoff * 2, OUTCOME_BACKOFF_S[1])
+                waiters = [asyncio.ensure_future(stop.wait())]
+                if left == 0:  # a new duplicate ends the poll; a failing round waits its back-off out
+                    waiters.append(asyncio.ensure_future(self.wake.wait()))
+                _done, pending = await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+        finally:
+            await self._disconnect()
+
+    async def answer_once(self) -> int:
+        """Answer every waiting duplicate whose reply PostgreSQL gives; return how many are left."""
+        waiting = await self.store.waiting()
+        if not waiting:
+            return 0
+        ids = {field: outcome_ids(field) for field in waiting}
+        conn = await self._connection()
+        params = {
+            "shard": self.store.keys.shard,
+            "users": [user for user, _command in ids.values()],
+            "commands": [command for _user, command in ids.values()],
+        }
+        cur = await asyncio.wait_for(conn.execute(_SQL["outcome_get"], params), OUTCOME_QUERY_TIMEOUT_S)
+        replies = {(user, command): reply for user, command, reply in await cur.fetchall()}
+        left = 0
+        for field, marker in waiting.items():
+            user, command = ids[field]
+            reply = replies.get((user, command))
+            if reply is None or outcome_marker(reply.encode()) != marker:
+                left += 1
+                self.log.error(
+                    "duplicate of a compacted command unanswered: its reply is "
+                    + ("missing from" if reply is None else "altered in")
+                    + " ledger_outcomes; restore that row from a backup (it waits)",
+                    user_id=user,
+                    command_id=command,
+                    marker=marker,
+                )
+                continue
+            if await self.store.answer_waiting(field, marker, reply):
+                self.log.info("compacted outcome given from PostgreSQL", user_id=user, command_id=command)
+        return left
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.database_url(), autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
+            )
+        return self._conn
+
+    async def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
+
+
+async def handler_role(redis: Any, settings: Settings) -> list[StreamConsumer | OutcomeReader]:
+    """``ledger serve`` role ``handler``: one command consumer per shard (more may run), and one
+    ``OutcomeReader`` per shard, which reaches the ledger's PostgreSQL (the configured one, else
+    the private one of ``LEDGER_HOME``) only when a duplicate of a compacted command waits."""
+    from ledger.service import database_url
+
+    runnables: list[StreamConsumer | OutcomeReader] = []
     for shard in range(settings.shards):
         store = EventStore(redis, shard, reply_ttl_s=settings.reply_ttl_s)
-        consumers.append(
+        reader = OutcomeReader(store, lambda: database_url(settings, start=False))
+        runnables.append(
             StreamConsumer(
                 redis,
                 stream=store.keys.commands,
                 group=GROUP,
-                handler=CommandHandler(store, settings.shards).handle,
+                handler=CommandHandler(store, settings.shards, on_archived=reader.wake.set).handle,
                 dead_stream=store.keys.dead,
                 settings=ConsumerSettings.from_settings(settings),
             )
         )
-    return consumers
+        runnables.append(reader)
+    return runnables

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ledger import wire
-from ledger.keys import dead_index
+from ledger.keys import dead_index, waiting
 from ledger.redis_conn import text
 from ledger.values import now_ms
 
@@ -31,24 +31,29 @@ if TYPE_CHECKING:
 MAX_FIELDS = 1000
 
 # KEYS[1] dead stream, KEYS[2] dead index, then KEYS[3] source stream and KEYS[4] its try
-# counters (when ARGV[2], the group, is not empty: acknowledge), then the reply list and the
-# shard's outcomes hash (when ARGV[4], the reply, is not empty).
+# counters (when ARGV[2], the group, is not empty: acknowledge), then the reply list, the
+# shard's outcomes hash and its waiting duplicates (when ARGV[4], the reply, is not empty).
 # ARGV[1] index field, ARGV[2] group or '', ARGV[3] entry id, ARGV[4] reply or '', ARGV[5] reply
 # time-to-live in seconds, ARGV[6] the command's outcome field or '', ARGV[7..] the dead letter's
 # field/value pairs.
 # A command whose id already has an outcome keeps it: the reply written is that outcome (CONTRACT
-# §3: a repeated command_id gets the first outcome), so a malformed entry never overwrites it.
+# §3: a repeated command_id gets the first outcome), so a malformed entry never overwrites it;
+# a compacted outcome (a marker, '~...') is answered from PostgreSQL by the handler's OutcomeReader.
 # Returns 1 if this call wrote the dead letter, 0 if it was already there.
 _DEAD_LETTER_LUA = """
 local fresh = redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
 if fresh then
   redis.call('HSET', KEYS[2], ARGV[1], redis.call('XADD', KEYS[1], '*', unpack(ARGV, 7)))
   if ARGV[4] ~= '' then
-    local reply = KEYS[#KEYS - 1]
-    local body = redis.call('HGET', KEYS[#KEYS], ARGV[6]) or ARGV[4]
-    redis.call('DEL', reply)
-    redis.call('RPUSH', reply, body)
-    redis.call('EXPIRE', reply, ARGV[5])
+    local reply = KEYS[#KEYS - 2]
+    local body = redis.call('HGET', KEYS[#KEYS - 1], ARGV[6]) or ARGV[4]
+    if string.sub(body, 1, 1) == '~' then
+      redis.call('HSET', KEYS[#KEYS], ARGV[6], body)
+    else
+      redis.call('DEL', reply)
+      redis.call('RPUSH', reply, body)
+      redis.call('EXPIRE', reply, ARGV[5])
+    end
   end
 end
 if ARGV[2] ~= '' then
@@ -118,7 +123,7 @@ async def write_dead_letter(
     if ack_tries is not None:
         keys += [stream, ack_tries]
     if reply is not None:
-        keys += [reply.key, reply.outcomes_key]
+        keys += [reply.key, reply.outcomes_key, waiting(reply.outcomes_key)]
     args: list[Any] = [
         index_field(stream, group, entry_id),
         group if ack_tries is not None else "",

@@ -515,9 +515,10 @@ async def _verify_chain(args: argparse.Namespace) -> int:
 
 async def _trim(args: argparse.Namespace) -> int:
     """``trim``: remove from Redis the stream entries that are archived and processed by every
-    group (events) or answered (commands); nothing else, ever."""
+    group (events) or answered (commands), nothing else, ever; then compact the outcomes and final
+    snapshots that are archived and older than the retention (projections.compact)."""
     from ledger.operations import record_operation
-    from projections.trim import trim_shard
+    from projections.trim import retention_pass
 
     if args.retention_ms < 0:
         raise UsageError("--retention-ms: must be 0 or more milliseconds")
@@ -526,23 +527,18 @@ async def _trim(args: argparse.Namespace) -> int:
     try:
         _count, shards = await _chosen_shards(redis, args.shard)
         async with await _archive(settings) as conn:
-            done = [
-                t
-                for shard in shards
-                for t in await trim_shard(redis, conn, shard, retention_ms=args.retention_ms, dry_run=args.dry_run)
-            ]
-        rows = [
-            {"shard": t.shard, "stream": t.stream, "up_to": t.bound, "limited_by": t.limited_by, "removed": t.removed}
-            for t in done
-        ]
+            done = await retention_pass(redis, conn, shards, retention_ms=args.retention_ms, dry_run=args.dry_run)
+        detail = done.detail()
         if not args.dry_run:
-            await record_operation(redis, "trim", ",".join(str(s) for s in shards), args.reason, {"streams": rows})
+            await record_operation(redis, "trim", ",".join(str(s) for s in shards), args.reason, detail)
     finally:
         await redis.aclose()
     if args.json:
-        _print_json(rows)
+        _print_json(detail)
     else:
-        print(_table(rows, ["shard", "stream", "up_to", "limited_by", "removed"]))
+        print(_table(detail["streams"], ["shard", "stream", "up_to", "limited_by", "removed"]))
+        print()
+        print(_table(detail["compacted"], ["shard", "hash", "entries", "already", "eligible", "compacted"]))
     return 0
 
 
@@ -822,15 +818,17 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.set_defaults(func=lambda a: asyncio.run(_checkpoint(a)))
 
     trim = commands.add_parser(
-        "trim", help="remove from Redis the stream entries archived and processed by every group (never anything else)"
+        "trim",
+        help="remove from Redis the stream entries archived and processed by every group (never anything else) "
+        "and compact the outcomes and final snapshots archived and older than the retention",
     )
     _redis_flag(trim)
     trim.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL): proves what is archived")
     trim.add_argument("--shard", type=SHARD, help="only this shard (default: every shard)")
     trim.add_argument("--retention-ms", type=int, default=0, help="keep entries younger than this (default 0)")
-    trim.add_argument("--dry-run", action="store_true", help="print the bounds, remove nothing")
+    trim.add_argument("--dry-run", action="store_true", help="print what may go, change nothing")
     trim.add_argument("--reason", default="manual trim", help="recorded in the operations stream")
-    trim.add_argument("--json", action="store_true", help="print a JSON array")
+    trim.add_argument("--json", action="store_true", help="print a JSON object: streams, compacted")
     trim.set_defaults(func=lambda a: asyncio.run(_trim(a)))
 
     rebuild = commands.add_parser(

@@ -6,13 +6,17 @@ moved: ``ledger.chain``), the resulting snapshots of the aggregates they change,
 open-position slots, the user's new concurrency token, the command's outcome for deduplication
 and its reply (DEL + RPUSH + EXPIRE). It refuses with ``conflict`` when the user's token moved
 since the state was loaded (another handler got there first), and answers ``duplicate`` with the
-first outcome when the command was handled before, however long ago.
+first outcome when the command was handled before, however long ago. When that outcome was
+compacted (``projections.compact``: the reply moved to PostgreSQL, a marker left in Redis) it
+answers ``archived`` and records the duplicate in ``ledger:{s}:outcomes:waiting``; the handler's
+``OutcomeReader`` writes the reply from PostgreSQL with ``answer_waiting``.
 
 Loading state reads snapshots by id (HMGET), never the log.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,13 +28,32 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from ledger import wire
 from ledger.decider import Requirements
-from ledger.keys import ShardKeys, outcome_field
+from ledger.keys import ShardKeys, outcome_field, outcome_ids
 from ledger.redis_conn import text
 from ledger.state import Book, OrderState, PositionState
 
 log = structlog.get_logger("ledger.eventstore")
 APPEND_LUA = resources.files("ledger").joinpath("lua/append.lua").read_text()
 DEFAULT_REPLY_TTL_S = 600
+# What stays of a compacted outcome: this prefix (a reply is JSON and starts with "{"; the append
+# script tests the same character) and the first digits of the reply's SHA-1, which the reply
+# read back from PostgreSQL must match before it is given.
+MARKER_PREFIX = "~"
+MARKER_DIGITS = 20
+
+# KEYS[1] waiting duplicates, KEYS[2] reply list. ARGV[1] outcome field, ARGV[2] its marker,
+# ARGV[3] the reply, ARGV[4] reply TTL seconds. The reply is written (DEL + RPUSH + EXPIRE, as the
+# append step does) only while the duplicate still waits with that marker; returns 1 if written.
+_ANSWER_WAITING_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('DEL', KEYS[2])
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"""
 
 _order_decoder = msgspec.json.Decoder(OrderState)
 _position_decoder = msgspec.json.Decoder(PositionState)
@@ -62,8 +85,17 @@ class Append:
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:
-    status: Literal["ok", "duplicate", "conflict"]
-    reply: str
+    status: Literal["ok", "duplicate", "archived", "conflict"]
+    reply: str  # the reply; the marker when archived; the current token on a conflict
+
+
+def outcome_marker(reply: bytes) -> str:
+    """What a compacted outcome leaves in ``ledger:{s}:outcomes``."""
+    return MARKER_PREFIX + hashlib.sha1(reply, usedforsecurity=False).hexdigest()[:MARKER_DIGITS]
+
+
+def is_marker(outcome: bytes | str) -> bool:
+    return (outcome.decode() if isinstance(outcome, bytes) else outcome).startswith(MARKER_PREFIX)
 
 
 def reply_head(reply: wire.Reply) -> bytes:
@@ -139,6 +171,8 @@ class EventStore:
             keys.outcomes,
             keys.reply(append.user_id, append.command_id),
             keys.chain,
+            keys.waiting,
+            keys.eventless,
         ]
         args: list[Any] = [
             append.user_id,
@@ -182,6 +216,20 @@ class EventStore:
 
     async def append(self, append: Append) -> AppendResult:
         return (await self.append_many([append]))[0]
+
+    # ----------------------------------------------------------------- compacted outcomes
+
+    async def waiting(self, count: int = 500) -> dict[str, str]:
+        """Some duplicates waiting for a compacted outcome: outcome field -> marker."""
+        _cursor, found = await self.redis.hscan(self.keys.waiting, 0, count=count)
+        return {text(f) or "": text(m) or "" for f, m in found.items()}
+
+    async def answer_waiting(self, field: str, marker: str, reply: str) -> bool:
+        """Answer a waiting duplicate with its first reply (read from PostgreSQL), once."""
+        user_id, command_id = outcome_ids(field)
+        keys = [self.keys.waiting, self.keys.reply(user_id, command_id)]
+        written = await self.redis.eval(_ANSWER_WAITING_LUA, 2, *keys, field, marker, reply, self.reply_ttl_s)
+        return bool(written)
 
     # ----------------------------------------------------------------- reads
 

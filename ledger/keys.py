@@ -31,6 +31,27 @@ Internal keys of the operators' tools:
     ``reason`` and ``detail`` (JSON: what was acted on and what came of it). Written by
     ``ledger.operations.record_operation`` after the action; never trimmed by the ledger.
 
+Internal keys of the command handler and of compaction (``projections.compact``):
+
+``ledger:{s}:outcomes`` (hash, ``ShardKeys.outcomes``)
+    Every command outcome ever given, field ``user_id:command_id`` -> the reply JSON, written by
+    the append step (deduplication, CONTRACT §3). Once the command is archived and older than the
+    retention, compaction copies the reply to PostgreSQL (``ledger_outcomes``) and leaves a marker
+    ``~`` + 20 hex digits of the reply's SHA-1 (``ledger.eventstore.outcome_marker``) here.
+``ledger:{s}:outcomes:eventless`` (sorted set, ``ShardKeys.eventless``)
+    The outcomes without events (rejections), scored by when the append step recorded them (epoch
+    ms, Redis's clock): their age, which no event id gives. A member leaves when compacted.
+``ledger:{s}:outcomes:waiting`` (hash, ``ShardKeys.waiting``)
+    Duplicates of compacted commands waiting for their first reply from PostgreSQL: field
+    ``user_id:command_id`` -> the marker. Written by the append step (and a malformed duplicate's
+    dead letter) instead of the reply; the handler's ``OutcomeReader`` answers each from
+    ``ledger_outcomes`` and removes it in one step, retrying with back-off while PostgreSQL is away.
+``ledger:{s}:orders``, ``ledger:{s}:positions`` (hashes, ``ShardKeys.orders`` / ``positions``)
+    The snapshot (msgspec JSON of ``OrderState`` / ``PositionState``) of every aggregate, by id.
+    A final order or closed position archived and older than the retention is replaced by its
+    compact form (``projections.compact``): only what the decider reads, plus ``compacted`` (epoch
+    ms), which the state decoders ignore.
+
 Internal keys of the live projection (``projections.live``):
 
 ``ledger:{s}:projection`` (string, ``ShardKeys.checkpoint``)
@@ -78,6 +99,8 @@ class ShardKeys:
         "slots",
         "sequence",
         "outcomes",
+        "eventless",
+        "waiting",
         "checkpoint",
         "expiring",
         "chain",
@@ -97,6 +120,9 @@ class ShardKeys:
         self.sequence = f"{tag}:sequence"
         # Every command outcome ever given, by "user_id:command_id" (deduplication).
         self.outcomes = f"{tag}:outcomes"
+        # The age of outcomes without events, and duplicates of compacted commands being answered.
+        self.eventless = f"{tag}:outcomes:eventless"
+        self.waiting = waiting(self.outcomes)
         # The live projection's position in the event log.
         self.checkpoint = f"{tag}:projection"
         # What the live projection forgets later (expired final orders, old fence fields).
@@ -129,8 +155,21 @@ def retries(stream: str, group: str) -> str:
     return f"{stream}:retry:{group}"
 
 
+def waiting(outcomes: str) -> str:
+    """The duplicates waiting for a compacted outcome of an outcomes hash (same hash tag)."""
+    return f"{outcomes}:waiting"
+
+
 def outcome_field(user_id: str, command_id: str) -> str:
     return f"{user_id}:{command_id}"
+
+
+def outcome_ids(field: str) -> tuple[str, str]:
+    """The user and command ids of an outcome field (a user id has no ``:``, a command id may)."""
+    user_id, _sep, command_id = field.partition(":")
+    check_identifier("user_id", user_id)
+    check_identifier("command_id", command_id)
+    return user_id, command_id
 
 
 def marks(exchange: str) -> str:

@@ -12,8 +12,8 @@ if more is appended meanwhile.
 ``ledger trim`` runs it by hand; the ``retention`` role of ``serve`` (``Retention``) periodically,
 only when ``LEDGER_RETENTION_MS`` is set (CONTRACT §11: ``serve`` trims nothing unless configured).
 
-What stays in Redis per command after trimming (outcomes, order and position snapshots) is not
-compacted yet: see the README.
+What stays in Redis per command after trimming (outcomes, order and position snapshots) is
+compacted in the same pass, by ``ledger trim`` and by the role alike: ``projections.compact``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ledger.keys import ShardKeys
 from ledger.operations import record_operation
 from ledger.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
 from ledger.values import now_ms
+from projections.compact import Compaction, compact_shard
 from projections.projector import checkpoint as archived_up_to
 
 Key = tuple[int, int]
@@ -48,6 +49,15 @@ class StreamTrim:
     bound: str | None  # the last entry that may be removed; None: nothing may be removed
     limited_by: str  # what set the bound (a group, the archive, the retention, ...)
     removed: int  # 0 on a dry run
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "stream": self.stream,
+            "up_to": self.bound,
+            "limited_by": self.limited_by,
+            "removed": self.removed,
+        }
 
 
 def _key(entry_id: str) -> Key:
@@ -121,10 +131,42 @@ async def trim_shard(
     return done
 
 
+@dataclass(frozen=True, slots=True)
+class RetentionPass:
+    """What one pass of trimming and compacting did, over the shards it covered."""
+
+    trims: list[StreamTrim]
+    compactions: list[Compaction]
+
+    @property
+    def changed(self) -> bool:
+        return any(t.removed for t in self.trims) or any(c.compacted for c in self.compactions)
+
+    def detail(self) -> dict[str, Any]:
+        """The operation's detail in ``ledger:ops``: every stream trimmed and hash compacted."""
+        return {
+            "streams": [t.as_dict() for t in self.trims],
+            "compacted": [c.as_dict() for c in self.compactions],
+        }
+
+
+async def retention_pass(
+    redis: Any, conn: psycopg.AsyncConnection[Any], shards: list[int], *, retention_ms: int = 0, dry_run: bool = False
+) -> RetentionPass:
+    """Trim every shard's streams, then compact what it keeps per command (``projections.compact``)."""
+    trims: list[StreamTrim] = []
+    compactions: list[Compaction] = []
+    for shard in shards:
+        trims += await trim_shard(redis, conn, shard, retention_ms=retention_ms, dry_run=dry_run)
+        compactions += await compact_shard(redis, conn, shard, retention_ms=retention_ms, dry_run=dry_run)
+    return RetentionPass(trims, compactions)
+
+
 class Retention:
-    """``serve``'s periodic trim (role ``retention``, off unless ``LEDGER_RETENTION_MS`` is set):
-    every ``trim_interval_s``, every shard's streams down to their safe bounds, keeping entries
-    younger than ``retention_ms``. A server that is away only postpones the next pass."""
+    """``serve``'s periodic trim and compaction (role ``retention``, off unless
+    ``LEDGER_RETENTION_MS`` is set): every ``trim_interval_s``, every shard's streams down to their
+    safe bounds and what it keeps per command compacted, sparing what is younger than
+    ``retention_ms``. A server that is away only postpones the next pass."""
 
     def __init__(self, redis: Any, database_url: str, settings: Settings) -> None:
         if settings.retention_ms is None:
@@ -147,19 +189,20 @@ class Retention:
             except (psycopg.OperationalError, *RETRYABLE) as exc:
                 log.warning("retention pass postponed: a server is away", error=str(exc))
 
-    async def pass_once(self) -> list[StreamTrim]:
-        """One pass over every shard; what was removed is recorded in the operations stream."""
-        done: list[StreamTrim] = []
+    async def pass_once(self) -> RetentionPass:
+        """One pass over every shard; a pass that removed or compacted something is recorded in
+        the operations stream."""
         async with await psycopg.AsyncConnection.connect(
             self.database_url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
         ) as conn:
-            for shard in range(self.shards):
-                done += await trim_shard(self.redis, conn, shard, retention_ms=self.retention_ms)
-        removed = [t for t in done if t.removed]
-        if removed:
-            detail = {"streams": [{"stream": t.stream, "up_to": t.bound, "removed": t.removed} for t in removed]}
-            await record_operation(self.redis, "trim", "all shards", "retention", detail)
-            log.info("retention pass", removed=sum(t.removed for t in removed), streams=len(removed))
+            done = await retention_pass(self.redis, conn, list(range(self.shards)), retention_ms=self.retention_ms)
+        if done.changed:
+            await record_operation(self.redis, "trim", "all shards", "retention", done.detail())
+            log.info(
+                "retention pass",
+                removed=sum(t.removed for t in done.trims),
+                compacted=sum(c.compacted for c in done.compactions),
+            )
         return done
 
 

@@ -128,6 +128,13 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, int | None, str]]] = {
         "recorded_at": TS,
         "filled_at": ("timestamp with time zone", None, "YES"),
     },
+    "ledger_outcomes": {
+        "shard": ("integer", None, "NO"),
+        "user_id": vc(64),
+        "command_id": vc(64),
+        "reply": ("text", None, "NO"),
+        "archived_at": TS,
+    },
 }
 
 EXPECTED_INDEXES = {
@@ -147,6 +154,7 @@ EXPECTED_INDEXES = {
     ("ledger_events", "ledger_events_user_ts_idx"): "(user_id, ts)",
     ("projector_checkpoints", "projector_checkpoints_pkey"): "(projector, shard)",
     ("projector_gaps", "projector_gaps_pkey"): "(shard, entry_ms, entry_seq)",
+    ("ledger_outcomes", "ledger_outcomes_pkey"): "(shard, user_id, command_id)",
 }
 
 CATALOG_SNAPSHOT = """

@@ -112,7 +112,7 @@ async def test_ledger_trim_prints_the_bounds_and_records_the_operation(
 
     dry = _ledger(["trim", "--dry-run", "--json"], redis_url, database_url, tmp_path)
     assert dry.returncode == 0, dry.stderr
-    assert json.loads(dry.stdout)[0] == {
+    assert json.loads(dry.stdout)["streams"][0] == {
         "shard": 0,
         "stream": EVENTS,
         "up_to": ids[-1],
@@ -123,7 +123,7 @@ async def test_ledger_trim_prints_the_bounds_and_records_the_operation(
 
     done = _ledger(["trim", "--json", "--reason", "nightly"], redis_url, database_url, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert [row["removed"] for row in json.loads(done.stdout)] == [len(ids), rig.counter]
+    assert [row["removed"] for row in json.loads(done.stdout)["streams"]] == [len(ids), rig.counter]
     assert await log_entries(redis) == []
     ((_id, operation),) = await redis.xrange("ledger:ops")
     assert (operation["action"], operation["target"], operation["reason"]) == ("trim", "0", "nightly")
@@ -146,15 +146,15 @@ async def test_retention_is_off_unless_configured_and_trims_every_pass(redis: An
 
     done = await retention.pass_once()
 
-    assert [(t.stream, t.removed) for t in done] == [(EVENTS, len(ids)), (COMMANDS, rig.counter)]
+    assert [(t.stream, t.removed) for t in done.trims] == [(EVENTS, len(ids)), (COMMANDS, rig.counter)]
     assert await log_entries(redis) == []
     ((_id, operation),) = await redis.xrange("ledger:ops")
     assert (operation["action"], operation["reason"]) == ("trim", "retention")
-    assert await retention.pass_once() == [
+    assert (await retention.pass_once()).trims == [
         StreamTrim(0, EVENTS, ids[-1], "the PostgreSQL archive", 0),
-        StreamTrim(0, COMMANDS, done[1].bound, "group ledger-handler", 0),
+        StreamTrim(0, COMMANDS, done.trims[1].bound, "group ledger-handler", 0),
     ]
-    assert await redis.xlen("ledger:ops") == 1  # a pass that removes nothing records nothing
+    assert await redis.xlen("ledger:ops") == 1  # a pass that removes or compacts nothing records nothing
 
     stop = asyncio.Event()
     task = asyncio.create_task(retention.run(stop))

@@ -1,0 +1,25 @@
+-- Compaction of what Redis keeps per command (projections/compact.py) and the command handler's
+-- reads of compacted outcomes (consumers/command_handler.py OutcomeReader).
+
+-- outcome_insert --
+-- The first reply of a command, byte for byte; a row already there is the same reply (an
+-- outcome never changes), left as it is.
+INSERT INTO ledger_outcomes (shard, user_id, command_id, reply)
+VALUES (%(shard)s, %(user_id)s, %(command_id)s, %(reply)s)
+ON CONFLICT (shard, user_id, command_id) DO NOTHING
+
+-- outcome_get --
+-- The replies of some commands of a shard.
+SELECT o.user_id, o.command_id, o.reply
+  FROM ledger_outcomes o
+  JOIN unnest(%(users)s::text[], %(commands)s::text[]) AS w(user_id, command_id)
+    ON o.user_id = w.user_id AND o.command_id = w.command_id
+ WHERE o.shard = %(shard)s
+
+-- archived_versions --
+-- Per aggregate, how many of its events the archive holds and its last version: all of them
+-- are archived when both equal the version of its snapshot.
+SELECT aggregate_id::text, count(*), max(version)
+  FROM ledger_events
+ WHERE aggregate_id = ANY(%(ids)s::uuid[])
+ GROUP BY aggregate_id
