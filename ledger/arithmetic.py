@@ -12,9 +12,8 @@ from decimal import Decimal
 
 from ledger.enums import PositionSide
 from ledger.instruments import Instrument
-from ledger.values import MAX_AMOUNT, divide, exact
+from ledger.values import MAX_AMOUNT, ZERO, divide, exact
 
-ZERO = Decimal(0)
 HUNDRED = Decimal(100)
 
 

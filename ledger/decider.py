@@ -28,9 +28,9 @@ from ledger.enums import (
 )
 from ledger.evolution import position_payload
 from ledger.instruments import Instrument, instrument_for
-from ledger.state import ZERO, Book, OrderState, PositionState, slot_field
+from ledger.state import Book, OrderState, PositionState, slot_field
 from ledger.transitions import LATE_FILL_STATUSES, Trigger, next_status, refusal
-from ledger.values import MAX_AMOUNT, ValueRuleError, exact, format_decimal, parse_decimal
+from ledger.values import MAX_AMOUNT, ZERO, ValueRuleError, exact, format_decimal, parse_decimal
 
 
 class RejectCode(StrEnum):

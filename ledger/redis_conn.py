@@ -10,6 +10,7 @@ from redis.asyncio.cluster import RedisCluster
 from ledger.config import ConfigError, whole_number
 from ledger.errors import OperationFailed
 from ledger.keys import META
+from ledger.values import text as text  # the one bytes-to-text rule, pure; re-exported for the Redis edge
 
 # redis-py 8 defaults socket_timeout to 5 s, which breaks a blocking XREADGROUP of more than
 # 5 s. Consumers block for at most ~1 s, so reads get that plus a generous margin.
@@ -33,11 +34,6 @@ async def connect(url: str, *, decode_responses: bool = True) -> Any:
         return plain
     await plain.aclose()
     return RedisCluster.from_url(url, **options)
-
-
-def text(value: Any) -> Any:
-    """A reply value as ``str`` whether the client decodes responses or not."""
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:

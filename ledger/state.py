@@ -21,9 +21,7 @@ from ledger.enums import (
     PositionStatus,
 )
 from ledger.errors import Inconsistent
-from ledger.values import exact
-
-ZERO = Decimal(0)
+from ledger.values import ZERO, exact
 
 
 class StateError(Inconsistent):

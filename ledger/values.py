@@ -107,6 +107,15 @@ def exact(function: Callable[_P, _R]) -> Callable[_P, _R]:
     return in_exact_context
 
 
+ZERO = Decimal(0)
+
+
+def text(value: Any) -> Any:
+    """A value read from Redis as ``str`` whether the client decodes responses or not: bytes that
+    are not UTF-8 become lone surrogates, which encode back to the same bytes."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
 class ValueRuleError(InvalidInput):
     """A value broke a rule of CONTRACT §1; the message names the field and the rule."""
 
@@ -128,8 +137,8 @@ def parse_decimal(value: object, field: str, *, positive: bool = False) -> Decim
     """Parse a wire decimal string (never a float) into an exact Decimal: the one decimal rule.
 
     The string must fit PostgreSQL NUMERIC(38, 18) exactly (CONTRACT §7, §9): up to 20 integer
-    digits and 18 fraction digits, no exponent. A ``Decimal`` is normalized to its plain text
-    first, so it passes when its value fits.
+    digits and 18 fraction digits, no exponent ("1E+5" is refused). A ``Decimal`` is normalized
+    to its plain text first, so it passes when its value fits.
     """
     if isinstance(value, Decimal):
         if not value.is_finite():

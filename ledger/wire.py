@@ -23,6 +23,7 @@ from ledger.values import (
     ValueRuleError,
     check_identifier,
     check_json_object,
+    text,
 )
 
 Dec = Annotated[str, msgspec.Meta(pattern=RULES["decimal"].pattern)]
@@ -449,15 +450,6 @@ def _decode_typed(type_name: str, cls: Any, raw: bytes | str) -> Any:
     return value
 
 
-def _text(value: str | bytes | None) -> str | None:
-    if isinstance(value, bytes):
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            return None
-    return value
-
-
 def _readable_ids(raw: str | bytes | None) -> tuple[str | None, str | None]:
     """Best effort: the command_id and user_id of a broken command, if they are valid."""
     try:
@@ -477,7 +469,7 @@ def _readable_ids(raw: str | bytes | None) -> tuple[str | None, str | None]:
 
 def decode_command(fields: Mapping[Any, Any]) -> Command:
     """Decode a command stream entry ({type, data}); raise WireError on anything malformed."""
-    type_name = _text(fields.get("type", fields.get(b"type")))
+    type_name = text(fields.get("type", fields.get(b"type")))
     raw = fields.get("data", fields.get(b"data"))
     command_id, user_id = _readable_ids(raw)
 
@@ -503,7 +495,7 @@ class UnknownEventType(WireError):
 
 
 def decode_event(type_name: str | bytes, raw: bytes | str) -> Event:
-    name = _text(type_name) or ""
+    name = text(type_name) or ""
     cls = EVENT_TYPES.get(name)
     if cls is None:
         raise UnknownEventType("UNKNOWN_TYPE", f"unknown event type {name!r}")
