@@ -291,16 +291,25 @@ class OutcomeReader:
     It connects only when a duplicate waits, so a ledger that never compacts never needs it.
     """
 
-    def __init__(self, store: EventStore, database_url: Callable[[], str], *, poll_s: float = OUTCOME_POLL_S) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        database_url: Callable[[], str],
+        *,
+        poll_s: float = OUTCOME_POLL_S,
+        backoff_s: tuple[float, float] = OUTCOME_BACKOFF_S,
+    ) -> None:
         self.store = store
         self.database_url = database_url
         self.poll_s = poll_s
+        self.backoff_s = backoff_s
         self.wake = asyncio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self.log = log.bind(shard=store.keys.shard)
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = OUTCOME_BACKOFF_S[0]
+        first, most = self.backoff_s
+        backoff = first
         try:
             while not stop.is_set():
                 self.wake.clear()
@@ -315,7 +324,7 @@ class OutcomeReader:
                     await self._disconnect()
                     left = -1
                 delay = self.poll_s if left == 0 else backoff
-                backoff = OUTCOME_BACKOFF_S[0] if left == 0 else min(backoff * 2, OUTCOME_BACKOFF_S[1])
+                backoff = first if left == 0 else min(backoff * 2, most)
                 waiters = [asyncio.ensure_future(stop.wait())]
                 if left == 0:  # a new duplicate ends the poll; a failing round waits its back-off out
                     waiters.append(asyncio.ensure_future(self.wake.wait()))

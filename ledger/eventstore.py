@@ -219,9 +219,10 @@ class EventStore:
 
     # ----------------------------------------------------------------- compacted outcomes
 
-    async def waiting(self, count: int = 500) -> dict[str, str]:
-        """Some duplicates waiting for a compacted outcome: outcome field -> marker."""
-        _cursor, found = await self.redis.hscan(self.keys.waiting, 0, count=count)
+    async def waiting(self) -> dict[str, str]:
+        """The duplicates waiting for a compacted outcome: outcome field -> marker (a few: each
+        is answered as soon as PostgreSQL gives its reply)."""
+        found = await self.redis.hgetall(self.keys.waiting)
         return {text(f) or "": text(m) or "" for f, m in found.items()}
 
     async def answer_waiting(self, field: str, marker: str, reply: str) -> bool:
