@@ -1,0 +1,304 @@
+"""The consumer runner's contract (``consumers.runner.StreamConsumer``), run on a plain Redis and
+on a Redis Cluster.
+
+``RunnerContract`` holds what every consumer of the ledger relies on: delivery in log order and
+in batches, acknowledgement, tries counted in Redis (so they survive the process), one dead
+letter after ``max_deliveries`` failures, the operator's retry set, lease exclusivity with
+takeover, and ``LeaseLost`` giving a delivery back. It is not collected by itself; each backend
+subclasses it and says only how to get a client. Handlers here are plain functions that record
+what they were given: the runner is checked alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import pytest
+
+from consumers.runner import ConsumerSettings, Entry, LeaseLost, StreamConsumer, Undeliverable
+from ledger.values import now_ms
+
+STREAM, DEAD, LEASE, GROUP = "t:{r}:in", "t:{r}:dead", "t:{r}:lease", "g"
+TRIES, RETRIES, INDEX = f"{STREAM}:tries:{GROUP}", f"{STREAM}:retry:{GROUP}", f"{DEAD}:index"
+SETTINGS = ConsumerSettings(batch_size=2, block_ms=50, claim_idle_ms=300, max_deliveries=2)
+
+
+class Recorder:
+    """A handler recording each call's entries (their ``n`` field); raises what ``fail`` says."""
+
+    def __init__(self, fail: dict[str, BaseException] | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail = fail or {}
+
+    async def __call__(self, entries: list[Entry]) -> None:
+        self.calls.append([e.fields["n"] for e in entries])
+        for entry in entries:
+            error = self.fail.get(entry.fields["n"])
+            if error is not None:
+                raise error
+
+
+class RunnerContract:
+    """What ``StreamConsumer`` promises on any Redis. Subclasses provide ``client``."""
+
+    @pytest.fixture
+    def client(self) -> Any:
+        raise NotImplementedError
+
+    def consumer(self, client: Any, handler: Any, name: str, *, leased: bool = False) -> StreamConsumer:
+        return StreamConsumer(
+            client,
+            stream=STREAM,
+            group=GROUP,
+            handler=handler,
+            dead_stream=DEAD,
+            name=name,
+            settings=SETTINGS,
+            lease_key=LEASE if leased else None,
+        )
+
+    async def publish(self, client: Any, *names: str) -> list[str]:
+        return [await client.xadd(STREAM, {"n": n}) for n in names]
+
+    async def retry(self, client: Any, *entry_ids: str) -> None:
+        for _letter_id, letter in await client.xrange(DEAD):
+            await client.xdel(DEAD, _letter_id)
+            await client.hdel(INDEX, f"{STREAM}/{GROUP}/{letter['dead_entry_id']}")
+        await client.sadd(RETRIES, *entry_ids)
+
+    # ----------------------------------------------------------------- delivery and ack
+
+    async def test_burst_delivers_in_log_order_in_batches_and_acknowledges(self, client: Any) -> None:
+        handler = Recorder()
+        consumer = self.consumer(client, handler, "a")
+        await consumer.ensure_group()
+        ids = await self.publish(client, "1", "2", "3", "4", "5")
+
+        assert await consumer.burst() == 5
+
+        assert handler.calls == [["1", "2"], ["3", "4"], ["5"]]
+        assert await _pending(client) == 0
+        assert await client.exists(TRIES, DEAD) == 0
+        assert await consumer.burst() == 0  # nothing left: returns at once
+        assert handler.calls == [["1", "2"], ["3", "4"], ["5"]]
+        (group,) = await client.xinfo_groups(STREAM)
+        assert (group["last-delivered-id"], group["pending"]) == (ids[-1], 0)
+
+    # ----------------------------------------------------------------- failures
+
+    async def test_a_failing_entry_is_tried_alone_counted_in_redis_and_dead_lettered_once(self, client: Any) -> None:
+        handler = Recorder({"p": ValueError("no")})
+        first = self.consumer(client, handler, "a")
+        await first.ensure_group()
+        ids = await self.publish(client, "1", "p")
+
+        await first.step(block=False)  # the batch fails: each entry alone, counted; p fails (try 1)
+        assert handler.calls == [["1", "p"], ["1"], ["p"]]
+        assert await client.hgetall(TRIES) == {ids[1]: "1", f"{ids[1]}:error": "ValueError('no')"}
+
+        # The count lives in Redis: another process claims the entry and goes on counting.
+        await asyncio.sleep(SETTINGS.claim_idle_ms / 1000 + 0.05)
+        second = self.consumer(client, handler, "b")
+        await second.step(block=False)  # try 2
+        assert handler.calls[3:] == [["p"]]
+        assert await client.hgetall(TRIES) == {ids[1]: "2", f"{ids[1]}:error": "ValueError('no')"}
+        before = now_ms()
+        assert await second.burst() == 1  # 2 tries done: dead-lettered, not handled again
+        after = now_ms()
+
+        assert handler.calls == [["1", "p"], ["1"], ["p"], ["p"]]
+        ((letter_id, letter),) = await client.xrange(DEAD)
+        assert before <= int(letter.pop("dead_ts")) <= after
+        assert letter == {
+            "n": "p",
+            "dead_code": "DELIVERY_LIMIT",
+            "dead_reason": "failed deliveries: 2; last error: ValueError('no')",
+            "dead_stream": STREAM,
+            "dead_entry_id": ids[1],
+            "dead_group": GROUP,
+        }
+        assert await client.hgetall(INDEX) == {f"{STREAM}/{GROUP}/{ids[1]}": letter_id}
+        assert await _pending(client) == 0
+        assert await client.exists(TRIES) == 0
+        assert await second.burst() == 0
+        assert await client.xlen(DEAD) == 1
+
+    async def test_an_undeliverable_entry_is_dead_lettered_at_once_with_its_reason(self, client: Any) -> None:
+        handler = Recorder({"u": Undeliverable("UNDECODABLE", "data is not JSON")})
+        consumer = self.consumer(client, handler, "a")
+        await consumer.ensure_group()
+        ids = await self.publish(client, "u", "2")
+
+        assert await consumer.burst() == 2
+
+        assert handler.calls == [["u", "2"], ["u"], ["2"]]
+        ((_id, letter),) = await client.xrange(DEAD)
+        assert (letter["n"], letter["dead_code"], letter["dead_reason"], letter["dead_entry_id"]) == (
+            "u",
+            "UNDECODABLE",
+            "data is not JSON",
+            ids[0],
+        )
+        assert await _pending(client) == 0
+        assert await client.exists(TRIES) == 0
+
+    async def test_an_operator_retry_runs_the_entry_alone_with_fresh_tries(self, client: Any) -> None:
+        handler = Recorder({"p": ValueError("no")})
+        consumer = self.consumer(client, handler, "a")
+        await consumer.ensure_group()
+        (poison,) = await self.publish(client, "p")
+        await consumer.burst()
+        assert handler.calls == [["p"]] * 3  # the batch, then tries 1 and 2
+        handler.fail.clear()  # the bug is fixed
+        handler.calls.clear()
+        # The operator's retry (``ledger dead retry``): the dead letter and its index field go,
+        # the entry's id joins the retry set ("1-1": an id the stream no longer holds).
+        await self.retry(client, poison, "1-1")
+
+        assert await consumer.burst() == 1
+
+        assert handler.calls == [["p"]]
+        assert await client.exists(RETRIES, TRIES) == 0
+        assert await client.xlen(DEAD) == 0
+        assert await _pending(client) == 0
+
+        # Failing again, it is counted from zero and dead-lettered again after max tries.
+        handler.fail["p"] = ValueError("still")
+        await self.retry(client, poison)
+        for _ in range(SETTINGS.max_deliveries + 1):
+            consumer._next_retry = 0.0  # the retry set is read every block_ms
+            await consumer.step(block=False)
+        assert handler.calls == [["p"], ["p"], ["p"]]
+        assert await client.exists(RETRIES, TRIES) == 0
+        assert [(f["dead_entry_id"], f["dead_reason"]) for _i, f in await client.xrange(DEAD)] == [
+            (poison, "failed deliveries: 2; last error: ValueError('still')")
+        ]
+
+    async def test_a_server_outage_is_not_counted(self, client: Any) -> None:
+        handler = Recorder({"1": ConnectionError("server down")})
+        consumer = self.consumer(client, handler, "a")
+        await consumer.ensure_group()
+        await self.publish(client, "1")
+        for _ in range(SETTINGS.max_deliveries * 2):
+            with pytest.raises(ConnectionError):
+                await consumer.step(block=False)
+            assert await client.exists(TRIES) == 0
+        handler.fail.clear()
+
+        assert await consumer.burst() == 1
+
+        assert handler.calls == [["1"]] * 5
+        assert await client.exists(DEAD, TRIES) == 0
+        assert await _pending(client) == 0
+
+    # ----------------------------------------------------------------- the lease
+
+    async def test_only_the_lease_holder_reads_and_a_successor_adopts_its_pending_entries(self, client: Any) -> None:
+        stuck = asyncio.Event()
+
+        async def hang(entries: list[Entry]) -> None:
+            stuck.set()
+            await asyncio.Event().wait()
+
+        holder = self.consumer(client, hang, "holder", leased=True)
+        await holder.ensure_group()
+        ids = await self.publish(client, "1", "2", "3")
+        task = asyncio.create_task(holder.step(block=False))
+        await asyncio.wait_for(stuck.wait(), 5)
+        assert await client.get(LEASE) == "holder"
+        assert 0 < await client.pttl(LEASE) <= SETTINGS.claim_idle_ms
+
+        standby_handler = Recorder()
+        standby = self.consumer(client, standby_handler, "standby", leased=True)
+        assert await standby.burst() == 0  # the lease is held: it reads nothing
+        assert standby_handler.calls == []
+        task.cancel()  # the holder dies in the middle of its batch
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert {c["name"]: c["pending"] for c in await client.xinfo_consumers(STREAM, GROUP)}["holder"] == 2
+
+        await asyncio.sleep(SETTINGS.claim_idle_ms / 1000 + 0.05)  # the lease lapses
+        assert await standby.burst() == 3
+
+        assert await client.get(LEASE) == "standby"
+        # The two entries of the unfinished batch are handled alone (counted), then the rest.
+        assert standby_handler.calls == [["1"], ["2"], ["3"]]
+        assert await _pending(client) == 0
+        assert await client.exists(TRIES) == 0
+        assert [e["n"] for _i, e in await client.xrange(STREAM)] == ["1", "2", "3"]
+        assert ids == [i for i, _e in await client.xrange(STREAM)]
+
+    async def test_lease_lost_gives_the_delivery_back_to_the_new_holder(self, client: Any) -> None:
+        async def fenced(entries: list[Entry]) -> None:
+            # The handler's atomic step finds the lease taken (a pause outlived it): nothing written.
+            await client.set(LEASE, "successor", px=200)
+            raise LeaseLost(f"{LEASE} is held by 'successor', not by 'stale'")
+
+        stale = self.consumer(client, fenced, "stale", leased=True)
+        await stale.ensure_group()
+        (entry,) = await self.publish(client, "1")
+
+        with pytest.raises(LeaseLost):
+            await stale.step(block=False)
+
+        assert await client.exists(TRIES, DEAD) == 0  # not counted, not dead-lettered
+        assert await _pending(client) == 1
+        assert await stale.step(block=False) == 0  # it stands by while the successor holds the lease
+
+        await asyncio.sleep(0.25)  # the successor's lease lapses unused; a healthy consumer takes over
+        handler = Recorder()
+        heir = self.consumer(client, handler, "heir", leased=True)
+        assert await heir.burst() == 1
+        assert handler.calls == [["1"]]
+        assert await _pending(client) == 0
+        assert await client.exists(TRIES, DEAD) == 0
+        assert entry == (await client.xrange(STREAM))[0][0]
+
+    async def test_run_stands_by_after_lease_lost_and_stops_on_request(self, client: Any) -> None:
+        handler = Recorder()
+        calls = 0
+
+        async def first_fenced(entries: list[Entry]) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await client.set(LEASE, "successor", px=150)
+                raise LeaseLost("lease moved")
+            await handler(entries)
+
+        consumer = self.consumer(client, first_fenced, "a", leased=True)
+        await self.publish(client, "1", "2")
+        stop = asyncio.Event()
+        task = asyncio.create_task(consumer.run(stop))
+
+        async def done() -> bool:
+            return handler.calls == [["1", "2"]] and await _pending(client) == 0
+
+        for _ in range(200):
+            if await done():
+                break
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+        assert handler.calls == [["1", "2"]]
+        assert await client.get(LEASE) == "a"
+        assert await client.exists(TRIES, DEAD) == 0
+
+
+async def _pending(client: Any) -> int:
+    return int((await client.xpending(STREAM, GROUP))["pending"])
+
+
+class TestRunnerOnRedis(RunnerContract):
+    @pytest.fixture
+    def client(self, redis: Any) -> Any:
+        return redis
+
+
+class TestRunnerOnCluster(RunnerContract):
+    @pytest.fixture
+    def client(self, redis_cluster: Any) -> Any:
+        return redis_cluster
