@@ -82,8 +82,6 @@ class Market:
 
     @classmethod
     def from_ccxt(cls, exchange: Exchange, market: Mapping[str, Any]) -> Market:
-        if market.get("option"):
-            raise MarketError(f"{exchange} {market['symbol']}: options are not ledger instruments")
         if market.get("spot"):
             kind = InstrumentKind.SPOT
         else:
