@@ -65,6 +65,7 @@ import structlog
 from redis import exceptions as redis_errors
 
 from consumers.deadletter import write_dead_letter
+from ledger import defaults
 from ledger.errors import HandlingSignal
 from ledger.keys import retries, tries
 from ledger.redis_conn import entry_order, text
@@ -155,11 +156,11 @@ class Undeliverable(HandlingSignal):
 
 @dataclass(frozen=True, slots=True)
 class ConsumerSettings:
-    batch_size: int = 256
-    block_ms: int = 1000
-    claim_idle_ms: int = 10_000
-    max_deliveries: int = 5
-    backoff_max_s: float = 5.0
+    batch_size: int = defaults.BATCH_SIZE
+    block_ms: int = defaults.BLOCK_MS
+    claim_idle_ms: int = defaults.CLAIM_IDLE_MS
+    max_deliveries: int = defaults.MAX_DELIVERIES
+    backoff_max_s: float = defaults.BACKOFF_MAX_S
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConsumerSettings:

@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 
 from ledger import keys, wire
+from ledger.defaults import BLOCK_MS
 from ledger.enums import (
     Exchange,
     OrderSide,
@@ -47,8 +48,6 @@ from projections import queries
 from projections.log import read_log
 
 __all__ = ["CommandRejected", "LedgerClient", "LedgerError", "LedgerTimeout", "OrderManager", "PositionManager"]
-
-BLOCK_MS = 1000
 
 
 class CommandRejected(OperationFailed):
@@ -155,7 +154,7 @@ class LedgerClient:
     async def _reply(self, reply_key: str) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            found = await self.redis.blpop([reply_key], timeout=1)
+            found = await self.redis.blpop([reply_key], timeout=BLOCK_MS / 1000)
             if found is not None:
                 return json.loads(text(found[1]))  # type: ignore[no-any-return]
         raise LedgerTimeout(

@@ -21,6 +21,7 @@ import redis.exceptions
 from ledger import keys, servers, wire
 from ledger.chain import parse_expect
 from ledger.config import Settings, whole_number
+from ledger.defaults import BLOCK_MS
 from ledger.enums import Exchange, OrderStatus
 from ledger.errors import InvalidInput, LedgerError, OperationFailed
 from ledger.keys import ShardKeys, shard_of
@@ -36,8 +37,7 @@ T = TypeVar("T")
 
 EXIT_FAILURE = 1  # the ledger or a server could not do what was asked
 EXIT_USAGE = 2  # the command line or a setting is wrong (argparse's own status)
-HISTORY_MAX_LIMIT = 10_000
-REPLY_BLOCK_S = 1.0  # BLPOP a second at a time: a long --wait never meets the client's socket timeout
+HISTORY_MAX_LIMIT = history.MAX_LIMIT
 LAG_PAGE = 1000
 NO_LEDGER = "no ledger in this Redis yet (ledger:meta has no shards): start `ledger serve`"
 
@@ -145,7 +145,8 @@ async def _await_reply(redis: Any, reply_key: str, wait_s: float) -> dict[str, A
     answer = None
     deadline = time.monotonic() + wait_s
     while answer is None and (left := deadline - time.monotonic()) > 0:
-        answer = await redis.blpop([reply_key], timeout=max(0.01, min(REPLY_BLOCK_S, left)))
+        # BLPOP BLOCK_MS at a time: a long --wait never meets the client's socket timeout
+        answer = await redis.blpop([reply_key], timeout=max(0.01, min(BLOCK_MS / 1000, left)))
     return None if answer is None else json.loads(text(answer[1]))  # type: ignore[no-any-return]
 
 

@@ -13,6 +13,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from redis.connection import parse_url as parse_redis_url
 
+from ledger import defaults
 from ledger.enums import Exchange
 from ledger.errors import InvalidInput
 from ledger.servers import DEFAULT_DURABILITY, Durability
@@ -71,20 +72,20 @@ class Settings:
 
     redis_url: str | None = None
     database_url: str | None = None
-    shards: int = 1
+    shards: int = defaults.SHARDS
     execution: dict[Exchange, str] = field(default_factory=lambda: parse_execution("paper"))
-    paper_fee_rate: Decimal = Decimal("0.0005")
-    paper_poll_ms: int = 100
+    paper_fee_rate: Decimal = defaults.PAPER_FEE_RATE
+    paper_poll_ms: int = defaults.PAPER_POLL_MS
     home: Path = Path(".ledger")
     durability: Durability = DEFAULT_DURABILITY
-    batch_size: int = 256
-    claim_idle_ms: int = 10_000
-    max_deliveries: int = 5
-    reply_ttl_s: int = 600
+    batch_size: int = defaults.BATCH_SIZE
+    claim_idle_ms: int = defaults.CLAIM_IDLE_MS
+    max_deliveries: int = defaults.MAX_DELIVERIES
+    reply_ttl_s: int = defaults.REPLY_TTL_S
     # Retention (off unless set): `serve` trims every shard's streams every trim_interval_s down to
     # what is archived, processed by every group and older than retention_ms (projections.trim).
     retention_ms: int | None = None
-    trim_interval_s: int = 60
+    trim_interval_s: int = defaults.TRIM_INTERVAL_S
     log_format: str = "auto"
     log_level: str = "info"
 

@@ -8,14 +8,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from ledger.config import ConfigError, whole_number
+from ledger.defaults import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
 from ledger.errors import OperationFailed
 from ledger.keys import META
 from ledger.values import text as text  # the one bytes-to-text rule, pure; re-exported for the Redis edge
-
-# redis-py 8 defaults socket_timeout to 5 s, which breaks a blocking XREADGROUP of more than
-# 5 s. Consumers block for at most ~1 s, so reads get that plus a generous margin.
-SOCKET_TIMEOUT_S = 30.0
-CONNECT_TIMEOUT_S = 5.0
 
 
 async def connect(url: str, *, decode_responses: bool = True) -> Any:

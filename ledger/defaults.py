@@ -1,0 +1,28 @@
+"""Every default of the ledger, declared once (the README's Configuration table lists the
+settings among them). Settings (``ledger.config``), consumers, the store, the API and the
+command line take them from here. Pure: imports nothing.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+# Settings (LEDGER_*)
+SHARDS = 1
+BATCH_SIZE = 256
+CLAIM_IDLE_MS = 10_000
+MAX_DELIVERIES = 5
+REPLY_TTL_S = 600
+PAPER_FEE_RATE = Decimal("0.0005")
+PAPER_POLL_MS = 100
+TRIM_INTERVAL_S = 60
+
+# Redis clients. redis-py defaults socket_timeout to 5 s, which would break a blocking read of
+# more than 5 s: every blocking read (XREADGROUP, XREAD, BLPOP) blocks BLOCK_MS at a time, well
+# below SOCKET_TIMEOUT_S.
+BLOCK_MS = 1000
+SOCKET_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 5.0
+
+# A consumer's back-off after a failed batch or a server outage doubles up to this.
+BACKOFF_MAX_S = 5.0
