@@ -477,10 +477,6 @@ class RedisCluster:
         """The first node's URL (a cluster client discovers the others from it)."""
         return self.nodes[0].url
 
-    @property
-    def startup_nodes(self) -> list[tuple[str, int]]:
-        return [(HOST, node.port) for node in self.nodes]
-
     def stop(self) -> None:
         """Stop every node."""
         for node in self.nodes:
