@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import shutil
 import signal
 import sys
@@ -23,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.report import document, show, write
+from benchmarks.report import document, markdown, show, write
 from benchmarks.run import FULL, QUICK, Results, Run
 from benchmarks.scenarios import SCENARIOS, describe, serve_rss_figure
 from benchmarks.stack import BenchError
@@ -56,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="results file (default: benchmarks/results/latest*.json)")
     p.add_argument("--keep", action="store_true", help="keep the servers' directories (their logs) under /tmp")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    p.add_argument("--markdown", type=Path, metavar="FILE", help="print a results file as a Markdown table and exit")
     return p
 
 
@@ -85,6 +87,9 @@ def _terminated(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())), end="")
+        return 0
     if args.list:
         for name in SCENARIOS:
             print(f"{name:10} {describe(name)}")

@@ -91,6 +91,28 @@ def write(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def markdown(data: dict[str, Any]) -> str:
+    """A results file as the README's table (``python -m benchmarks --markdown FILE``)."""
+    lines = [
+        "| scenario | figure | value | baseline (same run) | ratio | target (issue 10) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, scenario in data["scenarios"].items():
+        if scenario["error"]:
+            lines.append(f"| {name} | failed: {scenario['error']} | | | | |")
+        for f in scenario["figures"]:
+            baseline = "" if f["baseline_what"] is None else f"{f['baseline_what']}: {number(f['baseline'], f['unit'])}"
+            verdicts = "; ".join(
+                f"{v['target']}: "
+                + ("?" if v["met"] is None else "met" if v["met"] else f"**missed, x{v['shortfall']}**")
+                for v in f["targets"]
+            )
+            ratio = "" if f["ratio"] is None else f"{f['ratio']:.3f}"
+            cells = [name, f["what"], number(f["value"], f["unit"]), baseline, ratio, verdicts]
+            lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def show(run: Run, title: str) -> None:
     console = Console(width=200)
     console.print(table(run, title))
