@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 
 from ledger import keys, wire
-from ledger.defaults import BLOCK_MS
+from ledger.defaults import API_TIMEOUT_S, BLOCK_MS
 from ledger.enums import (
     Exchange,
     OrderSide,
@@ -101,7 +101,7 @@ class Settled:
 class LedgerClient:
     """Publishes commands and waits for their outcome and their projection."""
 
-    def __init__(self, redis: Any, *, timeout: float = 30.0) -> None:
+    def __init__(self, redis: Any, *, timeout: float = API_TIMEOUT_S) -> None:
         self.redis = redis
         self.timeout = timeout
         self._shards: int | None = None
@@ -223,7 +223,7 @@ class PositionManager:
     """Positions of the seed's API (CONTRACT §10). Methods that change state take an optional
     ``command_id``: after a ``LedgerTimeout``, call again with the same one (see the README)."""
 
-    def __init__(self, redis: Any, *, timeout: float = 30.0) -> None:
+    def __init__(self, redis: Any, *, timeout: float = API_TIMEOUT_S) -> None:
         self.redis = redis
         self.client = LedgerClient(redis, timeout=timeout)
 
@@ -330,7 +330,7 @@ class OrderManager:
     """Orders of the seed's API (CONTRACT §10). Methods that change state take an optional
     ``command_id``: after a ``LedgerTimeout``, call again with the same one (see the README)."""
 
-    def __init__(self, redis: Any, *, timeout: float = 30.0) -> None:
+    def __init__(self, redis: Any, *, timeout: float = API_TIMEOUT_S) -> None:
         self.redis = redis
         self.client = LedgerClient(redis, timeout=timeout)
 

@@ -21,7 +21,7 @@ import redis.exceptions
 from ledger import keys, servers, wire
 from ledger.chain import parse_expect
 from ledger.config import Settings, whole_number
-from ledger.defaults import BLOCK_MS
+from ledger.defaults import BLOCK_MS, REPLY_WAIT_S
 from ledger.enums import Exchange, OrderStatus
 from ledger.errors import InvalidInput, LedgerError, OperationFailed
 from ledger.keys import ShardKeys, shard_of
@@ -750,7 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
     _shards_flag(submit)
     submit.add_argument("type", help="command type, e.g. place_order")
     submit.add_argument("--data", required=True, help="the command's JSON object (command_id is generated if absent)")
-    submit.add_argument("--wait", type=SECONDS, default=10.0, help="seconds to wait for the reply (default 10)")
+    submit.add_argument(
+        "--wait", type=SECONDS, default=REPLY_WAIT_S, help=f"seconds to wait for the reply (default {REPLY_WAIT_S:g})"
+    )
     submit.set_defaults(func=lambda a: asyncio.run(_submit(a)))
 
     status = commands.add_parser(
@@ -926,7 +928,12 @@ def _dead_parser(commands: Any) -> None:
     retry.add_argument("--type", help="a dead command's fixed type (default: as it was)")
     retry.add_argument("--data", help="a dead command's fixed JSON data (default: as it was)")
     retry.add_argument("--note", default="", help="why (recorded in the operations stream)")
-    retry.add_argument("--wait", type=SECONDS, default=10.0, help="seconds to wait for a command's reply (default 10)")
+    retry.add_argument(
+        "--wait",
+        type=SECONDS,
+        default=REPLY_WAIT_S,
+        help=f"seconds to wait for a command's reply (default {REPLY_WAIT_S:g})",
+    )
     drop.add_argument("--note", required=True, help="why (recorded in the operations stream)")
     dead.set_defaults(func=lambda a: asyncio.run(_dead(a)))
 

@@ -24,5 +24,9 @@ BLOCK_MS = 1000
 SOCKET_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 
+# How long the API waits for an outcome (a reply, a projection, a fill), and the CLI for a reply.
+API_TIMEOUT_S = 30.0
+REPLY_WAIT_S = 10.0
+
 # A consumer's back-off after a failed batch or a server outage doubles up to this.
 BACKOFF_MAX_S = 5.0

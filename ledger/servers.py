@@ -31,6 +31,7 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ledger.defaults import CONNECT_TIMEOUT_S
 from ledger.errors import OperationFailed
 
 __all__ = [
@@ -912,7 +913,7 @@ def _keep_durability(server: PostgresServer) -> PostgresServer:
     for (a server started by an older ledger, or with another ``LEDGER_DURABILITY``)."""
     import psycopg
 
-    with psycopg.connect(server.url, autocommit=True, connect_timeout=5) as conn:
+    with psycopg.connect(server.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)) as conn:
         row = conn.execute("SHOW fsync").fetchone()
     if row is None or row[0] != server.durability.fsync:
         server.restart()
