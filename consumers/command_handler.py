@@ -336,9 +336,18 @@ class OutcomeReader:
 
     async def answer_once(self) -> int:
         """Answer every waiting duplicate whose reply PostgreSQL gives; return how many are left."""
+        _answered, left = await self._round()
+        return left
+
+    async def burst(self) -> int:
+        """Answer what waits now; return how many were answered (as a consumer's ``burst``)."""
+        answered, _left = await self._round()
+        return answered
+
+    async def _round(self) -> tuple[int, int]:
         waiting = await self.store.waiting()
         if not waiting:
-            return 0
+            return 0, 0
         ids = {field: outcome_ids(field) for field in waiting}
         conn = await self._connection()
         params = {
@@ -348,7 +357,7 @@ class OutcomeReader:
         }
         cur = await asyncio.wait_for(conn.execute(_SQL["outcome_get"], params), OUTCOME_QUERY_TIMEOUT_S)
         replies = {(user, command): reply for user, command, reply in await cur.fetchall()}
-        left = 0
+        answered = left = 0
         for field, marker in waiting.items():
             user, command = ids[field]
             reply = replies.get((user, command))
@@ -364,8 +373,9 @@ class OutcomeReader:
                 )
                 continue
             if await self.store.answer_waiting(field, marker, reply):
+                answered += 1
                 self.log.info("compacted outcome given from PostgreSQL", user_id=user, command_id=command)
-        return left
+        return answered, left
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:

@@ -26,7 +26,7 @@ PLACE = {
 
 async def _send(redis: Any, tmp_path: Path, type_name: str, data: dict[str, Any]) -> list[dict[str, Any]]:
     settings = Settings(shards=1, execution=parse_execution("external"), home=tmp_path)
-    (handler,) = await handler_role(redis, settings)
+    (handler, _outcome_reader) = await handler_role(redis, settings)
     await redis.xadd(COMMANDS, {"type": type_name, "data": json.dumps(data)})
     await handler.burst()
     replies = await redis.lrange(f"ledger:{{0}}:reply:{data['user_id']}:{data['command_id']}", 0, -1)
