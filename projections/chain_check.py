@@ -32,6 +32,7 @@ from redis.exceptions import ResponseError
 from ledger.chain import DISAGREE, Finding, Head, Link, Walker, chain_fields
 from ledger.keys import ShardKeys
 from ledger.redis_conn import entry_order, text
+from projections.log import SEQ_MAX
 from projections.projector import checkpoint
 from projections.sql import load_queries
 
@@ -41,8 +42,7 @@ PAGE = 1000  # entries per Redis XRANGE and per archive query
 REDIS, ARCHIVE = "redis", "archive"
 
 _SQL = load_queries("chain.sql")
-_SEQ_MAX = 2**63 - 1
-_END = (2**63 - 1, _SEQ_MAX)  # after every entry id
+_END = (SEQ_MAX, SEQ_MAX)  # after every entry id
 
 Key = tuple[int, int]
 

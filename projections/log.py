@@ -38,10 +38,10 @@ from ledger.keys import ShardKeys
 from ledger.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
 from projections.sql import load_queries
 
-__all__ = ["PAGE", "LogError", "log_size", "open_archive", "read_log"]
+__all__ = ["PAGE", "SEQ_MAX", "LogError", "log_size", "open_archive", "read_log"]
 
 PAGE = 1000  # entries per Redis XRANGE and per archive query
-_SEQ_MAX = 2**63 - 1  # the largest entry_seq the archive can hold (BIGINT)
+SEQ_MAX = 2**63 - 1  # the largest entry_seq the archive can hold (BIGINT)
 
 _SQL = load_queries("log.sql")
 log = structlog.get_logger("ledger.log")
@@ -71,7 +71,7 @@ def _holes(info: Any) -> _Holes:
     if not first:
         return _Holes(missing, entry_order(text(info["last-generated-id"])))
     ms, seq = entry_order(text(first[0]))
-    before_first = (ms, seq - 1) if seq else (ms - 1, _SEQ_MAX)
+    before_first = (ms, seq - 1) if seq else (ms - 1, SEQ_MAX)
     return _Holes(missing, max(before_first, entry_order(text(info["max-deleted-entry-id"]))))
 
 
