@@ -81,6 +81,7 @@ def internal_keys(shards: int, consumers: Iterable[Any]) -> dict[str, str]:
     (``POSITION_KEYS``) is the live projection's id -> key lookup. The fences of live keys
     (``keys.fence``) are matched by :func:`classify`.
     """
+    from consumers.command_handler import OutcomeReader
     from ledger import keys
 
     found = {keys.POSITION_KEYS: "hash"}
@@ -92,6 +93,8 @@ def internal_keys(shards: int, consumers: Iterable[Any]) -> dict[str, str]:
                 found[value] = "*"
         found[keys.dead_index(shard_keys.dead)] = "hash"
     for consumer in consumers:
+        if isinstance(consumer, OutcomeReader):  # no keys of its own: ShardKeys.waiting is a shard key
+            continue
         found[keys.tries(consumer.stream, consumer.group)] = "hash"
         if consumer.lease_key is not None:
             found[consumer.lease_key] = "string"
