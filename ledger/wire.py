@@ -467,10 +467,15 @@ def _readable_ids(raw: str | bytes | None) -> tuple[str | None, str | None]:
     return found[0], found[1]
 
 
+def entry_fields(fields: Mapping[Any, Any]) -> tuple[str, bytes | str | None]:
+    """A stream entry's ``type`` as text ("" when absent) and its ``data`` as stored (None when
+    absent), whether the client decodes responses or not: the one reader of an entry's fields."""
+    return text(fields.get("type", fields.get(b"type"))) or "", fields.get("data", fields.get(b"data"))
+
+
 def decode_command(fields: Mapping[Any, Any]) -> Command:
     """Decode a command stream entry ({type, data}); raise WireError on anything malformed."""
-    type_name = text(fields.get("type", fields.get(b"type")))
-    raw = fields.get("data", fields.get(b"data"))
+    type_name, raw = entry_fields(fields)
     command_id, user_id = _readable_ids(raw)
 
     def fail(code: str, message: str) -> WireError:
@@ -494,11 +499,14 @@ class UnknownEventType(WireError):
     """An event type this reader does not know: readers skip it (CONTRACT §5)."""
 
 
-def decode_event(type_name: str | bytes, raw: bytes | str) -> Event:
+def decode_event(type_name: str | bytes, raw: bytes | str | None) -> Event:
+    """Decode an event's ``data`` (``raw``; None: the entry has none) as the event type named."""
     name = text(type_name) or ""
     cls = EVENT_TYPES.get(name)
     if cls is None:
         raise UnknownEventType("UNKNOWN_TYPE", f"unknown event type {name!r}")
+    if raw is None:
+        raise WireError("MISSING_FIELD", f"the {name} entry has no `data` field")
     return _decode_typed(name, cls, raw)  # type: ignore[no-any-return]
 
 

@@ -89,10 +89,6 @@ def _decoded(shard: int, entry_id: str, type_name: Any, data: Any) -> StoredEven
         return None
 
 
-def _fields(fields: dict[Any, Any]) -> tuple[Any, Any]:
-    return fields.get("type", fields.get(b"type")) or "", fields.get("data", fields.get(b"data")) or ""
-
-
 async def read_log(
     redis: Any,
     shard: int,
@@ -160,7 +156,7 @@ async def _read(
         if not entries:
             return
         for entry_id, fields in entries:
-            if (event := _decoded(shard, text(entry_id), *_fields(fields))) is not None:
+            if (event := _decoded(shard, text(entry_id), *wire.entry_fields(fields))) is not None:
                 yield event
         cursor = entry_order(text(entries[-1][0]))
 
@@ -192,7 +188,7 @@ async def _region(
             upto = min(upto, entry_order(text(held[-1][0])))
         merged: dict[Key, tuple[str, Any, Any]] = {}
         for entry_id, fields in held:
-            merged[entry_order(text(entry_id))] = (text(entry_id), *_fields(fields))
+            merged[entry_order(text(entry_id))] = (text(entry_id), *wire.entry_fields(fields))
         for entry_id, ms, seq, type_name, data in rows:
             merged.setdefault((int(ms), int(seq)), (entry_id, type_name, data))
         for entry in sorted(k for k in merged if k <= upto):
