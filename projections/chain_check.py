@@ -32,13 +32,12 @@ from redis.exceptions import ResponseError
 from ledger.chain import DISAGREE, Finding, Head, Link, Walker, chain_fields
 from ledger.keys import ShardKeys
 from ledger.redis_conn import entry_order, text
-from projections.log import SEQ_MAX
+from projections.log import PAGE, SEQ_MAX
 from projections.projector import checkpoint
 from projections.sql import load_queries
 
 __all__ = ["PAGE", "ChainReport", "ShardChain", "read_head", "verify_chain"]
 
-PAGE = 1000  # entries per Redis XRANGE and per archive query
 REDIS, ARCHIVE = "redis", "archive"
 
 _SQL = load_queries("chain.sql")
