@@ -88,16 +88,17 @@ import structlog
 
 from consumers.deadletter import decode_events
 from consumers.runner import RETRYABLE, ConsumerSettings, Entry, LeaseLost, StreamConsumer
-from ledger import wire
+from ledger import defaults, wire
 from ledger.arithmetic import amount_fits, basis
 from ledger.config import Settings
-from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType
+from ledger.enums import FINAL_ORDER_STATUSES, Exchange, OrderSide, OrderType
 from ledger.eventstore import StoredEvent
 from ledger.instruments import instrument_for
 from ledger.keys import ShardKeys, marks
 from ledger.models import read_mark
 from ledger.redis_conn import entry_order, text
 from ledger.state import OrderState
+from ledger.transitions import FILLABLE_ORDER_STATUSES, FINAL_EVENT_TYPES
 from ledger.values import (
     MAX_AMOUNT,
     RULES,
@@ -109,13 +110,11 @@ from projections.log import read_log
 from projections.pause import paused
 
 GROUP = "ledger-paper"
-DEFAULT_POLL_INTERVAL_S = 0.1
+DEFAULT_POLL_INTERVAL_S = defaults.PAPER_POLL_MS / 1000
 
-# Orders the venue may still fill: a pending_cancel order waits for its cancel instead.
-FILLABLE = frozenset({OrderStatus.PENDING, OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED})
-FINAL = frozenset({OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED, OrderStatus.EXPIRED})
-_FINAL_EVENTS = {"OrderFilled", "OrderCancelled", "OrderRejected", "OrderExpired"}
-_RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested", *_FINAL_EVENTS}
+# The orders the venue may still fill are FILLABLE_ORDER_STATUSES (ledger.transitions): a
+# pending_cancel order waits for its cancel instead.
+_RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested", *FINAL_EVENT_TYPES}
 _MAX_FRACTION = Decimal("1e-18")
 
 log = structlog.get_logger("ledger.paper")
@@ -411,10 +410,10 @@ class PaperVenue:
                 backoff = self.poll_interval_s
             except RETRYABLE as exc:
                 self.log.warning("watcher: a server is unavailable, retrying", error=str(exc))
-                backoff = min(max(backoff * 2, 0.1), 5.0)
+                backoff = min(max(backoff * 2, 0.1), defaults.BACKOFF_MAX_S)
             except Exception as exc:  # noqa: BLE001 - the watcher must outlive a bad tick
                 self.log.error("watcher tick failed", error=repr(exc))
-                backoff = min(max(backoff * 2, 0.1), 5.0)
+                backoff = min(max(backoff * 2, 0.1), defaults.BACKOFF_MAX_S)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=backoff)
             except TimeoutError:
@@ -456,7 +455,7 @@ class PaperVenue:
                 )
                 cancels.append((len(pipe), event))
                 self._take(pipe, event.stream, cancel)
-            elif event.status in FINAL:  # type: ignore[attr-defined]
+            elif event.status in FINAL_ORDER_STATUSES:  # type: ignore[attr-defined]
                 self._take(pipe, event.stream, None)
         if not len(pipe):
             return
@@ -473,7 +472,7 @@ class PaperVenue:
     def _placed(self, pipe: Any, event: wire.OrderPlaced, state: OrderState | None, mark: Decimal | None) -> None:
         order_id = event.stream
         fields = {"order_id": order_id, "event_id": event.event_id, "user_id": event.user_id}
-        if state is not None and state.status in FINAL:
+        if state is not None and state.status in FINAL_ORDER_STATUSES:
             self.log.debug("order already final, nothing to do", status=str(state.status), **fields)
             return
         accept = wire.OrderAcceptedCommand(
@@ -497,7 +496,7 @@ class PaperVenue:
             return
         resting = RestingOrder.from_event(event)
         fill_price = None
-        if mark is not None and (state is None or state.status in FILLABLE):
+        if mark is not None and (state is None or state.status in FILLABLE_ORDER_STATUSES):
             resting, fill_price = evaluate(resting, mark)
         keys = self.paper_keys
         pipe.eval(
@@ -631,7 +630,7 @@ class PaperVenue:
         for order_id, (_before, after, fill_price) in moves.items():
             state = states.get(order_id)
             fields = {"order_id": order_id, "user_id": after.user_id, "event_id": after.placed_event_id}
-            if state is None or state.status in FINAL:
+            if state is None or state.status in FINAL_ORDER_STATUSES:
                 self._take(pipe, order_id, None)
                 self.log.info(
                     "dropped a resting order that is final or unknown",
@@ -640,7 +639,7 @@ class PaperVenue:
                 )
                 done += 1
                 continue
-            if state.status not in FILLABLE:  # pending_cancel: its cancel is on the way
+            if state.status not in FILLABLE_ORDER_STATUSES:  # pending_cancel: its cancel is on the way
                 continue
             if fill_price is not None:
                 self._take_resting(
@@ -706,7 +705,7 @@ class PaperVenue:
                         if self.executes(event.exchange) and event.order_type is not OrderType.MARKET:
                             resting[event.stream] = RestingOrder.from_event(event)
                     elif isinstance(event, wire.OrderCancelRequested) or (
-                        isinstance(event, wire.OrderChange) and event.status in FINAL
+                        isinstance(event, wire.OrderChange) and event.status in FINAL_ORDER_STATUSES
                     ):
                         resting.pop(event.stream, None)
             pairs = [item for order_id, order in resting.items() for item in (order_id, msgspec.json.encode(order))]
