@@ -28,13 +28,13 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from ledger import wire
 from ledger.decider import Requirements
+from ledger.defaults import BLOCK_MS, REPLY_TTL_S
 from ledger.keys import ShardKeys, outcome_field, outcome_ids
 from ledger.redis_conn import text
 from ledger.state import Book, OrderState, PositionState
 
 log = structlog.get_logger("ledger.eventstore")
 APPEND_LUA = resources.files("ledger").joinpath("lua/append.lua").read_text()
-DEFAULT_REPLY_TTL_S = 600
 # What stays of a compacted outcome: this prefix (a reply is JSON and starts with "{"; the append
 # script tests the same character) and the first digits of the reply's SHA-1, which the reply
 # read back from PostgreSQL must match before it is given.
@@ -109,7 +109,7 @@ def reply_head(reply: wire.Reply) -> bytes:
 class EventStore:
     """Reads and writes one shard's log and state. ``redis`` is a plain or cluster client."""
 
-    def __init__(self, redis: Any, shard: int, *, reply_ttl_s: int = DEFAULT_REPLY_TTL_S) -> None:
+    def __init__(self, redis: Any, shard: int, *, reply_ttl_s: int = REPLY_TTL_S) -> None:
         self.redis = redis
         self.keys = ShardKeys(shard)
         self.reply_ttl_s = reply_ttl_s
@@ -266,7 +266,7 @@ class EventStore:
                 yield stored
             after = text(entries[-1][0])
 
-    async def subscribe(self, after: str = "$", block_ms: int = 1000) -> AsyncIterator[StoredEvent]:
+    async def subscribe(self, after: str = "$", block_ms: int = BLOCK_MS) -> AsyncIterator[StoredEvent]:
         """A live subscription: events appended after ``after`` ("$" = from now), forever."""
         last = after
         if last == "$":
@@ -289,8 +289,7 @@ def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEv
     """The events of stream entries: unknown types are skipped (CONTRACT §5), and so is an entry
     that cannot be decoded, with a warning naming it (its consumers dead-letter it)."""
     for entry_id, fields in entries:
-        event_type = fields.get("type", fields.get(b"type")) or ""
-        data = fields.get("data", fields.get(b"data")) or ""
+        event_type, data = wire.entry_fields(fields)
         try:
             event = wire.decode_event(event_type, data)
         except wire.UnknownEventType:

@@ -564,7 +564,9 @@ class Projector:
 async def write_orders(conn: psycopg.AsyncConnection[Any], orders: list[OrderState], logger: Any = log) -> list[str]:
     """Upsert final orders into ``orders``; return the ids of those written without their venue id
     (another order holds it: see the module doc). Used by the projector and ``ledger rebuild``."""
-    for attempt in range(1, VENUE_ID_RETRIES + 1):
+    attempt = 0
+    while True:  # ends by returning, or by raising on the last attempt
+        attempt += 1
         rows = [_order_row(order) for order in orders]
         duplicates = await _resolve_venue_ids(conn, rows, logger)
         for row in rows:
@@ -580,7 +582,6 @@ async def write_orders(conn: psycopg.AsyncConnection[Any], orders: list[OrderSta
             logger.warning("venue order id taken concurrently: checking again", attempt=attempt)
             continue
         return duplicates
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _resolve_venue_ids(conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]], logger: Any) -> list[str]:
