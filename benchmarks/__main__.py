@@ -28,7 +28,8 @@ from benchmarks.report import document, markdown, show, write
 from benchmarks.run import FULL, QUICK, Results, Run
 from benchmarks.scenarios import SCENARIOS, describe, serve_rss_figure
 from benchmarks.stack import BenchError
-from ledger.servers import DEFAULT_DURABILITY, Durability, ServerError
+from ledger.app.servers import ServerError
+from ledger.config import DEFAULT_DURABILITY, Durability
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import redis.asyncio as aioredis
 
-from ledger.keys import ShardKeys, order_key, shard_of
+from ledger.store.keys import ShardKeys, order_key, shard_of
 
 SHARDS = 1  # the ledger's default: every benchmark runs one shard
 EXCHANGE = "okx"  # executed externally: the benchmark reports the fills

@@ -27,14 +27,15 @@ import redis.asyncio as aioredis
 
 from consumers.command_handler import GROUP, CommandHandler
 from consumers.runner import ConsumerSettings, StreamConsumer
-from ledger.eventstore import EventStore
-from ledger.keys import ShardKeys
-from ledger.logs import configure_logging
-from ledger.redis_conn import ensure_shard_count
-from ledger.schema import apply_schema
-from ledger.servers import Durability, start_postgres, start_redis
+from ledger.app.logs import configure_logging
+from ledger.app.servers import start_postgres, start_redis
+from ledger.config import Durability
+from ledger.store.eventstore import EventStore
+from ledger.store.keys import ShardKeys
+from ledger.store.redis_conn import ensure_shard_count
 from projections.live import LiveProjection
 from projections.projector import open_pool, projector_consumer
+from projections.schema import apply_schema
 from projections.trim import retention_pass
 
 SETTINGS = ConsumerSettings(batch_size=256, block_ms=50, claim_idle_ms=60_000, max_deliveries=3)

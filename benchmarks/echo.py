@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from ledger.config import Settings
-from ledger.keys import ShardKeys
+from ledger.store.keys import ShardKeys
 
 GROUP = "bench-echo"
 REPLY_TTL_S = 600

@@ -13,7 +13,7 @@ from typing import Any
 from benchmarks.client import Client, Lifecycles, connect
 from benchmarks.figures import Figure
 from benchmarks.stack import BenchError, Stack, durability_in_force, machine, open_stack, postgres_template
-from ledger.servers import Durability
+from ledger.config import Durability
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from benchmarks.figures import Figure
 from benchmarks.peer import peer_fills_per_s
 from benchmarks.run import Filled, Profiler, Results, Run, serving
 from benchmarks.stack import Stack
-from ledger.keys import marks, order_key
+from ledger.store.keys import marks, order_key
 
 Scenario = Callable[[Run, Results], Awaitable[None]]
 QUANTILES = ((50.0, "p50"), (99.0, "p99"), (99.9, "p99.9"))

@@ -1,7 +1,7 @@
 """The servers of one benchmark: its own Redis and PostgreSQL and ``ledger serve`` as a subprocess.
 
-Redis and PostgreSQL are started with ``ledger.servers`` (the same private servers the tests
-use), with the durability the ledger defaults to (``ledger.servers.DEFAULT_DURABILITY``: Redis
+Redis and PostgreSQL are started with ``ledger.app.servers`` (the same private servers the tests
+use), with the durability the ledger defaults to (``ledger.config.DEFAULT_DURABILITY``: Redis
 ``appendfsync always`` with AOF on, PostgreSQL ``fsync=on``, ``synchronous_commit`` left at its
 default ``on``). ``ledger serve`` runs black-box, every role, as a strategy would see it:
 ``okx`` executed externally (the benchmark reports the fills itself), ``binance`` by the paper
@@ -24,7 +24,8 @@ from typing import Any
 import psycopg
 import redis as redis_sync
 
-from ledger.servers import Durability, PostgresServer, RedisServer, start_postgres, start_redis
+from ledger.app.servers import PostgresServer, RedisServer, start_postgres, start_redis
+from ledger.config import Durability
 
 LEDGER_BIN = Path(sys.executable).parent / "ledger"
 EXECUTION = "okx=external,binance=paper"

@@ -31,18 +31,19 @@ import psycopg
 import structlog
 
 from consumers.deadletter import Reply, write_dead_letter
-from consumers.runner import RETRYABLE, ConsumerSettings, Entry, StreamConsumer
-from ledger import wire
-from ledger.config import Settings
-from ledger.decider import Context, Decision, Rejection, Requirements, decide, requirements
-from ledger.eventstore import Append, EventStore, outcome_marker
-from ledger.evolution import evolve
-from ledger.keys import outcome_field, outcome_ids, shard_of
-from ledger.redis_conn import CONNECT_TIMEOUT_S
-from ledger.servers import ServerError
-from ledger.state import Book, StateError
-from ledger.values import now_ms
-from projections.sql import load_queries
+from consumers.entries import Entry
+from consumers.runner import RETRYABLE, ConsumerSettings, StreamConsumer
+from ledger.config import ServerNotConfigured, Settings, known_url
+from ledger.domain import wire
+from ledger.domain.decider import Context, Decision, Rejection, Requirements, decide, requirements
+from ledger.domain.evolution import evolve
+from ledger.domain.state import Book, StateError
+from ledger.domain.values import now_ms
+from ledger.sqlfiles import load_queries
+from ledger.store.eventstore import Append, EventStore, outcome_marker
+from ledger.store.keys import outcome_field, outcome_ids, shard_of
+from ledger.store.redis_conn import CONNECT_TIMEOUT_S
+from ledger.venues.markets import instrument_table
 
 GROUP = "ledger-handler"
 PREFETCH_WAVES = 3
@@ -52,7 +53,7 @@ MAX_CONFLICT_RETRIES = 20
 OUTCOME_POLL_S = 1.0
 OUTCOME_BACKOFF_S = (0.5, 30.0)
 OUTCOME_QUERY_TIMEOUT_S = 10.0
-_SQL = load_queries("compact.sql")
+_SQL = load_queries("projections", "compact.sql")
 
 log = structlog.get_logger("ledger.handler")
 
@@ -193,7 +194,7 @@ class CommandHandler:
     async def _decide(self, pending: _Pending, book: Book, tokens: dict[str, str]) -> Append:
         command = pending.command
         await self._load(book, command)
-        decision = decide(command, book, Context(now=self.clock(), new_id=self.new_id))
+        decision = decide(command, book, Context(now=self.clock(), new_id=self.new_id, instruments=instrument_table()))
         user = command.user_id
         append = Append(
             user_id=user,
@@ -286,7 +287,7 @@ class OutcomeReader:
     Each waiting duplicate (``ledger:{s}:outcomes:waiting``: outcome field -> marker) is answered
     with the reply stored in ``ledger_outcomes``, byte for byte, once its digest matches the
     marker, in one step that also stops its waiting (``EventStore.answer_waiting``). While
-    PostgreSQL is away, or no database is configured (``database_url`` raises ``ServerError``),
+    PostgreSQL is away, or no database is configured (``database_url`` raises ``ServerNotConfigured``),
     or a reply is missing or does not match, it logs what to do and tries again with back-off.
     It connects only when a duplicate waits, so a ledger that never compacts never needs it.
     """
@@ -315,7 +316,7 @@ class OutcomeReader:
                 self.wake.clear()
                 try:
                     left = await self.answer_once()
-                except (psycopg.OperationalError, ServerError, TimeoutError, *RETRYABLE) as exc:
+                except (psycopg.OperationalError, ServerNotConfigured, TimeoutError, *RETRYABLE) as exc:
                     self.log.warning(
                         "duplicates of compacted commands wait: PostgreSQL is away; retrying",
                         error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
@@ -395,12 +396,10 @@ async def handler_role(redis: Any, settings: Settings) -> list[StreamConsumer | 
     """``ledger serve`` role ``handler``: one command consumer per shard (more may run), and one
     ``OutcomeReader`` per shard, which reaches the ledger's PostgreSQL (the configured one, else
     the private one of ``LEDGER_HOME``) only when a duplicate of a compacted command waits."""
-    from ledger.service import database_url
-
     runnables: list[StreamConsumer | OutcomeReader] = []
     for shard in range(settings.shards):
         store = EventStore(redis, shard, reply_ttl_s=settings.reply_ttl_s)
-        reader = OutcomeReader(store, lambda: database_url(settings, start=False))
+        reader = OutcomeReader(store, lambda: known_url(settings, "postgres"))
         runnables.append(
             StreamConsumer(
                 redis,

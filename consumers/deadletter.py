@@ -18,15 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ledger import wire
-from ledger.keys import dead_index, waiting
-from ledger.redis_conn import text
-from ledger.values import now_ms
-
-if TYPE_CHECKING:
-    from consumers.runner import Entry
+from consumers.entries import Entry
+from ledger.domain import wire
+from ledger.domain.values import now_ms
+from ledger.store.keys import dead_index, waiting
+from ledger.store.redis_conn import text
 
 MAX_FIELDS = 1000
 

@@ -30,7 +30,7 @@ are handled in log order) and the venue answers by PUBLISHING COMMANDS to the sa
 
 Fees: ``quantity * price * fee_rate`` in the quote (settlement) currency for spot and linear
 contracts; for inverse contracts (quantity in contracts) ``quantity * contract_value / price *
-fee_rate`` in the base coin (``ledger.instruments``). Decimals are exact and written as strings;
+fee_rate`` in the base coin (``ledger.domain.instruments``). Decimals are exact and written as strings;
 a fee with more than 18 fraction digits is rounded half-even to 18 (what the ledger can store).
 
 Orders of exchanges configured ``external`` or ``live`` are ignored when they are placed. An
@@ -66,7 +66,7 @@ Redis keys (hash-tagged with the shard, so they live on the shard's cluster slot
 The resting set is derived state: it is exactly the orders of ``paper`` exchanges whose
 ``OrderPlaced`` is not ``market`` and that are not final in the log and have no
 ``OrderCancelRequested`` (whose ``order_cancelled`` the venue publishes). ``PaperVenue.rebuild``
-recomputes it by that rule from the log, read over both tiers (``projections.log.read_log``: the
+recomputes it by that rule from the log, read over both tiers (``ledger.store.log.read_log``: the
 PostgreSQL archive for what a trim removed from Redis, given a connection; without one, a trimmed
 log fails with ``LogError`` rather than leave orders out), up to the group's last-delivered
 entry (what comes after is delivered as usual). It holds the venue's lease meanwhile, so the
@@ -87,32 +87,35 @@ import psycopg
 import structlog
 
 from consumers.deadletter import decode_events
-from consumers.runner import RETRYABLE, ConsumerSettings, Entry, LeaseLost, StreamConsumer
-from ledger import defaults, wire
-from ledger.arithmetic import amount_fits, basis
+from consumers.entries import Entry
+from consumers.pause import paused
+from consumers.runner import RETRYABLE, ConsumerSettings, LeaseLost, StreamConsumer
+from ledger import defaults
+from ledger.client.models import read_mark
 from ledger.config import Settings
-from ledger.enums import FINAL_ORDER_STATUSES, Exchange, OrderSide, OrderType
-from ledger.eventstore import StoredEvent
-from ledger.instruments import instrument_for
-from ledger.keys import ShardKeys, marks
-from ledger.models import read_mark
-from ledger.redis_conn import entry_order, text
-from ledger.state import OrderState
-from ledger.transitions import FILLABLE_ORDER_STATUSES, FINAL_EVENT_TYPES
-from ledger.values import (
+from ledger.domain import wire
+from ledger.domain.arithmetic import amount_fits, basis
+from ledger.domain.enums import FINAL_ORDER_STATUSES, Exchange, OrderSide, OrderType
+from ledger.domain.instruments import instrument_for
+from ledger.domain.state import OrderState
+from ledger.domain.transitions import FILLABLE_ORDER_STATUSES, FINAL_EVENT_TYPES
+from ledger.domain.values import (
     MAX_AMOUNT,
     RULES,
     exact,
     format_decimal,
     now_ms,
 )
-from projections.log import read_log
-from projections.pause import paused
+from ledger.store.eventstore import StoredEvent
+from ledger.store.keys import ShardKeys, marks
+from ledger.store.log import read_log
+from ledger.store.redis_conn import entry_order, text
+from ledger.venues.markets import instrument_table
 
 GROUP = "ledger-paper"
 DEFAULT_POLL_INTERVAL_S = defaults.PAPER_POLL_MS / 1000
 
-# The orders the venue may still fill are FILLABLE_ORDER_STATUSES (ledger.transitions): a
+# The orders the venue may still fill are FILLABLE_ORDER_STATUSES (ledger.domain.transitions): a
 # pending_cancel order waits for its cancel instead.
 _RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested", *FINAL_EVENT_TYPES}
 _MAX_FRACTION = Decimal("1e-18")
@@ -284,7 +287,7 @@ def paper_fee(exchange: Exchange, symbol: str, quantity: Decimal, price: Decimal
     price * rate`` in the base coin (one division, 28 significant digits). At most 18 fraction
     digits, rounded half-even.
     """
-    instrument = instrument_for(exchange, symbol)
+    instrument = instrument_for(exchange, symbol, instrument_table())
     if instrument.is_inverse:
         fee = basis(instrument, quantity * instrument.contract_value * rate, price)
     else:
@@ -297,7 +300,7 @@ def paper_fee(exchange: Exchange, symbol: str, quantity: Decimal, price: Decimal
 def fee_currency(exchange: Exchange, symbol: str) -> str | None:
     """The settlement currency of a symbol when it is known and writable, else None (a fill
     without ``fee_currency`` pays in the settlement currency)."""
-    settle = instrument_for(exchange, symbol).settle
+    settle = instrument_for(exchange, symbol, instrument_table()).settle
     return settle if RULES["fee_currency"].matches(settle) else None
 
 
@@ -325,7 +328,7 @@ def unfillable_reason(exchange: Exchange, symbol: str, quantity: Decimal, price:
     """Why the venue cannot fill ``quantity`` at ``price``: its value is out of the range a fill
     can report (the ledger refuses orders that name such a price, but a market or stop order
     fills at the mark). None when it can."""
-    if amount_fits(instrument_for(exchange, symbol), quantity, price):
+    if amount_fits(instrument_for(exchange, symbol, instrument_table()), quantity, price):
         return None
     return (
         f"{format_decimal(quantity)} {symbol} at {format_decimal(price)} is worth more than "

@@ -65,10 +65,11 @@ import structlog
 from redis import exceptions as redis_errors
 
 from consumers.deadletter import write_dead_letter
+from consumers.entries import Entry
 from ledger import defaults
 from ledger.errors import HandlingSignal
-from ledger.keys import retries, tries
-from ledger.redis_conn import entry_order, text
+from ledger.store.keys import retries, tries
+from ledger.store.redis_conn import entry_order, text
 
 if TYPE_CHECKING:
     from ledger.config import Settings
@@ -132,12 +133,6 @@ RETRYABLE = (
     ConnectionError,
     OSError,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    id: str
-    fields: dict[str, Any]
 
 
 Handler = Callable[[list[Entry]], Awaitable[None]]

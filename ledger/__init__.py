@@ -3,10 +3,10 @@
 ``import ledger`` gives the public models and enums (CONTRACT §10).
 """
 
-from ledger.api import CommandRejected, LedgerTimeout, OrderManager, PositionManager
-from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide, PositionStatus
+from ledger.client.api import CommandRejected, LedgerTimeout, OrderManager, PositionManager
+from ledger.client.models import Fill, Order, PnLInfo, Position
+from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide, PositionStatus
 from ledger.errors import LedgerError
-from ledger.models import Fill, Order, PnLInfo, Position
 
 __all__ = [
     "CommandRejected",

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,9 @@ from psycopg.conninfo import conninfo_to_dict
 from redis.connection import parse_url as parse_redis_url
 
 from ledger import defaults
-from ledger.enums import Exchange
-from ledger.errors import InvalidInput
-from ledger.servers import DEFAULT_DURABILITY, Durability
-from ledger.values import ValueRuleError, parse_decimal
+from ledger.domain.enums import Exchange
+from ledger.domain.values import ValueRuleError, parse_decimal
+from ledger.errors import InvalidInput, OperationFailed
 
 EXECUTION_MODES = ("paper", "external", "live")
 LOG_FORMATS = ("auto", "json", "console")
@@ -37,6 +37,79 @@ WHOLE_NUMBERS: dict[str, tuple[str, str | None, int | None]] = {
     "retention_ms": ("LEDGER_RETENTION_MS", None, None),
     "trim_interval_s": ("LEDGER_TRIM_INTERVAL_S", None, None),
 }
+
+
+# --------------------------------------------------------------------------- durability
+
+
+class Durability(StrEnum):
+    """What a machine crash (power loss, kernel panic) may cost the servers started here.
+
+    A crash of the server process alone loses nothing acknowledged at any level: Redis writes
+    its AOF and PostgreSQL its WAL to the OS before answering.
+    """
+
+    ALWAYS = "always"
+    """Redis ``appendfsync always``, PostgreSQL ``fsync=on``: nothing acknowledged is lost."""
+    EVERYSEC = "everysec"
+    """Redis ``appendfsync everysec`` (PostgreSQL ``fsync=on``): up to about a second of
+    acknowledged commands and events can be lost from Redis."""
+    OFF = "off"
+    """Redis ``appendfsync no``, PostgreSQL ``fsync=off``: throwaway data only (tests, demo);
+    recent writes can be lost and the PostgreSQL cluster corrupted."""
+
+    @property
+    def appendfsync(self) -> str:
+        return "no" if self is Durability.OFF else self.value
+
+    @property
+    def fsync(self) -> str:
+        return "off" if self is Durability.OFF else "on"
+
+
+DEFAULT_DURABILITY = Durability.ALWAYS
+
+
+# --------------------------------------------------------------------------- private servers
+# The embedded default (ledger.app.servers) records the URL of each private server it started
+# under LEDGER_HOME; any process of the ledger finds it there.
+
+_KINDS = ("redis", "postgres")
+
+
+def read_private_url(base: Path, kind: str) -> str | None:
+    """The URL recorded in ``base/<kind>.url`` (``kind`` is ``redis`` or ``postgres``), or
+    None. It is not checked; see :func:`url_answers`."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, not {kind!r}")
+    try:
+        url = private_url_file(base, kind).read_text().strip()
+    except OSError:
+        return None
+    return url or None
+
+
+class ServerNotConfigured(OperationFailed):
+    """No server of a kind is configured and no ``ledger serve`` recorded a private one."""
+
+
+# The setting and environment variable that name each server.
+SERVER_SETTINGS = {"redis": ("redis_url", "LEDGER_REDIS_URL"), "postgres": ("database_url", "LEDGER_DATABASE_URL")}
+
+
+def known_url(settings: Settings, kind: str) -> str:
+    """The configured server of ``kind`` (``redis`` or ``postgres``), else the private one a
+    ``ledger serve`` recorded under ``settings.home``; raises ``ServerNotConfigured`` saying what to set."""
+    attribute, env = SERVER_SETTINGS[kind]
+    url = getattr(settings, attribute) or read_private_url(settings.home, kind)
+    if url is None:
+        raise ServerNotConfigured(f"no {kind} configured: set {env} or start `ledger serve` first")
+    return str(url)
+
+
+def private_url_file(base: Path, kind: str) -> Path:
+    """Where the URL of the private server of ``kind`` under ``base`` is recorded."""
+    return Path(base) / f"{kind}.url"
 
 
 class ConfigError(InvalidInput):

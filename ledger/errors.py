@@ -11,7 +11,7 @@ that says what failed and what to do.
     │     ValueRuleError, ConfigError, UsageError, WireError > UnknownEventType
     ├── OperationFailed (RuntimeError) the ledger or a server could not do what was asked
     │                                 (the CLI exits with status 1)
-    │     CommandRejected, LedgerTimeout, CliError > RebuildError, ServerError,
+    │     CommandRejected, LedgerTimeout, CliError, RebuildError, ServerError, ServerNotConfigured,
     │     ShardCountMismatch, LogError
     ├── Inconsistent (RuntimeError)   the log or stored state contradicts itself: a bug or damaged
     │                                 data, never bad input (exit status 1)
@@ -22,9 +22,9 @@ that says what failed and what to do.
 
 Driver errors (``redis.exceptions``, ``psycopg.Error``) are not wrapped where they happen: the
 runner retries them and the edges report them; the command line's ``FAILURES`` table
-(``ledger.cli``) turns each into one line naming the server and what to do.
+(``ledger.app.cli``) turns each into one line naming the server and what to do.
 
-Not in the tree: ``ledger.decider._Rejected``, the decider's internal control flow. It never
+Not in the tree: ``ledger.domain.decider._Rejected``, the decider's internal control flow. It never
 leaves ``decide`` (which returns it as a ``Rejection`` value), so no caller ever sees it; a bug
 that let it escape must show its traceback, not pass for a reported failure.
 

@@ -4,7 +4,7 @@ A shard's log is read once, in log order, from Redis (``ledger:{s}:events``, ent
 their ``n`` and ``hash`` fields) and from the PostgreSQL archive (``ledger_events`` rows with
 ``data_raw``, ``chain_n``, ``chain_hash``), merged by entry id, up to the chain head read first
 (``ledger:{s}:chain``; appends made meanwhile are left for the next check). Two views of the
-log are walked by ``ledger.chain.Walker``, each naming its first break:
+log are walked by ``ledger.store.chain.Walker``, each naming its first break:
 
 * **redis**: every entry Redis holds, and from the archive only what Redis no longer holds
   because it was trimmed (entries before Redis's first one); an entry missing from the middle of
@@ -29,18 +29,18 @@ from typing import Any
 import psycopg
 from redis.exceptions import ResponseError
 
-from ledger.chain import DISAGREE, Finding, Head, Link, Walker, chain_fields
-from ledger.keys import ShardKeys
-from ledger.redis_conn import entry_order, text
-from projections.log import PAGE, SEQ_MAX
+from ledger.sqlfiles import load_queries
+from ledger.store.chain import DISAGREE, Finding, Head, Link, Walker, chain_fields
+from ledger.store.keys import ShardKeys
+from ledger.store.log import PAGE, SEQ_MAX
+from ledger.store.redis_conn import entry_order, text
 from projections.projector import checkpoint
-from projections.sql import load_queries
 
 __all__ = ["PAGE", "ChainReport", "ShardChain", "read_head", "verify_chain"]
 
 REDIS, ARCHIVE = "redis", "archive"
 
-_SQL = load_queries("chain.sql")
+_SQL = load_queries("projections", "chain.sql")
 _END = (SEQ_MAX, SEQ_MAX)  # after every entry id
 
 Key = tuple[int, int]

@@ -18,7 +18,7 @@ CONTRACT §3) and the snapshots of the orders and positions it created (``ledger
   projector's tracking record), or that has none (a rejection), and older than the retention
   (its last event's entry time; for one without events, the time the append step recorded in
   ``ledger:{s}:outcomes:eventless``) is copied to PostgreSQL (``ledger_outcomes``, committed
-  first) and replaced by a marker (``ledger.eventstore.outcome_marker``: ``~`` and 20 hex digits
+  first) and replaced by a marker (``ledger.store.eventstore.outcome_marker``: ``~`` and 20 hex digits
   of the reply's SHA-1). A duplicate then gets the reply from PostgreSQL through the command
   handler's ``OutcomeReader``, byte for byte (the marker proves it), however long after.
 
@@ -43,16 +43,16 @@ from typing import Any
 import msgspec
 import psycopg
 
-from ledger.enums import FINAL_ORDER_STATUSES, PositionStatus
-from ledger.eventstore import MARKER_PREFIX, outcome_marker
-from ledger.keys import ShardKeys, outcome_ids
-from ledger.redis_conn import entry_order, text
-from ledger.state import OrderState, PositionState
-from ledger.values import now_ms
+from ledger.domain.enums import FINAL_ORDER_STATUSES, PositionStatus
+from ledger.domain.state import OrderState, PositionState
+from ledger.domain.values import now_ms
+from ledger.sqlfiles import load_queries
+from ledger.store.eventstore import MARKER_PREFIX, outcome_marker
+from ledger.store.keys import ShardKeys, outcome_ids
+from ledger.store.redis_conn import entry_order, text
 from projections.projector import checkpoint as archived_up_to
-from projections.sql import load_queries
 
-_SQL = load_queries("compact.sql")
+_SQL = load_queries("projections", "compact.sql")
 PAGE = 500
 COMPACTED = "compacted"
 

@@ -52,15 +52,17 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
 from consumers.deadletter import decode_events
-from consumers.runner import ConsumerSettings, Entry, LeaseLost, StreamConsumer
-from ledger import keys, wire
+from consumers.entries import Entry
+from consumers.runner import ConsumerSettings, LeaseLost, StreamConsumer
 from ledger.config import Settings
-from ledger.enums import PositionStatus
-from ledger.evolution import apply, position_from_event
-from ledger.mapping import ORDER, POSITION, order_changes
-from ledger.redis_conn import entry_order, text
-from ledger.state import StateError
-from ledger.values import now_ms
+from ledger.domain import wire
+from ledger.domain.enums import PositionStatus
+from ledger.domain.evolution import apply, position_from_event
+from ledger.domain.mapping import ORDER, POSITION, order_changes
+from ledger.domain.state import StateError
+from ledger.domain.values import now_ms
+from ledger.store import keys
+from ledger.store.redis_conn import entry_order, text
 
 GROUP = "ledger-projection"
 FINAL_ORDER_TTL_S = 7 * 24 * 3600
@@ -152,12 +154,12 @@ return 1
 
 
 def position_hash(event: wire.PositionEvent) -> dict[str, str]:
-    """The live hash of an open position after ``event`` (``ledger.mapping.POSITION``)."""
+    """The live hash of an open position after ``event`` (``ledger.domain.mapping.POSITION``)."""
     return POSITION.to_live(POSITION.values(position_from_event(event)))
 
 
 def order_hash(event: wire.OrderPlaced) -> dict[str, str]:
-    """The live hash of an order when it is placed (``ledger.mapping.ORDER``)."""
+    """The live hash of an order when it is placed (``ledger.domain.mapping.ORDER``)."""
     return ORDER.to_live(ORDER.values(apply(None, event)))
 
 

@@ -13,14 +13,14 @@ A batch of entries is applied in ONE PostgreSQL transaction:
    entry that failed earlier while later ones succeeded is still applied when retried);
 2. archive every event into ``ledger_events`` (unknown event types too, when their envelope is
    readable; CONTRACT §5; when it is not, the entry is skipped and recorded as a gap), with its
-   hash chain fields (``ledger.chain``): the exact data text (``data_raw``; the JSONB ``data``
+   hash chain fields (``ledger.store.chain``): the exact data text (``data_raw``; the JSONB ``data``
    reorders keys), its number ``chain_n`` and its ``chain_hash``;
 3. store every ``OrderFilled`` in ``fills``;
 4. upsert ``positions`` for ``PositionClosed`` / ``PositionLiquidated`` (the event carries the
    whole position);
 5. upsert ``orders`` for every order an event of the batch leaves in a final status (a late
    fill on a cancelled order included), with the full order state rebuilt by folding the
-   order's archived events (this batch's included) through ``ledger.evolution.apply``; when
+   order's archived events (this batch's included) through ``ledger.domain.evolution.apply``; when
    the archive misses one of them (its versions are not 1..n, or one cannot be applied) the
    order is written from its snapshot in Redis (``ledger:{s}:orders``) instead;
 6. fill the gaps (below) of the orders and positions just written;
@@ -70,20 +70,21 @@ import structlog
 from psycopg import errors as pg_errors
 from psycopg.types.json import Jsonb
 
-from consumers.runner import ConsumerSettings, Entry, StreamConsumer, Undeliverable
-from ledger import wire
-from ledger.chain import chain_fields
-from ledger.config import Settings
-from ledger.decider import Requirements
-from ledger.eventstore import EventStore
-from ledger.evolution import apply, position_from_event
-from ledger.keys import ShardKeys
-from ledger.mapping import ORDER, POSITION
-from ledger.redis_conn import entry_order, text
-from ledger.schema import apply_schema
-from ledger.state import Book, OrderState
-from ledger.values import check_identifier, ms_to_datetime
-from projections.sql import load_queries
+from consumers.entries import Entry
+from consumers.runner import ConsumerSettings, StreamConsumer, Undeliverable
+from ledger.config import Settings, known_url
+from ledger.domain import wire
+from ledger.domain.decider import Requirements
+from ledger.domain.evolution import apply, position_from_event
+from ledger.domain.mapping import ORDER, POSITION
+from ledger.domain.state import Book, OrderState
+from ledger.domain.values import check_identifier, ms_to_datetime
+from ledger.sqlfiles import load_queries
+from ledger.store.chain import chain_fields
+from ledger.store.eventstore import EventStore
+from ledger.store.keys import ShardKeys
+from ledger.store.redis_conn import entry_order, text
+from projections.schema import apply_schema
 
 __all__ = [
     "CRASH_HOOK_ENV",
@@ -122,8 +123,8 @@ VENUE_ID_CONSTRAINT = "orders_exchange_order_id_key"
 GAP_TYPE_LENGTH = 64  # projector_gaps.type
 GAP_CODE_LENGTH = 32  # projector_gaps.code
 
-# The upserts' column lists are put in from each aggregate's one declaration (ledger.mapping).
-_SQL = {**load_queries("projector.sql")}
+# The upserts' column lists are put in from each aggregate's one declaration (ledger.domain.mapping).
+_SQL = {**load_queries("projections", "projector.sql")}
 _SQL["upsert_position"] = POSITION.sql(_SQL["upsert_position"])
 _SQL["upsert_order"] = ORDER.sql(_SQL["upsert_order"])
 _POSITION_FINAL = (wire.PositionClosed, wire.PositionLiquidated)
@@ -293,13 +294,13 @@ def _fill_row(event: wire.OrderFilled) -> dict[str, Any]:
 
 
 def _position_row(event: wire.PositionEvent) -> dict[str, Any]:
-    """The history row of the position an event leaves (``ledger.mapping.POSITION``)."""
+    """The history row of the position an event leaves (``ledger.domain.mapping.POSITION``)."""
     row = POSITION.to_row(POSITION.values(position_from_event(event)))
     return {**row, "metadata": Jsonb(row["metadata"])}
 
 
 def _order_row(order: OrderState) -> dict[str, Any]:
-    """The history row of an order (``ledger.mapping.ORDER``); ``metadata`` is a dict, wrapped
+    """The history row of an order (``ledger.domain.mapping.ORDER``); ``metadata`` is a dict, wrapped
     in Jsonb when written (conflicts may still add to it)."""
     return ORDER.to_row(ORDER.values(order))
 
@@ -717,10 +718,8 @@ class ProjectorService:
 
 
 async def projector_role(redis: Any, settings: Settings) -> list[Any]:
-    """``ledger serve --role projector``: the factory registered in ``ledger.service.ROLES``."""
-    from ledger.service import database_url
-
-    url = await asyncio.to_thread(database_url, settings, start=True)
+    """``ledger serve --role projector``: the factory registered in ``ledger.app.service.ROLES``."""
+    url = known_url(settings, "postgres")
     return [ProjectorService(redis, url, settings.shards, settings=ConsumerSettings.from_settings(settings))]
 
 

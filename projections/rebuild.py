@@ -6,7 +6,7 @@ keys are rebuilt in place, and only where they differ. The machinery is ``ledger
 --repair``'s (``projections.verify``): the shards' log (both tiers, ``read_log``) is replayed
 through the live projection's own ``projections.live.plan`` into the expected keys up to the
 projection's checkpoint (the long part, with the projection running); then the projection is
-paused by taking its lease (``projections.pause``), the replay catches up to the now still
+paused by taking its lease (``consumers.pause``), the replay catches up to the now still
 checkpoint, every live key is compared and each that differs gets its expected content and
 fences in one script (atomic per key, also on a cluster); the lease is given back and the
 projection goes on from the same checkpoint. A key that was right is never touched, and a reader
@@ -19,7 +19,7 @@ defaults, constraints, indexes, storage and comments; each index then gets its o
 so the constraint names the projector relies on hold; the owner and the table privileges are
 copied). The rows come from the projector's own mapping, as ``ledger verify`` computes them: the
 log up to each shard's projector checkpoint through ``HistoryRows`` and
-``ledger.evolution.apply``, written with the projector's statements (``write_orders`` resolves
+``ledger.domain.evolution.apply``, written with the projector's statements (``write_orders`` resolves
 duplicate venue ids as the projector does). Then one transaction pauses every shard's projector
 (its tracking row in ``projector_checkpoints`` locked FOR UPDATE: a projector batch waits on it),
 blocks other writers of the three tables, catches the shadows up to the locked checkpoints,
@@ -48,26 +48,26 @@ from psycopg import sql
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ledger.cli import CliError
-from ledger.operations import record_operation
-from ledger.redis_conn import entry_order
+from ledger.errors import OperationFailed
+from ledger.sqlfiles import load_queries
+from ledger.store.log import log_size
+from ledger.store.operations import record_operation
+from ledger.store.redis_conn import entry_order
 from projections import live
-from projections.log import log_size
 from projections.projector import _SQL as PROJECTOR_SQL
 from projections.projector import PROJECTOR, HistoryRows, checkpoint, write_orders
-from projections.sql import load_queries
 from projections.verify import ExpectedLive, _expected_history, _id, _live_checkpoints, _Replay, _Scope, _Verifier
 
 __all__ = ["HISTORY_TABLES", "SHADOW_SCHEMA", "RebuildError", "Rebuilt", "rebuild_live", "rebuild_postgres"]
 
 HISTORY_TABLES = ("positions", "orders", "fills")
 SHADOW_SCHEMA = "ledger_rebuild"
-_SQL = load_queries("rebuild.sql")
+_SQL = load_queries("projections", "rebuild.sql")
 # "CREATE [UNIQUE] INDEX <name> ON [ONLY] <table> <rest>": what an index is, without its names.
 _INDEX_DEF = re.compile(r"CREATE (UNIQUE )?INDEX \S+ ON (?:ONLY )?\S+ (.*)", re.DOTALL)
 
 
-class RebuildError(CliError):
+class RebuildError(OperationFailed):
     """A rebuild that cannot be done as asked (nothing was swapped): one line, exit status 1."""
 
 

@@ -28,11 +28,11 @@ import structlog
 from redis.exceptions import ResponseError
 
 from consumers.runner import RETRYABLE
-from ledger.config import Settings
-from ledger.keys import ShardKeys
-from ledger.operations import record_operation
-from ledger.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
-from ledger.values import now_ms
+from ledger.config import Settings, known_url
+from ledger.domain.values import now_ms
+from ledger.store.keys import ShardKeys
+from ledger.store.operations import record_operation
+from ledger.store.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
 from projections.compact import Compaction, compact_shard
 from projections.projector import checkpoint as archived_up_to
 
@@ -210,7 +210,5 @@ async def retention_role(redis: Any, settings: Settings) -> list[Retention]:
     """``ledger serve --role retention``: nothing unless a retention is configured."""
     if settings.retention_ms is None:
         return []
-    from ledger.service import database_url
-
-    url = await asyncio.to_thread(database_url, settings, start=True)
+    url = known_url(settings, "postgres")
     return [Retention(redis, url, settings)]

@@ -1,10 +1,10 @@
 """``ledger verify``: prove that the live projection and the PostgreSQL history agree with the log.
 
 Every projection is rebuilt from the log with the live system's own code, never a second copy:
-the log is read with ``projections.log.read_log`` (both tiers), each event goes through
+the log is read with ``ledger.store.log.read_log`` (both tiers), each event goes through
 ``projections.live.plan`` (the live projection's hash builders and GRID handling) into
 ``ExpectedLive``, an in-memory sink of the same writes, and through
-``projections.projector.HistoryRows`` and ``ledger.evolution.apply`` (the projector's row
+``projections.projector.HistoryRows`` and ``ledger.domain.evolution.apply`` (the projector's row
 builders and order folding) into the expected PostgreSQL rows.
 
 **Lag is not a difference.** Each projection is compared up to the point of the log it has
@@ -54,19 +54,20 @@ from psycopg.types.json import Jsonb
 from psycopg.types.string import TextLoader
 from redis.exceptions import ResponseError
 
-from ledger import keys, wire
-from ledger.eventstore import StoredEvent
-from ledger.evolution import apply
-from ledger.keys import ShardKeys, shard_of
-from ledger.operations import Operation, record_operation
-from ledger.redis_conn import entry_order, text
-from ledger.state import OrderState, StateError
-from ledger.values import RULES, now_ms
+from consumers.pause import paused
+from ledger.domain import wire
+from ledger.domain.evolution import apply
+from ledger.domain.state import OrderState, StateError
+from ledger.domain.values import RULES, now_ms
+from ledger.sqlfiles import load_queries
+from ledger.store import keys
+from ledger.store.eventstore import StoredEvent
+from ledger.store.keys import ShardKeys, shard_of
+from ledger.store.log import read_log
+from ledger.store.operations import Operation, record_operation
+from ledger.store.redis_conn import entry_order, text
 from projections import live
-from projections.log import read_log
-from projections.pause import paused
 from projections.projector import PROJECTOR, HistoryRows, _Decoded, _order_row, checkpoint
-from projections.sql import load_queries
 
 __all__ = ["Difference", "ExpectedLive", "Report", "verify"]
 
@@ -78,7 +79,7 @@ SETTLE_S = 0.2  # how long a checkpoint must stand still before a difference is 
 READ_CHUNK = 500  # live keys per pipeline
 HASH, SET, OTHER = "hash", "set", "other"
 
-_SQL = load_queries("verify.sql")
+_SQL = load_queries("projections", "verify.sql")
 Key = tuple[int, int]
 
 # KEYS[1] a live key, KEYS[2] its fence. ARGV[1] the operation, ARGV[2] the member or hash field

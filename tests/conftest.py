@@ -6,7 +6,7 @@ stopped at the end of the session. For each kind of server the first available s
 1. an external server from the environment: ``LEDGER_TEST_REDIS_URL``,
    ``LEDGER_TEST_DATABASE_URL`` (a superuser URL), ``LEDGER_TEST_REDIS_CLUSTER_URL``;
 2. a testcontainers container, only if a Docker engine answers within ~2 s;
-3. a private local server from ``ledger.servers`` in a temp dir on a free port.
+3. a private local server from ``ledger.app.servers`` in a temp dir on a free port.
 
 Fixtures (function-scoped unless noted):
 
@@ -47,9 +47,7 @@ import pytest
 import redis as redis_lib
 import redis.asyncio as aioredis
 
-from ledger.schema import schema_sql
-from ledger.servers import (
-    Durability,
+from ledger.app.servers import (
     PostgresServer,
     RedisCluster,
     RedisServer,
@@ -57,6 +55,8 @@ from ledger.servers import (
     start_redis,
     start_redis_cluster,
 )
+from ledger.config import Durability
+from projections.schema import schema_sql
 
 TEMPLATE_DB = "ledger_template"
 

@@ -22,12 +22,13 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, TypeVar
 
-from ledger import wire
-from ledger.decider import Context, Decision, Rejection, decide, requirements
-from ledger.enums import PositionSide
-from ledger.evolution import evolve
-from ledger.state import Book, OrderState, PositionState
-from ledger.values import format_decimal
+from ledger.domain import wire
+from ledger.domain.decider import Context, Decision, Rejection, decide, requirements
+from ledger.domain.enums import PositionSide
+from ledger.domain.evolution import evolve
+from ledger.domain.state import Book, OrderState, PositionState
+from ledger.domain.values import format_decimal
+from ledger.venues.markets import instrument_table
 
 USER = "alice"
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z in epoch milliseconds
@@ -89,7 +90,7 @@ class Driver:
         command = self.command(type_name, **data)
         book = self.load(command)
         self.now += 1
-        result = decide(command, book, Context(now=self.now, new_id=self.new_id))
+        result = decide(command, book, Context(now=self.now, new_id=self.new_id, instruments=instrument_table()))
         if isinstance(result, Decision):
             evolve(self.store, result.events)
             self.log.extend(result.events)

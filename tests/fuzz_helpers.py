@@ -75,14 +75,14 @@ def internal_keys(shards: int, consumers: Iterable[Any]) -> dict[str, str]:
     """The ledger's own keys (key -> Redis type), as ``ledger/keys.py`` documents them.
 
     The project declares no single list of its internal keys, so they are gathered from
-    ``ledger.keys``: every key of ``ShardKeys`` (its slots), the dead-letter index of each dead
+    ``ledger.store.keys``: every key of ``ShardKeys`` (its slots), the dead-letter index of each dead
     stream (``dead_index``), and, for each consumer that runs, its try counters (``tries``) and
     its lease (``ShardKeys.lease``, the consumer's ``lease_key``). ``ledger:live:position-keys``
     (``POSITION_KEYS``) is the live projection's id -> key lookup. The fences of live keys
     (``keys.fence``) are matched by :func:`classify`.
     """
     from consumers.command_handler import OutcomeReader
-    from ledger import keys
+    from ledger.store import keys
 
     found = {keys.POSITION_KEYS: "hash"}
     for shard in range(shards):
@@ -107,7 +107,7 @@ def classify(key: str, shards: int, internal: dict[str, str]) -> tuple[str, str]
     A fence (``keys.fence(live_key)``, kept after its live key is gone) is allowed when its live
     key is one of CONTRACT §6 or ``POSITION_KEYS`` and the project's builder gives it back.
     """
-    from ledger import keys
+    from ledger.store import keys
 
     if key in internal:
         return "internal", internal[key]

@@ -22,8 +22,8 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 
 from ledger import Exchange, OrderManager, OrderStatus, PositionManager, PositionSide
+from ledger.app.service import serve
 from ledger.config import Settings, parse_execution
-from ledger.service import serve
 
 WEEK_S = 7 * 24 * 3600
 PLAIN_DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
@@ -126,7 +126,7 @@ async def running_ledger(
 
 
 async def _client_like(url: str) -> Any:
-    from ledger.redis_conn import connect
+    from ledger.store.redis_conn import connect
 
     return await connect(url)
 

@@ -15,9 +15,9 @@ import psycopg_pool
 from consumers.command_handler import GROUP as HANDLER_GROUP
 from consumers.command_handler import CommandHandler
 from consumers.runner import ConsumerSettings, StreamConsumer
-from ledger.eventstore import EventStore
-from ledger.keys import ShardKeys, shard_of
-from ledger.redis_conn import ensure_shard_count
+from ledger.store.eventstore import EventStore
+from ledger.store.keys import ShardKeys, shard_of
+from ledger.store.redis_conn import ensure_shard_count
 from projections.live import LiveProjection
 from projections.projector import open_pool, projector_consumer
 

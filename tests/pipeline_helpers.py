@@ -190,7 +190,7 @@ def events_per_command(events: Iterable[LoggedEvent]) -> Counter[tuple[str, str]
 
 def check_envelope(event: LoggedEvent, *, command_id: str, user_id: str, version: int) -> None:
     """CONTRACT §5: fields type/data (plus the hash chain's n and hash, an addition readers
-    ignore: ledger.chain); data carries the full envelope."""
+    ignore: ledger.store.chain); data carries the full envelope."""
     assert set(event.raw_fields) == {"type", "data", "n", "hash"}
     data = event.data
     assert ENVELOPE <= set(data), f"missing envelope fields: {ENVELOPE - set(data)}"
@@ -211,8 +211,8 @@ def check_envelope(event: LoggedEvent, *, command_id: str, user_id: str, version
 @contextlib.asynccontextmanager
 async def serving(url: str, shards: int, home: Path, **overrides: Any) -> AsyncIterator[asyncio.Task[None]]:
     """``serve`` with the handler role in a background task of this event loop."""
+    from ledger.app.service import serve
     from ledger.config import Settings
-    from ledger.service import serve
 
     settings = Settings(redis_url=url, shards=shards, home=home, **overrides)
     stop = asyncio.Event()

@@ -36,7 +36,7 @@ from ledger import (
     PositionSide,
     PositionStatus,
 )
-from projections.queries import order_from_hash
+from ledger.client.queries import order_from_hash
 from tests.live_helpers import (
     BTC,
     ETH,

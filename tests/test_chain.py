@@ -4,7 +4,7 @@ named by its entry; ``ledger checkpoint`` and ``--expect``.
 
 The log is made by the real command handler (deterministic clock and ids) on a real Redis or
 Redis Cluster and archived by the real projector into a real PostgreSQL. The expected hashes
-are computed here from the contract of ``ledger.chain`` with ``hashlib``, never read back from
+are computed here from the contract of ``ledger.store.chain`` with ``hashlib``, never read back from
 the code under test.
 """
 
@@ -23,10 +23,10 @@ import psycopg_pool
 import pytest
 
 from consumers.command_handler import CommandHandler
-from consumers.runner import Entry
-from ledger.chain import Finding
-from ledger.eventstore import EventStore
-from ledger.redis_conn import ensure_shard_count
+from consumers.entries import Entry
+from ledger.store.chain import Finding
+from ledger.store.eventstore import EventStore
+from ledger.store.redis_conn import ensure_shard_count
 from projections.chain_check import ChainReport, verify_chain
 from projections.projector import Projector, open_pool
 from tests.audit_helpers import ledger_cli

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from ledger.app.servers import free_port
 from ledger.config import MAX_SHARDS, ConfigError, Settings
-from ledger.redis_conn import ShardCountMismatch, ensure_shard_count, recorded_shards
-from ledger.servers import free_port
-from ledger.values import RULES
+from ledger.domain.values import RULES
+from ledger.store.redis_conn import ShardCountMismatch, ensure_shard_count, recorded_shards
 
 LEDGER_BIN = Path(sys.executable).parent / "ledger"
 USER_RULE = RULES["user_id"].description

@@ -22,12 +22,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumers.command_handler import OutcomeReader
-from ledger import wire
-from ledger.decider import Decision, Rejection
-from ledger.eventstore import EventStore, outcome_marker
-from ledger.keys import ShardKeys
-from ledger.replay import replay
-from ledger.state import OrderState, PositionState
+from ledger.app.replay import replay
+from ledger.domain import wire
+from ledger.domain.decider import Decision, Rejection
+from ledger.domain.state import OrderState, PositionState
+from ledger.store.eventstore import EventStore, outcome_marker
+from ledger.store.keys import ShardKeys
 from projections.compact import compact_order, compact_position, compact_shard
 from projections.trim import retention_pass
 from projections.verify import verify

@@ -10,11 +10,11 @@ from decimal import Decimal
 
 import pytest
 
-from ledger import wire
-from ledger.decider import Decision, RejectCode
-from ledger.enums import PositionStatus
-from ledger.evolution import apply
-from ledger.state import StateError
+from ledger.domain import wire
+from ledger.domain.decider import Decision, RejectCode
+from ledger.domain.enums import PositionStatus
+from ledger.domain.evolution import apply
+from ledger.domain.state import StateError
 from tests.domain_helpers import INVERSE, LINEAR, Driver, of_type, replay
 
 # --------------------------------------------------------------------------- 1. one position per side

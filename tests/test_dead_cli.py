@@ -18,10 +18,11 @@ from typing import Any
 import psycopg
 
 from consumers.command_handler import GROUP as HANDLER_GROUP
-from consumers.runner import Entry, StreamConsumer, Undeliverable
-from ledger.keys import OPERATIONS, ShardKeys, dead_index, retries
-from ledger.operations import actor, iso_time
-from ledger.redis_conn import ensure_shard_count
+from consumers.entries import Entry
+from consumers.runner import StreamConsumer, Undeliverable
+from ledger.store.keys import OPERATIONS, ShardKeys, dead_index, retries
+from ledger.store.operations import actor, iso_time
+from ledger.store.redis_conn import ensure_shard_count
 from projections.projector import PROJECTOR
 from tests.audit_helpers import FAST, KEYS, SYMBOL, USER, Ledger, entries, ledger_cli, projector
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from consumers.runner import Entry
-from ledger.dead import FIELD_WIDTH, printable
-from ledger.keys import ShardKeys
-from ledger.operations import iso_time
-from ledger.redis_conn import connect, ensure_shard_count
+from consumers.entries import Entry
+from ledger.app.dead import FIELD_WIDTH, printable
+from ledger.store.keys import ShardKeys
+from ledger.store.operations import iso_time
+from ledger.store.redis_conn import connect, ensure_shard_count
 from projections.live import GROUP as LIVE_GROUP
 from projections.live import LiveProjection
 from tests.audit_helpers import ledger_cli

@@ -12,9 +12,9 @@ from decimal import Decimal as D
 
 import pytest
 
-from ledger import wire
-from ledger.decider import RejectCode
-from ledger.enums import OrderStatus, PositionStatus
+from ledger.domain import wire
+from ledger.domain.decider import RejectCode
+from ledger.domain.enums import OrderStatus, PositionStatus
 from tests.domain_helpers import LINEAR, SPOT, Driver, of_type
 
 UNKNOWN_ID = str(uuid.UUID(int=0xDEADBEEF))

@@ -17,38 +17,39 @@ import redis.exceptions
 import consumers
 import ledger
 import projections
-from ledger.cli import EXIT_FAILURE, EXIT_USAGE, failure_line
+from ledger.app.cli import EXIT_FAILURE, EXIT_USAGE, failure_line
+from ledger.domain.state import StateError
+from ledger.domain.wire import WireError
 from ledger.errors import HandlingSignal, Inconsistent, InvalidInput, LedgerError, OperationFailed
-from ledger.state import StateError
-from ledger.wire import WireError
 
 PACKAGES = (ledger, consumers, projections)
 
 # Every exception class the product defines: (its family, the built-in class it keeps).
 EXPECTED: dict[str, tuple[type[LedgerError], type[Exception]]] = {
-    "ledger.api.CommandRejected": (OperationFailed, RuntimeError),
-    "ledger.api.LedgerTimeout": (OperationFailed, RuntimeError),
-    "ledger.cli.CliError": (OperationFailed, RuntimeError),
-    "ledger.cli.UsageError": (InvalidInput, ValueError),
+    "ledger.client.api.CommandRejected": (OperationFailed, RuntimeError),
+    "ledger.client.api.LedgerTimeout": (OperationFailed, RuntimeError),
+    "ledger.app.console.CliError": (OperationFailed, RuntimeError),
+    "ledger.app.console.UsageError": (InvalidInput, ValueError),
     "ledger.config.ConfigError": (InvalidInput, ValueError),
     "ledger.errors.HandlingSignal": (HandlingSignal, Exception),
     "ledger.errors.Inconsistent": (Inconsistent, RuntimeError),
     "ledger.errors.InvalidInput": (InvalidInput, ValueError),
     "ledger.errors.LedgerError": (LedgerError, Exception),
     "ledger.errors.OperationFailed": (OperationFailed, RuntimeError),
-    "ledger.redis_conn.ShardCountMismatch": (OperationFailed, RuntimeError),
-    "ledger.servers.ServerError": (OperationFailed, RuntimeError),
-    "ledger.state.StateError": (Inconsistent, RuntimeError),
-    "ledger.values.ValueRuleError": (InvalidInput, ValueError),
-    "ledger.wire.UnknownEventType": (InvalidInput, ValueError),
-    "ledger.wire.WireError": (InvalidInput, ValueError),
-    "projections.log.LogError": (OperationFailed, RuntimeError),
+    "ledger.store.redis_conn.ShardCountMismatch": (OperationFailed, RuntimeError),
+    "ledger.app.servers.ServerError": (OperationFailed, RuntimeError),
+    "ledger.config.ServerNotConfigured": (OperationFailed, RuntimeError),
+    "ledger.domain.state.StateError": (Inconsistent, RuntimeError),
+    "ledger.domain.values.ValueRuleError": (InvalidInput, ValueError),
+    "ledger.domain.wire.UnknownEventType": (InvalidInput, ValueError),
+    "ledger.domain.wire.WireError": (InvalidInput, ValueError),
+    "ledger.store.log.LogError": (OperationFailed, RuntimeError),
     "projections.rebuild.RebuildError": (OperationFailed, RuntimeError),
     "consumers.runner.LeaseLost": (HandlingSignal, Exception),
     "consumers.runner.Undeliverable": (HandlingSignal, Exception),
 }
 # The decider's internal control flow: caught in `decide`, returned as a `Rejection` value.
-OUTSIDE = {"ledger.decider._Rejected"}
+OUTSIDE = {"ledger.domain.decider._Rejected"}
 
 
 def _modules() -> list[str]:
@@ -85,7 +86,7 @@ def test_every_exception_class_of_the_product_is_under_the_one_root() -> None:
 
 
 def test_the_root_is_public_where_it_always_was() -> None:
-    from ledger import api
+    from ledger.client import api
 
     assert ledger.LedgerError is api.LedgerError is LedgerError
     assert issubclass(ledger.CommandRejected, LedgerError) and issubclass(ledger.LedgerTimeout, LedgerError)

@@ -7,8 +7,8 @@ import json
 
 from consumers.command_handler import GROUP, CommandHandler
 from consumers.runner import StreamConsumer
-from ledger import wire
-from ledger.eventstore import EventStore
+from ledger.domain import wire
+from ledger.store.eventstore import EventStore
 
 
 async def _handle(redis, store: EventStore, *commands: tuple[str, dict]) -> list[dict]:

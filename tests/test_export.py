@@ -12,8 +12,8 @@ from typing import Any
 
 import psycopg
 
-from ledger.export import ENVELOPE, Progress
-from ledger.keys import ShardKeys
+from ledger.app.export import ENVELOPE, Progress
+from ledger.store.keys import ShardKeys
 from tests.audit_helpers import ledger_cli
 from tests.log_helpers import Rig
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from ledger.keys import ShardKeys
-from ledger.redis_conn import ensure_shard_count
+from ledger.store.keys import ShardKeys
+from ledger.store.redis_conn import ensure_shard_count
 from tests.audit_helpers import LEDGER_BIN
 
 pytestmark = [

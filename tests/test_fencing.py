@@ -20,10 +20,11 @@ import pytest
 
 from consumers.command_handler import GROUP as HANDLER_GROUP
 from consumers.command_handler import CommandHandler
+from consumers.entries import Entry
 from consumers.paper import PaperKeys, PaperVenue
-from consumers.runner import ConsumerSettings, Entry, LeaseLost, StreamConsumer
-from ledger.eventstore import EventStore
-from ledger.keys import ShardKeys
+from consumers.runner import ConsumerSettings, LeaseLost, StreamConsumer
+from ledger.store.eventstore import EventStore
+from ledger.store.keys import ShardKeys
 from projections.live import LiveProjection
 from projections.projector import Projector, checkpoint, lease_key, open_pool
 from tests.live_helpers import hash_of, members, snapshot

@@ -62,7 +62,7 @@ from hypothesis import strategies as st
 from consumers.command_handler import handler_role
 from consumers.runner import ConsumerSettings, StreamConsumer
 from ledger.config import Settings, parse_execution
-from ledger.redis_conn import connect, ensure_shard_count
+from ledger.store.redis_conn import connect, ensure_shard_count
 from projections.live import projection_role
 from projections.projector import open_pool, projector_consumer
 from tests.fuzz_helpers import (

@@ -14,8 +14,8 @@ from typing import Any
 
 import psycopg
 
-from ledger.operations import iso_time
-from ledger.servers import free_port
+from ledger.app.servers import free_port
+from ledger.store.operations import iso_time
 from tests.audit_helpers import KEYS, SYMBOL, USER, Ledger, entries, ledger_cli, projector
 
 ORDER_FIELDS = ("status", "filled_qty", "avg_fill_price", "exchange_order_id", "fill_ids", "version")

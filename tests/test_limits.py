@@ -1,6 +1,6 @@
 """Whatever the command handler accepts, every store can hold (issue 7, defect 2).
 
-The limits are declared once (``ledger.values.RULES`` and the wire types); this file checks them
+The limits are declared once (``ledger.domain.values.RULES`` and the wire types); this file checks them
 against the columns of ``schema.sql`` as a real PostgreSQL reports them, against what
 PostgreSQL's JSONB, NUMERIC and TIMESTAMPTZ take, and against Python's datetime range.
 """
@@ -16,9 +16,9 @@ import msgspec
 import psycopg
 import pytest
 
-from ledger import wire
-from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide, PositionStatus
-from ledger.values import (
+from ledger.domain import wire
+from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide, PositionStatus
+from ledger.domain.values import (
     MAX_AMOUNT,
     MAX_FRACTION_DIGITS,
     MAX_INTEGER_DIGITS,

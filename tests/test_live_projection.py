@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from redis import exceptions as redis_errors
 
-from consumers.runner import ConsumerSettings, Entry, StreamConsumer
+from consumers.entries import Entry
+from consumers.runner import ConsumerSettings, StreamConsumer
 from ledger import OrderManager, OrderStatus
 from projections.live import GROUP, LiveProjection
 from tests.live_helpers import (

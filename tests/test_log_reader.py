@@ -9,9 +9,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from ledger.eventstore import EventStore, StoredEvent
-from ledger.keys import ShardKeys
-from projections.log import LogError, read_log
+from ledger.store.eventstore import EventStore, StoredEvent
+from ledger.store.keys import ShardKeys
+from ledger.store.log import LogError, read_log
 from tests.log_helpers import Rig, log_entries
 
 USER = "reader-1"

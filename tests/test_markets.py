@@ -15,12 +15,12 @@ import ccxt.async_support
 import pytest
 from venue_server import recorded_venue, recording
 
-from ledger.cli import main
-from ledger.enums import Exchange, InstrumentKind
-from ledger.instruments import Instrument, classify, instrument_for
-from ledger.servers import free_port
+from ledger.app.cli import main
+from ledger.app.servers import free_port
+from ledger.domain.enums import Exchange, InstrumentKind
+from ledger.domain.instruments import Instrument, classify, instrument_for
 from ledger.venues import exchanges
-from ledger.venues.markets import MarketError, Markets, bundled, snapshot_path
+from ledger.venues.markets import MarketError, Markets, bundled, instrument_table, snapshot_path
 
 D = Decimal
 OKX, BINANCE, UPBIT = Exchange.OKX, Exchange.BINANCE, Exchange.UPBIT
@@ -134,24 +134,28 @@ def test_an_unknown_market_says_how_to_list_or_add_markets() -> None:
 
 
 def test_instruments_of_known_markets_come_from_the_market() -> None:
-    assert instrument_for(OKX, "BTC-USDT-SWAP") == Instrument(
+    assert instrument_for(OKX, "BTC-USDT-SWAP", instrument_table()) == Instrument(
         InstrumentKind.LINEAR, "BTC", "USDT", "USDT", D(1), D("0.01"), "BTC/USDT:USDT"
     )
     inverse = Instrument(InstrumentKind.INVERSE, "BTC", "USD", "BTC", D(100), D(100), "BTC/USD:BTC")
-    assert instrument_for(OKX, "BTC-USD-SWAP") == inverse == instrument_for(OKX, "btc/usd:btc")
-    assert instrument_for(BINANCE, "BTCUSD_PERP") == inverse
-    assert instrument_for(BINANCE, "BTCUSDT").kind is InstrumentKind.SPOT  # the default type
-    assert instrument_for(UPBIT, "KRW-BTC") == Instrument(
+    assert (
+        instrument_for(OKX, "BTC-USD-SWAP", instrument_table())
+        == inverse
+        == instrument_for(OKX, "btc/usd:btc", instrument_table())
+    )
+    assert instrument_for(BINANCE, "BTCUSD_PERP", instrument_table()) == inverse
+    assert instrument_for(BINANCE, "BTCUSDT", instrument_table()).kind is InstrumentKind.SPOT  # the default type
+    assert instrument_for(UPBIT, "KRW-BTC", instrument_table()) == Instrument(
         InstrumentKind.SPOT, "BTC", "KRW", "KRW", D(1), D(1), "BTC/KRW"
     )
 
 
 def test_symbols_not_in_the_snapshot_keep_the_shape_rule() -> None:
-    assert instrument_for(OKX, "DOGE-USD-SWAP") == classify(OKX, "DOGE-USD-SWAP")
-    assert instrument_for(OKX, "DOGE-USD-SWAP") == Instrument(
+    assert instrument_for(OKX, "DOGE-USD-SWAP", instrument_table()) == classify(OKX, "DOGE-USD-SWAP")
+    assert instrument_for(OKX, "DOGE-USD-SWAP", instrument_table()) == Instrument(
         InstrumentKind.INVERSE, "DOGE", "USD", "DOGE", D(10), D(10)
     )
-    assert instrument_for(BINANCE, "SOLUSDT").market is None
+    assert instrument_for(BINANCE, "SOLUSDT", instrument_table()).market is None
 
 
 def test_the_domain_takes_instrument_data_as_input() -> None:
@@ -163,8 +167,10 @@ def test_the_domain_takes_instrument_data_as_input() -> None:
 
 def test_the_domain_imports_no_ccxt() -> None:
     code = (
-        "import sys; import ledger.decider, ledger.arithmetic; from ledger.instruments import instrument_for;"
-        "from ledger.enums import Exchange; instrument_for(Exchange.OKX, 'BTC-USD-SWAP');"
+        "import sys; import ledger.domain.decider, ledger.domain.arithmetic;"
+        "from ledger.domain.instruments import instrument_for;"
+        "from ledger.domain.enums import Exchange; from ledger.venues.markets import instrument_table;"
+        "instrument_for(Exchange.OKX, 'BTC-USD-SWAP', instrument_table());"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ccxt'))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

@@ -39,11 +39,11 @@ from hypothesis.stateful import (
 )
 
 from consumers.command_handler import handler_role
-from ledger import wire
 from ledger.config import Settings, parse_execution
-from ledger.evolution import evolve
-from ledger.redis_conn import connect
-from ledger.state import Book
+from ledger.domain import wire
+from ledger.domain.evolution import evolve
+from ledger.domain.state import Book
+from ledger.store.redis_conn import connect
 from projections.live import projection_role
 
 USERS = ("alice", "bob")

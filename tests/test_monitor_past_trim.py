@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from ledger import OrderManager
-from projections.log import LogError
+from ledger.store.log import LogError
 from tests.log_helpers import Rig, log_entries
 
 USER = "monitor-user"

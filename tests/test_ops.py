@@ -12,8 +12,8 @@ from typing import Any
 import psycopg
 import redis.asyncio as aioredis
 
-from ledger.cli import LAG_PAGE, group_lag
-from ledger.servers import RedisServer, free_port
+from ledger.app.cli import LAG_PAGE, group_lag
+from ledger.app.servers import RedisServer, free_port
 
 LEDGER_BIN = Path(sys.executable).parent / "ledger"
 COMMANDS = "ledger:{0}:commands"

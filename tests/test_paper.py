@@ -28,10 +28,10 @@ from consumers.paper import (
 )
 from consumers.runner import ConsumerSettings, StreamConsumer
 from ledger.config import ConfigError, Settings, parse_execution
-from ledger.enums import Exchange, OrderSide, OrderStatus, OrderType
-from ledger.eventstore import EventStore
-from ledger.keys import ShardKeys, marks
-from ledger.values import RULES
+from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType
+from ledger.domain.values import RULES
+from ledger.store.eventstore import EventStore
+from ledger.store.keys import ShardKeys, marks
 
 USER = "alice"
 LINEAR = "BTC-USDT-SWAP"

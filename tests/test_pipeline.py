@@ -29,9 +29,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumers.command_handler import GROUP, CommandHandler
-from consumers.runner import ConsumerSettings, Entry, StreamConsumer
-from ledger.eventstore import AppendResult, EventStore
-from ledger.redis_conn import ShardCountMismatch, connect, ensure_shard_count
+from consumers.entries import Entry
+from consumers.runner import ConsumerSettings, StreamConsumer
+from ledger.store.eventstore import AppendResult, EventStore
+from ledger.store.redis_conn import ShardCountMismatch, connect, ensure_shard_count
 from tests.pipeline_helpers import (
     ENTRY_ID_RE,
     SYMBOL,

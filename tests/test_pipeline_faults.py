@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from consumers.command_handler import GROUP, CommandHandler
-from consumers.runner import ConsumerSettings, Entry, StreamConsumer
-from ledger.eventstore import EventStore
-from ledger.redis_conn import connect
+from consumers.entries import Entry
+from consumers.runner import ConsumerSettings, StreamConsumer
+from ledger.store.eventstore import EventStore
+from ledger.store.redis_conn import connect
 from tests.pipeline_helpers import (
     ServeProcess,
     assert_gapless,

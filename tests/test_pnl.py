@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
-from ledger import wire
-from ledger.enums import OrderStatus, PositionSide, PositionStatus
-from ledger.models import Fill, Order, PnLInfo, Position
+from ledger.client.models import Fill, Order, PnLInfo, Position
+from ledger.domain import wire
+from ledger.domain.enums import OrderStatus, PositionSide, PositionStatus
 from tests.domain_helpers import INVERSE, LINEAR, USER, Driver, of_type
 
 # --------------------------------------------------------------------------- linear long

@@ -27,9 +27,9 @@ import pytest
 from consumers.command_handler import GROUP as HANDLER_GROUP
 from consumers.command_handler import CommandHandler
 from consumers.runner import ConsumerSettings, StreamConsumer
-from ledger.eventstore import EventStore
-from ledger.keys import ShardKeys
-from projections.history import closed_positions, final_orders
+from ledger.client.history import closed_positions, final_orders
+from ledger.store.eventstore import EventStore
+from ledger.store.keys import ShardKeys
 from projections.projector import (
     PROJECTOR,
     Projector,
@@ -448,7 +448,7 @@ async def test_projector_handle_is_one_transaction(
     await open_and_close(ledger)
     await pg.execute("ALTER TABLE positions ADD CONSTRAINT test_no_positions CHECK (status = 'open') NOT VALID")
     entries = await redis.xrange(KEYS.events)
-    from consumers.runner import Entry
+    from consumers.entries import Entry
 
     projector = Projector(pool, redis, 0)
     with pytest.raises(psycopg.errors.CheckViolation):
@@ -475,7 +475,7 @@ def _serve(redis_url: str, database_url: str, home: Path, **env: str) -> subproc
         **env,
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "ledger.cli", "serve", "--role", "projector"],
+        [sys.executable, "-m", "ledger.app.cli", "serve", "--role", "projector"],
         cwd=ROOT,
         env=environment,
         stdout=subprocess.PIPE,

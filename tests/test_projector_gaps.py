@@ -17,8 +17,8 @@ import psycopg
 import pytest
 
 from consumers.runner import ConsumerSettings
-from ledger import wire
-from ledger.redis_conn import connect
+from ledger.domain import wire
+from ledger.store.redis_conn import connect
 from projections.projector import PROJECTOR, open_gaps, projector_consumer
 from tests import test_projector
 from tests.test_projector import KEYS, SYMBOL, Ledger, count, one, pending, place

@@ -19,12 +19,13 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ledger import wire
-from ledger.decider import Decision
-from ledger.enums import FINAL_ORDER_STATUSES, PositionStatus
-from ledger.evolution import evolve
-from ledger.instruments import instrument_for
-from ledger.state import Book
+from ledger.domain import wire
+from ledger.domain.decider import Decision
+from ledger.domain.enums import FINAL_ORDER_STATUSES, PositionStatus
+from ledger.domain.evolution import evolve
+from ledger.domain.instruments import instrument_for
+from ledger.domain.state import Book
+from ledger.venues.markets import instrument_table
 from tests.domain_helpers import INVERSE, LINEAR, SPOT, Driver, fraction, of_type, replay
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -220,7 +221,7 @@ def test_sizes_never_go_negative(operations: list[tuple[Any, ...]]) -> None:
         assert fraction(position.size) == fraction(position.entry_qty) - fraction(position.exit_qty)
         assert (position.size > 0) == (position.status is PositionStatus.OPEN)
         assert fraction(position.realized_pnl) == (fraction(position.gross_pnl) - fraction(position.fees))
-        if instrument_for(position.exchange, position.symbol).kind == "spot":
+        if instrument_for(position.exchange, position.symbol, instrument_table()).kind == "spot":
             assert position.side == "long", "spot has no short side"
     for order in driver.store.orders.values():
         assert order is not None and order.filled_qty >= 0 and order.remaining_qty >= 0

@@ -18,8 +18,8 @@ import pytest
 import structlog
 
 from ledger import OrderManager, OrderStatus, PositionManager
-from ledger.models import parse_mark, read_mark
-from projections import queries
+from ledger.client import queries
+from ledger.client.models import parse_mark, read_mark
 from tests.live_helpers import BTC, ETH, hash_of, members, quiesce, running_ledger, wait_for, wait_order_status
 from tests.test_paper import Rig
 

@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from ledger.service import ROLES
+from ledger.app.service import ROLES
 from tests.live_helpers import running_ledger
 from tests.pipeline_helpers import ROOT, ledger_env
 

@@ -19,9 +19,9 @@ import pytest
 
 from consumers.paper import PaperKeys
 from ledger import OrderManager, OrderStatus
-from ledger.keys import OPERATIONS, ShardKeys, marks
+from ledger.store.keys import OPERATIONS, ShardKeys, marks
+from ledger.store.log import LogError
 from projections.live import LiveProjection
-from projections.log import LogError
 from projections.projector import PROJECTOR, checkpoint
 from projections.rebuild import rebuild_postgres
 from projections.trim import trim_shard

@@ -13,11 +13,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from ledger.cli import ORDER_COLUMNS
-from ledger.keys import ShardKeys
-from ledger.operations import iso_time
-from ledger.replay import REPLAY_POSITION_COLUMNS, parse_moment
-from projections.queries import order_hashes, position_hashes
+from ledger.app.console import ORDER_COLUMNS
+from ledger.app.replay import REPLAY_POSITION_COLUMNS, parse_moment
+from ledger.client.queries import order_hashes, position_hashes
+from ledger.store.keys import ShardKeys
+from ledger.store.operations import iso_time
 from tests.audit_helpers import ledger_cli
 from tests.log_helpers import SYMBOL, T0, Rig, log_entries
 

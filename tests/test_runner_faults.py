@@ -27,8 +27,9 @@ from redis import exceptions as redis_errors
 
 from consumers.command_handler import GROUP, CommandHandler
 from consumers.deadletter import MAX_FIELDS, Reply, write_dead_letter
-from consumers.runner import UNFINISHED, ConsumerSettings, Entry, StreamConsumer
-from ledger.eventstore import EventStore
+from consumers.entries import Entry
+from consumers.runner import UNFINISHED, ConsumerSettings, StreamConsumer
+from ledger.store.eventstore import EventStore
 from tests.pipeline_helpers import (
     ROOT,
     commands_key,

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from ledger.schema import apply_schema, schema_path, schema_sql
+from projections.schema import apply_schema, schema_path, schema_sql
 
 UUID_ = ("uuid", None, "NO")
 TS = ("timestamp with time zone", None, "NO")
@@ -104,7 +104,7 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, int | None, str]]] = {
         "user_id": vc(64),
         "data": ("jsonb", None, "NO"),
         "ts": TS,
-        "data_raw": ("text", None, "YES"),  # the hash chain (ledger.chain): NULL before it existed
+        "data_raw": ("text", None, "YES"),  # the hash chain (ledger.store.chain): NULL before it existed
         "chain_n": ("bigint", None, "YES"),
         "chain_hash": ("text", None, "YES"),
     },

@@ -1,4 +1,4 @@
-"""ledger.servers: real local servers that stop, crash, restart and are found again."""
+"""ledger.app.servers: real local servers that stop, crash, restart and are found again."""
 
 from __future__ import annotations
 
@@ -17,10 +17,7 @@ import pytest
 import redis as redis_lib
 import structlog
 
-from ledger.config import ConfigError, Settings
-from ledger.servers import (
-    DEFAULT_DURABILITY,
-    Durability,
+from ledger.app.servers import (
     PostgresServer,
     RedisServer,
     ServerError,
@@ -28,12 +25,12 @@ from ledger.servers import (
     ensure_private_redis,
     find_binary,
     free_port,
-    read_private_url,
     start_postgres,
     start_redis,
     url_answers,
 )
-from ledger.service import warn_about_redis
+from ledger.app.service import warn_about_redis
+from ledger.config import DEFAULT_DURABILITY, ConfigError, Durability, Settings, read_private_url
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +140,7 @@ def test_private_servers_are_reused_and_outlive_their_starter(workdir: Path) -> 
     # uses (./.ledger): the servers must keep running.
     code = (
         "import sys; from pathlib import Path;"
-        "from ledger.servers import ensure_private_redis, ensure_private_postgres;"
+        "from ledger.app.servers import ensure_private_redis, ensure_private_postgres;"
         "b = Path(sys.argv[1]);"
         "print(ensure_private_redis(b)); print(ensure_private_postgres(b))"
     )

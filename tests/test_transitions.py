@@ -1,12 +1,12 @@
-"""The order transition table (``ledger.transitions``), pair by pair, and what derives from it.
+"""The order transition table (``ledger.domain.transitions``), pair by pair, and what derives from it.
 Pure: no servers."""
 
 from __future__ import annotations
 
 import pytest
 
-from ledger.enums import FINAL_ORDER_STATUSES, OPEN_ORDER_STATUSES, OrderStatus
-from ledger.transitions import (
+from ledger.domain.enums import FINAL_ORDER_STATUSES, OPEN_ORDER_STATUSES, OrderStatus
+from ledger.domain.transitions import (
     FILLABLE_ORDER_STATUSES,
     FINAL_EVENT_TYPES,
     LATE_FILL_STATUSES,

@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 
 from ledger.config import Settings
-from ledger.eventstore import EventStore
-from projections.log import read_log
+from ledger.store.eventstore import EventStore
+from ledger.store.log import read_log
 from projections.trim import StreamTrim, retention_role, trim_shard
 from tests.log_helpers import Rig, log_entries
 

@@ -18,8 +18,8 @@ from typing import Any
 import psycopg
 
 from ledger import OrderStatus
-from ledger.cli import _table
-from ledger.keys import OPERATIONS, shard_of
+from ledger.app.console import table as render_table
+from ledger.store.keys import OPERATIONS, shard_of
 from projections.live import LiveProjection
 from projections.projector import checkpoint
 from projections.verify import ABSENT, POSTGRES, REDIS, Difference, verify
@@ -155,8 +155,8 @@ async def test_each_tampering_is_reported_and_repair_fixes_the_live_ones(
 
         run = await cli_verify(tmp_path, redis_url, database_url)
         assert run.status == 1, run.stderr
-        *table, summary = run.stdout.splitlines()
-        assert table == _table([d.as_dict() for d in live + history], COLUMNS).splitlines()
+        *lines, summary = run.stdout.splitlines()
+        assert lines == render_table([d.as_dict() for d in live + history], COLUMNS).splitlines()
         assert summary.startswith("live state and history 12 differences from the log (shard 0: live at ")
 
         run = await cli_verify(tmp_path, redis_url, database_url, "--json", "--repair")

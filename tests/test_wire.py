@@ -1,4 +1,4 @@
-"""The wire codec (CONTRACT §1, §3, §5) and the value rules of ``ledger.values``."""
+"""The wire codec (CONTRACT §1, §3, §5) and the value rules of ``ledger.domain.values``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from ledger import wire
-from ledger.enums import Exchange, OrderSide, OrderType, PositionSide
-from ledger.values import ValueRuleError, format_decimal, parse_decimal
+from ledger.domain import wire
+from ledger.domain.enums import Exchange, OrderSide, OrderType, PositionSide
+from ledger.domain.values import ValueRuleError, format_decimal, parse_decimal
 from tests.domain_helpers import INVERSE, LINEAR, Driver, of_type
 
 OID = "00000000-0000-0000-0000-00000000002a"

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import ccxt
 import ccxt.async_support
 
-from ledger.enums import Exchange
+from ledger.domain.enums import Exchange
 from ledger.errors import InvalidInput, OperationFailed
 from ledger.venues.markets import DEFAULT_TYPE, Markets, bundled, read_snapshot, snapshot_path, snapshot_text
 

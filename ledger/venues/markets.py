@@ -16,7 +16,7 @@ strategy sends to one canonical market:
 * names are matched without regard to case, like the ledger's symbol-shape rule.
 
 ``instrument_table()`` turns the snapshot into the domain's instrument data
-(``ledger.instruments``): kind, settlement currency and contract size per spelling.
+(``ledger.domain.instruments``): kind, settlement currency and contract size per spelling.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ledger.enums import Exchange, InstrumentKind
+from ledger.domain.enums import Exchange, InstrumentKind
+from ledger.domain.instruments import Instrument, InstrumentTable
+from ledger.domain.values import format_decimal
 from ledger.errors import InvalidInput
-from ledger.instruments import Instrument, InstrumentTable
-from ledger.values import format_decimal
 
 SNAPSHOT_DIR = "markets"  # package data of ledger.venues
 # The market type an ambiguous native id means, per exchange; the ccxt clients get it as their

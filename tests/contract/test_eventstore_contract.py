@@ -1,4 +1,4 @@
-"""The event store's contract (``ledger.eventstore.EventStore``), run on a plain Redis and on a
+"""The event store's contract (``ledger.store.eventstore.EventStore``), run on a plain Redis and on a
 Redis Cluster.
 
 ``EventStoreContract`` holds what the store promises, whatever Redis it runs on; it is not
@@ -17,13 +17,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from ledger import wire
-from ledger.chain import genesis, link_hash
-from ledger.decider import Requirements
-from ledger.enums import Exchange, OrderSide, OrderType, PositionSide, PositionStatus
-from ledger.eventstore import Append, AppendResult, EventStore, outcome_marker
-from ledger.evolution import apply
-from ledger.state import Book, OrderState, PositionState, slot_field
+from ledger.domain import wire
+from ledger.domain.decider import Requirements
+from ledger.domain.enums import Exchange, OrderSide, OrderType, PositionSide, PositionStatus
+from ledger.domain.evolution import apply
+from ledger.domain.state import Book, OrderState, PositionState, slot_field
+from ledger.store.chain import genesis, link_hash
+from ledger.store.eventstore import Append, AppendResult, EventStore, outcome_marker
 
 SHARD = 2
 USER = "alice"

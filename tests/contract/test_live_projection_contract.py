@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from consumers.runner import Entry, LeaseLost
-from ledger.keys import ShardKeys
+from consumers.entries import Entry
+from consumers.runner import LeaseLost
+from ledger.store.keys import ShardKeys
 from projections.live import FINAL_ORDER_TTL_S, GROUP, LiveProjection
 from tests.live_helpers import (
     ORDER_EXTRA,

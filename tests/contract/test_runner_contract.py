@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from consumers.runner import ConsumerSettings, Entry, LeaseLost, StreamConsumer, Undeliverable
-from ledger.values import now_ms
+from consumers.entries import Entry
+from consumers.runner import ConsumerSettings, LeaseLost, StreamConsumer, Undeliverable
+from ledger.domain.values import now_ms
 
 STREAM, DEAD, LEASE, GROUP = "t:{r}:in", "t:{r}:dead", "t:{r}:lease", "g"
 TRIES, RETRIES, INDEX = f"{STREAM}:tries:{GROUP}", f"{STREAM}:retry:{GROUP}", f"{DEAD}:index"

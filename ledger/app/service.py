@@ -1,0 +1,142 @@
+"""``ledger serve``: the roles of the ledger composed into one process (or run apart).
+
+Each role is a set of runnables with a ``run(stop)`` coroutine, built by a factory that lives
+with the role's code: ``handler`` (consumers.command_handler), ``projection``
+(projections.live), ``projector`` (projections.projector), ``paper`` (consumers.paper). Any
+subset runs in one process, or each in its own, so they scale apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import structlog
+from redis.asyncio.cluster import RedisCluster
+
+from consumers.command_handler import handler_role
+from consumers.paper import paper_role
+from ledger.app import servers
+from ledger.config import SERVER_SETTINGS, Settings, known_url
+from ledger.store.redis_conn import connect, ensure_shard_count
+from projections.live import projection_role
+from projections.projector import projector_role, redact
+from projections.trim import retention_role
+
+log = structlog.get_logger("ledger.app.service")
+
+
+class Runnable(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+RoleFactory = Callable[[Any, Settings], Awaitable[Sequence[Runnable]]]
+
+
+ROLES: dict[str, RoleFactory] = {
+    "handler": handler_role,
+    "projection": projection_role,
+    "projector": projector_role,
+    "paper": paper_role,
+    "retention": retention_role,
+}
+# The roles that need the PostgreSQL history: ``serve`` starts the private one for them when no
+# LEDGER_DATABASE_URL is set (the others find it, if any, when they need it).
+DATABASE_ROLES = frozenset({"projector", "retention"})
+
+
+_PRIVATE = {
+    "redis": (servers.ensure_private_redis, "redis-server with AOF on"),
+    "postgres": (servers.ensure_private_postgres, "PostgreSQL"),
+}
+
+# Redis settings under which the ledger can lose keys: INFO field -> (the safe value, the warning).
+# noeviction is the only maxmemory-policy that never evicts a ledger key: the volatile-* policies
+# evict keys with a TTL, replies (a waiting caller times out) and final order hashes (readers lose
+# them before their 7 days); the allkeys-* policies evict anything, the event log included.
+REDIS_RISKS = {
+    "maxmemory_policy": (
+        "noeviction",
+        "redis may evict ledger keys: set maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction, "
+        "and in redis.conf) and give Redis enough memory",
+    ),
+    "aof_enabled": (
+        "1",
+        "redis keeps no append-only file, so a restart loses the ledger: set appendonly yes (CONFIG SET "
+        "appendonly yes, and in redis.conf)",
+    ),
+}
+
+
+def _server_url(kind: str, configured: str | None, settings: Settings, *, start: bool) -> str:
+    """The configured server, else the private one under ``settings.home`` (started if asked)."""
+    ensure, what = _PRIVATE[kind]
+    if configured or not start:
+        return known_url(settings, kind)
+    url = ensure(settings.home, settings.durability)
+    log.info(
+        f"no {SERVER_SETTINGS[kind][1]}: using a private {what}",
+        url=redact(url),
+        home=str(settings.home),
+        durability=str(settings.durability),
+    )
+    return url
+
+
+def redis_url(settings: Settings, *, start: bool) -> str:
+    return _server_url("redis", settings.redis_url, settings, start=start)
+
+
+def database_url(settings: Settings, *, start: bool) -> str:
+    return _server_url("postgres", settings.database_url, settings, start=start)
+
+
+async def warn_about_redis(redis: Any) -> dict[str, str]:
+    """Log one warning (that says what to do) per Redis setting that can lose ledger keys, read
+    from every node of a cluster; return the unsafe values found (INFO field -> value)."""
+    if isinstance(redis, RedisCluster):
+        nodes = list((await redis.info(target_nodes=RedisCluster.ALL_NODES)).values())
+    else:
+        nodes = [await redis.info()]
+    unsafe: dict[str, str] = {}
+    for name, (safe, warning) in REDIS_RISKS.items():
+        values = [str(node.get(name, safe)) for node in nodes]
+        value = next((v for v in values if v != safe), safe)
+        if value != safe:
+            log.warning(warning, **{name: value})
+            unsafe[name] = value
+    return unsafe
+
+
+async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None = None) -> None:
+    """Run the given roles until SIGTERM/SIGINT (or ``stop``); each finishes its batch first.
+
+    With a ``stop`` event the caller owns shutdown (tests, embedding): no signal handler is
+    installed, so the host's own SIGINT/SIGTERM handling is left alone.
+    """
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    redis = await connect(redis_url(settings, start=True))
+    try:
+        await warn_about_redis(redis)
+        await ensure_shard_count(redis, settings.shards)
+        if settings.database_url is None and DATABASE_ROLES.intersection(roles):
+            url = await asyncio.to_thread(database_url, settings, start=True)
+            settings = settings.with_overrides(database_url=url)
+        runnables: list[Runnable] = []
+        for role in roles:
+            runnables += await ROLES[role](redis, settings)
+        log.info("serving", roles=roles, shards=settings.shards, consumers=len(runnables))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for runnable in runnables:
+                    group.create_task(runnable.run(stop))
+        finally:
+            log.info("stopped")
+    finally:
+        await redis.aclose()

@@ -1,0 +1,467 @@
+"""The seed's Python API: ``PositionManager`` and ``OrderManager`` (CONTRACT §10).
+
+Both work through the command stream and the live projection, like any strategy in any
+language: a method that changes state publishes a command, waits for its reply (BLPOP), then
+waits until the live projection has applied the resulting events (the shard's checkpoint), so
+the caller reads its own writes. ``open_position`` and ``close_position`` also wait for the order
+to be filled by whoever executes it (the paper venue, a live venue, or the strategy reporting
+fills in ``external`` mode).
+
+Commands are built as the typed wire structs (``ledger.domain.wire``) and published with
+``wire.command_fields``. Every method that changes state takes an optional ``command_id`` (by
+default a fresh one per call): the ledger executes a ``command_id`` once per user, so after a
+``LedgerTimeout`` calling the same method again with the same ``command_id`` and arguments
+returns the first call's order or position and appends nothing twice.
+
+The client may be plain or cluster, with or without ``decode_responses``. Blocking reads never
+block longer than one second at a time, below redis-py's default 5 s socket timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+from ledger.client import queries
+from ledger.client.models import Order, PnLInfo, Position
+from ledger.defaults import API_TIMEOUT_S, BLOCK_MS
+from ledger.domain import wire
+from ledger.domain.enums import (
+    Exchange,
+    OrderSide,
+    OrderStatus,
+    OrderType,
+    PositionSide,
+)
+from ledger.domain.values import check_identifier, format_decimal, parse_decimal
+from ledger.errors import LedgerError, OperationFailed
+from ledger.store import keys
+from ledger.store.eventstore import EventStore, StoredEvent
+from ledger.store.log import read_log
+from ledger.store.redis_conn import entry_order, recorded_shards, text
+
+__all__ = ["CommandRejected", "LedgerClient", "LedgerError", "LedgerTimeout", "OrderManager", "PositionManager"]
+
+
+class CommandRejected(OperationFailed):
+    def __init__(self, reply: dict[str, Any]) -> None:
+        error = reply.get("error") or {}
+        super().__init__(f"{reply.get('command_id')} rejected: {error.get('code')}: {error.get('message')}")
+        self.code = error.get("code")
+        self.reply = reply
+
+
+class LedgerTimeout(OperationFailed):
+    """No outcome within the timeout. Call the method again with the same ``command_id``: the
+    ledger executes a command once, so the retry returns the first call's outcome."""
+
+
+def _decimal(value: Decimal | str | int, field: str) -> str:
+    """A caller's amount as a wire decimal string (the wire's decimal rule; never a float)."""
+    if isinstance(value, float | bool):
+        raise TypeError(f"{field}: decimals must be Decimal or str, never float")
+    return format_decimal(parse_decimal(Decimal(value) if isinstance(value, int) else value, field))
+
+
+def _optional_decimal(value: Decimal | str | int | None, field: str) -> str | None:
+    return None if value is None else _decimal(value, field)
+
+
+def _command_id(command_id: str | None) -> str:
+    return command_id if command_id is not None else f"api-{secrets.token_hex(10)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """How an order ended: its final event and the position events of its fills."""
+
+    final: wire.OrderChange
+    positions: list[wire.PositionEvent]
+
+    def position_id(self, side: PositionSide) -> str | None:
+        """The position of ``side`` that the order's fills changed last."""
+        return next((e.stream for e in reversed(self.positions) if e.side is side), None)
+
+    @property
+    def complete(self) -> bool:
+        """The final event is in, and so is every position event of a final fill."""
+        if not isinstance(self.final, wire.OrderFilled):
+            return True
+        seen = {e.stream for e in self.positions if e.fill_id == self.final.fill_id}
+        return seen >= set(self.final.position_ids)
+
+
+class LedgerClient:
+    """Publishes commands and waits for their outcome and their projection."""
+
+    def __init__(self, redis: Any, *, timeout: float = API_TIMEOUT_S) -> None:
+        self.redis = redis
+        self.timeout = timeout
+        self._shards: int | None = None
+
+    async def shards(self) -> int:
+        if self._shards is None:
+            recorded = await recorded_shards(self.redis)
+            if recorded is None:
+                raise OperationFailed("no ledger in this Redis (ledger:meta has no shards): start `ledger serve`")
+            self._shards = recorded
+        return self._shards
+
+    async def shard_of(self, user_id: str) -> int:
+        return keys.shard_of(user_id, await self.shards())
+
+    async def submit(self, command: wire.Command) -> dict[str, Any]:
+        """Publish a command and return its accepted reply, projected; raise if rejected.
+
+        ``wire.command_fields`` checks the command by the handler's own wire rules (a broken
+        one raises ``CommandRejected`` with the code the handler would give). Publishing the
+        same ``command_id`` again returns the first outcome and changes nothing.
+        """
+        try:
+            fields = wire.command_fields(command)
+        except wire.WireError as exc:
+            raise CommandRejected(
+                {
+                    "command_id": command.command_id,
+                    "status": "rejected",
+                    "error": {"code": exc.code, "message": exc.message},
+                    "order_id": None,
+                    "position_id": None,
+                    "events": [],
+                }
+            ) from None
+        shard = await self.shard_of(command.user_id)
+        shard_keys = keys.ShardKeys(shard)
+        reply_key = shard_keys.reply(command.user_id, command.command_id)
+        # A reply left by an earlier try (one that timed out) is not this publication's answer.
+        await self.redis.delete(reply_key)
+        await self.redis.xadd(shard_keys.commands, fields)
+        reply = await self._reply(reply_key)
+        if reply["status"] != "accepted":
+            raise CommandRejected(reply)
+        if reply["events"]:
+            await self.wait_projected(shard, reply["events"][-1]["id"])
+        reply["shard"] = shard
+        return reply
+
+    async def _reply(self, reply_key: str) -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            found = await self.redis.blpop([reply_key], timeout=BLOCK_MS / 1000)
+            if found is not None:
+                return json.loads(text(found[1]))  # type: ignore[no-any-return]
+        raise LedgerTimeout(
+            f"no reply on {reply_key} within {self.timeout} s: is `ledger serve` running? "
+            "retry with the same command_id"
+        )
+
+    async def wait_projected(self, shard: int, entry_id: str) -> None:
+        """Wait until the live projection of ``shard`` has applied the event ``entry_id``."""
+        target = entry_order(entry_id)
+        deadline = time.monotonic() + self.timeout
+        pause = 0.001
+        while True:
+            applied = await queries.projected_up_to(self.redis, shard)
+            if applied is not None and entry_order(applied) >= target:
+                return
+            if time.monotonic() > deadline:
+                raise LedgerTimeout(
+                    f"the live projection of shard {shard} did not reach {entry_id} in {self.timeout} s: "
+                    "is the projection role running?"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    async def wait_order_final(self, shard: int, order_id: str, after: str) -> Settled:
+        """Wait for the event that makes an order final (filled, cancelled, rejected, expired)
+        and, for a fill, the position events it appended; return them once projected."""
+
+        async def watch() -> Settled:
+            final: wire.OrderChange | None = None
+            positions: list[wire.PositionEvent] = []
+            subscription = EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS)
+            while True:  # the subscription never ends: the timeout around it does
+                stored = await anext(subscription)
+                event = stored.event
+                if isinstance(event, wire.PositionEvent) and event.order_id == order_id:
+                    positions.append(event)
+                elif isinstance(event, wire.OrderChange) and event.stream == order_id and event.status.is_final:
+                    final = event
+                else:
+                    continue
+                if final is not None and (settled := Settled(final, positions)).complete:
+                    await self.wait_projected(shard, stored.entry_id)
+                    return settled
+
+        try:
+            return await asyncio.wait_for(watch(), self.timeout)
+        except TimeoutError:
+            raise LedgerTimeout(
+                f"order {order_id} was not filled within {self.timeout} s (with LEDGER_EXECUTION=external "
+                "the strategy must report its fills): retry with the same command_id to keep waiting"
+            ) from None
+
+    async def owner(self, kind: str, aggregate_id: str) -> str | None:
+        """The user of an order or position (``kind``) the ledger knows, open or not: the live
+        keys hold open positions and recent orders, the shards' snapshots every one."""
+        for shard in range(await self.shards()):
+            store = EventStore(self.redis, shard)
+            state = await (store.order(aggregate_id) if kind == "order" else store.position(aggregate_id))
+            if state is not None:
+                return state.user_id
+        return None
+
+
+class PositionManager:
+    """Positions of the seed's API (CONTRACT §10). Methods that change state take an optional
+    ``command_id``: after a ``LedgerTimeout``, call again with the same one (see the README)."""
+
+    def __init__(self, redis: Any, *, timeout: float = API_TIMEOUT_S) -> None:
+        self.redis = redis
+        self.client = LedgerClient(redis, timeout=timeout)
+
+    async def get_positions(self, user_id: str, exchange: Exchange | str, symbol: str | None = None) -> list[Position]:
+        return await queries.get_positions(self.redis, user_id, exchange, symbol)
+
+    async def get_position(self, position_id: str) -> Position | None:
+        return await queries.get_position(self.redis, position_id)
+
+    async def open_position(
+        self,
+        user_id: str,
+        exchange: Exchange | str,
+        symbol: str,
+        side: PositionSide | str,
+        size: Decimal | str,
+        leverage: int = 1,
+        stop_loss: Decimal | str | None = None,
+        take_profit: Decimal | str | None = None,
+        *,
+        price: Decimal | str | None = None,
+        metadata: dict[str, Any] | None = None,
+        command_id: str | None = None,
+    ) -> Position:
+        """Open (or increase) a position; return it once its entry order is filled.
+
+        The position returned is the one the entry order's fills changed (their position
+        events). Called again with the same ``command_id`` it places nothing new and returns
+        that position as it is then.
+        """
+        side = PositionSide(side)
+        reply = await self.client.submit(
+            wire.OpenPosition(
+                command_id=_command_id(command_id),
+                user_id=user_id,
+                exchange=Exchange(exchange),
+                symbol=symbol,
+                side=side,
+                size=_decimal(size, "size"),
+                leverage=leverage,
+                price=_optional_decimal(price, "price"),
+                stop_loss=_optional_decimal(stop_loss, "stop_loss"),
+                take_profit=_optional_decimal(take_profit, "take_profit"),
+                metadata=metadata,
+            )
+        )
+        order_id = reply["order_id"]
+        settled = await self.client.wait_order_final(reply["shard"], order_id, reply["events"][-1]["id"])
+        if settled.final.status is not OrderStatus.FILLED:
+            raise OperationFailed(f"the entry order {order_id} ended {settled.final.status}")
+        position_id = settled.position_id(side)
+        position = await queries.get_position(self.redis, position_id) if position_id else None
+        if position is None:
+            raise OperationFailed(
+                f"the entry order {order_id} filled but no {side} position it changed is open "
+                f"(position {position_id}): see `ledger history {order_id}`"
+            )
+        return position
+
+    async def close_position(
+        self,
+        position_id: str,
+        size: Decimal | str | None = None,
+        reason: str = "manual",
+        *,
+        price: Decimal | str | None = None,
+        command_id: str | None = None,
+    ) -> bool:
+        """Close all (or ``size`` of) an open position; True once the closing order is filled,
+        False when the ledger refuses (unknown or closed position, size too large).
+
+        Called again with the same ``command_id`` (even once the position is closed) it closes
+        nothing more and answers as the first call would have.
+        """
+        position_id = check_identifier("id", position_id, "position_id").lower()
+        user_id = await self.client.owner("position", position_id)
+        if user_id is None:
+            return False
+        try:
+            reply = await self.client.submit(
+                wire.ClosePosition(
+                    command_id=_command_id(command_id),
+                    user_id=user_id,
+                    position_id=position_id,
+                    size=_optional_decimal(size, "size"),
+                    reason=reason,
+                    price=_optional_decimal(price, "price"),
+                )
+            )
+        except CommandRejected:
+            return False
+        settled = await self.client.wait_order_final(reply["shard"], reply["order_id"], reply["events"][-1]["id"])
+        return settled.final.status is OrderStatus.FILLED
+
+    async def calculate_pnl(self, position: Position, current_price: Decimal | str) -> PnLInfo:
+        """PnL at ``current_price``, a mark under the mark rule (``ledger.client.models.parse_mark``)."""
+        return position.pnl(current_price)
+
+    async def sync_positions_from_exchange(self, user_id: str, exchange: Exchange | str) -> list[Position]:
+        raise NotImplementedError("reconciliation with live venues arrives with the ccxt venue layer")
+
+
+class OrderManager:
+    """Orders of the seed's API (CONTRACT §10). Methods that change state take an optional
+    ``command_id``: after a ``LedgerTimeout``, call again with the same one (see the README)."""
+
+    def __init__(self, redis: Any, *, timeout: float = API_TIMEOUT_S) -> None:
+        self.redis = redis
+        self.client = LedgerClient(redis, timeout=timeout)
+
+    async def create_order(
+        self,
+        user_id: str,
+        exchange: Exchange | str,
+        symbol: str,
+        side: OrderSide | str,
+        order_type: OrderType | str,
+        quantity: Decimal | str,
+        price: Decimal | str | None = None,
+        *,
+        trigger_price: Decimal | str | None = None,
+        client_order_id: str | None = None,
+        position_side: PositionSide | str | None = None,
+        reduce_only: bool = False,
+        leverage: int | None = None,
+        grid_level: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        command_id: str | None = None,
+    ) -> Order:
+        """Place an order; return it as the live projection shows it (status pending or later).
+
+        Called again with the same ``command_id`` it places nothing and returns that order.
+        """
+        reply = await self.client.submit(
+            wire.PlaceOrder(
+                command_id=_command_id(command_id),
+                user_id=user_id,
+                exchange=Exchange(exchange),
+                symbol=symbol,
+                side=OrderSide(side),
+                order_type=OrderType(order_type),
+                quantity=_decimal(quantity, "quantity"),
+                price=_optional_decimal(price, "price"),
+                trigger_price=_optional_decimal(trigger_price, "trigger_price"),
+                client_order_id=client_order_id,
+                position_side=PositionSide(position_side) if position_side is not None else None,
+                reduce_only=reduce_only,
+                leverage=leverage,
+                grid_level=grid_level,
+                metadata=metadata,
+            )
+        )
+        order = await queries.get_order(self.redis, reply["order_id"])
+        if order is None:
+            raise OperationFailed(f"order {reply['order_id']} is no longer in the live keys: see `ledger history`")
+        return order
+
+    async def get_order(self, order_id: str) -> Order | None:
+        return await queries.get_order(self.redis, order_id)
+
+    async def cancel_order(self, order_id: str, *, command_id: str | None = None) -> bool:
+        """Request the cancel of an order not yet final; True when the ledger accepted it,
+        False when it refused (unknown or final order).
+
+        Called again with the same ``command_id`` it requests nothing more and answers as the
+        first call would have.
+        """
+        order_id = check_identifier("id", order_id, "order_id").lower()
+        user_id = await self.client.owner("order", order_id)
+        if user_id is None:
+            return False
+        try:
+            await self.client.submit(
+                wire.CancelOrder(command_id=_command_id(command_id), user_id=user_id, order_id=order_id)
+            )
+        except CommandRejected:
+            return False
+        return True
+
+    async def get_orders(
+        self,
+        user_id: str,
+        exchange: Exchange | str,
+        status: OrderStatus | str | None = None,
+        *,
+        exact_status: OrderStatus | str | None = None,
+    ) -> list[Order]:
+        """A user's orders on an exchange, newest first. ``status=OrderStatus.OPEN`` returns
+        every order not yet final (pending, open, partially_filled, pending_cancel; CONTRACT
+        §10), any other ``status`` that status; ``exact_status`` returns one status only
+        (``exact_status="open"``: acknowledged, nothing filled, no cancel requested)."""
+        return await queries.get_orders(self.redis, user_id, exchange, status, exact_status=exact_status)
+
+    async def _events_from(
+        self, shard: int, after: str, archive: psycopg.AsyncConnection[Any] | None
+    ) -> AsyncIterator[StoredEvent]:
+        """The shard's events after ``after``: the past through the reader over both tiers, then
+        live from the last entry it read."""
+        if after != "$":
+            start = None if after in ("0", "0-0") else after
+            async for stored in read_log(
+                self.redis, shard, conn=archive, after=start, no_archive="no archive connection given"
+            ):
+                yield stored
+                after = stored.entry_id
+        async for stored in EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS):
+            yield stored
+
+    async def monitor_order_fills(
+        self,
+        user_id: str,
+        exchange: Exchange | str,
+        *,
+        after: str = "$",
+        archive: psycopg.AsyncConnection[Any] | None = None,
+    ) -> AsyncIterator[Order]:
+        """Yield the updated order after each fill of the user on the exchange, live.
+
+        It follows the shard's event log from ``after`` (an entry id; default: now) and never
+        skips an entry, so no fill between two reads is missed. From an ``after`` older than what
+        Redis still holds (a trimmed log), it reads the PostgreSQL archive through ``archive``
+        (an autocommit connection), or raises ``ledger.store.log.LogError`` without one: it never
+        skips silently.
+        """
+        exchange = Exchange(exchange)
+        shard = await self.client.shard_of(user_id)
+        async for stored in self._events_from(shard, after, archive):
+            event = stored.event
+            if isinstance(event, wire.OrderFilled) and event.user_id == user_id and event.exchange is exchange:
+                await self.client.wait_projected(shard, stored.entry_id)
+                order = await queries.get_order(self.redis, event.stream)
+                if order is not None:
+                    yield order.model_copy(
+                        update={
+                            "filled_qty": Decimal(event.filled_qty),
+                            "fill_basis": Decimal(event.fill_basis),
+                            "status": event.status,
+                            "version": event.version,
+                        }
+                    )

@@ -1,0 +1,718 @@
+"""The decider: pure functions from (state, command) to events, and from (state, event) to state.
+
+``decide(command, book, ctx)`` returns a ``Decision`` (the events to append) or a ``Rejection``
+(a code and a message); it performs no I/O. ``book`` holds the user's aggregates the command
+touches, loaded beforehand by following ``requirements(command, book)`` until it is satisfied.
+``ledger.domain.evolution`` evolves state by events; replaying a log through it gives exactly the
+states the decider saw, because events carry the resulting values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+
+from ledger.domain import arithmetic, wire
+from ledger.domain.enums import (
+    Exchange,
+    InstrumentKind,
+    OrderSide,
+    OrderStatus,
+    OrderType,
+    PositionSide,
+    PositionStatus,
+)
+from ledger.domain.evolution import position_payload
+from ledger.domain.instruments import Instrument, InstrumentTable, instrument_for
+from ledger.domain.state import Book, OrderState, PositionState, slot_field
+from ledger.domain.transitions import LATE_FILL_STATUSES, Trigger, next_status, refusal
+from ledger.domain.values import MAX_AMOUNT, ZERO, ValueRuleError, exact, format_decimal, parse_decimal
+
+
+class RejectCode(StrEnum):
+    INVALID_COMMAND = "INVALID_COMMAND"
+    UNKNOWN_ORDER = "UNKNOWN_ORDER"
+    UNKNOWN_POSITION = "UNKNOWN_POSITION"
+    DUPLICATE_FILL = "DUPLICATE_FILL"
+    INVALID_TRANSITION = "INVALID_TRANSITION"
+    INVALID_ORDER = "INVALID_ORDER"
+    SPOT_SHORT = "SPOT_SHORT"
+    NO_POSITION = "NO_POSITION"
+    POSITION_NOT_OPEN = "POSITION_NOT_OPEN"
+    SIZE_EXCEEDS_POSITION = "SIZE_EXCEEDS_POSITION"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    code: RejectCode
+    message: str
+    order_id: str | None = None
+    position_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    events: list[wire.Event]
+    order_id: str | None = None
+    position_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a decision may depend on besides state: the clock, an id source and the instrument
+    data of the markets (from the exchange layer: ``ledger.venues.markets.instrument_table``)."""
+
+    now: int
+    new_id: Callable[[], str]
+    instruments: InstrumentTable
+
+    def instrument(self, exchange: Exchange, symbol: str) -> Instrument:
+        return instrument_for(exchange, symbol, self.instruments)
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    order_ids: frozenset[str] = frozenset()
+    position_ids: frozenset[str] = frozenset()
+    slots: frozenset[str] = frozenset()
+
+    def missing(self, book: Book) -> Requirements:
+        return Requirements(
+            frozenset(i for i in self.order_ids if i not in book.orders),
+            frozenset(i for i in self.position_ids if i not in book.positions),
+            frozenset(s for s in self.slots if s not in book.slots),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.order_ids or self.position_ids or self.slots)
+
+
+def requirements(command: wire.Command, book: Book) -> Requirements:
+    """What ``decide`` needs in the book; load it, then ask again until nothing is missing."""
+    user = command.user_id
+    order_ids: set[str] = set()
+    position_ids: set[str] = set()
+    market: tuple[str, str] | None = None
+    order_id = getattr(command, "order_id", None)
+    if order_id is not None:
+        order_ids.add(order_id.lower())
+        order = book.orders.get(order_id.lower())
+        if order is not None and order.user_id == user:
+            market = (order.exchange, order.symbol)
+            if order.position_id:
+                position_ids.add(order.position_id)
+    position_id = getattr(command, "position_id", None)
+    if position_id is not None:
+        position_ids.add(position_id.lower())
+    if isinstance(command, wire.PlaceOrder | wire.OpenPosition):
+        market = (command.exchange, command.symbol)
+    slots = {slot_field(user, market[0], market[1], side) for side in PositionSide} if market else set()
+    position_ids.update(pid for s in slots if (pid := book.slots.get(s)))
+    return Requirements(frozenset(order_ids), frozenset(position_ids), frozenset(slots))
+
+
+class _Rejected(Exception):
+    def __init__(self, code: RejectCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _decimal(value: str | None, field_name: str, *, positive: bool = False) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        return parse_decimal(value, field_name, positive=positive)
+    except ValueRuleError as exc:
+        raise _Rejected(RejectCode.INVALID_COMMAND, str(exc)) from exc
+
+
+def _required(value: str, field_name: str) -> Decimal:
+    try:
+        return parse_decimal(value, field_name, positive=True)
+    except ValueRuleError as exc:
+        raise _Rejected(RejectCode.INVALID_COMMAND, str(exc)) from exc
+
+
+def _text(value: Decimal | None) -> str | None:
+    return None if value is None else format_decimal(value)
+
+
+class _Emitter:
+    """Builds the envelopes of one decision's events."""
+
+    def __init__(self, command: wire.Command, ctx: Context) -> None:
+        self.command = command
+        self.ctx = ctx
+        self.events: list[wire.Event] = []
+
+    def emit(
+        self,
+        cls: type[wire.Event],
+        stream: str,
+        version: int,
+        exchange: str,
+        symbol: str,
+        **data: Any,
+    ) -> Any:
+        event = cls(
+            event_id=self.ctx.new_id(),
+            stream=stream,
+            version=version,
+            command_id=self.command.command_id,
+            user_id=self.command.user_id,
+            exchange=exchange,  # type: ignore[arg-type]
+            symbol=symbol,
+            ts=self.ctx.now,
+            schema=cls.SCHEMA,
+            **data,
+        )
+        self.events.append(event)
+        return event
+
+
+@exact
+def decide(command: wire.Command, book: Book, ctx: Context) -> Decision | Rejection:
+    """Decide what a command means, given the loaded book. Pure: no I/O, no clock."""
+    handler = _DECIDERS[type(command)]
+    emitter = _Emitter(command, ctx)
+    try:
+        order_id, position_id = handler(command, book, emitter)
+    except _Rejected as rejected:
+        return Rejection(
+            rejected.code,
+            rejected.message,
+            order_id=_ref(getattr(command, "order_id", None)),
+            position_id=_ref(getattr(command, "position_id", None)),
+        )
+    return Decision(emitter.events, order_id, position_id)
+
+
+def _ref(value: str | None) -> str | None:
+    return value.lower() if value else None
+
+
+# --------------------------------------------------------------------------- orders
+
+
+def _owned_order(command: wire.Command, book: Book) -> OrderState:
+    order_id = command.order_id.lower()  # type: ignore[attr-defined]
+    order = book.orders.get(order_id)
+    if order is None or order.user_id != command.user_id:
+        raise _Rejected(RejectCode.UNKNOWN_ORDER, f"order {order_id} is not known for user {command.user_id}")
+    return order
+
+
+def _owned_position(command: wire.Command, book: Book) -> PositionState:
+    position_id = command.position_id.lower()  # type: ignore[attr-defined]
+    position = book.positions.get(position_id)
+    if position is None or position.user_id != command.user_id:
+        raise _Rejected(
+            RejectCode.UNKNOWN_POSITION,
+            f"position {position_id} is not known for user {command.user_id}",
+        )
+    if not position.is_open:
+        raise _Rejected(RejectCode.POSITION_NOT_OPEN, f"position {position_id} is {position.status}")
+    return position
+
+
+def _transition(order: OrderState, trigger: Trigger) -> OrderStatus:
+    """The order's status after ``trigger`` (``ledger.domain.transitions``); refused: INVALID_TRANSITION."""
+    status = next_status(order.status, trigger)
+    if status is None:
+        raise _Rejected(RejectCode.INVALID_TRANSITION, refusal(order.id, order.status, trigger))
+    return status
+
+
+def _check_order_shape(order_type: OrderType, price: Decimal | None, trigger: Decimal | None) -> None:
+    if order_type.needs_price and price is None:
+        raise _Rejected(RejectCode.INVALID_ORDER, f"price: required for a {order_type} order")
+    if order_type.needs_trigger and trigger is None:
+        raise _Rejected(RejectCode.INVALID_ORDER, f"trigger_price: required for a {order_type} order")
+
+
+def _check_amount(instrument: Instrument, quantity: Decimal, *prices: Decimal | None) -> None:
+    """Refuse an order whose value at a price it names is out of range: a venue could never
+    report its fill (the fee and the PnL of that value would not fit the decimal rule)."""
+    for price in prices:
+        if price is not None and not arithmetic.amount_fits(instrument, quantity, price):
+            raise _Rejected(
+                RejectCode.INVALID_ORDER,
+                f"quantity {format_decimal(quantity)} at {format_decimal(price)} is worth more than "
+                f"{format_decimal(MAX_AMOUNT)} {instrument.settle}: split the order",
+            )
+
+
+def _check_spot_short(
+    instrument: Instrument,
+    book: Book,
+    user: str,
+    exchange: str,
+    symbol: str,
+    side: OrderSide,
+    quantity: Decimal,
+) -> None:
+    if instrument.kind is not InstrumentKind.SPOT or side is OrderSide.BUY:
+        return
+    held = book.open_position(user, exchange, symbol, PositionSide.LONG)
+    size = held.size if held else ZERO
+    if quantity > size:
+        raise _Rejected(
+            RejectCode.SPOT_SHORT,
+            f"selling {format_decimal(quantity)} {symbol} spot would go short: {format_decimal(size)} held",
+        )
+
+
+def _place(
+    command: wire.Command,
+    book: Book,
+    out: _Emitter,
+    *,
+    exchange: str,
+    symbol: str,
+    side: OrderSide,
+    order_type: OrderType,
+    quantity: Decimal,
+    price: Decimal | None,
+    **extra: Any,
+) -> str:
+    order_id = out.ctx.new_id()
+    out.emit(
+        wire.OrderPlaced,
+        order_id,
+        1,
+        exchange,
+        symbol,
+        side=side,
+        order_type=order_type,
+        quantity=format_decimal(quantity),
+        price=_text(price),
+        **extra,
+    )
+    return order_id
+
+
+def _decide_place_order(command: wire.PlaceOrder, book: Book, out: _Emitter) -> tuple[str, str | None]:
+    quantity = _required(command.quantity, "quantity")
+    price = _decimal(command.price, "price", positive=True)
+    trigger = _decimal(command.trigger_price, "trigger_price", positive=True)
+    _check_order_shape(command.order_type, price, trigger)
+    instrument = out.ctx.instrument(command.exchange, command.symbol)
+    _check_amount(instrument, quantity, price, trigger)
+    user, exchange, symbol = command.user_id, command.exchange, command.symbol
+    if instrument.kind is InstrumentKind.SPOT and command.position_side is PositionSide.SHORT:
+        raise _Rejected(RejectCode.SPOT_SHORT, f"{symbol} is spot: there is no short side")
+    _check_spot_short(instrument, book, user, exchange, symbol, command.side, quantity)
+    reduced = None
+    if command.reduce_only:
+        reduced_side = command.position_side or (
+            PositionSide.SHORT if command.side is OrderSide.BUY else PositionSide.LONG
+        )
+        reduced = book.open_position(user, exchange, symbol, reduced_side)
+        if reduced is None or reduced.side.opening_order_side is command.side:
+            raise _Rejected(RejectCode.NO_POSITION, f"reduce_only: no open {reduced_side} position on {symbol}")
+    order_id = _place(
+        command,
+        book,
+        out,
+        exchange=exchange,
+        symbol=symbol,
+        side=command.side,
+        order_type=command.order_type,
+        quantity=quantity,
+        price=price,
+        trigger_price=_text(trigger),
+        client_order_id=command.client_order_id,
+        position_side=command.position_side,
+        reduce_only=command.reduce_only,
+        leverage=command.leverage,
+        grid_level=command.grid_level,
+        position_id=reduced.id if reduced else None,
+        metadata=command.metadata or {},
+    )
+    return order_id, reduced.id if reduced else None
+
+
+def _decide_open_position(command: wire.OpenPosition, book: Book, out: _Emitter) -> tuple[str, str | None]:
+    size = _required(command.size, "size")
+    price = _decimal(command.price, "price", positive=True)
+    stop_loss = _decimal(command.stop_loss, "stop_loss", positive=True)
+    take_profit = _decimal(command.take_profit, "take_profit", positive=True)
+    instrument = out.ctx.instrument(command.exchange, command.symbol)
+    _check_amount(instrument, size, price)
+    if instrument.kind is InstrumentKind.SPOT and command.side is PositionSide.SHORT:
+        raise _Rejected(RejectCode.SPOT_SHORT, f"{command.symbol} is spot: a short cannot be opened")
+    # The position the fills will change: the open one, else the one an unfilled entry order
+    # already named (so two opens before a fill name one position), else a new one.
+    position_id = book.position_id_for(command.user_id, command.exchange, command.symbol, command.side)
+    position_id = position_id or out.ctx.new_id()
+    order_id = _place(
+        command,
+        book,
+        out,
+        exchange=command.exchange,
+        symbol=command.symbol,
+        side=command.side.opening_order_side,
+        order_type=OrderType.MARKET,
+        quantity=size,
+        price=price,
+        position_side=command.side,
+        leverage=command.leverage,
+        position_id=position_id,
+        intent="open",
+        stop_loss=_text(stop_loss),
+        take_profit=_text(take_profit),
+        metadata=command.metadata or {},
+    )
+    return order_id, position_id
+
+
+def _decide_close_position(command: wire.ClosePosition, book: Book, out: _Emitter) -> tuple[str, str | None]:
+    position = _owned_position(command, book)
+    size = _decimal(command.size, "size", positive=True) or position.size
+    price = _decimal(command.price, "price", positive=True)
+    _check_amount(out.ctx.instrument(position.exchange, position.symbol), size, price)
+    if size > position.size:
+        raise _Rejected(
+            RejectCode.SIZE_EXCEEDS_POSITION,
+            f"size: {format_decimal(size)} exceeds the open size {format_decimal(position.size)}",
+        )
+    order_id = _place(
+        command,
+        book,
+        out,
+        exchange=position.exchange,
+        symbol=position.symbol,
+        side=position.side.opening_order_side.opposite,
+        order_type=OrderType.MARKET,
+        quantity=size,
+        price=price,
+        position_side=position.side,
+        reduce_only=True,
+        position_id=position.id,
+        intent="close",
+        close_reason=command.reason,
+    )
+    return order_id, position.id
+
+
+def _decide_cancel(command: wire.CancelOrder, book: Book, out: _Emitter) -> tuple[str, str | None]:
+    order = _owned_order(command, book)
+    status = _transition(order, Trigger.REQUEST_CANCEL)
+    out.emit(wire.OrderCancelRequested, order.id, order.version + 1, order.exchange, order.symbol, status=status)
+    return order.id, _position_of(order, book)
+
+
+def _position_of(order: OrderState, book: Book) -> str | None:
+    """The position an order command's reply names: the order's, once it exists (an entry order's
+    reserved id is named by ``open_position`` and by the fills that open it, never before)."""
+    return order.position_id if order.position_id and book.positions.get(order.position_id) else None
+
+
+def _decide_accepted(command: wire.OrderAcceptedCommand, book: Book, out: _Emitter) -> tuple[str, str | None]:
+    order = _owned_order(command, book)
+    # The venue's acknowledgement is a fact, whenever it arrives: after a cancel request, or after
+    # a fill that already accepted the order implicitly (venues report those out of order), it
+    # records the venue's order id and leaves the status as it is. Only once per order.
+    if order.exchange_order_id is not None:
+        raise _Rejected(
+            RejectCode.INVALID_TRANSITION,
+            f"cannot accept order {order.id}: it is already acknowledged as {order.exchange_order_id}",
+        )
+    status = _transition(order, Trigger.ACCEPT)
+    out.emit(
+        wire.OrderAccepted,
+        order.id,
+        order.version + 1,
+        order.exchange,
+        order.symbol,
+        exchange_order_id=command.exchange_order_id,
+        status=status,
+    )
+    return order.id, _position_of(order, book)
+
+
+def _decide_rejected(command: wire.OrderRejectedCommand, book: Book, out: _Emitter) -> tuple[str, str | None]:
+    order = _owned_order(command, book)
+    status = _transition(order, Trigger.REJECT)
+    if order.filled_qty > 0:
+        raise _Rejected(RejectCode.INVALID_TRANSITION, f"cannot reject order {order.id}: it has fills")
+    out.emit(
+        wire.OrderRejected,
+        order.id,
+        order.version + 1,
+        order.exchange,
+        order.symbol,
+        reason=command.reason,
+        status=status,
+    )
+    return order.id, _position_of(order, book)
+
+
+def _final_transition(cls: type[wire.Event], trigger: Trigger) -> Callable[..., tuple[str, str | None]]:
+    def decide_final(command: wire.Command, book: Book, out: _Emitter) -> tuple[str, str | None]:
+        order = _owned_order(command, book)
+        status = _transition(order, trigger)
+        out.emit(cls, order.id, order.version + 1, order.exchange, order.symbol, status=status)
+        return order.id, _position_of(order, book)
+
+    return decide_final
+
+
+# --------------------------------------------------------------------------- fills
+
+
+def _fill_status(order: OrderState, filled: Decimal) -> tuple[OrderStatus, bool]:
+    """The order status after a fill, and whether the fill came after a final status (late)."""
+    status = _transition(order, Trigger.FILL_ALL if filled >= order.quantity else Trigger.FILL)
+    return status, order.status in LATE_FILL_STATUSES
+
+
+def _decide_fill(command: wire.RecordFill, book: Book, out: _Emitter) -> tuple[str, str | None]:
+    order = _owned_order(command, book)
+    if command.fill_id in order.fill_ids:
+        raise _Rejected(
+            RejectCode.DUPLICATE_FILL,
+            f"fill {command.fill_id} is already recorded for order {order.id}",
+        )
+    quantity = _required(command.quantity, "quantity")
+    price = _required(command.price, "price")
+    fee = _decimal(command.fee, "fee") or ZERO
+    fee_currency = command.fee_currency.upper() if command.fee_currency else None
+    instrument = out.ctx.instrument(order.exchange, order.symbol)
+    filled = order.filled_qty + quantity
+    fill_basis = order.fill_basis + arithmetic.basis(instrument, quantity, price)
+    status, late = _fill_status(order, filled)
+    fill = _Fill(order, command, quantity, price, fee, fee_currency, instrument, out)
+    touched, unapplied = fill.apply_to_positions(book)
+    out.emit(
+        wire.OrderFilled,
+        order.id,
+        order.version + 1,
+        order.exchange,
+        order.symbol,
+        side=order.side,
+        fill_id=command.fill_id,
+        quantity=format_decimal(quantity),
+        price=format_decimal(price),
+        fee=format_decimal(fee),
+        fee_currency=fee_currency,
+        fill_ts=command.ts if command.ts is not None else out.ctx.now,
+        filled_qty=format_decimal(filled),
+        avg_fill_price=format_decimal(arithmetic.average_price(instrument, filled, fill_basis)),
+        fill_basis=format_decimal(fill_basis),
+        status=status,
+        overfill=filled > order.quantity,
+        late=late,
+        position_ids=touched,
+        unapplied_qty=format_decimal(unapplied),
+    )
+    out.events.insert(0, out.events.pop())
+    return order.id, touched[-1] if touched else _position_of(order, book)
+
+
+@dataclass(slots=True)
+class _Fill:
+    order: OrderState
+    command: wire.RecordFill
+    quantity: Decimal
+    price: Decimal
+    fee: Decimal
+    fee_currency: str | None
+    instrument: Instrument
+    out: _Emitter
+
+    def apply_to_positions(self, book: Book) -> tuple[list[str], Decimal]:
+        """Route the fill to the positions it changes; return their ids and the unapplied rest."""
+        order = self.order
+        user, exchange, symbol = order.user_id, order.exchange, order.symbol
+        if order.position_side is not None:
+            side = order.position_side
+            if order.side is side.opening_order_side:
+                return [self._open_or_increase(book, side, self.quantity, self.fee)], ZERO
+            return self._reduce_only(book.open_position(user, exchange, symbol, side))
+        opening_side = PositionSide.LONG if order.side is OrderSide.BUY else PositionSide.SHORT
+        opposite = book.open_position(user, exchange, symbol, opening_side.opposite)
+        # Nothing may open from a reduce-only order, nor a short on spot (there is no short side).
+        cannot_open = order.reduce_only or (
+            self.instrument.kind is InstrumentKind.SPOT and opening_side is PositionSide.SHORT
+        )
+        if opposite is None:
+            if cannot_open:
+                return [], self.quantity
+            return [self._open_or_increase(book, opening_side, self.quantity, self.fee)], ZERO
+        closing = min(self.quantity, opposite.size)
+        rest = self.quantity - closing
+        closing_fee = arithmetic.split_fee(self.fee, closing, self.quantity)
+        touched = [
+            self._reduce(
+                opposite,
+                closing,
+                closing_fee,
+                reason=order.close_reason or ("flip" if rest else "order"),
+            )
+        ]
+        if rest == 0:
+            return touched, ZERO
+        if cannot_open:
+            return touched, rest
+        touched.append(self._open_or_increase(book, opening_side, rest, self.fee - closing_fee))
+        return touched, ZERO
+
+    def _reduce_only(self, held: PositionState | None) -> tuple[list[str], Decimal]:
+        if held is None:
+            return [], self.quantity
+        closing = min(self.quantity, held.size)
+        reason = self.order.close_reason or "order"
+        return [self._reduce(held, closing, self.fee, reason=reason, excess=self.quantity - closing)], ZERO
+
+    def _fee_fields(self, position: PositionState, fee: Decimal) -> dict[str, Any]:
+        if self.fee_currency is None or self.fee_currency == self.instrument.settle:
+            return {"fees": position.fees + fee}
+        other = dict(position.other_fees)
+        other[self.fee_currency] = other.get(self.fee_currency, ZERO) + fee
+        return {"other_fees": other}
+
+    def _open_or_increase(self, book: Book, side: PositionSide, quantity: Decimal, fee: Decimal) -> str:
+        """Increase the open position of ``side``, or open it: there is at most one per side."""
+        order, now = self.order, self.out.ctx.now
+        added = arithmetic.basis(self.instrument, quantity, self.price)
+        held = book.open_position(order.user_id, order.exchange, order.symbol, side)
+        if held is None:
+            pending = book.position_id_for(order.user_id, order.exchange, order.symbol, side)
+            reserved = order.position_id
+            reusable = reserved is not None and reserved in book.positions and book.positions[reserved] is None
+            base = PositionState(
+                id=pending or (reserved if reusable else self.out.ctx.new_id()),  # type: ignore[arg-type]
+                user_id=order.user_id,
+                exchange=order.exchange,
+                symbol=order.symbol,
+                side=side,
+                leverage=order.leverage or 1,
+                metadata=order.metadata if order.intent == "open" else {},
+                created_at=now,
+            )
+            cls: type[wire.PositionEvent] = wire.PositionOpened
+        else:
+            base, cls = held, wire.PositionIncreased
+        entry_qty = base.entry_qty + quantity
+        entry_basis = base.entry_basis + added
+        changed = msgspec.structs.replace(
+            base,
+            size=base.size + quantity,
+            entry_qty=entry_qty,
+            entry_basis=entry_basis,
+            entry_price=arithmetic.average_price(self.instrument, entry_qty, entry_basis),
+            stop_loss=order.stop_loss or base.stop_loss,
+            take_profit=order.take_profit or base.take_profit,
+            **self._fee_fields(base, fee),
+        )
+        return self._emit(cls, changed, quantity, fee)
+
+    def _reduce(
+        self,
+        held: PositionState,
+        quantity: Decimal,
+        fee: Decimal,
+        *,
+        reason: str,
+        excess: Decimal = ZERO,
+    ) -> str:
+        pnl = arithmetic.gross_pnl(self.instrument, held.side, held.entry_price, self.price, quantity)
+        exit_qty = held.exit_qty + quantity
+        exit_basis = held.exit_basis + arithmetic.basis(self.instrument, quantity, self.price)
+        size = held.size - quantity
+        closed = size == 0
+        changed = msgspec.structs.replace(
+            held,
+            size=size,
+            exit_qty=exit_qty,
+            exit_basis=exit_basis,
+            exit_price=arithmetic.average_price(self.instrument, exit_qty, exit_basis),
+            gross_pnl=held.gross_pnl + pnl,
+            excess_qty=held.excess_qty + excess,
+            status=PositionStatus.CLOSED if closed else held.status,
+            close_reason=reason if closed else held.close_reason,
+            closed_at=self.out.ctx.now if closed else None,
+            **self._fee_fields(held, fee),
+        )
+        cls = wire.PositionClosed if closed else wire.PositionReduced
+        return self._emit(cls, changed, quantity, fee, pnl)
+
+    def _emit(
+        self,
+        cls: type[wire.PositionEvent],
+        position: PositionState,
+        quantity: Decimal,
+        fee: Decimal,
+        pnl: Decimal = ZERO,
+    ) -> str:
+        emit_position(
+            self.out,
+            cls,
+            position,
+            order_id=self.order.id,
+            fill_id=self.command.fill_id,
+            change_qty=format_decimal(quantity),
+            change_price=format_decimal(self.price),
+            change_fee=format_decimal(fee),
+            change_fee_currency=self.fee_currency,
+            change_pnl=format_decimal(pnl),
+        )
+        return position.id
+
+
+def emit_position(out: _Emitter, cls: type[wire.PositionEvent], position: PositionState, **change: Any) -> None:
+    """Emit a position event carrying the whole resulting position."""
+    payload = position_payload(position)
+    payload["updated_at"] = out.ctx.now
+    out.emit(cls, position.id, position.version + 1, position.exchange, position.symbol, **payload, **change)
+
+
+def _decide_liquidation(command: wire.LiquidatePosition, book: Book, out: _Emitter) -> tuple[str | None, str | None]:
+    position = _owned_position(command, book)
+    price = _required(command.price, "price")
+    instrument = out.ctx.instrument(position.exchange, position.symbol)
+    quantity = position.size
+    pnl = arithmetic.gross_pnl(instrument, position.side, position.entry_price, price, quantity)
+    exit_qty = position.exit_qty + quantity
+    exit_basis = position.exit_basis + arithmetic.basis(instrument, quantity, price)
+    liquidated = msgspec.structs.replace(
+        position,
+        size=ZERO,
+        exit_qty=exit_qty,
+        exit_basis=exit_basis,
+        exit_price=arithmetic.average_price(instrument, exit_qty, exit_basis),
+        gross_pnl=position.gross_pnl + pnl,
+        status=PositionStatus.LIQUIDATED,
+        close_reason="liquidation",
+        closed_at=out.ctx.now,
+    )
+    emit_position(
+        out,
+        wire.PositionLiquidated,
+        liquidated,
+        change_qty=format_decimal(quantity),
+        change_price=format_decimal(price),
+        change_pnl=format_decimal(pnl),
+    )
+    return None, position.id
+
+
+_DECIDERS: dict[type[wire.Command], Callable[..., tuple[str | None, str | None]]] = {
+    wire.PlaceOrder: _decide_place_order,
+    wire.CancelOrder: _decide_cancel,
+    wire.OrderAcceptedCommand: _decide_accepted,
+    wire.OrderRejectedCommand: _decide_rejected,
+    wire.RecordFill: _decide_fill,
+    wire.OrderCancelledCommand: _final_transition(wire.OrderCancelled, Trigger.CONFIRM_CANCEL),
+    wire.OrderExpiredCommand: _final_transition(wire.OrderExpired, Trigger.EXPIRE),
+    wire.OpenPosition: _decide_open_position,
+    wire.ClosePosition: _decide_close_position,
+    wire.LiquidatePosition: _decide_liquidation,
+}

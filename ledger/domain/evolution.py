@@ -1,0 +1,108 @@
+"""Evolving state by events: ``apply`` one event to one aggregate, ``evolve`` a whole book.
+
+Events carry the resulting values (a position event the whole position), so evolving is taking
+them as they are: replaying a log rebuilds exactly the states the decider saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from ledger.domain import wire
+from ledger.domain.state import Book, OrderState, PositionState, StateError, slot_field
+from ledger.domain.values import exact, format_decimal
+
+# The position fields a position event carries besides its envelope.
+POSITION_FIELDS: tuple[str, ...] = tuple(
+    name for name in PositionState.__struct_fields__ if name not in ("id", "user_id", "exchange", "symbol", "version")
+)
+
+
+@exact
+def position_payload(position: PositionState) -> dict[str, Any]:
+    """A position's fields as a position event carries them (decimals as wire strings)."""
+    payload: dict[str, Any] = {}
+    for name in POSITION_FIELDS:
+        value = position.gross_pnl - position.fees if name == "realized_pnl" else getattr(position, name)
+        if isinstance(value, Decimal):
+            value = format_decimal(value)
+        elif name == "other_fees":
+            value = {currency: format_decimal(amount) for currency, amount in value.items()}
+        payload[name] = value
+    return payload
+
+
+def _order_from_placed(event: wire.OrderPlaced) -> OrderState:
+    data = msgspec.structs.asdict(event)
+    for name in ("event_id", "stream", "command_id", "ts", "schema"):
+        data.pop(name)
+    data.update(id=event.stream, created_at=event.ts, updated_at=event.ts)
+    return msgspec.convert(data, OrderState)
+
+
+@exact
+def apply(state: OrderState | PositionState | None, event: wire.Event) -> OrderState | PositionState:
+    """Evolve one aggregate by one of its events."""
+    if isinstance(event, wire.PositionEvent):
+        return position_from_event(event)
+    if isinstance(event, wire.OrderPlaced):
+        return _order_from_placed(event)
+    if not isinstance(state, OrderState) or not isinstance(event, wire.OrderChange):
+        raise StateError(f"{event.type} v{event.version} of {event.stream}: an order event for an order never placed")
+    changes: dict[str, Any] = {"status": event.status, "updated_at": event.ts, "version": event.version}
+    if isinstance(event, wire.OrderAccepted):
+        changes["exchange_order_id"] = event.exchange_order_id
+    elif isinstance(event, wire.OrderRejected):
+        changes["reject_reason"] = event.reason
+    elif isinstance(event, wire.OrderFilled):
+        changes.update(
+            filled_qty=Decimal(event.filled_qty),
+            avg_fill_price=Decimal(event.avg_fill_price),
+            fill_basis=Decimal(event.fill_basis),
+            fill_ids=[*state.fill_ids, event.fill_id],
+        )
+    return msgspec.structs.replace(state, **changes)
+
+
+def position_from_event(event: wire.PositionEvent) -> PositionState:
+    data = {name: getattr(event, name) for name in POSITION_FIELDS}
+    data.update(
+        id=event.stream,
+        user_id=event.user_id,
+        exchange=event.exchange,
+        symbol=event.symbol,
+        version=event.version,
+    )
+    return msgspec.convert(data, PositionState)
+
+
+def evolve(book: Book, events: Iterable[wire.Event]) -> set[str]:
+    """Apply events to a book in place, keeping its position slots current; return the slots
+    the events changed.
+
+    A position event sets its side's slot to the position while it is open and clears it when it
+    closes. An ``open_position`` entry order reserves the slot for the position it names while
+    its side has none open, so the fills and any second ``open_position`` name that position.
+    """
+    changed: set[str] = set()
+    for event in events:
+        if isinstance(event, wire.PositionEvent):
+            position = position_from_event(event)
+            book.positions[position.id] = position
+            slot = slot_field(position.user_id, position.exchange, position.symbol, position.side)
+            book.slots[slot] = position.id if position.is_open else None
+            changed.add(slot)
+            continue
+        book.orders[event.stream] = apply(book.orders.get(event.stream), event)  # type: ignore[assignment]
+        if isinstance(event, wire.OrderPlaced) and event.intent == "open" and event.position_side and event.position_id:
+            side = event.position_side
+            if book.open_position(event.user_id, event.exchange, event.symbol, side) is None:
+                slot = slot_field(event.user_id, event.exchange, event.symbol, side)
+                book.slots[slot] = event.position_id
+                book.positions.setdefault(event.position_id, None)
+                changed.add(slot)
+    return changed

@@ -1,0 +1,533 @@
+"""Wire types of CONTRACT §3 to §5: commands, events, replies, and their single JSON codec.
+
+Commands and events are tagged msgspec Structs. On a stream an entry has two fields, ``type``
+and ``data`` (a JSON object); ``data`` carries the envelope fields and, for events, also the
+``type`` tag. Decimals travel as strings, never JSON numbers. Every type has a schema version;
+older versions are read through registered upcasters (see ``register_upcaster``). Decoding junk
+raises ``WireError`` and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
+
+from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide, PositionStatus
+from ledger.domain.values import (
+    MAX_TS_MS,
+    MIN_TS_MS,
+    RULES,
+    ValueRuleError,
+    check_identifier,
+    check_json_object,
+    text,
+)
+from ledger.errors import InvalidInput
+
+Dec = Annotated[str, msgspec.Meta(pattern=RULES["decimal"].pattern)]
+UserId = Annotated[str, msgspec.Meta(pattern=RULES["user_id"].pattern)]
+Symbol = Annotated[str, msgspec.Meta(pattern=RULES["symbol"].pattern)]
+CommandId = Annotated[str, msgspec.Meta(pattern=RULES["command_id"].pattern)]
+ClientOrderId = Annotated[str, msgspec.Meta(pattern=RULES["client_order_id"].pattern)]
+ExchangeOrderId = Annotated[str, msgspec.Meta(pattern=RULES["exchange_order_id"].pattern)]
+FillId = Annotated[str, msgspec.Meta(pattern=RULES["fill_id"].pattern)]
+FeeCurrency = Annotated[str, msgspec.Meta(pattern=RULES["fee_currency"].pattern)]
+CloseReason = Annotated[str, msgspec.Meta(pattern=RULES["close_reason"].pattern)]
+RejectReason = Annotated[str, msgspec.Meta(pattern=RULES["reject_reason"].pattern)]
+Id = Annotated[str, msgspec.Meta(pattern=RULES["id"].pattern)]
+Leverage = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+GridLevel = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+Millis = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
+
+
+class WireError(InvalidInput):
+    """An entry that is not a valid command or event. ``code`` says which rule it broke."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        command_id: str | None = None,
+        user_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.command_id = command_id
+        self.user_id = user_id
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class Command(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
+    SCHEMA: ClassVar[int] = 1
+    command_id: CommandId
+    user_id: UserId
+    schema: int = 1
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> None:
+    """msgspec turns a ValueError raised here into a ValidationError naming the command."""
+    if metadata is not None:
+        try:
+            check_json_object(metadata, "metadata")
+        except ValueRuleError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class PlaceOrder(Command, tag="place_order", kw_only=True):
+    exchange: Exchange
+    symbol: Symbol
+    side: OrderSide
+    order_type: OrderType
+    quantity: Dec
+    price: Dec | None = None
+    trigger_price: Dec | None = None
+    client_order_id: ClientOrderId | None = None
+    position_side: PositionSide | None = None
+    reduce_only: bool = False
+    leverage: Leverage | None = None
+    grid_level: GridLevel | None = None
+    metadata: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _check_metadata(self.metadata)
+
+
+class CancelOrder(Command, tag="cancel_order", kw_only=True):
+    order_id: Id
+
+
+class OrderAcceptedCommand(Command, tag="order_accepted", kw_only=True):
+    order_id: Id
+    exchange_order_id: ExchangeOrderId
+
+
+class OrderRejectedCommand(Command, tag="order_rejected", kw_only=True):
+    order_id: Id
+    reason: RejectReason
+
+
+class RecordFill(Command, tag="record_fill", kw_only=True):
+    order_id: Id
+    fill_id: FillId
+    quantity: Dec
+    price: Dec
+    fee: Dec | None = None
+    fee_currency: FeeCurrency | None = None
+    ts: Millis | None = None
+
+
+class OrderCancelledCommand(Command, tag="order_cancelled", kw_only=True):
+    order_id: Id
+
+
+class OrderExpiredCommand(Command, tag="order_expired", kw_only=True):
+    order_id: Id
+
+
+class OpenPosition(Command, tag="open_position", kw_only=True):
+    exchange: Exchange
+    symbol: Symbol
+    side: PositionSide
+    size: Dec
+    leverage: Leverage = 1
+    price: Dec | None = None
+    stop_loss: Dec | None = None
+    take_profit: Dec | None = None
+    metadata: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _check_metadata(self.metadata)
+
+
+class ClosePosition(Command, tag="close_position", kw_only=True):
+    position_id: Id
+    size: Dec | None = None
+    reason: CloseReason = "manual"
+    price: Dec | None = None
+
+
+class LiquidatePosition(Command, tag="liquidate_position", kw_only=True):
+    position_id: Id
+    price: Dec
+
+
+COMMAND_TYPES: dict[str, type[Command]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in (
+        PlaceOrder,
+        CancelOrder,
+        OrderAcceptedCommand,
+        OrderRejectedCommand,
+        RecordFill,
+        OrderCancelledCommand,
+        OrderExpiredCommand,
+        OpenPosition,
+        ClosePosition,
+        LiquidatePosition,
+    )
+}
+
+
+# --------------------------------------------------------------------------- events
+
+
+class Event(msgspec.Struct, kw_only=True, tag_field="type"):
+    """The envelope of CONTRACT §5, common to every event."""
+
+    SCHEMA: ClassVar[int] = 1
+    event_id: str
+    stream: str
+    version: int
+    command_id: str
+    user_id: str
+    exchange: Exchange
+    symbol: str
+    ts: int
+    schema: int = 1
+
+    @property
+    def type(self) -> str:
+        return self.__struct_config__.tag  # type: ignore[return-value]
+
+
+class OrderPlaced(Event, tag="OrderPlaced", kw_only=True):
+    side: OrderSide
+    order_type: OrderType
+    quantity: str
+    price: str | None = None
+    trigger_price: str | None = None
+    client_order_id: str | None = None
+    position_side: PositionSide | None = None
+    reduce_only: bool = False
+    leverage: int | None = None
+    grid_level: int | None = None
+    position_id: str | None = None
+    intent: Literal["open", "close"] | None = None
+    stop_loss: str | None = None
+    take_profit: str | None = None
+    close_reason: str | None = None
+    metadata: dict[str, Any] = {}
+    status: OrderStatus = OrderStatus.PENDING
+
+
+class OrderChange(Event, kw_only=True):
+    """An order event after placement: it carries the order's resulting status (the decider
+    takes it from ``ledger.domain.transitions``)."""
+
+    status: OrderStatus
+
+
+class OrderAccepted(OrderChange, tag="OrderAccepted", kw_only=True):
+    exchange_order_id: str
+
+
+class OrderRejected(OrderChange, tag="OrderRejected", kw_only=True):
+    reason: str
+
+
+class OrderFilled(OrderChange, tag="OrderFilled", kw_only=True):
+    side: OrderSide
+    fill_id: str
+    quantity: str
+    price: str
+    fee: str
+    fee_currency: str | None = None
+    fill_ts: int
+    filled_qty: str
+    avg_fill_price: str
+    fill_basis: str
+    overfill: bool = False
+    late: bool = False
+    position_ids: list[str] = []
+    unapplied_qty: str = "0"
+
+
+class OrderCancelRequested(OrderChange, tag="OrderCancelRequested", kw_only=True):
+    pass
+
+
+class OrderCancelled(OrderChange, tag="OrderCancelled", kw_only=True):
+    pass
+
+
+class OrderExpired(OrderChange, tag="OrderExpired", kw_only=True):
+    pass
+
+
+class PositionEvent(Event, kw_only=True):
+    """A position change carrying the whole resulting position (projections write it as is)."""
+
+    side: PositionSide
+    status: PositionStatus
+    size: str
+    entry_price: str
+    exit_price: str | None = None
+    leverage: int
+    entry_qty: str
+    entry_basis: str
+    exit_qty: str
+    exit_basis: str
+    gross_pnl: str
+    fees: str
+    other_fees: dict[str, str] = {}
+    realized_pnl: str
+    excess_qty: str = "0"
+    stop_loss: str | None = None
+    take_profit: str | None = None
+    close_reason: str | None = None
+    metadata: dict[str, Any] = {}
+    created_at: int
+    updated_at: int
+    closed_at: int | None = None
+    order_id: str | None = None
+    fill_id: str | None = None
+    change_qty: str
+    change_price: str
+    change_fee: str = "0"
+    change_fee_currency: str | None = None
+    change_pnl: str = "0"
+
+
+class PositionOpened(PositionEvent, tag="PositionOpened", kw_only=True):
+    pass
+
+
+class PositionIncreased(PositionEvent, tag="PositionIncreased", kw_only=True):
+    pass
+
+
+class PositionReduced(PositionEvent, tag="PositionReduced", kw_only=True):
+    pass
+
+
+class PositionClosed(PositionEvent, tag="PositionClosed", kw_only=True):
+    pass
+
+
+class PositionLiquidated(PositionEvent, tag="PositionLiquidated", kw_only=True):
+    pass
+
+
+ORDER_EVENTS: tuple[type[Event], ...] = (
+    OrderPlaced,
+    OrderAccepted,
+    OrderRejected,
+    OrderFilled,
+    OrderCancelRequested,
+    OrderCancelled,
+    OrderExpired,
+)
+POSITION_EVENTS: tuple[type[PositionEvent], ...] = (
+    PositionOpened,
+    PositionIncreased,
+    PositionReduced,
+    PositionClosed,
+    PositionLiquidated,
+)
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in (*ORDER_EVENTS, *POSITION_EVENTS)
+}
+
+
+# --------------------------------------------------------------------------- replies
+
+
+class ErrorInfo(msgspec.Struct):
+    code: str
+    message: str
+
+
+class EventRef(msgspec.Struct):
+    type: str
+    id: str
+
+
+class Reply(msgspec.Struct, omit_defaults=False):
+    command_id: str
+    status: Literal["accepted", "rejected"]
+    error: ErrorInfo | None = None
+    order_id: str | None = None
+    position_id: str | None = None
+    events: list[EventRef] = []
+
+
+# --------------------------------------------------------------------------- codec
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+_UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+_any_decoder = msgspec.json.Decoder()
+
+
+def register_upcaster(type_name: str, from_schema: int, upcaster: Upcaster) -> None:
+    """Teach the codec to read schema ``from_schema`` of ``type_name`` as ``from_schema + 1``."""
+    _UPCASTERS[(type_name, from_schema)] = upcaster
+
+
+def unregister_upcaster(type_name: str, from_schema: int) -> None:
+    _UPCASTERS.pop((type_name, from_schema), None)
+
+
+def encode(value: msgspec.Struct | Mapping[str, Any]) -> bytes:
+    return _encoder.encode(value)
+
+
+# What a JSON decoder may raise on hostile input: invalid JSON, text that is not UTF-8, and JSON
+# nested deeper than the decoder's recursion limit.
+_UNREADABLE = (msgspec.DecodeError, UnicodeError, RecursionError)
+
+
+def _unreadable(exc: Exception) -> WireError:
+    if isinstance(exc, RecursionError):
+        return WireError("INVALID_JSON", "data is nested too deeply to be a command")
+    return WireError("INVALID_JSON", f"data is not valid JSON: {exc}")
+
+
+def decode_json(raw: bytes | str) -> Any:
+    try:
+        return _any_decoder.decode(raw)
+    except _UNREADABLE as exc:
+        raise _unreadable(exc) from exc
+
+
+def _decoder(cls: type) -> msgspec.json.Decoder[Any]:
+    decoder = _decoders.get(cls)
+    if decoder is None:
+        decoder = _decoders[cls] = msgspec.json.Decoder(cls)
+    return decoder
+
+
+def _upcast(type_name: str, cls: Any, raw: bytes | str) -> Any:
+    """Slow path: read an older schema as a dict, upcast it step by step, then validate."""
+    data = decode_json(raw)
+    if not isinstance(data, dict):
+        raise WireError("INVALID_JSON", "data must be a JSON object")
+    schema = data.get("schema", 1)
+    while isinstance(schema, int) and schema < cls.SCHEMA:
+        upcaster = _UPCASTERS.get((type_name, schema))
+        if upcaster is None:
+            break
+        data = upcaster(dict(data))
+        schema = data["schema"] = schema + 1
+    try:
+        return msgspec.convert(data, cls)
+    except msgspec.ValidationError as exc:
+        raise _field_error(exc) from exc
+
+
+# msgspec names a broken pattern by its regex; users read the rule's description instead.
+_RULE_BY_REGEX = {repr(rule.pattern): rule.description for rule in RULES.values()}
+
+
+def _field_error(exc: msgspec.ValidationError) -> WireError:
+    message = str(exc)
+    for regex, description in _RULE_BY_REGEX.items():
+        message = message.replace(f"`str` matching regex {regex}", description)
+    if "missing required field" in message:
+        return WireError("MISSING_FIELD", message)
+    if "got `float`" in message or "got `int`" in message:
+        message += ' (decimals are JSON strings such as "0.1", never numbers)'
+    return WireError("INVALID_FIELD", message)
+
+
+def _decode_typed(type_name: str, cls: Any, raw: bytes | str) -> Any:
+    try:
+        value = _decoder(cls).decode(raw)
+    except msgspec.ValidationError:
+        return _upcast(type_name, cls, raw)
+    except _UNREADABLE as exc:
+        raise _unreadable(exc) from exc
+    if value.schema != cls.SCHEMA:
+        return _upcast(type_name, cls, raw)
+    return value
+
+
+def _readable_ids(raw: str | bytes | None) -> tuple[str | None, str | None]:
+    """Best effort: the command_id and user_id of a broken command, if they are valid."""
+    try:
+        data = _any_decoder.decode(raw) if raw else None
+    except _UNREADABLE:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    found: list[str | None] = []
+    for kind in ("command_id", "user_id"):
+        try:
+            found.append(check_identifier(kind, data.get(kind)))
+        except ValueError:
+            found.append(None)
+    return found[0], found[1]
+
+
+def entry_fields(fields: Mapping[Any, Any]) -> tuple[str, bytes | str | None]:
+    """A stream entry's ``type`` as text ("" when absent) and its ``data`` as stored (None when
+    absent), whether the client decodes responses or not: the one reader of an entry's fields."""
+    return text(fields.get("type", fields.get(b"type"))) or "", fields.get("data", fields.get(b"data"))
+
+
+def decode_command(fields: Mapping[Any, Any]) -> Command:
+    """Decode a command stream entry ({type, data}); raise WireError on anything malformed."""
+    type_name, raw = entry_fields(fields)
+    command_id, user_id = _readable_ids(raw)
+
+    def fail(code: str, message: str) -> WireError:
+        return WireError(code, message, command_id=command_id, user_id=user_id)
+
+    if not type_name:
+        raise fail("MISSING_FIELD", "the entry has no `type` field")
+    cls = COMMAND_TYPES.get(type_name)
+    if cls is None:
+        known = ", ".join(sorted(COMMAND_TYPES))
+        raise fail("UNKNOWN_TYPE", f"unknown command type {type_name!r}; known: {known}")
+    if raw is None:
+        raise fail("MISSING_FIELD", "the entry has no `data` field")
+    try:
+        return _decode_typed(type_name, cls, raw)  # type: ignore[no-any-return]
+    except WireError as exc:
+        raise fail(exc.code, f"{type_name}: {exc.message}") from exc
+
+
+class UnknownEventType(WireError):
+    """An event type this reader does not know: readers skip it (CONTRACT §5)."""
+
+
+def decode_event(type_name: str | bytes, raw: bytes | str | None) -> Event:
+    """Decode an event's ``data`` (``raw``; None: the entry has none) as the event type named."""
+    name = text(type_name) or ""
+    cls = EVENT_TYPES.get(name)
+    if cls is None:
+        raise UnknownEventType("UNKNOWN_TYPE", f"unknown event type {name!r}")
+    if raw is None:
+        raise WireError("MISSING_FIELD", f"the {name} entry has no `data` field")
+    return _decode_typed(name, cls, raw)  # type: ignore[no-any-return]
+
+
+def event_fields(event: Event) -> dict[str, bytes | str]:
+    """The stream entry fields of an event."""
+    return {"type": event.type, "data": encode(event)}
+
+
+def encode_command(command: Command) -> bytes:
+    """A command's ``data``, checked against the wire rules first: building a Struct does not
+    validate it, and a publisher (the paper venue, the API) must never publish a command the
+    handler would dead-letter. Raises ``WireError`` naming the broken rule."""
+    data = encode(command)
+    try:
+        _decoder(type(command)).decode(data)
+    except msgspec.ValidationError as exc:
+        raise _field_error(exc) from exc
+    return data
+
+
+def command_fields(command: Command) -> dict[str, bytes | str]:
+    """The stream entry fields of a command, as a strategy publishes it (validated)."""
+    type_name: str = command.__struct_config__.tag  # type: ignore[assignment]
+    return {"type": type_name, "data": encode_command(command)}

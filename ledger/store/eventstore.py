@@ -1,0 +1,307 @@
+"""The event store of one shard: atomic appends with optimistic concurrency, snapshots, reads.
+
+An append writes, in one server-side step on the shard's keys only (so it runs on Redis
+Cluster): the events (XADD, each chained by hash to the one before it and the chain's head
+moved: ``ledger.store.chain``), the resulting snapshots of the aggregates they change, the
+open-position slots, the user's new concurrency token, the command's outcome for deduplication
+and its reply (DEL + RPUSH + EXPIRE). It refuses with ``conflict`` when the user's token moved
+since the state was loaded (another handler got there first), and answers ``duplicate`` with the
+first outcome when the command was handled before, however long ago. When that outcome was
+compacted (``projections.compact``: the reply moved to PostgreSQL, a marker left in Redis) it
+answers ``archived`` and records the duplicate in ``ledger:{s}:outcomes:waiting``; the handler's
+``OutcomeReader`` writes the reply from PostgreSQL with ``answer_waiting``.
+
+Loading state reads snapshots by id (HMGET), never the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import msgspec
+import structlog
+from redis.exceptions import NoScriptError, ResponseError
+
+from ledger.defaults import BLOCK_MS, REPLY_TTL_S
+from ledger.domain import wire
+from ledger.domain.decider import Requirements
+from ledger.domain.state import Book, OrderState, PositionState
+from ledger.store.keys import ShardKeys, outcome_field, outcome_ids
+from ledger.store.redis_conn import text
+
+log = structlog.get_logger("ledger.store.eventstore")
+APPEND_LUA = resources.files("ledger.store").joinpath("lua/append.lua").read_text()
+# What stays of a compacted outcome: this prefix (a reply is JSON and starts with "{"; the append
+# script tests the same character) and the first digits of the reply's SHA-1, which the reply
+# read back from PostgreSQL must match before it is given.
+MARKER_PREFIX = "~"
+MARKER_DIGITS = 20
+
+# KEYS[1] waiting duplicates, KEYS[2] reply list. ARGV[1] outcome field, ARGV[2] its marker,
+# ARGV[3] the reply, ARGV[4] reply TTL seconds. The reply is written (DEL + RPUSH + EXPIRE, as the
+# append step does) only while the duplicate still waits with that marker; returns 1 if written.
+_ANSWER_WAITING_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('DEL', KEYS[2])
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"""
+
+_order_decoder = msgspec.json.Decoder(OrderState)
+_position_decoder = msgspec.json.Decoder(PositionState)
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event read back from the log with its stream entry id."""
+
+    entry_id: str
+    event: wire.Event
+
+
+@dataclass(slots=True)
+class Append:
+    """One command's outcome, ready to be written."""
+
+    user_id: str
+    command_id: str
+    expected_token: str
+    new_token: str
+    reply: wire.Reply
+    events: Sequence[wire.Event] = ()
+    orders: dict[str, OrderState] = field(default_factory=dict)
+    positions: dict[str, PositionState] = field(default_factory=dict)
+    slots: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    status: Literal["ok", "duplicate", "archived", "conflict"]
+    reply: str  # the reply; the marker when archived; the current token on a conflict
+
+
+def outcome_marker(reply: bytes) -> str:
+    """What a compacted outcome leaves in ``ledger:{s}:outcomes``."""
+    return MARKER_PREFIX + hashlib.sha1(reply, usedforsecurity=False).hexdigest()[:MARKER_DIGITS]
+
+
+def is_marker(outcome: bytes | str) -> bool:
+    return (outcome.decode() if isinstance(outcome, bytes) else outcome).startswith(MARKER_PREFIX)
+
+
+def reply_head(reply: wire.Reply) -> bytes:
+    """The reply's JSON up to its ``events`` list, which the script fills with entry ids."""
+    encoded = wire.encode(msgspec.structs.replace(reply, events=[]))
+    if not encoded.endswith(b'"events":[]}'):
+        raise RuntimeError(f"a reply must end with its events list to be completed by the script: {encoded!r}")
+    return encoded[: -len(b"[]}")]
+
+
+class EventStore:
+    """Reads and writes one shard's log and state. ``redis`` is a plain or cluster client."""
+
+    def __init__(self, redis: Any, shard: int, *, reply_ttl_s: int = REPLY_TTL_S) -> None:
+        self.redis = redis
+        self.keys = ShardKeys(shard)
+        self.reply_ttl_s = reply_ttl_s
+        self._sha: str | None = None
+
+    # ----------------------------------------------------------------- state
+
+    async def load(self, book: Book, missing: Requirements) -> None:
+        """Fill the book with what is missing (absent aggregates are recorded as None)."""
+        order_ids, position_ids, slots = (sorted(x) for x in (missing.order_ids, missing.position_ids, missing.slots))
+        pipe = self.redis.pipeline(transaction=False)
+        if order_ids:
+            pipe.hmget(self.keys.orders, order_ids)
+        if position_ids:
+            pipe.hmget(self.keys.positions, position_ids)
+        if slots:
+            pipe.hmget(self.keys.slots, slots)
+        results = iter(await pipe.execute())
+        if order_ids:
+            for oid, raw in zip(order_ids, next(results), strict=True):
+                book.orders[oid] = _order_decoder.decode(raw) if raw else None
+        if position_ids:
+            for pid, raw in zip(position_ids, next(results), strict=True):
+                book.positions[pid] = _position_decoder.decode(raw) if raw else None
+        if slots:
+            for slot, value in zip(slots, next(results), strict=True):
+                book.slots[slot] = text(value) or None
+
+    async def tokens(self, user_ids: Iterable[str]) -> dict[str, str]:
+        users = sorted(set(user_ids))
+        if not users:
+            return {}
+        values = await self.redis.hmget(self.keys.sequence, users)
+        return {user: text(value) or "" for user, value in zip(users, values, strict=True)}
+
+    async def outcomes(self, fields: Sequence[str]) -> list[str | None]:
+        if not fields:
+            return []
+        return [text(v) for v in await self.redis.hmget(self.keys.outcomes, list(fields))]
+
+    async def order(self, order_id: str) -> OrderState | None:
+        raw = await self.redis.hget(self.keys.orders, order_id)
+        return _order_decoder.decode(raw) if raw else None
+
+    async def position(self, position_id: str) -> PositionState | None:
+        raw = await self.redis.hget(self.keys.positions, position_id)
+        return _position_decoder.decode(raw) if raw else None
+
+    # ----------------------------------------------------------------- writes
+
+    def _args(self, append: Append) -> tuple[list[str], list[Any]]:
+        keys = self.keys
+        key_list = [
+            keys.events,
+            keys.orders,
+            keys.positions,
+            keys.slots,
+            keys.sequence,
+            keys.outcomes,
+            keys.reply(append.user_id, append.command_id),
+            keys.chain,
+            keys.waiting,
+            keys.eventless,
+        ]
+        args: list[Any] = [
+            append.user_id,
+            outcome_field(append.user_id, append.command_id),
+            append.expected_token,
+            append.new_token,
+            reply_head(append.reply),
+            self.reply_ttl_s,
+            len(append.events),
+        ]
+        for event in append.events:
+            args += [event.type, wire.encode(event)]
+        for snapshots in (append.orders, append.positions):
+            args.append(len(snapshots))
+            for aggregate_id, state in snapshots.items():
+                args += [aggregate_id, _encoder.encode(state)]
+        args.append(len(append.slots))
+        for slot, position_id in append.slots.items():
+            args += [slot, position_id or ""]
+        return key_list, args
+
+    async def _load_script(self) -> str:
+        self._sha = await self.redis.script_load(APPEND_LUA)
+        return self._sha
+
+    async def append_many(self, appends: Sequence[Append]) -> list[AppendResult]:
+        """Run the appends in one pipeline round trip; each one is atomic on its own."""
+        sha = self._sha or await self._load_script()
+        for _attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for append in appends:
+                key_list, args = self._args(append)
+                # Not ``pipe.evalsha``: redis-py's cluster pipeline blocks that method, while
+                # the raw command is routed by its keys (all on this shard's slot).
+                pipe.execute_command("EVALSHA", sha, len(key_list), *key_list, *args)
+            results = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in results):
+                break
+            sha = await self._load_script()  # the server lost its script cache (restart)
+        return [_result(r) for r in results]
+
+    async def append(self, append: Append) -> AppendResult:
+        return (await self.append_many([append]))[0]
+
+    # ----------------------------------------------------------------- compacted outcomes
+
+    async def waiting(self) -> dict[str, str]:
+        """The duplicates waiting for a compacted outcome: outcome field -> marker (a few: each
+        is answered as soon as PostgreSQL gives its reply)."""
+        found = await self.redis.hgetall(self.keys.waiting)
+        return {text(f) or "": text(m) or "" for f, m in found.items()}
+
+    async def answer_waiting(self, field: str, marker: str, reply: str) -> bool:
+        """Answer a waiting duplicate with its first reply (read from PostgreSQL), once."""
+        user_id, command_id = outcome_ids(field)
+        keys = [self.keys.waiting, self.keys.reply(user_id, command_id)]
+        written = await self.redis.eval(_ANSWER_WAITING_LUA, 2, *keys, field, marker, reply, self.reply_ttl_s)
+        return bool(written)
+
+    # ----------------------------------------------------------------- reads
+
+    async def read_range(self, start: str = "-", end: str = "+", count: int | None = None) -> list[StoredEvent]:
+        """Events between two entry ids (inclusive); unknown event types are skipped."""
+        entries = await self.redis.xrange(self.keys.events, start, end, count=count)
+        return list(_decoded(entries))
+
+    async def read_from(self, after: str, count: int = 1000) -> list[StoredEvent]:
+        """Events strictly after an entry id ("0" reads from the start)."""
+        return await self.read_range(_after(after), "+", count)
+
+    async def read_aggregate(self, aggregate_id: str, page: int = 1000) -> list[StoredEvent]:
+        """The events of one order or position, in version order.
+
+        This walks the shard's log (an audit path; live state uses snapshots, and the
+        PostgreSQL archive indexes events by aggregate).
+        """
+        found: list[StoredEvent] = []
+        async for stored in self.iterate(page=page):
+            if stored.event.stream == aggregate_id:
+                found.append(stored)
+        return found
+
+    async def iterate(self, after: str = "0", page: int = 1000) -> AsyncIterator[StoredEvent]:
+        """Every event after ``after``, page by page (a page of only skipped entries does not end
+        the walk: paging follows the stream's entries, not the events decoded from them)."""
+        while True:
+            entries = await self.redis.xrange(self.keys.events, _after(after), "+", count=page)
+            if not entries:
+                return
+            for stored in _decoded(entries):
+                yield stored
+            after = text(entries[-1][0])
+
+    async def subscribe(self, after: str = "$", block_ms: int = BLOCK_MS) -> AsyncIterator[StoredEvent]:
+        """A live subscription: events appended after ``after`` ("$" = from now), forever."""
+        last = after
+        if last == "$":
+            newest = await self.redis.xrevrange(self.keys.events, count=1)
+            last = text(newest[0][0]) if newest else "0-0"
+        while True:
+            response = await self.redis.xread({self.keys.events: last}, block=block_ms, count=500)
+            for _stream, entries in response or []:
+                for stored in _decoded(entries):
+                    yield stored
+                if entries:
+                    last = text(entries[-1][0])
+
+
+def _after(entry_id: str) -> str:
+    return f"({entry_id}" if entry_id not in ("0", "0-0") else "-"
+
+
+def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEvent]:
+    """The events of stream entries: unknown types are skipped (CONTRACT §5), and so is an entry
+    that cannot be decoded, with a warning naming it (its consumers dead-letter it)."""
+    for entry_id, fields in entries:
+        event_type, data = wire.entry_fields(fields)
+        try:
+            event = wire.decode_event(event_type, data)
+        except wire.UnknownEventType:
+            continue
+        except wire.WireError as error:
+            log.warning("undecodable event skipped", entry_id=text(entry_id), code=error.code, reason=error.message)
+            continue
+        yield StoredEvent(text(entry_id), event)
+
+
+def _result(raw: Any) -> AppendResult:
+    if isinstance(raw, ResponseError):
+        raise raw
+    status, reply = (text(x) or "" for x in raw)
+    return AppendResult(status, reply)  # type: ignore[arg-type]

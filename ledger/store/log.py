@@ -1,0 +1,236 @@
+"""One reader over both tiers of a shard's event log: the PostgreSQL archive and Redis.
+
+The projector archives every event of ``ledger:{s}:events`` into ``ledger_events``, so Redis
+may drop the oldest entries (``XTRIM MINID``; CONTRACT §5). ``read_log`` reads a shard's log from
+any point in log order, each entry once: from the archive what Redis no longer holds, from Redis
+the rest (an entry in both is read from Redis, the bytes as appended).
+
+Where Redis's log has holes is read from the stream itself (``XINFO STREAM``): every entry Redis
+no longer holds lies at or before a *bound*, the entry just before its first one (a trim) or its
+``max-deleted-entry-id`` (a deletion), and ``entries-added`` minus ``length`` says how many there
+are. Each page read from Redis is checked against the bound measured after it (in the same
+pipeline): when a trim overtook the reader, the page is dropped and read again from the archive,
+so a concurrent trim never opens a gap. Before the archive is read, it must hold every entry
+Redis lacks (counted, not assumed); otherwise, or with no archive to read, ``LogError`` says how
+many entries are lost and what to do, never a silently shorter log.
+
+Events of a type this reader does not know are skipped (CONTRACT §5). An entry that cannot be
+decoded is skipped with a warning naming it, the policy of the consumers, which dead-letter it
+(``consumers.deadletter``): the live state never applied it either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import structlog
+from redis.exceptions import ResponseError
+
+from ledger.config import ServerNotConfigured, Settings, known_url
+from ledger.domain import wire
+from ledger.errors import OperationFailed
+from ledger.sqlfiles import load_queries
+from ledger.store.eventstore import StoredEvent
+from ledger.store.keys import ShardKeys
+from ledger.store.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
+
+__all__ = ["PAGE", "SEQ_MAX", "LogError", "log_size", "open_archive", "read_log"]
+
+PAGE = 1000  # entries per Redis XRANGE and per archive query
+SEQ_MAX = 2**63 - 1  # the largest entry_seq the archive can hold (BIGINT)
+
+_SQL = load_queries("ledger.store", "log.sql")
+log = structlog.get_logger("ledger.log")
+
+Key = tuple[int, int]
+
+
+class LogError(OperationFailed):
+    """Part of a shard's log is in neither Redis nor the archive (or no archive can be read)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Holes:
+    """What Redis no longer holds of a stream: ``missing`` entries, all at or before ``bound``."""
+
+    missing: int
+    bound: Key
+
+
+def _holes(info: Any) -> _Holes:
+    if isinstance(info, ResponseError):  # no such key: nothing was ever appended to the shard
+        return _Holes(0, (0, 0))
+    missing = int(info["entries-added"]) - int(info["length"])
+    if missing <= 0:
+        return _Holes(0, (0, 0))
+    first = info.get("first-entry")
+    if not first:
+        return _Holes(missing, entry_order(text(info["last-generated-id"])))
+    ms, seq = entry_order(text(first[0]))
+    before_first = (ms, seq - 1) if seq else (ms - 1, SEQ_MAX)
+    return _Holes(missing, max(before_first, entry_order(text(info["max-deleted-entry-id"]))))
+
+
+def _id(key: Key) -> str:
+    return f"{key[0]}-{key[1]}"
+
+
+def _decoded(shard: int, entry_id: str, type_name: Any, data: Any) -> StoredEvent | None:
+    try:
+        return StoredEvent(entry_id, wire.decode_event(type_name, data))
+    except wire.UnknownEventType:
+        return None
+    except wire.WireError as exc:
+        log.warning("event cannot be decoded: skipped", shard=shard, entry_id=entry_id, reason=str(exc))
+        return None
+
+
+async def read_log(
+    redis: Any,
+    shard: int,
+    *,
+    conn: psycopg.AsyncConnection[Any] | None = None,
+    after: str | None = None,
+    until: int | None = None,
+    no_archive: str = "no database URL given",
+    page: int = PAGE,
+) -> AsyncIterator[StoredEvent]:
+    """The events of ``shard`` after entry ``after`` (None: from the first), in log order; with
+    ``until`` (epoch ms), the log as of that moment: up to the first event whose ``ts`` is later.
+
+    ``conn`` reads the archive (autocommit); without it, reading what Redis no longer holds
+    fails with ``LogError`` (``no_archive`` says why there is none).
+    """
+    async for stored in _read(redis, shard, conn, after, no_archive, page):
+        if until is not None and stored.event.ts > until:
+            return
+        yield stored
+
+
+async def log_size(redis: Any, shard: int) -> int:
+    """How many entries the shard's log has held in all, both tiers (Redis's ``entries-added``)."""
+    try:
+        info = await redis.xinfo_stream(ShardKeys(shard).events)
+    except ResponseError:  # no such key: nothing was ever appended to the shard
+        return 0
+    return int(info["entries-added"])
+
+
+async def _read(
+    redis: Any,
+    shard: int,
+    conn: psycopg.AsyncConnection[Any] | None,
+    after: str | None,
+    no_archive: str,
+    page: int,
+) -> AsyncIterator[StoredEvent]:
+    key = ShardKeys(shard).events
+    cursor: Key = entry_order(after) if after else (0, 0)
+    checked: _Holes | None = None
+    while True:
+        pipe = redis.pipeline(transaction=False)
+        pipe.xrange(key, f"({_id(cursor)}", "+", count=page)
+        pipe.xinfo_stream(key)
+        entries, info = await pipe.execute(raise_on_error=False)
+        if isinstance(entries, Exception):
+            raise entries
+        holes = _holes(info)
+        if cursor < holes.bound:
+            if conn is None:
+                raise LogError(
+                    f"{key} no longer holds {holes.missing} entries up to {_id(holes.bound)} and the archive "
+                    f"cannot be read ({no_archive}): give the ledger's PostgreSQL (--database-url or "
+                    "LEDGER_DATABASE_URL)"
+                )
+            if holes != checked:
+                await _check_archive(redis, conn, shard, holes)
+                checked = holes
+            async for stored in _region(redis, conn, shard, cursor, holes.bound, page):
+                yield stored
+            cursor = holes.bound
+            continue
+        if not entries:
+            return
+        for entry_id, fields in entries:
+            if (event := _decoded(shard, text(entry_id), *wire.entry_fields(fields))) is not None:
+                yield event
+        cursor = entry_order(text(entries[-1][0]))
+
+
+async def _region(
+    redis: Any, conn: psycopg.AsyncConnection[Any], shard: int, cursor: Key, bound: Key, page: int
+) -> AsyncIterator[StoredEvent]:
+    """The entries after ``cursor`` up to ``bound`` (where Redis has holes): the archive's and
+    those Redis still holds there, merged in log order, each once."""
+    key = ShardKeys(shard).events
+    while cursor < bound:
+        cur = await conn.execute(
+            _SQL["archived_page"],
+            {
+                "shard": shard,
+                "after_ms": cursor[0],
+                "after_seq": cursor[1],
+                "upto_ms": bound[0],
+                "upto_seq": bound[1],
+                "limit": page,
+            },
+        )
+        rows = await cur.fetchall()
+        held = await redis.xrange(key, f"({_id(cursor)}", _id(bound), count=page)
+        upto = bound
+        if len(rows) == page:
+            upto = min(upto, (int(rows[-1][1]), int(rows[-1][2])))
+        if len(held) == page:
+            upto = min(upto, entry_order(text(held[-1][0])))
+        merged: dict[Key, tuple[str, Any, Any]] = {}
+        for entry_id, fields in held:
+            merged[entry_order(text(entry_id))] = (text(entry_id), *wire.entry_fields(fields))
+        for entry_id, ms, seq, type_name, data in rows:
+            merged.setdefault((int(ms), int(seq)), (entry_id, type_name, data))
+        for entry in sorted(k for k in merged if k <= upto):
+            stored = _decoded(shard, *merged[entry])
+            if stored is not None:
+                yield stored
+        cursor = upto
+
+
+async def _check_archive(redis: Any, conn: psycopg.AsyncConnection[Any], shard: int, holes: _Holes) -> None:
+    """Fail unless the archive holds every entry Redis lacks (all of them at or before the bound):
+    the archived entries up to the bound, less those Redis still holds there, must be as many."""
+    key = ShardKeys(shard).events
+    upto = {"shard": shard, "upto_ms": holes.bound[0], "upto_seq": holes.bound[1]}
+    archived = int((await (await conn.execute(_SQL["archived_count"], upto)).fetchone() or (0,))[0])
+    start = "-"
+    while page := await redis.xrange(key, start, _id(holes.bound), count=PAGE):
+        held = [entry_order(text(entry_id)) for entry_id, _fields in page]
+        cur = await conn.execute(
+            _SQL["archived_among"], {"shard": shard, "ms": [k[0] for k in held], "seq": [k[1] for k in held]}
+        )
+        archived -= int((await cur.fetchone() or (0,))[0])
+        start = f"({_id(held[-1])}"
+    if archived < holes.missing:
+        raise LogError(
+            f"{key} no longer holds {holes.missing} entries up to {_id(holes.bound)} and the archive holds only "
+            f"{archived} of them: {holes.missing - archived} events are lost from both tiers (see `ledger status` "
+            "for history gaps; restore the archive from a backup)"
+        )
+
+
+@asynccontextmanager
+async def open_archive(settings: Settings) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any] | None, str]]:
+    """A connection to the archive for a reader, or None and why there is none (a read that
+    Redis can serve alone needs no database)."""
+    try:
+        url = known_url(settings, "postgres")
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S))
+    except (psycopg.OperationalError, ServerNotConfigured) as exc:
+        unread = str(exc).strip().splitlines()[0]
+    else:
+        async with conn:
+            yield conn, "read"
+        return
+    yield None, unread

@@ -1,0 +1,69 @@
+"""Redis clients with deliberate timeouts, plain or cluster (detected from the server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from ledger.config import ConfigError, whole_number
+from ledger.defaults import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
+from ledger.domain.values import text as text  # the one bytes-to-text rule, pure; re-exported for the Redis edge
+from ledger.errors import OperationFailed
+from ledger.store.keys import META
+
+
+async def connect(url: str, *, decode_responses: bool = True) -> Any:
+    """A client for ``url``; a cluster client when the server runs in cluster mode."""
+    options: dict[str, Any] = {
+        "decode_responses": decode_responses,
+        # Bytes that are not UTF-8 (a broken command) must not make every read of the stream
+        # fail: they decode to lone surrogates and encode back to the same bytes.
+        "encoding_errors": "surrogateescape",
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+    }
+    plain = aioredis.from_url(url, health_check_interval=15, **options)
+    info = await plain.info("cluster")
+    if not info.get("cluster_enabled"):
+        return plain
+    await plain.aclose()
+    return RedisCluster.from_url(url, **options)
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as a tuple that sorts like the stream."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class ShardCountMismatch(OperationFailed):
+    pass
+
+
+async def ensure_shard_count(redis: Any, shards: int) -> int:
+    """Record the shard count in ``ledger:meta`` or refuse a different one; a count that is
+    not one (``ConfigError``) is refused before anything is written."""
+    shards = whole_number("shards", shards)
+    await redis.hsetnx(META, "shards", shards)
+    recorded = await recorded_shards(redis)
+    if recorded != shards:
+        raise ShardCountMismatch(
+            f"this Redis holds a ledger of {recorded} shards but {shards} were asked for: "
+            f"start with LEDGER_SHARDS={recorded} (re-sharding an existing ledger is not supported)"
+        )
+    return recorded
+
+
+async def recorded_shards(redis: Any) -> int | None:
+    value = await redis.hget(META, "shards")
+    if value is None:
+        return None
+    try:
+        return whole_number("shards", text(value))
+    except ConfigError:
+        raise ShardCountMismatch(
+            f"ledger:meta records shards={text(value)!r}, which is not a shard count: if this Redis holds no "
+            "ledger data yet, delete it (HDEL ledger:meta shards) and start `ledger serve` again"
+        ) from None
