@@ -46,16 +46,11 @@ Two orders reported with the same venue order id on one exchange would break the
 ``exchange_order_id`` NULL and ``metadata.duplicate_exchange_order_id`` (plus
 ``metadata.duplicate_of_order_id``), and an error is logged with both ids.
 
-Test hook: with the environment variable ``LEDGER_TEST_CRASH_AFTER_COMMIT=1`` the projector
-SIGKILLs its own process right after its first batch COMMIT, before the XACK (used by the
-crash test; never set it in production).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -87,7 +82,6 @@ from ledger.store.redis_conn import entry_order, text
 from projections.schema import apply_schema
 
 __all__ = [
-    "CRASH_HOOK_ENV",
     "PROJECTOR",
     "RETRYABLE",
     "BatchResult",
@@ -105,7 +99,6 @@ __all__ = [
 ]
 
 PROJECTOR = "ledger-projector"
-CRASH_HOOK_ENV = "LEDGER_TEST_CRASH_AFTER_COMMIT"
 
 # PostgreSQL down, restarting, or a transaction that lost a race: back off and retry, never
 # dead-letter (AdminShutdown and "connection is closed" are OperationalErrors; PoolTimeout is
@@ -412,8 +405,6 @@ class Projector:
                     },
                 )
         result.checkpoint = _entry_id(max(last, applied))
-        if os.environ.get(CRASH_HOOK_ENV) == "1":  # test hook: die between COMMIT and XACK
-            os.kill(os.getpid(), signal.SIGKILL)
         self.log.info(
             "batch projected",
             first_entry_id=entries[0].id,

@@ -47,16 +47,10 @@ import pytest
 import redis as redis_lib
 import redis.asyncio as aioredis
 
-from ledger.app.servers import (
-    PostgresServer,
-    RedisCluster,
-    RedisServer,
-    start_postgres,
-    start_redis,
-    start_redis_cluster,
-)
+from ledger.app.servers import PostgresServer, RedisServer, start_postgres, start_redis
 from ledger.config import Durability
 from projections.schema import schema_sql
+from tests.cluster import RedisCluster, start_redis_cluster
 
 TEMPLATE_DB = "ledger_template"
 

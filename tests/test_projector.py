@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -464,7 +464,9 @@ async def test_projector_handle_is_one_transaction(
 # --------------------------------------------------------------------------- crash and outage
 
 
-def _serve(redis_url: str, database_url: str, home: Path, **env: str) -> subprocess.Popen[bytes]:
+def _serve(
+    redis_url: str, database_url: str, home: Path, *, program: Sequence[str] = ("-m", "ledger.app.cli"), **env: str
+) -> subprocess.Popen[bytes]:
     environment = {
         **os.environ,
         "LEDGER_REDIS_URL": redis_url,
@@ -475,7 +477,7 @@ def _serve(redis_url: str, database_url: str, home: Path, **env: str) -> subproc
         **env,
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "ledger.app.cli", "serve", "--role", "projector"],
+        [sys.executable, *program, "serve", "--role", "projector"],
         cwd=ROOT,
         env=environment,
         stdout=subprocess.PIPE,
@@ -498,7 +500,9 @@ async def test_kill_between_commit_and_xack(
     log = await redis.xrange(KEYS.events)
     settings = {"LEDGER_BATCH_SIZE": "3", "LEDGER_CLAIM_IDLE_MS": "1000"}
 
-    crashing = _serve(redis_url, database_url, tmp_path, LEDGER_TEST_CRASH_AFTER_COMMIT="1", **settings)
+    crashing = _serve(
+        redis_url, database_url, tmp_path, program=[str(ROOT / "tests" / "crash_after_commit.py")], **settings
+    )
     try:
         output, _ = await asyncio.to_thread(crashing.communicate, timeout=60)
     finally:
