@@ -65,7 +65,7 @@ test: install
 # The fuzz and model-based tests run bounded in `make test`; here with many more examples, shrunk.
 FUZZ_EXAMPLES ?= 2000
 test-fuzz: install
-	LEDGER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV_PY) -m pytest -m fuzz tests/test_fuzz.py tests/test_model.py $(PYTEST_ARGS)
+	LEDGER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV_PY) -m pytest -m fuzz tests/integration/test_fuzz.py tests/integration/test_model.py $(PYTEST_ARGS)
 
 # The slow tests (marked `slow`, skipped unless LEDGER_SLOW=1).
 test-slow: install

@@ -13,7 +13,7 @@ CONTRACT §3) and the snapshots of the orders and positions it created (``ledger
   out and decodes to it), plus ``compacted`` (epoch ms; the state decoders ignore it). Every
   command against it is decided exactly as against the full snapshot: the same rejections of
   transitions, a duplicate fill absorbed by its fill id, a late fill recorded with the same
-  events (``tests/test_compaction.py`` proves it per command kind);
+  events (``tests/integration/test_compaction.py`` proves it per command kind);
 * an **outcome** whose events are archived (its reply's last event entry is at or before the
   projector's tracking record), or that has none (a rejection), and older than the retention
   (its last event's entry time; for one without events, the time the append step recorded in

@@ -1,4 +1,4 @@
-"""Black-box pieces of the command-path fuzz test (tests/test_fuzz.py).
+"""Black-box pieces of the command-path fuzz test (tests/integration/test_fuzz.py).
 
 Everything a strategy in another language could know is written here from the contract, not
 imported from the ledger: the identifier rules of CONTRACT §1, the key patterns of §2 and §6 (full

@@ -1,4 +1,5 @@
-"""Shared helpers of the live-projection and API tests (tests/test_live_projection.py, tests/test_api.py).
+"""Shared helpers of the live-projection and API tests (tests/integration/test_live_projection.py,
+tests/integration/test_api.py).
 
 The ledger runs in-process: ``serve(settings, roles, stop)`` as a task of the test's event loop
 (``running_ledger``). The checking side reads Redis with plain commands (HGETALL, SMEMBERS, TTL,

@@ -9,7 +9,7 @@ beyond the quantity of a filled order is an overfill.
 
 The decider takes every order status it writes from here, the paper venue the statuses it
 may fill and the events that end an order. Which statuses are final is CONTRACT §6 vocabulary
-(``ledger.domain.enums.FINAL_ORDER_STATUSES``); the table agrees with it (``tests/test_transitions.py``):
+(``ledger.domain.enums.FINAL_ORDER_STATUSES``); the table agrees with it (``tests/unit/test_transitions.py``):
 from a final status only fills are allowed, and they never leave it. Pure: no I/O.
 """
 

@@ -21,6 +21,7 @@ from consumers.entries import Entry
 from consumers.runner import ConsumerSettings, StreamConsumer
 from ledger import OrderManager, OrderStatus
 from projections.live import GROUP, LiveProjection
+from tests.faults.test_fencing import USER, Ledger
 from tests.live_helpers import (
     BTC,
     GRID_USER,
@@ -36,7 +37,6 @@ from tests.live_helpers import (
     snapshot,
     wait_for,
 )
-from tests.test_fencing import USER, Ledger
 
 
 def events_key(shard: int) -> str:

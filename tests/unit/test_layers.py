@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("ledger", "projections", "consumers")
 IO = {"redis", "psycopg", "psycopg_pool", "asyncio", "ccxt", "socket", "subprocess", "aiohttp"}
 

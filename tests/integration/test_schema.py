@@ -177,7 +177,7 @@ async def _snapshot(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, str]]
 
 
 def test_schema_file_is_the_repository_root_one() -> None:
-    assert schema_path() == Path(__file__).resolve().parent.parent / "schema.sql"
+    assert schema_path() == Path(__file__).resolve().parents[2] / "schema.sql"
     code = "\n".join(line.split("--")[0] for line in schema_sql().splitlines()).upper()
     assert code.count("CREATE TABLE IF NOT EXISTS ") == 7
     assert code.count("CREATE INDEX IF NOT EXISTS ") == 6

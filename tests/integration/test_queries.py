@@ -20,8 +20,8 @@ import structlog
 from ledger import OrderManager, OrderStatus, PositionManager
 from ledger.client import queries
 from ledger.client.models import parse_mark, read_mark
+from tests.integration.test_paper import Rig
 from tests.live_helpers import BTC, ETH, hash_of, members, quiesce, running_ledger, wait_for, wait_order_status
-from tests.test_paper import Rig
 
 USER = "user123"
 ALIEN = "00000000-0000-4000-8000-000000000000"

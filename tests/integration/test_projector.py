@@ -39,7 +39,7 @@ from projections.projector import (
     projector_consumer,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 USER = "trader-1"
 SYMBOL = "BTC-USDT-SWAP"
 KEYS = ShardKeys(0)

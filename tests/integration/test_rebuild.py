@@ -27,9 +27,9 @@ from projections.rebuild import rebuild_postgres
 from projections.trim import trim_shard
 from projections.verify import verify
 from tests.audit_helpers import ledger_cli, projector
+from tests.integration.test_paper import LINEAR, Rig
 from tests.live_helpers import BTC, GRID_USER, POS_USER, SOL, hash_of, members, quiesce, run_session, running_ledger
 from tests.live_helpers import shard_of_user as shard_of
-from tests.test_paper import LINEAR, Rig
 
 ROLES = ("handler", "projection", "paper", "projector")
 GROUPS = ("ledger-paper", "ledger-projector")

@@ -20,8 +20,8 @@ from consumers.runner import ConsumerSettings
 from ledger.domain import wire
 from ledger.store.redis_conn import connect
 from projections.projector import PROJECTOR, open_gaps, projector_consumer
-from tests import test_projector
-from tests.test_projector import KEYS, SYMBOL, Ledger, count, one, pending, place
+from tests.integration import test_projector
+from tests.integration.test_projector import KEYS, SYMBOL, Ledger, count, one, pending, place
 
 # The fixtures of the projector tests: ``pool`` (on ``database_url``) and ``ledger`` (the handler).
 pool = test_projector.pool
