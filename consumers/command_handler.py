@@ -30,15 +30,18 @@ from typing import Any
 import psycopg
 import structlog
 
+from consumers.backoff import Backoff, poll
 from consumers.deadletter import Reply, write_dead_letter
 from consumers.entries import Entry
 from consumers.runner import RETRYABLE, ConsumerSettings, StreamConsumer
+from ledger import defaults
 from ledger.config import ServerNotConfigured, Settings, known_url
 from ledger.domain import wire
 from ledger.domain.decider import Context, Decision, Rejection, Requirements, decide, requirements
 from ledger.domain.evolution import evolve
 from ledger.domain.state import Book, StateError
 from ledger.domain.values import now_ms
+from ledger.errors import HandlingSignal
 from ledger.sqlfiles import load_queries
 from ledger.store.eventstore import Append, EventStore, outcome_marker
 from ledger.store.keys import outcome_field, outcome_ids, shard_of
@@ -49,9 +52,8 @@ GROUP = "ledger-handler"
 PREFETCH_WAVES = 3
 MAX_CONFLICT_RETRIES = 20
 # The OutcomeReader looks for waiting duplicates this often (it is also woken by its handler),
-# and backs off from the first delay, doubling up to the last, while PostgreSQL is away.
+# and backs off (``consumers.backoff``) while PostgreSQL is away or a reply is missing.
 OUTCOME_POLL_S = 1.0
-OUTCOME_BACKOFF_S = (0.5, 30.0)
 OUTCOME_QUERY_TIMEOUT_S = 10.0
 _SQL = load_queries("projections", "compact.sql")
 
@@ -281,6 +283,13 @@ def _snapshots(append: Append, book: Book, events: Sequence[wire.Event], slots: 
     append.slots = {slot: book.slots[slot] for slot in slots}
 
 
+class _Unanswered(HandlingSignal):
+    """A round of the OutcomeReader left duplicates waiting (their replies missing or altered)."""
+
+    def __init__(self, left: int) -> None:
+        super().__init__(f"{left} duplicates of compacted commands still wait")
+
+
 class OutcomeReader:
     """Answers the duplicates of compacted commands of one shard from PostgreSQL.
 
@@ -298,7 +307,7 @@ class OutcomeReader:
         database_url: Callable[[], str],
         *,
         poll_s: float = OUTCOME_POLL_S,
-        backoff_s: tuple[float, float] = OUTCOME_BACKOFF_S,
+        backoff_s: tuple[float, float] = (defaults.BACKOFF_FIRST_S, defaults.BACKOFF_MAX_S),
     ) -> None:
         self.store = store
         self.database_url = database_url
@@ -309,31 +318,36 @@ class OutcomeReader:
         self.log = log.bind(shard=store.keys.shard)
 
     async def run(self, stop: asyncio.Event) -> None:
-        first, most = self.backoff_s
-        backoff = first
+        """Answer waiting duplicates every ``poll_s`` (or when woken) until ``stop`` is set; a
+        failing round (PostgreSQL away, a reply missing) waits its back-off out, unwoken."""
         try:
-            while not stop.is_set():
-                self.wake.clear()
-                try:
-                    left = await self.answer_once()
-                except (psycopg.OperationalError, ServerNotConfigured, TimeoutError, *RETRYABLE) as exc:
-                    self.log.warning(
-                        "duplicates of compacted commands wait: PostgreSQL is away; retrying",
-                        error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
-                        retry_in_s=backoff,
-                    )
-                    await self._disconnect()
-                    left = -1
-                delay = self.poll_s if left == 0 else backoff
-                backoff = first if left == 0 else min(backoff * 2, most)
-                waiters = [asyncio.ensure_future(stop.wait())]
-                if left == 0:  # a new duplicate ends the poll; a failing round waits its back-off out
-                    waiters.append(asyncio.ensure_future(self.wake.wait()))
-                _done, pending = await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-                for task in pending:
-                    task.cancel()
+            await poll(
+                stop,
+                self._attempt,
+                retry_on=(_Unanswered, psycopg.OperationalError, ServerNotConfigured, TimeoutError, *RETRYABLE),
+                on_retry=self._away,
+                backoff=Backoff(*self.backoff_s),
+                idle_s=self.poll_s,
+                wake=self.wake,
+            )
         finally:
             await self._disconnect()
+
+    async def _attempt(self) -> bool:
+        left = await self.answer_once()
+        if left:
+            raise _Unanswered(left)
+        return False
+
+    async def _away(self, exc: BaseException, retry_in_s: float) -> None:
+        if isinstance(exc, _Unanswered):  # each unanswered duplicate was logged with what to do
+            return
+        self.log.warning(
+            "duplicates of compacted commands wait: PostgreSQL is away; retrying",
+            error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
+            retry_in_s=retry_in_s,
+        )
+        await self._disconnect()
 
     async def answer_once(self) -> int:
         """Answer every waiting duplicate whose reply PostgreSQL gives; return how many are left."""

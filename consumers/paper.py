@@ -86,6 +86,7 @@ import msgspec
 import psycopg
 import structlog
 
+from consumers.backoff import poll
 from consumers.deadletter import decode_events
 from consumers.entries import Entry
 from consumers.pause import paused
@@ -405,23 +406,21 @@ class PaperVenue:
         return await self.consumer.burst()
 
     async def _watch(self, stop: asyncio.Event) -> None:
-        backoff = self.poll_interval_s
-        while not stop.is_set():
-            try:
-                if await self._holds_lease():
-                    await self.tick()
-                backoff = self.poll_interval_s
-            except RETRYABLE as exc:
-                self.log.warning("watcher: a server is unavailable, retrying", error=str(exc))
-                backoff = min(max(backoff * 2, 0.1), defaults.BACKOFF_MAX_S)
-            except Exception as exc:  # noqa: BLE001 - the watcher must outlive a bad tick
-                self.log.error("watcher tick failed", error=repr(exc))
-                backoff = min(max(backoff * 2, 0.1), defaults.BACKOFF_MAX_S)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=backoff)
-            except TimeoutError:
-                pass
+        every = self.poll_interval_s
+        await poll(stop, self._watch_once, retry_on=(Exception,), on_retry=self._watch_failed, idle_s=every)
         self.log.info("watcher stopped")
+
+    async def _watch_once(self) -> bool:
+        if await self._holds_lease():
+            await self.tick()
+        return False
+
+    async def _watch_failed(self, exc: BaseException, retry_in_s: float) -> None:
+        """The watcher outlives a server outage and a bad tick alike, backing off."""
+        if isinstance(exc, RETRYABLE):
+            self.log.warning("watcher: a server is unavailable, retrying", error=str(exc), retry_in_s=retry_in_s)
+        else:
+            self.log.error("watcher tick failed", error=repr(exc), retry_in_s=retry_in_s)
 
     async def _holds_lease(self) -> bool:
         return text(await self.redis.get(self.paper_keys.lease)) == self.consumer.name

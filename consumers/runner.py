@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from redis import exceptions as redis_errors
 
+from consumers.backoff import Backoff, poll
 from consumers.deadletter import write_dead_letter
 from consumers.entries import Entry
 from ledger import defaults
@@ -220,26 +221,27 @@ class StreamConsumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; survive Redis outages with capped backoff."""
-        backoff = 0.1
-        while not stop.is_set():
-            try:
-                if not self._group_ready:
-                    await self.ensure_group()
-                await self.step()
-                backoff = 0.1
-            except LeaseLost as exc:
-                self.log.warning("lease lost mid-batch: batch left to the new holder, standing by", error=str(exc))
-            except self.retryable as exc:
-                self.log.warning("a server is unavailable, retrying", error=str(exc), retry_in_s=backoff)
-                self._group_ready = False
-                await _sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, self.settings.backoff_max_s)
-            except redis_errors.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self.log.warning("consumer group missing, recreating it")
-                self._group_ready = False
+        backoff = Backoff(max_s=self.settings.backoff_max_s)
+        await poll(stop, self._attempt, retry_on=self.retryable, on_retry=self._server_away, backoff=backoff)
         self.log.info("consumer stopped")
+
+    async def _attempt(self) -> bool:
+        try:
+            if not self._group_ready:
+                await self.ensure_group()
+            await self.step()
+        except LeaseLost as exc:
+            self.log.warning("lease lost mid-batch: batch left to the new holder, standing by", error=str(exc))
+        except redis_errors.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.log.warning("consumer group missing, recreating it")
+            self._group_ready = False
+        return False
+
+    async def _server_away(self, exc: BaseException, retry_in_s: float) -> None:
+        self.log.warning("a server is unavailable, retrying", error=str(exc), retry_in_s=retry_in_s)
+        self._group_ready = False
 
     async def burst(self, max_rounds: int = 10_000) -> int:
         """Process everything available now (new and own pending entries), then return."""
@@ -441,10 +443,3 @@ def _entries(response: Any) -> list[Entry]:
 
 def _entry_list(items: Any) -> list[Entry]:
     return [Entry(text(i), dict(f)) for i, f in items if f is not None]  # type: ignore[arg-type]
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass

@@ -28,5 +28,8 @@ CONNECT_TIMEOUT_S = 5.0
 API_TIMEOUT_S = 30.0
 REPLY_WAIT_S = 10.0
 
-# A consumer's back-off after a failed batch or a server outage doubles up to this.
+# Every retry loop (consumers, the projector's schema step, the paper venue's watcher, the
+# reader of compacted outcomes) waits BACKOFF_FIRST_S after a first failure, doubling up to
+# BACKOFF_MAX_S (``consumers.backoff``).
+BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0

@@ -65,6 +65,7 @@ import structlog
 from psycopg import errors as pg_errors
 from psycopg.types.json import Jsonb
 
+from consumers.backoff import Backoff, poll
 from consumers.entries import Entry
 from consumers.runner import ConsumerSettings, StreamConsumer, Undeliverable
 from ledger.config import Settings, known_url
@@ -691,21 +692,18 @@ class ProjectorService:
 
     async def _apply_schema(self, pool: psycopg_pool.AsyncConnectionPool[Any], stop: asyncio.Event) -> bool:
         """Apply schema.sql (idempotent), retrying while PostgreSQL is unavailable."""
-        backoff = 0.1
-        while not stop.is_set():
-            try:
-                async with pool.connection() as conn:
-                    await apply_schema(conn)
-                log.info("schema.sql applied", database=redact(self.database_url))
-                return True
-            except RETRYABLE as exc:
-                log.warning("PostgreSQL unavailable, retrying", error=str(exc), retry_in_s=backoff)
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=backoff)
-                except TimeoutError:
-                    pass
-                backoff = min(backoff * 2, self.settings.backoff_max_s)
-        return False
+
+        async def attempt() -> bool:
+            async with pool.connection() as conn:
+                await apply_schema(conn)
+            log.info("schema.sql applied", database=redact(self.database_url))
+            return True
+
+        async def away(exc: BaseException, retry_in_s: float) -> None:
+            log.warning("PostgreSQL unavailable, retrying", error=str(exc), retry_in_s=retry_in_s)
+
+        backoff = Backoff(max_s=self.settings.backoff_max_s)
+        return await poll(stop, attempt, retry_on=RETRYABLE, on_retry=away, backoff=backoff)
 
 
 async def projector_role(redis: Any, settings: Settings) -> list[Any]:
