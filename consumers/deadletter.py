@@ -24,7 +24,6 @@ from consumers.entries import Entry
 from ledger.domain import wire
 from ledger.domain.values import now_ms
 from ledger.store.keys import dead_index, waiting
-from ledger.store.redis_conn import text
 
 MAX_FIELDS = 1000
 
@@ -145,22 +144,20 @@ async def decode_events(
     log: Any,
     types: Collection[str] | None = None,
 ) -> list[tuple[str, wire.Event]]:
-    """Decode a batch of event entries with the one policy for an event that cannot be decoded:
-    dead-letter it once (per group) with the reason and go on. Unknown types are skipped, as
-    readers do (CONTRACT §5); with ``types``, so is every other type, undecoded.
+    """Decode a batch of event entries (``wire.decode_entry``) with the one policy for an event
+    that cannot be decoded: dead-letter it once (per group) with the reason and go on. Unknown
+    types are skipped, as readers do (CONTRACT §5); with ``types``, so is every other type,
+    undecoded.
 
     The PostgreSQL projector follows the same policy by raising ``Undeliverable``, because it must
     record the gap in history before the dead letter is written.
     """
     events: list[tuple[str, wire.Event]] = []
     for entry in entries:
-        type_name = text(entry.fields.get("type")) or ""
-        if types is not None and type_name not in types:
+        if types is not None and wire.entry_fields(entry.fields)[0] not in types:
             continue
         try:
-            events.append((entry.id, wire.decode_event(type_name, entry.fields.get("data") or b"")))
-        except wire.UnknownEventType:
-            continue
+            event = wire.decode_entry(entry.id, entry.fields)
         except wire.WireError as error:
             written = await write_dead_letter(
                 redis,
@@ -178,4 +175,7 @@ async def decode_events(
                 code=error.code,
                 reason=error.message,
             )
+            continue
+        if event is not None:
+            events.append((entry.id, event))
     return events

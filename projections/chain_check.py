@@ -29,6 +29,7 @@ from typing import Any
 import psycopg
 from redis.exceptions import ResponseError
 
+from ledger.domain.wire import entry_fields
 from ledger.sqlfiles import load_queries
 from ledger.store.chain import DISAGREE, Finding, Head, Link, Walker, chain_fields
 from ledger.store.keys import ShardKeys
@@ -251,8 +252,8 @@ class _ShardCheck:
 
 def _redis_link(entry_id: str, fields: dict[Any, Any]) -> Link:
     n, hash_ = chain_fields(fields)
-    type_name, data = (text(fields.get(name, fields.get(name.encode()))) for name in ("type", "data"))
-    return Link(entry_id, type_name or "", data, n, hash_, REDIS)
+    type_name, data = entry_fields(fields)
+    return Link(entry_id, type_name, text(data), n, hash_, REDIS)
 
 
 async def _merged(

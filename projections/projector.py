@@ -163,11 +163,6 @@ class _Decoded:
     hash: str | None = None
 
 
-def _entry_text(entry: Entry, name: str) -> str | None:
-    fields: dict[Any, Any] = entry.fields
-    return text(fields.get(name, fields.get(name.encode())))
-
-
 @dataclass(slots=True)
 class _Unreadable:
     """An event of a type this reader does not know whose envelope cannot be read either."""
@@ -184,21 +179,18 @@ def _decode(entry: Entry) -> _Decoded | _Unreadable:
     Raises ``Undeliverable`` for an entry of a known type that is not a valid event (the runner
     dead-letters it, and the projector records the gap).
     """
-    type_name = _entry_text(entry, "type") or ""
-    data = _entry_text(entry, "data")
-    if data is None:
-        raise Undeliverable("MISSING_FIELD", f"event entry {entry.id} has no `data` field")
+    type_name, raw = wire.entry_fields(entry.fields)
     try:
-        event: wire.Event | None = wire.decode_event(type_name, data)
-    except wire.UnknownEventType:
-        event = None
+        event = wire.decode_entry(entry.id, entry.fields)
+    except wire.WireError as error:
+        raise Undeliverable(error.code, error.message) from error
+    data = text(raw) or ""
+    if event is None:
         try:
             _envelope_decoder.decode(data)
         except (msgspec.MsgspecError, RecursionError, UnicodeError) as exc:
             reason = f"unknown event type {type_name!r} with an unreadable envelope ({exc!r}): not archived"
             return _Unreadable(entry, type_name, data, reason)
-    except wire.WireError as error:
-        raise Undeliverable(error.code, f"{type_name} event entry {entry.id}: {error.message}") from error
     return _Decoded(entry.id, entry_order(entry.id), type_name, data, event, *chain_fields(entry.fields))
 
 
@@ -365,7 +357,8 @@ class Projector:
 
     async def record_gap(self, entry: Entry, code: str, reason: str) -> None:
         """Record an entry about to be dead-lettered (the runner's ``on_dead_letter``)."""
-        row = _gap_row(self.shard, entry.id, _entry_text(entry, "type") or "", _entry_text(entry, "data"), code, reason)
+        type_name, data = wire.entry_fields(entry.fields)
+        row = _gap_row(self.shard, entry.id, type_name, text(data), code, reason)
         async with self.pool.connection() as conn:
             await conn.execute(_SQL["insert_gap"], row)
         self.log.error(

@@ -467,10 +467,16 @@ def _readable_ids(raw: str | bytes | None) -> tuple[str | None, str | None]:
     return found[0], found[1]
 
 
+def entry_field(fields: Mapping[Any, Any], name: str) -> Any:
+    """One field of a stream entry as stored (None when absent), whether the client decodes
+    responses or not: the one reader of an entry's fields."""
+    return fields.get(name, fields.get(name.encode()))
+
+
 def entry_fields(fields: Mapping[Any, Any]) -> tuple[str, bytes | str | None]:
     """A stream entry's ``type`` as text ("" when absent) and its ``data`` as stored (None when
-    absent), whether the client decodes responses or not: the one reader of an entry's fields."""
-    return text(fields.get("type", fields.get(b"type"))) or "", fields.get("data", fields.get(b"data"))
+    absent)."""
+    return text(entry_field(fields, "type")) or "", entry_field(fields, "data")
 
 
 def decode_command(fields: Mapping[Any, Any]) -> Command:
@@ -508,6 +514,24 @@ def decode_event(type_name: str | bytes, raw: bytes | str | None) -> Event:
     if raw is None:
         raise WireError("MISSING_FIELD", f"the {name} entry has no `data` field")
     return _decode_typed(name, cls, raw)  # type: ignore[no-any-return]
+
+
+def decode_entry(entry_id: str, fields: Mapping[Any, Any]) -> Event | None:
+    """The one decoder of an event stream entry, for every consumer and reader of the log: its
+    event, or None for a type this reader does not know (skipped, CONTRACT §5).
+
+    An entry that cannot be decoded raises ``WireError`` with a reason naming the entry. The one
+    policy for it: a consumer dead-letters it once with that reason and goes on
+    (``consumers.deadletter.decode_events``; the PostgreSQL projector raises ``Undeliverable``
+    so that the gap in history is recorded first); a read-only reader skips it with a warning.
+    """
+    type_name, raw = entry_fields(fields)
+    try:
+        return decode_event(type_name, raw)
+    except UnknownEventType:
+        return None
+    except WireError as error:
+        raise WireError(error.code, f"{type_name} event entry {entry_id}: {error.message}") from error
 
 
 def event_fields(event: Event) -> dict[str, bytes | str]:

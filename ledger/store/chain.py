@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ledger.domain.state import StateError
+from ledger.domain.wire import entry_field
 from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import text
 
@@ -87,11 +88,8 @@ def chain_fields(fields: Mapping[Any, Any]) -> tuple[int | None, str | None]:
     """An event entry's ``n`` and ``hash`` (fields as Redis gives them, text or bytes); None
     for a field that is absent (an entry from before the chain) or, for ``n``, not a number."""
 
-    def get(name: str) -> str | None:
-        return text(fields.get(name, fields.get(name.encode())))
-
-    number = get("n")
-    return (int(number) if number is not None and number.isascii() and number.isdigit() else None), get("hash")
+    number, hash_ = (text(entry_field(fields, name)) for name in ("n", "hash"))
+    return (int(number) if number is not None and number.isascii() and number.isdigit() else None), hash_
 
 
 @dataclass(frozen=True, slots=True)

@@ -286,18 +286,17 @@ def _after(entry_id: str) -> str:
 
 
 def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEvent]:
-    """The events of stream entries: unknown types are skipped (CONTRACT §5), and so is an entry
-    that cannot be decoded, with a warning naming it (its consumers dead-letter it)."""
-    for entry_id, fields in entries:
-        event_type, data = wire.entry_fields(fields)
+    """The events of stream entries (``wire.decode_entry``): unknown types are skipped, and so is
+    an entry that cannot be decoded, with a warning naming it (its consumers dead-letter it)."""
+    for raw_id, fields in entries:
+        entry_id = text(raw_id) or ""
         try:
-            event = wire.decode_event(event_type, data)
-        except wire.UnknownEventType:
-            continue
+            event = wire.decode_entry(entry_id, fields)
         except wire.WireError as error:
-            log.warning("undecodable event skipped", entry_id=text(entry_id), code=error.code, reason=error.message)
+            log.warning("undecodable event skipped", entry_id=entry_id, code=error.code, reason=error.message)
             continue
-        yield StoredEvent(text(entry_id), event)
+        if event is not None:
+            yield StoredEvent(entry_id, event)
 
 
 def _result(raw: Any) -> AppendResult:
