@@ -218,3 +218,8 @@ def replay(events: Iterable[wire.Event]) -> Book:
 def fraction(value: Decimal | str) -> Fraction:
     """The exact rational value of a decimal (for hand-written expectations)."""
     return Fraction(Decimal(value))
+
+
+def event_fields(event: wire.Event) -> dict[str, bytes | str]:
+    """The stream entry fields of an event, as the append step writes them."""
+    return {"type": event.type, "data": wire.encode(event)}

@@ -534,11 +534,6 @@ def decode_entry(entry_id: str, fields: Mapping[Any, Any]) -> Event | None:
         raise WireError(error.code, f"{type_name} event entry {entry_id}: {error.message}") from error
 
 
-def event_fields(event: Event) -> dict[str, bytes | str]:
-    """The stream entry fields of an event."""
-    return {"type": event.type, "data": encode(event)}
-
-
 def encode_command(command: Command) -> bytes:
     """A command's ``data``, checked against the wire rules first: building a Struct does not
     validate it, and a publisher (the paper venue, the API) must never publish a command the

@@ -9,6 +9,7 @@ from consumers.command_handler import GROUP, CommandHandler
 from consumers.runner import StreamConsumer
 from ledger.domain import wire
 from ledger.store.eventstore import EventStore
+from tests.domain_helpers import event_fields
 
 
 async def _handle(redis, store: EventStore, *commands: tuple[str, dict]) -> list[dict]:
@@ -128,7 +129,7 @@ async def test_iterate_pages_past_entries_it_skips(redis) -> None:
         order_type="market",  # type: ignore[arg-type]
         quantity="1",
     )
-    last = await redis.xadd(store.keys.events, wire.event_fields(placed))
+    last = await redis.xadd(store.keys.events, event_fields(placed))
 
     found = [s async for s in store.iterate(page=2)]
 

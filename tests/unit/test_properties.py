@@ -26,7 +26,7 @@ from ledger.domain.evolution import evolve
 from ledger.domain.instruments import instrument_for
 from ledger.domain.state import Book
 from ledger.venues.markets import instrument_table
-from tests.domain_helpers import INVERSE, LINEAR, SPOT, Driver, fraction, of_type, replay
+from tests.domain_helpers import INVERSE, LINEAR, SPOT, Driver, event_fields, fraction, of_type, replay
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CV = Fraction(100)  # contract_value of BTC-USD-SWAP (OKX): 100 USD
@@ -165,7 +165,7 @@ def _replay_from_json(driver: Driver) -> list[Snapshot]:
 
 
 def _stream_entry(event: wire.Event) -> dict[str, Any]:
-    fields = wire.event_fields(event)
+    fields = event_fields(event)
     return {"type_name": fields["type"], "raw": fields["data"]}
 
 

@@ -12,7 +12,7 @@ import pytest
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderSide, OrderType, PositionSide
 from ledger.domain.values import ValueRuleError, format_decimal, parse_decimal
-from tests.domain_helpers import INVERSE, LINEAR, Driver, of_type
+from tests.domain_helpers import INVERSE, LINEAR, Driver, event_fields, of_type
 
 OID = "00000000-0000-0000-0000-00000000002a"
 ENVELOPE = {"command_id": "cmd-1", "user_id": "alice"}
@@ -280,7 +280,7 @@ def test_the_sample_session_covers_every_contract_event_type() -> None:
 
 def test_every_event_round_trips_through_its_stream_fields() -> None:
     for event in _every_event_type():
-        fields = wire.event_fields(event)
+        fields = event_fields(event)
         assert fields["type"] == event.type
 
         decoded = wire.decode_event(fields["type"], fields["data"])
