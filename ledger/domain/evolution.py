@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from ledger.domain import wire
+from ledger.domain.mapping import order_changes
 from ledger.domain.state import Book, OrderState, PositionState, StateError, slot_field
 from ledger.domain.values import exact, format_decimal
 
@@ -53,18 +54,9 @@ def apply(state: OrderState | PositionState | None, event: wire.Event) -> OrderS
         return _order_from_placed(event)
     if not isinstance(state, OrderState) or not isinstance(event, wire.OrderChange):
         raise StateError(f"{event.type} v{event.version} of {event.stream}: an order event for an order never placed")
-    changes: dict[str, Any] = {"status": event.status, "updated_at": event.ts, "version": event.version}
-    if isinstance(event, wire.OrderAccepted):
-        changes["exchange_order_id"] = event.exchange_order_id
-    elif isinstance(event, wire.OrderRejected):
-        changes["reject_reason"] = event.reason
-    elif isinstance(event, wire.OrderFilled):
-        changes.update(
-            filled_qty=Decimal(event.filled_qty),
-            avg_fill_price=Decimal(event.avg_fill_price),
-            fill_basis=Decimal(event.fill_basis),
-            fill_ids=[*state.fill_ids, event.fill_id],
-        )
+    changes = order_changes(event)
+    if isinstance(event, wire.OrderFilled):
+        changes["fill_ids"] = [*state.fill_ids, event.fill_id]
     return msgspec.structs.replace(state, **changes)
 
 
