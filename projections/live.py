@@ -82,32 +82,47 @@ local function after(a, b)
 end
 """
 
+# The one writer of a live key, for this projection and for ``ledger verify --repair``:
+# ``write(op, member, first)`` applies ``op`` to KEYS[1]; ``member`` is the set member or hash
+# field, ARGV[first..] the operands (field/value pairs of 'put', the members of 'sput', the value
+# of 'hset').
+WRITE_LIVE_KEY = """
+local function write(op, member, first)
+  if op == 'put' then
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[1], unpack(ARGV, first))
+  elseif op == 'del' then
+    redis.call('DEL', KEYS[1])
+  elseif op == 'sput' then
+    redis.call('DEL', KEYS[1])
+    if #ARGV >= first then
+      redis.call('SADD', KEYS[1], unpack(ARGV, first))
+    end
+  elseif op == 'sadd' then
+    redis.call('SADD', KEYS[1], member)
+  elseif op == 'srem' then
+    redis.call('SREM', KEYS[1], member)
+  elseif op == 'hset' then
+    redis.call('HSET', KEYS[1], member, ARGV[first])
+  else
+    redis.call('HDEL', KEYS[1], member)
+  end
+end
+"""
+
 # KEYS[1] a legacy live key, KEYS[2] its fence. ARGV[1] the event's entry id, ARGV[2] the fence
 # field ('' for the whole key, else the set member or hash field written), ARGV[3] the operation,
 # ARGV[4..] its operands. Writes only if the event is newer than the last one written there.
 _FENCED = (
     _AFTER
+    + WRITE_LIVE_KEY
     + """
 local last = redis.call('HGET', KEYS[2], ARGV[2])
 if last and not after(ARGV[1], last) then
   return 0
 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-local op = ARGV[3]
-if op == 'put' then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-elseif op == 'del' then
-  redis.call('DEL', KEYS[1])
-elseif op == 'sadd' then
-  redis.call('SADD', KEYS[1], ARGV[2])
-elseif op == 'srem' then
-  redis.call('SREM', KEYS[1], ARGV[2])
-elseif op == 'hset' then
-  redis.call('HSET', KEYS[1], ARGV[2], ARGV[4])
-else
-  redis.call('HDEL', KEYS[1], ARGV[2])
-end
+write(ARGV[3], ARGV[2], 4)
 return 1
 """
 )

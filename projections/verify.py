@@ -86,29 +86,12 @@ Key = tuple[int, int]
 # ('' for the whole key), ARGV[3] the fence: '-' left alone, '' field dropped, else an entry id;
 # ARGV[4] expire-at (epoch ms) or '', ARGV[5..] the operands (field/value pairs of 'put', members
 # of 'sput', the value of 'hset').
-_REPAIR = """
-local op = ARGV[1]
-if op == 'put' then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-  if ARGV[4] ~= '' then
-    redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-  end
-elseif op == 'del' then
-  redis.call('DEL', KEYS[1])
-elseif op == 'sput' then
-  redis.call('DEL', KEYS[1])
-  if #ARGV >= 5 then
-    redis.call('SADD', KEYS[1], unpack(ARGV, 5))
-  end
-elseif op == 'sadd' then
-  redis.call('SADD', KEYS[1], ARGV[2])
-elseif op == 'srem' then
-  redis.call('SREM', KEYS[1], ARGV[2])
-elseif op == 'hset' then
-  redis.call('HSET', KEYS[1], ARGV[2], ARGV[5])
-else
-  redis.call('HDEL', KEYS[1], ARGV[2])
+_REPAIR = (
+    live.WRITE_LIVE_KEY
+    + """
+write(ARGV[1], ARGV[2], 5)
+if ARGV[1] == 'put' and ARGV[4] ~= '' then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[4])
 end
 if ARGV[3] == '' then
   redis.call('HDEL', KEYS[2], ARGV[2])
@@ -117,6 +100,7 @@ elseif ARGV[3] ~= '-' then
 end
 return 1
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
