@@ -23,7 +23,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -209,6 +209,20 @@ class LedgerClient:
                 "the strategy must report its fills): retry with the same command_id to keep waiting"
             ) from None
 
+    async def submit_on(
+        self, kind: str, aggregate_id: str, command: Callable[[str, str], wire.Command]
+    ) -> dict[str, Any] | None:
+        """Submit ``command(user_id, aggregate_id)`` on an order or position (``kind``) the ledger
+        knows; its accepted reply, or None when the ledger knows no such aggregate or refuses."""
+        aggregate_id = check_identifier("id", aggregate_id, f"{kind}_id").lower()
+        user_id = await self.owner(kind, aggregate_id)
+        if user_id is None:
+            return None
+        try:
+            return await self.submit(command(user_id, aggregate_id))
+        except CommandRejected:
+            return None
+
     async def owner(self, kind: str, aggregate_id: str) -> str | None:
         """The user of an order or position (``kind``) the ledger knows, open or not: the live
         keys hold open positions and recent orders, the shards' snapshots every one."""
@@ -220,13 +234,18 @@ class LedgerClient:
         return None
 
 
-class PositionManager:
-    """Positions of the seed's API (CONTRACT §10). Methods that change state take an optional
-    ``command_id``: after a ``LedgerTimeout``, call again with the same one (see the README)."""
+class _Manager:
+    """What both managers hold: the Redis client (reads) and a ``LedgerClient`` (commands).
+    Methods that change state take an optional ``command_id``: after a ``LedgerTimeout``, call
+    again with the same one (see the README)."""
 
     def __init__(self, redis: Any, *, timeout: float = API_TIMEOUT_S) -> None:
         self.redis = redis
         self.client = LedgerClient(redis, timeout=timeout)
+
+
+class PositionManager(_Manager):
+    """Positions of the seed's API (CONTRACT §10)."""
 
     async def get_positions(self, user_id: str, exchange: Exchange | str, symbol: str | None = None) -> list[Position]:
         return await queries.get_positions(self.redis, user_id, exchange, symbol)
@@ -299,22 +318,19 @@ class PositionManager:
         Called again with the same ``command_id`` (even once the position is closed) it closes
         nothing more and answers as the first call would have.
         """
-        position_id = check_identifier("id", position_id, "position_id").lower()
-        user_id = await self.client.owner("position", position_id)
-        if user_id is None:
-            return False
-        try:
-            reply = await self.client.submit(
-                wire.ClosePosition(
-                    command_id=_command_id(command_id),
-                    user_id=user_id,
-                    position_id=position_id,
-                    size=_optional_decimal(size, "size"),
-                    reason=reason,
-                    price=_optional_decimal(price, "price"),
-                )
-            )
-        except CommandRejected:
+        reply = await self.client.submit_on(
+            "position",
+            position_id,
+            lambda user_id, position_id: wire.ClosePosition(
+                command_id=_command_id(command_id),
+                user_id=user_id,
+                position_id=position_id,
+                size=_optional_decimal(size, "size"),
+                reason=reason,
+                price=_optional_decimal(price, "price"),
+            ),
+        )
+        if reply is None:
             return False
         settled = await self.client.wait_order_final(reply["shard"], reply["order_id"], reply["events"][-1]["id"])
         return settled.final.status is OrderStatus.FILLED
@@ -327,13 +343,8 @@ class PositionManager:
         raise NotImplementedError("reconciliation with live venues arrives with the ccxt venue layer")
 
 
-class OrderManager:
-    """Orders of the seed's API (CONTRACT §10). Methods that change state take an optional
-    ``command_id``: after a ``LedgerTimeout``, call again with the same one (see the README)."""
-
-    def __init__(self, redis: Any, *, timeout: float = API_TIMEOUT_S) -> None:
-        self.redis = redis
-        self.client = LedgerClient(redis, timeout=timeout)
+class OrderManager(_Manager):
+    """Orders of the seed's API (CONTRACT §10)."""
 
     async def create_order(
         self,
@@ -392,17 +403,14 @@ class OrderManager:
         Called again with the same ``command_id`` it requests nothing more and answers as the
         first call would have.
         """
-        order_id = check_identifier("id", order_id, "order_id").lower()
-        user_id = await self.client.owner("order", order_id)
-        if user_id is None:
-            return False
-        try:
-            await self.client.submit(
-                wire.CancelOrder(command_id=_command_id(command_id), user_id=user_id, order_id=order_id)
-            )
-        except CommandRejected:
-            return False
-        return True
+        reply = await self.client.submit_on(
+            "order",
+            order_id,
+            lambda user_id, order_id: wire.CancelOrder(
+                command_id=_command_id(command_id), user_id=user_id, order_id=order_id
+            ),
+        )
+        return reply is not None
 
     async def get_orders(
         self,

@@ -37,6 +37,7 @@ from ledger.domain.enums import (
 from ledger.domain.instruments import Instrument, instrument_for
 from ledger.domain.mapping import ORDER, POSITION, AggregateMapping
 from ledger.domain.values import (
+    ZERO,
     ValueRuleError,
     check_identifier,
     divide,
@@ -48,7 +49,6 @@ from ledger.domain.values import (
 from ledger.store.redis_conn import text
 from ledger.venues.markets import instrument_table
 
-ZERO = Decimal(0)
 log = structlog.get_logger("ledger.marks")
 
 
