@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import inspect
 import json
 import math
 import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -25,9 +27,10 @@ from ledger.app.console import (
     CliError,
     UsageError,
     position_rows,
+    print_table,
     shard_count,
-    table,
 )
+from ledger.app.export import FORMATS
 from ledger.app.logs import configure_logging
 from ledger.client import history
 from ledger.client.queries import marks, order_hashes, position_hashes
@@ -170,7 +173,7 @@ async def _status(args: argparse.Namespace) -> int:
         print(NO_LEDGER)
     else:
         print(f"shards: {shards}")
-        print(table(rows, ["shard", "stream", "length", "group", "consumers", "pending", "lag"]))
+        print_table(rows, ["shard", "stream", "length", "group", "consumers", "pending", "lag"])
         print(_gaps_line(gaps))
     return 0
 
@@ -257,7 +260,7 @@ async def _positions(args: argparse.Namespace) -> int:
         _print_json(rows)
     else:
         columns = ["id", "user_id", "exchange", "symbol", "side", "size", "entry_price", "leverage", "realized_pnl"]
-        print(table(rows, columns + ["mark", "unrealized_pnl", "pnl_percentage"]) if rows else "no open positions")
+        print_table(rows, columns + ["mark", "unrealized_pnl", "pnl_percentage"], "no open positions")
     return 0
 
 
@@ -282,7 +285,7 @@ async def _orders(args: argparse.Namespace) -> int:
             "filled_qty",
             "avg_fill_price",
         ]
-        print(table(rows, columns + ["status", "grid_level"]) if rows else "no orders")
+        print_table(rows, columns + ["status", "grid_level"], "no orders")
     return 0
 
 
@@ -324,10 +327,10 @@ async def _history(args: argparse.Namespace) -> int:
         "fees",
         "status",
     ]
-    print(table(positions, columns + ["closed_at"]) if positions else "  none")
+    print_table(positions, columns + ["closed_at"], "  none")
     print("\nfinal orders")
     columns = ["id", "exchange", "symbol", "side", "order_type", "quantity", "price", "filled_qty", "status"]
-    print(table(orders, columns + ["updated_at"]) if orders else "  none")
+    print_table(orders, columns + ["updated_at"], "  none")
     return 0
 
 
@@ -344,7 +347,7 @@ async def _history_trail(args: argparse.Namespace) -> int:
         _print_json(trail.as_dict())
     else:
         print(trail.heading())
-        print(table(*trail.rows()))
+        print_table(*trail.rows())
     return 0
 
 
@@ -364,8 +367,8 @@ async def _replay(args: argparse.Namespace) -> int:
         _print_json(result.as_dict())
         return 0
     print(result.heading())
-    print(table(result.positions, POSITION_TABLE) if result.positions else "no positions")
-    print(table(result.orders, ORDER_TABLE) if result.orders else "no orders")
+    print_table(result.positions, POSITION_TABLE, "no positions")
+    print_table(result.orders, ORDER_TABLE, "no orders")
     return 0
 
 
@@ -440,7 +443,7 @@ async def _verify(args: argparse.Namespace) -> int:
         _print_json(report.as_dict())
     else:
         if report.differences:
-            print(table([d.as_dict() for d in report.differences], ["store", "key", "field", "expected", "found"]))
+            print_table([d.as_dict() for d in report.differences], ["store", "key", "field", "expected", "found"])
         print(report.summary())
     return 0 if report.ok else EXIT_FAILURE
 
@@ -503,9 +506,9 @@ async def _trim(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(detail)
     else:
-        print(table(detail["streams"], ["shard", "stream", "up_to", "limited_by", "removed"]))
+        print_table(detail["streams"], ["shard", "stream", "up_to", "limited_by", "removed"])
         print()
-        print(table(detail["compacted"], ["shard", "hash", "entries", "already", "eligible", "compacted"]))
+        print_table(detail["compacted"], ["shard", "hash", "entries", "already", "eligible", "compacted"])
     return 0
 
 
@@ -552,7 +555,7 @@ async def _checkpoint(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     else:
-        print(table(rows, ["shard", "n", "entry_id", "hash", "checkpoint"]))
+        print_table(rows, ["shard", "n", "entry_id", "hash", "checkpoint"])
     return 0
 
 
@@ -560,7 +563,7 @@ def _print_listing(args: argparse.Namespace, rows: list[dict[str, Any]], columns
     if args.json:
         _print_json(rows)
     else:
-        print(table(rows, columns) if rows else empty)
+        print_table(rows, columns, empty)
     return 0
 
 
@@ -576,7 +579,7 @@ def cmd_markets(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([market.as_dict() for market in found])
     else:
-        print(table([market.row() for market in found], markets.TABLE_COLUMNS) if found else "no markets")
+        print_table([market.row() for market in found], markets.TABLE_COLUMNS, "no markets")
     return 0
 
 
@@ -683,225 +686,292 @@ MOMENT = _option(_moment, "moment")
 EXPECT = _option(parse_expect, "checkpoint")
 
 
-def _redis_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="Redis URL (env LEDGER_REDIS_URL; default: private server in ./.ledger)")
+def _base_url(value: str) -> str:
+    from ledger.venues.exchanges import check_base_url
+
+    return check_base_url(value)
 
 
-def _shards_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", type=SHARDS, help="number of shards (env LEDGER_SHARDS, default 1)")
+BASE_URL = _option(_base_url, "base URL")
 
 
-def _filter_flags(parser: argparse.ArgumentParser, *, user_required: bool = False) -> None:
-    parser.add_argument(
-        "--user", type=USER_ID, required=user_required, help="user id (default: every user with open positions)"
-    )
-    parser.add_argument("--exchange", choices=[e.value for e in Exchange])
-    parser.add_argument("--symbol", type=SYMBOL)
-    parser.add_argument("--json", action="store_true", help="print a JSON array")
+# --------------------------------------------------------------------------- the declaration
+# Every command, its actions and their flags, declared once; ``build_parser`` turns it into
+# argparse. A flag used by several commands is one constant below.
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One ``add_argument``: its names (or positional name) and options."""
+
+    names: tuple[str, ...]
+    options: dict[str, Any]
+
+
+def flag(*names: str, **options: Any) -> Flag:
+    return Flag(names, options)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command (or an action of one): its flags, its handler (sync, or async: run with
+    ``asyncio.run``) and its actions, one of which must be named."""
+
+    name: str
+    help: str
+    flags: tuple[Flag, ...] = ()
+    run: Callable[[argparse.Namespace], Any] | None = None
+    actions: tuple[Command, ...] = ()
+
+
+EXCHANGES = [e.value for e in Exchange]
+REDIS_URL = flag("--redis-url", help="Redis URL (env LEDGER_REDIS_URL; default: private server in ./.ledger)")
+DATABASE_URL = flag("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
+SHARDS_FLAG = flag("--shards", type=SHARDS, help="number of shards (env LEDGER_SHARDS, default 1)")
+ONE_SHARD = flag("--shard", type=SHARD, help="only this shard (default: every shard)")
+JSON_ARRAY = flag("--json", action="store_true", help="print a JSON array")
+JSON_OBJECT = flag("--json", action="store_true", help="print a JSON object")
+REASON = "recorded in the operations stream"
+FILTERS = (
+    flag("--user", type=USER_ID, help="user id (default: every user with open positions)"),
+    flag("--exchange", choices=EXCHANGES),
+    flag("--symbol", type=SYMBOL),
+    JSON_ARRAY,
+)
+DEAD_ID = flag("id", type=ENTRY_ID, help="the dead letter's id (its entry id in ledger:{s}:dead)")
+DEAD_LIMIT = flag("--limit", type=LIMIT, default=100, help=f"at most this many (per shard), 1 to {HISTORY_MAX_LIMIT}")
+NOTE = "why (recorded in the operations stream)"
+REPLY_WAIT = f"seconds to wait for %s reply (default {REPLY_WAIT_S:g})"
+
+COMMANDS = (
+    Command(
+        "serve",
+        "run the ledger (handler, projections, projector, paper venue)",
+        (REDIS_URL, SHARDS_FLAG, DATABASE_URL, flag("--role", action="append", help="run only this role (repeatable)")),
+        cmd_serve,
+    ),
+    Command(
+        "submit",
+        "publish one command and print its reply",
+        (
+            REDIS_URL,
+            SHARDS_FLAG,
+            flag("type", help="command type, e.g. place_order"),
+            flag("--data", required=True, help="the command's JSON object (command_id is generated if absent)"),
+            flag("--wait", type=SECONDS, default=REPLY_WAIT_S, help=REPLY_WAIT % "the"),
+        ),
+        _submit,
+    ),
+    Command(
+        "status",
+        "per shard: streams, consumer groups, pending, lag, dead letters, history gaps",
+        (REDIS_URL, DATABASE_URL, flag("--json", action="store_true")),
+        _status,
+    ),
+    Command("positions", "open positions from the live projection", (REDIS_URL, *FILTERS), _positions),
+    Command(
+        "orders",
+        "orders from the live projection",
+        (REDIS_URL, *FILTERS, flag("--status", choices=[s.value for s in OrderStatus])),
+        _orders,
+    ),
+    Command(
+        "mark",
+        "set the mark price of a symbol (HSET marks:EXCHANGE)",
+        (REDIS_URL, flag("exchange", choices=EXCHANGES), flag("symbol", type=SYMBOL), flag("price", type=PRICE)),
+        _mark,
+    ),
+    Command(
+        "history",
+        "the audit trail of one order or position (ID), or a user's closed positions and final orders",
+        (
+            flag("id", nargs="?", type=AGGREGATE_ID, help="an order or position id: print its every event and state"),
+            REDIS_URL,
+            DATABASE_URL,
+            *FILTERS,
+            flag("--limit", type=LIMIT, default=100, help=f"rows of each kind, 1 to {HISTORY_MAX_LIMIT} (default 100)"),
+        ),
+        _history,
+    ),
+    Command(
+        "replay",
+        "positions and orders rebuilt from the log as of a moment",
+        (
+            REDIS_URL,
+            DATABASE_URL,
+            flag(
+                "--until", type=MOMENT, help="epoch milliseconds or ISO 8601, UTC unless it names a zone (default: now)"
+            ),
+            *FILTERS,
+        ),
+        _replay,
+    ),
+    Command(
+        "export",
+        "every event of the log (Redis and the archive), streamed",
+        (
+            REDIS_URL,
+            DATABASE_URL,
+            flag("--format", choices=FORMATS, default=FORMATS[0], help=f"default {FORMATS[0]}"),
+            flag("--since", type=MOMENT, help="events from this moment: epoch milliseconds or ISO 8601"),
+            flag("--until", type=MOMENT, help="events up to this moment: epoch milliseconds or ISO 8601"),
+            flag("--user", type=USER_ID, help="only this user's events"),
+            flag("--output", type=Path, help="write to this file (default: standard output)"),
+        ),
+        _export,
+    ),
+    Command(
+        "dead",
+        "dead letters: list, show, retry, drop; the operations stream",
+        run=_dead,
+        actions=(
+            Command(
+                "list", "dead letters with their reasons, oldest first", (REDIS_URL, ONE_SHARD, JSON_ARRAY, DEAD_LIMIT)
+            ),
+            Command("show", "one whole dead letter (JSON)", (REDIS_URL, ONE_SHARD, DEAD_ID)),
+            Command(
+                "retry",
+                "republish a dead command (as it was or fixed) or re-run a dead event",
+                (
+                    REDIS_URL,
+                    ONE_SHARD,
+                    DEAD_ID,
+                    flag("--type", help="a dead command's fixed type (default: as it was)"),
+                    flag("--data", help="a dead command's fixed JSON data (default: as it was)"),
+                    flag("--note", default="", help=NOTE),
+                    flag("--wait", type=SECONDS, default=REPLY_WAIT_S, help=REPLY_WAIT % "a command's"),
+                ),
+            ),
+            Command(
+                "drop",
+                "remove a dead letter, with a note",
+                (REDIS_URL, ONE_SHARD, DEAD_ID, flag("--note", required=True, help=NOTE)),
+            ),
+            Command(
+                "ops", "the operations stream: every operator action, oldest first", (REDIS_URL, JSON_ARRAY, DEAD_LIMIT)
+            ),
+        ),
+    ),
+    Command(
+        "markets",
+        "the exchanges' markets (ccxt): the bundled snapshot, and sync",
+        run=cmd_markets,
+        actions=(
+            Command(
+                "show",
+                "markets of the snapshot, or the one a unified symbol or native id names",
+                (
+                    flag("exchange", choices=EXCHANGES),
+                    flag(
+                        "symbol", nargs="?", type=SYMBOL, help="a unified symbol or native id (default: every market)"
+                    ),
+                    JSON_ARRAY,
+                ),
+            ),
+            Command(
+                "sync",
+                "load the markets from the venue (ccxt load_markets), rewrite the snapshot",
+                (
+                    flag("exchange", choices=EXCHANGES),
+                    flag("--output", type=Path, help="write here (default: the bundled snapshot)"),
+                    flag(
+                        "--symbol", type=SYMBOL, action="append", default=[], help="also keep this market (repeatable)"
+                    ),
+                    flag("--base-url", type=BASE_URL, help="the venue's REST host (a testnet, a stand-in)"),
+                ),
+            ),
+        ),
+    ),
+    Command(
+        "verify",
+        "rebuild the projections from the log and compare: live Redis keys and PostgreSQL rows",
+        (
+            REDIS_URL,
+            DATABASE_URL,
+            ONE_SHARD,
+            flag(
+                "--repair",
+                action="store_true",
+                help="after showing the differences, rewrite the live keys from the log",
+            ),
+            JSON_OBJECT,
+            flag("--chain", action="store_true", help="check the events' hash chain in Redis and the archive instead"),
+            flag(
+                "--expect",
+                type=EXPECT,
+                action="append",
+                help="with --chain: a checkpoint SHARD:N:HASH (from `ledger checkpoint`) "
+                "that must still hold (repeatable)",
+            ),
+        ),
+        _verify,
+    ),
+    Command(
+        "checkpoint",
+        "the hash chain head of every shard: write it down, check it later with verify --expect",
+        (REDIS_URL, ONE_SHARD, JSON_ARRAY),
+        _checkpoint,
+    ),
+    Command(
+        "trim",
+        "remove from Redis the stream entries archived and processed by every group (never anything else) "
+        "and compact the outcomes and final snapshots archived and older than the retention",
+        (
+            REDIS_URL,
+            flag("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL): proves what is archived"),
+            ONE_SHARD,
+            flag("--retention-ms", type=int, default=0, help="keep entries younger than this (default 0)"),
+            flag("--dry-run", action="store_true", help="print what may go, change nothing"),
+            flag("--reason", default="manual trim", help=REASON),
+            flag("--json", action="store_true", help="print a JSON object: streams, compacted"),
+        ),
+        _trim,
+    ),
+    Command(
+        "rebuild",
+        "rebuild a projection from the log while serve runs (live: in place; postgres: swapped)",
+        (
+            REDIS_URL,
+            DATABASE_URL,
+            flag("--projection", choices=("live", "postgres"), required=True, help="which projection"),
+            flag("--shard", type=SHARD, help="live only: only this shard (default: every shard)"),
+            flag("--reason", default="manual rebuild", help=REASON),
+            JSON_OBJECT,
+        ),
+        _rebuild,
+    ),
+    Command("demo", "start the ledger and run a scripted HYPERRSI-like and GRID-like session", run=cmd_demo),
+)
+
+
+def _runner(handler: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
+    """The ``func`` argparse records: the handler, run to completion when it is a coroutine."""
+
+    def run(args: argparse.Namespace) -> Any:
+        result = handler(args)
+        return asyncio.run(result) if inspect.iscoroutine(result) else result
+
+    return run
+
+
+def _add(commands: Any, command: Command) -> None:
+    parser = commands.add_parser(command.name, help=command.help)
+    for declared in command.flags:
+        parser.add_argument(*declared.names, **declared.options)
+    if command.actions:
+        actions = parser.add_subparsers(dest="action", required=True)
+        for action in command.actions:
+            _add(actions, action)
+    if command.run is not None:
+        parser.set_defaults(func=_runner(command.run))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ledger", description="The shared event-sourced position and order ledger.")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="run the ledger (handler, projections, projector, paper venue)")
-    _redis_flag(serve)
-    _shards_flag(serve)
-    serve.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
-    serve.add_argument("--role", action="append", help="run only this role (repeatable)")
-    serve.set_defaults(func=cmd_serve)
-
-    submit = commands.add_parser("submit", help="publish one command and print its reply")
-    _redis_flag(submit)
-    _shards_flag(submit)
-    submit.add_argument("type", help="command type, e.g. place_order")
-    submit.add_argument("--data", required=True, help="the command's JSON object (command_id is generated if absent)")
-    submit.add_argument(
-        "--wait", type=SECONDS, default=REPLY_WAIT_S, help=f"seconds to wait for the reply (default {REPLY_WAIT_S:g})"
-    )
-    submit.set_defaults(func=lambda a: asyncio.run(_submit(a)))
-
-    status = commands.add_parser(
-        "status", help="per shard: streams, consumer groups, pending, lag, dead letters, history gaps"
-    )
-    _redis_flag(status)
-    status.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=lambda a: asyncio.run(_status(a)))
-
-    positions = commands.add_parser("positions", help="open positions from the live projection")
-    _redis_flag(positions)
-    _filter_flags(positions)
-    positions.set_defaults(func=lambda a: asyncio.run(_positions(a)))
-
-    orders = commands.add_parser("orders", help="orders from the live projection")
-    _redis_flag(orders)
-    _filter_flags(orders)
-    orders.add_argument("--status", choices=[s.value for s in OrderStatus])
-    orders.set_defaults(func=lambda a: asyncio.run(_orders(a)))
-
-    mark = commands.add_parser("mark", help="set the mark price of a symbol (HSET marks:EXCHANGE)")
-    _redis_flag(mark)
-    mark.add_argument("exchange", choices=[e.value for e in Exchange])
-    mark.add_argument("symbol", type=SYMBOL)
-    mark.add_argument("price", type=PRICE)
-    mark.set_defaults(func=lambda a: asyncio.run(_mark(a)))
-
-    history_cmd = commands.add_parser(
-        "history", help="the audit trail of one order or position (ID), or a user's closed positions and final orders"
-    )
-    history_cmd.add_argument(
-        "id", nargs="?", type=AGGREGATE_ID, help="an order or position id: print its every event and state"
-    )
-    _redis_flag(history_cmd)
-    history_cmd.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
-    _filter_flags(history_cmd)
-    history_cmd.add_argument(
-        "--limit", type=LIMIT, default=100, help=f"rows of each kind, 1 to {HISTORY_MAX_LIMIT} (default 100)"
-    )
-    history_cmd.set_defaults(func=lambda a: asyncio.run(_history(a)))
-
-    replay_cmd = commands.add_parser("replay", help="positions and orders rebuilt from the log as of a moment")
-    _redis_flag(replay_cmd)
-    replay_cmd.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
-    replay_cmd.add_argument(
-        "--until", type=MOMENT, help="epoch milliseconds or ISO 8601, UTC unless it names a zone (default: now)"
-    )
-    _filter_flags(replay_cmd)
-    replay_cmd.set_defaults(func=lambda a: asyncio.run(_replay(a)))
-
-    _export_parser(commands)
-
-    _dead_parser(commands)
-
-    _markets_parser(commands)
-
-    _verify_parser(commands)
-
-    checkpoint = commands.add_parser(
-        "checkpoint", help="the hash chain head of every shard: write it down, check it later with verify --expect"
-    )
-    _redis_flag(checkpoint)
-    checkpoint.add_argument("--shard", type=SHARD, help="only this shard (default: every shard)")
-    checkpoint.add_argument("--json", action="store_true", help="print a JSON array")
-    checkpoint.set_defaults(func=lambda a: asyncio.run(_checkpoint(a)))
-
-    trim = commands.add_parser(
-        "trim",
-        help="remove from Redis the stream entries archived and processed by every group (never anything else) "
-        "and compact the outcomes and final snapshots archived and older than the retention",
-    )
-    _redis_flag(trim)
-    trim.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL): proves what is archived")
-    trim.add_argument("--shard", type=SHARD, help="only this shard (default: every shard)")
-    trim.add_argument("--retention-ms", type=int, default=0, help="keep entries younger than this (default 0)")
-    trim.add_argument("--dry-run", action="store_true", help="print what may go, change nothing")
-    trim.add_argument("--reason", default="manual trim", help="recorded in the operations stream")
-    trim.add_argument("--json", action="store_true", help="print a JSON object: streams, compacted")
-    trim.set_defaults(func=lambda a: asyncio.run(_trim(a)))
-
-    rebuild = commands.add_parser(
-        "rebuild", help="rebuild a projection from the log while serve runs (live: in place; postgres: swapped)"
-    )
-    _redis_flag(rebuild)
-    rebuild.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
-    rebuild.add_argument("--projection", choices=("live", "postgres"), required=True, help="which projection")
-    rebuild.add_argument("--shard", type=SHARD, help="live only: only this shard (default: every shard)")
-    rebuild.add_argument("--reason", default="manual rebuild", help="recorded in the operations stream")
-    rebuild.add_argument("--json", action="store_true", help="print a JSON object")
-    rebuild.set_defaults(func=lambda a: asyncio.run(_rebuild(a)))
-
-    demo = commands.add_parser("demo", help="start the ledger and run a scripted HYPERRSI-like and GRID-like session")
-    demo.set_defaults(func=cmd_demo)
+    for command in COMMANDS:
+        _add(commands, command)
     return parser
-
-
-def _export_parser(commands: Any) -> None:
-    from ledger.app.export import FORMATS
-
-    export = commands.add_parser("export", help="every event of the log (Redis and the archive), streamed")
-    _redis_flag(export)
-    export.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
-    export.add_argument("--format", choices=FORMATS, default=FORMATS[0], help=f"default {FORMATS[0]}")
-    export.add_argument("--since", type=MOMENT, help="events from this moment: epoch milliseconds or ISO 8601")
-    export.add_argument("--until", type=MOMENT, help="events up to this moment: epoch milliseconds or ISO 8601")
-    export.add_argument("--user", type=USER_ID, help="only this user's events")
-    export.add_argument("--output", type=Path, help="write to this file (default: standard output)")
-    export.set_defaults(func=lambda a: asyncio.run(_export(a)))
-
-
-def _verify_parser(commands: Any) -> None:
-    verify = commands.add_parser(
-        "verify", help="rebuild the projections from the log and compare: live Redis keys and PostgreSQL rows"
-    )
-    _redis_flag(verify)
-    verify.add_argument("--database-url", help="PostgreSQL URL (env LEDGER_DATABASE_URL)")
-    verify.add_argument("--shard", type=SHARD, help="only this shard (default: every shard)")
-    verify.add_argument(
-        "--repair", action="store_true", help="after showing the differences, rewrite the live keys from the log"
-    )
-    verify.add_argument("--json", action="store_true", help="print a JSON object")
-    verify.add_argument(
-        "--chain", action="store_true", help="check the events' hash chain in Redis and the archive instead"
-    )
-    verify.add_argument(
-        "--expect",
-        type=EXPECT,
-        action="append",
-        help="with --chain: a checkpoint SHARD:N:HASH (from `ledger checkpoint`) that must still hold (repeatable)",
-    )
-    verify.set_defaults(func=lambda a: asyncio.run(_verify(a)))
-
-
-def _markets_parser(commands: Any) -> None:
-    from ledger.venues.exchanges import check_base_url
-
-    markets = commands.add_parser("markets", help="the exchanges' markets (ccxt): the bundled snapshot, and sync")
-    actions = markets.add_subparsers(dest="action", required=True)
-    show = actions.add_parser("show", help="markets of the snapshot, or the one a unified symbol or native id names")
-    sync = actions.add_parser("sync", help="load the markets from the venue (ccxt load_markets), rewrite the snapshot")
-    for parser in (show, sync):
-        parser.add_argument("exchange", choices=[e.value for e in Exchange])
-    show.add_argument("symbol", nargs="?", type=SYMBOL, help="a unified symbol or native id (default: every market)")
-    show.add_argument("--json", action="store_true", help="print a JSON array")
-    sync.add_argument("--output", type=Path, help="write here (default: the bundled snapshot)")
-    sync.add_argument("--symbol", type=SYMBOL, action="append", default=[], help="also keep this market (repeatable)")
-    sync.add_argument(
-        "--base-url", type=_option(check_base_url, "base URL"), help="the venue's REST host (a testnet, a stand-in)"
-    )
-    markets.set_defaults(func=cmd_markets)
-
-
-def _dead_parser(commands: Any) -> None:
-    dead = commands.add_parser("dead", help="dead letters: list, show, retry, drop; the operations stream")
-    actions = dead.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="dead letters with their reasons, oldest first")
-    show = actions.add_parser("show", help="one whole dead letter (JSON)")
-    retry = actions.add_parser("retry", help="republish a dead command (as it was or fixed) or re-run a dead event")
-    drop = actions.add_parser("drop", help="remove a dead letter, with a note")
-    ops = actions.add_parser("ops", help="the operations stream: every operator action, oldest first")
-    for parser in (listing, show, retry, drop, ops):
-        _redis_flag(parser)
-    for parser in (listing, show, retry, drop):
-        parser.add_argument("--shard", type=SHARD, help="only this shard (default: every shard)")
-    for parser in (show, retry, drop):
-        parser.add_argument("id", type=ENTRY_ID, help="the dead letter's id (its entry id in ledger:{s}:dead)")
-    for parser in (listing, ops):
-        parser.add_argument("--json", action="store_true", help="print a JSON array")
-        parser.add_argument(
-            "--limit", type=LIMIT, default=100, help=f"at most this many (per shard), 1 to {HISTORY_MAX_LIMIT}"
-        )
-    retry.add_argument("--type", help="a dead command's fixed type (default: as it was)")
-    retry.add_argument("--data", help="a dead command's fixed JSON data (default: as it was)")
-    retry.add_argument("--note", default="", help="why (recorded in the operations stream)")
-    retry.add_argument(
-        "--wait",
-        type=SECONDS,
-        default=REPLY_WAIT_S,
-        help=f"seconds to wait for a command's reply (default {REPLY_WAIT_S:g})",
-    )
-    drop.add_argument("--note", required=True, help="why (recorded in the operations stream)")
-    dead.set_defaults(func=lambda a: asyncio.run(_dead(a)))
 
 
 # --------------------------------------------------------------------------- the edge

@@ -138,9 +138,9 @@ async def _settle(orders: OrderManager, placed: dict[int, Any], seconds: float =
 
 
 def _printtable(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    from ledger.app.console import table
+    from ledger.app.console import print_table
 
-    print(table(rows, columns) if rows else "  none")
+    print_table(rows, columns, "  none")
 
 
 async def _report(redis: Any, database_url: str) -> None:

@@ -71,7 +71,7 @@ async def test_list_and_show_survive_hostile_dead_letters(redis_url: str, tmp_pa
     ]  # fmt: skip
     header = ["shard", "id", "time", "kind", "type", "code", "reason", "stream", "group", "entry_id"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    expected = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in [header, *rows]]
+    expected = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *rows]]
     assert run.stdout.splitlines() == expected
 
     run = await ledger_cli(tmp_path, "dead", "list", "--json", **strict)

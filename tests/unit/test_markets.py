@@ -220,14 +220,14 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 def test_markets_show_prints_the_snapshot_as_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = _run(capsys, "markets", "show", "okx")
     assert (status, err) == (0, "")
-    assert [line.rstrip() for line in out.splitlines()] == [
+    assert out.splitlines() == [  # numbers right-aligned, no trailing spaces
         "symbol         id             type  kind     settle  contract_size  amount_step  price_step  min_amount",
-        "BTC/USD:BTC    BTC-USD-SWAP   swap  inverse  BTC     100            1            0.1         1",
-        "BTC/USDT       BTC-USDT       spot  spot     USDT                   0.00000001   0.1         0.00001",
-        "BTC/USDT:USDT  BTC-USDT-SWAP  swap  linear   USDT    0.01           0.01         0.1         0.01",
-        "ETH/USD:ETH    ETH-USD-SWAP   swap  inverse  ETH     10             1            0.01        1",
-        "ETH/USDT       ETH-USDT       spot  spot     USDT                   0.000001     0.01        0.0001",
-        "ETH/USDT:USDT  ETH-USDT-SWAP  swap  linear   USDT    0.1            0.01         0.01        0.01",
+        "BTC/USD:BTC    BTC-USD-SWAP   swap  inverse  BTC               100            1         0.1           1",
+        "BTC/USDT       BTC-USDT       spot  spot     USDT                    0.00000001         0.1     0.00001",
+        "BTC/USDT:USDT  BTC-USDT-SWAP  swap  linear   USDT             0.01         0.01         0.1        0.01",
+        "ETH/USD:ETH    ETH-USD-SWAP   swap  inverse  ETH                10            1        0.01           1",
+        "ETH/USDT       ETH-USDT       spot  spot     USDT                      0.000001        0.01      0.0001",
+        "ETH/USDT:USDT  ETH-USDT-SWAP  swap  linear   USDT              0.1         0.01        0.01        0.01",
     ]
 
 
