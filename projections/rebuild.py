@@ -38,17 +38,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 import psycopg
 from psycopg import sql
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ledger.errors import OperationFailed
+from ledger.progress import progress_bar
 from ledger.sqlfiles import load_queries
 from ledger.store.log import log_size
 from ledger.store.operations import record_operation
@@ -97,19 +94,6 @@ class Rebuilt:
 
 
 # --------------------------------------------------------------------------- progress
-
-
-@contextmanager
-def progress_bar(stream: TextIO | None, description: str, total: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on ``stream`` when it is a terminal; yields the function to call per
-    event (it does nothing when the stream is piped or None)."""
-    if stream is None or not stream.isatty():
-        yield lambda: None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(file=stream), transient=False) as bar:
-        task = bar.add_task(description, total=total or None)
-        yield lambda: bar.advance(task)
 
 
 async def _log_total(redis: Any, shards: list[int]) -> int:

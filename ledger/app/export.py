@@ -10,16 +10,15 @@ the archive, the decoded event encoded again: the same bytes, the keys in their 
 
 ``--since`` / ``--until`` select events by ``ts`` (the ledger's time of append; ``--until`` as
 ``ledger replay`` reads it: the log up to the moment), ``--user`` one user's events (read from
-that user's shard only). A progress line is drawn on stderr when stderr is a terminal, never
-when it is piped or redirected. ``--output FILE`` is written as ``FILE.part`` and renamed when
-complete, so a failed export never leaves a file that looks whole.
+that user's shard only). A progress bar (``ledger.progress``) is drawn on stderr when stderr is
+a terminal, never when it is piped or redirected. ``--output FILE`` is written as ``FILE.part``
+and renamed when complete, so a failed export never leaves a file that looks whole.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,6 +28,7 @@ import psycopg
 
 from ledger.app.console import shard_count
 from ledger.domain import wire
+from ledger.progress import progress_bar
 from ledger.store.eventstore import StoredEvent
 from ledger.store.keys import shard_of
 from ledger.store.log import log_size, read_log
@@ -48,36 +48,8 @@ ENVELOPE = (
     "ts",
     "schema",
 )
-PROGRESS_EVERY_S = 0.2
 
 _json = msgspec.json.Encoder()
-
-
-class Progress:
-    """``export: n/total events (p%)`` redrawn in place on a terminal; nothing otherwise."""
-
-    def __init__(self, stream: TextIO, total: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.stream = stream
-        self.shown = stream.isatty()
-        self.total = total
-        self.done = 0
-        self.clock = clock
-        self.drawn = clock()
-
-    def advance(self) -> None:
-        self.done += 1
-        if self.shown and self.clock() - self.drawn >= PROGRESS_EVERY_S:
-            self._draw("\r")
-
-    def finish(self) -> None:
-        if self.shown:
-            self._draw("\r", "\n")
-
-    def _draw(self, start: str, end: str = "") -> None:
-        percent = 100 * self.done // self.total if self.total else 100
-        self.stream.write(f"{start}export: {self.done}/{self.total} events ({percent}%){end}")
-        self.stream.flush()
-        self.drawn = self.clock()
 
 
 def _jsonl(out: TextIO) -> Callable[[int, StoredEvent], None]:
@@ -123,20 +95,16 @@ async def export(
     count = await shard_count(redis)
     shards = [shard_of(user, count)] if user is not None else list(range(count))
     write = _jsonl(out) if fmt == "jsonl" else _csv(out)
-    progress = None
-    if progress_stream is not None:
-        progress = Progress(progress_stream, sum([await log_size(redis, shard) for shard in shards]))
+    total = 0 if progress_stream is None else sum([await log_size(redis, shard) for shard in shards])
     written = 0
-    for shard in shards:
-        async for stored in read_log(redis, shard, conn=conn, until=until, no_archive=no_archive):
-            if progress is not None:
-                progress.advance()
-            event = stored.event
-            if (since is None or event.ts >= since) and (user is None or event.user_id == user):
-                write(shard, stored)
-                written += 1
-    if progress is not None:
-        progress.finish()
+    with progress_bar(progress_stream, "export", total) as tick:
+        for shard in shards:
+            async for stored in read_log(redis, shard, conn=conn, until=until, no_archive=no_archive):
+                tick()
+                event = stored.event
+                if (since is None or event.ts >= since) and (user is None or event.user_id == user):
+                    write(shard, stored)
+                    written += 1
     return written
 
 

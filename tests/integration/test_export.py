@@ -7,12 +7,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from ledger.app.export import ENVELOPE, Progress
+from ledger.app.export import ENVELOPE
+from ledger.progress import progress_bar
 from ledger.store.keys import ShardKeys
 from tests.audit_helpers import ledger_cli
 from tests.log_helpers import Rig
@@ -103,20 +105,15 @@ class Terminal(io.StringIO):
 
 
 def test_progress_is_drawn_on_a_terminal_only() -> None:
-    now = [0.0]
     terminal = Terminal()
-    progress = Progress(terminal, 4, clock=lambda: now[0])
-    progress.advance()  # too soon to draw
-    now[0] = 1.0
-    progress.advance()
-    progress.advance()
-    progress.finish()
-    assert terminal.getvalue() == "\rexport: 2/4 events (50%)\rexport: 3/4 events (75%)\n"
+    with progress_bar(terminal, "export", 4) as tick:
+        for _ in range(3):
+            tick()
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())  # the colours and cursor moves
+    assert drawn.split("\r")[-1] == "export " + "━" * 30 + "╺" + "━" * 9 + " 3/4 0:00:00\n"  # the last frame stays
 
     piped = io.StringIO()
-    progress = Progress(piped, 4, clock=lambda: now[0])
-    for _ in range(4):
-        now[0] += 1
-        progress.advance()
-    progress.finish()
+    with progress_bar(piped, "export", 4) as tick:
+        for _ in range(4):
+            tick()
     assert piped.getvalue() == ""
