@@ -18,7 +18,6 @@ from typing import Any
 import psycopg
 
 from ledger import OrderStatus
-from ledger.app.console import table as render_table
 from ledger.store.keys import OPERATIONS, shard_of
 from projections.live import LiveProjection
 from projections.projector import checkpoint
@@ -156,7 +155,9 @@ async def test_each_tampering_is_reported_and_repair_fixes_the_live_ones(
         run = await cli_verify(tmp_path, redis_url, database_url)
         assert run.status == 1, run.stderr
         *lines, summary = run.stdout.splitlines()
-        assert lines == render_table([d.as_dict() for d in live + history], COLUMNS).splitlines()
+        cells = [COLUMNS, *([str(d.as_dict()[c]) for c in COLUMNS] for d in live + history)]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]  # text columns: left-aligned
+        assert lines == ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
         assert summary.startswith("live state and history 12 differences from the log (shard 0: live at ")
 
         run = await cli_verify(tmp_path, redis_url, database_url, "--json", "--repair")
