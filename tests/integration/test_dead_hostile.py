@@ -20,7 +20,9 @@ from tests.audit_helpers import ledger_cli
 
 KEYS = ShardKeys(0)
 HUGE = b"y" * 100_000
-REASON = "data is not valid JSON: 'utf-8' codec can't encode character '\\udcc3' in position 0: surrogates not allowed"
+DATA_REASON = (
+    "data is not valid JSON: 'utf-8' codec can't encode character '\\udcc3' in position 0: surrogates not allowed"
+)
 
 
 def test_printable_escapes_and_cuts() -> None:
@@ -58,13 +60,14 @@ async def test_list_and_show_survive_hostile_dead_letters(redis_url: str, tmp_pa
         },
     )
     (dead_id, letter), _forged = [(str(i), dict(f)) for i, f in await redis.xrange(KEYS.dead)]
+    reason = f"OrderPlaced event entry {entry_id}: {DATA_REASON}"  # the reason names the entry
     strict = {"LEDGER_REDIS_URL": redis_url, "PYTHONIOENCODING": "utf-8:strict"}
 
     run = await ledger_cli(tmp_path, "dead", "list", **strict)
     assert (run.status, run.stderr) == (0, "")
     time = iso_time(int(letter["dead_ts"]))
     rows = [
-        ["0", dead_id, time, "event", "OrderPlaced", "INVALID_JSON", REASON[:59] + "…", KEYS.events, LIVE_GROUP,
+        ["0", dead_id, time, "event", "OrderPlaced", "INVALID_JSON", reason[:59] + "…", KEYS.events, LIVE_GROUP,
          entry_id],
         ["0", forged, "", "event", "\\x1b[31m" + "T" * (FIELD_WIDTH - 9) + "…", "X", "line one\\nline two",
          KEYS.events, "g", "1-0"],
@@ -78,7 +81,7 @@ async def test_list_and_show_survive_hostile_dead_letters(redis_url: str, tmp_pa
     assert (run.status, run.stderr) == (0, "")
     listed = json.loads(run.stdout)
     assert [(r["id"], r["ts"], r["time"], r["code"], r["reason"]) for r in listed] == [
-        (dead_id, int(letter["dead_ts"]), time, "INVALID_JSON", REASON),
+        (dead_id, int(letter["dead_ts"]), time, "INVALID_JSON", reason),
         (forged, None, None, "X", "line one\nline two"),
     ]
 
