@@ -1,4 +1,4 @@
-"""Issue 7, defect 11: the read paths (projections/queries.py, the mark rule) never write and never
+"""Issue 7, defect 11: the read paths (ledger/client/queries.py, the mark rule) never write and never
 crash on a value someone else wrote into Redis.
 
 The live keys are written by the real handler and live projection (``serve`` in-process, external

@@ -1,4 +1,4 @@
--- SQL of the reader over both tiers of a shard's event log (projections/log.py).
+-- SQL of the reader over both tiers of a shard's event log (ledger/store/log.py).
 
 -- archived_page --
 -- The archived events of a shard after an entry and up to another, in log order (keyset pages
