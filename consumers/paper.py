@@ -97,7 +97,7 @@ from ledger.config import Settings
 from ledger.domain import wire
 from ledger.domain.arithmetic import amount_fits, basis
 from ledger.domain.enums import FINAL_ORDER_STATUSES, Exchange, OrderSide, OrderType
-from ledger.domain.instruments import instrument_for
+from ledger.domain.instruments import Instrument, instrument_for
 from ledger.domain.state import OrderState
 from ledger.domain.transitions import FILLABLE_ORDER_STATUSES, FINAL_EVENT_TYPES
 from ledger.domain.values import (
@@ -260,6 +260,11 @@ def _reached(side: OrderSide, mark: Decimal, level: Decimal, *, buy_below: bool)
     return above if buy_below else below
 
 
+def _instrument(exchange: Exchange, symbol: str) -> Instrument:
+    """What a symbol trades, from the bundled market data (the paper venue has no other)."""
+    return instrument_for(exchange, symbol, instrument_table())
+
+
 def evaluate(order: RestingOrder, mark: Decimal) -> tuple[RestingOrder, Decimal | None]:
     """What the mark does to a resting order: (the order, possibly triggered; the fill price or
     None when it does not fill). Pure."""
@@ -288,7 +293,7 @@ def paper_fee(exchange: Exchange, symbol: str, quantity: Decimal, price: Decimal
     price * rate`` in the base coin (one division, 28 significant digits). At most 18 fraction
     digits, rounded half-even.
     """
-    instrument = instrument_for(exchange, symbol, instrument_table())
+    instrument = _instrument(exchange, symbol)
     if instrument.is_inverse:
         fee = basis(instrument, quantity * instrument.contract_value * rate, price)
     else:
@@ -301,7 +306,7 @@ def paper_fee(exchange: Exchange, symbol: str, quantity: Decimal, price: Decimal
 def fee_currency(exchange: Exchange, symbol: str) -> str | None:
     """The settlement currency of a symbol when it is known and writable, else None (a fill
     without ``fee_currency`` pays in the settlement currency)."""
-    settle = instrument_for(exchange, symbol, instrument_table()).settle
+    settle = _instrument(exchange, symbol).settle
     return settle if RULES["fee_currency"].matches(settle) else None
 
 
@@ -329,7 +334,7 @@ def unfillable_reason(exchange: Exchange, symbol: str, quantity: Decimal, price:
     """Why the venue cannot fill ``quantity`` at ``price``: its value is out of the range a fill
     can report (the ledger refuses orders that name such a price, but a market or stop order
     fills at the mark). None when it can."""
-    if amount_fits(instrument_for(exchange, symbol, instrument_table()), quantity, price):
+    if amount_fits(_instrument(exchange, symbol), quantity, price):
         return None
     return (
         f"{format_decimal(quantity)} {symbol} at {format_decimal(price)} is worth more than "
