@@ -96,6 +96,28 @@ end
 return before
 """
 
+# KEYS[1] stream, KEYS[2] try counters; ARGV[1] group, ARGV[2] consumer, ARGV[3] batch size.
+# Reads the group's new entries (never blocking) and marks them as ``_COUNT`` does with 0, in one
+# step: no entry is ever delivered without its mark. Returns {entries, counters as they were};
+# with no new entry, {false, the stream's last entry id} for a blocking XREAD to wait after.
+_READ_NEW = """
+local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+if not read then
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+  return {false, last and last[1] or '0-0'}
+end
+local entries = read[1][2]
+local before = {}
+for i, entry in ipairs(entries) do
+  local n = tonumber(redis.call('HGET', KEYS[2], entry[1]) or '-1')
+  before[i] = n
+  if n < 0 then
+    redis.call('HSET', KEYS[2], entry[1], 0)
+  end
+end
+return {entries, before}
+"""
+
 # KEYS[1] try counters; ARGV[1..] entry ids: give back the count of a delivery that a server
 # outage cut short (a mark given back is deleted).
 _UNCOUNT = """
@@ -208,6 +230,11 @@ class StreamConsumer:
         self._next_claim = 0.0
         self._next_retry = 0.0
         self._group_ready = False
+        # The stream's last entry id when the group had nothing new: a blocking XREAD waits after it.
+        self._last_seen = "0-0"
+        # When the lease was last confirmed (monotonic s): renewed at most every third of its life.
+        self._lease_confirmed: float | None = None
+        self._scripts = {name: redis.register_script(source) for name, source in _SCRIPTS.items()}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -263,33 +290,50 @@ class StreamConsumer:
             if block:
                 await asyncio.sleep(self.settings.block_ms / 1000)
             return 0
-        retried = await self._retry_requested()
-        entries = await self._claim_stale()
-        if not entries:
-            entries = await self._read(block)
-        if entries:
-            await self._process(entries)
+        try:
+            await self._give_back()
+            retried = await self._retry_requested()
+            entries = await self._claim_stale()
+            before = await self._count(entries, 0) if entries else []
+            if not entries:
+                entries, before = await self._read(block)
+            if entries:
+                await self._process(entries, before)
+        except LeaseLost:
+            self._lease_confirmed = None  # the next step asks Redis who holds it
+            raise
         return retried + len(entries)
 
-    async def _read(self, block: bool) -> list[Entry]:
-        own = self._own_pending
-        response = await self.redis.xreadgroup(
-            self.group,
-            self.name,
-            {self.stream: "0" if own else ">"},
-            count=self.settings.batch_size,
-            block=None if own or not block else self.settings.block_ms,
-        )
-        entries = _entries(response)
-        if own and not entries:
+    async def _read(self, block: bool) -> tuple[list[Entry], list[int]]:
+        """The next batch and the entries' try counters as they were before it was marked:
+        this consumer's own pending entries first (a batch that failed), else new ones."""
+        if self._own_pending:
+            response = await self.redis.xreadgroup(
+                self.group, self.name, {self.stream: "0"}, count=self.settings.batch_size
+            )
+            entries = _entries(response)
+            if entries:
+                return entries, await self._count(entries, 0)
             self._own_pending = False
-            return await self._read(block)
-        return entries
+        entries, before = await self._read_new()
+        if entries or not block:
+            return entries, before
+        # Wait for an entry after the last one seen, without taking it (a plain read, which
+        # costs the server no write): the step that takes it also marks it.
+        await self.redis.xread({self.stream: self._last_seen}, count=1, block=self.settings.block_ms)
+        return await self._read_new()
 
-    async def _process(self, entries: list[Entry]) -> None:
-        """Handle a batch; entries tried before (or a batch that fails) are handled alone."""
-        await self._give_back()
-        before = await self._count(entries, 0)
+    async def _read_new(self) -> tuple[list[Entry], list[int]]:
+        keys = [self.stream, self.tries]
+        found, second = await self._scripts["read_new"](keys, [self.group, self.name, self.settings.batch_size])
+        if not found:
+            self._last_seen = text(second) or "0-0"
+            return [], []
+        return [_entry(raw_id, fields) for raw_id, fields in found], [int(n) for n in second]
+
+    async def _process(self, entries: list[Entry], before: list[int]) -> None:
+        """Handle a batch whose entries were marked (``before``: their counters before the mark);
+        entries tried before (or a batch that fails) are handled alone."""
         if any(n >= 0 for n in before):
             await self._process_alone(entries)
             return
@@ -328,7 +372,7 @@ class StreamConsumer:
 
     async def _count(self, entries: list[Entry], increment: int) -> list[int]:
         """Increment (or, with 0, mark) the entries' try counters; return them as they were."""
-        before = await self.redis.eval(_COUNT, 1, self.tries, increment, *[e.id for e in entries])
+        before = await self._scripts["count"]([self.tries], [increment, *[e.id for e in entries]])
         return [int(n) for n in before]
 
     async def _uncount(self, entries: list[Entry]) -> None:
@@ -340,11 +384,11 @@ class StreamConsumer:
 
     async def _give_back(self) -> None:
         if self._uncounted:
-            await self.redis.eval(_UNCOUNT, 1, self.tries, *sorted(self._uncounted))
+            await self._scripts["uncount"]([self.tries], sorted(self._uncounted))
             self._uncounted.clear()
 
     async def _ack(self, entries: list[Entry]) -> None:
-        await self.redis.eval(_ACK, 2, self.stream, self.tries, self.group, *[e.id for e in entries])
+        await self._scripts["ack"]([self.stream, self.tries], [self.group, *[e.id for e in entries]])
 
     async def _retry_requested(self) -> int:
         """Handle, each alone, the entries an operator asked this group to retry; return how many."""
@@ -376,11 +420,18 @@ class StreamConsumer:
     async def _hold_lease(self) -> bool:
         """Take or renew the lease; on taking it, adopt every entry left pending."""
         ttl = self.settings.claim_idle_ms
-        renewed = await self.redis.eval(_RENEW_LEASE, 1, self.lease_key, self.name, ttl)
-        if renewed:
+        now = time.monotonic()
+        # Renewed at most every third of its life: the lease elects, the handlers' atomic steps
+        # fence (a lease lost meanwhile shows there as ``LeaseLost``, which clears this).
+        if self._lease_confirmed is not None and now - self._lease_confirmed < ttl / 3000:
+            return True
+        self._lease_confirmed = None
+        if await self._scripts["renew"]([self.lease_key], [self.name, ttl]):
+            self._lease_confirmed = now
             return True
         if not await self.redis.set(self.lease_key, self.name, nx=True, px=ttl):
             return False
+        self._lease_confirmed = now
         self.log.info("lease taken: this consumer is now the active one")
         start = "0-0"
         while True:
@@ -433,6 +484,9 @@ class StreamConsumer:
     # ----------------------------------------------------------------- status
 
 
+_SCRIPTS = {"renew": _RENEW_LEASE, "count": _COUNT, "read_new": _READ_NEW, "uncount": _UNCOUNT, "ack": _ACK}
+
+
 def _entries(response: Any) -> list[Entry]:
     if not response:
         return []
@@ -443,3 +497,8 @@ def _entries(response: Any) -> list[Entry]:
 
 def _entry_list(items: Any) -> list[Entry]:
     return [Entry(text(i), dict(f)) for i, f in items if f is not None]  # type: ignore[arg-type]
+
+
+def _entry(raw_id: Any, flat: list[Any]) -> Entry:
+    """An entry as a script returns it: its id and its fields as a flat field/value list."""
+    return Entry(text(raw_id), dict(zip(flat[::2], flat[1::2], strict=True)))  # type: ignore[arg-type]

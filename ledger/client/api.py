@@ -48,6 +48,12 @@ from ledger.store.eventstore import EventStore, StoredEvent
 from ledger.store.log import read_log
 from ledger.store.redis_conn import entry_order, recorded_shards, text
 
+# Read-your-writes polls the projection's checkpoint (one GET), first after this long, each pause
+# half as long again as the one before, up to the last: a step of the projection takes a few
+# milliseconds, and a longer first pause would be most of a call's latency.
+PROJECTED_POLL_FIRST_S = 0.0005
+PROJECTED_POLL_MAX_S = 0.02
+
 __all__ = ["CommandRejected", "LedgerClient", "LedgerError", "LedgerTimeout", "OrderManager", "PositionManager"]
 
 
@@ -142,8 +148,11 @@ class LedgerClient:
         shard_keys = keys.ShardKeys(shard)
         reply_key = shard_keys.reply(command.user_id, command.command_id)
         # A reply left by an earlier try (one that timed out) is not this publication's answer.
-        await self.redis.delete(reply_key)
-        await self.redis.xadd(shard_keys.commands, fields)
+        # One round trip: both keys are on the shard's slot, and a pipeline keeps their order.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(reply_key)
+        pipe.xadd(shard_keys.commands, fields)
+        await pipe.execute()
         reply = await self._reply(reply_key)
         if reply["status"] != "accepted":
             raise CommandRejected(reply)
@@ -167,7 +176,7 @@ class LedgerClient:
         """Wait until the live projection of ``shard`` has applied the event ``entry_id``."""
         target = entry_order(entry_id)
         deadline = time.monotonic() + self.timeout
-        pause = 0.001
+        pause = PROJECTED_POLL_FIRST_S
         while True:
             applied = await queries.projected_up_to(self.redis, shard)
             if applied is not None and entry_order(applied) >= target:
@@ -178,7 +187,7 @@ class LedgerClient:
                     "is the projection role running?"
                 )
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            pause = min(pause * 1.5, PROJECTED_POLL_MAX_S)
 
     async def wait_order_final(self, shard: int, order_id: str, after: str) -> Settled:
         """Wait for the event that makes an order final (filled, cancelled, rejected, expired)
