@@ -11,10 +11,16 @@ own event loop in a thread: synchronous and ``ccxt.async_support`` clients can b
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
+import urllib.parse
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +63,28 @@ class RecordedVenue:
 def recorded_venue(responses: list[dict[str, Any]]) -> Iterator[RecordedVenue]:
     """Serve ``responses`` on 127.0.0.1 (a free port) for the duration of the block."""
     venue = RecordedVenue(responses)
+    with _serving(venue._handle) as url:
+        venue.url = url
+        yield venue
+
+
+@contextmanager
+def _serving(handle: Any) -> Iterator[str]:
+    """Serve ``handle`` for every request on 127.0.0.1 (a free port), on its own event loop in a
+    thread; yields the base URL."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", venue._handle)
+    app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app)
+    urls: list[str] = []
 
     async def start() -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        venue.url = f"http://127.0.0.1:{port}"
+        urls.append(f"http://127.0.0.1:{port}")
 
     def run() -> None:
         asyncio.set_event_loop(loop)
@@ -78,11 +94,368 @@ def recorded_venue(responses: list[dict[str, Any]]) -> Iterator[RecordedVenue]:
         loop.run_until_complete(runner.cleanup())
         loop.close()
 
-    thread = threading.Thread(target=run, name="recorded-venue", daemon=True)
+    thread = threading.Thread(target=run, name="loopback-venue", daemon=True)
     thread.start()
     started.wait(10)
     try:
-        yield venue
+        yield urls[0]
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+# --------------------------------------------------------------------------- a stateful venue
+
+
+@dataclass
+class BookFill:
+    trade_id: str
+    amount: Decimal  # venue units (contracts for OKX derivatives)
+    price: Decimal
+    fee: Decimal
+
+
+@dataclass
+class BookOrder:
+    """One order on the loopback venue's book; ``state`` is ``open``, ``filled`` or ``canceled``
+    (each venue's answers spell it its own way)."""
+
+    venue_id: str
+    client_id: str
+    market_id: str
+    side: str  # buy / sell
+    ord_type: str  # limit / market
+    amount: Decimal | None  # venue units; None for an Upbit market buy (sent as a cost)
+    price: str | None
+    cost: str | None = None
+    state: str = "open"
+    fills: list[BookFill] = field(default_factory=list)
+
+    @property
+    def filled(self) -> Decimal:
+        return sum((f.amount for f in self.fills), Decimal(0))
+
+
+def _plain(value: Decimal) -> str:
+    return format(value, "f")
+
+
+class LoopbackExchange:
+    """A stateful stand-in for one exchange's order endpoints, answering real ccxt classes with the
+    shapes of ``tests/recorded/orders/<exchange>.json`` (copied, with the book's fields written in).
+
+    Test controls (from the test's thread): ``fill``, ``finish``, ``create_delay_s`` (the order is
+    booked, then the answer comes this late: a timeout), ``refuse_creates`` (a definite refusal),
+    ``fill_on_cancel`` (a fill that lands before the cancel does), and ``created`` (set once a
+    create was booked). ``creates`` counts create requests per client id, ``orders`` the book.
+    """
+
+    def __init__(self, exchange: str) -> None:
+        data = json.loads((RECORDED / "orders" / f"{exchange}.json").read_text(encoding="utf-8"))
+        self.exchange = exchange
+        self.templates: dict[str, Any] = data["templates"]
+        self.orders: dict[str, BookOrder] = {}  # by client id
+        self.creates: Counter[str] = Counter()
+        self.requests: list[str] = []
+        self.unanswered: list[str] = []
+        self.create_delay_s = 0.0
+        self.refuse_creates = False
+        self.fill_on_cancel: tuple[str, str, str] | None = None  # amount, price, trade id
+        self.created = threading.Event()
+        self.lock = threading.Lock()
+        self.url = ""
+        self._next_id = 312269865356374016
+
+    # ------------------------------------------------------------- test controls
+
+    def order(self, client_id: str) -> BookOrder:
+        with self.lock:
+            return self.orders[client_id]
+
+    def only_order(self) -> BookOrder:
+        with self.lock:
+            (order,) = self.orders.values()
+            return order
+
+    def fill(self, client_id: str, amount: str, price: str, trade_id: str, fee: str = "0") -> None:
+        """A trade of the order; the order is ``filled`` once its amount is reached."""
+        with self.lock:
+            order = self.orders[client_id]
+            order.fills.append(BookFill(trade_id, Decimal(amount), Decimal(price), Decimal(fee)))
+            if order.amount is not None and order.filled >= order.amount:
+                order.state = "filled"
+
+    def finish(self, client_id: str, state: str) -> None:
+        with self.lock:
+            self.orders[client_id].state = state
+
+    # ------------------------------------------------------------- serving
+
+    def _copy(self, name: str) -> Any:
+        return copy.deepcopy(self.templates[name])
+
+    def _venue_id(self) -> str:
+        self._next_id += 1
+        if self.exchange == "upbit":
+            return str(uuid.UUID(int=self._next_id))
+        return str(self._next_id)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests.append(f"{request.method} {request.path}")
+        params: dict[str, str] = dict(request.query)
+        if request.body_exists:
+            raw = await request.text()
+            if raw.startswith(("{", "[")):
+                body = json.loads(raw)
+                (one,) = body if isinstance(body, list) else [body]  # OKX sends an order as a batch of one
+                params.update({k: str(v) for k, v in one.items()})
+            else:
+                params.update(dict(urllib.parse.parse_qsl(raw)))
+        route = ROUTES[self.exchange].get((request.method, request.path))
+        if route is None:
+            self.unanswered.append(f"{request.method} {request.rel_url}")
+            return web.json_response({"error": "not recorded"}, status=404)
+        if route == "create":
+            booked = self._create(params)
+            if isinstance(booked, web.Response):
+                return booked
+            self.created.set()
+            if self.create_delay_s:
+                await asyncio.sleep(self.create_delay_s)
+            return web.json_response(self._created(booked))
+        with self.lock:
+            order = self._find(params)
+            if order is None:
+                status = {"okx": 200, "binance": 400, "upbit": 404}[self.exchange]
+                return web.json_response(self._copy("order_not_found"), status=status)
+            if route == "order":
+                return web.json_response(self._order(order))
+            if route == "fills":
+                return web.json_response(self._fills(order))
+            return self._cancel(order)
+
+    def _create(self, params: dict[str, str]) -> BookOrder | web.Response:
+        spelling = {
+            "okx": ("clOrdId", "instId", "sz", "px", "ordType"),
+            "binance": ("newClientOrderId", "symbol", "quantity", "price", "type"),
+            "upbit": ("identifier", "market", "volume", "price", "ord_type"),
+        }[self.exchange]
+        client_key, market_key, amount_key, price_key, type_key = spelling
+        client_id = params[client_key]
+        with self.lock:
+            self.creates[client_id] += 1
+            if self.refuse_creates:
+                status = {"okx": 200, "binance": 400, "upbit": 400}[self.exchange]
+                return web.json_response(self._copy("create_refused"), status=status)
+            if client_id in self.orders:  # each venue refuses a second order with a client id in use
+                duplicate = {
+                    "okx": {
+                        "code": "1",
+                        "msg": "",
+                        "data": [
+                            {
+                                "clOrdId": client_id,
+                                "ordId": "",
+                                "sCode": "51016",
+                                "sMsg": "Duplicated clOrdId",
+                                "tag": "",
+                                "ts": "",
+                            }
+                        ],
+                    },
+                    "binance": {"code": -2010, "msg": "Duplicate order sent."},
+                    "upbit": {"error": {"name": "duplicate_identifier", "message": "identifier in use"}},
+                }[self.exchange]
+                return web.json_response(duplicate, status=200 if self.exchange == "okx" else 400)
+            kind = params[type_key].lower()
+            side = params["side"].lower()
+            upbit_market_buy = self.exchange == "upbit" and kind == "price"
+            order = BookOrder(
+                venue_id=self._venue_id(),
+                client_id=client_id,
+                market_id=params[market_key],
+                side={"bid": "buy", "ask": "sell"}.get(side, side),
+                ord_type="market" if kind in ("price", "market") else kind,
+                amount=None if upbit_market_buy else Decimal(params[amount_key]),
+                price=None if upbit_market_buy else params.get(price_key),
+                cost=params.get(price_key) if upbit_market_buy else None,
+            )
+            self.orders[client_id] = order
+            return order
+
+    def _find(self, params: dict[str, str]) -> BookOrder | None:
+        client_keys = ("clOrdId", "origClientOrderId", "identifier")
+        id_keys = ("ordId", "orderId", "uuid")
+        for order in self.orders.values():
+            if any(params.get(k) == order.client_id for k in client_keys):
+                return order
+            if any(params.get(k) == order.venue_id for k in id_keys):
+                return order
+        return None
+
+    def _created(self, order: BookOrder) -> Any:
+        if self.exchange == "okx":
+            body = self._copy("create")
+            body["data"][0].update(clOrdId=order.client_id, ordId=order.venue_id)
+            return body
+        if self.exchange == "binance":
+            return self._order(order, "create")
+        return self._order(order, "create")
+
+    def _state(self, order: BookOrder) -> str:
+        names = {
+            "okx": {"open": "partially_filled" if order.fills else "live", "filled": "filled", "canceled": "canceled"},
+            "binance": {
+                "open": "PARTIALLY_FILLED" if order.fills else "NEW",
+                "filled": "FILLED",
+                "canceled": "CANCELED",
+            },
+            "upbit": {"open": "wait", "filled": "done", "canceled": "cancel"},
+        }
+        return names[self.exchange][order.state]
+
+    def _order(self, order: BookOrder, template: str = "order") -> Any:
+        filled = order.filled
+        value = sum((f.amount * f.price for f in order.fills), Decimal(0))
+        if self.exchange == "okx":
+            body = self._copy(template)
+            body["data"][0].update(
+                ordId=order.venue_id,
+                clOrdId=order.client_id,
+                instId=order.market_id,
+                instType="SWAP" if order.market_id.endswith("SWAP") else "SPOT",
+                side=order.side,
+                ordType=order.ord_type,
+                sz=_plain(order.amount or Decimal(0)),
+                px=order.price or "",
+                state=self._state(order),
+                accFillSz=_plain(filled),
+                avgPx=_plain(value / filled) if filled else "",
+            )
+            return body
+        if self.exchange == "binance":
+            body = self._copy(template)
+            body.update(
+                symbol=order.market_id,
+                orderId=int(order.venue_id),
+                clientOrderId=order.client_id,
+                price=order.price or "0.00000000",
+                origQty=_plain(order.amount or Decimal(0)),
+                executedQty=_plain(filled),
+                cummulativeQuoteQty=_plain(value),
+                status=self._state(order),
+                type=order.ord_type.upper(),
+                side=order.side.upper(),
+            )
+            body.pop("fills", None)
+            return body
+        body = self._copy(template)
+        body.update(
+            uuid=order.venue_id,
+            identifier=order.client_id,
+            market=order.market_id,
+            side="bid" if order.side == "buy" else "ask",
+            ord_type="price" if order.cost is not None else order.ord_type,
+            price=order.cost if order.cost is not None else order.price,
+            volume=None if order.amount is None else _plain(order.amount),
+            remaining_volume=None if order.amount is None else _plain(order.amount - filled),
+            executed_volume=_plain(filled),
+            state=self._state(order),
+            trades_count=len(order.fills),
+        )
+        if template == "order":
+            body["trades"] = [self._fill(order, f) for f in order.fills]
+        return body
+
+    def _fill(self, order: BookOrder, fill: BookFill) -> Any:
+        body = self._copy("fill")
+        if self.exchange == "okx":
+            body.update(
+                ordId=order.venue_id,
+                clOrdId=order.client_id,
+                instId=order.market_id,
+                side=order.side,
+                fillSz=_plain(fill.amount),
+                fillPx=_plain(fill.price),
+                tradeId=fill.trade_id,
+                fee=_plain(-fill.fee),
+                instType="SWAP" if order.market_id.endswith("SWAP") else "SPOT",
+            )
+        elif self.exchange == "binance":
+            body.update(
+                symbol=order.market_id,
+                id=int(fill.trade_id),
+                orderId=int(order.venue_id),
+                price=_plain(fill.price),
+                qty=_plain(fill.amount),
+                quoteQty=_plain(fill.amount * fill.price),
+                commission=_plain(fill.fee),
+                isBuyer=order.side == "buy",
+            )
+        else:
+            body.update(
+                market=order.market_id,
+                uuid=fill.trade_id,
+                price=_plain(fill.price),
+                volume=_plain(fill.amount),
+                funds=_plain(fill.amount * fill.price),
+                side="bid" if order.side == "buy" else "ask",
+            )
+        return body
+
+    def _fills(self, order: BookOrder) -> Any:
+        if self.exchange == "okx":
+            body = self._copy("fills")
+            body["data"] = [self._fill(order, f) for f in order.fills]
+            return body
+        return [self._fill(order, f) for f in order.fills]
+
+    def _cancel(self, order: BookOrder) -> web.Response:
+        if self.fill_on_cancel is not None:
+            amount, price, trade_id = self.fill_on_cancel
+            self.fill_on_cancel = None
+            order.fills.append(BookFill(trade_id, Decimal(amount), Decimal(price), Decimal(0)))
+            if order.amount is not None and order.filled >= order.amount:
+                order.state = "filled"
+        if order.state != "open":
+            body = self._copy("cancel_completed")
+            if self.exchange == "okx":
+                body["data"][0].update(ordId=order.venue_id, clOrdId=order.client_id)
+            return web.json_response(body, status=200 if self.exchange == "okx" else 400)
+        order.state = "canceled"
+        if self.exchange == "okx":
+            body = self._copy("cancel")
+            body["data"][0].update(ordId=order.venue_id, clOrdId=order.client_id)
+            return web.json_response(body)
+        return web.json_response(self._order(order, "cancel"))
+
+
+ROUTES: dict[str, dict[tuple[str, str], str]] = {
+    "okx": {
+        ("POST", "/api/v5/trade/order"): "create",
+        ("POST", "/api/v5/trade/batch-orders"): "create",
+        ("GET", "/api/v5/trade/order"): "order",
+        ("GET", "/api/v5/trade/fills-history"): "fills",
+        ("POST", "/api/v5/trade/cancel-order"): "cancel",
+    },
+    "binance": {
+        ("POST", "/api/v3/order"): "create",
+        ("GET", "/api/v3/order"): "order",
+        ("GET", "/api/v3/myTrades"): "fills",
+        ("DELETE", "/api/v3/order"): "cancel",
+    },
+    "upbit": {
+        ("POST", "/v1/orders"): "create",
+        ("GET", "/v1/order"): "order",
+        ("DELETE", "/v1/order"): "cancel",
+    },
+}
+
+
+@contextmanager
+def loopback_exchange(exchange: str) -> Iterator[LoopbackExchange]:
+    """A stateful loopback venue of ``exchange`` on 127.0.0.1 for the duration of the block."""
+    venue = LoopbackExchange(exchange)
+    with _serving(venue._handle) as url:
+        venue.url = url
+        yield venue

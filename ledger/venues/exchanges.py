@@ -61,8 +61,21 @@ def _config(exchange: Exchange, extra: Mapping[str, Any] | None) -> dict[str, An
     return {"enableRateLimit": True, **(extra or {}), "options": {**options, **(extra or {}).get("options", {})}}
 
 
-def _build(module: Any, exchange: Exchange, base_url: str | None, extra: Mapping[str, Any] | None) -> Any:
+def _build(
+    module: Any,
+    exchange: Exchange,
+    base_url: str | None,
+    extra: Mapping[str, Any] | None,
+    *,
+    sandbox: bool = False,
+    demo: bool = False,
+) -> Any:
+    """A ccxt instance; sandbox mode and demo trading switch its URLs first, ``base_url`` last."""
     instance = getattr(module, CCXT_CLASS[exchange])(_config(exchange, extra))
+    if sandbox:
+        instance.set_sandbox_mode(True)
+    if demo:
+        instance.enable_demo_trading(True)
     if base_url is not None:
         instance.urls["api"] = _with_base_url(instance.urls["api"], base_url)
     return instance
@@ -78,9 +91,16 @@ def client(exchange: Exchange, *, base_url: str | None = None, config: Mapping[s
     return _loaded(_build(ccxt, exchange, base_url, config), exchange)
 
 
-def async_client(exchange: Exchange, *, base_url: str | None = None, config: Mapping[str, Any] | None = None) -> Any:
+def async_client(
+    exchange: Exchange,
+    *,
+    base_url: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    sandbox: bool = False,
+    demo: bool = False,
+) -> Any:
     """A ``ccxt.async_support`` instance with the bundled markets; the caller closes it."""
-    return _loaded(_build(ccxt.async_support, exchange, base_url, config), exchange)
+    return _loaded(_build(ccxt.async_support, exchange, base_url, config, sandbox=sandbox, demo=demo), exchange)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,8 +47,8 @@ class MarketError(InvalidInput):
     """A name that resolves to no market, or to more than one."""
 
 
-def _decimal(value: Any) -> Decimal | None:
-    """A number of ccxt's market dict as the Decimal the exchange wrote (ccxt parses to float;
+def ccxt_decimal(value: Any) -> Decimal | None:
+    """A number ccxt parsed (of a market, an order, a trade) as the Decimal the exchange wrote (ccxt parses to float;
     ``repr`` of a float is its shortest exact spelling: ``0.01`` -> ``0.01``, ``100.0`` -> ``100``)."""
     if value is None:
         return None
@@ -97,12 +97,12 @@ class Market:
             base=market["base"],
             quote=market["quote"],
             settle=market.get("settle") or market["quote"],
-            contract_size=None if kind is InstrumentKind.SPOT else _decimal(market.get("contractSize")),
-            amount_precision=_decimal(precision.get("amount")),
-            price_precision=_decimal(precision.get("price")),
+            contract_size=None if kind is InstrumentKind.SPOT else ccxt_decimal(market.get("contractSize")),
+            amount_precision=ccxt_decimal(precision.get("amount")),
+            price_precision=ccxt_decimal(precision.get("price")),
             limits={
-                name: (_decimal((limits.get(name) or {}).get("min")), _decimal((limits.get(name) or {}).get("max")))
-                for name in LIMITS
+                name: (ccxt_decimal(bounds.get("min")), ccxt_decimal(bounds.get("max")))
+                for name, bounds in ((n, limits.get(n) or {}) for n in LIMITS)
             },
             active=market.get("active"),
             raw=market,

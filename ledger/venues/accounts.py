@@ -1,0 +1,196 @@
+"""Venue accounts and options for the live venue: the file ``LEDGER_CREDENTIALS`` names.
+
+A JSON object, one entry per exchange traded ``live``::
+
+    {
+      "okx": {
+        "sandbox": false,
+        "base_url": "https://www.okx.com",
+        "timeout_ms": 10000,
+        "accounts": {
+          "main": {"apiKey": "...", "secret": "...", "password": "...", "users": ["alice", "bob"]}
+        }
+      },
+      "binance": {"demo": true, "accounts": {"b1": {"apiKey": "...", "secret": "...", "users": ["alice"]}}}
+    }
+
+* ``accounts``: name (1 to 32 of ``A-Z a-z 0-9 _ . -``) -> the API key, secret and (OKX) password
+  of one venue account, and the ``users`` (ledger user ids) whose orders it sends. A user trades
+  on at most one account per exchange; a user with none has its live orders rejected before
+  anything is sent.
+* ``sandbox`` (OKX, Binance spot: ccxt ``set_sandbox_mode``), ``demo`` (Binance futures: ccxt
+  ``enable_demo_trading``), ``base_url`` (replaces the scheme and host of every REST URL, applied
+  after them: a testnet, or a stand-in venue on loopback), ``timeout_ms`` (one request; default
+  ``DEFAULT_TIMEOUT_MS``). Unknown keys are refused, so a typo never goes unnoticed.
+
+Secrets never leave this module's objects in text: ``Account``'s ``repr`` shows the account name
+only, and nothing logs an ``Account``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ledger.domain.enums import Exchange
+from ledger.domain.values import RULES
+from ledger.errors import InvalidInput
+from ledger.venues.exchanges import check_base_url
+
+DEFAULT_TIMEOUT_MS = 10_000
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_SECRETS = ("apiKey", "secret", "password")
+_ACCOUNT_KEYS = {*_SECRETS, "users"}
+_EXCHANGE_KEYS = {"accounts", "sandbox", "demo", "base_url", "timeout_ms"}
+# What ccxt offers per exchange: sandbox mode (OKX, Binance spot testnet), demo trading (Binance futures).
+SANDBOX = frozenset({Exchange.OKX, Exchange.BINANCE})
+DEMO = frozenset({Exchange.BINANCE})
+
+
+class CredentialsError(InvalidInput):
+    """The credentials file cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One venue account: its name and secrets (never in its ``repr``) and its users."""
+
+    exchange: Exchange
+    name: str
+    api_key: str = field(repr=False)
+    secret: str = field(repr=False)
+    password: str | None = field(repr=False)
+    users: frozenset[str]
+
+    def ccxt_config(self) -> dict[str, str]:
+        config = {"apiKey": self.api_key, "secret": self.secret}
+        if self.password is not None:
+            config["password"] = self.password
+        return config
+
+
+@dataclass(frozen=True, slots=True)
+class VenueOptions:
+    """The ccxt options of one exchange."""
+
+    sandbox: bool = False
+    demo: bool = False
+    base_url: str | None = None
+    timeout_ms: int = DEFAULT_TIMEOUT_MS
+
+
+@dataclass(frozen=True, slots=True)
+class VenueConfig:
+    """The accounts and options of one exchange."""
+
+    exchange: Exchange
+    options: VenueOptions
+    accounts: Mapping[str, Account]
+
+    def account_for(self, user_id: str) -> Account | None:
+        """The account that trades for ``user_id``, None when none does."""
+        return next((a for a in self.accounts.values() if user_id in a.users), None)
+
+
+def _fail(where: str, problem: str) -> CredentialsError:
+    return CredentialsError(f"LEDGER_CREDENTIALS: {where}: {problem}")
+
+
+def _text(where: str, value: object) -> str:
+    if not isinstance(value, str) or not value or not value.isprintable():
+        raise _fail(where, "must be a non-empty string of printable characters")
+    return value
+
+
+def _account(exchange: Exchange, name: str, raw: object) -> Account:
+    where = f"{exchange}.accounts.{name}"
+    if not ACCOUNT_NAME.fullmatch(name):
+        raise _fail(f"{exchange}.accounts", f"account name {name!r} must be 1 to 32 of A-Z a-z 0-9 _ . -")
+    if not isinstance(raw, dict):
+        raise _fail(where, "must be an object with apiKey, secret, users (and password for okx)")
+    unknown = sorted(set(raw) - _ACCOUNT_KEYS)
+    if unknown:
+        raise _fail(where, f"unknown key {unknown[0]!r}: use {', '.join(sorted(_ACCOUNT_KEYS))}")
+    for key in ("apiKey", "secret"):
+        if key not in raw:
+            raise _fail(where, f"{key} is missing")
+    if exchange is Exchange.OKX and "password" not in raw:
+        raise _fail(where, "password is missing (OKX API keys have a passphrase)")
+    users = raw.get("users")
+    if not isinstance(users, list) or not users or not all(RULES["user_id"].matches(u) for u in users):
+        raise _fail(f"{where}.users", f"must be a non-empty list of user ids ({RULES['user_id'].description})")
+    password = raw.get("password")
+    return Account(
+        exchange=exchange,
+        name=name,
+        api_key=_text(f"{where}.apiKey", raw["apiKey"]),
+        secret=_text(f"{where}.secret", raw["secret"]),
+        password=None if password is None else _text(f"{where}.password", password),
+        users=frozenset(users),
+    )
+
+
+def _options(exchange: Exchange, raw: Mapping[str, Any]) -> VenueOptions:
+    for flag, allowed, what in (("sandbox", SANDBOX, "sandbox mode"), ("demo", DEMO, "demo trading")):
+        value = raw.get(flag, False)
+        if not isinstance(value, bool):
+            raise _fail(f"{exchange}.{flag}", "must be true or false")
+        if value and exchange not in allowed:
+            raise _fail(f"{exchange}.{flag}", f"ccxt has no {what} for {exchange}: remove it")
+    base_url = raw.get("base_url")
+    if base_url is not None:
+        try:
+            check_base_url(base_url if isinstance(base_url, str) else repr(base_url))
+        except InvalidInput as exc:
+            raise _fail(f"{exchange}.base_url", str(exc)) from None
+    timeout = raw.get("timeout_ms", DEFAULT_TIMEOUT_MS)
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 600_000:
+        raise _fail(f"{exchange}.timeout_ms", "must be a whole number of milliseconds from 1 to 600000")
+    return VenueOptions(raw.get("sandbox", False), raw.get("demo", False), base_url, timeout)
+
+
+def parse_credentials(data: object) -> dict[Exchange, VenueConfig]:
+    """The venue configuration of a parsed credentials file (see the module doc)."""
+    if not isinstance(data, dict):
+        raise _fail("the file", "must hold a JSON object of exchange -> accounts and options")
+    configs: dict[Exchange, VenueConfig] = {}
+    for name, raw in data.items():
+        try:
+            exchange = Exchange(name)
+        except ValueError:
+            raise _fail(repr(name), f"unknown exchange: use {', '.join(e.value for e in Exchange)}") from None
+        if not isinstance(raw, dict):
+            raise _fail(name, "must be an object with accounts (and options)")
+        unknown = sorted(set(raw) - _EXCHANGE_KEYS)
+        if unknown:
+            raise _fail(name, f"unknown key {unknown[0]!r}: use {', '.join(sorted(_EXCHANGE_KEYS))}")
+        accounts_raw = raw.get("accounts")
+        if not isinstance(accounts_raw, dict) or not accounts_raw:
+            raise _fail(f"{name}.accounts", "must name at least one account")
+        accounts = {key: _account(exchange, key, value) for key, value in accounts_raw.items()}
+        seen: dict[str, str] = {}
+        for account in accounts.values():
+            for user in sorted(account.users):
+                if user in seen:
+                    both = f"{seen[user]!r} and {account.name!r}"
+                    raise _fail(f"{name}.accounts", f"user {user!r} is in {both}: keep one")
+                seen[user] = account.name
+        configs[exchange] = VenueConfig(exchange, _options(exchange, raw), accounts)
+    return configs
+
+
+def load_credentials(path: Path) -> dict[Exchange, VenueConfig]:
+    """Read and check the credentials file at ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _fail(str(path), f"cannot be read ({exc.strerror}): check the path") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail(str(path), f"is not JSON ({exc.msg} at line {exc.lineno})") from None
+    return parse_credentials(data)

@@ -1,0 +1,376 @@
+"""The live venue's exchange layer: what an order becomes at a venue, through ccxt's async API.
+
+Venue-neutral facts in, venue-neutral facts out; the role (``consumers.venue``) decides what
+they mean for the ledger. Per exchange (``RULES``):
+
+* the venue's client order id, derived from the ledger's order id within the venue's rule: OKX
+  ``clOrdId`` (1-32 alphanumerics) and Binance ``newClientOrderId`` (1-36 of ``A-Z a-z 0-9 - _``)
+  get the UUID's 32 hex digits, Upbit ``identifier`` the UUID itself. The strategy's own
+  ``client_order_id`` stays in the ledger and is never sent;
+* how an order is looked up by that id (after a crash, a timeout, a disconnect) and where its
+  trades are (OKX ``fills-history``, Binance ``myTrades`` by ``orderId``, Upbit: the order's own
+  ``trades``).
+
+Amounts: ccxt counts derivative amounts in contracts (OKX: ``contractSize`` base units per
+linear contract), the ledger counts linear quantities in base units and inverse ones in
+contracts (CONTRACT §1): ``Market.quantity_step`` is the step in ledger units, and the
+conversion both ways is exact (a quantity that is not a whole multiple of the step is refused
+before anything is sent).
+
+Outcomes: a definite refusal by the venue (an error answer: ccxt ``ExchangeError`` other than
+order-not-found and duplicate-client-id) raises ``Refused`` with the venue's code and message;
+anything else (timeout, disconnect, 5xx, rate limit, an unreadable answer, a duplicate client id)
+raises ``Ambiguous``: the order may or may not exist, and only a lookup by client id tells.
+
+Quirk: an Upbit market buy is sent as a cost and reports ``cancel`` when the unspent part of the
+cost is returned, though it filled: with an executed volume it is ``closed`` here (its trades are
+fills, never a cancel).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import ccxt.async_support as ccxt
+
+from ledger.domain.enums import Exchange, InstrumentKind, OrderSide, OrderType
+from ledger.domain.values import RULES as VALUE_RULES
+from ledger.domain.values import ZERO, exact, format_decimal
+from ledger.errors import InvalidInput, OperationFailed
+from ledger.venues.accounts import Account, VenueOptions
+from ledger.venues.exchanges import async_client
+from ledger.venues.markets import Market, MarketError, bundled, ccxt_decimal
+
+# ccxt's unified order statuses
+OPEN, CLOSED, CANCELED, EXPIRED, REJECTED = "open", "closed", "canceled", "expired", "rejected"
+SENT_TYPES = frozenset({OrderType.MARKET, OrderType.LIMIT})
+# ccxt's unified parameter for the client order id: it sends OKX ``clOrdId``, Binance
+# ``newClientOrderId`` (``origClientOrderId`` in a lookup), Upbit ``identifier``.
+CLIENT_ID_PARAM = "clientOrderId"
+_REASON_MAX = VALUE_RULES["reject_reason"].max_length
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+@dataclass(frozen=True, slots=True)
+class VenueRules:
+    """How one exchange names, finds and reports an order."""
+
+    client_id: re.Pattern[str]  # the venue's rule for it (checked with fullmatch)
+    hex_client_id: bool  # the UUID's 32 hex digits (else the UUID as it is)
+    trades_param: str | None  # the fetch_my_trades parameter naming the order; None: trades come with the order
+    duplicate_codes: frozenset[str]  # error codes meaning "this client id was used already"
+
+
+RULES: Mapping[Exchange, VenueRules] = {
+    Exchange.OKX: VenueRules(re.compile(r"[A-Za-z0-9]{1,32}"), True, "ordId", frozenset({"51016"})),
+    Exchange.BINANCE: VenueRules(re.compile(r"[A-Za-z0-9_-]{1,36}"), True, "orderId", frozenset({"-4116"})),
+    Exchange.UPBIT: VenueRules(re.compile(r"[A-Za-z0-9_-]{1,64}"), False, None, frozenset()),
+}
+
+
+class Refused(InvalidInput):
+    """A definite refusal: the order does not exist at the venue (``reason`` says why)."""
+
+
+class Ambiguous(OperationFailed):
+    """The outcome is unknown: the order may exist; look it up by its client id."""
+
+
+def venue_client_id(exchange: Exchange, order_id: str) -> str:
+    """The client order id the venue gets for the ledger's order ``order_id`` (a UUID)."""
+    rules = RULES[exchange]
+    client_id = order_id.replace("-", "") if rules.hex_client_id else order_id
+    if not rules.client_id.fullmatch(client_id):
+        raise InvalidInput(f"{exchange}: order id {order_id!r} gives no valid client order id")
+    return client_id
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """An order as the venue gets it: ccxt's symbol, type, side, amount (venue units), price."""
+
+    exchange: Exchange
+    market: Market
+    side: OrderSide
+    order_type: OrderType
+    amount: Decimal
+    price: Decimal | None
+    cost: Decimal | None  # an Upbit market buy is sent as a cost (quote currency)
+    reduce_only: bool
+    client_id: str
+
+
+def _multiple(value: Decimal, step: Decimal | None) -> bool:
+    return step is None or step == 0 or value % step == 0
+
+
+@exact
+def to_amount(market: Market, quantity: Decimal) -> Decimal:
+    """A ledger quantity in ccxt's amount units (contracts for a linear contract with a size)."""
+    if market.kind is InstrumentKind.LINEAR and market.contract_size:
+        return quantity / market.contract_size
+    return quantity
+
+
+@exact
+def to_quantity(market: Market, amount: Decimal) -> Decimal:
+    """A ccxt amount in the ledger's quantity units (the inverse of ``to_amount``)."""
+    if market.kind is InstrumentKind.LINEAR and market.contract_size:
+        return amount * market.contract_size
+    return amount
+
+
+@exact
+def intent(
+    exchange: Exchange,
+    order_id: str,
+    *,
+    symbol: str,
+    side: OrderSide,
+    order_type: OrderType,
+    quantity: Decimal,
+    price: Decimal | None,
+    reduce_only: bool,
+    mark: Decimal | None,
+) -> Intent:
+    """What to send for a ledger order; ``Refused`` when it cannot be sent as it is."""
+    if order_type not in SENT_TYPES:
+        raise Refused(f"the live venue sends market and limit orders only (got {order_type})")
+    try:
+        market = bundled(exchange).resolve(symbol)
+    except MarketError as exc:
+        raise Refused(str(exc)) from None
+    step = market.quantity_step
+    if not _multiple(quantity, step):
+        raise Refused(f"quantity {format_decimal(quantity)} is not a whole multiple of {market.symbol}'s step {step}")
+    if price is not None and not _multiple(price, market.price_precision):
+        raise Refused(
+            f"price {format_decimal(price)} is not a whole multiple of {market.symbol}'s tick {market.price_precision}"
+        )
+    cost = None
+    if exchange is Exchange.UPBIT and order_type is OrderType.MARKET and side is OrderSide.BUY:
+        reference = price if price is not None else mark
+        if reference is None:
+            raise Refused(f"an upbit market buy is sent as a cost: give a price or set the mark of {symbol}")
+        cost = quantity * reference
+    return Intent(
+        exchange=exchange,
+        market=market,
+        side=side,
+        order_type=order_type,
+        amount=to_amount(market, quantity),
+        price=price if order_type is OrderType.LIMIT else None,
+        cost=cost,
+        reduce_only=reduce_only and market.kind is not InstrumentKind.SPOT,
+        client_id=venue_client_id(exchange, order_id),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class VenueFill:
+    """One trade of an order, in ledger units."""
+
+    fill_id: str
+    quantity: Decimal
+    price: Decimal
+    fee: Decimal | None
+    fee_currency: str | None
+    ts: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class VenueOrder:
+    """An order as the venue reports it, in ledger units."""
+
+    exchange_order_id: str
+    client_id: str | None
+    status: str  # ccxt's unified status (after the venue quirks)
+    filled: Decimal
+    fills: tuple[VenueFill, ...]
+
+    @property
+    @exact
+    def traded(self) -> Decimal:
+        """The quantity of the trades listed (the venue may list them after it reports ``filled``)."""
+        return sum((f.quantity for f in self.fills), ZERO)
+
+
+def _fill(market: Market, trade: Mapping[str, Any]) -> VenueFill:
+    fee = trade.get("fee") or {}
+    cost = ccxt_decimal(fee.get("cost"))
+    currency = fee.get("currency")
+    return VenueFill(
+        fill_id=str(trade["id"]),
+        quantity=to_quantity(market, ccxt_decimal(trade["amount"]) or ZERO),
+        price=ccxt_decimal(trade["price"]) or ZERO,
+        fee=cost,
+        fee_currency=currency if VALUE_RULES["fee_currency"].matches(currency) else None,
+        ts=trade.get("timestamp"),
+    )
+
+
+def _venue_order(exchange: Exchange, market: Market, order: Mapping[str, Any], trades: list[Any]) -> VenueOrder:
+    filled = to_quantity(market, ccxt_decimal(order.get("filled")) or ZERO)
+    status = str(order.get("status") or OPEN)
+    upbit_market_buy = exchange is Exchange.UPBIT and order.get("type") == "market" and order.get("side") == "buy"
+    if status == CANCELED and upbit_market_buy and filled > 0:
+        status = CLOSED  # the unspent cost came back; what executed is a fill
+    fills = {str(t["id"]): _fill(market, t) for t in trades if t.get("id") is not None}
+    return VenueOrder(str(order["id"]), order.get("clientOrderId"), status, filled, tuple(fills.values()))
+
+
+def _printable(text: str) -> str:
+    return _UNPRINTABLE.sub(" ", text).strip()
+
+
+def refusal_reason(exchange: Exchange, exc: BaseException) -> str:
+    """The venue's code and message of an error answer, within the reject-reason limits."""
+    code, message = _code_message(exc)
+    head = f"{exchange} refused the order"
+    reason = _printable(f"{head}: {code} {message}" if code else f"{head}: {message}")
+    return reason if len(reason) <= _REASON_MAX else reason[: _REASON_MAX - 3] + "..."
+
+
+def _code_message(exc: BaseException) -> tuple[str | None, str]:
+    """(code, message) of a ccxt error: ccxt writes ``<exchange id> <JSON body>``."""
+    text = str(exc)
+    start = text.find("{")
+    try:
+        body = json.loads(text[start:]) if start >= 0 else None
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return None, text
+    data = body.get("data")
+    first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+    if first.get("sCode") not in (None, "", "0"):  # OKX: the order's own code
+        return str(first["sCode"]), str(first.get("sMsg", ""))
+    error = body.get("error")
+    if isinstance(error, dict):  # Upbit
+        return str(error.get("name")), str(error.get("message", ""))
+    if "code" in body:  # OKX, Binance
+        return str(body["code"]), str(body.get("msg", ""))
+    return None, text
+
+
+def classify(exchange: Exchange, exc: BaseException) -> Refused | Ambiguous:
+    """What an exception of a create means: a definite refusal or an unknown outcome."""
+    code, _message = _code_message(exc)
+    duplicate = isinstance(exc, ccxt.DuplicateOrderId) or code in RULES[exchange].duplicate_codes
+    if isinstance(exc, ccxt.ExchangeError) and not isinstance(exc, ccxt.OrderNotFound) and not duplicate:
+        return Refused(refusal_reason(exchange, exc))
+    what = "the client order id is in use already" if duplicate else type(exc).__name__
+    return Ambiguous(f"{exchange}: outcome unknown ({what}): the order is looked up by its client id")
+
+
+class VenueClient:
+    """One ccxt async client of one (exchange, account), rate limited, reused for every order."""
+
+    def __init__(self, exchange: Exchange, account: Account, options: VenueOptions) -> None:
+        self.exchange = exchange
+        self.account = account.name
+        self.rules = RULES[exchange]
+        config = {"timeout": options.timeout_ms, **account.ccxt_config()}
+        self.ccxt = async_client(
+            exchange, base_url=options.base_url, config=config, sandbox=options.sandbox, demo=options.demo
+        )
+
+    async def close(self) -> None:
+        await self.ccxt.close()
+
+    async def create(self, order: Intent) -> str:
+        """Send the order; its venue id. ``Refused`` or ``Ambiguous`` otherwise."""
+        params: dict[str, Any] = {CLIENT_ID_PARAM: order.client_id}
+        if order.reduce_only:
+            params["reduceOnly"] = True
+        if order.cost is not None:
+            params["cost"] = format_decimal(order.cost)
+        price = format_decimal(order.price) if order.price is not None else None
+        try:
+            created = await self.ccxt.create_order(
+                order.market.symbol,
+                str(order.order_type),
+                str(order.side),
+                format_decimal(order.amount),
+                price,
+                params,
+            )
+        except Exception as exc:  # every failure is classified: refused, or unknown
+            raise classify(self.exchange, exc) from exc
+        if not created.get("id"):
+            raise Ambiguous(f"{self.exchange}: the venue answered without an order id: looking it up")
+        return str(created["id"])
+
+    async def lookup(self, client_id: str, market: Market) -> str | None:
+        """The venue id of the order with ``client_id``; None when the venue says there is none."""
+        try:
+            if self.exchange is Exchange.UPBIT:
+                raw = await self.ccxt.private_get_order({"identifier": client_id})
+                found = self.ccxt.parse_order(raw, self.ccxt.market(market.symbol))
+            else:
+                found = await self.ccxt.fetch_order(None, market.symbol, {CLIENT_ID_PARAM: client_id})
+        except ccxt.OrderNotFound:
+            return None
+        except Exception as exc:
+            raise Ambiguous(f"{self.exchange}: lookup of {client_id} failed ({type(exc).__name__})") from exc
+        return str(found["id"])
+
+    async def fetch(self, exchange_order_id: str, market: Market) -> VenueOrder:
+        """The order and its trades, as the venue reports them now (``Ambiguous`` when it cannot)."""
+        try:
+            order = await self.ccxt.fetch_order(exchange_order_id, market.symbol)
+            if self.rules.trades_param is None:
+                trades = list(order.get("trades") or [])
+            else:
+                params = {self.rules.trades_param: exchange_order_id}
+                trades = await self.ccxt.fetch_my_trades(market.symbol, None, None, params)
+        except Exception as exc:
+            raise Ambiguous(f"{self.exchange}: status of {exchange_order_id} unknown ({type(exc).__name__})") from exc
+        return _venue_order(self.exchange, market, order, trades)
+
+    async def cancel(self, exchange_order_id: str, market: Market) -> str | None:
+        """Ask the venue to cancel; None once it answered (a refusal too: the order is final
+        there, and its status tells how), ``Ambiguous`` when it did not. The refusal's reason
+        is returned for the log."""
+        try:
+            await self.ccxt.cancel_order(exchange_order_id, market.symbol)
+        except ccxt.ExchangeError as exc:
+            return refusal_reason(self.exchange, exc)
+        except Exception as exc:
+            what = type(exc).__name__
+            raise Ambiguous(f"{self.exchange}: cancel of {exchange_order_id} unanswered ({what})") from exc
+        return None
+
+    async def open_orders(self, market: Market) -> list[VenueOrder]:
+        """The account's open orders of a market, with no trades (for reconciliation)."""
+        orders = await self.ccxt.fetch_open_orders(market.symbol)
+        return [_venue_order(self.exchange, market, order, []) for order in orders]
+
+    async def recent_fills(self, market: Market, since_ms: int | None = None) -> list[VenueFill]:
+        """The account's trades of a market since ``since_ms`` (for reconciliation; Upbit has no
+        such list: its orders' trades are read with ``fetch``)."""
+        return [_fill(market, t) for t in await self.ccxt.fetch_my_trades(market.symbol, since_ms)]
+
+
+class VenueClients:
+    """One ``VenueClient`` per (exchange, account), made when first needed and closed together."""
+
+    def __init__(self, options: Mapping[Exchange, VenueOptions]) -> None:
+        self.options = options
+        self._clients: dict[tuple[Exchange, str], VenueClient] = {}
+
+    def get(self, account: Account) -> VenueClient:
+        key = (account.exchange, account.name)
+        if key not in self._clients:
+            self._clients[key] = VenueClient(account.exchange, account, self.options[account.exchange])
+        return self._clients[key]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
