@@ -63,7 +63,7 @@ import psycopg
 import psycopg_pool
 import structlog
 from psycopg import errors as pg_errors
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json
 
 from consumers.backoff import Backoff, poll
 from consumers.entries import Entry
@@ -89,6 +89,7 @@ __all__ = [
     "HistoryRows",
     "Projector",
     "ProjectorService",
+    "batch_rows",
     "checkpoint",
     "lease_key",
     "open_gaps",
@@ -96,7 +97,9 @@ __all__ = [
     "projector_consumer",
     "projector_role",
     "redact",
+    "write_fills",
     "write_orders",
+    "write_positions",
 ]
 
 PROJECTOR = "ledger-projector"
@@ -119,8 +122,8 @@ GAP_CODE_LENGTH = 32  # projector_gaps.code
 
 # The upserts' column lists are put in from each aggregate's one declaration (ledger.domain.mapping).
 _SQL = {**load_queries("projections", "projector.sql")}
-_SQL["upsert_position"] = POSITION.sql(_SQL["upsert_position"])
-_SQL["upsert_order"] = ORDER.sql(_SQL["upsert_order"])
+_SQL["upsert_positions"] = POSITION.sql(_SQL["upsert_positions"])
+_SQL["upsert_orders"] = ORDER.sql(_SQL["upsert_orders"])
 _POSITION_FINAL = (wire.PositionClosed, wire.PositionLiquidated)
 
 log = structlog.get_logger("ledger.projector")
@@ -150,6 +153,7 @@ class _Envelope(msgspec.Struct):
 
 
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
+_JSON = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
@@ -201,6 +205,14 @@ def _chain_columns(item: _Decoded) -> dict[str, Any]:
         "chain_n": item.n,
         "chain_hash": None if item.hash is None else _storable(item.hash),
     }
+
+
+def _archive_row(row: dict[str, Any], item: _Decoded) -> dict[str, Any]:
+    """An event's row as ``insert_events`` takes it: ``data_raw`` (the exact text), of which the
+    statement makes ``data`` (the JSONB object), so the text is sent once."""
+    archived = {**row, **_chain_columns(item)}
+    del archived["data"]
+    return archived
 
 
 def _storable(value: str, limit: int | None = None) -> str:
@@ -281,14 +293,20 @@ def _fill_row(event: wire.OrderFilled) -> dict[str, Any]:
 
 def _position_row(event: wire.PositionEvent) -> dict[str, Any]:
     """The history row of the position an event leaves (``ledger.domain.mapping.POSITION``)."""
-    row = POSITION.to_row(POSITION.values(position_from_event(event)))
-    return {**row, "metadata": Jsonb(row["metadata"])}
+    return POSITION.to_row(POSITION.values(position_from_event(event)))
 
 
 def _order_row(order: OrderState) -> dict[str, Any]:
-    """The history row of an order (``ledger.domain.mapping.ORDER``); ``metadata`` is a dict, wrapped
-    in Jsonb when written (conflicts may still add to it)."""
+    """The history row of an order (``ledger.domain.mapping.ORDER``; ``metadata`` a dict)."""
     return ORDER.to_row(ORDER.values(order))
+
+
+def batch_rows(rows: Iterable[dict[str, Any]]) -> dict[str, Json]:
+    """The parameter of a batch statement: its rows as ONE JSON array, each row keyed by column,
+    that the statement expands with ``json_populate_recordset`` (a row per element, typed by
+    the table's own row type). One statement per table and batch instead of one per row; exact
+    values (a ``Decimal`` is a JSON string, a time RFC 3339 with its zone)."""
+    return {"rows": Json(list(rows), _JSON.encode)}
 
 
 @dataclass(slots=True)
@@ -464,13 +482,10 @@ class Projector:
         rows = HistoryRows()
         rows.add(self.shard, fresh)
         fills, positions, final_orders = rows.fills, rows.positions, rows.final_orders
-        events = [{**row, **_chain_columns(item)} for row, item in zip(rows.events, fresh, strict=True)]
-        async with conn.cursor() as cur:
-            await cur.executemany(_SQL["insert_event"], events)
-            if fills:
-                await cur.executemany(_SQL["insert_fill"], fills)
-            if positions:
-                await cur.executemany(_SQL["upsert_position"], list(positions.values()))
+        events = [_archive_row(row, item) for row, item in zip(rows.events, fresh, strict=True)]
+        await conn.execute(_SQL["insert_events"], batch_rows(events))
+        await write_fills(conn, fills)
+        await write_positions(conn, positions.values())
         result.events, result.fills, result.positions = len(events), len(fills), len(positions)
         written = list(positions)
         if final_orders:
@@ -547,6 +562,21 @@ class Projector:
             )
 
 
+async def write_fills(conn: psycopg.AsyncConnection[Any], rows: Iterable[dict[str, Any]]) -> None:
+    """Insert fill rows (``HistoryRows.fills``) in one statement; a fill already stored stays."""
+    params = batch_rows(rows)
+    if params["rows"].obj:
+        await conn.execute(_SQL["insert_fills"], params)
+
+
+async def write_positions(conn: psycopg.AsyncConnection[Any], rows: Iterable[dict[str, Any]]) -> None:
+    """Upsert closed or liquidated position rows (``HistoryRows.positions``, one per position) in
+    one statement; an older version never overwrites a newer."""
+    params = batch_rows(rows)
+    if params["rows"].obj:
+        await conn.execute(_SQL["upsert_positions"], params)
+
+
 async def write_orders(conn: psycopg.AsyncConnection[Any], orders: list[OrderState], logger: Any = log) -> list[str]:
     """Upsert final orders into ``orders``; return the ids of those written without their venue id
     (another order holds it: see the module doc). Used by the projector and ``ledger rebuild``."""
@@ -555,13 +585,11 @@ async def write_orders(conn: psycopg.AsyncConnection[Any], orders: list[OrderSta
         attempt += 1
         rows = [_order_row(order) for order in orders]
         duplicates = await _resolve_venue_ids(conn, rows, logger)
-        for row in rows:
-            row["metadata"] = Jsonb(row["metadata"])
         try:
             # A savepoint: a concurrent writer (another shard's projector) may take a venue
             # id between the check and the write; then check again and retry.
-            async with conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(_SQL["upsert_order"], rows)
+            async with conn.transaction():
+                await conn.execute(_SQL["upsert_orders"], batch_rows(rows))
         except pg_errors.UniqueViolation as exc:
             if exc.diag.constraint_name != VENUE_ID_CONSTRAINT or attempt == VENUE_ID_RETRIES:
                 raise

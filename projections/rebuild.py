@@ -52,7 +52,7 @@ from ledger.store.operations import record_operation
 from ledger.store.redis_conn import entry_order
 from projections import live
 from projections.projector import _SQL as PROJECTOR_SQL
-from projections.projector import PROJECTOR, HistoryRows, checkpoint, write_orders
+from projections.projector import PROJECTOR, HistoryRows, checkpoint, write_fills, write_orders, write_positions
 from projections.verify import ExpectedLive, _expected_history, _id, _live_checkpoints, _Replay, _Scope, _Verifier
 
 __all__ = ["HISTORY_TABLES", "SHADOW_SCHEMA", "RebuildError", "Rebuilt", "rebuild_live", "rebuild_postgres"]
@@ -230,11 +230,9 @@ async def _write_rows(conn: psycopg.AsyncConnection[Any], replays: list[_Replay]
     """Write the replays' rows (the search path names the shadows first), then start the rows
     afresh: a later catch-up writes only what it adds (an upsert never moves a row back)."""
     expected = _expected_history(replays)
-    async with conn.transaction(), conn.cursor() as cur:
-        if expected["fills"]:
-            await cur.executemany(PROJECTOR_SQL["insert_fill"], list(expected["fills"].values()))
-        if expected["positions"]:
-            await cur.executemany(PROJECTOR_SQL["upsert_position"], list(expected["positions"].values()))
+    async with conn.transaction():
+        await write_fills(conn, expected["fills"].values())
+        await write_positions(conn, expected["positions"].values())
         orders = [replay.orders[order_id] for replay in replays for order_id in replay.rows.final_orders]
         if orders:
             await write_orders(conn, orders)

@@ -35,52 +35,58 @@ WHERE shard = %(shard)s
   AND (entry_ms, entry_seq) >= (%(first_ms)s, %(first_seq)s)
   AND (entry_ms, entry_seq) <= (%(last_ms)s, %(last_seq)s)
 
--- insert_event --
--- Archive one event exactly as published (data is its JSON object, data_raw its exact text),
--- with its place in the shard's hash chain.
+-- insert_events --
+-- Archive a batch of events exactly as published, with their places in the shard's hash chain:
+-- %(rows)s is a JSON array of rows keyed by column; data is the JSON object of data_raw, the
+-- exact text. An event already archived is left as it is.
 INSERT INTO ledger_events (
     event_id, shard, entry_id, entry_ms, entry_seq, type, aggregate_id, version,
     command_id, user_id, data, ts, data_raw, chain_n, chain_hash)
-VALUES (
-    %(event_id)s, %(shard)s, %(entry_id)s, %(entry_ms)s, %(entry_seq)s, %(type)s,
-    %(aggregate_id)s, %(version)s, %(command_id)s, %(user_id)s, %(data)s::jsonb, %(ts)s,
-    %(data_raw)s, %(chain_n)s, %(chain_hash)s)
+SELECT
+    event_id, shard, entry_id, entry_ms, entry_seq, type, aggregate_id, version,
+    command_id, user_id, data_raw::jsonb, ts, data_raw, chain_n, chain_hash
+FROM json_populate_recordset(NULL::ledger_events, %(rows)s)
 ON CONFLICT DO NOTHING
 
--- insert_fill --
--- One fill (an OrderFilled event); a fill already stored is left as it is.
+-- insert_fills --
+-- A batch of fills (OrderFilled events; %(rows)s a JSON array of rows keyed by column); a fill
+-- already stored is left as it is.
 INSERT INTO fills (
     order_id, fill_id, event_id, user_id, exchange, symbol, side, position_id,
     quantity, price, fee, fee_currency, overfill, late, ts)
-VALUES (
-    %(order_id)s, %(fill_id)s, %(event_id)s, %(user_id)s, %(exchange)s, %(symbol)s, %(side)s,
-    %(position_id)s, %(quantity)s, %(price)s, %(fee)s, %(fee_currency)s, %(overfill)s,
-    %(late)s, %(ts)s)
+SELECT
+    order_id, fill_id, event_id, user_id, exchange, symbol, side, position_id,
+    quantity, price, fee, fee_currency, overfill, late, ts
+FROM json_populate_recordset(NULL::fills, %(rows)s)
 ON CONFLICT DO NOTHING
 
--- upsert_position --
--- A closed or liquidated position, written whole; an older version never overwrites a newer.
--- {columns}, {values} and {updates} are put in from the position's one declaration
--- (ledger/mapping.py): every column of the table.
+-- upsert_positions --
+-- Closed or liquidated positions (%(rows)s a JSON array of rows keyed by column, one per
+-- position), written whole; an older version never overwrites a newer.
+-- {columns} and {updates} are put in from the position's one declaration
+-- (ledger/domain/mapping.py): every column of the table.
 INSERT INTO positions AS p ({columns})
-VALUES ({values})
+SELECT {columns}
+FROM json_populate_recordset(NULL::positions, %(rows)s)
 ON CONFLICT (id) DO UPDATE SET
     {updates}
 WHERE excluded.version >= p.version
 
--- upsert_order --
--- An order in a final status, written whole; an older version never overwrites a newer.
--- The column lists are put in from the order's one declaration (ledger/mapping.py).
+-- upsert_orders --
+-- Orders in a final status (%(rows)s a JSON array of rows keyed by column, one per order),
+-- written whole; an older version never overwrites a newer.
+-- The column lists are put in from the order's one declaration (ledger/domain/mapping.py).
 INSERT INTO orders AS o ({columns})
-VALUES ({values})
+SELECT {columns}
+FROM json_populate_recordset(NULL::orders, %(rows)s)
 ON CONFLICT (id) DO UPDATE SET
     {updates}
 WHERE excluded.version >= o.version
 
 -- order_events --
 -- The archived events of some orders, each order's in version order (this transaction's
--- own inserts included).
-SELECT aggregate_id::text AS aggregate_id, type, data::text AS data
+-- own inserts included); their exact text (data_raw) where it was archived.
+SELECT aggregate_id::text AS aggregate_id, type, coalesce(data_raw, data::text) AS data
 FROM ledger_events
 WHERE aggregate_id = ANY(%(ids)s::uuid[])
 ORDER BY aggregate_id, version

@@ -23,7 +23,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from ledger.app.console import ORDER_COLUMNS, POSITION_COLUMNS
 from ledger.client.models import Order, Position
@@ -42,6 +41,7 @@ from ledger.domain.mapping import BOOL, DECIMAL, ORDER, POSITION, AggregateMappi
 from ledger.domain.state import OrderState, PositionState
 from ledger.domain.values import ms_to_datetime
 from ledger.sqlfiles import load_queries
+from projections.projector import batch_rows
 from tests.domain_helpers import Driver
 from tests.live_helpers import ORDER_EXTRA, ORDER_FIELDS, POSITION_EXTRA, POSITION_FIELDS
 
@@ -414,7 +414,7 @@ def _through_postgres(
     projector, history = load_queries("projections", "projector.sql"), load_queries("ledger.client", "history.sql")
     row = mapping.to_row(mapping.values(state))
     with conn.transaction(force_rollback=True):
-        conn.execute(mapping.sql(projector[upsert]), {**row, "metadata": Jsonb(row["metadata"])})
+        conn.execute(mapping.sql(projector[upsert]), batch_rows([row]))
         (found,) = conn.execute(mapping.sql(history[read]), params(state)).fetchall()
     assert set(found) == set(mapping.columns)
     return found
@@ -428,7 +428,7 @@ def test_a_closed_position_comes_back_from_postgresql_as_the_model_of_its_state(
     def params(s: PositionState) -> dict[str, Any]:
         return {"user_id": s.user_id, "exchange": None, "symbol": None, "limit": 10}
 
-    found = _through_postgres(history_db, POSITION, state, "upsert_position", "closed_positions", params)
+    found = _through_postgres(history_db, POSITION, state, "upsert_positions", "closed_positions", params)
     assert Position.from_row(found) == Position.from_state(state)
 
 
@@ -440,7 +440,7 @@ def test_a_final_order_comes_back_from_postgresql_as_its_state(
     def params(s: OrderState) -> dict[str, Any]:
         return {"user_id": s.user_id, "exchange": None, "status": None, "limit": 10}
 
-    found = _through_postgres(history_db, ORDER, state, "upsert_order", "final_orders", params)
+    found = _through_postgres(history_db, ORDER, state, "upsert_orders", "final_orders", params)
     via = Order.from_row(found)
     assert_read_back(via, Order.from_state(state), ORDER, carried(ORDER, In.ROW | In.META))
     values = ORDER.from_row(found)
