@@ -159,6 +159,8 @@ class Settings:
     # what is archived, processed by every group and older than retention_ms (projections.trim).
     retention_ms: int | None = None
     trim_interval_s: int = defaults.TRIM_INTERVAL_S
+    # The live venue's accounts and ccxt options (a JSON file: ledger.venues.accounts).
+    credentials: Path | None = None
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -191,6 +193,8 @@ class Settings:
             values["home"] = Path(home)
         if durability := env.get("LEDGER_DURABILITY"):
             values["durability"] = durability
+        if credentials := env.get("LEDGER_CREDENTIALS"):
+            values["credentials"] = Path(credentials)
         for name, (key, _flag, _maximum) in WHOLE_NUMBERS.items():
             if key in env:
                 values[name] = whole_number(name, env[key])

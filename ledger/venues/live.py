@@ -147,11 +147,10 @@ def intent(
         raise Refused(str(exc)) from None
     step = market.quantity_step
     if not _multiple(quantity, step):
-        raise Refused(f"quantity {format_decimal(quantity)} is not a whole multiple of {market.symbol}'s step {step}")
-    if price is not None and not _multiple(price, market.price_precision):
-        raise Refused(
-            f"price {format_decimal(price)} is not a whole multiple of {market.symbol}'s tick {market.price_precision}"
-        )
+        raise Refused(f"quantity {format_decimal(quantity)} is not a whole multiple of {market.symbol}'s step {step:f}")
+    tick = market.price_precision
+    if price is not None and not _multiple(price, tick):
+        raise Refused(f"price {format_decimal(price)} is not a whole multiple of {market.symbol}'s tick {tick:f}")
     cost = None
     if exchange is Exchange.UPBIT and order_type is OrderType.MARKET and side is OrderSide.BUY:
         reference = price if price is not None else mark

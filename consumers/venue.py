@@ -1,0 +1,674 @@
+"""The live venue: orders of the exchanges configured ``live`` go to the venue through ccxt.
+
+Like the paper venue (``consumers.paper``), it is a role that reads each shard's event log
+(consumer group ``ledger-venue``, exclusive per shard through ``ledger:{s}:lease:ledger-venue``)
+and answers by PUBLISHING COMMANDS to the shard's ``ledger:{s}:commands``, as a strategy
+reporting an external execution would. The group starts at the end of the log (``$``): orders
+placed before the venue ever ran are never sent; it runs whatever the configuration, so an
+exchange switched to ``live`` later sends only what is placed from then on.
+
+Two halves:
+
+* The event consumer records, for each ``OrderPlaced`` of a ``live`` exchange that is still
+  ``pending``, the INTENT to send it (``ledger:{s}:venue:orders``, stage ``new``) and, for an
+  ``OrderCancelRequested``, a cancel flag (``ledger:{s}:venue:cancels``). An order that cannot be
+  sent as it is (no account for its user, no market, a quantity or price off the market's
+  steps, an order type the venue does not send) is rejected at once: nothing reached a venue.
+* The driver (while it holds the lease, every ``poll_interval_s``) moves each order on:
+
+  - ``new``: marked ``sending`` (with the time) BEFORE the request; then ``create_order`` with the
+    client order id derived from the ledger's order id (``ledger.venues.live.venue_client_id``).
+    The venue's id -> ``open`` and ``order_accepted``. A definite refusal -> ``order_rejected``
+    with the venue's code and message. An ambiguous outcome (timeout, disconnect, 5xx) leaves it
+    ``sending``: it is never a rejection.
+  - ``sending`` (after an ambiguous outcome, or a crash between the mark and the answer): looked
+    up by its client order id BEFORE anything is sent again. Found -> ``open`` and
+    ``order_accepted``. Not found for ``resend_after_s`` since the mark (a venue can lag in
+    listing a new order) -> ``new`` again, sent with the same client id (a venue refuses a
+    second order with it: the last guard).
+  - ``open``: the cancel is sent once when flagged; then the order and its trades are fetched:
+    each trade not yet published -> ``record_fill`` (the venue's trade id as ``fill_id``); once
+    the venue says it is final and lists trades for all it filled: ``canceled`` ->
+    ``order_cancelled``, ``expired`` -> ``order_expired``, ``rejected`` -> ``order_rejected``,
+    ``closed`` with less traded than the ledger's quantity (an Upbit market buy) ->
+    ``order_expired`` (the rest never executes). A cancel refused because the order already
+    filled changes nothing: the fetch records the fills, never ``order_cancelled``.
+  - ``done``: nothing more; kept ``DONE_RETENTION_MS`` (a redelivered ``OrderPlaced`` finds it and
+    sends nothing), then dropped.
+
+Exactly once: every command id is deterministic (``venue:<order_id>:accept`` / ``:reject`` /
+``:cancel`` / ``:expire``, ``venue:<order hex>:fill:<16 hex of SHA-1 of the trade id>``), so a
+command published twice is answered by the handler's deduplication; each write (the record and
+the commands it implies) is ONE script fenced by the lease, so a driver that outlived its lease
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any, Literal
+
+import msgspec
+import structlog
+
+from consumers.backoff import poll
+from consumers.deadletter import decode_events
+from consumers.entries import Entry
+from consumers.paper import _FENCE, LOST
+from consumers.runner import RETRYABLE, ConsumerSettings, LeaseLost, StreamConsumer
+from ledger.client.models import read_mark
+from ledger.config import ConfigError, Settings
+from ledger.domain import wire
+from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType
+from ledger.domain.state import OrderState
+from ledger.domain.values import ZERO, format_decimal, now_ms
+from ledger.store.keys import ShardKeys, marks
+from ledger.store.redis_conn import text
+from ledger.venues.accounts import VenueConfig, load_credentials
+from ledger.venues.live import (
+    CANCELED,
+    CLOSED,
+    EXPIRED,
+    REJECTED,
+    Ambiguous,
+    Intent,
+    Refused,
+    VenueClient,
+    VenueClients,
+    VenueOrder,
+    intent,
+)
+from ledger.venues.markets import bundled
+
+GROUP = "ledger-venue"
+DEFAULT_POLL_INTERVAL_S = 1.0
+DEFAULT_RESEND_AFTER_S = 30.0
+DONE_RETENTION_MS = 86_400_000
+_RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested"}
+
+log = structlog.get_logger("ledger.venue")
+
+# KEYS: 1 lease, 2 records, 3 cancel flags, 4 commands stream.
+# ARGV: 1 consumer name, 2 order id ('' = publish only), 3 record JSON, 4 mode: 'nx' (record a
+# new intent; nothing is published when one is there already), 'set', or 'done' (the cancel flag
+# goes too), 5.. command type and data pairs.
+_SAVE = (
+    _FENCE
+    + """
+if ARGV[2] ~= '' then
+  if ARGV[4] == 'nx' then
+    if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then
+      return 0
+    end
+  else
+    redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  end
+  if ARGV[4] == 'done' then
+    redis.call('HDEL', KEYS[3], ARGV[2])
+  end
+end
+for i = 5, #ARGV, 2 do
+  redis.call('XADD', KEYS[4], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+end
+return 1
+"""
+)
+
+# KEYS: 1 lease, 2 records, 3 cancel flags. ARGV: 1 consumer name, 2 order id.
+# Flags the cancel of an order the venue still works on (0: none, or done).
+_FLAG_CANCEL = (
+    _FENCE
+    + """
+local record = redis.call('HGET', KEYS[2], ARGV[2])
+if not record or cjson.decode(record)['stage'] == 'done' then
+  return 0
+end
+redis.call('HSET', KEYS[3], ARGV[2], '1')
+return 1
+"""
+)
+
+
+class VenueKeys:
+    """The keys of the live venue on one shard (all on the shard's hash tag)."""
+
+    __slots__ = ("shard", "orders", "cancels", "lease")
+
+    def __init__(self, shard: int) -> None:
+        tag = f"ledger:{{{shard}}}"
+        self.shard = shard
+        self.orders = f"{tag}:venue:orders"
+        self.cancels = f"{tag}:venue:cancels"
+        self.lease = f"{tag}:lease:{GROUP}"
+
+
+Stage = Literal["new", "sending", "open", "done"]
+
+
+class LiveOrder(msgspec.Struct, kw_only=True, frozen=True):
+    """What the venue knows of one order (the JSON value of ``ledger:{s}:venue:orders``)."""
+
+    user_id: str
+    exchange: Exchange
+    account: str
+    symbol: str  # as the strategy sent it
+    side: OrderSide
+    order_type: OrderType
+    quantity: str  # ledger units
+    price: str | None = None
+    mark: str | None = None  # the mark an Upbit market buy's cost was computed with
+    reduce_only: bool = False
+    client_id: str
+    stage: Stage = "new"
+    sent_at: int | None = None  # when it was last marked ``sending``
+    exchange_order_id: str | None = None
+    cancel_sent: bool = False
+    fills: list[str] = []  # the venue trade ids published
+    updated_at: int = 0
+
+
+_record_decoder = msgspec.json.Decoder(LiveOrder)
+_order_decoder = msgspec.json.Decoder(OrderState)
+
+
+def accept_id(order_id: str) -> str:
+    return f"venue:{order_id}:accept"
+
+
+def reject_id(order_id: str) -> str:
+    return f"venue:{order_id}:reject"
+
+
+def cancel_id(order_id: str) -> str:
+    return f"venue:{order_id}:cancel"
+
+
+def expire_id(order_id: str) -> str:
+    return f"venue:{order_id}:expire"
+
+
+def fill_command_id(order_id: str, fill_id: str) -> str:
+    digest = hashlib.sha1(fill_id.encode(), usedforsecurity=False).hexdigest()[:16]
+    return f"venue:{order_id.replace('-', '')}:fill:{digest}"
+
+
+def _intent(order_id: str, record: LiveOrder) -> Intent:
+    return intent(
+        record.exchange,
+        order_id,
+        symbol=record.symbol,
+        side=record.side,
+        order_type=record.order_type,
+        quantity=Decimal(record.quantity),
+        price=None if record.price is None else Decimal(record.price),
+        reduce_only=record.reduce_only,
+        mark=None if record.mark is None else Decimal(record.mark),
+    )
+
+
+class LiveVenue:
+    """The live venue of one shard: an event consumer plus a driver (module doc)."""
+
+    def __init__(
+        self,
+        redis: Any,
+        shard: int,
+        *,
+        configs: Mapping[Exchange, VenueConfig],
+        clients: VenueClients,
+        execution: Mapping[Exchange, str],
+        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+        resend_after_s: float = DEFAULT_RESEND_AFTER_S,
+        consumer_settings: ConsumerSettings | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.shard = shard
+        self.keys = ShardKeys(shard)
+        self.venue_keys = VenueKeys(shard)
+        self.configs = configs
+        self.clients = clients
+        self.live = frozenset(str(e) for e, mode in execution.items() if mode == "live")
+        self.poll_interval_s = poll_interval_s
+        self.resend_after_ms = int(resend_after_s * 1000)
+        self.consumer = StreamConsumer(
+            redis,
+            stream=self.keys.events,
+            group=GROUP,
+            handler=self.handle,
+            dead_stream=self.keys.dead,
+            name=name,
+            settings=consumer_settings,
+            start_id="$",
+            lease_key=self.venue_keys.lease,
+        )
+        self.log = log.bind(shard=shard)
+        self._invalid_marks: dict[tuple[str, str], str] = {}
+
+    # ----------------------------------------------------------------- running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.consumer.run(stop))
+            group.create_task(self._drive(stop))
+
+    async def burst(self) -> int:
+        """Handle every event available now; return how many entries were read."""
+        return await self.consumer.burst()
+
+    async def _drive(self, stop: asyncio.Event) -> None:
+        every = self.poll_interval_s
+        await poll(stop, self._drive_once, retry_on=(Exception,), on_retry=self._drive_failed, idle_s=every)
+        self.log.info("driver stopped")
+
+    async def _drive_once(self) -> bool:
+        if text(await self.redis.get(self.venue_keys.lease)) == self.consumer.name:
+            await self.tick()
+        return False
+
+    async def _drive_failed(self, exc: BaseException, retry_in_s: float) -> None:
+        if isinstance(exc, RETRYABLE):
+            self.log.warning("driver: a server is unavailable, retrying", error=str(exc), retry_in_s=retry_in_s)
+        else:
+            self.log.error("driver tick failed", error=repr(exc), retry_in_s=retry_in_s)
+
+    # ----------------------------------------------------------------- events
+
+    async def handle(self, entries: list[Entry]) -> None:
+        """Record intents and cancel flags (idempotent: delivery is at least once)."""
+        decoded = await decode_events(
+            self.redis,
+            entries,
+            stream=self.keys.events,
+            dead_stream=self.keys.dead,
+            group=GROUP,
+            log=self.log,
+            types=_RELEVANT_EVENTS,
+        )
+        events = [event for _entry_id, event in decoded if str(event.exchange) in self.live]
+        placed = [e for e in events if isinstance(e, wire.OrderPlaced)]
+        states = await self._states([e.stream for e in placed])
+        for event in events:
+            if isinstance(event, wire.OrderPlaced):
+                await self._placed(event, states.get(event.stream))
+            elif isinstance(event, wire.OrderCancelRequested):
+                flagged = await self._eval(
+                    _FLAG_CANCEL, 3, self.venue_keys.orders, self.venue_keys.cancels, event.stream
+                )
+                self.log.info(
+                    "cancel requested" if flagged else "cancel request for an order the venue no longer works on",
+                    order_id=event.stream,
+                    user_id=event.user_id,
+                    event_id=event.event_id,
+                )
+
+    async def _placed(self, event: wire.OrderPlaced, state: OrderState | None) -> None:
+        order_id = event.stream
+        fields = {"order_id": order_id, "user_id": event.user_id, "exchange": str(event.exchange)}
+        if state is not None and state.status is not OrderStatus.PENDING:
+            self.log.debug("order no longer pending, nothing to send", status=str(state.status), **fields)
+            return
+        config = self.configs.get(event.exchange)
+        account = config.account_for(event.user_id) if config is not None else None
+        if account is None:
+            reason = f"no live account for user {event.user_id} on {event.exchange}: add the user to LEDGER_CREDENTIALS"
+            await self._reject(order_id, event.user_id, reason, None)
+            return
+        mark = await self._mark(event) if event.order_type is OrderType.MARKET and event.price is None else None
+        record = LiveOrder(
+            user_id=event.user_id,
+            exchange=event.exchange,
+            account=account.name,
+            symbol=event.symbol,
+            side=event.side,
+            order_type=event.order_type,
+            quantity=event.quantity,
+            price=event.price,
+            mark=None if mark is None else format_decimal(mark),
+            reduce_only=event.reduce_only,
+            client_id="",
+            updated_at=now_ms(),
+        )
+        try:
+            order = _intent(order_id, record)
+        except Refused as exc:
+            await self._reject(order_id, event.user_id, str(exc), None)
+            return
+        record = msgspec.structs.replace(record, client_id=order.client_id)
+        if await self._save(order_id, record, mode="nx"):
+            self.log.info("intent to send recorded", client_id=order.client_id, account=account.name, **fields)
+
+    async def _mark(self, event: wire.OrderPlaced) -> Decimal | None:
+        raw = await self.redis.hget(marks(event.exchange), event.symbol)
+        return read_mark(raw, event.exchange, event.symbol, self._invalid_marks)
+
+    # ----------------------------------------------------------------- the driver
+
+    async def tick(self) -> int:
+        """One pass of the driver over every order the venue works on; how many moved."""
+        raw = await self.redis.hgetall(self.venue_keys.orders)
+        cancels = {text(k) for k in await self.redis.hkeys(self.venue_keys.cancels)}
+        working: list[tuple[str, LiveOrder]] = []
+        expired: list[str] = []
+        now = now_ms()
+        for key, value in raw.items():
+            order_id, record = text(key), _record_decoder.decode(value)
+            if record.stage != "done":
+                working.append((order_id, record))
+            elif now - record.updated_at > DONE_RETENTION_MS:
+                expired.append(order_id)
+        if expired:
+            await self.redis.hdel(self.venue_keys.orders, *expired)
+        results = await asyncio.gather(
+            *(self._advance(oid, rec, oid in cancels) for oid, rec in working), return_exceptions=True
+        )
+        moved = 0
+        for (order_id, _record), result in zip(working, results, strict=True):
+            if isinstance(result, LeaseLost):
+                self.log.warning("driver: lease lost mid-tick, left to the new holder", error=str(result))
+                return moved
+            if isinstance(result, BaseException):
+                if isinstance(result, RETRYABLE):
+                    raise result
+                self.log.error("driver: order not moved", order_id=order_id, error=repr(result))
+            else:
+                moved += result
+        return moved
+
+    def _client(self, record: LiveOrder) -> VenueClient | None:
+        config = self.configs.get(record.exchange)
+        account = config.accounts.get(record.account) if config is not None else None
+        return None if account is None else self.clients.get(account)
+
+    async def _advance(self, order_id: str, record: LiveOrder, cancel: bool) -> int:
+        fields = {
+            "order_id": order_id,
+            "user_id": record.user_id,
+            "exchange": str(record.exchange),
+            "account": record.account,
+            "client_id": record.client_id,
+        }
+        client = self._client(record)
+        if client is None:
+            self.log.error("the order's account is no longer configured: add it back to LEDGER_CREDENTIALS", **fields)
+            return 0
+        try:
+            order = _intent(order_id, record)
+        except Refused as exc:  # the markets changed since the intent was recorded
+            if record.stage == "new":
+                await self._reject(order_id, record.user_id, str(exc), record)
+                return 1
+            self.log.error("the order's market no longer resolves: it is left alone", error=str(exc), **fields)
+            return 0
+        if record.stage == "new":
+            return await self._send(order_id, record, order, client, cancel, fields)
+        if record.stage == "sending":
+            return await self._find(order_id, record, order, client, cancel, fields)
+        return await self._follow(order_id, record, order, client, cancel, fields)
+
+    async def _send(
+        self, order_id: str, record: LiveOrder, order: Intent, client: VenueClient, cancel: bool, fields: dict[str, Any]
+    ) -> int:
+        if cancel:
+            await self._finish(order_id, record, self._cancelled(order_id, record))
+            self.log.info("cancelled before it was sent: nothing sent", **fields)
+            return 1
+        record = msgspec.structs.replace(record, stage="sending", sent_at=now_ms(), updated_at=now_ms())
+        await self._save(order_id, record, mode="set")
+        self.log.info("sending order", amount=format_decimal(order.amount), market=order.market.symbol, **fields)
+        try:
+            venue_id = await client.create(order)
+        except Refused as exc:
+            await self._reject(order_id, record.user_id, str(exc), record)
+            return 1
+        except Ambiguous as exc:
+            self.log.warning(
+                "order outcome unknown: it stays pending until a lookup resolves it", error=str(exc), **fields
+            )
+            return 1
+        await self._opened(order_id, record, venue_id, fields)
+        return 1
+
+    async def _find(
+        self, order_id: str, record: LiveOrder, order: Intent, client: VenueClient, cancel: bool, fields: dict[str, Any]
+    ) -> int:
+        try:
+            venue_id = await client.lookup(record.client_id, order.market)
+        except Ambiguous as exc:
+            self.log.warning("lookup by client id failed: retrying", error=str(exc), **fields)
+            return 0
+        if venue_id is not None:
+            self.log.info("found at the venue by its client id", exchange_order_id=venue_id, **fields)
+            await self._opened(order_id, record, venue_id, fields)
+            return 1
+        if now_ms() - (record.sent_at or 0) < self.resend_after_ms:
+            return 0
+        if cancel:
+            await self._finish(order_id, record, self._cancelled(order_id, record))
+            self.log.info("not at the venue and cancelled: nothing sent", **fields)
+            return 1
+        self.log.warning("not at the venue: sending it again with the same client id", **fields)
+        await self._save(order_id, msgspec.structs.replace(record, stage="new", updated_at=now_ms()), mode="set")
+        return 1
+
+    async def _opened(self, order_id: str, record: LiveOrder, venue_id: str, fields: dict[str, Any]) -> None:
+        record = msgspec.structs.replace(record, stage="open", exchange_order_id=venue_id, updated_at=now_ms())
+        accept = wire.OrderAcceptedCommand(
+            command_id=accept_id(order_id), user_id=record.user_id, order_id=order_id, exchange_order_id=venue_id
+        )
+        await self._save(order_id, record, accept, mode="set")
+        self.log.info("order accepted by the venue", exchange_order_id=venue_id, command_id=accept.command_id, **fields)
+
+    async def _follow(
+        self, order_id: str, record: LiveOrder, order: Intent, client: VenueClient, cancel: bool, fields: dict[str, Any]
+    ) -> int:
+        venue_id = record.exchange_order_id or ""
+        fields = {**fields, "exchange_order_id": venue_id}
+        if cancel and not record.cancel_sent:
+            try:
+                refusal = await client.cancel(venue_id, order.market)
+            except Ambiguous as exc:
+                self.log.warning("cancel unanswered: retrying", error=str(exc), **fields)
+                return 0
+            record = msgspec.structs.replace(record, cancel_sent=True, updated_at=now_ms())
+            await self._save(order_id, record, mode="set")
+            if refusal is None:
+                self.log.info("cancel sent", **fields)
+            else:
+                self.log.info("cancel refused: the venue's status decides", reason=refusal, **fields)
+        try:
+            report = await client.fetch(venue_id, order.market)
+        except Ambiguous as exc:
+            self.log.warning("status unknown: retrying", error=str(exc), **fields)
+            return 0
+        commands: list[wire.Command] = [
+            self._fill(order_id, record, fill, fields) for fill in report.fills if fill.fill_id not in record.fills
+        ]
+        final, last = self._final(order_id, record, report)
+        if not commands and not final:
+            return 0
+        record = msgspec.structs.replace(
+            record, fills=[*record.fills, *(f.fill_id for f in report.fills if f.fill_id not in record.fills)]
+        )
+        if not final:
+            await self._save(order_id, msgspec.structs.replace(record, updated_at=now_ms()), *commands, mode="set")
+            return 1
+        await self._finish(order_id, record, *commands, *([last] if last is not None else []))
+        self.log.info(
+            "order final at the venue",
+            status=report.status,
+            command_id=None if last is None else last.command_id,
+            **fields,
+        )
+        return 1
+
+    def _fill(self, order_id: str, record: LiveOrder, fill: Any, fields: dict[str, Any]) -> wire.RecordFill:
+        command = wire.RecordFill(
+            command_id=fill_command_id(order_id, fill.fill_id),
+            user_id=record.user_id,
+            order_id=order_id,
+            fill_id=fill.fill_id,
+            quantity=format_decimal(fill.quantity),
+            price=format_decimal(fill.price),
+            fee=None if fill.fee is None else format_decimal(fill.fee),
+            fee_currency=fill.fee_currency,
+            ts=fill.ts,
+        )
+        self.log.info(
+            "fill",
+            fill_id=fill.fill_id,
+            quantity=command.quantity,
+            price=command.price,
+            fee=command.fee,
+            command_id=command.command_id,
+            **fields,
+        )
+        return command
+
+    def _final(self, order_id: str, record: LiveOrder, report: VenueOrder) -> tuple[bool, wire.Command | None]:
+        """Whether the venue says the order is final and lists trades for all it filled, and the
+        command that ends it in the ledger (None when its fills did)."""
+        if report.status not in (CLOSED, CANCELED, EXPIRED, REJECTED) or report.traded < report.filled:
+            return False, None
+        user_id = record.user_id
+        if report.status == CANCELED:
+            return True, self._cancelled(order_id, record)
+        if report.status == REJECTED:
+            reason = f"{record.exchange} rejected the order after accepting it"
+            return True, wire.OrderRejectedCommand(
+                command_id=reject_id(order_id), user_id=user_id, order_id=order_id, reason=reason
+            )
+        if report.status == EXPIRED or Decimal(record.quantity) - report.traded > ZERO:
+            return True, wire.OrderExpiredCommand(command_id=expire_id(order_id), user_id=user_id, order_id=order_id)
+        return True, None
+
+    def _cancelled(self, order_id: str, record: LiveOrder) -> wire.OrderCancelledCommand:
+        return wire.OrderCancelledCommand(command_id=cancel_id(order_id), user_id=record.user_id, order_id=order_id)
+
+    # ----------------------------------------------------------------- writes
+
+    async def _reject(self, order_id: str, user_id: str, reason: str, record: LiveOrder | None) -> None:
+        reject = wire.OrderRejectedCommand(
+            command_id=reject_id(order_id), user_id=user_id, order_id=order_id, reason=reason
+        )
+        if record is None:
+            await self._publish(reject)
+        else:
+            await self._finish(order_id, record, reject)
+        self.log.info("order rejected", reason=reason, order_id=order_id, user_id=user_id, command_id=reject.command_id)
+
+    async def _finish(self, order_id: str, record: LiveOrder, *commands: wire.Command) -> None:
+        await self._save(
+            order_id, msgspec.structs.replace(record, stage="done", updated_at=now_ms()), *commands, mode="done"
+        )
+
+    async def _publish(self, *commands: wire.Command) -> None:
+        await self._save("", None, *commands, mode="set")
+
+    async def _save(self, order_id: str, record: LiveOrder | None, *commands: wire.Command, mode: str) -> bool:
+        data = b"" if record is None else msgspec.json.encode(record)
+        args = [item for command in commands for item in wire.command_fields(command).values()]
+        keys = self.venue_keys
+        return bool(
+            await self._eval(_SAVE, 4, keys.orders, keys.cancels, self.keys.commands, order_id, data, mode, *args)
+        )
+
+    async def _eval(self, script: str, numkeys: int, *args: Any) -> int:
+        """Run a fenced script (KEYS[1] is the lease, ARGV[1] this consumer); ``LeaseLost`` when
+        the lease names another consumer."""
+        keys, argv = args[: numkeys - 1], args[numkeys - 1 :]
+        result = int(await self.redis.eval(script, numkeys, self.venue_keys.lease, *keys, self.consumer.name, *argv))
+        if result == LOST:
+            raise LeaseLost(f"{self.venue_keys.lease} no longer names {self.consumer.name!r}: nothing written")
+        return result
+
+    # ----------------------------------------------------------------- reads
+
+    async def _states(self, order_ids: Sequence[str]) -> dict[str, OrderState]:
+        ids = sorted(set(order_ids))
+        if not ids:
+            return {}
+        values = await self.redis.hmget(self.keys.orders, ids)
+        return {oid: _order_decoder.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
+
+    async def working(self) -> dict[str, LiveOrder]:
+        """Every order record of this shard, by order id (for tools and tests)."""
+        raw = await self.redis.hgetall(self.venue_keys.orders)
+        return {text(k): _record_decoder.decode(v) for k, v in raw.items()}
+
+
+# --------------------------------------------------------------------------- the role
+
+
+def live_configs(settings: Settings) -> dict[Exchange, VenueConfig]:
+    """The accounts and options of the exchanges configured ``live``; ``ConfigError`` (one line
+    that says what to do) when one has no account or no markets."""
+    live = [exchange for exchange, mode in settings.execution.items() if mode == "live"]
+    if not live:
+        return {}
+    if settings.credentials is None:
+        names = ", ".join(f"{e}=live" for e in live)
+        raise ConfigError(
+            f"LEDGER_EXECUTION has {names} but LEDGER_CREDENTIALS is not set: name the credentials file "
+            "(README, Configuration) or set those exchanges to paper"
+        )
+    configs = load_credentials(settings.credentials)
+    for exchange in live:
+        if exchange not in configs:
+            raise ConfigError(
+                f"LEDGER_EXECUTION has {exchange}=live but {settings.credentials} has no {exchange} account: "
+                f"add one or set {exchange}=paper"
+            )
+        if not len(bundled(exchange)):
+            raise ConfigError(f"{exchange}=live needs its markets: run `ledger markets sync {exchange}`")
+    return {exchange: configs[exchange] for exchange in live}
+
+
+class VenueRole:
+    """The live venues of every shard and the ccxt clients they share (closed when they stop)."""
+
+    def __init__(self, venues: list[LiveVenue], clients: VenueClients) -> None:
+        self.venues = venues
+        self.clients = clients
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                for venue in self.venues:
+                    group.create_task(venue.run(stop))
+        finally:
+            await self.clients.close()
+
+
+async def venue_role(redis: Any, settings: Settings) -> list[Any]:
+    """``ledger serve`` role ``venue``: the live venue of every shard. It runs even when no
+    exchange is ``live``, keeping its place in the log (module doc)."""
+    configs = live_configs(settings)
+    clients = VenueClients({exchange: config.options for exchange, config in configs.items()})
+    consumer_settings = ConsumerSettings.from_settings(settings)
+    venues = [
+        LiveVenue(
+            redis,
+            shard,
+            configs=configs,
+            clients=clients,
+            execution=settings.execution,
+            consumer_settings=consumer_settings,
+        )
+        for shard in range(settings.shards)
+    ]
+    return [VenueRole(venues, clients)]
+
+
+__all__ = [
+    "GROUP",
+    "LiveOrder",
+    "LiveVenue",
+    "VenueKeys",
+    "VenueRole",
+    "live_configs",
+    "venue_role",
+]
