@@ -60,14 +60,14 @@ from consumers.entries import Entry
 from consumers.paper import _FENCE, LOST
 from consumers.runner import RETRYABLE, ConsumerSettings, LeaseLost, StreamConsumer
 from ledger.client.models import read_mark
-from ledger.config import ConfigError, Settings
+from ledger.config import Settings
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.domain.state import OrderState
 from ledger.domain.values import ZERO, format_decimal, now_ms
 from ledger.store.keys import ShardKeys, marks
 from ledger.store.redis_conn import text
-from ledger.venues.accounts import VenueConfig, load_credentials
+from ledger.venues.accounts import VenueConfig, live_configs
 from ledger.venues.live import (
     CANCELED,
     CLOSED,
@@ -81,7 +81,6 @@ from ledger.venues.live import (
     VenueOrder,
     intent,
 )
-from ledger.venues.markets import bundled
 
 GROUP = "ledger-venue"
 DEFAULT_POLL_INTERVAL_S = 1.0
@@ -603,30 +602,6 @@ class LiveVenue:
 # --------------------------------------------------------------------------- the role
 
 
-def live_configs(settings: Settings) -> dict[Exchange, VenueConfig]:
-    """The accounts and options of the exchanges configured ``live``; ``ConfigError`` (one line
-    that says what to do) when one has no account or no markets."""
-    live = [exchange for exchange, mode in settings.execution.items() if mode == "live"]
-    if not live:
-        return {}
-    if settings.credentials is None:
-        names = ", ".join(f"{e}=live" for e in live)
-        raise ConfigError(
-            f"LEDGER_EXECUTION has {names} but LEDGER_CREDENTIALS is not set: name the credentials file "
-            "(README, Configuration) or set those exchanges to paper"
-        )
-    configs = load_credentials(settings.credentials)
-    for exchange in live:
-        if exchange not in configs:
-            raise ConfigError(
-                f"LEDGER_EXECUTION has {exchange}=live but {settings.credentials} has no {exchange} account: "
-                f"add one or set {exchange}=paper"
-            )
-        if not len(bundled(exchange)):
-            raise ConfigError(f"{exchange}=live needs its markets: run `ledger markets sync {exchange}`")
-    return {exchange: configs[exchange] for exchange in live}
-
-
 class VenueRole:
     """The live venues of every shard and the ccxt clients they share (closed when they stop)."""
 
@@ -646,7 +621,7 @@ class VenueRole:
 async def venue_role(redis: Any, settings: Settings) -> list[Any]:
     """``ledger serve`` role ``venue``: the live venue of every shard. It runs even when no
     exchange is ``live``, keeping its place in the log (module doc)."""
-    configs = live_configs(settings)
+    configs = live_configs(settings.execution, settings.credentials)
     clients = VenueClients({exchange: config.options for exchange, config in configs.items()})
     consumer_settings = ConsumerSettings.from_settings(settings)
     venues = [
@@ -669,6 +644,5 @@ __all__ = [
     "LiveVenue",
     "VenueKeys",
     "VenueRole",
-    "live_configs",
     "venue_role",
 ]

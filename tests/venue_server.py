@@ -14,6 +14,7 @@ import asyncio
 import copy
 import json
 import threading
+import time
 import urllib.parse
 import uuid
 from collections import Counter
@@ -145,7 +146,8 @@ class LoopbackExchange:
     shapes of ``tests/recorded/orders/<exchange>.json`` (copied, with the book's fields written in).
 
     Test controls (from the test's thread): ``fill``, ``finish``, ``create_delay_s`` (the order is
-    booked, then the answer comes this late: a timeout), ``refuse_creates`` (a definite refusal),
+    booked, then the answer comes this late, or when it is set to 0: a timeout), ``refuse_creates``
+    (a definite refusal),
     ``fill_on_cancel`` (a fill that lands before the cancel does), and ``created`` (set once a
     create was booked). ``creates`` counts create requests per client id, ``orders`` the book.
     """
@@ -220,8 +222,9 @@ class LoopbackExchange:
             if isinstance(booked, web.Response):
                 return booked
             self.created.set()
-            if self.create_delay_s:
-                await asyncio.sleep(self.create_delay_s)
+            until = time.monotonic() + self.create_delay_s
+            while self.create_delay_s and time.monotonic() < until:  # held until the delay is lifted
+                await asyncio.sleep(0.02)
             return web.json_response(self._created(booked))
         with self.lock:
             order = self._find(params)

@@ -39,9 +39,10 @@ from typing import Any
 from ledger.domain.enums import Exchange
 from ledger.domain.values import RULES
 from ledger.errors import InvalidInput
-from ledger.venues.exchanges import check_base_url
+from ledger.venues.markets import bundled
 
 DEFAULT_TIMEOUT_MS = 10_000
+BASE_URL = re.compile(r"\Ahttps?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~/-]*)?\Z")
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _SECRETS = ("apiKey", "secret", "password")
 _ACCOUNT_KEYS = {*_SECRETS, "users"}
@@ -52,7 +53,14 @@ DEMO = frozenset({Exchange.BINANCE})
 
 
 class CredentialsError(InvalidInput):
-    """The credentials file cannot work; the message says what to change."""
+    """The live venue's configuration cannot work; the message says what to change."""
+
+
+def check_base_url(url: str) -> str:
+    """A base URL override: ``http(s)://host[:port][/path]``, nothing else."""
+    if not BASE_URL.fullmatch(url):
+        raise InvalidInput(f"base URL must be http(s)://host[:port][/path] (got {url!r})")
+    return url
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,3 +202,28 @@ def load_credentials(path: Path) -> dict[Exchange, VenueConfig]:
     except json.JSONDecodeError as exc:
         raise _fail(str(path), f"is not JSON ({exc.msg} at line {exc.lineno})") from None
     return parse_credentials(data)
+
+
+def live_configs(execution: Mapping[Exchange, str], credentials: Path | None) -> dict[Exchange, VenueConfig]:
+    """The accounts and options of the exchanges configured ``live`` (``LEDGER_EXECUTION``), from
+    the file ``credentials`` names; ``CredentialsError`` (one line that says what to do) when one
+    has no account or no markets. ``ledger serve`` checks this before it starts anything."""
+    live = [exchange for exchange, mode in execution.items() if mode == "live"]
+    if not live:
+        return {}
+    if credentials is None:
+        names = ",".join(f"{e}=live" for e in live)
+        raise CredentialsError(
+            f"LEDGER_EXECUTION has {names} but LEDGER_CREDENTIALS is not set: name the venue accounts file "
+            "(README, Configuration) or set those exchanges to paper"
+        )
+    configs = load_credentials(credentials)
+    for exchange in live:
+        if exchange not in configs:
+            raise CredentialsError(
+                f"LEDGER_EXECUTION has {exchange}=live but {credentials} has no {exchange} account: "
+                f"add one or set {exchange}=paper"
+            )
+        if not len(bundled(exchange)):
+            raise CredentialsError(f"{exchange}=live needs its markets: run `ledger markets sync {exchange}`")
+    return {exchange: configs[exchange] for exchange in live}

@@ -15,7 +15,6 @@ venue on loopback) and the snapshot rewritten with the markets it already held p
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,24 +25,17 @@ import ccxt
 import ccxt.async_support
 
 from ledger.domain.enums import Exchange
-from ledger.errors import InvalidInput, OperationFailed
+from ledger.errors import OperationFailed
+from ledger.venues.accounts import check_base_url
 from ledger.venues.markets import DEFAULT_TYPE, Markets, bundled, read_snapshot, snapshot_path, snapshot_text
 
 CCXT_CLASS: Mapping[Exchange, str] = {Exchange.OKX: "okx", Exchange.BINANCE: "binance", Exchange.UPBIT: "upbit"}
 OPTIONS: Mapping[Exchange, Mapping[str, Any]] = {Exchange.OKX: {"fetchMarkets": {"types": ["spot", "future", "swap"]}}}
 SYNC_TIMEOUT_MS = 10_000
-BASE_URL = re.compile(r"\Ahttps?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~/-]*)?\Z")
 
 
 class MarketsUnavailable(OperationFailed):
     """The venue did not give its markets (no network, a closed port, an error answer)."""
-
-
-def check_base_url(url: str) -> str:
-    """A base URL override: ``http(s)://host[:port][/path]``, nothing else."""
-    if not BASE_URL.fullmatch(url):
-        raise InvalidInput(f"base URL must be http(s)://host[:port][/path] (got {url!r})")
-    return url
 
 
 def _with_base_url(urls: Any, base_url: str) -> Any:
@@ -77,7 +69,7 @@ def _build(
     if demo:
         instance.enable_demo_trading(True)
     if base_url is not None:
-        instance.urls["api"] = _with_base_url(instance.urls["api"], base_url)
+        instance.urls["api"] = _with_base_url(instance.urls["api"], check_base_url(base_url))
     return instance
 
 

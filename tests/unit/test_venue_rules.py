@@ -1,0 +1,170 @@
+"""The live venue's pure rules (ledger.venues.live, ledger.venues.accounts): client order ids,
+exact contract conversion, refusals before sending, error classification, the accounts file."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import ccxt
+import pytest
+
+from ledger.domain.enums import Exchange, OrderSide, OrderType
+from ledger.venues.accounts import CredentialsError, parse_credentials
+from ledger.venues.live import Ambiguous, Refused, classify, intent, to_quantity, venue_client_id
+from ledger.venues.markets import bundled
+
+ORDER_ID = "0b9c2a3e-1d2f-4a5b-8c7d-112233445566"
+
+
+def test_client_order_ids_are_derived_from_the_order_id_within_each_venues_rule() -> None:
+    assert venue_client_id(Exchange.OKX, ORDER_ID) == "0b9c2a3e1d2f4a5b8c7d112233445566"
+    assert venue_client_id(Exchange.BINANCE, ORDER_ID) == "0b9c2a3e1d2f4a5b8c7d112233445566"
+    assert venue_client_id(Exchange.UPBIT, ORDER_ID) == ORDER_ID
+
+
+def test_okx_linear_amounts_are_contracts_and_convert_back_exactly() -> None:
+    sent = intent(
+        Exchange.OKX,
+        ORDER_ID,
+        symbol="BTC-USDT-SWAP",
+        side=OrderSide.BUY,
+        order_type=OrderType.LIMIT,
+        quantity=Decimal("0.1234"),
+        price=Decimal("45000.1"),
+        reduce_only=True,
+        mark=None,
+    )
+    assert (sent.market.symbol, sent.amount, sent.price, sent.reduce_only) == (
+        "BTC/USDT:USDT",
+        Decimal("12.34"),
+        Decimal("45000.1"),
+        True,
+    )
+    assert to_quantity(sent.market, Decimal("12.34")) == Decimal("0.1234")
+    inverse = bundled(Exchange.OKX).resolve("BTC-USD-SWAP")
+    assert to_quantity(inverse, Decimal(3)) == Decimal(3)  # inverse quantities are contracts already
+
+
+@pytest.mark.parametrize(
+    ("symbol", "quantity", "price", "reason"),
+    [
+        (
+            "BTC-USDT-SWAP",
+            "0.00015",
+            "45000",
+            "quantity 0.00015 is not a whole multiple of BTC/USDT:USDT's step 0.0001",
+        ),
+        ("BTC-USDT-SWAP", "0.01", "45000.05", "price 45000.05 is not a whole multiple of BTC/USDT:USDT's tick 0.1"),
+        (
+            "DOGE-USDT-SWAP",
+            "1",
+            "1",
+            "okx has no market 'DOGE-USDT-SWAP' in the snapshot: `ledger markets show okx` "
+            "lists them, `ledger markets sync okx --symbol DOGE-USDT-SWAP` adds it",
+        ),
+    ],
+)
+def test_orders_off_the_markets_steps_are_refused(symbol: str, quantity: str, price: str, reason: str) -> None:
+    with pytest.raises(Refused) as refused:
+        intent(
+            Exchange.OKX,
+            ORDER_ID,
+            symbol=symbol,
+            side=OrderSide.BUY,
+            order_type=OrderType.LIMIT,
+            quantity=Decimal(quantity),
+            price=Decimal(price),
+            reduce_only=False,
+            mark=None,
+        )
+    assert str(refused.value) == reason
+
+
+def test_an_upbit_market_buy_is_a_cost_and_needs_a_price_or_mark() -> None:
+    order = dict(
+        symbol="KRW-BTC",
+        side=OrderSide.BUY,
+        order_type=OrderType.MARKET,
+        quantity=Decimal("0.002"),
+        price=None,
+        reduce_only=False,
+    )
+    assert intent(Exchange.UPBIT, ORDER_ID, mark=Decimal("50000000"), **order).cost == Decimal("100000")  # type: ignore[arg-type]
+    with pytest.raises(
+        Refused, match=r"\Aan upbit market buy is sent as a cost: give a price or set the mark of KRW-BTC\Z"
+    ):
+        intent(Exchange.UPBIT, ORDER_ID, mark=None, **order)  # type: ignore[arg-type]
+
+
+def test_only_a_definite_answer_is_a_refusal() -> None:
+    refusal = classify(
+        Exchange.BINANCE, ccxt.InsufficientFunds('binance {"code":-2010,"msg":"Account has insufficient balance."}')
+    )
+    assert isinstance(refusal, Refused)
+    assert str(refusal) == "binance refused the order: -2010 Account has insufficient balance."
+    okx = classify(
+        Exchange.OKX, ccxt.ExchangeError('okx {"code":"1","data":[{"sCode":"51008","sMsg":"Insufficient"}],"msg":""}')
+    )
+    assert str(okx) == "okx refused the order: 51008 Insufficient"
+    long = classify(Exchange.UPBIT, ccxt.InvalidOrder("upbit " + "x\n" * 300))
+    assert len(str(long)) == 256 and "\n" not in str(long)
+    for unknown in (
+        ccxt.RequestTimeout("okx POST timed out"),
+        ccxt.ExchangeNotAvailable("okx 503"),
+        ccxt.NetworkError("reset"),
+        ccxt.InvalidOrder('okx {"code":"1","data":[{"sCode":"51016","sMsg":"Duplicated clOrdId"}],"msg":""}'),
+        ccxt.DuplicateOrderId("binance duplicate"),
+        ccxt.BadResponse("okx <html>"),
+        ConnectionResetError(),
+    ):
+        assert isinstance(classify(Exchange.OKX, unknown), Ambiguous), unknown
+
+
+ACCOUNT = {"apiKey": "key-1", "secret": "top-secret", "password": "pass-phrase", "users": ["alice"]}
+
+
+def test_accounts_never_show_their_secrets() -> None:
+    configs = parse_credentials(
+        {"okx": {"sandbox": True, "base_url": "http://127.0.0.1:9", "accounts": {"main": ACCOUNT}}}
+    )
+    account = configs[Exchange.OKX].account_for("alice")
+    assert account is not None and configs[Exchange.OKX].account_for("bob") is None
+    assert "top-secret" not in repr(account) and "pass-phrase" not in repr(configs) and "key-1" not in repr(configs)
+    assert configs[Exchange.OKX].options.sandbox is True
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"kraken": {}}, "LEDGER_CREDENTIALS: 'kraken': unknown exchange: use okx, binance, upbit"),
+        (
+            {"upbit": {"sandbox": True, "accounts": {"a": {**ACCOUNT}}}},
+            "LEDGER_CREDENTIALS: upbit.sandbox: ccxt has no sandbox mode for upbit: remove it",
+        ),
+        (
+            {"okx": {"demo": True, "accounts": {"a": ACCOUNT}}},
+            "LEDGER_CREDENTIALS: okx.demo: ccxt has no demo trading for okx: remove it",
+        ),
+        (
+            {"okx": {"accounts": {"a": {**ACCOUNT, "secret": 5}}}},
+            "LEDGER_CREDENTIALS: okx.accounts.a.secret: must be a non-empty string of printable characters",
+        ),
+        (
+            {"okx": {"accounts": {"a": ACCOUNT, "b": ACCOUNT}}},
+            "LEDGER_CREDENTIALS: okx.accounts: user 'alice' is in 'a' and 'b': keep one",
+        ),
+        (
+            {"okx": {"accounts": {"a": {**ACCOUNT, "apikey": "x"}}}},
+            "LEDGER_CREDENTIALS: okx.accounts.a: unknown key 'apikey': use apiKey, password, secret, users",
+        ),
+        (
+            {"okx": {"base_url": "ftp://x", "accounts": {"a": ACCOUNT}}},
+            "LEDGER_CREDENTIALS: okx.base_url: base URL must be http(s)://host[:port][/path] (got 'ftp://x')",
+        ),
+    ],
+)
+def test_a_credentials_file_that_cannot_work_says_what_to_change(data: object, message: str) -> None:
+    with pytest.raises(CredentialsError) as error:
+        parse_credentials(data)
+    assert str(error.value) == message
+    assert "top-secret" not in message
