@@ -2,8 +2,9 @@
 
 Each role is a set of runnables with a ``run(stop)`` coroutine, built by a factory that lives
 with the role's code: ``handler`` (consumers.command_handler), ``projection``
-(projections.live), ``projector`` (projections.projector), ``paper`` (consumers.paper). Any
-subset runs in one process, or each in its own, so they scale apart.
+(projections.live), ``projector`` (projections.projector), ``paper`` (consumers.paper),
+``venue`` (consumers.venue, for ``live`` exchanges). Any subset runs in one process, or each in
+its own, so they scale apart.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from redis.asyncio.cluster import RedisCluster
 
 from consumers.command_handler import handler_role
 from consumers.paper import paper_role
+from consumers.venue import venue_role
 from ledger.app import servers
 from ledger.config import SERVER_SETTINGS, Settings, known_url
 from ledger.store.redis_conn import connect, ensure_shard_count
+from ledger.venues.accounts import live_configs
 from projections.live import projection_role
 from projections.projector import projector_role, redact
 from projections.trim import retention_role
@@ -40,6 +43,7 @@ ROLES: dict[str, RoleFactory] = {
     "projection": projection_role,
     "projector": projector_role,
     "paper": paper_role,
+    "venue": venue_role,
     "retention": retention_role,
 }
 # The roles that need the PostgreSQL history: ``serve`` starts the private one for them when no
@@ -121,6 +125,8 @@ async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    if "venue" in roles:  # live exchanges need their accounts and markets: refuse before starting anything
+        live_configs(settings.execution, settings.credentials)
     redis = await connect(redis_url(settings, start=True))
     try:
         await warn_about_redis(redis)
