@@ -10,7 +10,7 @@ import pytest
 
 from ledger.domain.enums import Exchange, OrderSide, OrderType
 from ledger.venues.accounts import CredentialsError, parse_credentials
-from ledger.venues.live import Ambiguous, Refused, classify, intent, to_quantity, venue_client_id
+from ledger.venues.live import Ambiguous, Refused, VenueClients, classify, intent, to_quantity, venue_client_id
 from ledger.venues.markets import bundled
 
 ORDER_ID = "0b9c2a3e-1d2f-4a5b-8c7d-112233445566"
@@ -168,3 +168,29 @@ def test_a_credentials_file_that_cannot_work_says_what_to_change(data: object, m
         parse_credentials(data)
     assert str(error.value) == message
     assert "top-secret" not in message
+
+
+async def test_one_rate_limited_client_per_exchange_and_account_with_its_options() -> None:
+    configs = parse_credentials(
+        {
+            "okx": {"sandbox": True, "base_url": "http://127.0.0.1:9", "accounts": {"main": ACCOUNT}},
+            "binance": {
+                "demo": True,
+                "timeout_ms": 2500,
+                "accounts": {"b": {"apiKey": "k", "secret": "s", "users": ["bob"]}},
+            },
+        }
+    )
+    clients = VenueClients({e: c.options for e, c in configs.items()})
+    okx_account = configs[Exchange.OKX].accounts["main"]
+    okx = clients.get(okx_account)
+    binance = clients.get(configs[Exchange.BINANCE].accounts["b"])
+    try:
+        assert clients.get(okx_account) is okx
+        assert okx.ccxt.enableRateLimit is True and binance.ccxt.enableRateLimit is True
+        assert okx.ccxt.headers["x-simulated-trading"] == "1"  # OKX demo trading (ccxt sandbox mode)
+        assert okx.ccxt.urls["api"]["rest"] == "http://127.0.0.1:9"  # the base URL applies last
+        assert binance.ccxt.options["enableDemoTrading"] is True and binance.ccxt.timeout == 2500
+        assert binance.ccxt.urls["api"]["fapiPrivate"].startswith("https://demo-fapi.binance.com")
+    finally:
+        await clients.close()
