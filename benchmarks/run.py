@@ -148,7 +148,7 @@ class Profiler:
             spy = Path(sys.executable).parent / "py-spy"
             self.process = subprocess.Popen(
                 [str(spy), "record", "--pid", str(self.stack.serve.pid), "--format", "raw", "--rate", "200",
-                 "--output", str(self.out.with_suffix(".collapsed")), "--nonblocking"],
+                 "--output", str(self.out.with_suffix(".collapsed")), "--nonblocking", "--subprocesses"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         return self

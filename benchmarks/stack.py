@@ -54,7 +54,8 @@ class Stack:
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a ``ledger`` subprocess on this stack's servers."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+        # LEDGER_PROCESSES is kept, so that serve's modes can be compared (LEDGER_PROCESSES=1).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_") or k == "LEDGER_PROCESSES"}
         env.update(
             LEDGER_REDIS_URL=self.redis.url,
             LEDGER_DATABASE_URL=self.postgres.url,
@@ -88,16 +89,14 @@ class Stack:
             raise BenchError(f"{self.name}: ledger serve exited with status {self.serve.returncode}:\n{tail}")
 
     def serve_rss(self) -> int:
-        """``serve``'s peak resident set size so far (VmHWM), in bytes; 0 when not running."""
+        """The peak resident set size of ``serve``'s whole process tree so far, in bytes: the sum
+        of the peaks (VmHWM) of the supervisor and its role processes (``LEDGER_PROCESSES=roles``),
+        an upper bound of the tree's peak, since they need not peak at the same moment (a sampled
+        sum of VmRSS could miss a short peak between samples); 0 when not running."""
         if self.serve is None or self.serve.poll() is not None:
             return self.peak_rss_bytes
-        try:
-            status = Path(f"/proc/{self.serve.pid}/status").read_text()
-        except OSError:
-            return self.peak_rss_bytes
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                self.peak_rss_bytes = max(self.peak_rss_bytes, int(line.split()[1]) * 1024)
+        total = sum(_peak_rss(pid) for pid in _process_tree(self.serve.pid))
+        self.peak_rss_bytes = max(self.peak_rss_bytes, total)
         return self.peak_rss_bytes
 
     def stop_serve(self) -> None:
@@ -139,6 +138,32 @@ class Stack:
             self.serve = None
         self.redis.stop()
         self.postgres.stop()
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process under it (from each process's parent in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _peak_rss(pid: int) -> int:
+    """A process's peak resident set size (VmHWM) in bytes; 0 when it is gone."""
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def postgres_template(root: Path) -> Path:

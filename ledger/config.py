@@ -22,6 +22,9 @@ from ledger.errors import InvalidInput, OperationFailed
 EXECUTION_MODES = ("paper", "external", "live")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# How `ledger serve` runs its roles: `roles`, a child process per group of roles under a
+# supervisor; `1`, every role in one process.
+PROCESS_MODES = ("roles", "1")
 # More shards than this are never useful on one Redis and each shard runs consumers of every
 # role; since the count is fixed once recorded in ledger:meta, a typo must not be recorded.
 MAX_SHARDS = 1024
@@ -163,6 +166,7 @@ class Settings:
     credentials: Path | None = None
     log_format: str = "auto"
     log_level: str = "info"
+    processes: str = defaults.PROCESSES
 
     def __post_init__(self) -> None:
         for name in WHOLE_NUMBERS:
@@ -172,6 +176,7 @@ class Settings:
         object.__setattr__(self, "paper_fee_rate", _fee_rate(self.paper_fee_rate))
         _one_of("LEDGER_LOG_FORMAT", self.log_format, LOG_FORMATS)
         _one_of("LEDGER_LOG_LEVEL", self.log_level.lower(), LOG_LEVELS)
+        _one_of("LEDGER_PROCESSES / --processes", self.processes, PROCESS_MODES)
         if self.redis_url is not None:
             _check_redis_url(self.redis_url)
         if self.database_url is not None:
@@ -198,7 +203,11 @@ class Settings:
         for name, (key, _flag, _maximum) in WHOLE_NUMBERS.items():
             if key in env:
                 values[name] = whole_number(name, env[key])
-        for name, key in (("log_format", "LEDGER_LOG_FORMAT"), ("log_level", "LEDGER_LOG_LEVEL")):
+        for name, key in (
+            ("log_format", "LEDGER_LOG_FORMAT"),
+            ("log_level", "LEDGER_LOG_LEVEL"),
+            ("processes", "LEDGER_PROCESSES"),
+        ):
             if key in env:
                 values[name] = env[key]
         return cls(**values)

@@ -34,7 +34,7 @@ from ledger.app.export import FORMATS
 from ledger.app.logs import configure_logging
 from ledger.client import history
 from ledger.client.queries import marks, order_hashes, position_hashes
-from ledger.config import ServerNotConfigured, Settings, whole_number
+from ledger.config import PROCESS_MODES, ServerNotConfigured, Settings, whole_number
 from ledger.defaults import BLOCK_MS, REPLY_WAIT_S
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderStatus
@@ -70,16 +70,16 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ledger.app.service import ROLES, serve
+    from ledger.app.processes import serve_command
+    from ledger.app.service import ROLES
 
-    settings = _settings(args)
+    settings = _settings(args).with_overrides(processes=args.processes)
     configure_logging(settings.log_format, settings.log_level)
     roles = args.role or list(ROLES)
     unknown = [r for r in roles if r not in ROLES]
     if unknown:
         raise UsageError(f"--role: unknown role {unknown[0]!r}: use one of {', '.join(ROLES)}")
-    asyncio.run(serve(settings, roles))
-    return 0
+    return asyncio.run(serve_command(settings, roles))
 
 
 async def _client(settings: Settings) -> Any:
@@ -747,7 +747,18 @@ COMMANDS = (
     Command(
         "serve",
         "run the ledger (handler, projections, projector, paper venue)",
-        (REDIS_URL, SHARDS_FLAG, DATABASE_URL, flag("--role", action="append", help="run only this role (repeatable)")),
+        (
+            REDIS_URL,
+            SHARDS_FLAG,
+            DATABASE_URL,
+            flag("--role", action="append", help="run only this role (repeatable)"),
+            flag(
+                "--processes",
+                choices=PROCESS_MODES,
+                help="roles: a child process per group of roles, supervised (default); 1: every role in this "
+                "process (env LEDGER_PROCESSES)",
+            ),
+        ),
         cmd_serve,
     ),
     Command(

@@ -3,13 +3,15 @@
 Each role is a set of runnables with a ``run(stop)`` coroutine, built by a factory that lives
 with the role's code: ``handler`` (consumers.command_handler), ``projection``
 (projections.live), ``projector`` (projections.projector), ``paper`` (consumers.paper),
-``venue`` (consumers.venue, for ``live`` exchanges). Any subset runs in one process, or each in
-its own, so they scale apart.
+``venue`` (consumers.venue, for ``live`` exchanges), ``retention`` (projections.trim). Any subset
+runs in one process (:func:`serve`), or each group of :data:`PROCESS_GROUPS` in its own child
+process under a supervisor (``ledger.app.processes``), so Python work spreads over cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -17,16 +19,11 @@ from typing import Any, Protocol
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
-from consumers.command_handler import handler_role
-from consumers.paper import paper_role
-from consumers.venue import venue_role
 from ledger.app import servers
 from ledger.config import SERVER_SETTINGS, Settings, known_url
 from ledger.store.redis_conn import connect, ensure_shard_count
 from ledger.venues.accounts import live_configs
-from projections.live import projection_role
-from projections.projector import projector_role, redact
-from projections.trim import retention_role
+from projections.projector import redact
 
 log = structlog.get_logger("ledger.app.service")
 
@@ -38,14 +35,27 @@ class Runnable(Protocol):
 RoleFactory = Callable[[Any, Settings], Awaitable[Sequence[Runnable]]]
 
 
-ROLES: dict[str, RoleFactory] = {
-    "handler": handler_role,
-    "projection": projection_role,
-    "projector": projector_role,
-    "paper": paper_role,
-    "venue": venue_role,
-    "retention": retention_role,
+# Role -> the module of its factory, ``<role>_role``. Imported when the role runs, so a process
+# loads only its own roles' code (the venue's ccxt alone is about 75 MB).
+ROLES: dict[str, str] = {
+    "handler": "consumers.command_handler",
+    "projection": "projections.live",
+    "projector": "projections.projector",
+    "paper": "consumers.paper",
+    "venue": "consumers.venue",
+    "retention": "projections.trim",
 }
+# The child processes of ``ledger serve`` in process mode: one per group, each role in exactly
+# one. From the profile of serve under load (benchmarks/results/profile-e2e.txt): the live
+# projection (about a third of the time) and the handler (a fifth) each get a process, so the two
+# steps of the order path run on both cores; the projector (a sixth) shares its process with the
+# periodic retention, and the venues (idle unless orders execute on them) share one.
+PROCESS_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("handler",),
+    ("projection",),
+    ("projector", "retention"),
+    ("paper", "venue"),
+)
 # The roles that need the PostgreSQL history: ``serve`` starts the private one for them when no
 # LEDGER_DATABASE_URL is set (the others find it, if any, when they need it).
 DATABASE_ROLES = frozenset({"projector", "retention"})
@@ -114,35 +124,65 @@ async def warn_about_redis(redis: Any) -> dict[str, str]:
     return unsafe
 
 
+def role_factory(role: str) -> RoleFactory:
+    """The factory of ``role`` (a key of :data:`ROLES`), its module imported now."""
+    factory: RoleFactory = getattr(importlib.import_module(ROLES[role]), f"{role}_role")
+    return factory
+
+
+async def prepare(settings: Settings, roles: Sequence[str]) -> tuple[Any, Settings]:
+    """Once per ``serve``, before any role runs: the private servers started where none is
+    configured, Redis's settings checked, the shard count recorded. Returns a Redis client and
+    the settings with every server's URL resolved (what role processes are given)."""
+    if "venue" in roles:  # live exchanges need their accounts and markets: refuse before starting anything
+        live_configs(settings.execution, settings.credentials)
+    url = redis_url(settings, start=True)
+    settings = settings.with_overrides(redis_url=url)
+    redis = await connect(url)
+    try:
+        await warn_about_redis(redis)
+        await ensure_shard_count(redis, settings.shards)
+        if settings.database_url is None and DATABASE_ROLES.intersection(roles):
+            settings = settings.with_overrides(database_url=await asyncio.to_thread(database_url, settings, start=True))
+    except BaseException:
+        await redis.aclose()
+        raise
+    return redis, settings
+
+
+async def run_roles(redis: Any, settings: Settings, roles: Sequence[str], stop: asyncio.Event) -> None:
+    """Run the given roles on this event loop until ``stop``; each finishes its batch first."""
+    runnables: list[Runnable] = []
+    for role in roles:
+        runnables += await role_factory(role)(redis, settings)
+    log.info("serving", roles=list(roles), shards=settings.shards, consumers=len(runnables))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for runnable in runnables:
+                group.create_task(runnable.run(stop))
+    finally:
+        log.info("stopped")
+
+
+def stop_on_signals(stop: asyncio.Event, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Set ``stop`` on any of ``signals`` (the running loop's handlers)."""
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+
+
 async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None = None) -> None:
-    """Run the given roles until SIGTERM/SIGINT (or ``stop``); each finishes its batch first.
+    """Run the given roles in this process until SIGTERM/SIGINT (or ``stop``); each finishes its
+    batch first.
 
     With a ``stop`` event the caller owns shutdown (tests, embedding): no signal handler is
     installed, so the host's own SIGINT/SIGTERM handling is left alone.
     """
     if stop is None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-    if "venue" in roles:  # live exchanges need their accounts and markets: refuse before starting anything
-        live_configs(settings.execution, settings.credentials)
-    redis = await connect(redis_url(settings, start=True))
+        stop_on_signals(stop)
+    redis, settings = await prepare(settings, roles)
     try:
-        await warn_about_redis(redis)
-        await ensure_shard_count(redis, settings.shards)
-        if settings.database_url is None and DATABASE_ROLES.intersection(roles):
-            url = await asyncio.to_thread(database_url, settings, start=True)
-            settings = settings.with_overrides(database_url=url)
-        runnables: list[Runnable] = []
-        for role in roles:
-            runnables += await ROLES[role](redis, settings)
-        log.info("serving", roles=roles, shards=settings.shards, consumers=len(runnables))
-        try:
-            async with asyncio.TaskGroup() as group:
-                for runnable in runnables:
-                    group.create_task(runnable.run(stop))
-        finally:
-            log.info("stopped")
+        await run_roles(redis, settings, roles, stop)
     finally:
         await redis.aclose()

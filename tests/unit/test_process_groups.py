@@ -1,0 +1,30 @@
+"""``ledger serve``'s child processes: which roles run together, and the setting that chooses
+the mode (the processes themselves: tests/blackbox/test_serve_processes.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ledger.app.processes import process_groups
+from ledger.app.service import PROCESS_GROUPS, ROLES
+from ledger.config import ConfigError, Settings
+
+
+def test_every_role_runs_in_exactly_one_process_group() -> None:
+    grouped = [role for group in PROCESS_GROUPS for role in group]
+    assert sorted(grouped) == sorted(ROLES)
+    assert len(grouped) == len(set(grouped))
+
+
+def test_the_groups_keep_only_the_roles_asked_for_in_their_order() -> None:
+    assert process_groups(list(ROLES)) == list(PROCESS_GROUPS)
+    assert process_groups(["paper", "retention", "handler"]) == [("handler",), ("retention",), ("paper",)]
+    assert process_groups(["venue", "paper"]) == [("paper", "venue")]
+
+
+def test_the_process_mode_setting() -> None:
+    assert Settings().processes == "roles"
+    assert Settings.from_env({"LEDGER_PROCESSES": "1"}).processes == "1"
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"LEDGER_PROCESSES": "4"})
+    assert str(caught.value) == "LEDGER_PROCESSES / --processes: must be one of roles, 1 (got '4')"
