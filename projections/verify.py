@@ -42,11 +42,11 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.rows import dict_row
@@ -63,7 +63,7 @@ from ledger.sqlfiles import load_queries
 from ledger.store import keys
 from ledger.store.eventstore import StoredEvent
 from ledger.store.keys import ShardKeys, shard_of
-from ledger.store.log import read_log
+from ledger.store.log import read_pages
 from ledger.store.operations import Operation, record_operation
 from ledger.store.redis_conn import entry_order, text
 from projections import live
@@ -89,7 +89,7 @@ Key = tuple[int, int]
 _REPAIR = (
     live.WRITE_LIVE_KEY
     + """
-write(ARGV[1], ARGV[2], 5)
+write(KEYS[1], ARGV[1], ARGV[2], ARGV, 5)
 if ARGV[1] == 'put' and ARGV[4] ~= '' then
   redis.call('PEXPIREAT', KEYS[1], ARGV[4])
 end
@@ -203,20 +203,28 @@ class _Replay:
             return
         start, end = min(behind), max(live_to, history_to)
         after = None if start == (0, 0) else _id(start)
-        log = cast("AsyncGenerator[StoredEvent, None]", read_log(redis, self.shard, conn=conn, after=after))
-        async with contextlib.aclosing(log) as events:
-            async for stored in events:
-                key = entry_order(stored.entry_id)
-                if key > end:
+        async with contextlib.aclosing(read_pages(redis, self.shard, conn=conn, after=after)) as pages:
+            async for page in pages:
+                if self._page(page, expected, end, live_to, history_to):
                     break
-                self.events += 1
-                if self.on_event is not None:
-                    self.on_event()
-                if self.live_to < key <= live_to:
-                    live.plan(expected, [(stored.entry_id, stored.event)], self.grid)
-                if self.history_to < key <= history_to:
-                    self._history(stored.entry_id, key, stored.event)
         self.live_to, self.history_to = max(self.live_to, live_to), max(self.history_to, history_to)
+
+    def _page(
+        self, page: Sequence[StoredEvent], expected: ExpectedLive, end: Key, live_to: Key, history_to: Key
+    ) -> bool:
+        """Replay one page of the log; True once past ``end``."""
+        for stored in page:
+            key = entry_order(stored.entry_id)
+            if key > end:
+                return True
+            self.events += 1
+            if self.on_event is not None:
+                self.on_event()
+            if self.live_to < key <= live_to:
+                live.plan(expected, [(stored.entry_id, stored.event)], self.grid)
+            if self.history_to < key <= history_to:
+                self._history(stored.entry_id, key, stored.event)
+        return False
 
     def _history(self, entry_id: str, key: Key, event: wire.Event) -> None:
         self.rows.add(self.shard, [_Decoded(entry_id, key, event.type, "", event)])

@@ -364,7 +364,7 @@ async def _replay(args: argparse.Namespace) -> int:
     finally:
         await redis.aclose()
     if args.json:
-        _print_json(result.as_dict())
+        print(result.json())
         return 0
     print(result.heading())
     print_table(result.positions, POSITION_TABLE, "no positions")

@@ -7,6 +7,7 @@ them as they are: replaying a log rebuilds exactly the states the decider saw.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -37,17 +38,23 @@ def position_payload(position: PositionState) -> dict[str, Any]:
     return payload
 
 
+# The order fields an OrderPlaced event carries under their own names (the rest: from its envelope).
+_PLACED_FIELDS: tuple[str, ...] = tuple(
+    name
+    for name in wire.OrderPlaced.__struct_fields__
+    if name not in ("event_id", "stream", "command_id", "ts", "schema")
+)
+
+
 def _order_from_placed(event: wire.OrderPlaced) -> OrderState:
-    data = msgspec.structs.asdict(event)
-    for name in ("event_id", "stream", "command_id", "ts", "schema"):
-        data.pop(name)
+    data = {name: getattr(event, name) for name in _PLACED_FIELDS}
     data.update(id=event.stream, created_at=event.ts, updated_at=event.ts)
     return msgspec.convert(data, OrderState)
 
 
-@exact
 def apply(state: OrderState | PositionState | None, event: wire.Event) -> OrderState | PositionState:
-    """Evolve one aggregate by one of its events."""
+    """Evolve one aggregate by one of its events (no arithmetic: the event carries the results,
+    and a Decimal read from its text is exact in any context)."""
     if isinstance(event, wire.PositionEvent):
         return position_from_event(event)
     if isinstance(event, wire.OrderPlaced):
@@ -98,3 +105,26 @@ def evolve(book: Book, events: Iterable[wire.Event]) -> set[str]:
                 book.positions.setdefault(event.position_id, None)
                 changed.add(slot)
     return changed
+
+
+@dataclass(slots=True)
+class Latest:
+    """The last state of every order and position that events touched, folded without the
+    position slots (``evolve`` keeps those for the decider): what a book holds after ``evolve``
+    over the same events, less its placeholders. A position event carries the whole position,
+    so only each position's last event is kept while folding and made a state at the end
+    (``positions``): a log of many events per position folds at the cost of its order events."""
+
+    orders: dict[str, OrderState] = field(default_factory=dict)
+    last_position_events: dict[str, wire.PositionEvent] = field(default_factory=dict)
+
+    def fold(self, events: Iterable[wire.Event]) -> None:
+        orders, positions = self.orders, self.last_position_events
+        for event in events:
+            if isinstance(event, wire.PositionEvent):
+                positions[event.stream] = event
+            else:
+                orders[event.stream] = apply(orders.get(event.stream), event)  # type: ignore[assignment]
+
+    def positions(self) -> list[PositionState]:
+        return [position_from_event(event) for event in self.last_position_events.values()]

@@ -78,7 +78,8 @@ def _decimal(text: Any) -> Decimal:
 
 
 def _json_text(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    # Most objects are empty: "{}" at once (what json.dumps writes for one), without its set-up.
+    return "{}" if value == {} else json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def _amounts_json(value: Mapping[str, Decimal]) -> dict[str, str]:
@@ -211,6 +212,9 @@ class AggregateMapping:
     _defaults: dict[str, Callable[[], Any]] = field(init=False, repr=False, compare=False)
     _by_place: dict[In, tuple[Field, ...]] = field(init=False, repr=False, compare=False)
     _required: frozenset[str] = field(init=False, repr=False, compare=False)
+    _text: dict[str, Callable[[Any], str]] = field(init=False, repr=False, compare=False)
+    _live: tuple[tuple[str, Callable[[Any], str], tuple[str, ...]], ...] = field(init=False, repr=False, compare=False)
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         declared = [f.name for f in self.fields]
@@ -230,6 +234,9 @@ class AggregateMapping:
         by_place = {place: tuple(f for f in self.fields if f.has(place)) for place in places}
         object.__setattr__(self, "_by_place", by_place)
         object.__setattr__(self, "_required", frozenset(f.name for f in by_place[In.REQUIRED]))
+        object.__setattr__(self, "_text", {f.name: f.codec.text for f in self.fields if f.codec is not None})
+        object.__setattr__(self, "_live", tuple((f.name, f.coder.text, f.live) for f in by_place[In.LIVE]))
+        object.__setattr__(self, "_names", tuple(f.name for f in self.fields))
 
     # ------------------------------------------------------------- declared facts
 
@@ -263,18 +270,19 @@ class AggregateMapping:
 
     def values(self, state: msgspec.Struct) -> dict[str, Any]:
         """Every declared field of ``state``."""
-        return {f.name: getattr(state, f.name) for f in self.fields}
+        return {name: getattr(state, name) for name in self._names}
 
     # ------------------------------------------------------------- live hash
 
     def to_live(self, values: Mapping[str, Any]) -> dict[str, str]:
         """The live hash fields of the given values (all of them, or the ones an update sets)."""
         hashed: dict[str, str] = {}
-        for f in self._where(In.LIVE):
-            if f.name in values:
-                value = values[f.name]
-                text = "" if value is None else f.coder.text(value)
-                hashed.update((name, text) for name in f.live)
+        for name, write, live_names in self._live:
+            if name in values:
+                value = values[name]
+                text = "" if value is None else write(value)
+                for live_name in live_names:
+                    hashed[live_name] = text
         return hashed
 
     def from_live(self, fields: Mapping[str, str]) -> dict[str, Any]:
@@ -289,14 +297,10 @@ class AggregateMapping:
                 values[f.name] = f.coder.parse(text) if text != "" else self.default(f.name)
         return values
 
-    def cells(self, values: Mapping[str, Any], names: Iterable[str]) -> dict[str, str]:
-        """Fields written as the live hash writes them, by field name (``ledger replay``)."""
-        by_name = {f.name: f for f in self.fields}
-        cells = {}
-        for name in names:
-            value = values[name]
-            cells[name] = "" if value is None else by_name[name].coder.text(value)
-        return cells
+    def cells(self, state: msgspec.Struct, names: Iterable[str]) -> dict[str, str]:
+        """Fields of ``state`` written as the live hash writes them, by field name (``ledger replay``)."""
+        text = self._text
+        return {name: "" if (value := getattr(state, name)) is None else text[name](value) for name in names}
 
     # ------------------------------------------------------------- history row
 

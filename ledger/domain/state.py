@@ -2,6 +2,9 @@
 
 States are plain msgspec Structs holding exact Decimals. They are rebuilt from events by
 ``ledger.domain.evolution.apply`` and kept as per-aggregate snapshots, so loading one never scans the log.
+Like events, they hold only values (never part of a reference cycle) and are not tracked by the
+garbage collector (``gc=False``): a replay holding every order of a long log does not make each
+collection walk them.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class StateError(Inconsistent):
     Raised instead of ``assert``, which ``python -O`` removes."""
 
 
-class OrderState(msgspec.Struct, kw_only=True):
+class OrderState(msgspec.Struct, kw_only=True, gc=False):
     id: str
     user_id: str
     exchange: Exchange
@@ -68,7 +71,7 @@ class OrderState(msgspec.Struct, kw_only=True):
         return max(self.quantity - self.filled_qty, ZERO)
 
 
-class PositionState(msgspec.Struct, kw_only=True):
+class PositionState(msgspec.Struct, kw_only=True, gc=False):
     id: str
     user_id: str
     exchange: Exchange

@@ -177,8 +177,10 @@ COMMAND_TYPES: dict[str, type[Command]] = {
 # --------------------------------------------------------------------------- events
 
 
-class Event(msgspec.Struct, kw_only=True, tag_field="type"):
-    """The envelope of CONTRACT §5, common to every event."""
+class Event(msgspec.Struct, kw_only=True, tag_field="type", gc=False):
+    """The envelope of CONTRACT §5, common to every event. Not tracked by the garbage collector
+    (``gc=False``, inherited): an event holds only JSON values, so it is never part of a reference
+    cycle, and reading a long log no longer pays for collections that walk every event held."""
 
     SCHEMA: ClassVar[int] = 1
     event_id: str

@@ -17,11 +17,18 @@ many entries are lost and what to do, never a silently shorter log.
 Events of a type this reader does not know are skipped (CONTRACT §5). An entry that cannot be
 decoded is skipped with a warning naming it, the policy of the consumers, which dead-letter it
 (``consumers.deadletter``): the live state never applied it either.
+
+Reading is by page (``read_pages``; ``read_log`` is the same events one at a time). While a full
+page from Redis is decoded and handed over, the next one is already asked for (one request in
+flight), so the server's work of producing it overlaps the reader's work of decoding; a reader
+that stops early cancels it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +45,9 @@ from ledger.store.eventstore import StoredEvent
 from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
 
-__all__ = ["PAGE", "SEQ_MAX", "LogError", "log_size", "open_archive", "read_log"]
+__all__ = ["PAGE", "SEQ_MAX", "LogError", "log_size", "open_archive", "read_log", "read_pages"]
 
-PAGE = 1000  # entries per Redis XRANGE and per archive query
+PAGE = 2000  # entries per Redis XRANGE and per archive query
 SEQ_MAX = 2**63 - 1  # the largest entry_seq the archive can hold (BIGINT)
 
 _SQL = load_queries("ledger.store", "log.sql")
@@ -98,17 +105,48 @@ async def read_log(
     until: int | None = None,
     no_archive: str = "no database URL given",
     page: int = PAGE,
-) -> AsyncIterator[StoredEvent]:
+) -> AsyncGenerator[StoredEvent, None]:
     """The events of ``shard`` after entry ``after`` (None: from the first), in log order; with
     ``until`` (epoch ms), the log as of that moment: up to the first event whose ``ts`` is later.
 
     ``conn`` reads the archive (autocommit); without it, reading what Redis no longer holds
     fails with ``LogError`` (``no_archive`` says why there is none).
     """
-    async for stored in _read(redis, shard, conn, after, no_archive, page):
-        if until is not None and stored.event.ts > until:
-            return
-        yield stored
+    pages = read_pages(redis, shard, conn=conn, after=after, until=until, no_archive=no_archive, page=page)
+    async with contextlib.aclosing(pages):
+        async for events in pages:
+            for stored in events:
+                yield stored
+
+
+async def read_pages(
+    redis: Any,
+    shard: int,
+    *,
+    conn: psycopg.AsyncConnection[Any] | None = None,
+    after: str | None = None,
+    until: int | None = None,
+    no_archive: str = "no database URL given",
+    page: int = PAGE,
+) -> AsyncGenerator[Sequence[StoredEvent], None]:
+    """``read_log``'s events a page at a time (no page is empty): for readers that fold many
+    events, where handing them over one by one would cost more than the fold."""
+    reading = _read(redis, shard, conn, after, no_archive, page)
+    async with contextlib.aclosing(reading):
+        async for events in reading:
+            if until is not None and events[-1].event.ts > until:
+                if kept := _until(events, until):
+                    yield kept
+                return
+            yield events
+
+
+def _until(events: Sequence[StoredEvent], until: int) -> Sequence[StoredEvent]:
+    """The events before the first one whose ``ts`` is later than ``until``."""
+    for n, stored in enumerate(events):
+        if stored.event.ts > until:
+            return events[:n]
+    return events
 
 
 async def log_size(redis: Any, shard: int) -> int:
@@ -120,6 +158,25 @@ async def log_size(redis: Any, shard: int) -> int:
     return int(info["entries-added"])
 
 
+def _decoded_page(shard: int, entries: Sequence[tuple[Any, Any]]) -> list[StoredEvent]:
+    page = []
+    for entry_id, fields in entries:
+        if (stored := _decoded(shard, text(entry_id), *wire.entry_fields(fields))) is not None:
+            page.append(stored)
+    return page
+
+
+async def _redis_page(redis: Any, key: str, cursor: Key, page: int) -> tuple[Any, _Holes]:
+    """A page of Redis's log after ``cursor`` and the holes measured with it (one round trip)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.xrange(key, f"({_id(cursor)}", "+", count=page)
+    pipe.xinfo_stream(key)
+    entries, info = await pipe.execute(raise_on_error=False)
+    if isinstance(entries, Exception):
+        raise entries
+    return entries, _holes(info)
+
+
 async def _read(
     redis: Any,
     shard: int,
@@ -127,43 +184,50 @@ async def _read(
     after: str | None,
     no_archive: str,
     page: int,
-) -> AsyncIterator[StoredEvent]:
+) -> AsyncGenerator[Sequence[StoredEvent], None]:
     key = ShardKeys(shard).events
     cursor: Key = entry_order(after) if after else (0, 0)
     checked: _Holes | None = None
-    while True:
-        pipe = redis.pipeline(transaction=False)
-        pipe.xrange(key, f"({_id(cursor)}", "+", count=page)
-        pipe.xinfo_stream(key)
-        entries, info = await pipe.execute(raise_on_error=False)
-        if isinstance(entries, Exception):
-            raise entries
-        holes = _holes(info)
-        if cursor < holes.bound:
-            if conn is None:
-                raise LogError(
-                    f"{key} no longer holds {holes.missing} entries up to {_id(holes.bound)} and the archive "
-                    f"cannot be read ({no_archive}): give the ledger's PostgreSQL (--database-url or "
-                    "LEDGER_DATABASE_URL)"
-                )
-            if holes != checked:
-                await _check_archive(redis, conn, shard, holes)
-                checked = holes
-            async for stored in _region(redis, conn, shard, cursor, holes.bound, page):
-                yield stored
-            cursor = holes.bound
-            continue
-        if not entries:
-            return
-        for entry_id, fields in entries:
-            if (event := _decoded(shard, text(entry_id), *wire.entry_fields(fields))) is not None:
-                yield event
-        cursor = entry_order(text(entries[-1][0]))
+    ahead: asyncio.Task[tuple[Any, _Holes]] | None = None  # the next page, asked for early
+    try:
+        while True:
+            if ahead is None:
+                entries, holes = await _redis_page(redis, key, cursor, page)
+            else:
+                entries, holes = await ahead
+                ahead = None
+            if cursor < holes.bound:
+                if conn is None:
+                    raise LogError(
+                        f"{key} no longer holds {holes.missing} entries up to {_id(holes.bound)} and the archive "
+                        f"cannot be read ({no_archive}): give the ledger's PostgreSQL (--database-url or "
+                        "LEDGER_DATABASE_URL)"
+                    )
+                if holes != checked:
+                    await _check_archive(redis, conn, shard, holes)
+                    checked = holes
+                async for events in _region(redis, conn, shard, cursor, holes.bound, page):
+                    yield events
+                cursor = holes.bound
+                continue
+            if not entries:
+                return
+            cursor = entry_order(text(entries[-1][0]))
+            if len(entries) == page:
+                ahead = asyncio.ensure_future(_redis_page(redis, key, cursor, page))
+                await asyncio.sleep(0)  # lets the request go out before this page is decoded
+            if events := _decoded_page(shard, entries):
+                yield events
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ahead
 
 
 async def _region(
     redis: Any, conn: psycopg.AsyncConnection[Any], shard: int, cursor: Key, bound: Key, page: int
-) -> AsyncIterator[StoredEvent]:
+) -> AsyncIterator[list[StoredEvent]]:
     """The entries after ``cursor`` up to ``bound`` (where Redis has holes): the archive's and
     those Redis still holds there, merged in log order, each once."""
     key = ShardKeys(shard).events
@@ -191,10 +255,13 @@ async def _region(
             merged[entry_order(text(entry_id))] = (text(entry_id), *wire.entry_fields(fields))
         for entry_id, ms, seq, type_name, data in rows:
             merged.setdefault((int(ms), int(seq)), (entry_id, type_name, data))
-        for entry in sorted(k for k in merged if k <= upto):
-            stored = _decoded(shard, *merged[entry])
-            if stored is not None:
-                yield stored
+        events = [
+            stored
+            for entry in sorted(k for k in merged if k <= upto)
+            if (stored := _decoded(shard, *merged[entry])) is not None
+        ]
+        if events:
+            yield events
         cursor = upto
 
 

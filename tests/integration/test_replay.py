@@ -6,6 +6,7 @@ projector, Redis, PostgreSQL and the real ``ledger`` script."""
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,10 @@ async def test_replay_at_a_moment_equals_the_state_captured_then_before_and_afte
     settings = {"LEDGER_REDIS_URL": redis_url, "LEDGER_DATABASE_URL": database_url}
 
     async def replay(*args: str) -> Any:
-        return (await ledger_cli(tmp_path, "replay", *args, "--json", **settings)).json()
+        run = await ledger_cli(tmp_path, "replay", *args, "--json", **settings)
+        parsed = run.json()
+        assert run.stdout == json.dumps(parsed, indent=2) + "\n"  # the text json.dumps writes
+        return parsed
 
     async with rig.projector(database_url):
         await first_half(rig)

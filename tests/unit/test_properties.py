@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from ledger.domain import wire
 from ledger.domain.decider import Decision
 from ledger.domain.enums import FINAL_ORDER_STATUSES, PositionStatus
-from ledger.domain.evolution import evolve
+from ledger.domain.evolution import Latest, evolve
 from ledger.domain.instruments import instrument_for
 from ledger.domain.state import Book
 from ledger.venues.markets import instrument_table
@@ -188,6 +188,27 @@ def test_replaying_the_log_rebuilds_exactly_the_states_the_handler_held(
     assert first == snapshots
     assert second == first
     assert _snapshot(replay(driver.log)) == _snapshot(driver.store)
+
+
+@PROPERTY
+@given(SESSION, st.integers(0, 80), st.integers(1, 9))
+def test_replay_fold_gives_the_states_evolve_gives_at_every_prefix(
+    operations: list[tuple[Any, ...]], cut: int, page: int
+) -> None:
+    """``ledger replay``'s fold (``Latest``: orders applied, each position's last event made a
+    state at the end) over the log read back from JSON, in pages, equals ``evolve``'s book less
+    its placeholders, for any prefix of a varied log."""
+    log = [wire.decode_event(**_stream_entry(event)) for event in run_session(operations).log][:cut]
+    book = Book()
+    evolve(book, log)
+    latest = Latest()
+    for start in range(0, len(log), page):
+        latest.fold(log[start : start + page])
+
+    assert latest.orders == {k: v for k, v in book.orders.items() if v is not None}
+    positions = latest.positions()
+    assert {p.id: p for p in positions} == {k: v for k, v in book.positions.items() if v is not None}
+    assert len(positions) == len({p.id for p in positions})
 
 
 @PROPERTY
