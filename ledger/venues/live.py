@@ -64,11 +64,14 @@ class VenueRules:
     hex_client_id: bool  # the UUID's 32 hex digits (else the UUID as it is)
     trades_param: str | None  # the fetch_my_trades parameter naming the order; None: trades come with the order
     duplicate_codes: frozenset[str]  # error codes meaning "this client id was used already"
+    duplicate_message: str | None = None  # or an error message saying so (Binance spot: code -2010 is shared)
 
 
 RULES: Mapping[Exchange, VenueRules] = {
     Exchange.OKX: VenueRules(re.compile(r"[A-Za-z0-9]{1,32}"), True, "ordId", frozenset({"51016"})),
-    Exchange.BINANCE: VenueRules(re.compile(r"[A-Za-z0-9_-]{1,36}"), True, "orderId", frozenset({"-4116"})),
+    Exchange.BINANCE: VenueRules(
+        re.compile(r"[A-Za-z0-9_-]{1,36}"), True, "orderId", frozenset({"-4116"}), "Duplicate order sent"
+    ),
     Exchange.UPBIT: VenueRules(re.compile(r"[A-Za-z0-9_-]{1,64}"), False, None, frozenset()),
 }
 
@@ -259,8 +262,13 @@ def _code_message(exc: BaseException) -> tuple[str | None, str]:
 
 def classify(exchange: Exchange, exc: BaseException) -> Refused | Ambiguous:
     """What an exception of a create means: a definite refusal or an unknown outcome."""
-    code, _message = _code_message(exc)
-    duplicate = isinstance(exc, ccxt.DuplicateOrderId) or code in RULES[exchange].duplicate_codes
+    code, message = _code_message(exc)
+    rules = RULES[exchange]
+    duplicate = (
+        isinstance(exc, ccxt.DuplicateOrderId)
+        or code in rules.duplicate_codes
+        or (rules.duplicate_message is not None and rules.duplicate_message in message)
+    )
     if isinstance(exc, ccxt.ExchangeError) and not isinstance(exc, ccxt.OrderNotFound) and not duplicate:
         return Refused(refusal_reason(exchange, exc))
     what = "the client order id is in use already" if duplicate else type(exc).__name__

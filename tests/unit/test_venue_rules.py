@@ -118,6 +118,8 @@ def test_only_a_definite_answer_is_a_refusal() -> None:
         ConnectionResetError(),
     ):
         assert isinstance(classify(Exchange.OKX, unknown), Ambiguous), unknown
+    spot_duplicate = ccxt.InvalidOrder('binance {"code":-2010,"msg":"Duplicate order sent."}')
+    assert isinstance(classify(Exchange.BINANCE, spot_duplicate), Ambiguous)
 
 
 ACCOUNT = {"apiKey": "key-1", "secret": "top-secret", "password": "pass-phrase", "users": ["alice"]}
