@@ -2,13 +2,14 @@
 
 A batch of command entries of one shard is handled in log order. State is loaded from the
 shard's snapshots in a few pipelined waves, every command is decided by the pure decider
-against one in-memory book, and all outcomes are appended in one pipeline, each atomically with
-its reply and deduplication record. When another handler changed a user's state in between (the
-append script answers ``conflict``), that user's remaining commands are decided again, one by
-one, on freshly loaded state. Malformed entries are dead-lettered, with a rejection reply when
-their ``command_id`` and ``user_id`` can be read, once per entry: a redelivered entry (a batch
-retried entry by entry, a claimed entry) writes neither again. Any other failure of one entry
-is the runner's to isolate (it retries the entry alone and counts its tries).
+against one in-memory book (in one exact decimal context for the whole batch), and all outcomes
+are appended in one script call, each atomically with its reply and deduplication record. When
+another handler changed a user's state in between (the append script answers ``conflict``), that
+user's remaining commands are decided again, one by one, on freshly loaded state. Malformed
+entries are dead-lettered, with a rejection reply when their ``command_id`` and ``user_id`` can be
+read, once per entry: a redelivered entry (a batch retried entry by entry, a claimed entry)
+writes neither again. Any other failure of one entry is the runner's to isolate (it retries the
+entry alone and counts its tries).
 
 A duplicate of a command whose outcome was compacted (``projections.compact``: the reply moved to
 PostgreSQL's ``ledger_outcomes``, a marker left in Redis) is not answered in the batch: the append
@@ -21,8 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
-import uuid
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +40,7 @@ from ledger.domain import wire
 from ledger.domain.decider import Context, Decision, Rejection, Requirements, decide, requirements
 from ledger.domain.evolution import evolve
 from ledger.domain.state import Book, StateError
-from ledger.domain.values import now_ms
+from ledger.domain.values import exact_arithmetic, now_ms
 from ledger.errors import HandlingSignal
 from ledger.sqlfiles import load_queries
 from ledger.store.eventstore import Append, EventStore, outcome_marker
@@ -49,7 +49,6 @@ from ledger.store.redis_conn import CONNECT_TIMEOUT_S
 from ledger.venues.markets import instrument_table
 
 GROUP = "ledger-handler"
-PREFETCH_WAVES = 3
 MAX_CONFLICT_RETRIES = 20
 # The OutcomeReader looks for waiting duplicates this often (it is also woken by its handler),
 # and backs off (``consumers.backoff``) while PostgreSQL is away or a reply is missing.
@@ -60,8 +59,38 @@ _SQL = load_queries("projections", "compact.sql")
 log = structlog.get_logger("ledger.handler")
 
 
+class _RandomHex:
+    """Random hex digits drawn from the system's source a block at a time: one ``os.urandom``
+    call per 128 ids instead of one per id. A forked child drops the block it inherited, so no
+    two processes hand out the same digits."""
+
+    BLOCK_BYTES = 2048
+
+    def __init__(self) -> None:
+        self._digits = ""
+        self._at = 0
+
+    def take(self, count: int) -> str:
+        start, end = self._at, self._at + count
+        if end > len(self._digits):
+            self._digits, start, end = os.urandom(self.BLOCK_BYTES).hex(), 0, count
+        self._at = end
+        return self._digits[start:end]
+
+    def drop(self) -> None:
+        self._digits, self._at = "", 0
+
+
+_random = _RandomHex()
+os.register_at_fork(after_in_child=_random.drop)
+# The variant digit of a UUID (RFC 9562: bits 10xx) keeping the random digit's two low bits.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
 def new_uuid() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID: 122 random bits, the version digit 4 and the variant bits 10."""
+    h = _random.take(32)
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 @dataclass(slots=True)
@@ -162,8 +191,9 @@ class CommandHandler:
         # Tokens first, state after: state read later is at least as new as the token, so an
         # append made in between by another handler always shows as a conflict.
         tokens = await self.store.tokens(p.command.user_id for p in commands)
-        await self._prefetch(book, [p.command for p in commands])
-        appends = [await self._decide(p, book, tokens) for p in commands]
+        await self._load(book, [p.command for p in commands])
+        with exact_arithmetic():
+            appends = [self._decide(p, book, tokens) for p in commands]
         results = await self.store.append_many(appends)
         conflicted: set[str] = set()
         retry: list[_Pending] = []
@@ -177,25 +207,28 @@ class CommandHandler:
         for pending in retry:
             await self._handle_alone(pending)
 
-    async def _prefetch(self, book: Book, commands: Sequence[wire.Command]) -> None:
-        for _ in range(PREFETCH_WAVES):
-            wanted: list[Requirements] = [requirements(c, book).missing(book) for c in commands]
-            missing = Requirements(
-                frozenset().union(*(w.order_ids for w in wanted)),
-                frozenset().union(*(w.position_ids for w in wanted)),
-                frozenset().union(*(w.slots for w in wanted)),
-            )
-            if not missing:
-                return
-            await self.store.load(book, missing)
+    async def _load(self, book: Book, commands: Sequence[wire.Command]) -> None:
+        """Load what the commands need, in pipelined waves until nothing is missing: a wave
+        follows what the last one loaded (an order's position, a slot's position; a position
+        refers to nothing, so two waves follow the longest chain). A command is walked again only
+        while it misses something: the book only grows. Deciding needs no more loading: evolving
+        the book by a decision adds every aggregate and slot the decision made."""
+        pending = list(commands)
+        while pending:
+            wanted = [(command, requirements(command, book).missing(book)) for command in pending]
+            pending = [command for command, missing in wanted if missing]
+            if pending:
+                await self.store.load(
+                    book,
+                    Requirements(
+                        frozenset().union(*(missing.order_ids for _c, missing in wanted)),
+                        frozenset().union(*(missing.position_ids for _c, missing in wanted)),
+                        frozenset().union(*(missing.slots for _c, missing in wanted)),
+                    ),
+                )
 
-    async def _load(self, book: Book, command: wire.Command) -> None:
-        while missing := requirements(command, book).missing(book):
-            await self.store.load(book, missing)
-
-    async def _decide(self, pending: _Pending, book: Book, tokens: dict[str, str]) -> Append:
+    def _decide(self, pending: _Pending, book: Book, tokens: dict[str, str]) -> Append:
         command = pending.command
-        await self._load(book, command)
         decision = decide(command, book, Context(now=self.clock(), new_id=self.new_id, instruments=instrument_table()))
         user = command.user_id
         append = Append(
@@ -204,7 +237,7 @@ class CommandHandler:
             expected_token=tokens.get(user, ""),
             # Unique to this decision, not just the entry: when two handlers decide the same
             # entry (a claimed one), the loser's next commands must not match the winner's token.
-            new_token=f"{pending.entry.id}:{secrets.token_hex(6)}",
+            new_token=f"{pending.entry.id}:{_random.take(12)}",
             reply=_reply(command, decision),
         )
         tokens[user] = append.new_token
@@ -218,7 +251,9 @@ class CommandHandler:
         for _attempt in range(MAX_CONFLICT_RETRIES):
             book = Book()
             tokens = await self.store.tokens([pending.command.user_id])
-            append = await self._decide(pending, book, tokens)
+            await self._load(book, [pending.command])
+            with exact_arithmetic():
+                append = self._decide(pending, book, tokens)
             result = await self.store.append(append)
             if result.status != "conflict":
                 self._log_outcome(pending, append, result.status)

@@ -92,6 +92,9 @@ class Requirements:
         return bool(self.order_ids or self.position_ids or self.slots)
 
 
+_SIDES = tuple(PositionSide)
+
+
 def requirements(command: wire.Command, book: Book) -> Requirements:
     """What ``decide`` needs in the book; load it, then ask again until nothing is missing."""
     user = command.user_id
@@ -111,7 +114,7 @@ def requirements(command: wire.Command, book: Book) -> Requirements:
         position_ids.add(position_id.lower())
     if isinstance(command, wire.PlaceOrder | wire.OpenPosition):
         market = (command.exchange, command.symbol)
-    slots = {slot_field(user, market[0], market[1], side) for side in PositionSide} if market else set()
+    slots = {slot_field(user, market[0], market[1], side) for side in _SIDES} if market else set()
     position_ids.update(pid for s in slots if (pid := book.slots.get(s)))
     return Requirements(frozenset(order_ids), frozenset(position_ids), frozenset(slots))
 

@@ -6,10 +6,12 @@ statement or the domain. Each failure names the field and the rule it broke.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import (
@@ -19,6 +21,7 @@ from decimal import (
     DivisionByZero,
     InvalidOperation,
     Overflow,
+    getcontext,
     localcontext,
 )
 from typing import Any, ParamSpec, TypeVar
@@ -94,14 +97,34 @@ EXACT = Context(prec=1000, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, Di
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+# The EXACT context this task runs in, while one is active (``exact_arithmetic``).
+_ACTIVE: ContextVar[Context | None] = ContextVar("ledger_exact_context", default=None)
+
+
+@contextlib.contextmanager
+def exact_arithmetic() -> Iterator[None]:
+    """Run a block with exact sums and products (the ``EXACT`` decimal context). The functions
+    marked ``exact`` that it calls run in it as they are, without setting a context each: a
+    caller making many of them (the handler deciding a batch) sets it once."""
+    if getcontext() is _ACTIVE.get():
+        yield
+        return
+    with localcontext(EXACT) as context:
+        token = _ACTIVE.set(context)
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
 
 
 def exact(function: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run ``function`` with exact sums and products (the ``EXACT`` decimal context)."""
+    """Run ``function`` with exact sums and products (``exact_arithmetic``)."""
 
     @functools.wraps(function)
     def in_exact_context(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with localcontext(EXACT):
+        if getcontext() is _ACTIVE.get():  # already exact: the common case, kept cheap
+            return function(*args, **kwargs)
+        with exact_arithmetic():
             return function(*args, **kwargs)
 
     return in_exact_context

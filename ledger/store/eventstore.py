@@ -11,6 +11,9 @@ compacted (``projections.compact``: the reply moved to PostgreSQL, a marker left
 answers ``archived`` and records the duplicate in ``ledger:{s}:outcomes:waiting``; the handler's
 ``OutcomeReader`` writes the reply from PostgreSQL with ``answer_waiting``.
 
+A batch of appends (``append_many``) is one script call with the batch packed in one msgpack
+argument; each append in it keeps its own atomic step and outcome, in order.
+
 Loading state reads snapshots by id (HMGET), never the log.
 """
 
@@ -24,7 +27,7 @@ from typing import Any, Literal
 
 import msgspec
 import structlog
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from ledger.defaults import BLOCK_MS, REPLY_TTL_S
 from ledger.domain import wire
@@ -58,6 +61,7 @@ return 1
 _order_decoder = msgspec.json.Decoder(OrderState)
 _position_decoder = msgspec.json.Decoder(PositionState)
 _encoder = msgspec.json.Encoder()
+_batch_encoder = msgspec.msgpack.Encoder()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +164,15 @@ class EventStore:
 
     # ----------------------------------------------------------------- writes
 
-    def _args(self, append: Append) -> tuple[list[str], list[Any]]:
+    async def _load_script(self) -> str:
+        self._sha = await self.redis.script_load(APPEND_LUA)
+        return self._sha
+
+    async def append_many(self, appends: Sequence[Append]) -> list[AppendResult]:
+        """Append a batch in one script call (``lua/append.lua``), each append atomic on its own
+        and in order; one result per append. The batch travels packed in one argument."""
+        if not appends:
+            return []
         keys = self.keys
         key_list = [
             keys.events,
@@ -169,50 +181,19 @@ class EventStore:
             keys.slots,
             keys.sequence,
             keys.outcomes,
-            keys.reply(append.user_id, append.command_id),
             keys.chain,
             keys.waiting,
             keys.eventless,
+            *(keys.reply(a.user_id, a.command_id) for a in appends),
         ]
-        args: list[Any] = [
-            append.user_id,
-            outcome_field(append.user_id, append.command_id),
-            append.expected_token,
-            append.new_token,
-            reply_head(append.reply),
-            self.reply_ttl_s,
-            len(append.events),
-        ]
-        for event in append.events:
-            args += [event.type, wire.encode(event)]
-        for snapshots in (append.orders, append.positions):
-            args.append(len(snapshots))
-            for aggregate_id, state in snapshots.items():
-                args += [aggregate_id, _encoder.encode(state)]
-        args.append(len(append.slots))
-        for slot, position_id in append.slots.items():
-            args += [slot, position_id or ""]
-        return key_list, args
-
-    async def _load_script(self) -> str:
-        self._sha = await self.redis.script_load(APPEND_LUA)
-        return self._sha
-
-    async def append_many(self, appends: Sequence[Append]) -> list[AppendResult]:
-        """Run the appends in one pipeline round trip; each one is atomic on its own."""
+        args = [len(key_list), *key_list, _batch_encoder.encode([_packed(a) for a in appends]), self.reply_ttl_s]
         sha = self._sha or await self._load_script()
-        for _attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            for append in appends:
-                key_list, args = self._args(append)
-                # Not ``pipe.evalsha``: redis-py's cluster pipeline blocks that method, while
-                # the raw command is routed by its keys (all on this shard's slot).
-                pipe.execute_command("EVALSHA", sha, len(key_list), *key_list, *args)
-            results = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, NoScriptError) for r in results):
-                break
-            sha = await self._load_script()  # the server lost its script cache (restart)
-        return [_result(r) for r in results]
+        try:
+            # ``execute_command``: routed by its keys on a cluster (all on this shard's slot).
+            results = await self.redis.execute_command("EVALSHA", sha, *args)
+        except NoScriptError:  # the server lost its script cache (a restart): load it again
+            results = await self.redis.execute_command("EVALSHA", await self._load_script(), *args)
+        return [AppendResult(text(status), text(reply)) for status, reply in results]
 
     async def append(self, append: Append) -> AppendResult:
         return (await self.append_many([append]))[0]
@@ -299,8 +280,25 @@ def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEv
             yield StoredEvent(entry_id, event)
 
 
-def _result(raw: Any) -> AppendResult:
-    if isinstance(raw, ResponseError):
-        raise raw
-    status, reply = (text(x) or "" for x in raw)
-    return AppendResult(status, reply)  # type: ignore[arg-type]
+
+def _packed(append: Append) -> list[Any]:
+    """One command's part of the batch, as ``lua/append.lua`` reads it. Texts, not bytes: Redis's
+    cmsgpack reads no msgpack ``bin``; the event and snapshot JSON is UTF-8 and stays byte for byte."""
+    events: list[str] = []
+    for event in append.events:
+        events += (event.type, wire.encode(event).decode())
+    return [
+        append.user_id,
+        outcome_field(append.user_id, append.command_id),
+        append.expected_token,
+        append.new_token,
+        reply_head(append.reply).decode(),
+        events,
+        _pairs(append.orders),
+        _pairs(append.positions),
+        [x for slot, position_id in append.slots.items() for x in (slot, position_id or "")],
+    ]
+
+
+def _pairs(snapshots: dict[str, OrderState] | dict[str, PositionState]) -> list[str]:
+    return [x for aggregate_id, state in snapshots.items() for x in (aggregate_id, _encoder.encode(state).decode())]

@@ -270,6 +270,51 @@ class EventStoreContract:
         assert await client.hgetall(store.keys.sequence) == {USER: "1-0:a", "bob": "1-0:b"}
         assert sorted(await client.hkeys(store.keys.outcomes)) == ["alice:c-1", "bob:c-b"]
 
+    async def test_one_batch_gives_each_command_its_own_outcome_in_order(self, client: Any, store: EventStore) -> None:
+        keys = store.keys
+        archived = await store.append(rejection("c-0", new="0-1:a"))
+        marker = outcome_marker(archived.reply.encode())
+        await client.hset(keys.outcomes, "alice:c-0", marker)  # what compaction leaves
+        await client.delete(keys.reply(USER, "c-0"))
+        c1 = command("c-1", [placed(ORDER_1, "c-1"), opened("c-1", ORDER_1)], expected="0-1:a", new="1-0:a")
+        c2 = command("c-2", [placed(ORDER_2, "c-2")], expected="1-0:a", new="2-0:a")  # decided after c-1
+        c3 = rejection("c-3", expected="2-0:a", new="3-0:a")
+        bob_stale = command("b-1", [], expected="9-9:z", new="4-0:b", user="bob")
+        bob_next = command("b-2", [], expected="4-0:b", new="5-0:b", user="bob")  # decided after b-1: conflicts too
+
+        results = await store.append_many(
+            [c1, command("c-0", [], expected="0-1:a", new="x"), c2, c1, bob_stale, c3, bob_next]
+        )
+
+        entries = await client.xrange(keys.events)
+        ids = [entry_id for entry_id, _fields in entries]
+        reply_1, reply_2 = full_reply(c1, ids[:2]), full_reply(c2, ids[2:])
+        reply_3 = full_reply(c3, [])
+        assert results == [
+            AppendResult("ok", reply_1),
+            AppendResult("archived", marker),
+            AppendResult("ok", reply_2),
+            AppendResult("duplicate", reply_1),
+            AppendResult("conflict", ""),
+            AppendResult("ok", reply_3),
+            AppendResult("conflict", ""),
+        ]
+        assert [fields["n"] for _id, fields in entries] == ["1", "2", "3"]
+        assert await client.hgetall(keys.chain) == {"id": ids[2], "n": "3", "hash": entries[2][1]["hash"]}
+        assert await client.hgetall(keys.sequence) == {USER: "3-0:a"}
+        assert await client.hgetall(keys.outcomes) == {
+            "alice:c-0": marker,
+            "alice:c-1": reply_1,
+            "alice:c-2": reply_2,
+            "alice:c-3": reply_3,
+        }
+        assert await store.waiting() == {"alice:c-0": marker}
+        for command_id, reply in (("c-1", reply_1), ("c-2", reply_2), ("c-3", reply_3)):
+            assert await client.lrange(keys.reply(USER, command_id), 0, -1) == [reply]
+        assert await client.exists(keys.reply(USER, "c-0"), keys.reply("bob", "b-1"), keys.reply("bob", "b-2")) == 0
+        assert await client.zrange(keys.eventless, 0, -1) == ["alice:c-0", "alice:c-3"]
+        assert await store.append_many([]) == []
+
     async def test_load_reads_back_snapshots_slots_tokens_and_outcomes(self, client: Any, store: EventStore) -> None:
         events: list[wire.Event] = [placed(ORDER_1, "c-1"), opened("c-1", ORDER_1)]
         first = await store.append(command("c-1", events, new="1-0:a", slots={SLOT: POSITION}))

@@ -1,80 +1,102 @@
--- Append one command's outcome atomically, on one shard's keys only (Redis Cluster safe).
+-- Append the outcomes of a batch of commands, each atomically and in order, on one shard's keys
+-- only (Redis Cluster safe: every key, the reply lists too, is declared and on the shard's tag).
 -- KEYS: 1 events stream, 2 order snapshots, 3 position snapshots, 4 open-position slots,
---       5 per-user tokens, 6 outcomes (dedupe), 7 reply list, 8 chain head,
---       9 duplicates waiting for an archived outcome, 10 age of outcomes without events
--- ARGV: 1 user_id, 2 outcome field, 3 expected token ('' = none yet), 4 new token,
---       5 reply head (JSON up to and including "events":), 6 reply TTL seconds,
---       7 event count, then type/data pairs, then order count and id/json pairs,
---       then position count and id/json pairs, then slot count and field/value pairs
---       (value '' deletes the slot).
--- Returns {'ok'|'duplicate', reply}, {'archived', marker} or {'conflict', current token}.
+--       5 per-user tokens, 6 outcomes (dedupe), 7 chain head,
+--       8 duplicates waiting for an archived outcome, 9 age of outcomes without events,
+--       then 9 + i: the reply list of command i.
+-- ARGV: 1 the batch, msgpack (ledger/store/eventstore.py packs it): an array with, per command,
+--       {user_id, outcome field, expected token ('' = none yet), new token,
+--        reply head (JSON up to and including "events":), {type, data, ...} of its events,
+--        {id, json, ...} of its orders, {id, json, ...} of its positions,
+--        {field, value, ...} of its slots (value '' deletes the slot)};
+--       2 reply TTL seconds.
+-- Returns, per command in order, {'ok'|'duplicate', reply}, {'archived', marker} or
+-- {'conflict', current token}. A conflict writes nothing for that command; the user's later
+-- commands in the batch expected its new token, so they conflict too.
 -- An outcome compacted by projections/compact.py is a marker ('~' and a digest, never JSON,
 -- which starts with '{'): the full reply is in PostgreSQL, so the duplicate is recorded in
--- KEYS[9] for the handler's OutcomeReader to answer, and nothing else is written.
--- An outcome without events gets its time (Redis's clock, epoch ms) in KEYS[10]: its age for
+-- KEYS[8] for the handler's OutcomeReader to answer, and nothing else is written.
+-- An outcome without events gets its time (Redis's clock, epoch ms) in KEYS[9]: its age for
 -- compaction, which no event entry id gives.
--- Every event is chained (ledger/chain.py): its entry gets fields n (its number in the shard's
--- chain, 1, 2, 3 ...) and hash = sha1hex(previous hash .. '\n' .. n .. '\n' .. type .. '\n' .. data),
--- the first previous hash being the genesis sha1hex(KEYS[1]); KEYS[8] holds the head (id, n, hash).
-local function answer(reply)
-  redis.call('DEL', KEYS[7])
-  redis.call('RPUSH', KEYS[7], reply)
-  redis.call('EXPIRE', KEYS[7], ARGV[6])
+-- Every event is chained (ledger/store/chain.py): its entry gets fields n (its number in the
+-- shard's chain, 1, 2, 3 ...) and hash = sha1hex(previous hash .. '\n' .. n .. '\n' .. type ..
+-- '\n' .. data), the first previous hash being the genesis sha1hex(KEYS[1]); KEYS[7] holds the
+-- head (id, n, hash), moved by each command's events (read once per batch).
+local batch = cmsgpack.unpack(ARGV[1])
+local ttl = ARGV[2]
+local head_n, head_hash
+local now
+
+local function answer(key, reply)
+  redis.call('DEL', key)
+  redis.call('RPUSH', key, reply)
+  redis.call('EXPIRE', key, ttl)
 end
 
-local earlier = redis.call('HGET', KEYS[6], ARGV[2])
-if earlier then
-  if string.sub(earlier, 1, 1) == '~' then
-    redis.call('HSET', KEYS[9], ARGV[2], earlier)
-    return {'archived', earlier}
+local function write_pairs(key, pairs)
+  for j = 1, #pairs, 2 do
+    redis.call('HSET', key, pairs[j], pairs[j + 1])
   end
-  answer(earlier)
-  return {'duplicate', earlier}
-end
-local token = redis.call('HGET', KEYS[5], ARGV[1]) or ''
-if token ~= ARGV[3] then
-  return {'conflict', token}
 end
 
-local i = 7
-local refs = {}
-if tonumber(ARGV[i]) > 0 then
-  local head = redis.call('HMGET', KEYS[8], 'n', 'hash')
-  local n = tonumber(head[1] or '0')
-  local hash = head[2] or redis.sha1hex(KEYS[1])
-  local id
-  for _ = 1, tonumber(ARGV[i]) do
-    n = n + 1
-    local number = string.format('%d', n)
-    hash = redis.sha1hex(hash .. '\n' .. number .. '\n' .. ARGV[i + 1] .. '\n' .. ARGV[i + 2])
-    id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i + 1], 'data', ARGV[i + 2], 'n', number, 'hash', hash)
-    refs[#refs + 1] = '{"type":"' .. ARGV[i + 1] .. '","id":"' .. id .. '"}'
-    i = i + 2
+local function apply(c, reply_key)
+  local user, field, expected, new_token, reply_head = c[1], c[2], c[3], c[4], c[5]
+  local events, orders, positions, slots = c[6], c[7], c[8], c[9]
+  local earlier = redis.call('HGET', KEYS[6], field)
+  if earlier then
+    if string.sub(earlier, 1, 1) == '~' then
+      redis.call('HSET', KEYS[8], field, earlier)
+      return {'archived', earlier}
+    end
+    answer(reply_key, earlier)
+    return {'duplicate', earlier}
   end
-  redis.call('HSET', KEYS[8], 'id', id, 'n', string.format('%d', n), 'hash', hash)
-end
-for key = 2, 3 do
-  i = i + 1
-  for _ = 1, tonumber(ARGV[i]) do
-    redis.call('HSET', KEYS[key], ARGV[i + 1], ARGV[i + 2])
-    i = i + 2
+  local token = redis.call('HGET', KEYS[5], user) or ''
+  if token ~= expected then
+    return {'conflict', token}
   end
-end
-i = i + 1
-for _ = 1, tonumber(ARGV[i]) do
-  if ARGV[i + 2] == '' then
-    redis.call('HDEL', KEYS[4], ARGV[i + 1])
-  else
-    redis.call('HSET', KEYS[4], ARGV[i + 1], ARGV[i + 2])
+  local refs, id = {}, nil
+  if #events > 0 and not head_n then
+    local head = redis.call('HMGET', KEYS[7], 'n', 'hash')
+    head_n = tonumber(head[1] or '0')
+    head_hash = head[2] or redis.sha1hex(KEYS[1])
   end
-  i = i + 2
+  for j = 1, #events, 2 do
+    local event_type, data = events[j], events[j + 1]
+    head_n = head_n + 1
+    local number = string.format('%d', head_n)
+    head_hash = redis.sha1hex(head_hash .. '\n' .. number .. '\n' .. event_type .. '\n' .. data)
+    id = redis.call('XADD', KEYS[1], '*', 'type', event_type, 'data', data, 'n', number, 'hash', head_hash)
+    refs[#refs + 1] = '{"type":"' .. event_type .. '","id":"' .. id .. '"}'
+  end
+  if #refs > 0 then
+    redis.call('HSET', KEYS[7], 'id', id, 'n', string.format('%d', head_n), 'hash', head_hash)
+  end
+  write_pairs(KEYS[2], orders)
+  write_pairs(KEYS[3], positions)
+  for j = 1, #slots, 2 do
+    if slots[j + 1] == '' then
+      redis.call('HDEL', KEYS[4], slots[j])
+    else
+      redis.call('HSET', KEYS[4], slots[j], slots[j + 1])
+    end
+  end
+  redis.call('HSET', KEYS[5], user, new_token)
+  local reply = reply_head .. '[' .. table.concat(refs, ',') .. ']}'
+  redis.call('HSET', KEYS[6], field, reply)
+  if #refs == 0 then
+    if not now then
+      local time = redis.call('TIME')
+      now = time[1] * 1000 + math.floor(time[2] / 1000)
+    end
+    redis.call('ZADD', KEYS[9], now, field)
+  end
+  answer(reply_key, reply)
+  return {'ok', reply}
 end
-redis.call('HSET', KEYS[5], ARGV[1], ARGV[4])
-local reply = ARGV[5] .. '[' .. table.concat(refs, ',') .. ']}'
-redis.call('HSET', KEYS[6], ARGV[2], reply)
-if #refs == 0 then
-  local now = redis.call('TIME')
-  redis.call('ZADD', KEYS[10], now[1] * 1000 + math.floor(now[2] / 1000), ARGV[2])
+
+local results = {}
+for i, c in ipairs(batch) do
+  results[i] = apply(c, KEYS[9 + i])
 end
-answer(reply)
-return {'ok', reply}
+return results
