@@ -43,10 +43,11 @@ writer is never that late).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
@@ -70,6 +71,9 @@ FINAL_ORDER_TTL_S = 7 * 24 * 3600
 STEP_ENTRIES = 1000
 # At most this many due items handled per sweep.
 SWEEP_ITEMS = 500
+# ``expiring`` is read at least this often (items another applier scheduled), else only when the
+# first item this applier knows of is due.
+SWEEP_EVERY_MS = 1000
 
 log = structlog.get_logger("ledger.projection")
 
@@ -83,89 +87,102 @@ end
 """
 
 # The one writer of a live key, for this projection and for ``ledger verify --repair``:
-# ``write(op, member, first)`` applies ``op`` to KEYS[1]; ``member`` is the set member or hash
-# field, ARGV[first..] the operands (field/value pairs of 'put', the members of 'sput', the value
-# of 'hset').
+# ``write(key, op, member, args, first)`` applies ``op`` to ``key``; ``member`` is the set member
+# or hash field, ``args[first..]`` the operands (field/value pairs of 'put', the members of
+# 'sput', the value of 'hset').
 WRITE_LIVE_KEY = """
-local function write(op, member, first)
+local function write(key, op, member, args, first)
   if op == 'put' then
-    redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[1], unpack(ARGV, first))
+    redis.call('DEL', key)
+    redis.call('HSET', key, unpack(args, first))
   elseif op == 'del' then
-    redis.call('DEL', KEYS[1])
+    redis.call('DEL', key)
   elseif op == 'sput' then
-    redis.call('DEL', KEYS[1])
-    if #ARGV >= first then
-      redis.call('SADD', KEYS[1], unpack(ARGV, first))
+    redis.call('DEL', key)
+    if #args >= first then
+      redis.call('SADD', key, unpack(args, first))
     end
   elseif op == 'sadd' then
-    redis.call('SADD', KEYS[1], member)
+    redis.call('SADD', key, member)
   elseif op == 'srem' then
-    redis.call('SREM', KEYS[1], member)
+    redis.call('SREM', key, member)
   elseif op == 'hset' then
-    redis.call('HSET', KEYS[1], member, ARGV[first])
+    redis.call('HSET', key, member, args[first])
   else
-    redis.call('HDEL', KEYS[1], member)
+    redis.call('HDEL', key, member)
   end
 end
 """
 
-# KEYS[1] a legacy live key, KEYS[2] its fence. ARGV[1] the event's entry id, ARGV[2] the fence
-# field ('' for the whole key, else the set member or hash field written), ARGV[3] the operation,
-# ARGV[4..] its operands. Writes only if the event is newer than the last one written there.
-_FENCED = (
+# The writes of a step in one call. ARGV[1] the writes, msgpack: a list of
+#   {'fenced', key, fence, entry id, fence field, op, operands...}: ``op`` on a live key, only if
+#     the event is newer than the last one written there (its fence field: '' for the whole
+#     key, else the set member or hash field written);
+#   {'order', key, order id, version, expire-at epoch ms or '', field/value pairs...}: an order
+#     hash (``orders:{id}``, or the GRID level hash the order holds), written only over version
+#     n-1 of the same order (0: no order there);
+#   {'later', key, score, member}: ZADD NX;
+# where key and fence are indexes into KEYS. With ARGV[2..4] (holder or '', the checkpoint the
+# writes were planned from or '' for none, the new checkpoint), KEYS[1] is the checkpoint and
+# KEYS[2] the lease: -1 when the lease names another holder, -2 when the checkpoint is no longer
+# the one planned from (nothing written either way); else the writes and the checkpoint move.
+_APPLY = (
     _AFTER
     + WRITE_LIVE_KEY
     + """
-local last = redis.call('HGET', KEYS[2], ARGV[2])
-if last and not after(ARGV[1], last) then
-  return 0
-end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-write(ARGV[3], ARGV[2], 4)
-return 1
-"""
-)
-
-# KEYS[1] an order hash (``orders:{id}``, or the GRID level hash the order holds). ARGV[1] order
-# id, ARGV[2] the event's version, ARGV[3] expire-at in epoch ms or '', ARGV[4..] field/value
-# pairs. Written only over version n-1 of the same order (0: no order there).
-_ORDER = """
-local stored = redis.call('HMGET', KEYS[1], 'id', 'version')
-local previous = 0
-if stored[1] then
-  if stored[1] ~= ARGV[1] then
-    return 0
+local function fenced(key, fence, stamp, member, op, args, first)
+  local last = redis.call('HGET', fence, member)
+  if last and not after(stamp, last) then
+    return
   end
-  previous = tonumber(stored[2]) or 0
+  redis.call('HSET', fence, member, stamp)
+  write(key, op, member, args, first)
 end
-if previous ~= tonumber(ARGV[2]) - 1 then
-  return 0
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-if ARGV[3] ~= '' then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[3])
-end
-return 1
-"""
 
-# KEYS[1] checkpoint, KEYS[2] lease. ARGV[1] entry id, ARGV[2] holder ('' = not leased).
-# -1 when the lease names another holder (nothing written), 0 when the checkpoint is already
-# there or past it, 1 when moved.
-_ADVANCE = (
-    _AFTER
-    + """
-if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then
-  return -1
+local function order(key, id, version, expire, args, first)
+  local stored = redis.call('HMGET', key, 'id', 'version')
+  local previous = 0
+  if stored[1] then
+    if stored[1] ~= id then
+      return
+    end
+    previous = tonumber(stored[2]) or 0
+  end
+  if previous ~= tonumber(version) - 1 then
+    return
+  end
+  redis.call('HSET', key, unpack(args, first))
+  if expire ~= '' then
+    redis.call('PEXPIREAT', key, expire)
+  end
 end
-local current = redis.call('GET', KEYS[1])
-if current and not after(ARGV[1], current) then
-  return 0
+
+local step = #ARGV > 1
+if step then
+  if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then
+    return -1
+  end
+  if (redis.call('GET', KEYS[1]) or '') ~= ARGV[3] then
+    return -2
+  end
 end
-redis.call('SET', KEYS[1], ARGV[1])
+for _, w in ipairs(cmsgpack.unpack(ARGV[1])) do
+  if w[1] == 'fenced' then
+    fenced(KEYS[w[2]], KEYS[w[3]], w[4], w[5], w[6], w, 7)
+  elseif w[1] == 'order' then
+    order(KEYS[w[2]], w[3], w[4], w[5], w, 6)
+  else
+    redis.call('ZADD', KEYS[w[2]], 'NX', w[3], w[4])
+  end
+end
+if step then
+  redis.call('SET', KEYS[1], ARGV[4])
+end
 return 1
 """
 )
+_APPLIED, _LEASE_LOST, _MOVED = 1, -1, -2
+_packer = msgspec.msgpack.Encoder()
 
 
 def position_hash(event: wire.PositionEvent) -> dict[str, str]:
@@ -203,26 +220,64 @@ class Writes(Protocol):
         and drop fence fields."""
 
 
+class _Call:
+    """One call of ``_APPLY``: the keys it declares and its writes (indexes into those keys)."""
+
+    __slots__ = ("keys", "offset", "index", "writes")
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset  # keys declared before these (the checkpoint and the lease)
+        self.keys: list[str] = []
+        self.index: dict[str, int] = {}
+        self.writes: list[list[Any]] = []
+
+    def key(self, name: str) -> int:
+        at = self.index.get(name)
+        if at is None:
+            self.keys.append(name)
+            at = self.index[name] = self.offset + len(self.keys)  # Lua counts from 1
+        return at
+
+
 @dataclass
 class _Writes:
-    """The commands of one step: fenced writes of the events after the checkpoint."""
+    """The writes of one step, packed for ``_APPLY``: one call on a plain Redis, one call per
+    slot on Redis Cluster (``slot``: the cluster's key slot; the first call's keys follow the
+    checkpoint and the lease on a plain Redis)."""
 
     last_id: str
     expire_at_ms: int
     expiring: str
-    commands: list[tuple[Any, ...]] = field(default_factory=list)
+    slot: Callable[[str], int] | None
+    calls: dict[int, _Call] = field(default_factory=dict)
+    scheduled: bool = False  # something was added to ``expiring``
+
+    def call(self, key: str) -> _Call:
+        slot = self.slot(key) if self.slot else 0
+        found = self.calls.get(slot)
+        if found is None:
+            found = self.calls[slot] = _Call(0 if self.slot else _STEP_KEYS)
+        return found
 
     def fenced(self, key: str, stamp: str, op: str, fence_field: str = "", *operands: str) -> None:
-        self.commands.append(("EVAL", _FENCED, 2, key, keys.fence(key), stamp, fence_field, op, *operands))
+        call = self.call(key)
+        call.writes.append(["fenced", call.key(key), call.key(keys.fence(key)), stamp, fence_field, op, *operands])
 
     def order(self, key: str, event: wire.Event, fields: dict[str, str], final: bool = False) -> None:
+        call = self.call(key)
         expire = str(self.expire_at_ms) if final else ""
-        self.commands.append(("EVAL", _ORDER, 1, key, event.stream, event.version, expire, *_pairs(fields)))
+        call.writes.append(["order", call.key(key), event.stream, event.version, expire, *_pairs(fields)])
 
     def later(self, *, gone: str | None, remove: list[tuple[str, str]], forget: list[tuple[str, str]]) -> None:
         """Scheduled once in ``ShardKeys.expiring`` (a redelivery keeps the time)."""
         item = json.dumps({"gone": gone, "remove": remove, "forget": forget}, separators=(",", ":"))
-        self.commands.append(("ZADD", self.expiring, "NX", self.expire_at_ms, item))
+        call = self.call(self.expiring)
+        call.writes.append(["later", call.key(self.expiring), str(self.expire_at_ms), item])
+        self.scheduled = True
+
+
+# How many keys come before a plain Redis step's writes (``_APPLY``: the checkpoint, the lease).
+_STEP_KEYS = 2
 
 
 class LiveProjection:
@@ -243,6 +298,11 @@ class LiveProjection:
         self.holder = holder
         self.atomic = not isinstance(redis, RedisCluster)
         self.log = log.bind(shard=shard)
+        # The checkpoint as this applier last read or wrote it (plain Redis; ``_APPLY`` checks it).
+        self._checkpoint: str | None = None
+        self._checkpoint_known = False
+        self._sweep_at_ms = 0  # when ``expiring`` is next read
+        self._sha: str | None = None
 
     def consumer(self, settings: ConsumerSettings | None = None) -> StreamConsumer:
         """The leased consumer feeding this projection; the projection fences on its name."""
@@ -259,57 +319,88 @@ class LiveProjection:
         return consumer
 
     async def handle(self, entries: list[Entry]) -> None:
-        """Apply the log after the checkpoint up to the last delivered entry; then sweep."""
+        """Apply the log after the checkpoint up to the last delivered entry; then sweep when
+        something may be due."""
         last = max((entry.id for entry in entries), key=entry_order)
-        step = self._atomic_step if self.atomic else self._cluster_step
-        while await step(last):
+        while await self._step(last):
             pass
-        await self.sweep()
+        if now_ms() >= self._sweep_at_ms:
+            await self.sweep()
 
     # ----------------------------------------------------------------- steps
 
-    async def _atomic_step(self, last: str) -> bool:
-        """One MULTI/EXEC under WATCH of the lease and the checkpoint; False when nothing is left."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(self.keys.checkpoint, self.lease)
-                    checkpoint, holder = await pipe.mget(self.keys.checkpoint, self.lease)
-                    self._check_holder(holder)
-                    writes = await self._writes(text(checkpoint), last)
-                    if writes is None:
-                        return False
-                    pipe.multi()
-                    for command in writes.commands:
-                        pipe.execute_command(*command)
-                    pipe.set(self.keys.checkpoint, writes.last_id)
-                    await pipe.execute()
-                    return True
-                except redis_errors.WatchError:
-                    continue
+    async def _step(self, last: str) -> bool:
+        """Apply up to ``STEP_ENTRIES`` log entries after the checkpoint; False when none is left.
 
-    async def _cluster_step(self, last: str) -> bool:
-        """A pipeline of fenced writes, then the fenced checkpoint; False when nothing is left."""
-        checkpoint, holder = await self.redis.mget(self.keys.checkpoint, self.lease)
-        self._check_holder(holder)
-        writes = await self._writes(text(checkpoint), last)
+        Plain Redis: one ``_APPLY`` call checks the lease and that the checkpoint is still the one
+        the writes were planned from, writes, and moves the checkpoint. Redis Cluster: one call
+        per slot in one pipeline, then the checkpoint moved by a call of its own (which checks
+        the lease) once every node has acknowledged the writes, so a reader waiting on the
+        checkpoint sees its own write."""
+        if not self._checkpoint_known:
+            checkpoint, holder = await self.redis.mget(self.keys.checkpoint, self.lease)
+            self._check_holder(holder)
+            self._checkpoint, self._checkpoint_known = text(checkpoint), self.atomic
+        planned_from = self._checkpoint
+        writes = await self._writes(planned_from, last)
         if writes is None:
+            self._checkpoint_known = self.atomic
             return False
-        pipe = self.redis.pipeline(transaction=False)
-        for command in writes.commands:
-            pipe.execute_command(*command)
-        # A cluster pipeline runs its commands on every node at once: a checkpoint sent with them
-        # could be visible before the writes of another node, and a reader waiting on it would
-        # miss its own write. So it is written only once every node has acknowledged the batch.
-        await pipe.execute()
-        moved = await self.redis.eval(_ADVANCE, 2, self.keys.checkpoint, self.lease, writes.last_id, self.holder or "")
-        if int(moved) < 0:
-            raise LeaseLost(f"{self.lease} no longer names {self.holder!r}: checkpoint not moved")
+        step_keys = [self.keys.checkpoint, self.lease]
+        move = [self.holder or "", planned_from or "", writes.last_id]
+        if self.atomic:
+            call = writes.calls.get(0) or _Call(_STEP_KEYS)
+            (status,) = await self._apply([(call, step_keys, move)])
+        else:
+            await self._apply([(call, [], []) for call in writes.calls.values()])
+            (status,) = await self._apply([(_Call(_STEP_KEYS), step_keys, move)])
+        if status == _LEASE_LOST:
+            self._checkpoint_known = False
+            raise self._lease_lost(await self.redis.get(self.lease))
+        if status == _MOVED:  # another applier moved it: read it again and go on from there
+            self._checkpoint_known = False
+            return True
+        self._checkpoint = writes.last_id
+        if writes.scheduled:
+            self._sweep_at_ms = min(self._sweep_at_ms, writes.expire_at_ms)
         return True
+
+    async def _apply(self, calls: list[tuple[_Call, list[str], list[str]]]) -> list[int]:
+        """Run ``_APPLY`` calls (writes, the keys before theirs, the arguments after them); several
+        in one pipeline round trip."""
+        commands = [
+            (len(first) + len(call.keys), *first, *call.keys, _packer.encode(call.writes), *rest)
+            for call, first, rest in calls
+        ]
+        try:
+            return await self._send(commands)
+        except redis_errors.NoScriptError:
+            # The server lost its script cache (a restart, a failover): load it and send every
+            # call again (writes that went through are refused the second time as old).
+            await self._load_script()
+            return await self._send(commands)
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[int]:
+        sha = self._sha or await self._load_script()
+        # ``execute_command``, not ``evalsha``: redis-py's cluster pipeline refuses ``evalsha``,
+        # while the raw command is routed by its keys (each call's keys are on one slot).
+        if len(commands) == 1:
+            return [int(await self.redis.execute_command("EVALSHA", sha, *commands[0]))]
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command("EVALSHA", sha, *command)
+        return [int(result) for result in await pipe.execute()]
+
+    async def _load_script(self) -> str:
+        self._sha = str(await self.redis.script_load(_APPLY))
+        return self._sha
 
     def _check_holder(self, holder: Any) -> None:
         if self.holder is not None and text(holder) != self.holder:
-            raise LeaseLost(f"{self.lease} is held by {text(holder)!r}, not by {self.holder!r}")
+            raise self._lease_lost(holder)
+
+    def _lease_lost(self, holder: Any) -> LeaseLost:
+        return LeaseLost(f"{self.lease} is held by {text(holder)!r}, not by {self.holder!r}: checkpoint not moved")
 
     async def _writes(self, checkpoint: str | None, last: str) -> _Writes | None:
         """The writes of the log entries after ``checkpoint`` up to ``last`` (None: none left)."""
@@ -329,14 +420,24 @@ class LiveProjection:
             group=GROUP,
             log=self.log,
         )
-        writes = _Writes(entries[-1].id, now_ms() + self.final_order_ttl_s * 1000, self.keys.expiring)
+        slot = None if self.atomic else self.redis.keyslot
+        writes = _Writes(entries[-1].id, now_ms() + self.final_order_ttl_s * 1000, self.keys.expiring, slot)
         plan(writes, events, await GridLevels.load(self.redis, [e for _, e in events]))
         return writes
 
     async def sweep(self) -> int:
-        """Carry out what is due in ``ShardKeys.expiring``; return how many items were done."""
+        """Carry out what is due in ``ShardKeys.expiring``; return how many items were done.
+        Remembers when the next item is due (``handle`` sweeps again then, or after
+        ``SWEEP_EVERY_MS`` for items another process scheduled)."""
         now = now_ms()
-        due = [text(m) for m in await self.redis.zrangebyscore(self.keys.expiring, "-inf", now, 0, SWEEP_ITEMS)]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrangebyscore(self.keys.expiring, "-inf", now, 0, SWEEP_ITEMS)
+        pipe.zrangebyscore(self.keys.expiring, f"({now}", "+inf", 0, 1, withscores=True)
+        found, upcoming = await pipe.execute()
+        due = [text(m) for m in found]
+        self._sweep_at_ms = now if len(due) == SWEEP_ITEMS else now + SWEEP_EVERY_MS
+        if upcoming:
+            self._sweep_at_ms = min(self._sweep_at_ms, int(upcoming[0][1]))
         if not due:
             return 0
         items = [json.loads(member) for member in due]
@@ -364,6 +465,7 @@ class LiveProjection:
             await self.redis.zrem(self.keys.expiring, *done)
         if later:
             await self.redis.zadd(self.keys.expiring, later)
+            self._sweep_at_ms = min(self._sweep_at_ms, *later.values())
         self.log.info("expired live state removed", items=len(done), rescheduled=len(later))
         return len(done)
 

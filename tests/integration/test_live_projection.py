@@ -194,11 +194,17 @@ class _UnevenNodesPipeline:
     async def execute(self) -> list[Any]:
         if all(name in _CrashingPipeline.READS for name, _a, _k in self.calls):
             return await self._run(self.calls)
-        own_slot = [c for c in self.calls if str(c[1][0]).startswith("ledger:{")]
+        own_slot = [c for c in self.calls if _first_key(c[1]).startswith("ledger:{")]
         await self._run(own_slot)
         await asyncio.sleep(self.delay)
         await self._run([c for c in self.calls if c not in own_slot])
         return []
+
+
+def _first_key(args: tuple[Any, ...]) -> str:
+    """The first key of a pipelined command: of a script call (EVALSHA sha numkeys key ...) or
+    of a command on one key."""
+    return str(args[3] if args[0] == "EVALSHA" else args[0])
 
 
 class _UnevenNodes:
