@@ -42,6 +42,7 @@ writer is never that late).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,8 @@ FINAL_ORDER_TTL_S = 7 * 24 * 3600
 STEP_ENTRIES = 1000
 # At most this many due items handled per sweep.
 SWEEP_ITEMS = 500
+# At most this many orders' grid levels kept in memory (``KnownLevels``).
+KNOWN_LEVELS = 50_000
 # ``expiring`` is read at least this often (items another applier scheduled), else only when the
 # first item this applier knows of is due.
 SWEEP_EVERY_MS = 1000
@@ -270,7 +273,7 @@ class _Writes:
 
     def later(self, *, gone: str | None, remove: list[tuple[str, str]], forget: list[tuple[str, str]]) -> None:
         """Scheduled once in ``ShardKeys.expiring`` (a redelivery keeps the time)."""
-        item = json.dumps({"gone": gone, "remove": remove, "forget": forget}, separators=(",", ":"))
+        item = msgspec.json.encode({"gone": gone, "remove": remove, "forget": forget}).decode()
         call = self.call(self.expiring)
         call.writes.append(["later", call.key(self.expiring), str(self.expire_at_ms), item])
         self.scheduled = True
@@ -302,6 +305,7 @@ class LiveProjection:
         self._checkpoint: str | None = None
         self._checkpoint_known = False
         self._sweep_at_ms = 0  # when ``expiring`` is next read
+        self._levels = KnownLevels()
         self._sha: str | None = None
 
     def consumer(self, settings: ConsumerSettings | None = None) -> StreamConsumer:
@@ -422,7 +426,9 @@ class LiveProjection:
         )
         slot = None if self.atomic else self.redis.keyslot
         writes = _Writes(entries[-1].id, now_ms() + self.final_order_ttl_s * 1000, self.keys.expiring, slot)
-        plan(writes, events, await GridLevels.load(self.redis, [e for _, e in events]))
+        decoded = [event for _, event in events]
+        plan(writes, events, await GridLevels.load(self.redis, decoded, self._levels))
+        self._levels.learn(decoded)
         return writes
 
     async def sweep(self) -> int:
@@ -531,14 +537,19 @@ class GridLevels:
         self.holders = holders or {}  # active_grid key -> id of the order holding it
 
     @classmethod
-    async def load(cls, redis: Any, events: Sequence[wire.Event]) -> GridLevels:
+    async def load(cls, redis: Any, events: Sequence[wire.Event], known: KnownLevels | None = None) -> GridLevels:
+        """What ``events`` need: the level of each order they change (from the batch, ``known``,
+        else its hash) and the holder of each level they touch."""
         levels = {
             e.stream: e.grid_level for e in events if isinstance(e, wire.OrderPlaced) and e.grid_level is not None
         }
-        unknown = sorted(
-            {e.stream for e in events if _is_order_update(e)}
-            - {e.stream for e in events if isinstance(e, wire.OrderPlaced)}
-        )
+        unseen = {e.stream for e in events if _is_order_update(e)} - {
+            e.stream for e in events if isinstance(e, wire.OrderPlaced)
+        }
+        if known is not None:
+            levels.update(known.levels_of(unseen))
+            unseen -= known.levels.keys()
+        unknown = sorted(unseen)
         if unknown:
             pipe = redis.pipeline(transaction=False)
             for order_id in unknown:
@@ -590,6 +601,27 @@ class GridLevels:
             keys.grid_placed_index(event.exchange, event.user_id, event.symbol), stamp, "hset", str(level), "0"
         )
         self.holders.pop(active, None)
+
+
+class KnownLevels:
+    """The grid level (None: none) of the orders an applier saw placed and not yet final, at
+    most ``KNOWN_LEVELS``: an order's level never changes, so a later event of the order needs no
+    read of its hash to find it."""
+
+    def __init__(self) -> None:
+        self.levels: dict[str, int | None] = {}
+
+    def levels_of(self, order_ids: Iterable[str]) -> dict[str, int]:
+        return {o: level for o in order_ids if (level := self.levels.get(o)) is not None}
+
+    def learn(self, events: Iterable[wire.Event]) -> None:
+        for event in events:
+            if isinstance(event, wire.OrderPlaced):
+                self.levels[event.stream] = event.grid_level
+            elif isinstance(event, wire.OrderChange) and event.status.is_final:
+                self.levels.pop(event.stream, None)
+        for order_id in list(itertools.islice(self.levels, max(0, len(self.levels) - KNOWN_LEVELS))):
+            del self.levels[order_id]  # the oldest first (a dict keeps insertion order)
 
 
 def _is_order_update(event: wire.Event) -> bool:
