@@ -12,29 +12,39 @@ log order (XRANGE), and the checkpoint only moves forward. A redelivered entry a
 checkpoint is applied already; an entry that reached the group out of order (one a stale reader
 took after losing the lease, claimed later by the new holder) is applied in its place anyway.
 
+**One script call per step.** The writes of a step (up to ``STEP_ENTRIES`` entries) are packed
+once (msgpack, one argument) and applied by one script, ``_APPLY`` (loaded once, called by
+EVALSHA, loaded again on NOSCRIPT), which holds every rule below.
+
 **Fencing.** A lease elects one applier but a holder whose batch outlives its lease (a pause, a
 slow server) would still write. So each write is fenced:
 
-* On a plain Redis a step is one MULTI/EXEC under WATCH of the lease and the checkpoint: it is
-  applied only if the lease still names this applier (``holder``), else ``LeaseLost`` is raised
-  and nothing is written; the checkpoint moves in the same transaction.
-* On Redis Cluster the legacy keys (no hash tag) span slots, so a step is a pipeline of small
-  scripts, each atomic on its own key: every hash, set member and GRID level carries, in its
-  fence (``keys.fence``, on the key's own slot), the entry id of the last event written there,
-  and a write of an older event is refused. Membership of a set is decided per member by that
-  rule (the member's latest event says in or out), and a deleted position hash keeps its fence
-  (a tombstone). Order hashes are written only over the previous ``version`` of the same order
+* On a plain Redis a step is one ``_APPLY`` call: it writes only if the lease still names this
+  applier (``holder``), else ``LeaseLost`` is raised and nothing is written, and only if the
+  checkpoint is still the one the writes were planned from, else nothing is written and the
+  step starts again from the checkpoint found; the checkpoint moves in the same call (so only
+  forward: the writes are of later entries). The applier keeps the checkpoint it last wrote in
+  memory, so a step is one XRANGE and one call.
+* On Redis Cluster the legacy keys (no hash tag) span slots, so a step is one ``_APPLY`` call
+  per slot, in one pipeline, each atomic on its own keys: every hash, set member and GRID level
+  carries, in its fence (``keys.fence``, on the key's own slot), the entry id of the last event
+  written there, and a write of an older event is refused. Membership of a set is decided per
+  member by that rule (the member's latest event says in or out), and a deleted position hash
+  keeps its fence (a tombstone). Order hashes are written only over the previous ``version`` of the same order
   (an order update sets some fields, so it must follow its predecessor, never jump over it).
-  The checkpoint is then moved by a script that checks the lease and only moves forward,
-  written after the pipeline succeeded (read-your-writes); a crash part-way is repaired by the
-  next step, which re-applies from the checkpoint (already written parts are refused as old).
+  The checkpoint is then moved by an ``_APPLY`` call of its own that checks the lease and the
+  checkpoint as above, sent after the pipeline succeeded (read-your-writes); a crash part-way is
+  repaired by the next step, which re-applies from the checkpoint (already written parts are
+  refused as old).
 
-The fences are used on both kinds of Redis (one write path); on a plain Redis the transaction
+The fences are used on both kinds of Redis (one write path); on a plain Redis the step's call
 alone already fences.
 
 Final orders stay readable in ``orders:{id}`` for ``final_order_ttl_s`` (7 days by default), then
 expire; they leave ``orders:open:…`` at once, and the projection removes their ids from
-``orders:user:…`` once their hash has expired (``ShardKeys.expiring``, swept after each batch).
+``orders:user:…`` once their hash has expired (``ShardKeys.expiring``, swept after a batch when
+its first item is due, and read at least every ``SWEEP_EVERY_MS`` for items another applier
+scheduled).
 Closed and liquidated positions leave every live key at once; history is in PostgreSQL. Fence
 fields of final orders and closed positions are dropped after the same retention (a stale
 writer is never that late).
