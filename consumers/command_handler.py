@@ -115,6 +115,7 @@ class CommandHandler:
         self.new_id = new_id
         # Called when a duplicate of a compacted command starts waiting (wakes its OutcomeReader).
         self.on_archived = on_archived
+        self.log = log.bind(shard=store.keys.shard)  # bound once: the module's proxy binds per call
 
     async def handle(self, entries: list[Entry]) -> None:
         commands: list[_Pending] = []
@@ -175,7 +176,7 @@ class CommandHandler:
             reason=error.message,
             reply=reply,
         )
-        log.warning(
+        self.log.warning(
             "malformed command" if written else "malformed command already dead-lettered",
             entry_id=entry.id,
             command_id=error.command_id,
@@ -215,17 +216,16 @@ class CommandHandler:
         the book by a decision adds every aggregate and slot the decision made."""
         pending = list(commands)
         while pending:
-            wanted = [(command, requirements(command, book).missing(book)) for command in pending]
-            pending = [command for command, missing in wanted if missing]
-            if pending:
-                await self.store.load(
-                    book,
-                    Requirements(
-                        frozenset().union(*(missing.order_ids for _c, missing in wanted)),
-                        frozenset().union(*(missing.position_ids for _c, missing in wanted)),
-                        frozenset().union(*(missing.slots for _c, missing in wanted)),
-                    ),
-                )
+            wanted = [requirements(command, book) for command in pending]
+            missing = Requirements(
+                frozenset().union(*(w.order_ids for w in wanted)),
+                frozenset().union(*(w.position_ids for w in wanted)),
+                frozenset().union(*(w.slots for w in wanted)),
+            ).missing(book)
+            if not missing:
+                return
+            pending = [command for command, w in zip(pending, wanted, strict=True) if w.overlaps(missing)]
+            await self.store.load(book, missing)
 
     def _decide(self, pending: _Pending, book: Book, tokens: dict[str, str]) -> Append:
         command = pending.command
@@ -274,15 +274,15 @@ class CommandHandler:
             "position_id": append.reply.position_id,
         }
         if status == "duplicate":
-            log.info("duplicate command, first outcome replayed", **fields)
+            self.log.info("duplicate command, first outcome replayed", **fields)
         elif status == "archived":
-            log.info("duplicate of a compacted command: its first outcome is read from PostgreSQL", **fields)
+            self.log.info("duplicate of a compacted command: its first outcome is read from PostgreSQL", **fields)
             if self.on_archived is not None:
                 self.on_archived()
         elif append.reply.error is not None:
-            log.info("command rejected", code=append.reply.error.code, reason=append.reply.error.message, **fields)
+            self.log.info("command rejected", code=append.reply.error.code, reason=append.reply.error.message, **fields)
         else:
-            log.debug("command accepted", event_ids=[e.event_id for e in append.events], **fields)
+            self.log.debug("command accepted", event_ids=[e.event_id for e in append.events], **fields)
 
 
 def _reply(command: wire.Command, decision: Decision | Rejection) -> wire.Reply:

@@ -91,32 +91,42 @@ class Requirements:
     def __bool__(self) -> bool:
         return bool(self.order_ids or self.position_ids or self.slots)
 
+    def overlaps(self, other: Requirements) -> bool:
+        """Whether the two name an aggregate or a slot in common."""
+        return not (
+            self.order_ids.isdisjoint(other.order_ids)
+            and self.position_ids.isdisjoint(other.position_ids)
+            and self.slots.isdisjoint(other.slots)
+        )
+
 
 _SIDES = tuple(PositionSide)
+_NOTHING: frozenset[str] = frozenset()
 
 
 def requirements(command: wire.Command, book: Book) -> Requirements:
     """What ``decide`` needs in the book; load it, then ask again until nothing is missing."""
     user = command.user_id
-    order_ids: set[str] = set()
+    order_ids = _NOTHING
     position_ids: set[str] = set()
     market: tuple[str, str] | None = None
-    order_id = getattr(command, "order_id", None)
-    if order_id is not None:
-        order_ids.add(order_id.lower())
-        order = book.orders.get(order_id.lower())
-        if order is not None and order.user_id == user:
-            market = (order.exchange, order.symbol)
-            if order.position_id:
-                position_ids.add(order.position_id)
-    position_id = getattr(command, "position_id", None)
-    if position_id is not None:
-        position_ids.add(position_id.lower())
-    if isinstance(command, wire.PlaceOrder | wire.OpenPosition):
+    if isinstance(command, wire.PlaceOrder | wire.OpenPosition):  # names no order or position
         market = (command.exchange, command.symbol)
-    slots = {slot_field(user, market[0], market[1], side) for side in _SIDES} if market else set()
+    else:
+        order_id = getattr(command, "order_id", None)
+        if order_id is not None:
+            order_ids = frozenset((order_id.lower(),))
+            order = book.orders.get(order_id.lower())
+            if order is not None and order.user_id == user:
+                market = (order.exchange, order.symbol)
+                if order.position_id:
+                    position_ids.add(order.position_id)
+        position_id = getattr(command, "position_id", None)
+        if position_id is not None:
+            position_ids.add(position_id.lower())
+    slots = frozenset([slot_field(user, market[0], market[1], side) for side in _SIDES]) if market else _NOTHING
     position_ids.update(pid for s in slots if (pid := book.slots.get(s)))
-    return Requirements(frozenset(order_ids), frozenset(position_ids), frozenset(slots))
+    return Requirements(order_ids, frozenset(position_ids), slots)
 
 
 class _Rejected(Exception):

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import (
     ROUND_HALF_EVEN,
@@ -42,13 +42,17 @@ class TextRule:
     body: str
     max_length: int
     description: str
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_regex", re.compile(self.body))  # compiled once, not looked up per check
 
     @property
     def pattern(self) -> str:
         return rf"\A(?:{self.body})\Z"
 
     def matches(self, value: object) -> bool:
-        return isinstance(value, str) and re.fullmatch(self.body, value) is not None
+        return isinstance(value, str) and self._regex.fullmatch(value) is not None
 
 
 # A decimal PostgreSQL NUMERIC(38, 18) holds exactly: at most 20 integer and 18 fraction digits.

@@ -484,9 +484,9 @@ def entry_fields(fields: Mapping[Any, Any]) -> tuple[str, bytes | str | None]:
 def decode_command(fields: Mapping[Any, Any]) -> Command:
     """Decode a command stream entry ({type, data}); raise WireError on anything malformed."""
     type_name, raw = entry_fields(fields)
-    command_id, user_id = _readable_ids(raw)
 
     def fail(code: str, message: str) -> WireError:
+        command_id, user_id = _readable_ids(raw)  # read only for an error: a valid command pays nothing
         return WireError(code, message, command_id=command_id, user_id=user_id)
 
     if not type_name:

@@ -104,7 +104,7 @@ def is_marker(outcome: bytes | str) -> bool:
 
 def reply_head(reply: wire.Reply) -> bytes:
     """The reply's JSON up to its ``events`` list, which the script fills with entry ids."""
-    encoded = wire.encode(msgspec.structs.replace(reply, events=[]))
+    encoded = wire.encode(msgspec.structs.replace(reply, events=[]) if reply.events else reply)
     if not encoded.endswith(b'"events":[]}'):
         raise RuntimeError(f"a reply must end with its events list to be completed by the script: {encoded!r}")
     return encoded[: -len(b"[]}")]
