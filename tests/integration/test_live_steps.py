@@ -1,0 +1,176 @@
+"""Issue 10: what one step of the live projection costs the server, and the paths that keep it
+cheap: one script call per step on a plain Redis (no WATCH/MULTI), the checkpoint kept in
+memory and checked by that call, the grid level of an order seen placed kept in memory, the
+sweep of ``expiring`` only when something is due, the script loaded again when the server lost
+it. Counted with the server's own ``INFO commandstats`` on the real Redis of the test session;
+the events come from the real command handler (``tests.log_helpers.Rig``)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+
+from consumers.entries import Entry
+from ledger.store.keys import ShardKeys
+from projections import live
+from projections.live import LiveProjection
+from tests.live_helpers import live_keys, snapshot
+from tests.log_helpers import Rig
+
+USER = "alice"
+KEYS = ShardKeys(0)
+
+
+async def _calls(redis: Any, *commands: str) -> dict[str, int]:
+    """Calls of ``commands`` since the last ``CONFIG RESETSTAT``, as the server counts them
+    (commands a script runs count too: ask only for those a script does not run)."""
+    stats = await redis.info("commandstats")
+    return {c: int(stats[f"cmdstat_{c}"]["calls"]) for c in commands if f"cmdstat_{c}" in stats}
+
+
+class _RoundTrips:
+    """The real client, recording each round trip the projection makes: a command's name, or
+    the names of a pipeline's commands."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.trips: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.real, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            if inspect.isawaitable(result):  # a round trip (not, say, a cluster's keyslot)
+                self.trips.append(str(args[0]) if name == "execute_command" else name)
+            return result
+
+        return call
+
+    def pipeline(self, transaction: bool = False) -> _Pipeline:
+        return _Pipeline(self, self.real.pipeline(transaction=transaction))
+
+
+class _Pipeline:
+    def __init__(self, owner: _RoundTrips, real: Any) -> None:
+        self.owner = owner
+        self.real = real
+        self.names: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.real, name)
+
+        def queue(*args: Any, **kwargs: Any) -> _Pipeline:
+            self.names.append(name)
+            method(*args, **kwargs)
+            return self
+
+        return queue
+
+    async def execute(self) -> list[Any]:
+        self.owner.trips.append(f"pipeline({', '.join(self.names)})")
+        return await self.real.execute()  # type: ignore[no-any-return]
+
+
+async def _last(redis: Any) -> Entry:
+    ((entry_id, _fields),) = await redis.xrevrange(KEYS.events, count=1)
+    return Entry(entry_id, {})
+
+
+async def _clean(redis: Any) -> dict[str, Any]:
+    """The live keys of the whole log applied at once by a fresh applier, from nothing."""
+    await redis.delete(*await live_keys(redis))
+    await LiveProjection(redis, 0).handle([await _last(redis)])
+    return await snapshot(redis)
+
+
+async def test_a_plain_redis_step_is_one_script_call(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(live, "SWEEP_EVERY_MS", 3_600_000)  # no periodic read in this test
+    rig = await Rig.start(redis)
+    order = await rig.place(USER, "buy", "0.1", "100")
+    projection = LiveProjection(redis, 0, holder="me")
+    projection.redis = trips = _RoundTrips(redis)
+    await redis.set(KEYS.lease(live.GROUP), "me")
+
+    await redis.config_resetstat()
+    await projection.handle([await _last(redis)])
+    # The checkpoint and lease read once, the log, the script loaded and called once; then the
+    # sweep's one pipeline (what is due, what is next).
+    assert trips.trips == [
+        "mget",
+        "xrange",
+        "script_load",
+        "EVALSHA",
+        "pipeline(zrangebyscore, zrangebyscore)",
+    ]
+    top_level = ("evalsha", "eval", "multi", "exec", "watch", "mget", "xrange", "zrangebyscore")
+    assert await _calls(redis, *top_level) == {"evalsha": 1, "mget": 1, "xrange": 1, "zrangebyscore": 2}
+
+    await rig.fill(USER, order, "0.1", "100")  # OrderFilled, PositionOpened
+    trips.trips.clear()
+    await redis.config_resetstat()
+    await projection.handle([await _last(redis)])
+    # The checkpoint is the one this applier wrote, the order's grid level (none) is known,
+    # nothing is due: the log and one script call.
+    assert trips.trips == ["xrange", "EVALSHA"]
+    assert await _calls(redis, *top_level) == {"evalsha": 1, "xrange": 1}
+
+    assert (await redis.get(KEYS.checkpoint)) == (await _last(redis)).id
+    applied = await snapshot(redis)
+    assert await _clean(redis) == applied
+
+
+async def _moved_under_it(redis: Any) -> list[str]:
+    """Applier A applies the first batch; B applies the second; A, which still holds the
+    checkpoint it wrote, is handed the third: its step finds the checkpoint moved, writes
+    nothing, reads it again and applies the rest. Returns A's round trips in the third."""
+    rig = await Rig.start(redis)
+    order = await rig.place(USER, "buy", "0.2", "100")
+    a, b = LiveProjection(redis, 0), LiveProjection(redis, 0)
+    await a.handle([await _last(redis)])
+    await rig.fill(USER, order, "0.1", "100")
+    await b.handle([await _last(redis)])
+    await rig.fill(USER, order, "0.1", "101")
+    a.redis = trips = _RoundTrips(redis)
+    await a.handle([await _last(redis)])
+    assert (await redis.get(KEYS.checkpoint)) == (await _last(redis)).id
+    position = await redis.hgetall(f"positions:{USER}:okx:BTC-USDT-SWAP:long")
+    assert (position["size"], position["entry_price"], position["version"]) == ("0.2", "100.5", "2")
+    applied = await snapshot(redis)
+    assert await _clean(redis) == applied
+    return trips.trips
+
+
+async def test_a_checkpoint_moved_by_another_applier_is_read_again(redis: Any) -> None:
+    # Planned from its own checkpoint and refused; the checkpoint read; the rest planned again
+    # (the order's level read: it became final in the first plan, which forgot it) and applied.
+    assert await _moved_under_it(redis) == ["xrange", "EVALSHA", "mget", "xrange", "pipeline(hget)", "EVALSHA"]
+
+
+async def test_a_checkpoint_moved_by_another_applier_is_read_again_on_cluster(redis_cluster: Any) -> None:
+    await _moved_under_it(redis_cluster)
+
+
+async def _script_lost(redis: Any) -> None:
+    rig = await Rig.start(redis)
+    order = await rig.place(USER, "buy", "0.1", "100")
+    projection = LiveProjection(redis, 0)
+    await projection.handle([await _last(redis)])
+    await redis.script_flush()  # what a restart of the server does to its script cache
+    await rig.fill(USER, order, "0.1", "100")
+    await projection.handle([await _last(redis)])
+    assert (await redis.get(KEYS.checkpoint)) == (await _last(redis)).id
+    position = await redis.hgetall(f"positions:{USER}:okx:BTC-USDT-SWAP:long")
+    assert (position["size"], position["status"]) == ("0.1", "open")
+    applied = await snapshot(redis)
+    assert await _clean(redis) == applied
+
+
+async def test_the_script_is_loaded_again_when_the_server_lost_it(redis: Any) -> None:
+    await _script_lost(redis)
+
+
+async def test_the_script_is_loaded_again_when_the_server_lost_it_on_cluster(redis_cluster: Any) -> None:
+    await _script_lost(redis_cluster)
