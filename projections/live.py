@@ -214,7 +214,7 @@ def order_update(event: wire.OrderChange) -> dict[str, str]:
 
 
 def _pairs(fields: dict[str, str]) -> list[str]:
-    return [item for pair in fields.items() for item in pair]
+    return list(itertools.chain.from_iterable(fields.items()))
 
 
 class Writes(Protocol):
@@ -236,13 +236,20 @@ class Writes(Protocol):
 class _Call:
     """One call of ``_APPLY``: the keys it declares and its writes (indexes into those keys)."""
 
-    __slots__ = ("keys", "offset", "index", "writes")
+    __slots__ = ("keys", "offset", "index", "fenced", "writes")
 
     def __init__(self, offset: int) -> None:
         self.offset = offset  # keys declared before these (the checkpoint and the lease)
         self.keys: list[str] = []
         self.index: dict[str, int] = {}
+        self.fenced: dict[str, tuple[int, int]] = {}  # live key -> its index and its fence's
         self.writes: list[list[Any]] = []
+
+    def key_and_fence(self, name: str) -> tuple[int, int]:
+        found = self.fenced.get(name)
+        if found is None:
+            found = self.fenced[name] = (self.key(name), self.key(keys.fence(name)))
+        return found
 
     def key(self, name: str) -> int:
         at = self.index.get(name)
@@ -274,7 +281,7 @@ class _Writes:
 
     def fenced(self, key: str, stamp: str, op: str, fence_field: str = "", *operands: str) -> None:
         call = self.call(key)
-        call.writes.append(["fenced", call.key(key), call.key(keys.fence(key)), stamp, fence_field, op, *operands])
+        call.writes.append(["fenced", *call.key_and_fence(key), stamp, fence_field, op, *operands])
 
     def order(self, key: str, event: wire.Event, fields: dict[str, str], final: bool = False) -> None:
         call = self.call(key)
