@@ -22,6 +22,7 @@ from ledger.domain.decider import Requirements
 from ledger.domain.enums import Exchange, OrderSide, OrderType, PositionSide, PositionStatus
 from ledger.domain.evolution import apply
 from ledger.domain.state import Book, OrderState, PositionState, slot_field
+from ledger.store import eventstore
 from ledger.store.chain import genesis, link_hash
 from ledger.store.eventstore import Append, AppendResult, EventStore, outcome_marker
 
@@ -314,6 +315,34 @@ class EventStoreContract:
         assert await client.exists(keys.reply(USER, "c-0"), keys.reply("bob", "b-1"), keys.reply("bob", "b-2")) == 0
         assert await client.zrange(keys.eventless, 0, -1) == ["alice:c-0", "alice:c-3"]
         assert await store.append_many([]) == []
+
+    async def test_a_batch_larger_than_a_chunk_goes_in_several_calls_in_order(
+        self, client: Any, store: EventStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(eventstore, "APPEND_CHUNK", 2)
+        orders = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 5)]
+        appends = [
+            command(f"c-{i}", [placed(order_id, f"c-{i}")], expected=f"{i - 1}-0:a" if i > 1 else "", new=f"{i}-0:a")
+            for i, order_id in enumerate(orders, start=1)
+        ]
+        appends[1] = command("c-2", [placed(orders[1], "c-2")], expected="9-9:z", new="2-0:a")  # conflicts
+
+        results = await store.append_many(appends)
+
+        entries = await client.xrange(store.keys.events)
+        assert [r.status for r in results] == ["ok", "conflict", "conflict", "conflict"]  # c-3, c-4 expected c-2's
+        assert results[0] == AppendResult("ok", full_reply(appends[0], [entries[0][0]]))
+        assert [r.reply for r in results[1:]] == ["1-0:a"] * 3
+        assert len(entries) == 1
+        retried = [
+            command(f"c-{i}", [placed(orders[i - 1], f"c-{i}")], expected=f"{i - 1}-0:a", new=f"{i}-0:a")
+            for i in (2, 3, 4)
+        ]
+        assert [r.status for r in await store.append_many(retried)] == ["ok"] * 3
+        entries = await client.xrange(store.keys.events)
+        assert [fields["n"] for _id, fields in entries] == ["1", "2", "3", "4"]  # one chain across calls
+        assert await client.hgetall(store.keys.chain) == {"id": entries[3][0], "n": "4", "hash": entries[3][1]["hash"]}
+        assert await client.hgetall(store.keys.sequence) == {USER: "4-0:a"}
 
     async def test_load_reads_back_snapshots_slots_tokens_and_outcomes(self, client: Any, store: EventStore) -> None:
         events: list[wire.Event] = [placed(ORDER_1, "c-1"), opened("c-1", ORDER_1)]
