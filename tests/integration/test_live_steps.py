@@ -174,3 +174,29 @@ async def test_the_script_is_loaded_again_when_the_server_lost_it(redis: Any) ->
 
 async def test_the_script_is_loaded_again_when_the_server_lost_it_on_cluster(redis_cluster: Any) -> None:
     await _script_lost(redis_cluster)
+
+
+async def test_a_cluster_step_is_one_call_per_slot_then_the_checkpoint(redis_cluster: Any) -> None:
+    redis = redis_cluster
+    rig = await Rig.start(redis)
+    order = await rig.place(USER, "buy", "0.1", "100")
+    projection = LiveProjection(redis, 0)
+    projection.redis = trips = _RoundTrips(redis)
+    await projection.handle([await _last(redis)])
+    written = [f"orders:{order}", f"orders:user:{USER}:okx", "orders:open:okx:BTC-USDT-SWAP"]
+    slots = {redis.keyslot(key) for key in written}  # each key's fence is on the key's slot
+    # The checkpoint and lease, the log, the script loaded; one call per slot in one pipeline;
+    # then the checkpoint moved by a call of its own; the next step finds nothing left; the sweep.
+    assert trips.trips == [
+        "mget",
+        "xrange",
+        "script_load",
+        f"pipeline({', '.join(['execute_command'] * len(slots))})",
+        "EVALSHA",
+        "mget",
+        "pipeline(zrangebyscore, zrangebyscore)",
+    ]
+    assert (await redis.get(KEYS.checkpoint)) == (await _last(redis)).id
+    applied = await snapshot(redis)
+    assert set(applied) == {*written, *(f"ledger:live:fence:{{{key}}}" for key in written[1:]), KEYS.checkpoint}
+    assert await _clean(redis) == applied
