@@ -96,15 +96,20 @@ end
 return before
 """
 
-# KEYS[1] stream, KEYS[2] try counters; ARGV[1] group, ARGV[2] consumer, ARGV[3] batch size.
-# Reads the group's new entries (never blocking) and marks them as ``_COUNT`` does with 0, in one
-# step: no entry is ever delivered without its mark. Returns {entries, counters as they were};
-# with no new entry, {false, the stream's last entry id} for a blocking XREAD to wait after.
+# KEYS[1] stream, KEYS[2] try counters, KEYS[3] the lease (when ARGV[4] is not ''); ARGV[1]
+# group, ARGV[2] consumer, ARGV[3] batch size, ARGV[4] the lease's holder or ''. Reads the group's
+# new entries (never blocking) and marks them as ``_COUNT`` does with 0, in one step: no entry is
+# ever delivered without its mark. Returns {entries, counters as they were, 0}; with no new entry,
+# {false, the stream's last entry id, 0} for a blocking XREAD to wait after; {false, '', 1}, having
+# read nothing, when the lease does not name the holder.
 _READ_NEW = """
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
+  return {false, '', 1}
+end
 local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
 if not read then
   local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
-  return {false, last and last[1] or '0-0'}
+  return {false, last and last[1] or '0-0', 0}
 end
 local entries = read[1][2]
 local before = {}
@@ -115,7 +120,7 @@ for i, entry in ipairs(entries) do
     redis.call('HSET', KEYS[2], entry[1], 0)
   end
 end
-return {entries, before}
+return {entries, before, 0}
 """
 
 # KEYS[1] try counters; ARGV[1..] entry ids: give back the count of a delivery that a server
@@ -324,8 +329,18 @@ class StreamConsumer:
         return await self._read_new()
 
     async def _read_new(self) -> tuple[list[Entry], list[int]]:
-        keys = [self.stream, self.tries]
-        found, second = await self._scripts["read_new"](keys, [self.group, self.name, self.settings.batch_size])
+        keys = [self.stream, self.tries, self.lease_key or self.stream]
+        holder = self.name if self.lease_key is not None else ""
+        found, second, lost = await self._scripts["read_new"](
+            keys, [self.group, self.name, self.settings.batch_size, holder]
+        )
+        if lost:
+            # Taken by a tool (``consumers.pause``) or lapsed since this consumer last renewed it:
+            # take it again now if it is free (adopting what was left pending), else stand by.
+            self._lease_confirmed = None
+            if not await self._hold_lease():
+                return [], []
+            return await self._read(block=False)
         if not found:
             self._last_seen = text(second) or "0-0"
             return [], []
@@ -421,8 +436,9 @@ class StreamConsumer:
         """Take or renew the lease; on taking it, adopt every entry left pending."""
         ttl = self.settings.claim_idle_ms
         now = time.monotonic()
-        # Renewed at most every third of its life: the lease elects, the handlers' atomic steps
-        # fence (a lease lost meanwhile shows there as ``LeaseLost``, which clears this).
+        # Renewed at most every third of its life; in between, the step that reads a batch checks
+        # that the lease still names this consumer (``_READ_NEW``), and the handlers' atomic
+        # steps fence their writes (a lease lost meanwhile shows there as ``LeaseLost``).
         if self._lease_confirmed is not None and now - self._lease_confirmed < ttl / 3000:
             return True
         self._lease_confirmed = None
