@@ -103,7 +103,10 @@ async def test_kill_9_in_the_middle_of_a_batch_loses_and_duplicates_nothing(
     total = len(setup) + len(commands)
 
     async def some_done() -> bool:
-        return await redis.hlen(outcomes_key(0)) >= len(setup) + 300
+        # A batch's outcomes appear at once (one script call), just before its acknowledgement:
+        # wait for a batch in hand too, or the kill may land between batches.
+        started = await redis.hlen(outcomes_key(0)) >= len(setup) + 300
+        return started and sum((await _consumer_pending(redis)).values()) > 0
 
     await wait_until(some_done, timeout=30, interval=0.002, what="the first handler to get going")
     first.process.send_signal(signal.SIGKILL)
