@@ -292,10 +292,15 @@ class Client:
 
 
 async def archived_up_to(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int] | None:
-    """The last entry of shard 0 in the archive, by its (shard, entry_ms, entry_seq) index."""
-    cur = await conn.execute(
-        "SELECT entry_ms, entry_seq FROM ledger_events WHERE shard = 0 ORDER BY entry_ms DESC, entry_seq DESC LIMIT 1"
-    )
+    """The last entry of shard 0 in the archive, by its (shard, entry_ms, entry_seq) index; None
+    before the projector applied the schema (its process starts apart from the handler's)."""
+    try:
+        cur = await conn.execute(
+            "SELECT entry_ms, entry_seq FROM ledger_events WHERE shard = 0"
+            " ORDER BY entry_ms DESC, entry_seq DESC LIMIT 1"
+        )
+    except psycopg.errors.UndefinedTable:
+        return None
     row = await cur.fetchone()
     return None if row is None else (int(row[0]), int(row[1]))
 

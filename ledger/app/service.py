@@ -46,15 +46,15 @@ ROLES: dict[str, str] = {
     "retention": "projections.trim",
 }
 # The child processes of ``ledger serve`` in process mode: one per group, each role in exactly
-# one. From the profile of serve under load (benchmarks/results/profile-e2e.txt): the live
-# projection (about a third of the time) and the handler (a fifth) each get a process, so the two
-# steps of the order path run on both cores; the projector (a sixth) shares its process with the
-# periodic retention, and the venues (idle unless orders execute on them) share one.
+# one. Two, for the two cores the ledger is measured on, balanced by the profile of serve under
+# load (benchmarks/results/profile-e2e.txt: the live projection about a third of the time, the
+# handler a fifth, the projector a sixth): the handler with the projector and the periodic
+# retention; the live projection with the venues (idle unless orders execute on them). The two
+# steps of the order path (reply, then live keys) run in parallel. More processes would not add a
+# core but would add about 60 MB each (every process imports the ledger and its clients).
 PROCESS_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("handler",),
-    ("projection",),
-    ("projector", "retention"),
-    ("paper", "venue"),
+    ("handler", "projector", "retention"),
+    ("projection", "paper", "venue"),
 )
 # The roles that need the PostgreSQL history: ``serve`` starts the private one for them when no
 # LEDGER_DATABASE_URL is set (the others find it, if any, when they need it).

@@ -187,7 +187,7 @@ async def test_kill_9_of_serve_leaves_no_role_process_behind(
 ) -> None:
     serve = _start(redis_url, tmp_path, "handler", "projection", "paper")
     serve_processes.append(serve)
-    children = await _wait_for_roles(serve, {"handler", "projection", "paper"})
+    children = await _wait_for_roles(serve, {"handler", "projection+paper"})
     serve.process.send_signal(signal.SIGKILL)
     assert serve.process.wait(timeout=10) == -signal.SIGKILL
     deadline = time.monotonic() + 5

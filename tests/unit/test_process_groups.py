@@ -18,8 +18,9 @@ def test_every_role_runs_in_exactly_one_process_group() -> None:
 
 def test_the_groups_keep_only_the_roles_asked_for_in_their_order() -> None:
     assert process_groups(list(ROLES)) == list(PROCESS_GROUPS)
-    assert process_groups(["paper", "retention", "handler"]) == [("handler",), ("retention",), ("paper",)]
+    assert process_groups(["paper", "retention", "handler"]) == [("handler", "retention"), ("paper",)]
     assert process_groups(["venue", "paper"]) == [("paper", "venue")]
+    assert process_groups(["projection"]) == [("projection",)]
 
 
 def test_the_process_mode_setting() -> None:
