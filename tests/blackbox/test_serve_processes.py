@@ -109,9 +109,14 @@ async def _pending(redis: Any, stream: str) -> dict[str, int]:
 async def test_serve_runs_each_role_group_in_its_own_process_and_sigterm_stops_them_all(
     redis: Any, redis_url: str, tmp_path: Path, serve_processes: list[ServeProcess]
 ) -> None:
-    serve = _start(redis_url, tmp_path, "handler", "projection")
-    serve_processes.append(serve)
-    children = await _wait_for_roles(serve, {"handler", "projection"})
+    policy = (await redis.config_get("maxmemory-policy"))["maxmemory-policy"]
+    await redis.config_set("maxmemory-policy", "allkeys-lru")  # warned about at start-up
+    try:
+        serve = _start(redis_url, tmp_path, "handler", "projection")
+        serve_processes.append(serve)
+        children = await _wait_for_roles(serve, {"handler", "projection"})
+    finally:
+        await redis.config_set("maxmemory-policy", policy)
     assert serve.process.pid not in children.values()
 
     commands = [(f"proc-{n % 10}", f"c{n}") for n in range(200)]
@@ -138,6 +143,9 @@ async def test_serve_runs_each_role_group_in_its_own_process_and_sigterm_stops_t
     # Each child's log lines name its role.
     serving = {line["role"]: line["roles"] for line in _events(serve, "serving")}
     assert serving == {"handler": ["handler"], "projection": ["projection"]}
+    # The start-up checks ran once, in the supervisor.
+    (warning,) = [line for line in serve.output().splitlines() if "maxmemory_policy" in line]
+    assert "role" not in json.loads(warning)
 
 
 async def test_a_killed_role_process_is_restarted_and_nothing_is_lost_or_doubled(
@@ -194,3 +202,18 @@ async def test_kill_9_of_serve_leaves_no_role_process_behind(
     while (left := [pid for pid in children.values() if _alive(pid)]) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert left == []
+
+
+async def test_processes_1_runs_every_role_in_the_serve_process(
+    redis: Any, redis_url: str, tmp_path: Path, serve_processes: list[ServeProcess]
+) -> None:
+    serve = _start(redis_url, tmp_path, "handler", "projection", LEDGER_PROCESSES="1")
+    serve_processes.append(serve)
+    await _publish(redis, [("one-process", "c1")])
+    reply = await peek_reply(redis, reply_key(0, "one-process", "c1"), timeout=30)
+    assert reply["status"] == "accepted", reply
+    assert _role_processes(serve.process.pid) == {}
+    serve.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(serve.process.wait, 30) == 0, serve.output()[-3000:]
+    assert _events(serve, "supervising") == []
+    assert [line["roles"] for line in _events(serve, "serving")] == [["handler", "projection"]]
