@@ -34,16 +34,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from types import ModuleType
 from typing import Any
-
-import ccxt.async_support as ccxt
 
 from ledger.domain.enums import Exchange, InstrumentKind, OrderSide, OrderType
 from ledger.domain.values import RULES as VALUE_RULES
 from ledger.domain.values import ZERO, exact, format_decimal
 from ledger.errors import InvalidInput, OperationFailed
 from ledger.venues.accounts import Account, VenueOptions
-from ledger.venues.exchanges import async_client
 from ledger.venues.markets import Market, MarketError, bundled, ccxt_decimal
 
 # ccxt's unified order statuses
@@ -54,6 +52,14 @@ SENT_TYPES = frozenset({OrderType.MARKET, OrderType.LIMIT})
 CLIENT_ID_PARAM = "clientOrderId"
 _REASON_MAX = VALUE_RULES["reject_reason"].max_length
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _ccxt() -> ModuleType:
+    """ccxt's async API, imported on first use: about 35 MB that a process without a live
+    exchange never loads (the venue role runs whatever the configuration)."""
+    import ccxt.async_support
+
+    return ccxt.async_support
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +268,7 @@ def _code_message(exc: BaseException) -> tuple[str | None, str]:
 
 def classify(exchange: Exchange, exc: BaseException) -> Refused | Ambiguous:
     """What an exception of a create means: a definite refusal or an unknown outcome."""
+    ccxt = _ccxt()
     code, message = _code_message(exc)
     rules = RULES[exchange]
     duplicate = (
@@ -283,6 +290,8 @@ class VenueClient:
         self.account = account.name
         self.rules = RULES[exchange]
         config = {"timeout": options.timeout_ms, **account.ccxt_config()}
+        from ledger.venues.exchanges import async_client  # imports ccxt (``_ccxt``)
+
         self.ccxt = async_client(
             exchange, base_url=options.base_url, config=config, sandbox=options.sandbox, demo=options.demo
         )
@@ -321,7 +330,7 @@ class VenueClient:
                 found = self.ccxt.parse_order(raw, self.ccxt.market(market.symbol))
             else:
                 found = await self.ccxt.fetch_order(None, market.symbol, {CLIENT_ID_PARAM: client_id})
-        except ccxt.OrderNotFound:
+        except _ccxt().OrderNotFound:
             return None
         except Exception as exc:
             raise Ambiguous(f"{self.exchange}: lookup of {client_id} failed ({type(exc).__name__})") from exc
@@ -346,7 +355,7 @@ class VenueClient:
         is returned for the log."""
         try:
             await self.ccxt.cancel_order(exchange_order_id, market.symbol)
-        except ccxt.ExchangeError as exc:
+        except _ccxt().ExchangeError as exc:
             return refusal_reason(self.exchange, exc)
         except Exception as exc:
             what = type(exc).__name__
