@@ -63,7 +63,7 @@ from ledger.sqlfiles import load_queries
 from ledger.store import keys
 from ledger.store.eventstore import StoredEvent
 from ledger.store.keys import ShardKeys, shard_of
-from ledger.store.log import read_pages
+from ledger.store.log import read_pages, without_cycle_collection
 from ledger.store.operations import Operation, record_operation
 from ledger.store.redis_conn import entry_order, text
 from projections import live
@@ -203,10 +203,11 @@ class _Replay:
             return
         start, end = min(behind), max(live_to, history_to)
         after = None if start == (0, 0) else _id(start)
-        async with contextlib.aclosing(read_pages(redis, self.shard, conn=conn, after=after)) as pages:
-            async for page in pages:
-                if self._page(page, expected, end, live_to, history_to):
-                    break
+        with without_cycle_collection():
+            async with contextlib.aclosing(read_pages(redis, self.shard, conn=conn, after=after)) as pages:
+                async for page in pages:
+                    if self._page(page, expected, end, live_to, history_to):
+                        break
         self.live_to, self.history_to = max(self.live_to, live_to), max(self.history_to, history_to)
 
     def _page(

@@ -31,7 +31,7 @@ from ledger.domain.evolution import Latest
 from ledger.domain.mapping import ORDER, POSITION, AggregateMapping
 from ledger.domain.values import MAX_TS_MS, MIN_TS_MS, datetime_to_ms
 from ledger.store.keys import shard_of
-from ledger.store.log import read_pages
+from ledger.store.log import read_pages, without_cycle_collection
 from ledger.store.operations import iso_time
 
 REPLAY_POSITION_COLUMNS = (*POSITION.contract_fields, "exit_price", "closed_at")
@@ -140,13 +140,14 @@ async def replay(
 ) -> Replay:
     """The book as of ``until`` (None: the whole log) for the selected events of every shard."""
     latest = Latest()
-    for shard in selection.shards(await shard_count(redis)):
-        pages = read_pages(redis, shard, conn=conn, until=until, no_archive=no_archive)
-        async for page in pages:
-            events = [stored.event for stored in page]
-            latest.fold(events if selection.everything else [event for event in events if event in selection])
-    return Replay(
-        until,
-        _rows(latest.positions(), POSITION, REPLAY_POSITION_COLUMNS),
-        _rows(latest.orders.values(), ORDER, ORDER.contract_fields),
-    )
+    with without_cycle_collection():
+        for shard in selection.shards(await shard_count(redis)):
+            pages = read_pages(redis, shard, conn=conn, until=until, no_archive=no_archive)
+            async for page in pages:
+                events = [stored.event for stored in page]
+                latest.fold(events if selection.everything else [event for event in events if event in selection])
+        return Replay(
+            until,
+            _rows(latest.positions(), POSITION, REPLAY_POSITION_COLUMNS),
+            _rows(latest.orders.values(), ORDER, ORDER.contract_fields),
+        )

@@ -38,16 +38,10 @@ def position_payload(position: PositionState) -> dict[str, Any]:
     return payload
 
 
-# The order fields an OrderPlaced event carries under their own names (the rest: from its envelope).
-_PLACED_FIELDS: tuple[str, ...] = tuple(
-    name
-    for name in wire.OrderPlaced.__struct_fields__
-    if name not in ("event_id", "stream", "command_id", "ts", "schema")
-)
-
-
 def _order_from_placed(event: wire.OrderPlaced) -> OrderState:
-    data = {name: getattr(event, name) for name in _PLACED_FIELDS}
+    data = msgspec.structs.asdict(event)
+    for name in ("event_id", "stream", "command_id", "ts", "schema"):
+        data.pop(name)
     data.update(id=event.stream, created_at=event.ts, updated_at=event.ts)
     return msgspec.convert(data, OrderState)
 

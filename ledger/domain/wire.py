@@ -472,7 +472,8 @@ def _readable_ids(raw: str | bytes | None) -> tuple[str | None, str | None]:
 def entry_field(fields: Mapping[Any, Any], name: str) -> Any:
     """One field of a stream entry as stored (None when absent), whether the client decodes
     responses or not: the one reader of an entry's fields."""
-    return fields.get(name, fields.get(name.encode()))
+    value = fields.get(name)
+    return fields.get(name.encode()) if value is None else value
 
 
 def entry_fields(fields: Mapping[Any, Any]) -> tuple[str, bytes | str | None]:
