@@ -37,8 +37,9 @@ Two halves:
     sends nothing), then dropped.
 
 Exactly once: every command id is deterministic (``venue:<order_id>:accept`` / ``:reject`` /
-``:cancel`` / ``:expire``, ``venue:<order hex>:fill:<16 hex of SHA-1 of the trade id>``), so a
-command published twice is answered by the handler's deduplication; each write (the record and
+``:cancel`` / ``:expire``, ``venue:<order hex>:fill:<16 hex of SHA-1 of the trade id>``, built by
+``ledger.venues.commands``, which reconciliation shares), so a command published twice is answered
+by the handler's deduplication; each write (the record and
 the commands it implies) is ONE script fenced by the lease, so a driver that outlived its lease
 writes nothing.
 """
@@ -46,7 +47,6 @@ writes nothing.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Literal
@@ -64,21 +64,18 @@ from ledger.config import Settings
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.domain.state import OrderState
-from ledger.domain.values import ZERO, format_decimal, now_ms
+from ledger.domain.values import format_decimal, now_ms
 from ledger.store.keys import ShardKeys, marks
 from ledger.store.redis_conn import text
+from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, live_configs
 from ledger.venues.live import (
-    CANCELED,
-    CLOSED,
-    EXPIRED,
-    REJECTED,
     Ambiguous,
     Intent,
     Refused,
     VenueClient,
     VenueClients,
-    VenueOrder,
+    VenueFill,
     intent,
 )
 
@@ -171,27 +168,6 @@ class LiveOrder(msgspec.Struct, kw_only=True, frozen=True):
 
 _record_decoder = msgspec.json.Decoder(LiveOrder)
 _order_decoder = msgspec.json.Decoder(OrderState)
-
-
-def accept_id(order_id: str) -> str:
-    return f"venue:{order_id}:accept"
-
-
-def reject_id(order_id: str) -> str:
-    return f"venue:{order_id}:reject"
-
-
-def cancel_id(order_id: str) -> str:
-    return f"venue:{order_id}:cancel"
-
-
-def expire_id(order_id: str) -> str:
-    return f"venue:{order_id}:expire"
-
-
-def fill_command_id(order_id: str, fill_id: str) -> str:
-    digest = hashlib.sha1(fill_id.encode(), usedforsecurity=False).hexdigest()[:16]
-    return f"venue:{order_id.replace('-', '')}:fill:{digest}"
 
 
 def _intent(order_id: str, record: LiveOrder) -> Intent:
@@ -412,7 +388,7 @@ class LiveVenue:
         self, order_id: str, record: LiveOrder, order: Intent, client: VenueClient, cancel: bool, fields: dict[str, Any]
     ) -> int:
         if cancel:
-            await self._finish(order_id, record, self._cancelled(order_id, record))
+            await self._finish(order_id, record, commands.cancelled(order_id, record.user_id))
             self.log.info("cancelled before it was sent: nothing sent", **fields)
             return 1
         record = msgspec.structs.replace(record, stage="sending", sent_at=now_ms(), updated_at=now_ms())
@@ -446,7 +422,7 @@ class LiveVenue:
         if now_ms() - (record.sent_at or 0) < self.resend_after_ms:
             return 0
         if cancel:
-            await self._finish(order_id, record, self._cancelled(order_id, record))
+            await self._finish(order_id, record, commands.cancelled(order_id, record.user_id))
             self.log.info("not at the venue and cancelled: nothing sent", **fields)
             return 1
         self.log.warning("not at the venue: sending it again with the same client id", **fields)
@@ -455,9 +431,7 @@ class LiveVenue:
 
     async def _opened(self, order_id: str, record: LiveOrder, venue_id: str, fields: dict[str, Any]) -> None:
         record = msgspec.structs.replace(record, stage="open", exchange_order_id=venue_id, updated_at=now_ms())
-        accept = wire.OrderAcceptedCommand(
-            command_id=accept_id(order_id), user_id=record.user_id, order_id=order_id, exchange_order_id=venue_id
-        )
+        accept = commands.accepted(order_id, record.user_id, venue_id)
         await self._save(order_id, record, accept, mode="set")
         self.log.info("order accepted by the venue", exchange_order_id=venue_id, command_id=accept.command_id, **fields)
 
@@ -483,19 +457,19 @@ class LiveVenue:
         except Ambiguous as exc:
             self.log.warning("status unknown: retrying", error=str(exc), **fields)
             return 0
-        commands: list[wire.Command] = [
+        fills: list[wire.Command] = [
             self._fill(order_id, record, fill, fields) for fill in report.fills if fill.fill_id not in record.fills
         ]
-        final, last = self._final(order_id, record, report)
-        if not commands and not final:
+        final, last = commands.final(order_id, record.user_id, record.exchange, Decimal(record.quantity), report)
+        if not fills and not final:
             return 0
         record = msgspec.structs.replace(
             record, fills=[*record.fills, *(f.fill_id for f in report.fills if f.fill_id not in record.fills)]
         )
         if not final:
-            await self._save(order_id, msgspec.structs.replace(record, updated_at=now_ms()), *commands, mode="set")
+            await self._save(order_id, msgspec.structs.replace(record, updated_at=now_ms()), *fills, mode="set")
             return 1
-        await self._finish(order_id, record, *commands, *([last] if last is not None else []))
+        await self._finish(order_id, record, *fills, *([last] if last is not None else []))
         self.log.info(
             "order final at the venue",
             status=report.status,
@@ -504,18 +478,8 @@ class LiveVenue:
         )
         return 1
 
-    def _fill(self, order_id: str, record: LiveOrder, fill: Any, fields: dict[str, Any]) -> wire.RecordFill:
-        command = wire.RecordFill(
-            command_id=fill_command_id(order_id, fill.fill_id),
-            user_id=record.user_id,
-            order_id=order_id,
-            fill_id=fill.fill_id,
-            quantity=format_decimal(fill.quantity),
-            price=format_decimal(fill.price),
-            fee=None if fill.fee is None else format_decimal(fill.fee),
-            fee_currency=fill.fee_currency,
-            ts=fill.ts,
-        )
+    def _fill(self, order_id: str, record: LiveOrder, fill: VenueFill, fields: dict[str, Any]) -> wire.RecordFill:
+        command = commands.fill(order_id, record.user_id, fill)
         self.log.info(
             "fill",
             fill_id=fill.fill_id,
@@ -527,32 +491,10 @@ class LiveVenue:
         )
         return command
 
-    def _final(self, order_id: str, record: LiveOrder, report: VenueOrder) -> tuple[bool, wire.Command | None]:
-        """Whether the venue says the order is final and lists trades for all it filled, and the
-        command that ends it in the ledger (None when its fills did)."""
-        if report.status not in (CLOSED, CANCELED, EXPIRED, REJECTED) or report.traded < report.filled:
-            return False, None
-        user_id = record.user_id
-        if report.status == CANCELED:
-            return True, self._cancelled(order_id, record)
-        if report.status == REJECTED:
-            reason = f"{record.exchange} rejected the order after accepting it"
-            return True, wire.OrderRejectedCommand(
-                command_id=reject_id(order_id), user_id=user_id, order_id=order_id, reason=reason
-            )
-        if report.status == EXPIRED or Decimal(record.quantity) - report.traded > ZERO:
-            return True, wire.OrderExpiredCommand(command_id=expire_id(order_id), user_id=user_id, order_id=order_id)
-        return True, None
-
-    def _cancelled(self, order_id: str, record: LiveOrder) -> wire.OrderCancelledCommand:
-        return wire.OrderCancelledCommand(command_id=cancel_id(order_id), user_id=record.user_id, order_id=order_id)
-
     # ----------------------------------------------------------------- writes
 
     async def _reject(self, order_id: str, user_id: str, reason: str, record: LiveOrder | None) -> None:
-        reject = wire.OrderRejectedCommand(
-            command_id=reject_id(order_id), user_id=user_id, order_id=order_id, reason=reason
-        )
+        reject = commands.rejected(order_id, user_id, reason)
         if record is None:
             await self._publish(reject)
         else:

@@ -1,0 +1,86 @@
+"""The commands a venue's report becomes: one definition for the live venue role
+(``consumers.venue``) and reconciliation (``ledger.client.reconcile``).
+
+Every command id is deterministic, so the two (or one of them twice) publishing the same fact
+publish the same command, and the handler's deduplication (CONTRACT §3) records it once:
+``venue:<order_id>:accept`` / ``:reject`` / ``:cancel`` / ``:expire``, and
+``venue:<order hex>:fill:<16 hex of SHA-1 of the venue's trade id>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from decimal import Decimal
+
+from ledger.domain import wire
+from ledger.domain.enums import Exchange
+from ledger.domain.values import ZERO, format_decimal
+from ledger.venues.live import CANCELED, CLOSED, EXPIRED, REJECTED, VenueFill, VenueOrder
+
+
+def accept_id(order_id: str) -> str:
+    return f"venue:{order_id}:accept"
+
+
+def reject_id(order_id: str) -> str:
+    return f"venue:{order_id}:reject"
+
+
+def cancel_id(order_id: str) -> str:
+    return f"venue:{order_id}:cancel"
+
+
+def expire_id(order_id: str) -> str:
+    return f"venue:{order_id}:expire"
+
+
+def fill_command_id(order_id: str, fill_id: str) -> str:
+    digest = hashlib.sha1(fill_id.encode(), usedforsecurity=False).hexdigest()[:16]
+    return f"venue:{order_id.replace('-', '')}:fill:{digest}"
+
+
+def accepted(order_id: str, user_id: str, exchange_order_id: str) -> wire.OrderAcceptedCommand:
+    return wire.OrderAcceptedCommand(
+        command_id=accept_id(order_id), user_id=user_id, order_id=order_id, exchange_order_id=exchange_order_id
+    )
+
+
+def cancelled(order_id: str, user_id: str) -> wire.OrderCancelledCommand:
+    return wire.OrderCancelledCommand(command_id=cancel_id(order_id), user_id=user_id, order_id=order_id)
+
+
+def rejected(order_id: str, user_id: str, reason: str) -> wire.OrderRejectedCommand:
+    return wire.OrderRejectedCommand(command_id=reject_id(order_id), user_id=user_id, order_id=order_id, reason=reason)
+
+
+def fill(order_id: str, user_id: str, trade: VenueFill) -> wire.RecordFill:
+    """A trade of the venue as the ledger's fill (the venue's trade id is the ``fill_id``)."""
+    return wire.RecordFill(
+        command_id=fill_command_id(order_id, trade.fill_id),
+        user_id=user_id,
+        order_id=order_id,
+        fill_id=trade.fill_id,
+        quantity=format_decimal(trade.quantity),
+        price=format_decimal(trade.price),
+        fee=None if trade.fee is None else format_decimal(trade.fee),
+        fee_currency=trade.fee_currency,
+        ts=trade.ts,
+    )
+
+
+def final(
+    order_id: str, user_id: str, exchange: Exchange, quantity: Decimal, report: VenueOrder
+) -> tuple[bool, wire.Command | None]:
+    """Whether the venue says the order is final and lists trades for all it filled, and the
+    command that ends it in the ledger (None when its fills did): ``canceled`` ->
+    ``order_cancelled``, ``rejected`` -> ``order_rejected``, ``expired``, or ``closed`` with less
+    traded than the ledger's ``quantity`` (an Upbit market buy) -> ``order_expired``."""
+    if report.status not in (CLOSED, CANCELED, EXPIRED, REJECTED) or report.traded < report.filled:
+        return False, None
+    if report.status == CANCELED:
+        return True, cancelled(order_id, user_id)
+    if report.status == REJECTED:
+        return True, rejected(order_id, user_id, f"{exchange} rejected the order after accepting it")
+    if report.status == EXPIRED or quantity - report.traded > ZERO:
+        return True, wire.OrderExpiredCommand(command_id=expire_id(order_id), user_id=user_id, order_id=order_id)
+    return True, None
