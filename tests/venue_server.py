@@ -149,7 +149,10 @@ class LoopbackExchange:
     booked, then the answer comes this late, or when it is set to 0: a timeout), ``refuse_creates``
     (a definite refusal),
     ``fill_on_cancel`` (a fill that lands before the cancel does), and ``created`` (set once a
-    create was booked). ``creates`` counts create requests per client id, ``orders`` the book.
+    create was booked); for reconciliation, ``book`` (an order placed at the venue directly, not
+    through a create request) and ``positions`` (OKX ``account/positions`` rows). ``creates``
+    counts create requests per client id, ``orders`` the book. Open orders and the account's
+    trades are listed per market.
     """
 
     def __init__(self, exchange: str) -> None:
@@ -164,6 +167,7 @@ class LoopbackExchange:
         self.refuse_creates = False
         self.fill_on_cancel: tuple[str, str, str] | None = None  # amount, price, trade id
         self.created = threading.Event()
+        self.positions: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.url = ""
         self._next_id = 312269865356374016
@@ -186,6 +190,13 @@ class LoopbackExchange:
             order.fills.append(BookFill(trade_id, Decimal(amount), Decimal(price), Decimal(fee)))
             if order.amount is not None and order.filled >= order.amount:
                 order.state = "filled"
+
+    def book(self, client_id: str, market_id: str, side: str, amount: str, price: str) -> BookOrder:
+        """A limit order on the book that no create request placed (a venue's own front end)."""
+        with self.lock:
+            order = BookOrder(self._venue_id(), client_id, market_id, side, "limit", Decimal(amount), price)
+            self.orders[client_id] = order
+            return order
 
     def finish(self, client_id: str, state: str) -> None:
         with self.lock:
@@ -226,6 +237,9 @@ class LoopbackExchange:
             while self.create_delay_s and time.monotonic() < until:  # held until the delay is lifted
                 await asyncio.sleep(0.02)
             return web.json_response(self._created(booked))
+        if route in ("open_orders", "positions") or (route == "fills" and not {"ordId", "orderId"} & params.keys()):
+            with self.lock:
+                return web.json_response(self._listing(route, params))
         with self.lock:
             order = self._find(params)
             if order is None:
@@ -285,6 +299,25 @@ class LoopbackExchange:
             )
             self.orders[client_id] = order
             return order
+
+    def _listing(self, route: str, params: dict[str, str]) -> Any:
+        """The account's open orders, trades or positions (of the market asked for, if any)."""
+        if route == "positions":
+            body = self._copy("fills")
+            body["data"] = copy.deepcopy(self.positions)
+            return body
+        market = next((params[k] for k in ("instId", "symbol", "market") if k in params), None)
+        orders = [o for o in self.orders.values() if market is None or o.market_id == market]
+        if route == "open_orders":
+            rows = [self._order(o) for o in orders if o.state == "open"]
+            rows = [row["data"][0] for row in rows] if self.exchange == "okx" else rows
+        else:
+            rows = [self._fill(o, f) for o in orders for f in o.fills]
+        if self.exchange != "okx":
+            return rows
+        body = self._copy("fills")
+        body["data"] = rows
+        return body
 
     def _find(self, params: dict[str, str]) -> BookOrder | None:
         client_keys = ("clOrdId", "origClientOrderId", "identifier")
@@ -440,17 +473,21 @@ ROUTES: dict[str, dict[tuple[str, str], str]] = {
         ("GET", "/api/v5/trade/order"): "order",
         ("GET", "/api/v5/trade/fills-history"): "fills",
         ("POST", "/api/v5/trade/cancel-order"): "cancel",
+        ("GET", "/api/v5/trade/orders-pending"): "open_orders",
+        ("GET", "/api/v5/account/positions"): "positions",
     },
     "binance": {
         ("POST", "/api/v3/order"): "create",
         ("GET", "/api/v3/order"): "order",
         ("GET", "/api/v3/myTrades"): "fills",
         ("DELETE", "/api/v3/order"): "cancel",
+        ("GET", "/api/v3/openOrders"): "open_orders",
     },
     "upbit": {
         ("POST", "/v1/orders"): "create",
         ("GET", "/v1/order"): "order",
         ("DELETE", "/v1/order"): "cancel",
+        ("GET", "/v1/orders/open"): "open_orders",
     },
 }
 

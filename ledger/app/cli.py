@@ -583,6 +583,19 @@ def cmd_markets(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _reconcile(args: argparse.Namespace) -> int:
+    from ledger.app.reconcile import run_reconcile
+
+    settings = _settings(args)
+    configure_logging(settings.log_format, settings.log_level)  # stderr: stdout is the result
+    redis = await _client(settings)
+    try:
+        exchange = Exchange(args.exchange)
+        return await run_reconcile(redis, settings, args.user, exchange, symbols=args.symbol, as_json=args.json)
+    finally:
+        await redis.aclose()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ledger.app.demo import run_demo
 
@@ -892,6 +905,19 @@ COMMANDS = (
                 ),
             ),
         ),
+    ),
+    Command(
+        "reconcile",
+        "compare a user's orders, fills and positions on a live venue with the ledger: record what the "
+        "ledger lacks as commands, report the rest (exit 1 while a finding is unresolved)",
+        (
+            REDIS_URL,
+            flag("user", type=USER_ID, help="the ledger user"),
+            flag("exchange", choices=EXCHANGES),
+            flag("--symbol", type=SYMBOL, action="append", default=[], help="also look at this market (repeatable)"),
+            JSON_OBJECT,
+        ),
+        _reconcile,
     ),
     Command(
         "verify",

@@ -23,7 +23,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -32,6 +32,8 @@ import psycopg
 
 from ledger.client import queries
 from ledger.client.models import Order, PnLInfo, Position
+from ledger.client.reconcile import Reconciler, Reconciliation
+from ledger.config import Settings
 from ledger.defaults import API_TIMEOUT_S, BLOCK_MS
 from ledger.domain import wire
 from ledger.domain.enums import (
@@ -47,6 +49,8 @@ from ledger.store import keys
 from ledger.store.eventstore import EventStore, StoredEvent
 from ledger.store.log import read_log
 from ledger.store.redis_conn import entry_order, recorded_shards, text
+from ledger.venues.accounts import VenueConfig, live_configs
+from ledger.venues.live import VenueClients
 
 # Read-your-writes polls the projection's checkpoint (one GET), first after this long, each pause
 # half as long again as the one before, up to the last: a step of the projection takes a few
@@ -348,8 +352,28 @@ class PositionManager(_Manager):
         """PnL at ``current_price``, a mark under the mark rule (``ledger.client.models.parse_mark``)."""
         return position.pnl(current_price)
 
-    async def sync_positions_from_exchange(self, user_id: str, exchange: Exchange | str) -> list[Position]:
-        raise NotImplementedError("reconciliation with live venues arrives with the ccxt venue layer")
+    async def sync_positions_from_exchange(
+        self,
+        user_id: str,
+        exchange: Exchange | str,
+        *,
+        venue: VenueConfig | None = None,
+        symbols: Sequence[str] = (),
+    ) -> Reconciliation:
+        """Reconcile the user's orders, fills and positions on a live venue with the ledger
+        (``ledger.client.reconcile``): what the venue knows and the ledger lacks is recorded as
+        commands (read your own writes), every other difference is a finding in the result and
+        in ``ledger:ops``. ``venue``: the exchange's accounts and options (default: the file
+        ``LEDGER_CREDENTIALS`` names); ``symbols``: markets to look at beyond the user's own."""
+        exchange = Exchange(exchange)
+        if venue is None:
+            settings = Settings.from_env()
+            venue = live_configs({exchange: "live"}, settings.credentials)[exchange]
+        clients = VenueClients({exchange: venue.options})
+        try:
+            return await Reconciler(self.redis, self.client, venue, clients).run(user_id, symbols)
+        finally:
+            await clients.close()
 
 
 class OrderManager(_Manager):

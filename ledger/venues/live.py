@@ -189,6 +189,7 @@ class VenueFill:
     fee: Decimal | None
     fee_currency: str | None
     ts: int | None
+    exchange_order_id: str | None = None  # the venue's id of the trade's order
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,7 @@ def _fill(market: Market, trade: Mapping[str, Any]) -> VenueFill:
         fee=cost,
         fee_currency=currency if VALUE_RULES["fee_currency"].matches(currency) else None,
         ts=trade.get("timestamp"),
+        exchange_order_id=None if trade.get("order") is None else str(trade["order"]),
     )
 
 
@@ -371,6 +373,17 @@ class VenueClient:
         """The account's trades of a market since ``since_ms`` (for reconciliation; Upbit has no
         such list: its orders' trades are read with ``fetch``)."""
         return [_fill(market, t) for t in await self.ccxt.fetch_my_trades(market.symbol, since_ms)]
+
+    async def position(self, market: Market) -> Decimal | None:
+        """The account's net position of a contract market in ledger units (long minus short);
+        None for a spot market or where ccxt has no ``fetchPositions`` (Upbit)."""
+        if market.kind is InstrumentKind.SPOT or not self.ccxt.has.get("fetchPositions"):
+            return None
+        net = ZERO
+        for found in await self.ccxt.fetch_positions([market.symbol]):
+            size = to_quantity(market, ccxt_decimal(found.get("contracts")) or ZERO)
+            net += -size if found.get("side") == "short" else size
+        return net
 
 
 class VenueClients:

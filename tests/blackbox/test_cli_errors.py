@@ -119,7 +119,8 @@ def closed_port() -> int:
         (
             ["nope"],
             "ledger: argument command: invalid choice: 'nope' (choose from 'serve', 'submit', 'status', "
-            "'positions', 'orders', 'mark', 'history', 'replay', 'export', 'dead', 'markets', 'verify', 'checkpoint', "
+            "'positions', 'orders', 'mark', 'history', 'replay', 'export', 'dead', 'markets', 'reconcile', 'verify', "
+            "'checkpoint', "
             "'trim', 'rebuild', 'demo') "
             "(see `ledger --help`)",
         ),  # fmt: skip

@@ -1,0 +1,308 @@
+"""Reconciliation of one (user, exchange) on a live venue with the ledger (issue 11, item 3).
+
+What the venue knows is fetched through the live venue's client (``ledger.venues.live``), what
+the ledger knows is read from the user's shard (the live keys list the user's orders and open
+positions, the snapshots hold each order's fill ids), and every difference is either RECORDED
+through the normal command path or REPORTED as a finding; nothing is ever overwritten:
+
+* an order of the ledger not yet final (``pending``, ``open``, ``partially_filled``,
+  ``pending_cancel``) is looked up at the venue (by its venue id, or, with none yet, by the
+  client order id derived from the ledger's order id), with its trades (OKX ``fills-history``,
+  Binance ``myTrades``, Upbit: the order's own trades). Each trade whose id is not among the
+  order's fill ids is recorded as ``record_fill`` (the venue's trade id as ``fill_id``); an order
+  found by its client id as ``order_accepted``; a final status the ledger lacks as
+  ``order_cancelled`` / ``order_expired`` / ``order_rejected``. These are the live venue role's
+  own commands with its own deterministic ids (``ledger.venues.commands``): the role and
+  reconciliation, or two reconciliations, never record one fact twice (the handler answers a
+  repeated ``command_id`` with its first outcome);
+* the venue's open orders and recent trades of the markets looked at that belong to no order
+  of the user in the ledger are findings of class ``unknown_order`` (adopting them is a later
+  step: a ``record_fill`` for an unknown order stays rejected, CONTRACT §3);
+* a trade of an order the ledger holds as final that the ledger never recorded is an
+  ``unrecorded_fill`` finding;
+* once the commands are recorded (and projected), the venue's net position of each contract
+  market (where ccxt has ``fetchPositions``) is compared with the sum of the ledger's open
+  positions of that market: two spellings of one market (``BTC-USDT-SWAP`` and
+  ``BTC/USDT:USDT``) are two ledger positions, compared by their canonical market
+  (``ledger.venues.markets``), summed, long minus short. A difference is a
+  ``position_mismatch`` finding with the evidence;
+* a command the ledger refuses is a ``command_rejected`` finding with its code and message.
+
+The markets looked at are the canonical markets of the user's orders and open positions in the
+live keys, plus any the caller names. Every finding is appended to the operations stream
+``ledger:ops`` (action ``reconcile.finding``) and logged with its ids; it stays a finding
+until the venue and the ledger agree (drift and adjustment events are a later step).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import structlog
+
+from ledger.client import queries
+from ledger.domain import wire
+from ledger.domain.enums import OPEN_ORDER_STATUSES, Exchange, PositionSide
+from ledger.domain.state import OrderState
+from ledger.domain.values import ZERO, check_identifier, format_decimal
+from ledger.errors import InvalidInput, OperationFailed
+from ledger.store.eventstore import EventStore
+from ledger.store.operations import record_operation
+from ledger.venues import commands
+from ledger.venues.accounts import VenueConfig
+from ledger.venues.live import Ambiguous, VenueClient, VenueClients, VenueFill, venue_client_id
+from ledger.venues.markets import Market, MarketError, bundled
+
+FINDING_ACTION = "reconcile.finding"
+UNKNOWN_ORDER = "unknown_order"
+UNRECORDED_FILL = "unrecorded_fill"
+POSITION_MISMATCH = "position_mismatch"
+COMMAND_REJECTED = "command_rejected"
+FINDING_COLUMNS = ("kind", "market", "subject", "evidence")
+
+log = structlog.get_logger("ledger.reconcile")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A difference reconciliation reports and does not resolve: its class, the canonical market,
+    what it is about (a venue order id, a command id, the market) and the evidence."""
+
+    kind: str
+    market: str
+    subject: str
+    evidence: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "market": self.market, "subject": self.subject, "evidence": self.evidence}
+
+
+@dataclass(slots=True)
+class Reconciliation:
+    """What one reconciliation found: the commands it recorded (their ``command_id``, ``type``,
+    ``order_id`` and, for a fill, ``fill_id``) and the findings it reported."""
+
+    user_id: str
+    exchange: Exchange
+    account: str
+    markets: list[str] = field(default_factory=list)
+    recorded: list[dict[str, str]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def unresolved(self) -> bool:
+        return bool(self.findings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "exchange": self.exchange.value,
+            "account": self.account,
+            "markets": self.markets,
+            "recorded": self.recorded,
+            "findings": [f.as_dict() for f in self.findings],
+        }
+
+
+def ledger_order_id(client_id: str | None) -> str | None:
+    """The ledger order id a venue client order id was derived from (``venue_client_id``): the
+    UUID in the 32 hex digits or the UUID itself; None for a client id the ledger never makes."""
+    if not client_id:
+        return None
+    try:
+        return str(uuid.UUID(client_id))
+    except ValueError:
+        return None
+
+
+def _signed(size: Decimal, side: PositionSide) -> Decimal:
+    return size if side is PositionSide.LONG else -size
+
+
+class Reconciler:
+    """Reconciles users of one exchange: the venue's accounts and clients, and the ledger's
+    command path (a ``LedgerClient``: each command waits for its reply and its projection)."""
+
+    def __init__(self, redis: Any, ledger: Any, config: VenueConfig, clients: VenueClients) -> None:
+        self.redis = redis
+        self.ledger = ledger
+        self.config = config
+        self.exchange = config.exchange
+        self.clients = clients
+        self.markets = bundled(config.exchange)
+
+    async def run(self, user_id: str, symbols: Sequence[str] = ()) -> Reconciliation:
+        user_id = check_identifier("user_id", user_id)
+        account = self.config.account_for(user_id)
+        if account is None:
+            raise InvalidInput(
+                f"no live account for user {user_id} on {self.exchange}: add the user to LEDGER_CREDENTIALS"
+            )
+        venue = self.clients.get(account)
+        shard = await self.ledger.shard_of(user_id)
+        store = EventStore(self.redis, shard)
+        result = Reconciliation(user_id, self.exchange, account.name)
+        bound = log.bind(user_id=user_id, exchange=str(self.exchange), account=account.name, shard=shard)
+
+        orders = await queries.get_orders(self.redis, user_id, self.exchange)
+        positions = await queries.get_positions(self.redis, user_id, self.exchange)
+        markets = self._markets([o.symbol for o in orders] + [p.symbol for p in positions] + list(symbols))
+        result.markets = sorted(markets)
+        known = {o.exchange_order_id: o.id for o in orders if o.exchange_order_id and o.id}
+        pending: list[tuple[wire.Command, str]] = []
+        try:
+            for order in reversed(orders):  # oldest first
+                if order.id is None or order.status not in OPEN_ORDER_STATUSES:
+                    continue
+                state = await store.order(order.id)
+                market = self.markets.find(order.symbol)
+                if state is not None and market is not None:
+                    pending += [(c, market.symbol) for c in await self._follow(venue, state, market, known)]
+            for market in markets.values():
+                result.findings += await self._strangers(venue, store, user_id, market, known)
+        except Ambiguous as exc:
+            raise OperationFailed(f"{self.exchange} did not answer: {exc}; run the reconciliation again") from exc
+
+        for command, symbol in pending:
+            await self._record(command, symbol, result, bound)
+        positions = await queries.get_positions(self.redis, user_id, self.exchange)
+        for market in markets.values():
+            finding = await self._position(venue, market, positions)
+            if finding is not None:
+                result.findings.append(finding)
+        for finding in result.findings:
+            target = f"{self.exchange}/{account.name}/{user_id}/{finding.market}"
+            detail = {"user_id": user_id, "exchange": self.exchange.value, **finding.as_dict()}
+            operation = await record_operation(self.redis, FINDING_ACTION, target, finding.kind, detail)
+            bound.warning("reconciliation finding", kind=finding.kind, subject=finding.subject, op_id=operation.id)
+        bound.info("reconciled", recorded=len(result.recorded), findings=len(result.findings))
+        return result
+
+    def _markets(self, names: Iterable[str]) -> dict[str, Market]:
+        """The canonical markets of ``names`` (names no bundled market resolves are left out)."""
+        found: dict[str, Market] = {}
+        for name in names:
+            try:
+                market = self.markets.find(name)
+            except MarketError:
+                continue
+            if market is not None:
+                found[market.symbol] = market
+        return found
+
+    async def _follow(
+        self, venue: VenueClient, state: OrderState, market: Market, known: dict[str, str]
+    ) -> list[wire.Command]:
+        """The commands that bring a ledger order not yet final level with the venue."""
+        found: list[wire.Command] = []
+        venue_id = state.exchange_order_id
+        if venue_id is None:
+            venue_id = await venue.lookup(venue_client_id(self.exchange, state.id), market)
+            if venue_id is None:
+                return found  # not at the venue: the live venue role sends it (or has not yet)
+            found.append(commands.accepted(state.id, state.user_id, venue_id))
+            known[venue_id] = state.id
+        report = await venue.fetch(venue_id, market)
+        recorded = set(state.fill_ids)
+        found += [commands.fill(state.id, state.user_id, t) for t in report.fills if t.fill_id not in recorded]
+        _final, last = commands.final(state.id, state.user_id, self.exchange, state.quantity, report)
+        if last is not None:
+            found.append(last)
+        return found
+
+    async def _strangers(
+        self, venue: VenueClient, store: EventStore, user_id: str, market: Market, known: dict[str, str]
+    ) -> list[Finding]:
+        """Open orders and trades of ``market`` at the venue that no order of the user explains."""
+        strangers: dict[str, dict[str, Any]] = {}
+        for order in await venue.open_orders(market):
+            if order.exchange_order_id in known:
+                continue
+            ledger_id = ledger_order_id(order.client_id)
+            state = await store.order(ledger_id) if ledger_id else None
+            if state is not None and state.user_id == user_id and state.exchange is self.exchange:
+                known[order.exchange_order_id] = state.id
+                continue
+            strangers[order.exchange_order_id] = {
+                "client_order_id": order.client_id,
+                "status": order.status,
+                "filled": format_decimal(order.filled),
+                "trades": [],
+            }
+        if not venue.ccxt.has.get("fetchMyTrades"):
+            return [Finding(UNKNOWN_ORDER, market.symbol, oid, ev) for oid, ev in strangers.items()]
+        findings: list[Finding] = []
+        for trade in await venue.recent_fills(market):
+            order_id = trade.exchange_order_id
+            if order_id is None:
+                continue
+            if order_id not in known:
+                evidence = strangers.setdefault(order_id, {"client_order_id": None, "trades": []})
+                evidence["trades"].append(_trade(trade))
+                continue
+            state = await store.order(known[order_id])
+            if state is not None and state.status.is_final and trade.fill_id not in state.fill_ids:
+                evidence = {"order_id": state.id, "status": str(state.status), **_trade(trade)}
+                findings.append(Finding(UNRECORDED_FILL, market.symbol, trade.fill_id, evidence))
+        return [Finding(UNKNOWN_ORDER, market.symbol, oid, ev) for oid, ev in strangers.items()] + findings
+
+    async def _position(self, venue: VenueClient, market: Market, positions: list[Any]) -> Finding | None:
+        """A ``position_mismatch`` when the venue's net position of ``market`` differs from the
+        sum of the ledger's open positions of that market (by canonical market)."""
+        net = await venue.position(market)
+        if net is None:
+            return None
+        mine = sorted(
+            (p for p in positions if market.symbol in self._markets([p.symbol])), key=lambda p: (p.symbol, p.id or "")
+        )
+        ledger_net = sum((_signed(p.size, p.side) for p in mine), ZERO)
+        if ledger_net == net:
+            return None
+        evidence = {
+            "venue": format_decimal(net),
+            "ledger": format_decimal(ledger_net),
+            "difference": format_decimal(net - ledger_net),
+            "positions": [
+                {"position_id": p.id, "symbol": p.symbol, "side": str(p.side), "size": format_decimal(p.size)}
+                for p in mine
+            ],
+        }
+        return Finding(POSITION_MISMATCH, market.symbol, market.symbol, evidence)
+
+    async def _record(self, command: wire.Command, market: str, result: Reconciliation, bound: Any) -> None:
+        """Submit one command; a refusal becomes a ``command_rejected`` finding."""
+        fields = {
+            "command_id": command.command_id,
+            "type": str(command.__struct_config__.tag),
+            "order_id": str(getattr(command, "order_id", "")),
+        }
+        if isinstance(command, wire.RecordFill):
+            fields["fill_id"] = command.fill_id
+        try:
+            await self.ledger.submit(command)
+        except OperationFailed as exc:
+            reply = getattr(exc, "reply", None)
+            if not isinstance(reply, dict):  # not the handler's refusal (a timeout): nothing is known
+                raise
+            error = reply.get("error") or {}
+            evidence = {**fields, "code": str(error.get("code")), "message": str(error.get("message"))}
+            result.findings.append(Finding(COMMAND_REJECTED, market, command.command_id, evidence))
+            return
+        result.recorded.append(fields)
+        bound.info("reconciliation recorded", **fields)
+
+
+def _trade(trade: VenueFill) -> dict[str, str | None]:
+    return {
+        "fill_id": trade.fill_id,
+        "quantity": format_decimal(trade.quantity),
+        "price": format_decimal(trade.price),
+        "fee": None if trade.fee is None else format_decimal(trade.fee),
+    }
+
+
+__all__ = ["Finding", "Reconciler", "Reconciliation", "ledger_order_id"]
