@@ -68,7 +68,7 @@ from ledger.domain.values import format_decimal, now_ms
 from ledger.store.keys import ShardKeys, marks
 from ledger.store.redis_conn import text
 from ledger.venues import commands
-from ledger.venues.accounts import VenueConfig, live_configs
+from ledger.venues.accounts import VenueConfig, live_configs, no_account
 from ledger.venues.live import (
     Ambiguous,
     Intent,
@@ -289,8 +289,7 @@ class LiveVenue:
         config = self.configs.get(event.exchange)
         account = config.account_for(event.user_id) if config is not None else None
         if account is None:
-            reason = f"no live account for user {event.user_id} on {event.exchange}: add the user to LEDGER_CREDENTIALS"
-            await self._reject(order_id, event.user_id, reason, None)
+            await self._reject(order_id, event.user_id, no_account(event.user_id, event.exchange), None)
             return
         mark = await self._mark(event) if event.order_type is OrderType.MARKET and event.price is None else None
         record = LiveOrder(

@@ -53,7 +53,7 @@ from ledger.errors import InvalidInput, OperationFailed
 from ledger.store.eventstore import EventStore
 from ledger.store.operations import record_operation
 from ledger.venues import commands
-from ledger.venues.accounts import VenueConfig
+from ledger.venues.accounts import VenueConfig, no_account
 from ledger.venues.live import Ambiguous, VenueClient, VenueClients, VenueFill, venue_client_id
 from ledger.venues.markets import Market, MarketError, bundled
 
@@ -139,9 +139,7 @@ class Reconciler:
         user_id = check_identifier("user_id", user_id)
         account = self.config.account_for(user_id)
         if account is None:
-            raise InvalidInput(
-                f"no live account for user {user_id} on {self.exchange}: add the user to LEDGER_CREDENTIALS"
-            )
+            raise InvalidInput(no_account(user_id, self.exchange))
         venue = self.clients.get(account)
         shard = await self.ledger.shard_of(user_id)
         store = EventStore(self.redis, shard)

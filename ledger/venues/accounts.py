@@ -104,6 +104,11 @@ class VenueConfig:
         return next((a for a in self.accounts.values() if user_id in a.users), None)
 
 
+def no_account(user_id: str, exchange: Exchange | str) -> str:
+    """Why nothing can reach the venue for ``user_id`` (an order rejected, a reconciliation refused)."""
+    return f"no live account for user {user_id} on {exchange}: add the user to LEDGER_CREDENTIALS"
+
+
 def _fail(where: str, problem: str) -> CredentialsError:
     return CredentialsError(f"LEDGER_CREDENTIALS: {where}: {problem}")
 
