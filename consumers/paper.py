@@ -108,7 +108,7 @@ from ledger.domain.values import (
     now_ms,
 )
 from ledger.store.eventstore import StoredEvent
-from ledger.store.keys import ShardKeys, marks
+from ledger.store.keys import ShardKeys, marks, shard_key
 from ledger.store.log import read_log
 from ledger.store.redis_conn import entry_order, text
 from ledger.venues.markets import instrument_table
@@ -207,11 +207,10 @@ class PaperKeys:
     __slots__ = ("shard", "resting", "version", "lease")
 
     def __init__(self, shard: int) -> None:
-        tag = f"ledger:{{{shard}}}"
         self.shard = shard
-        self.resting = f"{tag}:paper:resting"
-        self.version = f"{tag}:paper:version"
-        self.lease = f"{tag}:lease:{GROUP}"
+        self.resting = shard_key(shard, "paper:resting")
+        self.version = shard_key(shard, "paper:version")
+        self.lease = ShardKeys(shard).lease(GROUP)
 
 
 class RestingOrder(msgspec.Struct, kw_only=True, frozen=True):

@@ -65,7 +65,7 @@ from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.domain.state import OrderState
 from ledger.domain.values import format_decimal, now_ms
-from ledger.store.keys import ShardKeys, marks
+from ledger.store.keys import ShardKeys, marks, shard_key
 from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, live_configs, no_account
@@ -134,11 +134,10 @@ class VenueKeys:
     __slots__ = ("shard", "orders", "cancels", "lease")
 
     def __init__(self, shard: int) -> None:
-        tag = f"ledger:{{{shard}}}"
         self.shard = shard
-        self.orders = f"{tag}:venue:orders"
-        self.cancels = f"{tag}:venue:cancels"
-        self.lease = f"{tag}:lease:{GROUP}"
+        self.orders = shard_key(shard, "venue:orders")
+        self.cancels = shard_key(shard, "venue:cancels")
+        self.lease = ShardKeys(shard).lease(GROUP)
 
 
 Stage = Literal["new", "sending", "open", "done"]

@@ -86,6 +86,11 @@ def shard_of(user_id: str, shards: int) -> int:
     return zlib.crc32(user_id.encode()) % shards
 
 
+def shard_key(shard: int, name: str) -> str:
+    """``ledger:{shard}:name``: a key of one shard, under its hash tag (one cluster slot)."""
+    return f"ledger:{{{shard}}}:{name}"
+
+
 class ShardKeys:
     """The keys of one shard."""
 
@@ -132,7 +137,7 @@ class ShardKeys:
 
     def lease(self, group: str) -> str:
         """The lease that makes one consumer of ``group`` the active one on this shard."""
-        return f"ledger:{{{self.shard}}}:lease:{group}"
+        return shard_key(self.shard, f"lease:{group}")
 
     def reply(self, user_id: str, command_id: str) -> str:
         check_identifier("user_id", user_id)
