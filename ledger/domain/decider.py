@@ -101,6 +101,8 @@ class Requirements:
 
 
 _SIDES = tuple(PositionSide)
+# An adopted order is at the venue and acknowledged: the status of a placed order accepted.
+ADOPTED_STATUS = next_status(OrderStatus.PENDING, Trigger.ACCEPT)
 _NOTHING: frozenset[str] = frozenset()
 
 
@@ -292,11 +294,13 @@ def _place(
     order_type: OrderType,
     quantity: Decimal,
     price: Decimal | None,
+    event: type[wire.OrderPlaced] = wire.OrderPlaced,
+    order_id: str | None = None,
     **extra: Any,
 ) -> str:
-    order_id = out.ctx.new_id()
+    order_id = order_id or out.ctx.new_id()
     out.emit(
-        wire.OrderPlaced,
+        event,
         order_id,
         1,
         exchange,
@@ -383,6 +387,40 @@ def _decide_open_position(command: wire.OpenPosition, book: Book, out: _Emitter)
         metadata=command.metadata or {},
     )
     return order_id, position_id
+
+
+def _decide_adopt(command: wire.AdoptOrder, book: Book, out: _Emitter) -> tuple[str, str | None]:
+    """An order already at the venue: a fact, so none of ``place_order``'s checks of what may be
+    sent (spot short, amount, order shape) apply; its values must still be storable. Its id is
+    derived from (user, exchange, venue order id): one venue order is adopted once."""
+    order_id = command.order_id
+    if book.orders.get(order_id) is not None:
+        raise _Rejected(
+            RejectCode.INVALID_TRANSITION,
+            f"cannot adopt {command.exchange} order {command.exchange_order_id}: it is order {order_id} already",
+        )
+    _place(
+        command,
+        book,
+        out,
+        exchange=command.exchange,
+        symbol=command.symbol,
+        side=command.side,
+        order_type=command.order_type,
+        quantity=_required(command.quantity, "quantity"),
+        price=_decimal(command.price, "price", positive=True),
+        event=wire.OrderAdopted,
+        order_id=order_id,
+        trigger_price=_text(_decimal(command.trigger_price, "trigger_price", positive=True)),
+        client_order_id=command.venue_client_order_id,
+        position_side=command.position_side,
+        reduce_only=command.reduce_only,
+        leverage=command.leverage,
+        metadata=command.metadata or {},
+        exchange_order_id=command.exchange_order_id,
+        status=ADOPTED_STATUS,
+    )
+    return order_id, None
 
 
 def _decide_close_position(command: wire.ClosePosition, book: Book, out: _Emitter) -> tuple[str, str | None]:
@@ -728,4 +766,5 @@ _DECIDERS: dict[type[wire.Command], Callable[..., tuple[str | None, str | None]]
     wire.OpenPosition: _decide_open_position,
     wire.ClosePosition: _decide_close_position,
     wire.LiquidatePosition: _decide_liquidation,
+    wire.AdoptOrder: _decide_adopt,
 }

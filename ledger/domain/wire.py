@@ -9,6 +9,7 @@ raises ``WireError`` and nothing else.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -157,6 +158,42 @@ class LiquidatePosition(Command, tag="liquidate_position", kw_only=True):
     price: Dec
 
 
+# The namespace of adopted order ids (``adopted_order_id``): fixed forever, or an adoption
+# recorded before a change would no longer be found by the venue order it came from.
+ADOPTION_NAMESPACE = uuid.UUID("6f1c3c2e-5b7a-4d2e-9a41-0c7b8e2d4f15")
+
+
+def adopted_order_id(user_id: str, exchange: Exchange | str, exchange_order_id: str) -> str:
+    """The ledger order id of an adopted venue order: derived from (user, exchange, venue order
+    id), so a second adoption of one venue order names the same order, whatever its command id."""
+    return str(uuid.uuid5(ADOPTION_NAMESPACE, f"{user_id}:{exchange}:{exchange_order_id}"))
+
+
+class AdoptOrder(Command, tag="adopt_order", kw_only=True):
+    """Bring an order the ledger never placed (it is already at the venue) into the books."""
+
+    exchange: Exchange
+    symbol: Symbol
+    side: OrderSide
+    order_type: OrderType
+    quantity: Dec
+    exchange_order_id: ExchangeOrderId
+    price: Dec | None = None
+    trigger_price: Dec | None = None
+    position_side: PositionSide | None = None
+    reduce_only: bool = False
+    leverage: Leverage | None = None
+    venue_client_order_id: ClientOrderId | None = None
+    metadata: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _check_metadata(self.metadata)
+
+    @property
+    def order_id(self) -> str:
+        return adopted_order_id(self.user_id, self.exchange, self.exchange_order_id)
+
+
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
     for cls in (
@@ -170,6 +207,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         OpenPosition,
         ClosePosition,
         LiquidatePosition,
+        AdoptOrder,
     )
 }
 
@@ -262,6 +300,15 @@ class OrderExpired(OrderChange, tag="OrderExpired", kw_only=True):
     pass
 
 
+class OrderAdopted(OrderPlaced, tag="OrderAdopted", kw_only=True):
+    """An order the ledger did not place, found at the venue (``adopt_order``): placed and
+    acknowledged in one event (its venue id, status ``open``), so every reader of ``OrderPlaced``
+    reads it as one. The ledger never sends it: it is at the venue already."""
+
+    exchange_order_id: str
+    status: OrderStatus = OrderStatus.OPEN
+
+
 class PositionEvent(Event, kw_only=True):
     """A position change carrying the whole resulting position (projections write it as is)."""
 
@@ -324,6 +371,7 @@ ORDER_EVENTS: tuple[type[Event], ...] = (
     OrderCancelRequested,
     OrderCancelled,
     OrderExpired,
+    OrderAdopted,
 )
 POSITION_EVENTS: tuple[type[PositionEvent], ...] = (
     PositionOpened,
