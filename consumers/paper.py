@@ -9,6 +9,8 @@ are handled in log order) and the venue answers by PUBLISHING COMMANDS to the sa
   quantity at the order's ``price`` if given, else at the mark (``HGET marks:{exchange} symbol``);
   ``order_rejected`` ("no price and no mark for <symbol>") when there is neither. Reduce-only
   closes (``close_position``) and entries (``open_position``) are market orders like any other.
+* ``OrderAdopted`` (``adopt_order``: an order at a real venue already) is never simulated: the
+  venue reads events by type name, and rebuilding the resting set skips it.
 * ``OrderPlaced`` of a ``limit``, ``stop_market``, ``stop_limit`` or ``take_profit_market``
   order: ``order_accepted``, and the order RESTS in ``ledger:{s}:paper:resting``. A watcher
   polls the marks of the symbols with resting orders (every ``poll_interval_s``, 100 ms by
@@ -708,7 +710,8 @@ class PaperVenue:
                         break
                     event = stored.event
                     if isinstance(event, wire.OrderPlaced):
-                        if self.executes(event.exchange) and event.order_type is not OrderType.MARKET:
+                        adopted = isinstance(event, wire.OrderAdopted)  # at a venue already: never simulated
+                        if self.executes(event.exchange) and event.order_type is not OrderType.MARKET and not adopted:
                             resting[event.stream] = RestingOrder.from_event(event)
                     elif isinstance(event, wire.OrderCancelRequested) or (
                         isinstance(event, wire.OrderChange) and event.status in FINAL_ORDER_STATUSES

@@ -10,7 +10,9 @@ exchange switched to ``live`` later sends only what is placed from then on.
 Two halves:
 
 * The event consumer records, for each ``OrderPlaced`` of a ``live`` exchange that is still
-  ``pending``, the INTENT to send it (``ledger:{s}:venue:orders``, stage ``new``) and, for an
+  ``pending``, the INTENT to send it (``ledger:{s}:venue:orders``, stage ``new``), for an
+  ``OrderAdopted`` (an order found at the venue, ``adopt_order``) a record at stage ``open`` with
+  its venue id (never sent; followed like the rest), and, for an
   ``OrderCancelRequested``, a cancel flag (``ledger:{s}:venue:cancels``). An order that cannot be
   sent as it is (no account for its user, no market, a quantity or price off the market's
   steps, an order type the venue does not send) is rejected at once: nothing reached a venue.
@@ -83,7 +85,7 @@ GROUP = "ledger-venue"
 DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_RESEND_AFTER_S = 30.0
 DONE_RETENTION_MS = 86_400_000
-_RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested"}
+_RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested", "OrderAdopted"}
 
 log = structlog.get_logger("ledger.venue")
 
@@ -266,7 +268,9 @@ class LiveVenue:
         placed = [e for e in events if isinstance(e, wire.OrderPlaced)]
         states = await self._states([e.stream for e in placed])
         for event in events:
-            if isinstance(event, wire.OrderPlaced):
+            if isinstance(event, wire.OrderAdopted):
+                await self._adopted(event, states.get(event.stream))
+            elif isinstance(event, wire.OrderPlaced):
                 await self._placed(event, states.get(event.stream))
             elif isinstance(event, wire.OrderCancelRequested):
                 flagged = await self._eval(
@@ -313,6 +317,43 @@ class LiveVenue:
         record = msgspec.structs.replace(record, client_id=order.client_id)
         if await self._save(order_id, record, mode="nx"):
             self.log.info("intent to send recorded", client_id=order.client_id, account=account.name, **fields)
+
+    async def _adopted(self, event: wire.OrderAdopted, state: OrderState | None) -> None:
+        """An adopted order is at the venue already: it is never sent, but recorded ``open`` with
+        its venue id, so the driver follows it like one it sent (fills, a cancel, the final
+        status). One the driver could not follow (no account, a type or market it does not send)
+        is left to reconciliation."""
+        order_id = event.stream
+        fields = {"order_id": order_id, "user_id": event.user_id, "exchange": str(event.exchange)}
+        if state is not None and state.status.is_final:
+            return
+        config = self.configs.get(event.exchange)
+        account = config.account_for(event.user_id) if config is not None else None
+        record = LiveOrder(
+            user_id=event.user_id,
+            exchange=event.exchange,
+            account="" if account is None else account.name,
+            symbol=event.symbol,
+            side=event.side,
+            order_type=event.order_type,
+            quantity=event.quantity,
+            price=event.price,
+            reduce_only=event.reduce_only,
+            client_id=event.client_order_id or "",
+            stage="open",
+            exchange_order_id=event.exchange_order_id,
+            updated_at=now_ms(),
+        )
+        reason = no_account(event.user_id, event.exchange) if account is None else None
+        try:
+            _intent(order_id, record)
+        except Refused as exc:
+            reason = reason or str(exc)
+        if reason is not None:
+            self.log.info("adopted order not followed: reconciliation records its fills", reason=reason, **fields)
+            return
+        if await self._save(order_id, record, mode="nx"):
+            self.log.info("adopted order followed", exchange_order_id=event.exchange_order_id, **fields)
 
     async def _mark(self, event: wire.OrderPlaced) -> Decimal | None:
         raw = await self.redis.hget(marks(event.exchange), event.symbol)

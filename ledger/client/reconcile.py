@@ -15,9 +15,18 @@ through the normal command path or REPORTED as a finding; nothing is ever overwr
   own commands with its own deterministic ids (``ledger.venues.commands``): the role and
   reconciliation, or two reconciliations, never record one fact twice (the handler answers a
   repeated ``command_id`` with its first outcome);
-* the venue's open orders and recent trades of the markets looked at that belong to no order
-  of the user in the ledger are findings of class ``unknown_order`` (adopting them is a later
-  step: a ``record_fill`` for an unknown order stays rejected, CONTRACT §3);
+* a venue order of the markets looked at (an open order, or the order of a recent trade) that
+  belongs to no order of the user in the ledger is ADOPTED: ``adopt_order`` (command id
+  ``venue:<exchange>:adopt:<16 hex of SHA-1 of the venue order id>``; the ledger's order id is
+  derived from (user, exchange, venue order id), ``wire.adopted_order_id``) in the user's
+  spelling of the market (of an open position, else of an order, else as the caller named it),
+  then its trades as ``record_fill`` and its final status, with the live venue role's command
+  ids. It is adopted once: an adopted order is found by its derived id ever after. What cannot
+  be adopted is an ``unknown_order`` finding whose evidence has the ``reason``: an order whose
+  client id is one the ledger derives (one of the ledger's own, never adopted) that the user
+  does not hold, or a report that is no ledger order (an order type or side the ledger does not
+  know, no amount, a value the wire rules refuse). A ``record_fill`` for an unknown order stays
+  rejected (CONTRACT §3);
 * a trade of an order the ledger holds as final that the ledger never recorded is an
   ``unrecorded_fill`` finding;
 * once the commands are recorded (and projected), the venue's net position of each contract
@@ -151,6 +160,10 @@ class Reconciler:
         markets = self._markets([o.symbol for o in orders] + [p.symbol for p in positions] + list(symbols))
         result.markets = sorted(markets)
         known = {o.exchange_order_id: o.id for o in orders if o.exchange_order_id and o.id}
+        spellings: dict[str, str] = {}  # canonical market -> the user's spelling: of an open position, an order
+        for name in [p.symbol for p in positions] + [o.symbol for o in orders] + list(symbols):
+            for canonical in self._markets([name]):
+                spellings.setdefault(canonical, name)
         pending: list[tuple[wire.Command, str]] = []
         try:
             for order in reversed(orders):  # oldest first
@@ -161,7 +174,9 @@ class Reconciler:
                 if state is not None and market is not None:
                     pending += [(c, market.symbol) for c in await self._follow(venue, state, market, known)]
             for market in markets.values():
-                result.findings += await self._strangers(venue, store, user_id, market, known)
+                adoptions, findings = await self._strangers(venue, store, user_id, market, known, spellings)
+                pending += [(c, market.symbol) for c in adoptions]
+                result.findings += findings
         except Ambiguous as exc:
             raise OperationFailed(f"{self.exchange} did not answer: {exc}; run the reconciliation again") from exc
 
@@ -213,40 +228,87 @@ class Reconciler:
         return found
 
     async def _strangers(
-        self, venue: VenueClient, store: EventStore, user_id: str, market: Market, known: dict[str, str]
-    ) -> list[Finding]:
-        """Open orders and trades of ``market`` at the venue that no order of the user explains."""
+        self,
+        venue: VenueClient,
+        store: EventStore,
+        user_id: str,
+        market: Market,
+        known: dict[str, str],
+        spellings: dict[str, str],
+    ) -> tuple[list[wire.Command], list[Finding]]:
+        """Open orders and trades of ``market`` at the venue that no order of the user explains:
+        each is adopted (``adopt_order``, in the user's spelling of the market), then its trades
+        and its final status are recorded like any order's. What cannot be adopted is an
+        ``unknown_order`` finding whose evidence says why."""
         strangers: dict[str, dict[str, Any]] = {}
         for order in await venue.open_orders(market):
-            if order.exchange_order_id in known:
+            if await self._known(store, user_id, order.exchange_order_id, known):
                 continue
-            ledger_id = ledger_order_id(order.client_id)
-            state = await store.order(ledger_id) if ledger_id else None
-            if state is not None and state.user_id == user_id and state.exchange is self.exchange:
-                known[order.exchange_order_id] = state.id
-                continue
-            strangers[order.exchange_order_id] = {
+            evidence: dict[str, Any] = {
                 "client_order_id": order.client_id,
                 "status": order.status,
                 "filled": format_decimal(order.filled),
                 "trades": [],
             }
-        if not venue.ccxt.has.get("fetchMyTrades"):
-            return [Finding(UNKNOWN_ORDER, market.symbol, oid, ev) for oid, ev in strangers.items()]
+            ledger_id = ledger_order_id(order.client_id)
+            state = await store.order(ledger_id) if ledger_id else None
+            if state is not None and state.user_id == user_id and state.exchange is self.exchange:
+                known[order.exchange_order_id] = state.id
+                continue
+            if ledger_id is not None:
+                evidence["reason"] = (
+                    f"its client id is the ledger's own (order {ledger_id}), which {user_id} does not hold on "
+                    f"{self.exchange}: not adopted"
+                )
+            strangers[order.exchange_order_id] = evidence
         findings: list[Finding] = []
-        for trade in await venue.recent_fills(market):
-            order_id = trade.exchange_order_id
-            if order_id is None:
-                continue
-            if order_id not in known:
-                evidence = strangers.setdefault(order_id, {"client_order_id": None, "trades": []})
-                evidence["trades"].append(_trade(trade))
-                continue
-            state = await store.order(known[order_id])
-            if state is not None and state.status.is_final and trade.fill_id not in state.fill_ids:
-                evidence = {"order_id": state.id, "status": str(state.status), **_trade(trade)}
-                findings.append(Finding(UNRECORDED_FILL, market.symbol, trade.fill_id, evidence))
-        return [Finding(UNKNOWN_ORDER, market.symbol, oid, ev) for oid, ev in strangers.items()] + findings
+        if venue.ccxt.has.get("fetchMyTrades"):
+            for trade in await venue.recent_fills(market):
+                order_id = trade.exchange_order_id
+                if order_id is None:
+                    continue
+                if order_id not in strangers and not await self._known(store, user_id, order_id, known):
+                    strangers[order_id] = {"client_order_id": None, "trades": []}
+                if order_id in strangers:
+                    strangers[order_id]["trades"].append(_trade(trade))
+                    continue
+                state = await store.order(known[order_id])
+                if state is not None and state.status.is_final and trade.fill_id not in state.fill_ids:
+                    evidence = {"order_id": state.id, "status": str(state.status), **_trade(trade)}
+                    findings.append(Finding(UNRECORDED_FILL, market.symbol, trade.fill_id, evidence))
+        adoptions: list[wire.Command] = []
+        unknown: list[Finding] = []
+        for venue_id, evidence in strangers.items():
+            if "reason" not in evidence:
+                try:
+                    adoptions += await self._adopt(venue, user_id, market, venue_id, spellings[market.symbol])
+                    continue
+                except InvalidInput as exc:
+                    evidence["reason"] = f"not adopted: {exc}"
+            unknown.append(Finding(UNKNOWN_ORDER, market.symbol, venue_id, evidence))
+        return adoptions, unknown + findings
+
+    async def _known(self, store: EventStore, user_id: str, venue_id: str, known: dict[str, str]) -> bool:
+        """Whether the ledger holds the venue order ``venue_id``: one of the user's orders with that
+        venue id, or adopted already (found by its derived id even once its live hash expired)."""
+        if venue_id in known:
+            return True
+        adopted = await store.order(wire.adopted_order_id(user_id, self.exchange, venue_id))
+        if adopted is None:
+            return False
+        known[venue_id] = adopted.id
+        return True
+
+    async def _adopt(
+        self, venue: VenueClient, user_id: str, market: Market, venue_id: str, symbol: str
+    ) -> list[wire.Command]:
+        """The commands that bring a venue order the ledger never placed into the books: its
+        adoption, its trades (the live venue role's fill command ids) and its final status."""
+        report = await venue.fetch(venue_id, market)
+        adopt = commands.adopted(user_id, self.exchange, symbol, report)
+        found: list[wire.Command] = [adopt, *(commands.fill(adopt.order_id, user_id, t) for t in report.fills)]
+        _final, last = commands.final(adopt.order_id, user_id, self.exchange, Decimal(adopt.quantity), report)
+        return found if last is None else [*found, last]
 
     async def _position(self, venue: VenueClient, market: Market, positions: list[Any]) -> Finding | None:
         """A ``position_mismatch`` when the venue's net position of ``market`` differs from the

@@ -3,8 +3,9 @@
 
 Every command id is deterministic, so the two (or one of them twice) publishing the same fact
 publish the same command, and the handler's deduplication (CONTRACT §3) records it once:
-``venue:<order_id>:accept`` / ``:reject`` / ``:cancel`` / ``:expire``, and
-``venue:<order hex>:fill:<16 hex of SHA-1 of the venue's trade id>``.
+``venue:<order_id>:accept`` / ``:reject`` / ``:cancel`` / ``:expire``,
+``venue:<order hex>:fill:<16 hex of SHA-1 of the venue's trade id>``, and for an order the ledger
+never placed ``venue:<exchange>:adopt:<16 hex of SHA-1 of the venue's order id>``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import hashlib
 from decimal import Decimal
 
 from ledger.domain import wire
-from ledger.domain.enums import Exchange
-from ledger.domain.values import ZERO, format_decimal
+from ledger.domain.enums import Exchange, OrderSide, OrderType
+from ledger.domain.values import RULES, ZERO, format_decimal
+from ledger.errors import InvalidInput
 from ledger.venues.live import CANCELED, CLOSED, EXPIRED, REJECTED, VenueFill, VenueOrder
 
 
@@ -34,9 +36,16 @@ def expire_id(order_id: str) -> str:
     return f"venue:{order_id}:expire"
 
 
+def _digest(venue_id: str) -> str:
+    return hashlib.sha1(venue_id.encode(), usedforsecurity=False).hexdigest()[:16]
+
+
 def fill_command_id(order_id: str, fill_id: str) -> str:
-    digest = hashlib.sha1(fill_id.encode(), usedforsecurity=False).hexdigest()[:16]
-    return f"venue:{order_id.replace('-', '')}:fill:{digest}"
+    return f"venue:{order_id.replace('-', '')}:fill:{_digest(fill_id)}"
+
+
+def adopt_id(exchange: Exchange, exchange_order_id: str) -> str:
+    return f"venue:{exchange}:adopt:{_digest(exchange_order_id)}"
 
 
 def accepted(order_id: str, user_id: str, exchange_order_id: str) -> wire.OrderAcceptedCommand:
@@ -84,3 +93,40 @@ def final(
     if report.status == EXPIRED or quantity - report.traded > ZERO:
         return True, wire.OrderExpiredCommand(command_id=expire_id(order_id), user_id=user_id, order_id=order_id)
     return True, None
+
+
+def adopted(user_id: str, exchange: Exchange, symbol: str, report: VenueOrder) -> wire.AdoptOrder:
+    """The ``adopt_order`` of a venue order the ledger never placed, from the venue's report
+    (``symbol`` as the ledger spells the market). ``InvalidInput`` saying why when the report
+    cannot be one: a side or an order type the ledger does not know, no amount, or a value the
+    wire rules refuse. The venue's client id is kept when it fits the ledger's client id rule."""
+    sides, types = {str(s) for s in OrderSide}, {str(t) for t in OrderType}
+    if report.side not in sides or report.order_type not in types:
+        raise InvalidInput(
+            f"{exchange} reports a {report.order_type} {report.side} order: the ledger adopts "
+            f"{', '.join(sorted(types))} orders that buy or sell"
+        )
+    quantity = report.quantity or (report.filled if report.filled > ZERO else None)
+    if quantity is None:
+        raise InvalidInput(f"{exchange} reports neither an amount nor a filled quantity for the order")
+    command = wire.AdoptOrder(
+        command_id=adopt_id(exchange, report.exchange_order_id),
+        user_id=user_id,
+        exchange=exchange,
+        symbol=symbol,
+        side=OrderSide(report.side),
+        order_type=OrderType(report.order_type),
+        quantity=format_decimal(quantity),
+        exchange_order_id=report.exchange_order_id,
+        price=_positive(report.price),
+        trigger_price=_positive(report.trigger_price),
+        reduce_only=report.reduce_only,
+        venue_client_order_id=report.client_id if RULES["client_order_id"].matches(report.client_id) else None,
+    )
+    wire.encode_command(command)  # checked against the wire rules: WireError (InvalidInput) names the rule
+    return command
+
+
+def _positive(value: Decimal | None) -> str | None:
+    """A venue's price as the ledger keeps it: none for an order without one (Binance writes 0)."""
+    return None if value is None or value <= ZERO else format_decimal(value)

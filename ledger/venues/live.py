@@ -201,6 +201,13 @@ class VenueOrder:
     status: str  # ccxt's unified status (after the venue quirks)
     filled: Decimal
     fills: tuple[VenueFill, ...]
+    # what was ordered, as ccxt reports it (ledger units), for adopting an order the ledger never placed
+    side: str | None = None
+    order_type: str | None = None
+    quantity: Decimal | None = None
+    price: Decimal | None = None
+    trigger_price: Decimal | None = None
+    reduce_only: bool = False
 
     @property
     @exact
@@ -231,7 +238,20 @@ def _venue_order(exchange: Exchange, market: Market, order: Mapping[str, Any], t
     if status == CANCELED and upbit_market_buy and filled > 0:
         status = CLOSED  # the unspent cost came back; what executed is a fill
     fills = {str(t["id"]): _fill(market, t) for t in trades if t.get("id") is not None}
-    return VenueOrder(str(order["id"]), order.get("clientOrderId"), status, filled, tuple(fills.values()))
+    amount = ccxt_decimal(order.get("amount"))
+    return VenueOrder(
+        str(order["id"]),
+        order.get("clientOrderId"),
+        status,
+        filled,
+        tuple(fills.values()),
+        side=order.get("side"),
+        order_type=order.get("type"),
+        quantity=None if amount is None else to_quantity(market, amount),
+        price=ccxt_decimal(order.get("price")),
+        trigger_price=ccxt_decimal(order.get("triggerPrice")),
+        reduce_only=bool(order.get("reduceOnly")),
+    )
 
 
 def _printable(text: str) -> str:

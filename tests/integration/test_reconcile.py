@@ -189,23 +189,28 @@ async def test_a_fill_the_ledger_missed_is_recorded_once(okx_ledger: Ledger, okx
     assert [(f.fill_id, f.quantity, f.fee) for f in await ledger.fills(order_id)] == [("t-1", "0.04", "0.009")]
 
 
-async def test_an_order_the_ledger_never_placed_is_reported_and_nothing_changes(
+async def test_an_order_with_a_client_id_the_ledger_derives_is_never_adopted(
     redis: Any, redis_url: str, tmp_path: Path, binance: LoopbackExchange
 ) -> None:
+    """A venue order whose client id is one the ledger derives from an order id is one of the
+    ledger's own: when the user holds no such order it is reported, never adopted."""
     async for ledger in _ledger(redis, redis_url, tmp_path, binance):
-        binance.book("web_7f3a", "BTCUSDT", "buy", "0.01", "40000")
-        binance.fill("web_7f3a", "0.004", "40000", "7001", fee="0.000004")
+        ours = "0000000000004000800000000000007f"  # venue_client_id of order 00000000-0000-4000-8000-00000000007f
+        binance.book(ours, "BTCUSDT", "buy", "0.01", "40000")
+        binance.fill(ours, "0.004", "40000", "7001", fee="0.000004")
         events = await redis.xlen(ShardKeys(0).events)
-        venue_id = binance.order("web_7f3a").venue_id
+        venue_id = binance.order(ours).venue_id
 
         result = await ledger.positions.sync_positions_from_exchange(
             USER, "binance", venue=ledger.config, symbols=["BTC/USDT"]
         )
         evidence = {
-            "client_order_id": "web_7f3a",
+            "client_order_id": ours,
             "status": "open",
             "filled": "0.004",
             "trades": [{"fill_id": "7001", "quantity": "0.004", "price": "40000", "fee": "0.000004"}],
+            "reason": "its client id is the ledger's own (order 00000000-0000-4000-8000-00000000007f), "
+            "which alice does not hold on binance: not adopted",
         }
         assert result.recorded == []
         assert result.findings == [Finding("unknown_order", "BTC/USDT", venue_id, evidence)]
