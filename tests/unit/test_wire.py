@@ -61,6 +61,21 @@ COMMANDS: dict[str, dict[str, Any]] = {
     },
     "close_position": {"position_id": OID, "size": "0.05", "reason": "take_profit", "price": "1"},
     "liquidate_position": {"position_id": OID, "price": "40000"},
+    "adopt_order": {
+        "exchange": "okx",
+        "symbol": LINEAR,
+        "side": "sell",
+        "order_type": "limit",
+        "quantity": "0.1",
+        "exchange_order_id": "612345678901234567",
+        "price": "46000",
+        "trigger_price": "45900",
+        "position_side": "short",
+        "reduce_only": True,
+        "leverage": 3,
+        "venue_client_order_id": "web-1",
+        "metadata": {"found_by": "reconcile"},
+    },
 }
 
 
