@@ -36,7 +36,6 @@ without one keeps such a duplicate waiting and logs what to set.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +46,7 @@ from ledger.domain.enums import FINAL_ORDER_STATUSES, PositionStatus
 from ledger.domain.state import OrderState, PositionState
 from ledger.domain.values import now_ms
 from ledger.sqlfiles import load_queries
-from ledger.store.eventstore import MARKER_PREFIX, outcome_marker
+from ledger.store.eventstore import MARKER_PREFIX, ORDER_SNAPSHOT, POSITION_SNAPSHOT, outcome_marker
 from ledger.store.keys import ShardKeys, outcome_ids
 from ledger.store.redis_conn import entry_order, text
 from projections.projector import checkpoint as archived_up_to
@@ -134,9 +133,10 @@ class Compaction:
 
 
 class _Head(msgspec.Struct):
-    """The fields of a snapshot that decide whether it may be compacted."""
+    """The fields of a snapshot that decide whether it may be compacted. A status left out is
+    the state's default (``pending``, ``open``), never final."""
 
-    status: str
+    status: str = ""
     version: int = 0
     updated_at: int = 0
     compacted: int | None = None
@@ -154,44 +154,17 @@ _head_decoder = msgspec.json.Decoder(_Head)
 _reply_decoder = msgspec.json.Decoder(_ReplyEvents)
 _order_decoder = msgspec.json.Decoder(OrderState)
 _position_decoder = msgspec.json.Decoder(PositionState)
-_encoder = msgspec.json.Encoder()
-
-
-def _defaults(cls: type[msgspec.Struct]) -> dict[str, bytes]:
-    """Each field's default as JSON (a field holding exactly that text decodes to it)."""
-    found = {}
-    for info in msgspec.structs.fields(cls):
-        if info.default is not msgspec.NODEFAULT:
-            found[info.name] = _encoder.encode(info.default)
-        elif info.default_factory is not msgspec.NODEFAULT:
-            found[info.name] = _encoder.encode(info.default_factory())
-    return found
-
-
-_ORDER_DEFAULTS = _defaults(OrderState)
-_POSITION_DEFAULTS = _defaults(PositionState)
-
-
-def _compact(state: msgspec.Struct, kept: Iterable[str], defaults: dict[str, bytes], now: int) -> bytes:
-    """The kept fields of a state whose JSON differs from their default's, and ``compacted``."""
-    fields: dict[str, Any] = {}
-    for name in kept:
-        value = getattr(state, name)
-        if _encoder.encode(value) != defaults.get(name):
-            fields[name] = value
-    fields[COMPACTED] = now
-    return _encoder.encode(fields)
 
 
 def compact_order(order: OrderState, now: int) -> bytes:
     """The compact snapshot of a final order (``metadata`` only for an ``open`` intent)."""
     kept = ORDER_KEPT if order.intent == "open" else [n for n in ORDER_KEPT if n != "metadata"]
-    return _compact(order, kept, _ORDER_DEFAULTS, now)
+    return ORDER_SNAPSHOT.encode(order, kept, **{COMPACTED: now})
 
 
 def compact_position(position: PositionState, now: int) -> bytes:
     """The compact snapshot of a closed or liquidated position."""
-    return _compact(position, POSITION_KEPT, _POSITION_DEFAULTS, now)
+    return POSITION_SNAPSHOT.encode(position, POSITION_KEPT, **{COMPACTED: now})
 
 
 async def _pages(redis: Any, key: str) -> Any:

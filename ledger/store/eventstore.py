@@ -68,6 +68,39 @@ _encoder = msgspec.json.Encoder()
 _batch_encoder = msgspec.msgpack.Encoder()
 
 
+class SnapshotEncoder:
+    """The JSON of a state with every field whose JSON is its default's left out: it decodes to
+    that default (``OrderState`` / ``PositionState`` decoders, wherever they read a snapshot), so
+    a snapshot holds only what differs (an order placed without options: 580 -> 270 bytes). The
+    same rule writes the full snapshots of the append step and the compact ones of
+    ``projections.compact`` (``fields``: the kept subset; ``extra``: fields no state has)."""
+
+    __slots__ = ("names", "defaults")
+
+    def __init__(self, cls: type[msgspec.Struct]) -> None:
+        self.names = tuple(info.name for info in msgspec.structs.fields(cls))
+        self.defaults: dict[str, bytes] = {}
+        for info in msgspec.structs.fields(cls):
+            if info.default is not msgspec.NODEFAULT:
+                self.defaults[info.name] = _encoder.encode(info.default)
+            elif info.default_factory is not msgspec.NODEFAULT:
+                self.defaults[info.name] = _encoder.encode(info.default_factory())
+
+    def encode(self, state: msgspec.Struct, fields: Iterable[str] | None = None, **extra: Any) -> bytes:
+        kept: dict[str, Any] = {}
+        defaults = self.defaults
+        for name in self.names if fields is None else fields:
+            value = getattr(state, name)
+            if _encoder.encode(value) != defaults.get(name):
+                kept[name] = value
+        kept.update(extra)
+        return _encoder.encode(kept)
+
+
+ORDER_SNAPSHOT = SnapshotEncoder(OrderState)
+POSITION_SNAPSHOT = SnapshotEncoder(PositionState)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """An event read back from the log with its stream entry id."""
@@ -288,7 +321,6 @@ def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEv
             yield StoredEvent(entry_id, event)
 
 
-
 def _packed(append: Append) -> list[Any]:
     """One command's part of the batch, as ``lua/append.lua`` reads it. Texts, not bytes: Redis's
     cmsgpack reads no msgpack ``bin``; the event and snapshot JSON is UTF-8 and stays byte for byte."""
@@ -302,11 +334,11 @@ def _packed(append: Append) -> list[Any]:
         append.new_token,
         reply_head(append.reply).decode(),
         events,
-        _pairs(append.orders),
-        _pairs(append.positions),
+        _pairs(append.orders, ORDER_SNAPSHOT),
+        _pairs(append.positions, POSITION_SNAPSHOT),
         [x for slot, position_id in append.slots.items() for x in (slot, position_id or "")],
     ]
 
 
-def _pairs(snapshots: dict[str, OrderState] | dict[str, PositionState]) -> list[str]:
-    return [x for aggregate_id, state in snapshots.items() for x in (aggregate_id, _encoder.encode(state).decode())]
+def _pairs(snapshots: dict[str, OrderState] | dict[str, PositionState], snapshot: SnapshotEncoder) -> list[str]:
+    return [x for aggregate_id, state in snapshots.items() for x in (aggregate_id, snapshot.encode(state).decode())]

@@ -24,7 +24,14 @@ from ledger.domain.evolution import apply
 from ledger.domain.state import Book, OrderState, PositionState, slot_field
 from ledger.store import eventstore
 from ledger.store.chain import genesis, link_hash
-from ledger.store.eventstore import Append, AppendResult, EventStore, outcome_marker
+from ledger.store.eventstore import (
+    ORDER_SNAPSHOT,
+    POSITION_SNAPSHOT,
+    Append,
+    AppendResult,
+    EventStore,
+    outcome_marker,
+)
 
 SHARD = 2
 USER = "alice"
@@ -36,7 +43,6 @@ ORDER_2 = "00000000-0000-4000-8000-000000000002"
 POSITION = "00000000-0000-4000-8000-0000000000a1"
 SLOT = slot_field(USER, "okx", SYMBOL, "long")
 
-_state_encoder = msgspec.json.Encoder()
 
 
 def placed(order_id: str, command_id: str, *, quantity: str = "0.3", ts: int = T0) -> wire.OrderPlaced:
@@ -154,10 +160,13 @@ class EventStoreContract:
         assert result == AppendResult("ok", reply)
         assert [fields["type"] for _id, fields in entries] == ["OrderPlaced", "PositionOpened"]
         assert [fields["data"] for _id, fields in entries] == [wire.encode(e).decode() for e in events]
-        assert await client.hgetall(keys.orders) == {ORDER_1: _state_encoder.encode(apply(None, events[0])).decode()}
+        # Snapshots hold what differs from the state's defaults and read back as the whole state.
+        assert await client.hgetall(keys.orders) == {ORDER_1: ORDER_SNAPSHOT.encode(apply(None, events[0])).decode()}
         assert await client.hgetall(keys.positions) == {
-            POSITION: _state_encoder.encode(apply(None, events[1])).decode()
+            POSITION: POSITION_SNAPSHOT.encode(apply(None, events[1])).decode()
         }
+        assert await store.order(ORDER_1) == apply(None, events[0])
+        assert await store.position(POSITION) == apply(None, events[1])
         assert await client.hgetall(keys.slots) == {SLOT: POSITION}
         assert await client.hgetall(keys.sequence) == {USER: "1-0:a"}
         assert await client.hgetall(keys.outcomes) == {"alice:c-1": reply}

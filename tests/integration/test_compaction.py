@@ -394,7 +394,7 @@ async def test_verify_and_replay_agree_with_the_log_after_compaction(redis: Any,
 
 
 def _cancelled(hashes: dict[str, dict[str, str]]) -> str:
-    (oid,) = [i for i, raw in hashes[KEYS.orders].items() if json.loads(raw)["status"] == "cancelled"]
+    (oid,) = [i for i, raw in hashes[KEYS.orders].items() if json.loads(raw).get("status") == "cancelled"]
     return oid
 
 
