@@ -47,7 +47,8 @@ its first item is due, and read at least every ``SWEEP_EVERY_MS`` for items anot
 scheduled).
 Closed and liquidated positions leave every live key at once; history is in PostgreSQL. Fence
 fields of final orders and closed positions are dropped after the same retention (a stale
-writer is never that late).
+writer is never that late). Each such aggregate is one short member of ``expiring``
+(``Expiry``: its kind, id, user, exchange and symbol, from which every key is derived).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import itertools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 import structlog
@@ -68,11 +69,11 @@ from consumers.entries import Entry
 from consumers.runner import ConsumerSettings, LeaseLost, StreamConsumer
 from ledger.config import Settings
 from ledger.domain import wire
-from ledger.domain.enums import PositionStatus
+from ledger.domain.enums import Exchange, PositionStatus
 from ledger.domain.evolution import apply, position_from_event
 from ledger.domain.mapping import ORDER, POSITION, order_changes
 from ledger.domain.state import StateError
-from ledger.domain.values import now_ms
+from ledger.domain.values import check_identifier, now_ms
 from ledger.store import keys
 from ledger.store.redis_conn import entry_order, text
 
@@ -228,9 +229,78 @@ class Writes(Protocol):
     def order(self, key: str, event: wire.Event, fields: dict[str, str], final: bool = False) -> None:
         """Set ``fields`` of the order hash ``key``; ``final``: it expires after the retention."""
 
-    def later(self, *, gone: str | None, remove: list[tuple[str, str]], forget: list[tuple[str, str]]) -> None:
-        """At the end of the retention: remove set members (once the hash ``gone`` has expired)
-        and drop fence fields."""
+    def later(self, expiry: Expiry) -> None:
+        """At the end of the retention: remove set members (once the hash ``expiry.gone`` has
+        expired) and drop fence fields."""
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """What the projection forgets of a final order (``kind`` ``o``) or a closed position
+    (``p``) at the end of the retention. Scheduled as one member of ``ShardKeys.expiring``,
+    ``o <order id> <user> <exchange> <symbol>`` or ``p <position id> <user> <exchange>`` (about
+    70 bytes; the keys below are derived from it, and no identifier holds a space)."""
+
+    kind: str
+    member: str
+    user_id: str
+    exchange: str
+    symbol: str = ""
+
+    @property
+    def gone(self) -> str | None:
+        """The hash whose expiry the removals wait for (an order's), None for none."""
+        return keys.order_key(self.member) if self.kind == _ORDER else None
+
+    @property
+    def remove(self) -> list[tuple[str, str]]:
+        """(set, member) removed: a final order leaves ``orders:user:…`` once its hash expired."""
+        return [(keys.user_orders(self.user_id, self.exchange), self.member)] if self.kind == _ORDER else []
+
+    @property
+    def forget(self) -> list[tuple[str, str]]:
+        """(live key, fence field) dropped from the key's fence."""
+        if self.kind == _ORDER:
+            sets = [keys.user_orders(self.user_id, self.exchange), keys.open_orders(self.exchange, self.symbol)]
+        else:
+            sets = [keys.position_index(self.user_id, self.exchange), keys.ACTIVE_POSITIONS, keys.POSITION_KEYS]
+        return [(key, self.member) for key in sets]
+
+    def encode(self) -> str:
+        parts = (self.kind, self.member, self.user_id, self.exchange, self.symbol)
+        return " ".join(parts if self.kind == _ORDER else parts[:4])
+
+    @classmethod
+    def decode(cls, item: str) -> Expiry:
+        kind, _, rest = item.partition(" ")
+        if kind == _ORDER:
+            member, user_id, exchange, symbol = rest.split(" ", 3)
+        elif kind == _POSITION:
+            member, user_id, exchange = rest.split(" ")
+            symbol = ""
+        else:
+            raise StateError(f"{item!r} in the expiring set is no scheduled expiry: remove it by hand")
+        check_identifier("uuid", member, "expiring member")
+        return cls(kind, member, check_identifier("user_id", user_id), Exchange(exchange).value, symbol)
+
+
+_ORDER, _POSITION = "o", "p"
+
+
+class _Scheduled(NamedTuple):
+    gone: str | None
+    remove: list[tuple[str, str]]
+    forget: list[tuple[str, str]]
+
+
+def _scheduled(item: str) -> _Scheduled:
+    """What a member of ``expiring`` asks for. One written before members were an ``Expiry``
+    (JSON of the three lists, still there until its 7 days pass) is done as it is written."""
+    if item.startswith("{"):
+        found = json.loads(item)
+        return _Scheduled(found["gone"], [(k, m) for k, m in found["remove"]], [(k, m) for k, m in found["forget"]])
+    expiry = Expiry.decode(item)
+    return _Scheduled(expiry.gone, expiry.remove, expiry.forget)
 
 
 class _Call:
@@ -288,11 +358,10 @@ class _Writes:
         expire = str(self.expire_at_ms) if final else ""
         call.writes.append(["order", call.key(key), event.stream, event.version, expire, *_pairs(fields)])
 
-    def later(self, *, gone: str | None, remove: list[tuple[str, str]], forget: list[tuple[str, str]]) -> None:
+    def later(self, expiry: Expiry) -> None:
         """Scheduled once in ``ShardKeys.expiring`` (a redelivery keeps the time)."""
-        item = msgspec.json.encode({"gone": gone, "remove": remove, "forget": forget}).decode()
         call = self.call(self.expiring)
-        call.writes.append(["later", call.key(self.expiring), str(self.expire_at_ms), item])
+        call.writes.append(["later", call.key(self.expiring), str(self.expire_at_ms), expiry.encode()])
         self.scheduled = True
 
 
@@ -463,8 +532,8 @@ class LiveProjection:
             self._sweep_at_ms = min(self._sweep_at_ms, int(upcoming[0][1]))
         if not due:
             return 0
-        items = [json.loads(member) for member in due]
-        watched = [item["gone"] for item in items if item["gone"]]
+        items = [_scheduled(member) for member in due]
+        watched = [item.gone for item in items if item.gone]
         pipe = self.redis.pipeline(transaction=False)
         for key in watched:
             pipe.pttl(key)
@@ -472,14 +541,14 @@ class LiveProjection:
         done, later = [], {}
         pipe = self.redis.pipeline(transaction=False)
         for member, item in zip(due, items, strict=True):
-            ttl = ttls.get(item["gone"], -2)
+            ttl = ttls.get(item.gone or "", -2)
             if ttl > 0:  # still readable (the clocks differ): look again when it expires
                 later[member] = now + ttl
                 continue
             if ttl == -2:  # gone (or nothing to wait for); a hash without TTL is no final order
-                for key, member_id in item["remove"]:
+                for key, member_id in item.remove:
                     pipe.srem(key, member_id)
-                for key, fence_field in item["forget"]:
+                for key, fence_field in item.forget:
                     pipe.hdel(keys.fence(key), fence_field)
             done.append(member)
         await pipe.execute()
@@ -512,11 +581,10 @@ def _position(writes: Writes, stamp: str, event: wire.PositionEvent) -> None:
         writes.fenced(keys.POSITION_KEYS, stamp, "hset", event.stream, key)
         return
     writes.fenced(key, stamp, "del")
-    members = [(index, event.stream), (keys.ACTIVE_POSITIONS, event.stream), (keys.POSITION_KEYS, event.stream)]
     writes.fenced(index, stamp, "srem", event.stream)
     writes.fenced(keys.ACTIVE_POSITIONS, stamp, "srem", event.stream)
     writes.fenced(keys.POSITION_KEYS, stamp, "hdel", event.stream)
-    writes.later(gone=None, remove=[], forget=members)
+    writes.later(Expiry(_POSITION, event.stream, event.user_id, event.exchange))
 
 
 def _order(writes: Writes, stamp: str, event: wire.Event, grid: GridLevels) -> None:
@@ -537,8 +605,7 @@ def _order(writes: Writes, stamp: str, event: wire.Event, grid: GridLevels) -> N
     writes.order(order_key, event, fields, final)
     if final:
         writes.fenced(open_orders, stamp, "srem", event.stream)
-        members = [(user_orders, event.stream), (open_orders, event.stream)]
-        writes.later(gone=order_key, remove=[(user_orders, event.stream)], forget=members)
+        writes.later(Expiry(_ORDER, event.stream, event.user_id, event.exchange, event.symbol))
     grid.updated(writes, stamp, event, fields, final)
 
 

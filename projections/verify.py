@@ -152,8 +152,9 @@ class ExpectedLive:
         if final:
             self.final_ts[key] = event.ts
 
-    def later(self, *, gone: str | None, remove: list[tuple[str, str]], forget: list[tuple[str, str]]) -> None:
-        for member in remove:
+    def later(self, expiry: live.Expiry) -> None:
+        gone = expiry.gone
+        for member in expiry.remove:
             if gone is not None:
                 self.optional[member] = gone
 
