@@ -216,7 +216,7 @@ class CommandHandler:
         the book by a decision adds every aggregate and slot the decision made."""
         pending = list(commands)
         while pending:
-            wanted = [requirements(command, book) for command in pending]
+            wanted = [requirements(command, book, instrument_table()) for command in pending]
             missing = Requirements(
                 frozenset().union(*(w.order_ids for w in wanted)),
                 frozenset().union(*(w.position_ids for w in wanted)),
@@ -305,6 +305,8 @@ def _reply(command: wire.Command, decision: Decision | Rejection) -> wire.Reply:
 def _snapshots(append: Append, book: Book, events: Sequence[wire.Event], slots: set[str]) -> None:
     append.events = events
     for event in events:
+        if isinstance(event, wire.DriftEvent):  # no snapshot: its slot says whether it is open
+            continue
         if isinstance(event, wire.PositionEvent):
             position = book.positions[event.stream]
             if position is None:

@@ -342,7 +342,7 @@ class HistoryRows:
                 held = self.positions.get(event.stream)
                 if held is None or held["version"] <= row["version"]:
                     self.positions[event.stream] = row
-            elif event is not None and not isinstance(event, wire.PositionEvent):
+            elif event is not None and not isinstance(event, wire.PositionEvent | wire.DriftEvent):
                 if event.status.is_final:  # type: ignore[attr-defined]
                     self.final_orders[event.stream] = item
 

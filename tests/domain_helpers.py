@@ -26,6 +26,7 @@ from ledger.domain import wire
 from ledger.domain.decider import Context, Decision, Rejection, decide, requirements
 from ledger.domain.enums import PositionSide
 from ledger.domain.evolution import evolve
+from ledger.domain.instruments import InstrumentTable
 from ledger.domain.state import Book, OrderState, PositionState
 from ledger.domain.values import format_decimal
 from ledger.venues.markets import instrument_table
@@ -56,6 +57,8 @@ class Driver:
         self._ids = 0
         self._commands = 0
         self._fills = 0
+        # The market data decide's context carries; a test may replace it (a ``markets sync``).
+        self.instruments: InstrumentTable = instrument_table()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -75,7 +78,7 @@ class Driver:
         """A fresh book holding what ``requirements`` asks for, absences marked ``None``."""
         book = Book()
         for _ in range(10):
-            missing = requirements(command, book).missing(book)
+            missing = requirements(command, book, instrument_table()).missing(book)
             if not missing:
                 return book
             for order_id in missing.order_ids:
@@ -90,7 +93,7 @@ class Driver:
         command = self.command(type_name, **data)
         book = self.load(command)
         self.now += 1
-        result = decide(command, book, Context(now=self.now, new_id=self.new_id, instruments=instrument_table()))
+        result = decide(command, book, Context(now=self.now, new_id=self.new_id, instruments=self.instruments))
         if isinstance(result, Decision):
             evolve(self.store, result.events)
             self.log.extend(result.events)

@@ -32,7 +32,7 @@ from ledger.app import servers
 from ledger.app.console import CliError, shard_count
 from ledger.config import ServerNotConfigured, Settings
 from ledger.domain import wire
-from ledger.domain.evolution import apply
+from ledger.domain.evolution import DriftState, apply
 from ledger.domain.state import OrderState, PositionState
 from ledger.domain.values import format_decimal
 from ledger.sqlfiles import load_queries
@@ -48,6 +48,7 @@ REDIS = "redis"
 SUMMARY = {
     "order": ("status", "filled_qty", "avg_fill_price", "exchange_order_id"),
     "position": ("status", "size", "entry_price", "exit_price", "realized_pnl", "fees"),
+    "drift": ("status", "market", "kind", "resolution", "adjustment_event_id"),
 }
 
 _SQL = load_queries("projections", "trail.sql")
@@ -60,7 +61,7 @@ class Step:
     entry_id: str
     event: wire.Event
     source: str  # ARCHIVE or REDIS
-    state: OrderState | PositionState
+    state: OrderState | PositionState | DriftState
 
     def as_dict(self) -> dict[str, Any]:
         event = self.event
@@ -86,7 +87,10 @@ class Trail:
 
     @property
     def kind(self) -> str:
-        return "position" if isinstance(self.steps[0].event, wire.PositionEvent) else "order"
+        event = self.steps[0].event
+        if isinstance(event, wire.DriftEvent):
+            return "drift"
+        return "position" if isinstance(event, wire.PositionEvent) else "order"
 
     def as_dict(self) -> dict[str, Any]:
         first = self.steps[0].event
@@ -174,7 +178,7 @@ async def trail(
             "its trail cannot be rebuilt (see `ledger status` for history gaps)"
         )
     steps: list[Step] = []
-    state: OrderState | PositionState | None = None
+    state: OrderState | PositionState | DriftState | None = None
     for version in sorted(found):
         entry_id, event, source = found[version]
         state = apply(state, event)

@@ -27,9 +27,9 @@ from ledger.domain.enums import (
     PositionSide,
     PositionStatus,
 )
-from ledger.domain.evolution import position_payload
+from ledger.domain.evolution import drift_slot, position_payload
 from ledger.domain.instruments import Instrument, InstrumentTable, instrument_for
-from ledger.domain.state import Book, OrderState, PositionState, slot_field
+from ledger.domain.state import Book, OrderState, PositionState, StateError, slot_field
 from ledger.domain.transitions import LATE_FILL_STATUSES, Trigger, next_status, refusal
 from ledger.domain.values import MAX_AMOUNT, ZERO, ValueRuleError, exact, format_decimal, parse_decimal
 
@@ -45,6 +45,8 @@ class RejectCode(StrEnum):
     NO_POSITION = "NO_POSITION"
     POSITION_NOT_OPEN = "POSITION_NOT_OPEN"
     SIZE_EXCEEDS_POSITION = "SIZE_EXCEEDS_POSITION"
+    DRIFT_OPEN = "DRIFT_OPEN"
+    NO_DRIFT = "NO_DRIFT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,13 +108,15 @@ ADOPTED_STATUS = next_status(OrderStatus.PENDING, Trigger.ACCEPT)
 _NOTHING: frozenset[str] = frozenset()
 
 
-def requirements(command: wire.Command, book: Book) -> Requirements:
-    """What ``decide`` needs in the book; load it, then ask again until nothing is missing."""
+def requirements(command: wire.Command, book: Book, instruments: InstrumentTable) -> Requirements:
+    """What ``decide`` needs in the book; load it, then ask again until nothing is missing.
+    ``instruments`` is the table ``decide``'s context carries: a drift is keyed by the canonical
+    market it gives (``drift_market``)."""
     user = command.user_id
     order_ids = _NOTHING
     position_ids: set[str] = set()
     market: tuple[str, str] | None = None
-    if isinstance(command, wire.PlaceOrder | wire.OpenPosition):  # names no order or position
+    if isinstance(command, wire.PlaceOrder | wire.OpenPosition | wire.AdjustPosition):  # names no order or position
         market = (command.exchange, command.symbol)
     else:
         order_id = getattr(command, "order_id", None)
@@ -128,7 +132,26 @@ def requirements(command: wire.Command, book: Book) -> Requirements:
             position_ids.add(position_id.lower())
     slots = frozenset([slot_field(user, market[0], market[1], side) for side in _SIDES]) if market else _NOTHING
     position_ids.update(pid for s in slots if (pid := book.slots.get(s)))
-    return Requirements(order_ids, frozenset(position_ids), slots)
+    return Requirements(order_ids, frozenset(position_ids), slots | _drift_slots(command, instruments))
+
+
+def drift_market(exchange: Exchange, symbol: str, instruments: InstrumentTable) -> str:
+    """The canonical market a drift of ``symbol`` is keyed by: the market's unified symbol when
+    the market data knows it (``BTC-USDT-SWAP`` and ``BTC/USDT:USDT`` are one market), else the
+    symbol as sent."""
+    return instrument_for(exchange, symbol, instruments).market or symbol
+
+
+def _drift_slots(command: wire.Command, instruments: InstrumentTable) -> frozenset[str]:
+    """The drift slots a drift command reads: its kind's, or both kinds' for an adjustment."""
+    if isinstance(command, wire.RecordDrift | wire.ResolveDrift):
+        kinds: tuple[wire.DriftKind, ...] = (command.kind,)
+    elif isinstance(command, wire.AdjustPosition):
+        kinds = tuple(wire.DriftKind)
+    else:
+        return _NOTHING
+    market = drift_market(command.exchange, command.symbol, instruments)
+    return frozenset(drift_slot(command.user_id, command.exchange, market, kind) for kind in kinds)
 
 
 class _Rejected(Exception):
@@ -755,6 +778,182 @@ def _decide_liquidation(command: wire.LiquidatePosition, book: Book, out: _Emitt
     return None, position.id
 
 
+# --------------------------------------------------------------------------- drifts and adjustments
+
+
+def _open_drift(book: Book, slot: str) -> str | None:
+    """The id of the drift open in ``slot`` (None: none). The slot must have been loaded."""
+    if slot not in book.slots:
+        raise StateError(f"drift slot {slot} was not loaded before deciding: requirements() names it")
+    return book.slots[slot]
+
+
+def _decide_record_drift(command: wire.RecordDrift, book: Book, out: _Emitter) -> tuple[str | None, str | None]:
+    """``DriftDetected`` (version 1 of a new drift) unless one is open for the same key."""
+    market = drift_market(command.exchange, command.symbol, out.ctx.instruments)
+    user = command.user_id
+    open_id = _open_drift(book, drift_slot(user, command.exchange, market, command.kind))
+    if open_id is not None:
+        raise _Rejected(
+            RejectCode.DRIFT_OPEN,
+            f"drift {open_id} is already open for {user} on {command.exchange} {market} ({command.kind}): "
+            "correct it with adjust_position or close it with resolve_drift first",
+        )
+    out.emit(
+        wire.DriftDetected,
+        out.ctx.new_id(),
+        1,
+        command.exchange,
+        command.symbol,
+        market=market,
+        kind=command.kind,
+        evidence=command.evidence,
+    )
+    return None, None
+
+
+def _decide_resolve_drift(command: wire.ResolveDrift, book: Book, out: _Emitter) -> tuple[str | None, str | None]:
+    """``DriftResolved`` (version 2) of the open drift of the key; positions are not touched."""
+    market = drift_market(command.exchange, command.symbol, out.ctx.instruments)
+    user = command.user_id
+    open_id = _open_drift(book, drift_slot(user, command.exchange, market, command.kind))
+    if open_id is None:
+        raise _Rejected(
+            RejectCode.NO_DRIFT,
+            f"no {command.kind} drift is open for {user} on {command.exchange} {market}: nothing to resolve "
+            "(`ledger verify --venue` lists the open ones)",
+        )
+    out.emit(
+        wire.DriftResolved,
+        open_id,
+        2,
+        command.exchange,
+        command.symbol,
+        market=market,
+        kind=command.kind,
+        resolution=wire.DriftResolution(command.resolution),
+        reason=command.reason,
+    )
+    return None, None
+
+
+@dataclass(frozen=True, slots=True)
+class _Adjustment:
+    before: PositionState  # a new, empty position when none was open
+    after: PositionState
+    price: Decimal | None
+    fee: Decimal | None
+
+
+def _adjusted(command: wire.AdjustPosition, book: Book, out: _Emitter) -> _Adjustment:
+    """The position before the adjustment and after it, with the command's price and fee."""
+    size = _decimal(command.size, "size")
+    if size is None or size < 0:
+        raise _Rejected(
+            RejectCode.INVALID_COMMAND, f"size: the position's new absolute size, 0 or more (got {command.size})"
+        )
+    price = _decimal(command.price, "price", positive=True)
+    fee_adjustment = _decimal(command.fee_adjustment, "fee_adjustment")
+    fee = fee_adjustment or ZERO
+    user, exchange, symbol, side = command.user_id, command.exchange, command.symbol, command.side
+    instrument = out.ctx.instrument(exchange, symbol)
+    if instrument.kind is InstrumentKind.SPOT and side is PositionSide.SHORT:
+        raise _Rejected(RejectCode.SPOT_SHORT, f"{symbol} is spot: there is no short side to adjust")
+    _check_amount(instrument, size, price)
+    held = book.open_position(user, exchange, symbol, side)
+    now = out.ctx.now
+    if held is not None:
+        if size == held.size and fee == 0:
+            raise _Rejected(
+                RejectCode.INVALID_COMMAND,
+                f"adjust_position changes nothing: {side} position {held.id} is already {format_decimal(size)}; "
+                "give another size or a fee_adjustment",
+            )
+        closed = size == 0
+        after = msgspec.structs.replace(
+            held,
+            size=size,
+            fees=held.fees + fee,
+            status=PositionStatus.CLOSED if closed else held.status,
+            close_reason="adjustment" if closed else held.close_reason,
+            closed_at=now if closed else None,
+        )
+        return _Adjustment(held, after, price, fee_adjustment)
+    if size == 0:
+        raise _Rejected(
+            RejectCode.NO_POSITION,
+            f"no open {side} position on {symbol} to adjust: give a size above 0 and its price to open one",
+        )
+    if price is None:
+        raise _Rejected(
+            RejectCode.INVALID_COMMAND,
+            f"price: required to open a {side} position on {symbol} by adjustment (its entry price)",
+        )
+    basis = arithmetic.basis(instrument, size, price)
+    empty = PositionState(
+        id=book.position_id_for(user, exchange, symbol, side) or out.ctx.new_id(),
+        user_id=user,
+        exchange=exchange,
+        symbol=symbol,
+        side=side,
+        created_at=now,
+    )
+    opened = msgspec.structs.replace(
+        empty,
+        size=size,
+        entry_qty=size,
+        entry_basis=basis,
+        entry_price=arithmetic.average_price(instrument, size, basis),
+        fees=fee,
+    )
+    return _Adjustment(empty, opened, price, fee_adjustment)
+
+
+def _decide_adjust_position(command: wire.AdjustPosition, book: Book, out: _Emitter) -> tuple[str | None, str | None]:
+    """``PositionAdjusted`` (and ``PositionClosed`` when the new size is 0), then ``DriftResolved``
+    of the market's open ``position_size`` drift, and of its ``fee`` drift when a
+    ``fee_adjustment`` is given. Not a trade: the entry price and the gross PnL stay."""
+    adjustment = _adjusted(command, book, out)
+    before, after, price, fee = adjustment.before, adjustment.after, adjustment.price, adjustment.fee
+    market = drift_market(command.exchange, command.symbol, out.ctx.instruments)
+    kinds = (wire.DriftKind.POSITION_SIZE, *((wire.DriftKind.FEE,) if fee is not None else ()))
+    drifts = [
+        (kind, drift_id)
+        for kind in kinds
+        if (drift_id := _open_drift(book, drift_slot(command.user_id, command.exchange, market, kind)))
+    ]
+    emit_position(
+        out,
+        wire.PositionAdjusted,
+        after,
+        reason=command.reason,
+        size_before=format_decimal(before.size),
+        drift_ids=[drift_id for _kind, drift_id in drifts],
+        change_qty=format_decimal(abs(after.size - before.size)),
+        change_price=format_decimal(price if price is not None else after.entry_price),
+        change_fee=format_decimal(fee or ZERO),
+    )
+    adjusted = out.events[-1]
+    if not after.is_open:  # closed as every position closes, for every reader of PositionClosed
+        closed = msgspec.structs.replace(after, version=after.version + 1)
+        emit_position(out, wire.PositionClosed, closed, change_qty="0", change_price=format_decimal(after.entry_price))
+    for kind, drift_id in drifts:
+        out.emit(
+            wire.DriftResolved,
+            drift_id,
+            2,
+            command.exchange,
+            command.symbol,
+            market=market,
+            kind=kind,
+            resolution=wire.DriftResolution.ADJUSTED,
+            reason=command.reason,
+            adjustment_event_id=adjusted.event_id,
+            position_id=after.id,
+        )
+    return None, after.id
+
+
 _DECIDERS: dict[type[wire.Command], Callable[..., tuple[str | None, str | None]]] = {
     wire.PlaceOrder: _decide_place_order,
     wire.CancelOrder: _decide_cancel,
@@ -766,5 +965,8 @@ _DECIDERS: dict[type[wire.Command], Callable[..., tuple[str | None, str | None]]
     wire.OpenPosition: _decide_open_position,
     wire.ClosePosition: _decide_close_position,
     wire.LiquidatePosition: _decide_liquidation,
+    wire.RecordDrift: _decide_record_drift,
+    wire.AdjustPosition: _decide_adjust_position,
+    wire.ResolveDrift: _decide_resolve_drift,
     wire.AdoptOrder: _decide_adopt,
 }

@@ -24,6 +24,60 @@ POSITION_FIELDS: tuple[str, ...] = tuple(
 )
 
 
+class DriftState(msgspec.Struct, kw_only=True, gc=False):
+    """A drift as its two events leave it (``open`` after ``DriftDetected``, ``resolved`` after
+    ``DriftResolved``): what ``ledger history <drift id>`` and ``ledger verify --venue`` show.
+    Never stored: the slot says whether a drift is open, the log says the rest."""
+
+    id: str
+    user_id: str
+    exchange: str
+    symbol: str
+    market: str
+    kind: str
+    status: str = "open"
+    evidence: dict[str, Any] = {}
+    detected_event_id: str = ""
+    resolution: str | None = None
+    reason: str | None = None
+    adjustment_event_id: str | None = None
+    position_id: str | None = None
+    version: int = 0
+
+
+def _drift(state: DriftState | None, event: wire.DriftEvent) -> DriftState:
+    if isinstance(event, wire.DriftDetected):
+        return DriftState(
+            id=event.stream,
+            user_id=event.user_id,
+            exchange=str(event.exchange),
+            symbol=event.symbol,
+            market=event.market,
+            kind=str(event.kind),
+            evidence=event.evidence,
+            detected_event_id=event.event_id,
+            version=event.version,
+        )
+    if state is None or not isinstance(event, wire.DriftResolved):
+        raise StateError(f"{event.type} v{event.version} of {event.stream}: a drift resolved that was never detected")
+    return msgspec.structs.replace(
+        state,
+        status="resolved",
+        resolution=str(event.resolution),
+        reason=event.reason,
+        adjustment_event_id=event.adjustment_event_id,
+        position_id=event.position_id,
+        version=event.version,
+    )
+
+
+def drift_slot(user_id: str, exchange: str, market: str, kind: str) -> str:
+    """The field of the shard's ``slots`` hash that holds the id of the one open drift of
+    (user, exchange, canonical market, kind); absent while none is open. No user id, exchange,
+    market or kind contains ``|``, so it never names a position slot."""
+    return f"drift|{user_id}|{exchange}|{market}|{kind}"
+
+
 @exact
 def position_payload(position: PositionState) -> dict[str, Any]:
     """A position's fields as a position event carries them (decimals as wire strings)."""
@@ -46,9 +100,13 @@ def _order_from_placed(event: wire.OrderPlaced) -> OrderState:
     return msgspec.convert(data, OrderState)
 
 
-def apply(state: OrderState | PositionState | None, event: wire.Event) -> OrderState | PositionState:
+def apply(
+    state: OrderState | PositionState | DriftState | None, event: wire.Event
+) -> OrderState | PositionState | DriftState:
     """Evolve one aggregate by one of its events (no arithmetic: the event carries the results,
     and a Decimal read from its text is exact in any context)."""
+    if isinstance(event, wire.DriftEvent):
+        return _drift(state if isinstance(state, DriftState) else None, event)
     if isinstance(event, wire.PositionEvent):
         return position_from_event(event)
     if isinstance(event, wire.OrderPlaced):
@@ -80,9 +138,16 @@ def evolve(book: Book, events: Iterable[wire.Event]) -> set[str]:
     A position event sets its side's slot to the position while it is open and clears it when it
     closes. An ``open_position`` entry order reserves the slot for the position it names while
     its side has none open, so the fills and any second ``open_position`` name that position.
+    A drift's events set its drift slot (``drift_slot``) to the drift while it is open and clear
+    it when it is resolved; a drift has no state beyond that.
     """
     changed: set[str] = set()
     for event in events:
+        if isinstance(event, wire.DriftEvent):
+            slot = drift_slot(event.user_id, event.exchange, event.market, event.kind)
+            book.slots[slot] = event.stream if isinstance(event, wire.DriftDetected) else None
+            changed.add(slot)
+            continue
         if isinstance(event, wire.PositionEvent):
             position = position_from_event(event)
             book.positions[position.id] = position
@@ -117,7 +182,7 @@ class Latest:
         for event in events:
             if isinstance(event, wire.PositionEvent):
                 positions[event.stream] = event
-            else:
+            elif not isinstance(event, wire.DriftEvent):  # a drift changes no order or position
                 orders[event.stream] = apply(orders.get(event.stream), event)  # type: ignore[assignment]
 
     def positions(self) -> list[PositionState]:

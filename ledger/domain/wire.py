@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
+from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
@@ -71,11 +72,11 @@ class Command(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_fiel
     schema: int = 1
 
 
-def _check_metadata(metadata: dict[str, Any] | None) -> None:
+def _check_metadata(metadata: dict[str, Any] | None, field: str = "metadata") -> None:
     """msgspec turns a ValueError raised here into a ValidationError naming the command."""
     if metadata is not None:
         try:
-            check_json_object(metadata, "metadata")
+            check_json_object(metadata, field)
         except ValueRuleError as exc:
             raise ValueError(str(exc)) from None
 
@@ -194,6 +195,60 @@ class AdoptOrder(Command, tag="adopt_order", kw_only=True):
         return adopted_order_id(self.user_id, self.exchange, self.exchange_order_id)
 
 
+class DriftKind(StrEnum):
+    """What a drift (a difference between a venue and the ledger) is about."""
+
+    POSITION_SIZE = "position_size"
+    FEE = "fee"
+
+
+class DriftResolution(StrEnum):
+    """How a drift ended: corrected by ``adjust_position``, acknowledged by an operator
+    (``resolve_drift``), or found agreeing again by reconciliation (``resolve_drift``)."""
+
+    ADJUSTED = "adjusted"
+    ACKNOWLEDGED = "acknowledged"
+    AGREED = "agreed"
+
+
+class RecordDrift(Command, tag="record_drift", kw_only=True):
+    """Record a difference between the venue and the ledger (issue 11): ``DriftDetected`` on a
+    new drift, keyed by (user, exchange, canonical market, kind); at most one open per key."""
+
+    exchange: Exchange
+    symbol: Symbol
+    kind: DriftKind
+    evidence: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        _check_metadata(self.evidence, "evidence")
+
+
+class AdjustPosition(Command, tag="adjust_position", kw_only=True):
+    """Correct a position explicitly: ``size`` is its new absolute size (0 closes it; with no
+    position open, a size > 0 opens one at ``price``); ``fee_adjustment`` (signed, settlement
+    currency) is added to its fees. Resolves the market's open drift (``DriftResolved``)."""
+
+    exchange: Exchange
+    symbol: Symbol
+    side: PositionSide
+    size: Dec
+    reason: RejectReason
+    price: Dec | None = None
+    fee_adjustment: Dec | None = None
+
+
+class ResolveDrift(Command, tag="resolve_drift", kw_only=True):
+    """End the open drift of (exchange, canonical market of ``symbol``, ``kind``) without
+    touching positions: ``acknowledged`` by an operator, ``agreed`` by reconciliation."""
+
+    exchange: Exchange
+    symbol: Symbol
+    kind: DriftKind
+    reason: RejectReason
+    resolution: Literal["acknowledged", "agreed"] = "acknowledged"  # DriftResolution's, less "adjusted"
+
+
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
     for cls in (
@@ -207,6 +262,9 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         OpenPosition,
         ClosePosition,
         LiquidatePosition,
+        RecordDrift,
+        AdjustPosition,
+        ResolveDrift,
         AdoptOrder,
     )
 }
@@ -363,6 +421,37 @@ class PositionLiquidated(PositionEvent, tag="PositionLiquidated", kw_only=True):
     pass
 
 
+class PositionAdjusted(PositionEvent, tag="PositionAdjusted", kw_only=True):
+    """An explicit correction (``adjust_position``), not a trade: ``size`` and ``fees`` change,
+    the entry price and the gross PnL do not. ``size_before`` is the size it replaced,
+    ``drift_ids`` the drifts it resolves (their ``DriftResolved`` follow in the same append).
+    An adjustment to size 0 has status ``closed`` and is followed by ``PositionClosed``."""
+
+    reason: str
+    size_before: str
+    drift_ids: list[str] = []
+
+
+class DriftEvent(Event, kw_only=True):
+    """An event of a drift (stream = the drift id): ``DriftDetected`` (version 1), then
+    ``DriftResolved`` (version 2), nothing else. Neither an order nor a position event: the
+    order and position projections skip it; the archive keeps it."""
+
+    market: str
+    kind: DriftKind
+
+
+class DriftDetected(DriftEvent, tag="DriftDetected", kw_only=True):
+    evidence: dict[str, Any] = {}
+
+
+class DriftResolved(DriftEvent, tag="DriftResolved", kw_only=True):
+    resolution: DriftResolution
+    reason: str
+    adjustment_event_id: str | None = None
+    position_id: str | None = None
+
+
 ORDER_EVENTS: tuple[type[Event], ...] = (
     OrderPlaced,
     OrderAccepted,
@@ -379,10 +468,12 @@ POSITION_EVENTS: tuple[type[PositionEvent], ...] = (
     PositionReduced,
     PositionClosed,
     PositionLiquidated,
+    PositionAdjusted,
 )
+DRIFT_EVENTS: tuple[type[DriftEvent], ...] = (DriftDetected, DriftResolved)
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
-    for cls in (*ORDER_EVENTS, *POSITION_EVENTS)
+    for cls in (*ORDER_EVENTS, *POSITION_EVENTS, *DRIFT_EVENTS)
 }
 
 

@@ -76,6 +76,17 @@ COMMANDS: dict[str, dict[str, Any]] = {
         "venue_client_order_id": "web-1",
         "metadata": {"found_by": "reconcile"},
     },
+    "record_drift": {"exchange": "okx", "symbol": LINEAR, "kind": "position_size", "evidence": {"venue": "0.3"}},
+    "adjust_position": {
+        "exchange": "okx",
+        "symbol": LINEAR,
+        "side": "long",
+        "size": "0.3",
+        "reason": "venue holds 0.3",
+        "price": "45000",
+        "fee_adjustment": "-0.5",
+    },
+    "resolve_drift": {"exchange": "okx", "symbol": LINEAR, "kind": "fee", "reason": "checked", "resolution": "agreed"},
 }
 
 
