@@ -567,7 +567,7 @@ def plan(writes: Writes, events: Iterable[tuple[str, wire.Event]], grid: GridLev
     for entry_id, event in events:
         if isinstance(event, wire.PositionEvent):
             _position(writes, entry_id, event)
-        else:
+        elif not isinstance(event, wire.DriftEvent):  # a drift changes no live key
             _order(writes, entry_id, event, grid)
 
 
@@ -709,7 +709,7 @@ class KnownLevels:
 
 
 def _is_order_update(event: wire.Event) -> bool:
-    return not isinstance(event, wire.PositionEvent | wire.OrderPlaced)
+    return not isinstance(event, wire.PositionEvent | wire.OrderPlaced | wire.DriftEvent)
 
 
 async def projection_role(redis: Any, settings: Settings) -> list[StreamConsumer]:

@@ -231,7 +231,7 @@ class _Replay:
     def _history(self, entry_id: str, key: Key, event: wire.Event) -> None:
         self.rows.add(self.shard, [_Decoded(entry_id, key, event.type, "", event)])
         self.rows.events[-1]["data"] = event  # compared with the archived JSON, decoded
-        if not isinstance(event, wire.PositionEvent):
+        if not isinstance(event, wire.PositionEvent | wire.DriftEvent):
             state = apply(self.orders.get(event.stream), event)
             if not isinstance(state, OrderState):
                 raise StateError(f"{event.type} of {event.stream} in entry {entry_id}: not an order event")

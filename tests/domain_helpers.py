@@ -78,7 +78,7 @@ class Driver:
         """A fresh book holding what ``requirements`` asks for, absences marked ``None``."""
         book = Book()
         for _ in range(10):
-            missing = requirements(command, book, instrument_table()).missing(book)
+            missing = requirements(command, book, self.instruments).missing(book)
             if not missing:
                 return book
             for order_id in missing.order_ids:
