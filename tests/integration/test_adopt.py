@@ -242,3 +242,44 @@ async def test_a_report_that_is_no_ledger_order_stays_a_finding_with_the_reason(
         )
         assert (finding.evidence["client_order_id"], finding.evidence["status"]) == (WEB, "open")
         assert await redis.xlen("ledger:{0}:events") == events
+
+
+async def test_a_cancelled_venue_order_with_a_trade_is_adopted_with_its_final_status(
+    redis: Any, redis_url: str, tmp_path: Path
+) -> None:
+    with loopback_exchange("binance") as binance:
+        async for ledger in _ledger(redis, redis_url, tmp_path, binance):
+            binance.book("web_7f3a", "BTCUSDT", "buy", "0.01", "40000")
+            binance.fill("web_7f3a", "0.004", "40000", "7001", fee="0.000004")
+            binance.finish("web_7f3a", "canceled")  # no longer open: found through its trade
+            venue_id = binance.order("web_7f3a").venue_id
+            order_id = wire.adopted_order_id(USER, "binance", venue_id)
+
+            result = await ledger.positions.sync_positions_from_exchange(
+                USER, "binance", venue=ledger.config, symbols=["BTC/USDT"]
+            )
+
+            assert result.recorded == [
+                {
+                    "command_id": commands.adopt_id(Exchange.BINANCE, venue_id),
+                    "type": "adopt_order",
+                    "order_id": order_id,
+                },
+                {
+                    "command_id": commands.fill_command_id(order_id, "7001"),
+                    "type": "record_fill",
+                    "order_id": order_id,
+                    "fill_id": "7001",
+                },
+                {"command_id": f"venue:{order_id}:cancel", "type": "order_cancelled", "order_id": order_id},
+            ]
+            assert result.findings == []
+            order = await ledger.orders.get_order(order_id)
+            assert order is not None
+            assert (order.symbol, order.status, order.quantity, order.filled_qty, order.client_order_id) == (
+                "BTC/USDT",
+                OrderStatus.CANCELLED,
+                Decimal("0.01"),
+                Decimal("0.004"),
+                "web_7f3a",
+            )
