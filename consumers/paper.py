@@ -30,10 +30,11 @@ are handled in log order) and the venue answers by PUBLISHING COMMANDS to the sa
 * Events that make an order final (``OrderFilled`` with status ``filled``, ``OrderCancelled``,
   ``OrderRejected``, ``OrderExpired``) remove it from the resting set, whoever caused them.
 
-Fees: ``quantity * price * fee_rate`` in the quote (settlement) currency for spot and linear
-contracts; for inverse contracts (quantity in contracts) ``quantity * contract_value / price *
-fee_rate`` in the base coin (``ledger.domain.instruments``). Decimals are exact and written as strings;
-a fee with more than 18 fraction digits is rounded half-even to 18 (what the ledger can store).
+Fees (``ledger.domain.arithmetic.fill_fee``, shared with the live venue): ``quantity * price *
+fee_rate`` in the quote (settlement) currency for spot and linear contracts; for inverse contracts
+(quantity in contracts) ``quantity * contract_value / price * fee_rate`` in the base coin
+(``ledger.domain.instruments``). Decimals are exact and written as strings; a fee with more than
+18 fraction digits is rounded half-even to 18 (what the ledger can store).
 
 Orders of exchanges configured ``external`` or ``live`` are ignored when they are placed. An
 order the venue accepted stays its own until it is final, whatever the configuration says later.
@@ -81,7 +82,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Iterable, Mapping
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any, cast
 
 import msgspec
@@ -97,7 +98,7 @@ from ledger import defaults
 from ledger.client.models import read_mark
 from ledger.config import Settings
 from ledger.domain import wire
-from ledger.domain.arithmetic import amount_fits, basis
+from ledger.domain.arithmetic import amount_fits, fill_fee
 from ledger.domain.enums import FINAL_ORDER_STATUSES, Exchange, OrderSide, OrderType
 from ledger.domain.instruments import Instrument, instrument_for
 from ledger.domain.state import OrderState
@@ -105,7 +106,6 @@ from ledger.domain.transitions import FILLABLE_ORDER_STATUSES, FINAL_EVENT_TYPES
 from ledger.domain.values import (
     MAX_AMOUNT,
     RULES,
-    exact,
     format_decimal,
     now_ms,
 )
@@ -121,7 +121,6 @@ DEFAULT_POLL_INTERVAL_S = defaults.PAPER_POLL_MS / 1000
 # The orders the venue may still fill are FILLABLE_ORDER_STATUSES (ledger.domain.transitions): a
 # pending_cancel order waits for its cancel instead.
 _RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested", *FINAL_EVENT_TYPES}
-_MAX_FRACTION = Decimal("1e-18")
 
 log = structlog.get_logger("ledger.paper")
 
@@ -286,22 +285,10 @@ def evaluate(order: RestingOrder, mark: Decimal) -> tuple[RestingOrder, Decimal 
     return order, None
 
 
-@exact
 def paper_fee(exchange: Exchange, symbol: str, quantity: Decimal, price: Decimal, rate: Decimal) -> Decimal:
-    """The fee of a paper fill, in the settlement currency.
-
-    Spot and linear: ``quantity * price * rate`` (exact). Inverse: ``quantity * contract_value /
-    price * rate`` in the base coin (one division, 28 significant digits). At most 18 fraction
-    digits, rounded half-even.
-    """
-    instrument = _instrument(exchange, symbol)
-    if instrument.is_inverse:
-        fee = basis(instrument, quantity * instrument.contract_value * rate, price)
-    else:
-        fee = quantity * price * rate
-    if fee.as_tuple().exponent < -18:  # type: ignore[operator]
-        fee = fee.quantize(_MAX_FRACTION, rounding=ROUND_HALF_EVEN)
-    return fee
+    """The fee of a paper fill, in the settlement currency: ``ledger.domain.arithmetic.fill_fee``
+    (the one computation, shared with the live venue's fills reported without a fee)."""
+    return fill_fee(_instrument(exchange, symbol), quantity, price, rate)
 
 
 def fee_currency(exchange: Exchange, symbol: str) -> str | None:

@@ -46,7 +46,7 @@ ORDER_FIELDS = {
 }  # fmt: skip
 # What this implementation adds ("and any more you need"); pinned so that a field appearing or
 # vanishing is noticed.
-POSITION_EXTRA = {"pnl", "gross_pnl", "other_fees", "exit_price", "excess_qty", "metadata"}
+POSITION_EXTRA = {"pnl", "gross_pnl", "other_fees", "exit_price", "excess_qty", "metadata", "contract_value"}
 ORDER_EXTRA = {"trigger_price", "fill_basis", "position_id", "leverage", "reject_reason", "metadata"}
 
 # Every key the live projection writes (CONTRACT §6 plus its own id -> key lookup and checkpoints).
@@ -404,6 +404,7 @@ async def check_session_keys(redis: Any, s: Session, shards: int) -> None:
         "take_profit": "50000",
         "other_fees": "{}",
         "metadata": "{}",
+        "contract_value": "",  # linear: none recorded
         **position_times(s.btc),
     }
     assert_decimals(
@@ -436,6 +437,7 @@ async def check_session_keys(redis: Any, s: Session, shards: int) -> None:
         "take_profit": "",
         "other_fees": "{}",
         "metadata": "{}",
+        "contract_value": "",  # linear: none recorded
         **position_times(s.sol),
     }
     assert_decimals(

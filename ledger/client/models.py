@@ -235,10 +235,17 @@ class Position(_Aggregate):
     close_reason: str | None = None
     current_price: Mark | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    contract_value: Money | None = None  # inverse: the face value the position recorded
     created_at: Timestamp | None = None
     updated_at: Timestamp | None = None
     closed_at: Timestamp | None = None
     version: int = 0
+
+    @property
+    def instrument(self) -> Instrument:
+        """The market's instrument with the contract value the position recorded, so a later
+        ``markets sync`` never changes its PnL (``Instrument.as_recorded``)."""
+        return super().instrument.as_recorded(self.contract_value)
 
     @field_validator("size")
     @classmethod

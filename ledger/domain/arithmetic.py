@@ -8,13 +8,14 @@ every function runs in the ``EXACT`` context so that no sum or product is rounde
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 
-from ledger.domain.enums import PositionSide
+from ledger.domain.enums import OrderSide, PositionSide
 from ledger.domain.instruments import Instrument
-from ledger.domain.values import MAX_AMOUNT, ZERO, divide, exact
+from ledger.domain.values import MAX_AMOUNT, MAX_FRACTION_DIGITS, ZERO, divide, exact
 
 HUNDRED = Decimal(100)
+_FEE_UNIT = Decimal(1).scaleb(-MAX_FRACTION_DIGITS)
 
 
 @exact
@@ -78,3 +79,31 @@ def split_fee(fee: Decimal, part: Decimal, whole: Decimal) -> Decimal:
     if part == whole:
         return fee
     return divide(fee * part, whole)
+
+
+@exact
+def fill_fee(instrument: Instrument, quantity: Decimal, price: Decimal, rate: Decimal) -> Decimal:
+    """The fee of a fill at ``rate``, in the settlement currency: what the paper venue charges
+    and what the ledger computes for a fill a live venue reported without a fee.
+
+    Spot and linear: ``quantity * price * rate`` (exact). The quantity is in base units, so a
+    linear contract's size is already in it (OKX ``BTC-USDT-SWAP``: 3 contracts of 0.01 BTC are
+    a quantity of 0.03); ccxt's ``calculate_fee`` multiplies contracts by the price and ignores
+    the size. Inverse: ``quantity * contract_value / price * rate`` in the base coin (quantity in
+    contracts; one division, 28 significant digits). At most 18 fraction digits, rounded
+    half-even: what a command can carry.
+    """
+    if instrument.is_inverse:
+        fee = divide(quantity * instrument.contract_value * rate, price)
+    else:
+        fee = quantity * price * rate
+    if fee.as_tuple().exponent < -MAX_FRACTION_DIGITS:  # type: ignore[operator]
+        fee = fee.quantize(_FEE_UNIT, rounding=ROUND_HALF_EVEN)
+    return fee
+
+
+@exact
+def held_change(side: OrderSide, quantity: Decimal, coin_fee: Decimal) -> Decimal:
+    """How much of a spot market's coin a fill moves in or out of the holding when its fee is
+    paid in that coin: a buy receives ``quantity - fee``, a sell gives up ``quantity + fee``."""
+    return quantity - coin_fee if side is OrderSide.BUY else quantity + coin_fee

@@ -76,6 +76,11 @@ class Context:
     def instrument(self, exchange: Exchange, symbol: str) -> Instrument:
         return instrument_for(exchange, symbol, self.instruments)
 
+    def recorded(self, aggregate: OrderState | PositionState) -> Instrument:
+        """The instrument of an order or a position with the contract value its events recorded
+        (``Instrument.as_recorded``: none recorded reads as today's market data)."""
+        return self.instrument(aggregate.exchange, aggregate.symbol).as_recorded(aggregate.contract_value)
+
 
 @dataclass(frozen=True, slots=True)
 class Requirements:
@@ -298,11 +303,13 @@ def _check_spot_short(
     if instrument.kind is not InstrumentKind.SPOT or side is OrderSide.BUY:
         return
     held = book.open_position(user, exchange, symbol, PositionSide.LONG)
-    size = held.size if held else ZERO
+    size = held.size if held else ZERO  # net of the fees paid in the coin (README, CONTRACT §7 for spot)
     if quantity > size:
+        held_text, coin = format_decimal(size), instrument.base
         raise _Rejected(
             RejectCode.SPOT_SHORT,
-            f"selling {format_decimal(quantity)} {symbol} spot would go short: {format_decimal(size)} held",
+            f"selling {format_decimal(quantity)} {symbol} spot would go short: {held_text} {coin} held "
+            f"(fees paid in {coin} are not held); sell at most {held_text}",
         )
 
 
@@ -319,9 +326,13 @@ def _place(
     price: Decimal | None,
     event: type[wire.OrderPlaced] = wire.OrderPlaced,
     order_id: str | None = None,
+    instrument: Instrument | None = None,
     **extra: Any,
 ) -> str:
+    """Emit the order's placement, recording the contract value it is placed at: ``instrument``'s
+    (default: today's market data)."""
     order_id = order_id or out.ctx.new_id()
+    recorded = (instrument or out.ctx.instrument(Exchange(exchange), symbol)).recorded_value
     out.emit(
         event,
         order_id,
@@ -332,6 +343,7 @@ def _place(
         order_type=order_type,
         quantity=format_decimal(quantity),
         price=_text(price),
+        contract_value=msgspec.UNSET if recorded is None else format_decimal(recorded),
         **extra,
     )
     return order_id
@@ -374,6 +386,7 @@ def _decide_place_order(command: wire.PlaceOrder, book: Book, out: _Emitter) -> 
         grid_level=command.grid_level,
         position_id=reduced.id if reduced else None,
         metadata=command.metadata or {},
+        instrument=instrument,
     )
     return order_id, reduced.id if reduced else None
 
@@ -408,6 +421,7 @@ def _decide_open_position(command: wire.OpenPosition, book: Book, out: _Emitter)
         stop_loss=_text(stop_loss),
         take_profit=_text(take_profit),
         metadata=command.metadata or {},
+        instrument=instrument,
     )
     return order_id, position_id
 
@@ -450,7 +464,8 @@ def _decide_close_position(command: wire.ClosePosition, book: Book, out: _Emitte
     position = _owned_position(command, book)
     size = _decimal(command.size, "size", positive=True) or position.size
     price = _decimal(command.price, "price", positive=True)
-    _check_amount(out.ctx.instrument(position.exchange, position.symbol), size, price)
+    instrument = out.ctx.recorded(position)
+    _check_amount(instrument, size, price)
     if size > position.size:
         raise _Rejected(
             RejectCode.SIZE_EXCEEDS_POSITION,
@@ -471,6 +486,7 @@ def _decide_close_position(command: wire.ClosePosition, book: Book, out: _Emitte
         position_id=position.id,
         intent="close",
         close_reason=command.reason,
+        instrument=instrument,
     )
     return order_id, position.id
 
@@ -558,11 +574,13 @@ def _decide_fill(command: wire.RecordFill, book: Book, out: _Emitter) -> tuple[s
     price = _required(command.price, "price")
     fee = _decimal(command.fee, "fee") or ZERO
     fee_currency = command.fee_currency.upper() if command.fee_currency else None
-    instrument = out.ctx.instrument(order.exchange, order.symbol)
+    instrument = out.ctx.recorded(order)
     filled = order.filled_qty + quantity
     fill_basis = order.fill_basis + arithmetic.basis(instrument, quantity, price)
     status, late = _fill_status(order, filled)
-    fill = _Fill(order, command, quantity, price, fee, fee_currency, instrument, out)
+    fill = _spot_coin_fee(order, command, quantity, price, fee, fee_currency, instrument, out) or _Fill(
+        order, command, quantity, price, fee, fee_currency, instrument, out
+    )
     touched, unapplied = fill.apply_to_positions(book)
     out.emit(
         wire.OrderFilled,
@@ -576,6 +594,7 @@ def _decide_fill(command: wire.RecordFill, book: Book, out: _Emitter) -> tuple[s
         price=format_decimal(price),
         fee=format_decimal(fee),
         fee_currency=fee_currency,
+        fee_source=command.fee_source or msgspec.UNSET,
         fill_ts=command.ts if command.ts is not None else out.ctx.now,
         filled_qty=format_decimal(filled),
         avg_fill_price=format_decimal(arithmetic.average_price(instrument, filled, fill_basis)),
@@ -590,8 +609,38 @@ def _decide_fill(command: wire.RecordFill, book: Book, out: _Emitter) -> tuple[s
     return order.id, touched[-1] if touched else _position_of(order, book)
 
 
+def _spot_coin_fee(
+    order: OrderState,
+    command: wire.RecordFill,
+    quantity: Decimal,
+    price: Decimal,
+    fee: Decimal,
+    fee_currency: str | None,
+    instrument: Instrument,
+    out: _Emitter,
+) -> _Fill | None:
+    """The fill as it moves a spot holding when its fee is paid in the coin traded (CONTRACT §7
+    refined for spot, README): a buy adds ``quantity - fee`` to the position, a sell takes
+    ``quantity + fee`` from it, and the fee counts in ``fees`` (the quote currency) at the fill's
+    own price, ``fee * price`` (exact). The order keeps the venue's quantity. None for any other
+    fill. A fee that leaves nothing to move is refused."""
+    if not instrument.pays_in_base(fee_currency):
+        return None
+    held = arithmetic.held_change(order.side, quantity, fee)
+    if held <= 0:
+        raise _Rejected(
+            RejectCode.INVALID_COMMAND,
+            f"fee: {format_decimal(fee)} {fee_currency} leaves no {fee_currency} to move for a {order.side} of "
+            f"{format_decimal(quantity)}: report the fee the venue charged (in {instrument.quote} if it took that)",
+        )
+    return _Fill(order, command, held, price, fee * price, instrument.settle, instrument, out)
+
+
 @dataclass(slots=True)
 class _Fill:
+    """One fill routed to positions: ``quantity`` and ``fee`` as the positions take them (the
+    venue's, except for a spot fee paid in the coin: ``_spot_coin_fee``)."""
+
     order: OrderState
     command: wire.RecordFill
     quantity: Decimal
@@ -669,6 +718,7 @@ class _Fill:
                 side=side,
                 leverage=order.leverage or 1,
                 metadata=order.metadata if order.intent == "open" else {},
+                contract_value=self.instrument.recorded_value,  # the order's: it opens at it
                 created_at=now,
             )
             cls: type[wire.PositionEvent] = wire.PositionOpened
@@ -697,7 +747,9 @@ class _Fill:
         reason: str,
         excess: Decimal = ZERO,
     ) -> str:
-        pnl = arithmetic.gross_pnl(self.instrument, held.side, held.entry_price, self.price, quantity)
+        # A position keeps the contract value it opened at, whatever the order's or today's.
+        instrument = self.out.ctx.recorded(held)
+        pnl = arithmetic.gross_pnl(instrument, held.side, held.entry_price, self.price, quantity)
         exit_qty = held.exit_qty + quantity
         exit_basis = held.exit_basis + arithmetic.basis(self.instrument, quantity, self.price)
         size = held.size - quantity
@@ -742,7 +794,12 @@ class _Fill:
 
 
 def emit_position(out: _Emitter, cls: type[wire.PositionEvent], position: PositionState, **change: Any) -> None:
-    """Emit a position event carrying the whole resulting position."""
+    """Emit a position event carrying the whole resulting position, its contract value recorded:
+    a position opened before values were recorded gets today's, which its PnL just used
+    (``Context.recorded``), and keeps it from then on."""
+    if position.contract_value is None:
+        recorded = out.ctx.instrument(position.exchange, position.symbol).recorded_value
+        position = msgspec.structs.replace(position, contract_value=recorded)
     payload = position_payload(position)
     payload["updated_at"] = out.ctx.now
     out.emit(cls, position.id, position.version + 1, position.exchange, position.symbol, **payload, **change)
@@ -751,7 +808,7 @@ def emit_position(out: _Emitter, cls: type[wire.PositionEvent], position: Positi
 def _decide_liquidation(command: wire.LiquidatePosition, book: Book, out: _Emitter) -> tuple[str | None, str | None]:
     position = _owned_position(command, book)
     price = _required(command.price, "price")
-    instrument = out.ctx.instrument(position.exchange, position.symbol)
+    instrument = out.ctx.recorded(position)
     quantity = position.size
     pnl = arithmetic.gross_pnl(instrument, position.side, position.entry_price, price, quantity)
     exit_qty = position.exit_qty + quantity

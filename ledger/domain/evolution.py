@@ -22,6 +22,9 @@ from ledger.domain.values import exact, format_decimal
 POSITION_FIELDS: tuple[str, ...] = tuple(
     name for name in PositionState.__struct_fields__ if name not in ("id", "user_id", "exchange", "symbol", "version")
 )
+# A state value an event leaves out while it is None (``msgspec.UNSET`` on the wire): events of
+# markets without a contract value keep the shape they had before it was recorded.
+UNSET_WHEN_NONE = "contract_value"
 
 
 class DriftState(msgspec.Struct, kw_only=True, gc=False):
@@ -89,7 +92,15 @@ def position_payload(position: PositionState) -> dict[str, Any]:
         elif name == "other_fees":
             value = {currency: format_decimal(amount) for currency, amount in value.items()}
         payload[name] = value
+    if payload[UNSET_WHEN_NONE] is None:
+        payload[UNSET_WHEN_NONE] = msgspec.UNSET
     return payload
+
+
+def _none_when_unset(data: dict[str, Any]) -> dict[str, Any]:
+    if data[UNSET_WHEN_NONE] is msgspec.UNSET:
+        data[UNSET_WHEN_NONE] = None
+    return data
 
 
 def _order_from_placed(event: wire.OrderPlaced) -> OrderState:
@@ -97,7 +108,7 @@ def _order_from_placed(event: wire.OrderPlaced) -> OrderState:
     for name in ("event_id", "stream", "command_id", "ts", "schema"):
         data.pop(name)
     data.update(id=event.stream, created_at=event.ts, updated_at=event.ts)
-    return msgspec.convert(data, OrderState)
+    return msgspec.convert(_none_when_unset(data), OrderState)
 
 
 def apply(
@@ -128,7 +139,7 @@ def position_from_event(event: wire.PositionEvent) -> PositionState:
         symbol=event.symbol,
         version=event.version,
     )
-    return msgspec.convert(data, PositionState)
+    return msgspec.convert(_none_when_unset(data), PositionState)
 
 
 def evolve(book: Book, events: Iterable[wire.Event]) -> set[str]:

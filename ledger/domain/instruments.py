@@ -25,13 +25,19 @@ the quote currency: the market's contract size when the market is known, else 10
 base units. ``contract_size`` is the market's contract size as ccxt gives it (linear: base units
 per contract, for the exchange layer's conversion; inverse: the face value; 1 when unknown).
 ``market`` is the canonical (ccxt unified) symbol of a known market, None otherwise.
+
+The contract value an inverse order or position used is recorded in its events
+(``contract_value``), so that a later change of the market data (``ledger markets sync``) never
+changes the PnL of a position opened before it: ``Instrument.as_recorded`` is the one rule that
+reads a recorded value back (an event written before values were recorded has none and reads as
+today's lookup), ``Instrument.recorded_value`` what an event records.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from ledger.domain.enums import Exchange, InstrumentKind
@@ -55,6 +61,24 @@ class Instrument:
     @property
     def is_inverse(self) -> bool:
         return self.kind is InstrumentKind.INVERSE
+
+    @property
+    def recorded_value(self) -> Decimal | None:
+        """The contract value an event records: an inverse contract's face value; None for spot
+        and linear markets, whose quantities are base units (their value is 1 by definition)."""
+        return self.contract_value if self.is_inverse else None
+
+    def as_recorded(self, contract_value: Decimal | None) -> Instrument:
+        """This instrument with the contract value an order or a position recorded; None (spot,
+        linear, or an event written before values were recorded) reads as this lookup."""
+        if contract_value is None or contract_value == self.contract_value:
+            return self
+        return replace(self, contract_value=contract_value)
+
+    def pays_in_base(self, fee_currency: str | None) -> bool:
+        """Whether a fee in ``fee_currency`` is paid in the coin a spot market trades (a buy
+        receives the quantity less the fee; CONTRACT §7 as refined in the README)."""
+        return self.kind is InstrumentKind.SPOT and fee_currency == self.base and self.base != self.settle
 
 
 def _derivative(base: str, quote: str, settle: str) -> Instrument:

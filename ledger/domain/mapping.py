@@ -394,6 +394,9 @@ POSITION = AggregateMapping(
         Field("take_profit", DECIMAL, In.SIX | In.META | In.MODEL),
         Field("excess_qty", DECIMAL, In.LIVE | In.META | In.MODEL),
         Field("metadata", JSON, In.LIVE | In.ROW | In.MODEL),
+        # Inverse: the face value its PnL uses, also against a mark ("" elsewhere and in positions
+        # opened before values were recorded: today's market data, Instrument.as_recorded).
+        Field("contract_value", DECIMAL, In.LIVE | In.MODEL),
         _six("created_at", MILLIS, _R),
         _six("updated_at", MILLIS, _R),
         _six("version", INT, _R),
@@ -447,6 +450,7 @@ ORDER = AggregateMapping(
         Field("stop_loss", DECIMAL, In.META),
         Field("take_profit", DECIMAL, In.META),
         Field("fill_ids", None),  # the venue's trade ids, for deduplication: state only
+        Field("contract_value", None),  # inverse: the face value placed at, for its fills: state only
     ),
 )
 

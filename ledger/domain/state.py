@@ -54,6 +54,7 @@ class OrderState(msgspec.Struct, kw_only=True, gc=False):
     take_profit: Decimal | None = None
     close_reason: str | None = None
     metadata: dict[str, Any] = {}
+    contract_value: Decimal | None = None  # inverse: the face value placed at (Instrument.as_recorded)
     status: OrderStatus = OrderStatus.PENDING
     exchange_order_id: str | None = None
     filled_qty: Decimal = ZERO
@@ -95,6 +96,7 @@ class PositionState(msgspec.Struct, kw_only=True, gc=False):
     take_profit: Decimal | None = None
     close_reason: str | None = None
     metadata: dict[str, Any] = {}
+    contract_value: Decimal | None = None  # inverse: the face value its PnL uses (Instrument.as_recorded)
     created_at: int = 0
     updated_at: int = 0
     closed_at: int | None = None

@@ -122,6 +122,9 @@ class RecordFill(Command, tag="record_fill", kw_only=True):
     fee: Dec | None = None
     fee_currency: FeeCurrency | None = None
     ts: Millis | None = None
+    # "computed": the venue reported no fee and the ledger computed it from the market's rate
+    # (ledger.domain.arithmetic.fill_fee); absent: the fee is the reporter's.
+    fee_source: Literal["computed"] | None | msgspec.UnsetType = msgspec.UNSET
 
 
 class OrderCancelledCommand(Command, tag="order_cancelled", kw_only=True):
@@ -311,6 +314,9 @@ class OrderPlaced(Event, tag="OrderPlaced", kw_only=True):
     take_profit: str | None = None
     close_reason: str | None = None
     metadata: dict[str, Any] = {}
+    # Inverse: the face value used (Instrument.recorded_value); left out for other markets and
+    # absent from events written before it was recorded (Instrument.as_recorded reads both).
+    contract_value: str | msgspec.UnsetType = msgspec.UNSET
     status: OrderStatus = OrderStatus.PENDING
 
 
@@ -336,6 +342,7 @@ class OrderFilled(OrderChange, tag="OrderFilled", kw_only=True):
     price: str
     fee: str
     fee_currency: str | None = None
+    fee_source: Literal["computed"] | msgspec.UnsetType = msgspec.UNSET  # as the record_fill said
     fill_ts: int
     filled_qty: str
     avg_fill_price: str
@@ -389,6 +396,7 @@ class PositionEvent(Event, kw_only=True):
     take_profit: str | None = None
     close_reason: str | None = None
     metadata: dict[str, Any] = {}
+    contract_value: str | msgspec.UnsetType = msgspec.UNSET  # as OrderPlaced's
     created_at: int
     updated_at: int
     closed_at: int | None = None

@@ -116,6 +116,11 @@ class Market:
             return self.amount_precision * self.contract_size
         return self.amount_precision
 
+    def fee_rate(self, taker_or_maker: str | None) -> Decimal | None:
+        """The market's fee rate for a trade (ccxt ``takerOrMaker``; taker when it is unknown),
+        None when the market data has none."""
+        return ccxt_decimal(self.raw.get("maker" if taker_or_maker == "maker" else "taker"))
+
     @property
     def instrument(self) -> Instrument:
         """The domain's view: inverse quantities are contracts worth ``contract_size`` in the quote

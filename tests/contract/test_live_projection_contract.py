@@ -148,6 +148,7 @@ class LiveProjectionContract:
             "stop_loss": "",
             "take_profit": "",
             "metadata": "{}",
+            "contract_value": "",  # linear: none recorded
             "created_at": at(3),
             "updated_at": at(5),
             "version": "2",
