@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 from decimal import Decimal
 
-import msgspec
-
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderSide, OrderType
 from ledger.domain.values import RULES, ZERO, format_decimal
@@ -77,7 +75,6 @@ def fill(order_id: str, user_id: str, trade: VenueFill) -> wire.RecordFill:
         fee_currency=trade.fee_currency,
         ts=trade.ts,
     )
-        fee_source=trade.fee_source or msgspec.UNSET,
 
 
 def final(

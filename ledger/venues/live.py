@@ -35,9 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
-from ledger.domain.arithmetic import fill_fee
 from ledger.domain.enums import Exchange, InstrumentKind, OrderSide, OrderType
 from ledger.domain.values import RULES as VALUE_RULES
 from ledger.domain.values import ZERO, exact, format_decimal
@@ -223,8 +222,8 @@ def _fill(market: Market, trade: Mapping[str, Any]) -> VenueFill:
     currency = fee.get("currency")
     return VenueFill(
         fill_id=str(trade["id"]),
-        quantity=quantity,
-        price=price,
+        quantity=to_quantity(market, ccxt_decimal(trade["amount"]) or ZERO),
+        price=ccxt_decimal(trade["price"]) or ZERO,
         fee=cost,
         fee_currency=currency if VALUE_RULES["fee_currency"].matches(currency) else None,
         ts=trade.get("timestamp"),
@@ -269,7 +268,6 @@ def refusal_reason(exchange: Exchange, exc: BaseException) -> str:
 
 def _code_message(exc: BaseException) -> tuple[str | None, str]:
     """(code, message) of a ccxt error: ccxt writes ``<exchange id> <JSON body>``."""
-    fee_source: Literal["computed"] | None = None  # "computed": the venue reported no fee (_fill)
     text = str(exc)
     start = text.find("{")
     try:
@@ -300,12 +298,6 @@ def classify(exchange: Exchange, exc: BaseException) -> Refused | Ambiguous:
         or code in rules.duplicate_codes
         or (rules.duplicate_message is not None and rules.duplicate_message in message)
     )
-    quantity = to_quantity(market, ccxt_decimal(trade["amount"]) or ZERO)
-    price = ccxt_decimal(trade["price"]) or ZERO
-    source: Literal["computed"] | None = None
-    rate = market.fee_rate(trade.get("takerOrMaker"))
-    if cost is None and rate is not None and price > 0:  # the venue omitted it: computed, and marked so
-        cost, currency, source = fill_fee(market.instrument, quantity, price, rate), market.settle, "computed"
     if isinstance(exc, ccxt.ExchangeError) and not isinstance(exc, ccxt.OrderNotFound) and not duplicate:
         return Refused(refusal_reason(exchange, exc))
     what = "the client order id is in use already" if duplicate else type(exc).__name__
@@ -314,7 +306,6 @@ def classify(exchange: Exchange, exc: BaseException) -> Refused | Ambiguous:
 
 class VenueClient:
     """One ccxt async client of one (exchange, account), rate limited, reused for every order."""
-        fee_source=source,
 
     def __init__(self, exchange: Exchange, account: Account, options: VenueOptions) -> None:
         self.exchange = exchange
