@@ -55,22 +55,30 @@ import structlog
 
 from ledger.client import queries
 from ledger.domain import wire
+from ledger.domain.decider import RejectCode, drift_market
 from ledger.domain.enums import OPEN_ORDER_STATUSES, Exchange, PositionSide
+from ledger.domain.evolution import drift_slot
 from ledger.domain.state import OrderState
 from ledger.domain.values import ZERO, check_identifier, format_decimal
+from ledger.domain.wire import DriftKind
 from ledger.errors import InvalidInput, OperationFailed
 from ledger.store.eventstore import EventStore
+from ledger.store.keys import ShardKeys
 from ledger.store.operations import record_operation
+from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, no_account
 from ledger.venues.live import Ambiguous, VenueClient, VenueClients, VenueFill, venue_client_id
-from ledger.venues.markets import Market, MarketError, bundled
+from ledger.venues.markets import Market, MarketError, bundled, instrument_table
 
 FINDING_ACTION = "reconcile.finding"
 UNKNOWN_ORDER = "unknown_order"
 UNRECORDED_FILL = "unrecorded_fill"
 POSITION_MISMATCH = "position_mismatch"
 COMMAND_REJECTED = "command_rejected"
+# Refusals of a drift command that only say another drift command got there first (the drift
+# is still open, or already resolved): no finding.
+_DRIFT_MOVED = (RejectCode.DRIFT_OPEN, RejectCode.NO_DRIFT)
 FINDING_COLUMNS = ("kind", "market", "subject", "evidence")
 
 log = structlog.get_logger("ledger.reconcile")
@@ -184,9 +192,13 @@ class Reconciler:
             await self._record(command, symbol, result, bound)
         positions = await queries.get_positions(self.redis, user_id, self.exchange)
         for market in markets.values():
-            finding = await self._position(venue, market, positions)
+            net = await venue.position(market)
+            if net is None:
+                continue
+            finding, figures = self._position(market, net, positions)
             if finding is not None:
                 result.findings.append(finding)
+            await self._drift(store, user_id, market.symbol, DriftKind.POSITION_SIZE, finding, figures, result, bound)
         for finding in result.findings:
             target = f"{self.exchange}/{account.name}/{user_id}/{finding.market}"
             detail = {"user_id": user_id, "exchange": self.exchange.value, **finding.as_dict()}
@@ -310,18 +322,17 @@ class Reconciler:
         _final, last = commands.final(adopt.order_id, user_id, self.exchange, Decimal(adopt.quantity), report)
         return found if last is None else [*found, last]
 
-    async def _position(self, venue: VenueClient, market: Market, positions: list[Any]) -> Finding | None:
+    def _position(self, market: Market, net: Decimal, positions: list[Any]) -> tuple[Finding | None, str]:
         """A ``position_mismatch`` when the venue's net position of ``market`` differs from the
-        sum of the ledger's open positions of that market (by canonical market)."""
-        net = await venue.position(market)
-        if net is None:
-            return None
+        sum of the ledger's open positions of that market (by canonical market), and the figures
+        compared (the drift's command id is made of them)."""
         mine = sorted(
             (p for p in positions if market.symbol in self._markets([p.symbol])), key=lambda p: (p.symbol, p.id or "")
         )
         ledger_net = sum((_signed(p.size, p.side) for p in mine), ZERO)
+        figures = "|".join([format_decimal(net), *(f"{p.id}:{format_decimal(p.size)}:{p.version}" for p in mine)])
         if ledger_net == net:
-            return None
+            return None, figures
         evidence = {
             "venue": format_decimal(net),
             "ledger": format_decimal(ledger_net),
@@ -331,29 +342,68 @@ class Reconciler:
                 for p in mine
             ],
         }
-        return Finding(POSITION_MISMATCH, market.symbol, market.symbol, evidence)
+        return Finding(POSITION_MISMATCH, market.symbol, market.symbol, evidence), figures
+
+    async def _drift(
+        self,
+        store: EventStore,
+        user_id: str,
+        market: str,
+        kind: DriftKind,
+        finding: Finding | None,
+        figures: str,
+        result: Reconciliation,
+        bound: Any,
+    ) -> None:
+        """A difference becomes a drift (``record_drift``) unless one is open for its key: it
+        still is, and nothing is recorded; no difference on a key with an open drift resolves it
+        (``resolve_drift``, ``agreed``)."""
+        slot = drift_slot(user_id, self.exchange, drift_market(self.exchange, market, instrument_table()), kind)
+        open_id = text(await self.redis.hget(store.keys.slots, slot))
+        if finding is not None and open_id:
+            bound.info("drift still open", drift_id=open_id, kind=str(kind), market=market)
+            return
+        command: wire.Command
+        if finding is not None:
+            command = commands.record_drift(user_id, self.exchange, market, kind, finding.evidence, figures)
+        elif open_id:
+            command = commands.drift_agreed(user_id, self.exchange, market, kind, open_id)
+        else:
+            return
+        await self._record(command, market, result, bound)
 
     async def _record(self, command: wire.Command, market: str, result: Reconciliation, bound: Any) -> None:
         """Submit one command; a refusal becomes a ``command_rejected`` finding."""
-        fields = {
-            "command_id": command.command_id,
-            "type": str(command.__struct_config__.tag),
-            "order_id": str(getattr(command, "order_id", "")),
-        }
+        fields = {"command_id": command.command_id, "type": str(command.__struct_config__.tag)}
+        if (order_id := getattr(command, "order_id", None)) is not None:  # a drift command names none
+            fields["order_id"] = str(order_id)
         if isinstance(command, wire.RecordFill):
             fields["fill_id"] = command.fill_id
         try:
-            await self.ledger.submit(command)
+            reply = await self.ledger.submit(command)
         except OperationFailed as exc:
             reply = getattr(exc, "reply", None)
             if not isinstance(reply, dict):  # not the handler's refusal (a timeout): nothing is known
                 raise
             error = reply.get("error") or {}
+            if error.get("code") in _DRIFT_MOVED:  # another drift command got there first
+                bound.info("drift command overtaken", command_id=command.command_id, reason=error.get("message"))
+                return
             evidence = {**fields, "code": str(error.get("code")), "message": str(error.get("message"))}
             result.findings.append(Finding(COMMAND_REJECTED, market, command.command_id, evidence))
             return
+        if isinstance(command, wire.RecordDrift | wire.ResolveDrift):
+            fields["drift_id"] = await self._stream_of(reply["shard"], reply["events"][0]["id"])
         result.recorded.append(fields)
         bound.info("reconciliation recorded", **fields)
+
+    async def _stream_of(self, shard: int, entry_id: str) -> str:
+        """The aggregate (``stream``) of the event at ``entry_id``: a drift's id."""
+        entries = await self.redis.xrange(ShardKeys(shard).events, entry_id, entry_id)
+        event = wire.decode_entry(entry_id, entries[0][1]) if entries else None
+        if event is None:
+            raise OperationFailed(f"event {entry_id} of shard {shard} is gone: run the reconciliation again")
+        return event.stream
 
 
 def _trade(trade: VenueFill) -> dict[str, str | None]:

@@ -24,9 +24,11 @@ from ledger import OrderManager, OrderStatus, PositionManager
 from ledger.client.reconcile import Finding
 from ledger.config import parse_execution
 from ledger.domain.enums import Exchange
+from ledger.domain.evolution import drift_slot
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys
 from ledger.store.operations import operations
+from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, load_credentials
 from ledger.venues.live import VenueClients
@@ -333,12 +335,16 @@ async def test_the_cli_prints_what_it_recorded_and_exits_1_while_a_finding_is_un
         "resolve them at the venue or in the ledger, then reconcile again\n"
     )
     position_id = (await ledger.positions.get_positions(USER, "okx"))[0].id
+    slot = drift_slot(USER, "okx", "BTC/USDT:USDT", "position_size")
+    drift_id = text(await ledger.redis.hget(ShardKeys(0).slots, slot))
+    figures = f"0.05|{position_id}:0.04:1"  # the venue's net, each ledger position with its version
+    drift_command = commands.drift_command_id(Exchange.OKX, "BTC/USDT:USDT", "position_size", figures)
     assert json.loads(out) == {
         "user_id": USER,
         "exchange": "okx",
         "account": "main",
         "markets": ["BTC/USDT:USDT"],
-        "recorded": [],
+        "recorded": [{"command_id": drift_command, "type": "record_drift", "drift_id": drift_id}],
         "findings": [
             {
                 "kind": "position_mismatch",

@@ -1,0 +1,204 @@
+"""Drifts through reconciliation (issue 11, item 3), on a plain Redis and on a Redis Cluster: the
+ledger in-process (handler and live projection), the real ccxt OKX class talking HTTP to the
+loopback venue (tests/venue_server.py) whose position differs from the ledger's.
+
+A difference becomes ``DriftDetected`` once (a second reconciliation records nothing), an explicit
+``adjust_position`` corrects the position and resolves the drift, a venue that agrees again
+resolves an open drift as ``agreed``, and the trail of the drift and of the position explain each
+change."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledger import PositionManager
+from ledger.app.audit_trail import trail
+from ledger.client.api import LedgerClient, OrderManager
+from ledger.client.reconcile import Finding, Reconciliation
+from ledger.domain import wire
+from ledger.domain.enums import Exchange, PositionSide
+from ledger.domain.evolution import drift_slot
+from ledger.store.eventstore import EventStore, StoredEvent
+from ledger.store.keys import ShardKeys
+from ledger.store.redis_conn import text
+from ledger.venues import commands
+from ledger.venues.accounts import load_credentials
+from tests.live_helpers import running_ledger
+from tests.venue_server import LoopbackExchange, loopback_exchange
+
+USER = "alice"
+MARKET = "BTC/USDT:USDT"
+SLOT = drift_slot(USER, "okx", MARKET, "position_size")
+
+
+def okx_position(contracts: str) -> dict[str, str]:
+    """An OKX ``account/positions`` row of BTC-USDT-SWAP (0.01 BTC a contract)."""
+    return {
+        "instId": "BTC-USDT-SWAP",
+        "instType": "SWAP",
+        "mgnMode": "cross",
+        "posSide": "net",
+        "pos": contracts,
+        "avgPx": "45000",
+        "markPx": "45000",
+        "lever": "3",
+        "ccy": "USDT",
+        "posId": "307173036051017730",
+        "cTime": "1700000000000",
+        "uTime": "1700000000000",
+    }
+
+
+def credentials_file(tmp_path: Path, venue: LoopbackExchange) -> Path:
+    account = {"apiKey": "key-1", "secret": "s3cr3t", "password": "p4ss", "users": [USER]}
+    path = tmp_path / "credentials.json"
+    body = {venue.exchange: {"base_url": venue.url, "timeout_ms": 2000, "accounts": {"main": account}}}
+    path.write_text(json.dumps(body), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def okx() -> Iterator[LoopbackExchange]:
+    with loopback_exchange("okx") as venue:
+        yield venue
+
+
+@pytest.fixture(params=["plain", "cluster"])
+def servers(request: pytest.FixtureRequest) -> tuple[Any, str]:
+    """(client, URL) of a plain Redis or of a Redis Cluster."""
+    if request.param == "plain":
+        return request.getfixturevalue("redis"), request.getfixturevalue("redis_url")
+    return request.getfixturevalue("redis_cluster"), request.getfixturevalue("redis_cluster_url")
+
+
+class Desk:
+    """The ledger running in-process against one loopback OKX, and what an operator uses."""
+
+    def __init__(self, redis: Any, venue: LoopbackExchange, credentials: Path) -> None:
+        self.redis = redis
+        self.venue = venue
+        self.config = load_credentials(credentials)[Exchange.OKX]
+        self.client = LedgerClient(redis, timeout=10)
+        self.positions = PositionManager(redis, timeout=10)
+        self.store = EventStore(redis, 0)
+
+    async def reconcile(self) -> Reconciliation:
+        return await self.positions.sync_positions_from_exchange(USER, "okx", venue=self.config)
+
+    async def events(self, stream: str) -> list[StoredEvent]:
+        return [s for s in await self.store.read_range() if s.event.stream == stream]
+
+    async def open_drift(self) -> str | None:
+        return text(await self.redis.hget(ShardKeys(0).slots, SLOT))
+
+
+@pytest.fixture
+async def desk(servers: tuple[Any, str], tmp_path: Path, okx: LoopbackExchange) -> AsyncIterator[Desk]:
+    redis, url = servers
+    credentials = credentials_file(tmp_path, okx)
+    async with running_ledger(
+        url, tmp_path, roles=("handler", "projection"), execution="okx=live", credentials=credentials
+    ):
+        yield Desk(redis, okx, credentials)
+
+
+async def test_a_drift_is_recorded_once_corrected_explicitly_and_resolved_when_the_venue_agrees(
+    desk: Desk, okx: LoopbackExchange
+) -> None:
+    order = await OrderManager(desk.redis, timeout=10).create_order(
+        USER, "okx", "BTC-USDT-SWAP", "buy", "limit", "0.04", "45000"
+    )
+    assert order.id is not None
+    client_id = order.id.replace("-", "")
+    okx.book(client_id, "BTC-USDT-SWAP", "buy", "4", "45000")
+    okx.fill(client_id, "4", "45000", "t-1", fee="0.009")
+    okx.positions = [okx_position("5")]  # 0.05 BTC at the venue, 0.04 in the ledger
+
+    first = await desk.reconcile()
+    (position,) = await desk.positions.get_positions(USER, "okx")
+    drift_id = await desk.open_drift()
+    assert drift_id is not None
+    evidence = {
+        "venue": "0.05",
+        "ledger": "0.04",
+        "difference": "0.01",
+        "positions": [{"position_id": position.id, "symbol": "BTC-USDT-SWAP", "side": "long", "size": "0.04"}],
+    }
+    assert first.findings == [Finding("position_mismatch", MARKET, MARKET, evidence)]
+    drift_command = commands.drift_command_id(Exchange.OKX, MARKET, "position_size", f"0.05|{position.id}:0.04:1")
+    assert first.recorded[-1] == {"command_id": drift_command, "type": "record_drift", "drift_id": drift_id}
+    (detected,) = await desk.events(drift_id)
+    assert isinstance(detected.event, wire.DriftDetected)
+    assert (detected.event.version, detected.event.market, detected.event.kind, detected.event.evidence) == (
+        1,
+        MARKET,
+        "position_size",
+        evidence,
+    )
+
+    # The same difference seen again: still reported, nothing recorded twice.
+    log_length = await desk.redis.xlen(ShardKeys(0).events)
+    second = await desk.reconcile()
+    assert (second.recorded, second.findings) == ([], first.findings)
+    assert await desk.redis.xlen(ShardKeys(0).events) == log_length
+    assert await desk.open_drift() == drift_id
+
+    # The operator corrects the position: 0.05 BTC, the fee the venue also charged (0.001 USDT).
+    adjust = wire.AdjustPosition(
+        command_id="ops-adjust-1",
+        user_id=USER,
+        exchange=Exchange.OKX,
+        symbol="BTC-USDT-SWAP",
+        side=PositionSide.LONG,
+        size="0.05",
+        reason="venue holds 5 contracts",
+        fee_adjustment="0.001",
+    )
+    reply = await desk.client.submit(adjust)
+    assert [e["type"] for e in reply["events"]] == ["PositionAdjusted", "DriftResolved"]
+    (adjusted,) = await desk.positions.get_positions(USER, "okx")
+    assert (adjusted.id, adjusted.size, adjusted.entry_price) == (position.id, Decimal("0.05"), Decimal("45000"))
+    assert (adjusted.fees, adjusted.realized_pnl) == (Decimal("0.010"), Decimal("-0.010"))
+    assert await desk.open_drift() is None
+    _detected, resolved = await desk.events(drift_id)
+    assert isinstance(resolved.event, wire.DriftResolved)
+    (adjustment,) = [s for s in await desk.events(position.id) if s.event.type == "PositionAdjusted"]
+    assert (resolved.event.version, resolved.event.resolution, resolved.event.adjustment_event_id) == (
+        2,
+        "adjusted",
+        adjustment.event.event_id,
+    )
+    third = await desk.reconcile()
+    assert (third.recorded, third.findings) == ([], [])
+
+    # The venue moves away and back: a new drift, then resolved as agreed.
+    okx.positions = [okx_position("6")]
+    fourth = await desk.reconcile()
+    moved = await desk.open_drift()
+    assert moved is not None and moved != drift_id
+    assert [r["type"] for r in fourth.recorded] == ["record_drift"]
+    okx.positions = [okx_position("5")]
+    fifth = await desk.reconcile()
+    assert fifth.recorded == [{"command_id": f"reconcile:agreed:{moved}", "type": "resolve_drift", "drift_id": moved}]
+    assert fifth.findings == []
+    assert await desk.open_drift() is None
+
+    # Replay explains each change: the drift's trail and the position's.
+    drift_trail = await trail(desk.redis, None, moved)
+    assert drift_trail.kind == "drift"
+    assert [(s.event.type, s.as_dict()["state"]["status"]) for s in drift_trail.steps] == [
+        ("DriftDetected", "open"),
+        ("DriftResolved", "resolved"),
+    ]
+    assert drift_trail.steps[-1].as_dict()["state"]["resolution"] == "agreed"
+    position_trail = await trail(desk.redis, None, position.id)
+    assert [(s.event.type, s.as_dict()["state"]["size"]) for s in position_trail.steps] == [
+        ("PositionOpened", "0.04"),
+        ("PositionAdjusted", "0.05"),
+    ]
