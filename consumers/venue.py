@@ -64,7 +64,7 @@ from consumers.runner import RETRYABLE, ConsumerSettings, LeaseLost, StreamConsu
 from ledger.client.models import read_mark
 from ledger.config import Settings
 from ledger.domain import wire
-from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType
+from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide
 from ledger.domain.state import OrderState
 from ledger.domain.values import format_decimal, now_ms
 from ledger.store.keys import ShardKeys, marks, shard_key
@@ -158,6 +158,8 @@ class LiveOrder(msgspec.Struct, kw_only=True, frozen=True):
     price: str | None = None
     mark: str | None = None  # the mark an Upbit market buy's cost was computed with
     reduce_only: bool = False
+    trigger_price: str | None = None
+    position_side: PositionSide | None = None
     client_id: str
     stage: Stage = "new"
     sent_at: int | None = None  # when it was last marked ``sending``
@@ -182,6 +184,8 @@ def _intent(order_id: str, record: LiveOrder) -> Intent:
         price=None if record.price is None else Decimal(record.price),
         reduce_only=record.reduce_only,
         mark=None if record.mark is None else Decimal(record.mark),
+        trigger_price=None if record.trigger_price is None else Decimal(record.trigger_price),
+        position_side=record.position_side,
     )
 
 
@@ -306,6 +310,8 @@ class LiveVenue:
             price=event.price,
             mark=None if mark is None else format_decimal(mark),
             reduce_only=event.reduce_only,
+            trigger_price=event.trigger_price,
+            position_side=event.position_side,
             client_id="",
             updated_at=now_ms(),
         )
@@ -450,7 +456,7 @@ class LiveVenue:
         self, order_id: str, record: LiveOrder, order: Intent, client: VenueClient, cancel: bool, fields: dict[str, Any]
     ) -> int:
         try:
-            venue_id = await client.lookup(record.client_id, order.market)
+            venue_id = await client.lookup(record.client_id, order.market, algo=order.algo)
         except Ambiguous as exc:
             self.log.warning("lookup by client id failed: retrying", error=str(exc), **fields)
             return 0
@@ -481,7 +487,7 @@ class LiveVenue:
         fields = {**fields, "exchange_order_id": venue_id}
         if cancel and not record.cancel_sent:
             try:
-                refusal = await client.cancel(venue_id, order.market)
+                refusal = await client.cancel(venue_id, order.market, algo=order.algo)
             except Ambiguous as exc:
                 self.log.warning("cancel unanswered: retrying", error=str(exc), **fields)
                 return 0
@@ -492,7 +498,7 @@ class LiveVenue:
             else:
                 self.log.info("cancel refused: the venue's status decides", reason=refusal, **fields)
         try:
-            report = await client.fetch(venue_id, order.market)
+            report = await client.fetch(venue_id, order.market, algo=order.algo)
         except Ambiguous as exc:
             self.log.warning("status unknown: retrying", error=str(exc), **fields)
             return 0

@@ -129,8 +129,14 @@ class BookOrder:
     amount: Decimal | None  # venue units; None for an Upbit market buy (sent as a cost)
     price: str | None
     cost: str | None = None
-    state: str = "open"
+    state: str = "open"  # an algo order: ``open``, ``triggered`` or ``canceled``
     fills: list[BookFill] = field(default_factory=list)
+    api: str = "api"  # the first path segment: Binance ``api`` (spot), ``fapi`` (USD-M), ``dapi`` (COIN-M)
+    algo: bool = False  # an algo (trigger) order: OKX ``order-algo``, Binance ``algoOrder``
+    trigger_price: str | None = None
+    position_side: str | None = None  # as the venue got it (OKX ``posSide``, Binance ``positionSide``)
+    params: dict[str, str] = field(default_factory=dict)  # the create request's, without signing fields
+    triggered: str | None = None  # an algo order's: the key in ``orders`` of the order it placed
 
     @property
     def filled(self) -> Decimal:
@@ -191,16 +197,37 @@ class LoopbackExchange:
             if order.amount is not None and order.filled >= order.amount:
                 order.state = "filled"
 
-    def book(self, client_id: str, market_id: str, side: str, amount: str, price: str) -> BookOrder:
-        """A limit order on the book that no create request placed (a venue's own front end)."""
+    def book(self, client_id: str, market_id: str, side: str, amount: str, price: str, api: str = "api") -> BookOrder:
+        """A limit order on the book that no create request placed (a venue's own front end;
+        ``api``: Binance's, ``fapi`` or ``dapi`` for futures)."""
         with self.lock:
-            order = BookOrder(self._venue_id(), client_id, market_id, side, "limit", Decimal(amount), price)
+            order = BookOrder(self._venue_id(), client_id, market_id, side, "limit", Decimal(amount), price, api=api)
             self.orders[client_id] = order
             return order
 
     def finish(self, client_id: str, state: str) -> None:
         with self.lock:
             self.orders[client_id].state = state
+
+    def trigger(self, client_id: str) -> str:
+        """The algo order's trigger fires: it places its order (market, or limit at its price);
+        returns that order's key in ``orders`` (for ``fill``)."""
+        with self.lock:
+            algo = self.orders[client_id]
+            key = f"triggered:{algo.venue_id}"
+            self.orders[key] = BookOrder(
+                venue_id=self._venue_id(),
+                client_id="",
+                market_id=algo.market_id,
+                side=algo.side,
+                ord_type="market" if algo.price is None else "limit",
+                amount=algo.amount,
+                price=algo.price,
+                api=algo.api,
+                position_side=algo.position_side,
+            )
+            algo.state, algo.triggered = "triggered", key
+            return key
 
     # ------------------------------------------------------------- serving
 
@@ -221,15 +248,17 @@ class LoopbackExchange:
             if raw.startswith(("{", "[")):
                 body = json.loads(raw)
                 (one,) = body if isinstance(body, list) else [body]  # OKX sends an order as a batch of one
-                params.update({k: str(v) for k, v in one.items()})
+                params.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in one.items()})
             else:
                 params.update(dict(urllib.parse.parse_qsl(raw)))
         route = ROUTES[self.exchange].get((request.method, request.path))
         if route is None:
             self.unanswered.append(f"{request.method} {request.rel_url}")
             return web.json_response({"error": "not recorded"}, status=404)
+        api, algo = request.path.split("/")[1], route.startswith("algo_")
+        route = route.removeprefix("algo_")
         if route == "create":
-            booked = self._create(params)
+            booked = self._create(params, api, algo)
             if isinstance(booked, web.Response):
                 return booked
             self.created.set()
@@ -239,9 +268,9 @@ class LoopbackExchange:
             return web.json_response(self._created(booked))
         if route in ("open_orders", "positions") or (route == "fills" and not {"ordId", "orderId"} & params.keys()):
             with self.lock:
-                return web.json_response(self._listing(route, params))
+                return web.json_response(self._listing(route, params, api, algo))
         with self.lock:
-            order = self._find(params)
+            order = self._find(params, api, algo)
             if order is None:
                 status = {"okx": 200, "binance": 400, "upbit": 404}[self.exchange]
                 return web.json_response(self._copy("order_not_found"), status=status)
@@ -251,10 +280,10 @@ class LoopbackExchange:
                 return web.json_response(self._fills(order))
             return self._cancel(order)
 
-    def _create(self, params: dict[str, str]) -> BookOrder | web.Response:
+    def _create(self, params: dict[str, str], api: str, algo: bool) -> BookOrder | web.Response:
         spelling = {
-            "okx": ("clOrdId", "instId", "sz", "px", "ordType"),
-            "binance": ("newClientOrderId", "symbol", "quantity", "price", "type"),
+            "okx": ("algoClOrdId" if algo else "clOrdId", "instId", "sz", "px", "ordType"),
+            "binance": ("clientAlgoId" if algo else "newClientOrderId", "symbol", "quantity", "price", "type"),
             "upbit": ("identifier", "market", "volume", "price", "ord_type"),
         }[self.exchange]
         client_key, market_key, amount_key, price_key, type_key = spelling
@@ -287,6 +316,8 @@ class LoopbackExchange:
             kind = params[type_key].lower()
             side = params["side"].lower()
             upbit_market_buy = self.exchange == "upbit" and kind == "price"
+            trigger_keys = ("triggerPx", "tpTriggerPx", "slTriggerPx", "triggerPrice", "stopPrice")
+            price = next((params[k] for k in ("orderPx", "tpOrdPx", "slOrdPx", price_key) if k in params), None)
             order = BookOrder(
                 venue_id=self._venue_id(),
                 client_id=client_id,
@@ -294,20 +325,32 @@ class LoopbackExchange:
                 side={"bid": "buy", "ask": "sell"}.get(side, side),
                 ord_type="market" if kind in ("price", "market") else kind,
                 amount=None if upbit_market_buy else Decimal(params[amount_key]),
-                price=None if upbit_market_buy else params.get(price_key),
+                price=None if upbit_market_buy or price == "-1" else price,
                 cost=params.get(price_key) if upbit_market_buy else None,
+                api=api,
+                algo=algo,
+                trigger_price=next((params[k] for k in trigger_keys if k in params), None),
+                position_side=params.get("posSide", params.get("positionSide")),
+                params={k: v for k, v in params.items() if k not in _SIGNING},
             )
             self.orders[client_id] = order
             return order
 
-    def _listing(self, route: str, params: dict[str, str]) -> Any:
-        """The account's open orders, trades or positions (of the market asked for, if any)."""
+    def _listing(self, route: str, params: dict[str, str], api: str, algo: bool) -> Any:
+        """The account's open orders (algo orders apart), trades or positions (of the market asked
+        for, if any; Binance: of the API asked, spot, USD-M or COIN-M)."""
         if route == "positions":
+            if self.exchange != "okx":
+                return copy.deepcopy(self.positions)
             body = self._copy("fills")
             body["data"] = copy.deepcopy(self.positions)
             return body
         market = next((params[k] for k in ("instId", "symbol", "market") if k in params), None)
-        orders = [o for o in self.orders.values() if market is None or o.market_id == market]
+        orders = [
+            o
+            for o in self.orders.values()
+            if (market is None or o.market_id == market) and self._same_book(o, api, algo)
+        ]
         if route == "open_orders":
             rows = [self._order(o) for o in orders if o.state == "open"]
             rows = [row["data"][0] for row in rows] if self.exchange == "okx" else rows
@@ -319,10 +362,16 @@ class LoopbackExchange:
         body["data"] = rows
         return body
 
-    def _find(self, params: dict[str, str]) -> BookOrder | None:
-        client_keys = ("clOrdId", "origClientOrderId", "identifier")
-        id_keys = ("ordId", "orderId", "uuid")
+    def _same_book(self, order: BookOrder, api: str, algo: bool) -> bool:
+        """Whether a request to ``api`` (algo orders or not) sees ``order``."""
+        return order.algo == algo and (self.exchange != "binance" or order.api == api)
+
+    def _find(self, params: dict[str, str], api: str, algo: bool) -> BookOrder | None:
+        client_keys = ("algoClOrdId", "clientAlgoId") if algo else ("clOrdId", "origClientOrderId", "identifier")
+        id_keys = ("algoId",) if algo else ("ordId", "orderId", "uuid")
         for order in self.orders.values():
+            if not self._same_book(order, api, algo):
+                continue
             if any(params.get(k) == order.client_id for k in client_keys):
                 return order
             if any(params.get(k) == order.venue_id for k in id_keys):
@@ -330,29 +379,108 @@ class LoopbackExchange:
         return None
 
     def _created(self, order: BookOrder) -> Any:
+        if self.exchange == "okx" and order.algo:
+            body = self._copy("algo_create")
+            body["data"][0].update(algoClOrdId=order.client_id, algoId=order.venue_id)
+            return body
         if self.exchange == "okx":
             body = self._copy("create")
             body["data"][0].update(clOrdId=order.client_id, ordId=order.venue_id)
             return body
-        if self.exchange == "binance":
-            return self._order(order, "create")
+        if self.exchange == "binance" and order.api != "api":
+            return self._order(order)  # futures answer with the order (``newOrderRespType=RESULT``)
         return self._order(order, "create")
 
     def _state(self, order: BookOrder) -> str:
         names = {
-            "okx": {"open": "partially_filled" if order.fills else "live", "filled": "filled", "canceled": "canceled"},
+            "okx": {
+                "open": "partially_filled" if order.fills else "live",
+                "filled": "filled",
+                "canceled": "canceled",
+                "triggered": "effective",
+            },
             "binance": {
                 "open": "PARTIALLY_FILLED" if order.fills else "NEW",
                 "filled": "FILLED",
                 "canceled": "CANCELED",
+                "triggered": "TRIGGERED",
             },
             "upbit": {"open": "wait", "filled": "done", "canceled": "cancel"},
         }
         return names[self.exchange][order.state]
 
+    def _algo_order(self, order: BookOrder) -> Any:
+        """An algo order as the venue reports it: OKX ``order-algo``, Binance ``algoOrder``."""
+        triggered = self.orders[order.triggered].venue_id if order.triggered else ""
+        body = self._copy("algo_order")
+        take_profit = "tpTriggerPx" in order.params  # OKX: a ``conditional`` order, else a ``trigger`` one
+        fields = dict(
+            side=order.side,
+            ordType=order.ord_type,
+            state=self._state(order),
+            sz=_plain(order.amount or Decimal(0)),
+            **{"tpTriggerPx" if take_profit else "triggerPx": order.trigger_price},
+            **{"tpOrdPx" if take_profit else "ordPx": order.price or "-1"},
+            posSide=order.position_side,
+            ordId=triggered,
+            ordIdList=[triggered] if triggered else [],
+            algoId=order.venue_id,
+            algoClOrdId=order.client_id,
+            instId=order.market_id,
+            instType="SWAP" if order.market_id.endswith("SWAP") else "SPOT",
+        )
+        if self.exchange == "binance":
+            fields = dict(
+                side=order.side.upper(),
+                algoStatus=self._state(order),
+                quantity=_plain(order.amount or Decimal(0)),
+                triggerPrice=order.trigger_price,
+                price=order.price or "0",
+                positionSide=order.position_side,
+                actualOrderId=triggered,
+                algoId=int(order.venue_id),
+                clientAlgoId=order.client_id,
+                symbol=order.market_id,
+                orderType=order.ord_type.upper(),
+            )
+            body.update(fields)
+            return body
+        body["data"][0].update(fields)
+        return body
+
+    def _futures_order(self, order: BookOrder, filled: Decimal, value: Decimal) -> Any:
+        """A Binance USD-M or COIN-M order (COIN-M: ``cumBase``, the base coin's worth of its contracts)."""
+        body = self._copy(f"{order.api}_order")
+        body.update(
+            symbol=order.market_id,
+            orderId=int(order.venue_id),
+            clientOrderId=order.client_id,
+            price=order.price or "0",
+            avgPrice=_plain(value / filled) if filled else "0",
+            origQty=_plain(order.amount or Decimal(0)),
+            executedQty=_plain(filled),
+            cumQty=_plain(filled),
+            status=self._state(order),
+            type=order.ord_type.upper(),
+            origType=order.ord_type.upper(),
+            side=order.side.upper(),
+            positionSide=order.position_side or "BOTH",
+            reduceOnly=order.params.get("reduceOnly") == "true",
+        )
+        if order.api == "dapi":
+            worth = sum((f.amount * _FACE[order.market_id] / f.price for f in order.fills), Decimal(0))
+            body["cumBase"] = _plain(worth)
+        else:
+            body["cumQuote"] = _plain(value)
+        return body
+
     def _order(self, order: BookOrder, template: str = "order") -> Any:
         filled = order.filled
         value = sum((f.amount * f.price for f in order.fills), Decimal(0))
+        if order.algo:
+            return self._algo_order(order)
+        if self.exchange == "binance" and order.api != "api":
+            return self._futures_order(order, filled, value)
         if self.exchange == "okx":
             body = self._copy(template)
             body["data"][0].update(
@@ -417,6 +545,23 @@ class LoopbackExchange:
                 fee=_plain(-fill.fee),
                 instType="SWAP" if order.market_id.endswith("SWAP") else "SPOT",
             )
+        elif self.exchange == "binance" and order.api != "api":
+            body = self._copy(f"{order.api}_fill")
+            body.update(
+                symbol=order.market_id,
+                id=int(fill.trade_id),
+                orderId=int(order.venue_id),
+                side=order.side.upper(),
+                price=_plain(fill.price),
+                qty=_plain(fill.amount),
+                commission=_plain(fill.fee),
+                positionSide=order.position_side or "BOTH",
+                buyer=order.side == "buy",
+            )
+            if order.api == "dapi":
+                body["baseQty"] = _plain(fill.amount * _FACE[order.market_id] / fill.price)
+            else:
+                body["quoteQty"] = _plain(fill.amount * fill.price)
         elif self.exchange == "binance":
             body.update(
                 symbol=order.market_id,
@@ -459,12 +604,26 @@ class LoopbackExchange:
                 body["data"][0].update(ordId=order.venue_id, clOrdId=order.client_id)
             return web.json_response(body, status=200 if self.exchange == "okx" else 400)
         order.state = "canceled"
+        if order.algo:
+            body = self._copy("algo_cancel")
+            if self.exchange == "okx":
+                body["data"][0].update(algoId=order.venue_id, algoClOrdId=order.client_id)
+            else:
+                body.update(algoId=int(order.venue_id), clientAlgoId=order.client_id)
+            return web.json_response(body)
+        if self.exchange == "binance" and order.api != "api":
+            return web.json_response(self._order(order))
         if self.exchange == "okx":
             body = self._copy("cancel")
             body["data"][0].update(ordId=order.venue_id, clOrdId=order.client_id)
             return web.json_response(body)
         return web.json_response(self._order(order, "cancel"))
 
+
+# the fields a signed request carries besides the order's (Binance: in the body it signs)
+_SIGNING = frozenset({"timestamp", "recvWindow", "signature"})
+# Binance COIN-M: the USD face value of one contract, per symbol
+_FACE = {"BTCUSD_PERP": Decimal(100), "ETHUSD_PERP": Decimal(10)}
 
 ROUTES: dict[str, dict[tuple[str, str], str]] = {
     "okx": {
@@ -475,6 +634,10 @@ ROUTES: dict[str, dict[tuple[str, str], str]] = {
         ("POST", "/api/v5/trade/cancel-order"): "cancel",
         ("GET", "/api/v5/trade/orders-pending"): "open_orders",
         ("GET", "/api/v5/account/positions"): "positions",
+        ("POST", "/api/v5/trade/order-algo"): "algo_create",
+        ("GET", "/api/v5/trade/order-algo"): "algo_order",
+        ("POST", "/api/v5/trade/cancel-algos"): "algo_cancel",
+        ("GET", "/api/v5/trade/orders-algo-pending"): "algo_open_orders",
     },
     "binance": {
         ("POST", "/api/v3/order"): "create",
@@ -482,6 +645,23 @@ ROUTES: dict[str, dict[tuple[str, str], str]] = {
         ("GET", "/api/v3/myTrades"): "fills",
         ("DELETE", "/api/v3/order"): "cancel",
         ("GET", "/api/v3/openOrders"): "open_orders",
+        # USD-M futures (fapi) and COIN-M futures (dapi); their trigger orders are algo orders
+        **{
+            (method, f"/{api}/{path}"): route
+            for api, positions in (("fapi", "v3/positionRisk"), ("dapi", "v1/positionRisk"))
+            for method, path, route in (
+                ("POST", "v1/order", "create"),
+                ("GET", "v1/order", "order"),
+                ("DELETE", "v1/order", "cancel"),
+                ("GET", "v1/userTrades", "fills"),
+                ("GET", "v1/openOrders", "open_orders"),
+                ("GET", positions, "positions"),
+                ("POST", "v1/algoOrder", "algo_create"),
+                ("GET", "v1/algoOrder", "algo_order"),
+                ("DELETE", "v1/algoOrder", "algo_cancel"),
+                ("GET", "v1/openAlgoOrders", "algo_open_orders"),
+            )
+        },
     },
     "upbit": {
         ("POST", "/v1/orders"): "create",

@@ -308,13 +308,13 @@ async def test_orders_that_cannot_be_sent_are_rejected_before_reaching_the_venue
         symbol="BTC-USDT", side="buy", order_type="limit", quantity="0.001", price="40000", user_id="mallory"
     )
     stop = await rig.place(
-        symbol="BTC-USDT", side="buy", order_type="stop_market", quantity="0.001", trigger_price="41000"
+        symbol="BTC-USDT", side="buy", order_type="stop_market", quantity="0.001", trigger_price="41000.05"
     )
     reasons = [(await rig.order(o)).reject_reason for o in (off_step, stranger, stop)]
     assert reasons == [
         "quantity 0.00015 is not a whole multiple of BTC/USDT:USDT's step 0.0001",
         "no live account for user mallory on okx: add the user to LEDGER_CREDENTIALS",
-        "the live venue sends market and limit orders only (got stop_market)",
+        "trigger price 41000.05 is not a whole multiple of BTC/USDT's tick 0.1",
     ]
     assert okx.creates == {}
     assert await redis.hlen(VenueKeys(0).orders) == 0

@@ -4,13 +4,23 @@ exact contract conversion, refusals before sending, error classification, the ac
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import ccxt
 import pytest
 
-from ledger.domain.enums import Exchange, OrderSide, OrderType
+from ledger.domain.enums import Exchange, OrderSide, OrderType, PositionSide
 from ledger.venues.accounts import CredentialsError, parse_credentials
-from ledger.venues.live import Ambiguous, Refused, VenueClients, classify, intent, to_quantity, venue_client_id
+from ledger.venues.live import (
+    CCXT_ORDERS,
+    Ambiguous,
+    Refused,
+    VenueClients,
+    classify,
+    intent,
+    to_quantity,
+    venue_client_id,
+)
 from ledger.venues.markets import bundled
 
 ORDER_ID = "0b9c2a3e-1d2f-4a5b-8c7d-112233445566"
@@ -196,3 +206,123 @@ async def test_one_rate_limited_client_per_exchange_and_account_with_its_options
         assert binance.ccxt.urls["api"]["fapiPrivate"].startswith("https://demo-fapi.binance.com")
     finally:
         await clients.close()
+
+
+CID = "0b9c2a3e1d2f4a5b8c7d112233445566"
+
+
+@pytest.mark.parametrize(
+    ("exchange", "symbol", "order", "ccxt_type", "algo", "params"),
+    [
+        (  # OKX: an algo ``trigger`` order; its client id also as the algo order's own
+            Exchange.OKX,
+            "BTC-USDT-SWAP",
+            dict(order_type=OrderType.STOP_MARKET, trigger_price="44000", reduce_only=True),
+            "market",
+            True,
+            {
+                "clientOrderId": CID,
+                "algoClOrdId": CID,
+                "triggerPrice": "44000",
+                "positionSide": "net",
+                "reduceOnly": True,
+            },
+        ),
+        (  # hedge mode: the side, and no reduceOnly (the side says it)
+            Exchange.OKX,
+            "BTC-USDT-SWAP",
+            dict(
+                order_type=OrderType.TAKE_PROFIT_MARKET, trigger_price="48000", reduce_only=True, position_side="long"
+            ),
+            "market",
+            True,
+            {"clientOrderId": CID, "algoClOrdId": CID, "takeProfitPrice": "48000", "positionSide": "long"},
+        ),
+        (  # spot: no position side, no reduceOnly; OKX keeps spot trigger orders apart too
+            Exchange.OKX,
+            "BTC-USDT",
+            dict(order_type=OrderType.STOP_LIMIT, trigger_price="41000", price="40900", position_side="long"),
+            "limit",
+            True,
+            {"clientOrderId": CID, "algoClOrdId": CID, "triggerPrice": "41000"},
+        ),
+        (  # Binance USD-M: ccxt sends the client id as ``clientAlgoId`` itself
+            Exchange.BINANCE,
+            "BTC/USDT:USDT",
+            dict(order_type=OrderType.STOP_MARKET, trigger_price="44000", reduce_only=True, position_side="short"),
+            "market",
+            True,
+            {"clientOrderId": CID, "triggerPrice": "44000", "positionSide": "SHORT"},
+        ),
+        (
+            Exchange.BINANCE,
+            "BTCUSD_PERP",
+            dict(order_type=OrderType.MARKET, reduce_only=True),
+            "market",
+            False,
+            {"clientOrderId": CID, "positionSide": "BOTH", "reduceOnly": True},
+        ),
+        (  # Binance spot: a STOP_LOSS order of the order endpoint, no algo order
+            Exchange.BINANCE,
+            "BTC/USDT",
+            dict(order_type=OrderType.TAKE_PROFIT_MARKET, trigger_price="50000"),
+            "market",
+            False,
+            {"clientOrderId": CID, "takeProfitPrice": "50000"},
+        ),
+    ],
+)
+def test_each_order_type_and_position_side_becomes_ccxts_unified_params(
+    exchange: Exchange, symbol: str, order: dict[str, Any], ccxt_type: str, algo: bool, params: dict[str, Any]
+) -> None:
+    sent = intent(
+        exchange,
+        ORDER_ID,
+        symbol=symbol,
+        side=OrderSide.SELL,
+        order_type=order["order_type"],
+        quantity=Decimal(1),
+        price=None if "price" not in order else Decimal(order["price"]),
+        reduce_only=order.get("reduce_only", False),
+        mark=None,
+        trigger_price=None if "trigger_price" not in order else Decimal(order["trigger_price"]),
+        position_side=None if "position_side" not in order else PositionSide(order["position_side"]),
+    )
+    assert (CCXT_ORDERS[sent.order_type][0], sent.algo, sent.params()) == (ccxt_type, algo, params)
+
+
+@pytest.mark.parametrize(
+    ("exchange", "symbol", "trigger", "reason"),
+    [
+        (
+            Exchange.UPBIT,
+            "KRW-BTC",
+            "50000000",
+            "upbit has no trigger orders: a stop_market order is never sent (use market or limit)",
+        ),
+        (
+            Exchange.BINANCE,
+            "BTC/USDT:USDT",
+            "44000.05",
+            "trigger price 44000.05 is not a whole multiple of BTC/USDT:USDT's tick 0.1",
+        ),
+        (Exchange.OKX, "BTC-USDT-SWAP", None, "a stop_market order needs a trigger_price"),
+    ],
+)
+def test_trigger_orders_a_venue_cannot_take_are_refused(
+    exchange: Exchange, symbol: str, trigger: str | None, reason: str
+) -> None:
+    with pytest.raises(Refused) as refused:
+        intent(
+            exchange,
+            ORDER_ID,
+            symbol=symbol,
+            side=OrderSide.SELL,
+            order_type=OrderType.STOP_MARKET,
+            quantity=Decimal(1),
+            price=None,
+            reduce_only=False,
+            mark=None,
+            trigger_price=None if trigger is None else Decimal(trigger),
+        )
+    assert str(refused.value) == reason

@@ -1,0 +1,382 @@
+"""Trigger orders, hedge mode and Binance futures on the live venue (consumers/venue.py,
+ledger/venues/live.py) against a real Redis, the real command handler and the real ccxt exchange
+classes talking HTTP to the stateful loopback venue (tests/venue_server.py).
+
+Each test checks the exact parameters the loopback venue received (signing fields aside), the
+endpoints ccxt called, and the exact ledger states after. The rig is the one of
+tests/integration/test_venue.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from ledger.domain.enums import OrderStatus, PositionSide, PositionStatus
+from ledger.domain.state import PositionState
+from tests.integration.test_venue import KEYS, USER, Rig
+from tests.venue_server import LoopbackExchange, loopback_exchange
+
+
+@pytest.fixture
+def okx() -> Iterator[LoopbackExchange]:
+    with loopback_exchange("okx") as venue:
+        yield venue
+
+
+@pytest.fixture
+def binance() -> Iterator[LoopbackExchange]:
+    with loopback_exchange("binance") as venue:
+        yield venue
+
+
+@pytest.fixture
+def upbit() -> Iterator[LoopbackExchange]:
+    with loopback_exchange("upbit") as venue:
+        yield venue
+
+
+@pytest.fixture
+async def made() -> AsyncIterator[list[Rig]]:
+    """The rigs a test made, their ccxt clients closed after it whatever the outcome."""
+    rigs: list[Rig] = []
+    yield rigs
+    for rig in rigs:
+        await rig.clients.close()
+
+
+async def _rig(made: list[Rig], redis: Any, venue: LoopbackExchange) -> Rig:
+    rig = Rig(redis, venue)
+    made.append(rig)
+    await rig.start()
+    return rig
+
+
+def _cid(order_id: str) -> str:
+    return order_id.replace("-", "")
+
+
+async def _filled_long(rig: Rig, symbol: str, quantity: str, amount: str, price: str, **extra: Any) -> str:
+    """A market buy the venue fills at once: the long position a trigger order then closes."""
+    order_id = await rig.place(symbol=symbol, side="buy", order_type="market", quantity=quantity, **extra)
+    rig.book.fill(_cid(order_id), amount, price, "1001")
+    await rig.settle()
+    assert (await rig.order(order_id)).status is OrderStatus.FILLED
+    return order_id
+
+
+async def _positions(rig: Rig) -> list[PositionState]:
+    """Every position of the log, as the event store folds it."""
+    ids = [s.event.stream for s in await rig.store.read_range() if s.event.type == "PositionOpened"]
+    found = [await rig.store.position(position_id) for position_id in ids]
+    return [p for p in found if p is not None]
+
+
+# --------------------------------------------------------------------------- OKX algo orders
+
+
+async def test_okx_stop_market_is_an_algo_order_followed_where_it_lives(
+    redis: Any, okx: LoopbackExchange, made: list[Rig]
+) -> None:
+    await _okx_stop_market(redis, okx, made)
+
+
+async def test_okx_stop_market_on_redis_cluster(redis_cluster: Any, okx: LoopbackExchange, made: list[Rig]) -> None:
+    await _okx_stop_market(redis_cluster, okx, made)
+
+
+async def _okx_stop_market(redis: Any, okx: LoopbackExchange, made: list[Rig]) -> None:
+    rig = await _rig(made, redis, okx)
+    opened = await _filled_long(rig, "BTC-USDT-SWAP", "0.1", "10", "45000")
+    order_id = await rig.place(
+        symbol="BTC-USDT-SWAP",
+        side="sell",
+        order_type="stop_market",
+        quantity="0.1",
+        trigger_price="44000",
+        reduce_only=True,
+    )
+    cid = _cid(order_id)
+    algo = okx.order(cid)
+    assert algo.algo and algo.params == {
+        "instId": "BTC-USDT-SWAP",
+        "side": "sell",
+        "ordType": "trigger",
+        "sz": "10",
+        "posSide": "net",
+        "tdMode": "cross",
+        "triggerPx": "44000",
+        "orderPx": "-1",
+        "clOrdId": cid,
+        "algoClOrdId": cid,
+        "reduceOnly": "true",
+    }
+    order = await rig.order(order_id)
+    assert (order.status, order.exchange_order_id, order.trigger_price) == (
+        OrderStatus.OPEN,
+        algo.venue_id,
+        Decimal(44000),
+    )
+    okx.requests.clear()
+    await rig.settle()  # not triggered: the algo order is read where it lives, no trades asked for
+    assert okx.requests == ["GET /api/v5/trade/order-algo"]
+
+    placed = okx.trigger(cid)
+    okx.fill(placed, "4", "43990", "t-1", fee="0.0087980")
+    await rig.settle()
+    order = await rig.order(order_id)
+    assert (order.status, order.filled_qty, order.fill_ids) == (OrderStatus.PARTIALLY_FILLED, Decimal("0.04"), ["t-1"])
+    okx.fill(placed, "6", "43980", "t-2", fee="0.0131940")
+    await rig.settle()
+    order = await rig.order(order_id)
+    assert (order.status, order.filled_qty, order.fill_ids) == (OrderStatus.FILLED, Decimal("0.1"), ["t-1", "t-2"])
+    assert order.exchange_order_id == algo.venue_id  # the ledger keeps the id the venue accepted
+    (position,) = await _positions(rig)
+    assert (position.side, position.entry_price) == (PositionSide.LONG, Decimal(45000))
+    # 0.04 @ 43990 and 0.06 @ 43980 against an entry of 45000: -40.4 - 61.2
+    assert (position.status, position.size, position.gross_pnl) == (PositionStatus.CLOSED, 0, Decimal("-101.6"))
+    assert "GET /api/v5/trade/order" in okx.requests and "GET /api/v5/trade/fills-history" in okx.requests
+    assert okx.creates == {_cid(opened): 1, cid: 1}
+    assert (await rig.venue.working())[order_id].stage == "done"
+
+
+async def test_okx_take_profit_in_hedge_mode_sends_the_side_and_no_reduce_only_then_cancels(
+    redis: Any, okx: LoopbackExchange, made: list[Rig]
+) -> None:
+    rig = await _rig(made, redis, okx)
+    await _filled_long(rig, "BTC-USDT-SWAP", "0.1", "10", "45000", position_side="long")
+    order_id = await rig.place(
+        symbol="BTC-USDT-SWAP",
+        side="sell",
+        order_type="take_profit_market",
+        quantity="0.1",
+        trigger_price="48000",
+        position_side="long",
+        reduce_only=True,
+    )
+    cid = _cid(order_id)
+    assert okx.order(cid).params == {
+        "instId": "BTC-USDT-SWAP",
+        "side": "sell",
+        "ordType": "conditional",
+        "sz": "10",
+        "posSide": "long",
+        "tdMode": "cross",
+        "tpTriggerPx": "48000",
+        "tpOrdPx": "-1",
+        "tpTriggerPxType": "last",
+        "clOrdId": cid,
+        "algoClOrdId": cid,
+    }
+    await rig.send("cancel_order", order_id=order_id)
+    await rig.settle()
+    assert (await rig.order(order_id)).status is OrderStatus.CANCELLED
+    assert okx.order(cid).state == "canceled"
+    assert "POST /api/v5/trade/cancel-algos" in okx.requests
+    assert [e.command_id for e in await rig.events("OrderCancelled", order_id)] == [f"venue:{order_id}:cancel"]
+
+
+# --------------------------------------------------------------------------- Binance futures
+
+
+async def test_binance_usdm_order_in_hedge_mode_placed_partially_filled_then_filled(
+    redis: Any, binance: LoopbackExchange, made: list[Rig]
+) -> None:
+    rig = await _rig(made, redis, binance)
+    order_id = await rig.place(
+        symbol="BTC/USDT:USDT", side="buy", order_type="limit", quantity="0.01", price="45000", position_side="long"
+    )
+    cid = _cid(order_id)
+    booked = binance.order(cid)
+    assert (booked.api, booked.params) == (
+        "fapi",
+        {
+            "symbol": "BTCUSDT",
+            "side": "BUY",
+            "newClientOrderId": cid,
+            "newOrderRespType": "RESULT",
+            "type": "LIMIT",
+            "quantity": "0.01",
+            "price": "45000",
+            "timeInForce": "GTC",
+            "positionSide": "LONG",
+        },
+    )
+    binance.fill(cid, "0.004", "45000", "5001", fee="0.072")
+    await rig.settle()
+    order = await rig.order(order_id)
+    assert (order.status, order.filled_qty, order.fill_ids) == (
+        OrderStatus.PARTIALLY_FILLED,
+        Decimal("0.004"),
+        ["5001"],
+    )
+    binance.fill(cid, "0.006", "44990", "5002", fee="0.107976")
+    await rig.settle()
+    order = await rig.order(order_id)
+    assert (order.status, order.filled_qty, order.exchange_order_id) == (
+        OrderStatus.FILLED,
+        Decimal("0.01"),
+        booked.venue_id,
+    )
+    fills = await rig.events("OrderFilled", order_id)
+    assert [(f.fill_id, f.quantity, f.price, f.fee, f.fee_currency) for f in fills] == [
+        ("5001", "0.004", "45000", "0.072", "USDT"),
+        ("5002", "0.006", "44990", "0.107976", "USDT"),
+    ]
+    (position,) = await _positions(rig)
+    # 0.004 @ 45000 + 0.006 @ 44990 = 449.94 / 0.01 = 44994
+    assert (position.side, position.size, position.entry_price) == (PositionSide.LONG, Decimal("0.01"), Decimal(44994))
+    assert set(binance.requests) == {"POST /fapi/v1/order", "GET /fapi/v1/order", "GET /fapi/v1/userTrades"}
+    assert binance.unanswered == []
+
+
+async def test_binance_coinm_order_counts_contracts_of_100_usd(
+    redis: Any, binance: LoopbackExchange, made: list[Rig]
+) -> None:
+    rig = await _rig(made, redis, binance)
+    order_id = await rig.place(symbol="BTCUSD_PERP", side="buy", order_type="limit", quantity="3", price="40000")
+    cid = _cid(order_id)
+    booked = binance.order(cid)
+    assert (booked.api, booked.params) == (
+        "dapi",
+        {
+            "symbol": "BTCUSD_PERP",
+            "side": "BUY",
+            "newClientOrderId": cid,
+            "newOrderRespType": "RESULT",
+            "type": "LIMIT",
+            "quantity": "3",
+            "price": "40000",
+            "timeInForce": "GTC",
+            "positionSide": "BOTH",
+        },
+    )
+    binance.fill(cid, "1", "40000", "6001", fee="0.00000125")
+    await rig.settle()
+    assert (await rig.order(order_id)).status is OrderStatus.PARTIALLY_FILLED
+    binance.fill(cid, "2", "40000", "6002", fee="0.0000025")
+    await rig.settle()
+    order = await rig.order(order_id)
+    assert (order.status, order.filled_qty) == (OrderStatus.FILLED, Decimal(3))
+    fills = await rig.events("OrderFilled", order_id)
+    assert [(f.quantity, f.price, f.fee, f.fee_currency) for f in fills] == [
+        ("1", "40000", "0.00000125", "BTC"),
+        ("2", "40000", "0.0000025", "BTC"),
+    ]
+    (position,) = await _positions(rig)
+    assert (position.size, position.entry_price, position.contract_value) == (Decimal(3), Decimal(40000), Decimal(100))
+    assert {r for r in binance.requests if not r.startswith("GET")} == {"POST /dapi/v1/order"}
+
+
+async def test_binance_usdm_stop_market_after_a_timeout_is_looked_up_among_algo_orders_and_sent_once(
+    redis: Any, binance: LoopbackExchange, made: list[Rig]
+) -> None:
+    rig = await _rig(made, redis, binance)
+    binance.create_delay_s = 1.5  # booked at once, answered after ccxt's 500 ms timeout
+    command_id = await rig.send(
+        "place_order",
+        exchange="binance",
+        symbol="BTC/USDT:USDT",
+        side="buy",
+        order_type="stop_market",
+        quantity="0.005",
+        trigger_price="46000",
+    )
+    await rig.handler.burst()
+    await rig.venue.burst()
+    assert await rig.venue.tick() == 1
+    order_id = json.loads(await redis.lindex(KEYS.reply(USER, command_id), 0))["order_id"]
+    cid = _cid(order_id)
+    assert (await rig.venue.working())[order_id].stage == "sending"
+    await rig.handler.burst()
+    assert (await rig.order(order_id)).status is OrderStatus.PENDING
+    binance.create_delay_s = 0
+    await rig.settle()
+    algo = binance.order(cid)
+    assert algo.params == {
+        "symbol": "BTCUSDT",
+        "side": "BUY",
+        "clientAlgoId": cid,
+        "newOrderRespType": "RESULT",
+        "type": "STOP_MARKET",
+        "quantity": "0.005",
+        "triggerPrice": "46000",
+        "positionSide": "BOTH",
+        "algoType": "CONDITIONAL",
+    }
+    order = await rig.order(order_id)
+    assert (order.status, order.exchange_order_id) == (OrderStatus.OPEN, algo.venue_id)
+    assert binance.creates == {cid: 1}
+    assert "GET /fapi/v1/algoOrder" in binance.requests and "GET /fapi/v1/order" not in binance.requests
+
+    binance.fill(binance.trigger(cid), "0.005", "46010", "7001", fee="0.092")
+    await rig.settle()
+    order = await rig.order(order_id)
+    assert (order.status, order.filled_qty, order.avg_fill_price, order.fill_ids) == (
+        OrderStatus.FILLED,
+        Decimal("0.005"),
+        Decimal(46010),
+        ["7001"],
+    )
+
+
+async def test_a_triggered_stop_limit_is_cancelled_through_the_order_it_placed(
+    redis: Any, binance: LoopbackExchange, made: list[Rig]
+) -> None:
+    rig = await _rig(made, redis, binance)
+    order_id = await rig.place(
+        symbol="BTC/USDT:USDT",
+        side="buy",
+        order_type="stop_limit",
+        quantity="0.002",
+        price="46100",
+        trigger_price="46000",
+    )
+    cid = _cid(order_id)
+    assert binance.order(cid).params == {
+        "symbol": "BTCUSDT",
+        "side": "BUY",
+        "clientAlgoId": cid,
+        "newOrderRespType": "RESULT",
+        "type": "STOP",
+        "quantity": "0.002",
+        "price": "46100",
+        "triggerPrice": "46000",
+        "positionSide": "BOTH",
+        "algoType": "CONDITIONAL",
+    }
+    placed = binance.trigger(cid)
+    await rig.settle()
+    await rig.send("cancel_order", order_id=order_id)
+    await rig.settle()
+    assert (await rig.order(order_id)).status is OrderStatus.CANCELLED
+    assert (binance.order(cid).state, binance.order(placed).state) == ("triggered", "canceled")
+    assert "DELETE /fapi/v1/order" in binance.requests and "DELETE /fapi/v1/algoOrder" not in binance.requests
+
+
+# --------------------------------------------------------------------------- Upbit
+
+
+async def test_an_upbit_trigger_order_is_rejected_at_the_venue_role_never_sent(
+    redis: Any, upbit: LoopbackExchange, made: list[Rig]
+) -> None:
+    rig = await _rig(made, redis, upbit)
+    order_id = await rig.place(
+        symbol="KRW-BTC",
+        side="buy",
+        order_type="stop_limit",
+        quantity="0.001",
+        price="51000000",
+        trigger_price="50000000",
+    )
+    order = await rig.order(order_id)
+    assert (order.status, order.reject_reason) == (
+        OrderStatus.REJECTED,
+        "upbit has no trigger orders: a stop_limit order is never sent (use market or limit)",
+    )
+    assert [e.command_id for e in await rig.events("OrderRejected", order_id)] == [f"venue:{order_id}:reject"]
+    assert upbit.requests == [] and upbit.creates == {}
