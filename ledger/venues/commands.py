@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from decimal import Decimal
+from typing import Any
 
 import msgspec
 
@@ -133,3 +134,40 @@ def adopted(user_id: str, exchange: Exchange, symbol: str, report: VenueOrder) -
 def _positive(value: Decimal | None) -> str | None:
     """A venue's price as the ledger keeps it: none for an order without one (Binance writes 0)."""
     return None if value is None or value <= ZERO else format_decimal(value)
+
+
+def drift_command_id(exchange: Exchange, market: str, kind: str, figures: str) -> str:
+    """The id of reconciliation's ``record_drift``: from the market, the kind and the figures
+    that differ (``figures``: the venue's and the ledger's, each ledger position with its
+    version), so two reconciliations that see the same difference record one drift."""
+    digest = hashlib.sha1(f"{exchange}|{market}|{kind}|{figures}".encode(), usedforsecurity=False).hexdigest()
+    return f"reconcile:drift:{digest[:32]}"
+
+
+def record_drift(
+    user_id: str, exchange: Exchange, market: str, kind: wire.DriftKind, evidence: dict[str, Any], figures: str
+) -> wire.RecordDrift:
+    return wire.RecordDrift(
+        command_id=drift_command_id(exchange, market, kind, figures),
+        user_id=user_id,
+        exchange=exchange,
+        symbol=market,
+        kind=kind,
+        evidence=evidence,
+    )
+
+
+def drift_agreed(
+    user_id: str, exchange: Exchange, market: str, kind: wire.DriftKind, drift_id: str
+) -> wire.ResolveDrift:
+    """Reconciliation's ``resolve_drift`` of an open drift once venue and ledger agree again
+    (one per drift: a drift is resolved once)."""
+    return wire.ResolveDrift(
+        command_id=f"reconcile:agreed:{drift_id}",
+        user_id=user_id,
+        exchange=exchange,
+        symbol=market,
+        kind=kind,
+        reason="reconciliation: the venue and the ledger agree again",
+        resolution="agreed",
+    )

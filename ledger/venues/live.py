@@ -32,13 +32,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from types import ModuleType
 from typing import Any, Literal
 
 from ledger.domain.arithmetic import fill_fee
-from ledger.domain.enums import Exchange, InstrumentKind, OrderSide, OrderType
+from ledger.domain.enums import Exchange, InstrumentKind, OrderSide, OrderType, PositionSide
 from ledger.domain.values import RULES as VALUE_RULES
 from ledger.domain.values import ZERO, exact, format_decimal
 from ledger.errors import InvalidInput, OperationFailed
@@ -47,10 +47,23 @@ from ledger.venues.markets import Market, MarketError, bundled, ccxt_decimal
 
 # ccxt's unified order statuses
 OPEN, CLOSED, CANCELED, EXPIRED, REJECTED = "open", "closed", "canceled", "expired", "rejected"
-SENT_TYPES = frozenset({OrderType.MARKET, OrderType.LIMIT})
+# ccxt's unified order type and the unified parameter carrying the trigger price, per ledger order
+# type (market and limit orders have no trigger)
+CCXT_ORDERS: Mapping[OrderType, tuple[str, str | None]] = {
+    OrderType.MARKET: ("market", None),
+    OrderType.LIMIT: ("limit", None),
+    OrderType.STOP_MARKET: ("market", "triggerPrice"),
+    OrderType.STOP_LIMIT: ("limit", "triggerPrice"),
+    OrderType.TAKE_PROFIT_MARKET: ("market", "takeProfitPrice"),
+}
+# ccxt's unified parameter naming the position side of a contract order (OKX ``posSide``, Binance
+# ``positionSide``)
+POSITION_SIDE_PARAM = "positionSide"
 # ccxt's unified parameter for the client order id: it sends OKX ``clOrdId``, Binance
 # ``newClientOrderId`` (``origClientOrderId`` in a lookup), Upbit ``identifier``.
 CLIENT_ID_PARAM = "clientOrderId"
+# ccxt's parameter of fetch_order / cancel_order for a trigger (algo) order
+TRIGGER_PARAM = "trigger"
 _REASON_MAX = VALUE_RULES["reject_reason"].max_length
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -72,12 +85,37 @@ class VenueRules:
     trades_param: str | None  # the fetch_my_trades parameter naming the order; None: trades come with the order
     duplicate_codes: frozenset[str]  # error codes meaning "this client id was used already"
     duplicate_message: str | None = None  # or an error message saying so (Binance spot: code -2010 is shared)
+    # trigger orders: the kinds of market whose trigger orders the venue keeps apart from its orders
+    # (an algo order: its own id, lookup and cancel; the order it places once triggered trades),
+    # the field of the algo order naming that order, and the parameter naming the algo order's
+    # client id where ccxt's unified one does not reach it. None: the venue has no trigger orders.
+    algo_markets: frozenset[InstrumentKind] | None = None
+    triggered_order_field: str = ""
+    algo_client_id_param: str | None = None
+    # the venue's position side of a contract order: one-way mode's, long's and short's
+    position_sides: tuple[str, str, str] | None = None
 
 
 RULES: Mapping[Exchange, VenueRules] = {
-    Exchange.OKX: VenueRules(re.compile(r"[A-Za-z0-9]{1,32}"), True, "ordId", frozenset({"51016"})),
+    Exchange.OKX: VenueRules(
+        re.compile(r"[A-Za-z0-9]{1,32}"),
+        True,
+        "ordId",
+        frozenset({"51016"}),
+        algo_markets=frozenset(InstrumentKind),
+        triggered_order_field="ordId",
+        algo_client_id_param="algoClOrdId",
+        position_sides=("net", "long", "short"),
+    ),
     Exchange.BINANCE: VenueRules(
-        re.compile(r"[A-Za-z0-9_-]{1,36}"), True, "orderId", frozenset({"-4116"}), "Duplicate order sent"
+        re.compile(r"[A-Za-z0-9_-]{1,36}"),
+        True,
+        "orderId",
+        frozenset({"-4116"}),
+        "Duplicate order sent",
+        algo_markets=frozenset({InstrumentKind.LINEAR, InstrumentKind.INVERSE}),
+        triggered_order_field="actualOrderId",
+        position_sides=("BOTH", "LONG", "SHORT"),
     ),
     Exchange.UPBIT: VenueRules(re.compile(r"[A-Za-z0-9_-]{1,64}"), False, None, frozenset()),
 }
@@ -102,7 +140,8 @@ def venue_client_id(exchange: Exchange, order_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Intent:
-    """An order as the venue gets it: ccxt's symbol, type, side, amount (venue units), price."""
+    """An order as the venue gets it: ccxt's symbol, type, side, amount (venue units), price,
+    trigger price; the position side sent (hedge mode) and whether it is an algo order."""
 
     exchange: Exchange
     market: Market
@@ -113,6 +152,26 @@ class Intent:
     cost: Decimal | None  # an Upbit market buy is sent as a cost (quote currency)
     reduce_only: bool
     client_id: str
+    trigger_price: Decimal | None = None
+    position_side: str | None = None  # the venue's spelling; None on a spot market
+    algo: bool = False  # a trigger order the venue keeps apart (``VenueRules.algo_markets``)
+
+    def params(self) -> dict[str, Any]:
+        """ccxt's ``create_order`` params of this order (what each venue then sends: module doc)."""
+        params: dict[str, Any] = {CLIENT_ID_PARAM: self.client_id}
+        algo_client_id = RULES[self.exchange].algo_client_id_param
+        if self.algo and algo_client_id is not None:
+            params[algo_client_id] = self.client_id
+        trigger_param = CCXT_ORDERS[self.order_type][1]
+        if trigger_param is not None and self.trigger_price is not None:
+            params[trigger_param] = format_decimal(self.trigger_price)
+        if self.position_side is not None:
+            params[POSITION_SIDE_PARAM] = self.position_side
+        if self.reduce_only:
+            params["reduceOnly"] = True
+        if self.cost is not None:
+            params["cost"] = format_decimal(self.cost)
+        return params
 
 
 def _multiple(value: Decimal, step: Decimal | None) -> bool:
@@ -147,10 +206,20 @@ def intent(
     price: Decimal | None,
     reduce_only: bool,
     mark: Decimal | None,
+    trigger_price: Decimal | None = None,
+    position_side: PositionSide | None = None,
 ) -> Intent:
-    """What to send for a ledger order; ``Refused`` when it cannot be sent as it is."""
-    if order_type not in SENT_TYPES:
-        raise Refused(f"the live venue sends market and limit orders only (got {order_type})")
+    """What to send for a ledger order; ``Refused`` when it cannot be sent as it is.
+
+    Hedge mode: on a contract market an order with ``position_side`` is sent with the venue's
+    long or short side and without ``reduce_only`` (neither venue takes it in hedge mode: the
+    side says it, a sell on the long side only reduces the long); one without it with the one-way
+    side (OKX ``net``, Binance ``BOTH``) and its ``reduce_only``."""
+    rules = RULES[exchange]
+    if order_type.needs_trigger and rules.algo_markets is None:
+        raise Refused(f"{exchange} has no trigger orders: a {order_type} order is never sent (use market or limit)")
+    if order_type.needs_trigger and trigger_price is None:
+        raise Refused(f"a {order_type} order needs a trigger_price")
     try:
         market = bundled(exchange).resolve(symbol)
     except MarketError as exc:
@@ -159,24 +228,33 @@ def intent(
     if not _multiple(quantity, step):
         raise Refused(f"quantity {format_decimal(quantity)} is not a whole multiple of {market.symbol}'s step {step:f}")
     tick = market.price_precision
-    if price is not None and not _multiple(price, tick):
-        raise Refused(f"price {format_decimal(price)} is not a whole multiple of {market.symbol}'s tick {tick:f}")
+    for name, value in (("price", price), ("trigger price", trigger_price)):
+        if value is not None and not _multiple(value, tick):
+            raise Refused(f"{name} {format_decimal(value)} is not a whole multiple of {market.symbol}'s tick {tick:f}")
     cost = None
     if exchange is Exchange.UPBIT and order_type is OrderType.MARKET and side is OrderSide.BUY:
         reference = price if price is not None else mark
         if reference is None:
             raise Refused(f"an upbit market buy is sent as a cost: give a price or set the mark of {symbol}")
         cost = quantity * reference
+    contract = market.kind is not InstrumentKind.SPOT
+    sides = rules.position_sides if contract else None
+    venue_side = None
+    if sides is not None:
+        venue_side = {None: sides[0], PositionSide.LONG: sides[1], PositionSide.SHORT: sides[2]}[position_side]
     return Intent(
         exchange=exchange,
         market=market,
         side=side,
         order_type=order_type,
         amount=to_amount(market, quantity),
-        price=price if order_type is OrderType.LIMIT else None,
+        price=price if order_type.needs_price else None,
         cost=cost,
-        reduce_only=reduce_only and market.kind is not InstrumentKind.SPOT,
+        reduce_only=reduce_only and contract and position_side is None,
         client_id=venue_client_id(exchange, order_id),
+        trigger_price=trigger_price if order_type.needs_trigger else None,
+        position_side=venue_side,
+        algo=order_type.needs_trigger and rules.algo_markets is not None and market.kind in rules.algo_markets,
     )
 
 
@@ -263,6 +341,11 @@ def _venue_order(exchange: Exchange, market: Market, order: Mapping[str, Any], t
     )
 
 
+def _algo(algo: bool) -> dict[str, Any]:
+    """ccxt's parameter routing a lookup or cancel to the venue's algo orders."""
+    return {TRIGGER_PARAM: True} if algo else {}
+
+
 def _printable(text: str) -> str:
     return _UNPRINTABLE.sub(" ", text).strip()
 
@@ -331,21 +414,17 @@ class VenueClient:
         await self.ccxt.close()
 
     async def create(self, order: Intent) -> str:
-        """Send the order; its venue id. ``Refused`` or ``Ambiguous`` otherwise."""
-        params: dict[str, Any] = {CLIENT_ID_PARAM: order.client_id}
-        if order.reduce_only:
-            params["reduceOnly"] = True
-        if order.cost is not None:
-            params["cost"] = format_decimal(order.cost)
+        """Send the order; its venue id (an algo order's own id for a trigger order the venue
+        keeps apart). ``Refused`` or ``Ambiguous`` otherwise."""
         price = format_decimal(order.price) if order.price is not None else None
         try:
             created = await self.ccxt.create_order(
                 order.market.symbol,
-                str(order.order_type),
+                CCXT_ORDERS[order.order_type][0],
                 str(order.side),
                 format_decimal(order.amount),
                 price,
-                params,
+                order.params(),
             )
         except Exception as exc:  # every failure is classified: refused, or unknown
             raise classify(self.exchange, exc) from exc
@@ -353,24 +432,35 @@ class VenueClient:
             raise Ambiguous(f"{self.exchange}: the venue answered without an order id: looking it up")
         return str(created["id"])
 
-    async def lookup(self, client_id: str, market: Market) -> str | None:
-        """The venue id of the order with ``client_id``; None when the venue says there is none."""
+    async def lookup(self, client_id: str, market: Market, *, algo: bool = False) -> str | None:
+        """The venue id of the order with ``client_id`` (an ``algo`` order is looked up where it
+        lives, among the algo orders); None when the venue says there is none."""
         try:
             if self.exchange is Exchange.UPBIT:
                 raw = await self.ccxt.private_get_order({"identifier": client_id})
                 found = self.ccxt.parse_order(raw, self.ccxt.market(market.symbol))
             else:
-                found = await self.ccxt.fetch_order(None, market.symbol, {CLIENT_ID_PARAM: client_id})
+                params = {CLIENT_ID_PARAM: client_id, **_algo(algo)}
+                found = await self.ccxt.fetch_order(None, market.symbol, params)
         except _ccxt().OrderNotFound:
             return None
         except Exception as exc:
             raise Ambiguous(f"{self.exchange}: lookup of {client_id} failed ({type(exc).__name__})") from exc
         return str(found["id"])
 
-    async def fetch(self, exchange_order_id: str, market: Market) -> VenueOrder:
-        """The order and its trades, as the venue reports them now (``Ambiguous`` when it cannot)."""
+    async def fetch(self, exchange_order_id: str, market: Market, *, algo: bool = False) -> VenueOrder:
+        """The order and its trades, as the venue reports them now (``Ambiguous`` when it cannot).
+        An ``algo`` order has none until it is triggered (a trigger that fired but whose order the
+        venue does not name yet is ``open``); then the order it placed is the one reported."""
         try:
-            order = await self.ccxt.fetch_order(exchange_order_id, market.symbol)
+            order = await self.ccxt.fetch_order(exchange_order_id, market.symbol, _algo(algo))
+            triggered = self._triggered(order) if algo else None
+            if algo and triggered is None:
+                report = _venue_order(self.exchange, market, order, [])
+                return replace(report, status=OPEN) if report.status == CLOSED else report
+            if triggered is not None:
+                order = await self.ccxt.fetch_order(triggered, market.symbol)
+                exchange_order_id = triggered
             if self.rules.trades_param is None:
                 trades = list(order.get("trades") or [])
             else:
@@ -380,12 +470,25 @@ class VenueClient:
             raise Ambiguous(f"{self.exchange}: status of {exchange_order_id} unknown ({type(exc).__name__})") from exc
         return _venue_order(self.exchange, market, order, trades)
 
-    async def cancel(self, exchange_order_id: str, market: Market) -> str | None:
+    def _triggered(self, algo_order: Mapping[str, Any]) -> str | None:
+        """The id of the order an algo order placed once triggered (None: not triggered)."""
+        found = (algo_order.get("info") or {}).get(self.rules.triggered_order_field)
+        return str(found) if found not in (None, "", 0, "0") else None
+
+    async def cancel(self, exchange_order_id: str, market: Market, *, algo: bool = False) -> str | None:
         """Ask the venue to cancel; None once it answered (a refusal too: the order is final
         there, and its status tells how), ``Ambiguous`` when it did not. The refusal's reason
-        is returned for the log."""
+        is returned for the log. An ``algo`` order is looked up first: once triggered, the order
+        it placed is cancelled, else the algo order."""
         try:
-            await self.ccxt.cancel_order(exchange_order_id, market.symbol)
+            if algo:
+                triggered = self._triggered(await self.ccxt.fetch_order(exchange_order_id, market.symbol, _algo(True)))
+                if triggered is None:
+                    await self.ccxt.cancel_order(exchange_order_id, market.symbol, _algo(True))
+                else:
+                    await self.ccxt.cancel_order(triggered, market.symbol)
+            else:
+                await self.ccxt.cancel_order(exchange_order_id, market.symbol)
         except _ccxt().ExchangeError as exc:
             return refusal_reason(self.exchange, exc)
         except Exception as exc:
