@@ -39,6 +39,7 @@ WHOLE_NUMBERS: dict[str, tuple[str, str | None, int | None]] = {
     "paper_poll_ms": ("LEDGER_PAPER_POLL_MS", None, None),
     "retention_ms": ("LEDGER_RETENTION_MS", None, None),
     "trim_interval_s": ("LEDGER_TRIM_INTERVAL_S", None, None),
+    "final_order_ttl_s": ("LEDGER_FINAL_ORDER_TTL_S", None, None),
 }
 
 
@@ -162,6 +163,8 @@ class Settings:
     # what is archived, processed by every group and older than retention_ms (projections.trim).
     retention_ms: int | None = None
     trim_interval_s: int = defaults.TRIM_INTERVAL_S
+    # How long a final order stays readable in its live hash orders:{id} (projections.live).
+    final_order_ttl_s: int = defaults.FINAL_ORDER_TTL_S
     # The live venue's accounts and ccxt options (a JSON file: ledger.venues.accounts).
     credentials: Path | None = None
     log_format: str = "auto"

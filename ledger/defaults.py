@@ -16,6 +16,7 @@ REPLY_TTL_S = 600
 PAPER_FEE_RATE = Decimal("0.0005")
 PAPER_POLL_MS = 100
 TRIM_INTERVAL_S = 60
+FINAL_ORDER_TTL_S = 7 * 24 * 3600  # how long a final order's live hash orders:{id} stays readable
 PROCESSES = "roles"  # `ledger serve`: a child process per group of roles (ledger.app.service.PROCESS_GROUPS)
 
 # Redis clients. redis-py defaults socket_timeout to 5 s, which would break a blocking read of

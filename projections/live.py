@@ -40,8 +40,8 @@ slow server) would still write. So each write is fenced:
 The fences are used on both kinds of Redis (one write path); on a plain Redis the step's call
 alone already fences.
 
-Final orders stay readable in ``orders:{id}`` for ``final_order_ttl_s`` (7 days by default), then
-expire; they leave ``orders:open:…`` at once, and the projection removes their ids from
+Final orders stay readable in ``orders:{id}`` for ``final_order_ttl_s`` (``LEDGER_FINAL_ORDER_TTL_S``,
+7 days by default), then expire; they leave ``orders:open:…`` at once, and the projection removes their ids from
 ``orders:user:…`` once their hash has expired (``ShardKeys.expiring``, swept after a batch when
 its first item is due, and read at least every ``SWEEP_EVERY_MS`` for items another applier
 scheduled).
@@ -68,6 +68,7 @@ from consumers.deadletter import decode_events
 from consumers.entries import Entry
 from consumers.runner import ConsumerSettings, LeaseLost, StreamConsumer
 from ledger.config import Settings
+from ledger.defaults import FINAL_ORDER_TTL_S
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, PositionStatus
 from ledger.domain.evolution import apply, position_from_event
@@ -78,7 +79,6 @@ from ledger.store import keys
 from ledger.store.redis_conn import entry_order, text
 
 GROUP = "ledger-projection"
-FINAL_ORDER_TTL_S = 7 * 24 * 3600
 # At most this many log entries per atomic step (a batch further ahead is applied in several).
 STEP_ENTRIES = 1000
 # At most this many due items handled per sweep.
@@ -715,6 +715,8 @@ def _is_order_update(event: wire.Event) -> bool:
 async def projection_role(redis: Any, settings: Settings) -> list[StreamConsumer]:
     """``ledger serve`` role ``projection``: one leased, fenced applier per shard."""
     return [
-        LiveProjection(redis, shard).consumer(ConsumerSettings.from_settings(settings))
+        LiveProjection(redis, shard, final_order_ttl_s=settings.final_order_ttl_s).consumer(
+            ConsumerSettings.from_settings(settings)
+        )
         for shard in range(settings.shards)
     ]

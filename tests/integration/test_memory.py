@@ -3,8 +3,8 @@
 The snapshots of the append step hold only the fields that differ from the state's defaults (a
 left-out field decodes to its default), and the live projection schedules what it forgets of a
 final order or a closed position as one short member of ``expiring`` (``projections.live.Expiry``),
-while members written as JSON before are still carried out. Real Redis and Redis Cluster, events
-from the real command handler.
+while members written as JSON before are still carried out; a final order's hash stays for
+``LEDGER_FINAL_ORDER_TTL_S``. Real Redis and Redis Cluster, events from the real command handler.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import msgspec
 import pytest
 
 from consumers.entries import Entry
+from ledger.config import ConfigError, Settings
 from ledger.domain.enums import OrderStatus, PositionStatus
 from ledger.domain.state import OrderState, PositionState
+from ledger.domain.values import now_ms
 from ledger.store.eventstore import ORDER_SNAPSHOT, EventStore
 from ledger.store.keys import fence
 from ledger.store.redis_conn import text
-from projections.live import Expiry, LiveProjection
+from projections.live import Expiry, LiveProjection, projection_role
 from tests.faults.test_fencing import KEYS, SYMBOL, USER, Ledger
 from tests.live_helpers import members, wait_for
 
@@ -135,3 +137,23 @@ def test_an_expiring_member_that_is_no_expiry_is_refused_with_what_to_do() -> No
         Expiry.decode("q 1 2")
     with pytest.raises(Exception, match="user_id"):
         Expiry.decode("p 6f1c2f0e-8a55-4c57-9d0e-0a2b7d1c9e11 bad:user okx")
+
+
+async def test_serve_keeps_final_order_hashes_for_ledger_final_order_ttl_s(redis: Any) -> None:
+    settings = Settings.from_env({"LEDGER_FINAL_ORDER_TTL_S": "60"})
+    assert settings.final_order_ttl_s == 60 and Settings().final_order_ttl_s == 7 * 24 * 3600
+    ledger = Ledger(redis)
+    limit = {"exchange": "okx", "symbol": SYMBOL, "side": "buy", "order_type": "limit", "quantity": "1"}
+    cancelled = (await ledger.send("place_order", price="40000", **limit))["order_id"]
+    await ledger.send("cancel_order", order_id=cancelled)
+    await ledger.send("order_cancelled", order_id=cancelled)
+    (consumer,) = await projection_role(redis, settings)
+    await consumer.burst()
+    assert 59_000 < await redis.pttl(f"orders:{cancelled}") <= 60_000
+    (_member, due), *_ = await redis.zrange(EXPIRING, 0, -1, withscores=True)
+    assert 59_000 < due - now_ms() <= 60_000
+
+
+def test_ledger_final_order_ttl_s_is_a_whole_number_of_seconds() -> None:
+    with pytest.raises(ConfigError, match=r"\ALEDGER_FINAL_ORDER_TTL_S: must be a whole number ≥ 1 \(got '0'\)\Z"):
+        Settings.from_env({"LEDGER_FINAL_ORDER_TTL_S": "0"})
