@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 
 from benchmarks import figures as targets
+from benchmarks import keyspace
 from benchmarks.client import (
     LIFECYCLE,
     PAPER_EXCHANGE,
@@ -610,30 +611,43 @@ def _insert_rate(url: str, rows: int) -> float:
 async def memory(run: Run, res: Results) -> None:
     """Redis bytes per order lifecycle (external: place, accept, fill; paper: one market order
     the venue accepts and fills) while live, and after ``ledger trim`` (what retention runs)
-    once every order is final and archived; ``serve``'s peak RSS."""
+    once every order is final and archived, with where the bytes are (``MEMORY USAGE`` per key
+    class) and what of them stays for good; ``serve``'s peak RSS."""
     count = run.sizes.memory_lifecycles
     with run.stack("memory") as stack:
         client = run.client(stack)
         await serving(stack, client)
         await client.redis.hset(marks(PAPER_EXCHANGE), PAPER_SYMBOL, PRICE)
-        measured: dict[str, tuple[float, float]] = {}
+        measured: dict[str, tuple[float, float, float]] = {}
+        classes: dict[str, dict[str, dict[str, float]]] = {}
         for label, steps in (("external", LIFECYCLE), ("paper", (place_paper,))):
-            start = await client.used_memory()
+            start, start_classes = await client.used_memory(), await keyspace.by_class(client.redis)
             await client.lifecycles(count, steps=steps, run=f"mem-{label}")
-            live = await client.used_memory()
+            live, live_classes = await client.used_memory(), await keyspace.by_class(client.redis)
             _, trimmed = stack.ledger("trim", "--reason", "benchmark")
             if trimmed.returncode != 0:
                 res.notes.append(f"ledger trim exited {trimmed.returncode}: {trimmed.stderr.decode()[-300:]}")
-            archived = await client.used_memory()
-            measured[label] = ((live - start) / count, (archived - start) / count)
+            archived, archived_classes = await client.used_memory(), await keyspace.by_class(client.redis)
+            classes[label] = {
+                "live": keyspace.per_lifecycle(start_classes, live_classes, count),
+                "archived": keyspace.per_lifecycle(start_classes, archived_classes, count),
+            }
+            kept = sum(v for name, v in classes[label]["archived"].items() if name in keyspace.KEPT)
+            measured[label] = ((live - start) / count, (archived - start) / count, kept)
         res.serve_peak_rss_bytes = stack.serve_rss()
         await client.redis.aclose()
-    res.params.update(lifecycles=count, measure="INFO memory used_memory, before and after")
+    res.params.update(
+        lifecycles=count,
+        measure="INFO memory used_memory, before and after; per key class MEMORY USAGE SAMPLES 0",
+        bytes_per_lifecycle_by_key_class=classes,
+        key_class_stays=keyspace.STAYS,
+    )
     res.notes.append(
         "after = after `ledger trim` (what the retention role runs), with every order final and archived; "
-        "final order hashes stay in the live keys for 7 days (CONTRACT §6) and are counted"
+        "final order hashes stay in the live keys for 7 days (CONTRACT §6) and reply lists for "
+        "LEDGER_REPLY_TTL_S, and are counted; kept = the key classes that stay for good (outcomes, snapshots)"
     )
-    for label, (per_live, per_archived) in measured.items():
+    for label, (per_live, per_archived, kept) in measured.items():
         what = "place, accept, fill" if label == "external" else "paper market order: place, accepted + filled"
         res.figures.append(
             Figure(f"memory.{label}_live", f"Redis per lifecycle while live ({what})", per_live, "bytes", False,
@@ -642,6 +656,10 @@ async def memory(run: Run, res: Results) -> None:
         res.figures.append(
             Figure(f"memory.{label}_archived", f"Redis per lifecycle, final, archived, trimmed ({label})",
                    per_archived, "bytes", False, targets=[targets.MEMORY_ARCHIVED])
+        )  # fmt: skip
+        res.figures.append(
+            Figure(f"memory.{label}_kept", f"of which kept for good: outcomes and snapshots ({label}, MEMORY USAGE)",
+                   kept, "bytes", False, targets=[targets.MEMORY_ARCHIVED])
         )  # fmt: skip
 
 
