@@ -56,9 +56,10 @@ from redis.exceptions import ResponseError
 
 from consumers.pause import paused
 from ledger.domain import wire
-from ledger.domain.evolution import apply
+from ledger.domain.evolution import DRIFT_SLOT_PREFIX, DriftState, apply, drift_slot
 from ledger.domain.state import OrderState, StateError
 from ledger.domain.values import RULES, now_ms
+from ledger.errors import OperationFailed
 from ledger.sqlfiles import load_queries
 from ledger.store import keys
 from ledger.store.eventstore import StoredEvent
@@ -69,7 +70,7 @@ from ledger.store.redis_conn import entry_order, text
 from projections import live
 from projections.projector import PROJECTOR, HistoryRows, _Decoded, _order_row, checkpoint
 
-__all__ = ["Difference", "ExpectedLive", "Report", "verify"]
+__all__ = ["Difference", "ExpectedLive", "Report", "VenueReport", "verify", "verify_venue"]
 
 REDIS = "redis"
 POSTGRES = "postgres"
@@ -758,4 +759,105 @@ async def verify(
     report.seconds = time.perf_counter() - started
     if repair:
         report.repaired = await verifier.repair(live_diffs) if live_diffs else 0
+    return report
+
+
+# --------------------------------------------------------------------------- verify --venue
+
+
+@dataclass
+class VenueReport:
+    """``ledger verify --venue``: the drifts the log leaves open (folded from every drift event of
+    the verified shards, both tiers) and where a shard's drift slots disagree with the log."""
+
+    open: list[DriftState]
+    differences: list[Difference]
+    events: int  # drift events folded
+
+    @property
+    def ok(self) -> bool:
+        return not self.open and not self.differences
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "open": [_open_drift(drift) for drift in self.open],
+            "differences": [d.as_dict() for d in self.differences],
+            "drift_events": self.events,
+        }
+
+    def lines(self) -> list[str]:
+        """One line per open drift, then the summary."""
+        found = [
+            f"drift {d.id}: user {d.user_id}, {d.exchange} {d.market}, {d.kind}, "
+            f"evidence {json.dumps(d.evidence, sort_keys=True, separators=(',', ':'))}, event {d.detected_event_id}"
+            for d in self.open
+        ]
+        if self.ok:
+            return [f"no drift open ({self.events} drift events)"]
+        return [
+            *found,
+            f"{len(self.open)} drifts unresolved, {len(self.differences)} slot differences: correct a position "
+            "with adjust_position or close a drift with resolve_drift (`ledger submit`), then verify again",
+        ]
+
+
+def _open_drift(drift: DriftState) -> dict[str, Any]:
+    return {
+        "id": drift.id,
+        "user_id": drift.user_id,
+        "exchange": drift.exchange,
+        "market": drift.market,
+        "kind": drift.kind,
+        "evidence": drift.evidence,
+        "event_id": drift.detected_event_id,
+    }
+
+
+async def _drifts_of(
+    redis: Any, conn: psycopg.AsyncConnection[Any] | None, shard: int
+) -> tuple[dict[str, DriftState], dict[str, str], int]:
+    """The shard's drifts folded from its log, its drift slots, and the drift events folded; read
+    until the log's newest entry stands still across the read of the slots (an append writes its
+    events and its slots in one step, so then the two describe the same log)."""
+    shard_keys = ShardKeys(shard)
+    drifts: dict[str, DriftState] = {}
+    folded, after = 0, None
+    for _round in range(ROUNDS):
+        with without_cycle_collection():
+            async with contextlib.aclosing(read_pages(redis, shard, conn=conn, after=after)) as pages:
+                async for page in pages:
+                    for stored in page:
+                        if isinstance(stored.event, wire.DriftEvent):
+                            drift = apply(drifts.get(stored.event.stream), stored.event)
+                            drifts[stored.event.stream] = drift  # type: ignore[assignment]
+                            folded += 1
+                    after = page[-1].entry_id
+        slots = {
+            text(name) or "": text(value) or ""
+            for name, value in (await redis.hgetall(shard_keys.slots)).items()
+            if (text(name) or "").startswith(DRIFT_SLOT_PREFIX)
+        }
+        newest = await redis.xrevrange(shard_keys.events, count=1)
+        if not newest or text(newest[0][0]) == after:
+            return drifts, slots, folded
+    raise OperationFailed(f"the log of shard {shard} kept moving while its drift slots were read: verify again")
+
+
+async def verify_venue(redis: Any, conn: psycopg.AsyncConnection[Any] | None, shards: list[int]) -> VenueReport:
+    """Fold the drift events of ``shards`` (see ``VenueReport``); compare each shard's drift slots
+    (``ledger:{s}:slots``, fields ``drift|…``) with the drifts the log leaves open."""
+    report = VenueReport([], [], 0)
+    for shard in shards:
+        drifts, found, folded = await _drifts_of(redis, conn, shard)
+        report.events += folded
+        still_open = [d for d in drifts.values() if d.status == "open"]
+        report.open += still_open
+        expected = {drift_slot(d.user_id, d.exchange, d.market, d.kind): d.id for d in still_open}
+        key = ShardKeys(shard).slots
+        report.differences += [
+            Difference(REDIS, key, slot, expected.get(slot, ABSENT), found.get(slot, ABSENT))
+            for slot in sorted(expected.keys() | found.keys())
+            if expected.get(slot) != found.get(slot)
+        ]
     return report

@@ -427,6 +427,8 @@ async def _verify(args: argparse.Namespace) -> int:
     difference)."""
     from projections.verify import verify
 
+    if args.venue:
+        return await _verify_venue(args)
     if args.chain:
         return await _verify_chain(args)
     if args.expect:
@@ -447,6 +449,29 @@ async def _verify(args: argparse.Namespace) -> int:
         if report.differences:
             print_table([d.as_dict() for d in report.differences], ["store", "key", "field", "expected", "found"])
         print(report.summary())
+    return 0 if report.ok else EXIT_FAILURE
+
+
+async def _verify_venue(args: argparse.Namespace) -> int:
+    """``verify --venue``: the drifts the log leaves open, one per line (exit 1 while one is)."""
+    from projections.verify import verify_venue
+
+    if args.chain or args.repair or args.expect:
+        raise UsageError("--venue checks the drifts alone: run it without --chain, --repair and --expect")
+    settings = _settings(args)
+    redis = await _client(settings)
+    try:
+        _count, shards = await _chosen_shards(redis, args.shard)
+        async with await _archive(settings) as conn:
+            report = await verify_venue(redis, conn, shards)
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        if report.differences:
+            print_table([d.as_dict() for d in report.differences], ["store", "key", "field", "expected", "found"])
+        print("\n".join(report.lines()))
     return 0 if report.ok else EXIT_FAILURE
 
 
@@ -943,6 +968,11 @@ COMMANDS = (
             ),
             JSON_OBJECT,
             flag("--chain", action="store_true", help="check the events' hash chain in Redis and the archive instead"),
+            flag(
+                "--venue",
+                action="store_true",
+                help="list the drifts from the venues still unresolved instead (exit 1 while one is)",
+            ),
             flag(
                 "--expect",
                 type=EXPECT,

@@ -74,11 +74,14 @@ def _drift(state: DriftState | None, event: wire.DriftEvent) -> DriftState:
     )
 
 
+DRIFT_SLOT_PREFIX = "drift|"
+
+
 def drift_slot(user_id: str, exchange: str, market: str, kind: str) -> str:
     """The field of the shard's ``slots`` hash that holds the id of the one open drift of
     (user, exchange, canonical market, kind); absent while none is open. No user id, exchange,
     market or kind contains ``|``, so it never names a position slot."""
-    return f"drift|{user_id}|{exchange}|{market}|{kind}"
+    return f"{DRIFT_SLOT_PREFIX}{user_id}|{exchange}|{market}|{kind}"
 
 
 @exact

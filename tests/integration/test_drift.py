@@ -29,6 +29,7 @@ from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import load_credentials
+from projections.verify import verify_venue
 from tests.live_helpers import running_ledger
 from tests.venue_server import LoopbackExchange, loopback_exchange
 
@@ -142,6 +143,9 @@ async def test_a_drift_is_recorded_once_corrected_explicitly_and_resolved_when_t
         evidence,
     )
 
+    report = await verify_venue(desk.redis, None, [0])
+    assert ([d.id for d in report.open], report.differences) == ([drift_id], [])
+
     # The same difference seen again: still reported, nothing recorded twice.
     log_length = await desk.redis.xlen(ShardKeys(0).events)
     second = await desk.reconcile()
@@ -188,6 +192,8 @@ async def test_a_drift_is_recorded_once_corrected_explicitly_and_resolved_when_t
     assert fifth.recorded == [{"command_id": f"reconcile:agreed:{moved}", "type": "resolve_drift", "drift_id": moved}]
     assert fifth.findings == []
     assert await desk.open_drift() is None
+    report = await verify_venue(desk.redis, None, [0])
+    assert (report.ok, report.events) == (True, 4)
 
     # Replay explains each change: the drift's trail and the position's.
     drift_trail = await trail(desk.redis, None, moved)

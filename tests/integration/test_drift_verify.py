@@ -1,0 +1,112 @@
+"""``ledger verify --venue`` as a subprocess (issue 11, item 3): exit 1 with each open drift on a
+line while one is open, or while the drift slots disagree with the log; exit 0 once none is."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ledger.client.api import LedgerClient
+from ledger.domain import wire
+from ledger.domain.enums import Exchange
+from ledger.domain.evolution import drift_slot
+from ledger.store.eventstore import EventStore
+from ledger.store.keys import ShardKeys
+from tests.live_helpers import running_ledger
+
+USER = "bob"
+MARKET = "BTC/USDT:USDT"
+
+
+async def _verify_venue(redis_url: str, database_url: str, *flags: str) -> tuple[int, str, str]:
+    env = {**os.environ, "LEDGER_REDIS_URL": redis_url, "LEDGER_DATABASE_URL": database_url}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ledger.app.cli",
+        "verify",
+        "--venue",
+        *flags,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_verify_venue_exits_1_while_a_drift_is_open(
+    redis: Any, redis_url: str, database_url: str, tmp_path: Path
+) -> None:
+    async with running_ledger(redis_url, tmp_path, roles=("handler", "projection")):
+        client = LedgerClient(redis, timeout=10)
+        assert await _verify_venue(redis_url, database_url) == (0, "no drift open (0 drift events)\n", "")
+
+        record = wire.RecordDrift(
+            command_id="drift-1",
+            user_id=USER,
+            exchange=Exchange.BINANCE,
+            symbol=MARKET,
+            kind=wire.DriftKind.FEE,
+            evidence={"fill_id": "7001", "venue": "0.02", "ledger": "0.01"},
+        )
+        reply = await client.submit(record)
+        (detected,) = [s.event for s in await EventStore(redis, 0).read_range() if s.event.type == "DriftDetected"]
+        assert reply["events"][0]["type"] == "DriftDetected"
+        status, out, err = await _verify_venue(redis_url, database_url)
+        assert (status, err) == (1, "")
+        assert out.splitlines() == [
+            f"drift {detected.stream}: user {USER}, binance {MARKET}, fee, "
+            f'evidence {{"fill_id":"7001","ledger":"0.01","venue":"0.02"}}, event {detected.event_id}',
+            "1 drifts unresolved, 0 slot differences: correct a position with adjust_position or close a drift "
+            "with resolve_drift (`ledger submit`), then verify again",
+        ]
+        status, out, _err = await _verify_venue(redis_url, database_url, "--json")
+        assert status == 1
+        assert json.loads(out) == {
+            "ok": False,
+            "open": [
+                {
+                    "id": detected.stream,
+                    "user_id": USER,
+                    "exchange": "binance",
+                    "market": MARKET,
+                    "kind": "fee",
+                    "evidence": {"fill_id": "7001", "venue": "0.02", "ledger": "0.01"},
+                    "event_id": detected.event_id,
+                }
+            ],
+            "differences": [],
+            "drift_events": 1,
+        }
+
+        resolve = wire.ResolveDrift(
+            command_id="drift-1-ok",
+            user_id=USER,
+            exchange=Exchange.BINANCE,
+            symbol="BTC/USDT:USDT",
+            kind=wire.DriftKind.FEE,
+            reason="the venue's fee includes a rebate paid later",
+        )
+        await client.submit(resolve)
+        assert await _verify_venue(redis_url, database_url) == (0, "no drift open (2 drift events)\n", "")
+
+        # A slot the log does not explain (written by hand) is a difference.
+        slot = drift_slot(USER, "binance", MARKET, "position_size")
+        await redis.hset(ShardKeys(0).slots, slot, detected.stream)
+        status, out, _err = await _verify_venue(redis_url, database_url, "--json")
+        assert status == 1
+        assert json.loads(out)["differences"] == [
+            {
+                "store": "redis",
+                "key": "ledger:{0}:slots",
+                "field": slot,
+                "expected": "(absent)",
+                "found": detected.stream,
+            }
+        ]
