@@ -345,6 +345,8 @@ class LiveVenue:
             quantity=event.quantity,
             price=event.price,
             reduce_only=event.reduce_only,
+            trigger_price=event.trigger_price,
+            position_side=event.position_side,
             client_id=event.client_order_id or "",
             stage="open",
             exchange_order_id=event.exchange_order_id,
