@@ -283,3 +283,31 @@ async def test_a_cancelled_venue_order_with_a_trade_is_adopted_with_its_final_st
                 Decimal("0.004"),
                 "web_7f3a",
             )
+
+
+async def test_upbit_open_order_is_adopted_with_the_trades_it_lists(redis: Any, redis_url: str, tmp_path: Path) -> None:
+    """Upbit has no list of the account's trades: its open orders are adopted with their own trades."""
+    with loopback_exchange("upbit") as upbit:
+        async for ledger in _ledger(redis, redis_url, tmp_path, upbit):
+            upbit.book("web-9", "KRW-BTC", "buy", "0.001", "50000000")
+            upbit.fill("web-9", "0.0004", "50000000", "b3f7c1de-0000-4000-8000-000000000009", fee="10")
+            venue_id = upbit.order("web-9").venue_id
+            order_id = wire.adopted_order_id(USER, "upbit", venue_id)
+
+            result = await ledger.positions.sync_positions_from_exchange(
+                USER, "upbit", venue=ledger.config, symbols=["KRW-BTC"]
+            )
+
+            assert [(r["type"], r["order_id"], r.get("fill_id")) for r in result.recorded] == [
+                ("adopt_order", order_id, None),
+                ("record_fill", order_id, "b3f7c1de-0000-4000-8000-000000000009"),
+            ]
+            assert result.findings == []
+            order = await ledger.orders.get_order(order_id)
+            assert order is not None
+            assert (order.status, order.quantity, order.filled_qty, order.exchange_order_id) == (
+                OrderStatus.PARTIALLY_FILLED,
+                Decimal("0.001"),
+                Decimal("0.0004"),
+                venue_id,
+            )
