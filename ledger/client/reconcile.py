@@ -68,7 +68,7 @@ from ledger.store.operations import record_operation
 from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, no_account
-from ledger.venues.live import Ambiguous, VenueClient, VenueClients, VenueFill, venue_client_id
+from ledger.venues.live import Ambiguous, VenueClient, VenueClients, VenueFill, is_algo, venue_client_id
 from ledger.venues.markets import Market, MarketError, bundled, instrument_table
 
 FINDING_ACTION = "reconcile.finding"
@@ -174,6 +174,12 @@ class Reconciler:
                 spellings.setdefault(canonical, name)
         pending: list[tuple[wire.Command, str]] = []
         try:
+            for order in orders:  # an algo (trigger) order's trades are those of the order it placed
+                market = self.markets.find(order.symbol) if order.exchange_order_id else None
+                if market is not None and is_algo(self.exchange, market, order.order_type):
+                    placed = await venue.triggered(order.exchange_order_id or "", market)
+                    if placed is not None and order.id is not None:
+                        known[placed] = order.id
             for order in reversed(orders):  # oldest first
                 if order.id is None or order.status not in OPEN_ORDER_STATUSES:
                     continue
@@ -225,13 +231,15 @@ class Reconciler:
         """The commands that bring a ledger order not yet final level with the venue."""
         found: list[wire.Command] = []
         venue_id = state.exchange_order_id
+        algo = is_algo(self.exchange, market, state.order_type)
         if venue_id is None:
-            venue_id = await venue.lookup(venue_client_id(self.exchange, state.id), market)
+            venue_id = await venue.lookup(venue_client_id(self.exchange, state.id), market, algo=algo)
             if venue_id is None:
                 return found  # not at the venue: the live venue role sends it (or has not yet)
             found.append(commands.accepted(state.id, state.user_id, venue_id))
             known[venue_id] = state.id
-        report = await venue.fetch(venue_id, market)
+        report = await venue.fetch(venue_id, market, algo=algo)
+        known[report.exchange_order_id] = state.id  # an algo order's: the order it placed
         recorded = set(state.fill_ids)
         found += [commands.fill(state.id, state.user_id, t) for t in report.fills if t.fill_id not in recorded]
         _final, last = commands.final(state.id, state.user_id, self.exchange, state.quantity, report)

@@ -254,8 +254,15 @@ def intent(
         client_id=venue_client_id(exchange, order_id),
         trigger_price=trigger_price if order_type.needs_trigger else None,
         position_side=venue_side,
-        algo=order_type.needs_trigger and rules.algo_markets is not None and market.kind in rules.algo_markets,
+        algo=is_algo(exchange, market, order_type),
     )
+
+
+def is_algo(exchange: Exchange, market: Market, order_type: OrderType) -> bool:
+    """Whether the venue keeps an ``order_type`` order of ``market`` apart as an algo order (its
+    own id, lookup and cancel; ``VenueRules.algo_markets``)."""
+    markets = RULES[exchange].algo_markets
+    return order_type.needs_trigger and markets is not None and market.kind in markets
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +481,14 @@ class VenueClient:
         """The id of the order an algo order placed once triggered (None: not triggered)."""
         found = (algo_order.get("info") or {}).get(self.rules.triggered_order_field)
         return str(found) if found not in (None, "", 0, "0") else None
+
+    async def triggered(self, exchange_order_id: str, market: Market) -> str | None:
+        """The id of the order the algo order ``exchange_order_id`` placed once triggered (None:
+        not triggered); ``Ambiguous`` when the venue does not answer."""
+        try:
+            return self._triggered(await self.ccxt.fetch_order(exchange_order_id, market.symbol, _algo(True)))
+        except Exception as exc:
+            raise Ambiguous(f"{self.exchange}: algo order {exchange_order_id} unknown ({type(exc).__name__})") from exc
 
     async def cancel(self, exchange_order_id: str, market: Market, *, algo: bool = False) -> str | None:
         """Ask the venue to cancel; None once it answered (a refusal too: the order is final

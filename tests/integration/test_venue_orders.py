@@ -12,13 +12,19 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ledger.domain.enums import OrderStatus, PositionSide, PositionStatus
+from consumers.venue import LiveVenue
+from ledger.config import parse_execution
+from ledger.domain.enums import Exchange, OrderStatus, PositionSide, PositionStatus
 from ledger.domain.state import PositionState
+from ledger.venues.live import VenueClients
+from tests.integration.test_reconcile import OKX_POSITION, _ledger
 from tests.integration.test_venue import KEYS, USER, Rig
+from tests.live_helpers import wait_for
 from tests.venue_server import LoopbackExchange, loopback_exchange
 
 
@@ -380,3 +386,49 @@ async def test_an_upbit_trigger_order_is_rejected_at_the_venue_role_never_sent(
     )
     assert [e.command_id for e in await rig.events("OrderRejected", order_id)] == [f"venue:{order_id}:reject"]
     assert upbit.requests == [] and upbit.creates == {}
+
+
+# --------------------------------------------------------------------------- reconciliation
+
+
+async def test_reconciliation_takes_a_triggered_orders_trades_as_the_algo_orders_own(
+    redis: Any, redis_url: str, tmp_path: Path, okx: LoopbackExchange
+) -> None:
+    """The trades of the order an algo order placed carry that order's id, not the algo order's:
+    reconciliation names it the ledger order's, so they are never adopted as a stranger's."""
+    async for ledger in _ledger(redis, redis_url, tmp_path, okx):
+        await _triggered_then_reconciled(redis, ledger, okx)
+
+
+async def _triggered_then_reconciled(redis: Any, ledger: Any, okx: LoopbackExchange) -> None:
+    clients = VenueClients({Exchange.OKX: ledger.config.options})
+    venue = LiveVenue(
+        redis, 0, configs={Exchange.OKX: ledger.config}, clients=clients, execution=parse_execution("okx=live")
+    )
+    try:
+        await venue.burst()  # the group starts at the end of the log: created before the order
+        order = await ledger.orders.create_order(
+            USER, "okx", "BTC-USDT-SWAP", "buy", "stop_market", "0.05", trigger_price="46000"
+        )
+        assert order.id is not None
+        order_id, cid = order.id, _cid(order.id)
+        await venue.burst()
+        await venue.tick()
+        okx.fill(okx.trigger(cid), "5", "46010", "t-9", fee="0.011502")
+
+        async def filled() -> bool:
+            await venue.tick()
+            found = await ledger.orders.get_order(order_id)
+            return found is not None and found.status is OrderStatus.FILLED
+
+        await wait_for(filled, "the triggered order's fill")
+    finally:
+        await clients.close()
+    okx.positions = [{**OKX_POSITION, "pos": "5"}]
+    okx.requests.clear()
+    result = await ledger.reconcile()
+    assert (result.recorded, result.findings) == ([], [])
+    assert "GET /api/v5/trade/order-algo" in okx.requests
+    assert [s.event.type for s in await ledger.store.read_range() if s.event.type == "OrderAdopted"] == []
+    fills = await ledger.fills(order_id)
+    assert [(f.fill_id, f.quantity, f.price) for f in fills] == [("t-9", "0.05", "46010")]
