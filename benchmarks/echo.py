@@ -19,10 +19,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from ledger.config import Settings
+from ledger.defaults import REPLY_TTL_S
 from ledger.store.keys import ShardKeys
 
 GROUP = "bench-echo"
-REPLY_TTL_S = 600
 
 
 async def echo(url: str, stop: asyncio.Event) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ledger.defaults import REPLY_TTL_S
 from ledger.store.redis_conn import text
 
 SCAN_COUNT = 1000
@@ -26,7 +27,7 @@ _POSITION = re.compile(r"\Apositions:(?!index:)[^:]+:[a-z]+:.+:(long|short)\Z")
 # How long each class stays once the order it holds is final and archived (the rest: the
 # shard's fixed keys, a few per shard, and the live keys of open positions).
 STAYS = {
-    "ledger:{s}:reply:<user>:<command>": "LEDGER_REPLY_TTL_S (600 s)",
+    "ledger:{s}:reply:<user>:<command>": f"LEDGER_REPLY_TTL_S ({REPLY_TTL_S} s)",
     "ledger:{s}:events": "until trimmed",
     "ledger:{s}:commands": "until trimmed",
     "ledger:{s}:outcomes": "for good (a marker once compacted)",
