@@ -9,7 +9,13 @@ they mean for the ledger. Per exchange (``RULES``):
   ``client_order_id`` stays in the ledger and is never sent;
 * how an order is looked up by that id (after a crash, a timeout, a disconnect) and where its
   trades are (OKX ``fills-history``, Binance ``myTrades`` by ``orderId``, Upbit: the order's own
-  ``trades``).
+  ``trades``);
+* trigger orders (``stop_market``, ``stop_limit``, ``take_profit_market``: ccxt's ``triggerPrice``
+  / ``takeProfitPrice``): Upbit has none; OKX (every market) and Binance futures keep them apart
+  as algo orders, with their own id, lookup and cancel, whose trades are those of the order they
+  place once triggered (``is_algo``, ``VenueClient.triggered``);
+* hedge mode: a contract order with a position side is sent with the venue's (OKX ``posSide``,
+  Binance ``positionSide``) and without ``reduceOnly``; one without, with one-way mode's.
 
 Amounts: ccxt counts derivative amounts in contracts (OKX: ``contractSize`` base units per
 linear contract), the ledger counts linear quantities in base units and inverse ones in
