@@ -38,6 +38,23 @@ Two halves:
   - ``done``: nothing more; kept ``DONE_RETENTION_MS`` (a redelivered ``OrderPlaced`` finds it and
     sends nothing), then dropped.
 
+Following orders: WebSocket first, polling after a disconnect. Where ccxt has ``watch_orders`` and
+``watch_my_trades`` for the exchange (OKX, Binance, Upbit: ``VenueClient.watches``; not with a REST
+``base_url`` override and no ``ws_url``), one ``Feed`` per (exchange, account) of the process, shared
+by every shard's venue with working orders on the account, watches both over one socket; each
+pushed trade of an ``open`` order becomes its ``record_fill``, and a pushed final status is
+confirmed by one fetch of the order (its trades listed in full, so an order never ends before all
+its fills are in: the same ``_follow`` as polling), both with the polling path's command ids, so a
+fact seen both ways, or pushed twice, is recorded once. While an account is followed, the driver
+fetches none of its open orders but the ``due`` ones: an order just accepted (pushes for it may
+have come before its venue id was known) and one whose fetch failed. When the socket fails the
+feed runs one polling round of the account's open orders at once, the driver polls them every
+pass again, and the feed reconnects with back-off (``consumers.backoff``); once it has been up
+for ``catch_up_after_s`` (or a first push came) one more polling round covers what happened
+between the failure and the new subscription, and the driver stops polling the account. Trigger
+orders kept apart by the venue (``Intent.algo``) are always polled. Pushes reach the ledger only
+through the same fenced scripts: a venue that lost its lease leaves the feed.
+
 Exactly once: every command id is deterministic (``venue:<order_id>:accept`` / ``:reject`` /
 ``:cancel`` / ``:expire``, ``venue:<order hex>:fill:<16 hex of SHA-1 of the trade id>``, built by
 ``ledger.venues.commands``, which reconciliation shares), so a command published twice is answered
@@ -49,6 +66,7 @@ writes nothing.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Literal
@@ -72,19 +90,26 @@ from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, live_configs, no_account
 from ledger.venues.live import (
+    CANCELED,
+    CLOSED,
+    EXPIRED,
+    REJECTED,
     Ambiguous,
     Intent,
     Refused,
     VenueClient,
     VenueClients,
     VenueFill,
+    VenueOrder,
     intent,
 )
 
 GROUP = "ledger-venue"
 DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_RESEND_AFTER_S = 30.0
+DEFAULT_CATCH_UP_AFTER_S = 1.0
 DONE_RETENTION_MS = 86_400_000
+FINAL_STATUSES = frozenset({CLOSED, CANCELED, EXPIRED, REJECTED})
 _RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested", "OrderAdopted"}
 
 log = structlog.get_logger("ledger.venue")
@@ -189,6 +214,131 @@ def _intent(order_id: str, record: LiveOrder) -> Intent:
     )
 
 
+AccountKey = tuple[Exchange, str]  # (exchange, account name)
+
+
+class Feed:
+    """The WebSocket feed of one (exchange, account) in this process: one watcher task, whatever
+    the number of shards; each shard's venue with working orders on the account joins it (module
+    doc, "Following orders")."""
+
+    def __init__(self, client: VenueClient, catch_up_after_s: float) -> None:
+        self.client = client
+        self.key: AccountKey = (client.exchange, client.account)
+        self.catch_up_after_s = catch_up_after_s
+        self.venues: set[LiveVenue] = set()
+        self.subscribed = False  # up, and the catch-up round done: the driver polls none of its orders
+        self.task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self.log = log.bind(exchange=str(client.exchange), account=client.account)
+
+    def join(self, venue: LiveVenue) -> None:
+        self.venues.add(venue)
+        if self.task is None or self.task.done():
+            self.subscribed = False
+            self._stop = asyncio.Event()
+            self.task = asyncio.create_task(self._run(), name=f"feed-{self.key[0]}-{self.key[1]}")
+
+    async def leave(self, venue: LiveVenue) -> None:
+        self.venues.discard(venue)
+        if not self.venues and self.task is not None:
+            self._stop.set()
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task, self.subscribed = None, False
+            self.log.info("websocket feed stopped: no working orders")
+
+    async def _run(self) -> None:
+        try:
+            await poll(self._stop, self._follow, retry_on=(Exception,), on_retry=self._lost)
+        finally:
+            await self.client.unwatch()
+
+    async def _follow(self) -> bool:
+        """Hand what the venue pushes to the venues until none is left; ``Ambiguous`` when the
+        socket fails. The catch-up round runs once the socket has been up ``catch_up_after_s``
+        (or a first push came)."""
+        caught_up = False
+        watch: asyncio.Future[list[VenueFill | VenueOrder]] | None = None
+        try:
+            while self.venues:
+                watch = watch or asyncio.ensure_future(self.client.watch())
+                timeout = None if caught_up else self.catch_up_after_s
+                done, _ = await asyncio.wait({watch}, timeout=timeout)
+                if done:
+                    pushed, watch = watch.result(), None
+                    await self._deliver(pushed)
+                if not caught_up and self.venues:
+                    caught_up = True
+                    await self._round("caught up after (re)connecting")
+                    self.subscribed = True
+            return True
+        finally:
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+
+    async def _lost(self, exc: BaseException, retry_in_s: float) -> None:
+        self.subscribed = False
+        self.log.warning("websocket lost: polling, reconnecting with back-off", error=str(exc), retry_in_s=retry_in_s)
+        await self._round("websocket lost")
+        if not self.venues:
+            self._stop.set()
+
+    def _drop(self, venue: LiveVenue) -> None:
+        """A venue that lost its lease leaves (its driver joins again once it holds it)."""
+        self.venues.discard(venue)
+        venue.following.discard(self.key)
+
+    async def _round(self, why: str) -> None:
+        """One polling round of every venue's open orders of the account."""
+        for venue in list(self.venues):
+            try:
+                polled = await venue.tick(account=self.key)
+            except LeaseLost:
+                self._drop(venue)
+            except Exception as exc:  # that venue's driver polls the account on its next pass
+                venue.stale.add(self.key)
+                venue.log.error("polling round failed", error=repr(exc), why=why, **self._fields())
+            else:
+                venue.log.info("polling round", why=why, moved=polled, **self._fields())
+
+    async def _deliver(self, pushed: list[VenueFill | VenueOrder]) -> None:
+        for venue in list(self.venues):
+            try:
+                await venue.pushed(self.client, pushed)
+            except LeaseLost:
+                self._drop(venue)
+            except Exception as exc:  # e.g. Redis unavailable: that venue polls the account instead
+                venue.stale.add(self.key)
+                venue.log.error("pushed updates not handled: polling them", error=repr(exc), **self._fields())
+
+    def _fields(self) -> dict[str, str]:
+        return {"exchange": str(self.key[0]), "account": self.key[1]}
+
+
+class Feeds:
+    """The feeds of a process, one per (exchange, account), shared by its venues."""
+
+    def __init__(self, catch_up_after_s: float = DEFAULT_CATCH_UP_AFTER_S) -> None:
+        self.catch_up_after_s = catch_up_after_s
+        self._feeds: dict[AccountKey, Feed] = {}
+
+    def get(self, key: AccountKey) -> Feed | None:
+        return self._feeds.get(key)
+
+    def join(self, venue: LiveVenue, client: VenueClient) -> None:
+        key = (client.exchange, client.account)
+        if key not in self._feeds:
+            self._feeds[key] = Feed(client, self.catch_up_after_s)
+        self._feeds[key].join(venue)
+
+    async def leave(self, venue: LiveVenue, key: AccountKey) -> None:
+        feed = self._feeds.get(key)
+        if feed is not None:
+            await feed.leave(venue)
+
+
 class LiveVenue:
     """The live venue of one shard: an event consumer plus a driver (module doc)."""
 
@@ -204,6 +354,7 @@ class LiveVenue:
         resend_after_s: float = DEFAULT_RESEND_AFTER_S,
         consumer_settings: ConsumerSettings | None = None,
         name: str | None = None,
+        feeds: Feeds | None = None,
     ) -> None:
         self.redis = redis
         self.shard = shard
@@ -227,6 +378,13 @@ class LiveVenue:
         )
         self.log = log.bind(shard=shard)
         self._invalid_marks: dict[tuple[str, str], str] = {}
+        self.feeds = feeds or Feeds()
+        self.following: set[AccountKey] = set()  # the feeds this venue joined
+        self.stale: set[AccountKey] = set()  # accounts whose pushes were not handled: polled on the next pass
+        self._accounts: set[AccountKey] = set()  # the accounts of the working orders (last full pass)
+        self._venue_ids: dict[tuple[Exchange, str], str] = {}  # (exchange, venue id) -> order id, open orders
+        self._due: set[str] = set()  # open orders fetched on the next pass though followed (module doc)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # ----------------------------------------------------------------- running
 
@@ -241,13 +399,41 @@ class LiveVenue:
 
     async def _drive(self, stop: asyncio.Event) -> None:
         every = self.poll_interval_s
-        await poll(stop, self._drive_once, retry_on=(Exception,), on_retry=self._drive_failed, idle_s=every)
+        try:
+            await poll(stop, self._drive_once, retry_on=(Exception,), on_retry=self._drive_failed, idle_s=every)
+        finally:
+            await self.follow(set())
         self.log.info("driver stopped")
 
     async def _drive_once(self) -> bool:
         if text(await self.redis.get(self.venue_keys.lease)) == self.consumer.name:
             await self.tick()
+            await self.follow(self._accounts)
+        else:
+            await self.follow(set())
         return False
+
+    async def follow(self, accounts: set[AccountKey]) -> None:
+        """Join the feeds of ``accounts`` whose venue pushes orders (``VenueClient.watches``) and
+        leave the others."""
+        wanted = set()
+        for key in accounts:
+            client = self._client(*key)
+            if client is not None and client.watches:
+                wanted.add(key)
+                if key not in self.following:
+                    self.feeds.join(self, client)
+                    self.following.add(key)
+                    self.log.info("following orders over websocket", exchange=str(key[0]), account=key[1])
+        for key in self.following - wanted:
+            self.following.discard(key)
+            await self.feeds.leave(self, key)
+
+    def _followed(self, record: LiveOrder, order: Intent) -> bool:
+        """Whether pushes follow this open order now (else the driver polls it)."""
+        key = (record.exchange, record.account)
+        feed = self.feeds.get(key) if key in self.following else None
+        return feed is not None and feed.subscribed and key not in self.stale and not order.algo
 
     async def _drive_failed(self, exc: BaseException, retry_in_s: float) -> None:
         if isinstance(exc, RETRYABLE):
@@ -361,6 +547,7 @@ class LiveVenue:
             self.log.info("adopted order not followed: reconciliation records its fills", reason=reason, **fields)
             return
         if await self._save(order_id, record, mode="nx"):
+            self._open(order_id, event.exchange, event.exchange_order_id)
             self.log.info("adopted order followed", exchange_order_id=event.exchange_order_id, **fields)
 
     async def _mark(self, event: wire.OrderPlaced) -> Decimal | None:
@@ -369,8 +556,9 @@ class LiveVenue:
 
     # ----------------------------------------------------------------- the driver
 
-    async def tick(self) -> int:
-        """One pass of the driver over every order the venue works on; how many moved."""
+    async def tick(self, account: AccountKey | None = None) -> int:
+        """One pass of the driver over every order the venue works on; how many moved. With
+        ``account``: a polling round of that account's open orders only, each fetched."""
         raw = await self.redis.hgetall(self.venue_keys.orders)
         cancels = {text(k) for k in await self.redis.hkeys(self.venue_keys.cancels)}
         working: list[tuple[str, LiveOrder]] = []
@@ -382,10 +570,22 @@ class LiveVenue:
                 working.append((order_id, record))
             elif now - record.updated_at > DONE_RETENTION_MS:
                 expired.append(order_id)
-        if expired:
-            await self.redis.hdel(self.venue_keys.orders, *expired)
+        if account is not None:
+            working = [(o, r) for o, r in working if (r.exchange, r.account) == account and r.stage == "open"]
+        else:
+            if expired:
+                await self.redis.hdel(self.venue_keys.orders, *expired)
+            self._accounts = {(r.exchange, r.account) for _o, r in working}
+            self._venue_ids = {
+                (r.exchange, r.exchange_order_id): o for o, r in working if r.stage == "open" and r.exchange_order_id
+            }
+        stale, self.stale = (self.stale, set()) if account is None else (set(), self.stale)
         results = await asyncio.gather(
-            *(self._advance(oid, rec, oid in cancels) for oid, rec in working), return_exceptions=True
+            *(
+                self._advance(oid, rec, oid in cancels, account is not None or (rec.exchange, rec.account) in stale)
+                for oid, rec in working
+            ),
+            return_exceptions=True,
         )
         moved = 0
         for (order_id, _record), result in zip(working, results, strict=True):
@@ -400,12 +600,32 @@ class LiveVenue:
                 moved += result
         return moved
 
-    def _client(self, record: LiveOrder) -> VenueClient | None:
-        config = self.configs.get(record.exchange)
-        account = config.accounts.get(record.account) if config is not None else None
-        return None if account is None else self.clients.get(account)
+    def _client(self, exchange: Exchange, account: str) -> VenueClient | None:
+        config = self.configs.get(exchange)
+        found = config.accounts.get(account) if config is not None else None
+        return None if found is None else self.clients.get(found)
 
-    async def _advance(self, order_id: str, record: LiveOrder, cancel: bool) -> int:
+    def _lock(self, order_id: str) -> asyncio.Lock:
+        """The lock of one order: the driver, a polling round and pushes move it one at a time."""
+        lock = self._locks.get(order_id)
+        if lock is None:
+            lock = self._locks[order_id] = asyncio.Lock()
+        return lock
+
+    async def _record(self, order_id: str) -> LiveOrder | None:
+        raw = await self.redis.hget(self.venue_keys.orders, order_id)
+        return None if raw is None else _record_decoder.decode(raw)
+
+    async def _advance(self, order_id: str, record: LiveOrder, cancel: bool, poll: bool = False) -> int:
+        """Move one order on (``poll``: fetch it even if pushes follow it); under the order's lock,
+        from its record as it is now (a push may have moved it since the pass read it)."""
+        async with self._lock(order_id):
+            fresh = await self._record(order_id)
+            if fresh is None or fresh.stage == "done" or fresh.stage != record.stage:
+                return 0
+            return await self._step(order_id, fresh, cancel, poll)
+
+    async def _step(self, order_id: str, record: LiveOrder, cancel: bool, poll: bool) -> int:
         fields = {
             "order_id": order_id,
             "user_id": record.user_id,
@@ -413,7 +633,7 @@ class LiveVenue:
             "account": record.account,
             "client_id": record.client_id,
         }
-        client = self._client(record)
+        client = self._client(record.exchange, record.account)
         if client is None:
             self.log.error("the order's account is no longer configured: add it back to LEDGER_CREDENTIALS", **fields)
             return 0
@@ -429,7 +649,8 @@ class LiveVenue:
             return await self._send(order_id, record, order, client, cancel, fields)
         if record.stage == "sending":
             return await self._find(order_id, record, order, client, cancel, fields)
-        return await self._follow(order_id, record, order, client, cancel, fields)
+        fetch = poll or order_id in self._due or not self._followed(record, order)
+        return await self._follow(order_id, record, order, client, cancel, fields, fetch=fetch)
 
     async def _send(
         self, order_id: str, record: LiveOrder, order: Intent, client: VenueClient, cancel: bool, fields: dict[str, Any]
@@ -480,10 +701,62 @@ class LiveVenue:
         record = msgspec.structs.replace(record, stage="open", exchange_order_id=venue_id, updated_at=now_ms())
         accept = commands.accepted(order_id, record.user_id, venue_id)
         await self._save(order_id, record, accept, mode="set")
+        self._open(order_id, record.exchange, venue_id)
         self.log.info("order accepted by the venue", exchange_order_id=venue_id, command_id=accept.command_id, **fields)
 
+    def _open(self, order_id: str, exchange: Exchange, venue_id: str) -> None:
+        """An order now open at the venue: pushes about ``venue_id`` are its own; fetched once on
+        the next pass (what was pushed before its venue id was known did not reach it)."""
+        self._venue_ids[(exchange, venue_id)] = order_id
+        self._due.add(order_id)
+
+    async def pushed(self, client: VenueClient, updates: list[VenueFill | VenueOrder]) -> None:
+        """What the venue pushed, in order, for the open orders of this shard (another shard's, or
+        an order the ledger does not follow, is left to that shard, or to reconciliation)."""
+        for update in updates:
+            if isinstance(update, VenueFill):
+                await self._pushed_fill(client, update)
+            else:
+                await self._pushed_order(client, update)
+
+    async def _pushed_fill(self, client: VenueClient, fill: VenueFill) -> None:
+        """A pushed trade becomes its order's ``record_fill`` (one it has already is absorbed)."""
+        order_id = self._venue_ids.get((client.exchange, fill.exchange_order_id or ""))
+        if order_id is not None:
+            async with self._lock(order_id):
+                record = await self._record(order_id)
+                if record is None or record.stage != "open" or fill.fill_id in record.fills:
+                    return
+                fields = {"order_id": order_id, "user_id": record.user_id, "exchange": str(record.exchange)}
+                command = self._fill(order_id, record, fill, {**fields, "exchange_order_id": fill.exchange_order_id})
+                record = msgspec.structs.replace(record, fills=[*record.fills, fill.fill_id], updated_at=now_ms())
+                await self._save(order_id, record, command, mode="set")
+
+    async def _pushed_order(self, client: VenueClient, report: VenueOrder) -> None:
+        """A pushed final status is confirmed by one fetch of the order (module doc); any other
+        changes nothing (its trades carry its fills)."""
+        order_id = self._venue_ids.get((client.exchange, report.exchange_order_id))
+        if order_id is None or report.status not in FINAL_STATUSES:
+            return
+        async with self._lock(order_id):
+            record = await self._record(order_id)
+            if record is None or record.stage != "open":
+                return
+            await self._step(order_id, record, False, True)
+            record = await self._record(order_id)
+        if record is not None and record.stage == "open":  # the fetch lags the push: fetched again
+            self._due.add(order_id)
+
     async def _follow(
-        self, order_id: str, record: LiveOrder, order: Intent, client: VenueClient, cancel: bool, fields: dict[str, Any]
+        self,
+        order_id: str,
+        record: LiveOrder,
+        order: Intent,
+        client: VenueClient,
+        cancel: bool,
+        fields: dict[str, Any],
+        *,
+        fetch: bool = True,
     ) -> int:
         venue_id = record.exchange_order_id or ""
         fields = {**fields, "exchange_order_id": venue_id}
@@ -499,11 +772,15 @@ class LiveVenue:
                 self.log.info("cancel sent", **fields)
             else:
                 self.log.info("cancel refused: the venue's status decides", reason=refusal, **fields)
+        if not fetch:
+            return 0
         try:
             report = await client.fetch(venue_id, order.market, algo=order.algo)
         except Ambiguous as exc:
             self.log.warning("status unknown: retrying", error=str(exc), **fields)
+            self._due.add(order_id)
             return 0
+        self._due.discard(order_id)
         fills: list[wire.Command] = [
             self._fill(order_id, record, fill, fields) for fill in report.fills if fill.fill_id not in record.fills
         ]
@@ -613,6 +890,7 @@ async def venue_role(redis: Any, settings: Settings) -> list[Any]:
     configs = live_configs(settings.execution, settings.credentials)
     clients = VenueClients({exchange: config.options for exchange, config in configs.items()})
     consumer_settings = ConsumerSettings.from_settings(settings)
+    feeds = Feeds()
     venues = [
         LiveVenue(
             redis,
@@ -621,6 +899,7 @@ async def venue_role(redis: Any, settings: Settings) -> list[Any]:
             clients=clients,
             execution=settings.execution,
             consumer_settings=consumer_settings,
+            feeds=feeds,
         )
         for shard in range(settings.shards)
     ]
@@ -629,6 +908,8 @@ async def venue_role(redis: Any, settings: Settings) -> list[Any]:
 
 __all__ = [
     "GROUP",
+    "Feed",
+    "Feeds",
     "LiveOrder",
     "LiveVenue",
     "VenueKeys",

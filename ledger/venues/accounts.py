@@ -20,8 +20,11 @@ A JSON object, one entry per exchange traded ``live``::
   anything is sent.
 * ``sandbox`` (OKX, Binance spot: ccxt ``set_sandbox_mode``), ``demo`` (Binance futures: ccxt
   ``enable_demo_trading``), ``base_url`` (replaces the scheme and host of every REST URL, applied
-  after them: a testnet, or a stand-in venue on loopback), ``timeout_ms`` (one request; default
-  ``DEFAULT_TIMEOUT_MS``). Unknown keys are refused, so a typo never goes unnoticed.
+  after them: a testnet, or a stand-in venue on loopback), ``ws_url`` (the same for every
+  WebSocket URL: ``ws(s)://host[:port][/path]``; with ``base_url`` and no ``ws_url`` orders are
+  followed by polling, never over a WebSocket of another venue than the REST one),
+  ``timeout_ms`` (one request; default ``DEFAULT_TIMEOUT_MS``). Unknown keys are refused, so a
+  typo never goes unnoticed.
 
 Secrets never leave this module's objects in text: ``Account``'s ``repr`` shows the account name
 only, and nothing logs an ``Account``.
@@ -43,10 +46,11 @@ from ledger.venues.markets import bundled
 
 DEFAULT_TIMEOUT_MS = 10_000
 BASE_URL = re.compile(r"\Ahttps?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~/-]*)?\Z")
+WS_URL = re.compile(r"\Awss?://" + BASE_URL.pattern.removeprefix(r"\Ahttps?://"))  # host, port, path alike
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _SECRETS = ("apiKey", "secret", "password")
 _ACCOUNT_KEYS = {*_SECRETS, "users"}
-_EXCHANGE_KEYS = {"accounts", "sandbox", "demo", "base_url", "timeout_ms"}
+_EXCHANGE_KEYS = {"accounts", "sandbox", "demo", "base_url", "ws_url", "timeout_ms"}
 # What ccxt offers per exchange: sandbox mode (OKX, Binance spot testnet), demo trading (Binance futures).
 SANDBOX = frozenset({Exchange.OKX, Exchange.BINANCE})
 DEMO = frozenset({Exchange.BINANCE})
@@ -60,6 +64,13 @@ def check_base_url(url: str) -> str:
     """A base URL override: ``http(s)://host[:port][/path]``, nothing else."""
     if not BASE_URL.fullmatch(url):
         raise InvalidInput(f"base URL must be http(s)://host[:port][/path] (got {url!r})")
+    return url
+
+
+def check_ws_url(url: str) -> str:
+    """A WebSocket URL override: ``ws(s)://host[:port][/path]``, nothing else."""
+    if not WS_URL.fullmatch(url):
+        raise InvalidInput(f"WebSocket URL must be ws(s)://host[:port][/path] (got {url!r})")
     return url
 
 
@@ -89,6 +100,7 @@ class VenueOptions:
     demo: bool = False
     base_url: str | None = None
     timeout_ms: int = DEFAULT_TIMEOUT_MS
+    ws_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,16 +166,17 @@ def _options(exchange: Exchange, raw: Mapping[str, Any]) -> VenueOptions:
             raise _fail(f"{exchange}.{flag}", "must be true or false")
         if value and exchange not in allowed:
             raise _fail(f"{exchange}.{flag}", f"ccxt has no {what} for {exchange}: remove it")
-    base_url = raw.get("base_url")
-    if base_url is not None:
-        try:
-            check_base_url(base_url if isinstance(base_url, str) else repr(base_url))
-        except InvalidInput as exc:
-            raise _fail(f"{exchange}.base_url", str(exc)) from None
+    base_url, ws_url = raw.get("base_url"), raw.get("ws_url")
+    for key, value, check in (("base_url", base_url, check_base_url), ("ws_url", ws_url, check_ws_url)):
+        if value is not None:
+            try:
+                check(value if isinstance(value, str) else repr(value))
+            except InvalidInput as exc:
+                raise _fail(f"{exchange}.{key}", str(exc)) from None
     timeout = raw.get("timeout_ms", DEFAULT_TIMEOUT_MS)
     if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 600_000:
         raise _fail(f"{exchange}.timeout_ms", "must be a whole number of milliseconds from 1 to 600000")
-    return VenueOptions(raw.get("sandbox", False), raw.get("demo", False), base_url, timeout)
+    return VenueOptions(raw.get("sandbox", False), raw.get("demo", False), base_url, timeout, ws_url)
 
 
 def parse_credentials(data: object) -> dict[Exchange, VenueConfig]:

@@ -26,7 +26,7 @@ import ccxt.async_support
 
 from ledger.domain.enums import Exchange
 from ledger.errors import OperationFailed
-from ledger.venues.accounts import check_base_url
+from ledger.venues.accounts import check_base_url, check_ws_url
 from ledger.venues.markets import DEFAULT_TYPE, Markets, bundled, read_snapshot, snapshot_path, snapshot_text
 
 CCXT_CLASS: Mapping[Exchange, str] = {Exchange.OKX: "okx", Exchange.BINANCE: "binance", Exchange.UPBIT: "upbit"}
@@ -38,11 +38,11 @@ class MarketsUnavailable(OperationFailed):
     """The venue did not give its markets (no network, a closed port, an error answer)."""
 
 
-def _with_base_url(urls: Any, base_url: str) -> Any:
-    """``urls`` (a URL, or dicts of them) with each http(s) URL's scheme and host replaced."""
+def _with_base_url(urls: Any, base_url: str, schemes: tuple[str, ...] = ("http://", "https://")) -> Any:
+    """``urls`` (a URL, or dicts of them) with each http(s) (or ``schemes``) URL's scheme and host replaced."""
     if isinstance(urls, dict):
-        return {name: _with_base_url(url, base_url) for name, url in urls.items()}
-    if isinstance(urls, str) and urls.startswith(("http://", "https://")):
+        return {name: _with_base_url(url, base_url, schemes) for name, url in urls.items()}
+    if isinstance(urls, str) and urls.startswith(schemes):
         parts = urlsplit(urls)
         return base_url.rstrip("/") + urls[len(f"{parts.scheme}://{parts.netloc}") :]
     return urls
@@ -93,6 +93,26 @@ def async_client(
 ) -> Any:
     """A ``ccxt.async_support`` instance with the bundled markets; the caller closes it."""
     return _loaded(_build(ccxt.async_support, exchange, base_url, config, sandbox=sandbox, demo=demo), exchange)
+
+
+def pro_client(
+    exchange: Exchange,
+    *,
+    base_url: str | None = None,
+    ws_url: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    sandbox: bool = False,
+    demo: bool = False,
+) -> Any:
+    """A ``ccxt.pro`` instance (its WebSocket API, and the REST calls that API makes, e.g. Binance's
+    listenKey) with the bundled markets; ``ws_url`` replaces the scheme and host of every WebSocket
+    URL as ``base_url`` does for REST. ``ccxt.pro`` is imported on first use; the caller closes it."""
+    import ccxt.pro
+
+    instance = _build(ccxt.pro, exchange, base_url, config, sandbox=sandbox, demo=demo)
+    if ws_url is not None:
+        instance.urls["api"] = _with_base_url(instance.urls["api"], check_ws_url(ws_url), ("ws://", "wss://"))
+    return _loaded(instance, exchange)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ fills, never a cancel).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Mapping
@@ -359,6 +360,38 @@ def _algo(algo: bool) -> dict[str, Any]:
     return {TRIGGER_PARAM: True} if algo else {}
 
 
+# Venues whose pushed trades carry the fee with the venue's sign, which ccxt's WebSocket API passes
+# on as it is: OKX's ``orders`` channel reports ``fillFee`` negative when charged (its REST trades
+# are negated by ccxt's parser).
+PUSHED_FEE_NEGATED = frozenset({Exchange.OKX})
+
+
+def _pushed_trade(exchange: Exchange, trade: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A trade ccxt's WebSocket API gave, alike to one its REST API gives (``PUSHED_FEE_NEGATED``),
+    so a trade pushed and the same trade fetched make the same fill."""
+    fee = trade.get("fee") or {}
+    if exchange not in PUSHED_FEE_NEGATED or fee.get("cost") is None:
+        return trade
+    return {**trade, "fee": {**fee, "cost": -fee["cost"]}}
+
+
+# how many pushed orders and trades ccxt keeps (its default, ``ordersLimit`` / ``tradesLimit``)
+PUSHED_CACHE = 1000
+
+
+def _tap(queue: asyncio.Queue[tuple[str, dict[str, Any]]], kind: str) -> Any:
+    """A ccxt cache of pushed ``kind`` items ("order", "trade") that also queues a copy of each
+    item as ccxt's handler stores it (``VenueClient.watch``)."""
+    from ccxt.async_support.base.ws.cache import ArrayCacheBySymbolById
+
+    class Tap(ArrayCacheBySymbolById):  # type: ignore[misc]
+        def append(self, item: dict[str, Any]) -> None:
+            super().append(item)
+            queue.put_nowait((kind, dict(item)))
+
+    return Tap(PUSHED_CACHE)
+
+
 def _printable(text: str) -> str:
     return _UNPRINTABLE.sub(" ", text).strip()
 
@@ -422,9 +455,113 @@ class VenueClient:
         self.ccxt = async_client(
             exchange, base_url=options.base_url, config=config, sandbox=options.sandbox, demo=options.demo
         )
+        self._options = options
+        self._account = account  # for the WebSocket client, built when first watched
+        self._pro: Any = None
+        self._pushed: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None  # what ``_tap`` took
+        self._watching: dict[str, asyncio.Future[Any]] = {}
 
     async def close(self) -> None:
         await self.ccxt.close()
+        await self.unwatch()
+
+    # ----------------------------------------------------------------- WebSocket (``ccxt.pro``)
+
+    def _ws(self) -> Any:
+        """The ``ccxt.pro`` instance of this account, with the same options (and ``ws_url``)."""
+        if self._pro is None:
+            from ledger.venues.exchanges import pro_client
+
+            options = self._options
+            self._pro = pro_client(
+                self.exchange,
+                base_url=options.base_url,
+                ws_url=options.ws_url,
+                config={"timeout": options.timeout_ms, **self._account.ccxt_config()},
+                sandbox=options.sandbox,
+                demo=options.demo,
+            )
+        return self._pro
+
+    @property
+    def watches(self) -> bool:
+        """Whether this account's orders are followed over WebSocket: ccxt has ``watch_orders`` and
+        ``watch_my_trades`` for the exchange, and the WebSocket is the REST venue's (a ``base_url``
+        override without a ``ws_url`` one means polling only)."""
+        if self._options.base_url is not None and self._options.ws_url is None:
+            return False
+        has = self._ws().has
+        return bool(has.get("watchOrders") and has.get("watchMyTrades"))
+
+    async def watch(self) -> list[VenueFill | VenueOrder]:
+        """What the venue pushed since the last call, in the order pushed, in ledger units: the
+        account's trades (ccxt ``watch_my_trades``; each with its order's venue id) and orders
+        (``watch_orders``, without trades); waits for one at least. ``Ambiguous`` when the socket
+        failed (the next call reconnects).
+
+        ccxt resolves a watch only while one waits, so two pushes handled back to back would give
+        one answer and leave the second one's update waiting for a third push: every update is
+        taken instead from ccxt's own caches of them (``orders``, ``myTrades``) as it is stored
+        (``_tap``), and the watches only keep the subscriptions up and report a failure."""
+        ws = self._ws()
+        if self._pushed is None:
+            self._pushed = asyncio.Queue()
+            ws.myTrades, ws.orders = _tap(self._pushed, "trade"), _tap(self._pushed, "order")
+        while True:
+            pushed = self._drain()
+            if pushed:
+                return pushed
+            self._arm(ws)
+            taken = asyncio.ensure_future(self._pushed.get())
+            try:
+                await asyncio.wait({taken, *self._watching.values()}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not taken.done():
+                    taken.cancel()
+            if taken.done() and not taken.cancelled():
+                self._pushed.put_nowait(taken.result())
+
+    def _arm(self, ws: Any) -> None:
+        """Keep ``watch_my_trades`` and ``watch_orders`` waiting; ``Ambiguous`` if one failed."""
+        for method in ("watch_my_trades", "watch_orders"):
+            task = self._watching.get(method)
+            if task is not None and task.done():
+                del self._watching[method]
+                failure = None if task.cancelled() else task.exception()
+                if failure is not None:
+                    for other in self._watching.values():
+                        other.cancel()
+                    self._watching.clear()
+                    what = type(failure).__name__
+                    raise Ambiguous(
+                        f"{self.exchange}: the WebSocket of account {self.account} failed ({what})"
+                    ) from failure
+            if method not in self._watching:
+                self._watching[method] = asyncio.ensure_future(getattr(ws, method)())
+
+    def _drain(self) -> list[VenueFill | VenueOrder]:
+        pushed: list[VenueFill | VenueOrder] = []
+        while self._pushed is not None and not self._pushed.empty():
+            kind, item = self._pushed.get_nowait()
+            market = bundled(self.exchange).find(str(item.get("symbol")))
+            if market is None or item.get("id") is None:
+                continue  # a market the ledger does not trade
+            if kind == "order":
+                pushed.append(_venue_order(self.exchange, market, item, []))
+            elif item.get("order") is not None:
+                pushed.append(_fill(market, _pushed_trade(self.exchange, item)))
+        return pushed
+
+    async def unwatch(self) -> None:
+        """Stop watching: the watches cancelled, the socket closed, what was pushed dropped."""
+        for task in self._watching.values():
+            task.cancel()
+        await asyncio.gather(*self._watching.values(), return_exceptions=True)
+        self._watching.clear()
+        if self._pro is not None:
+            await self._pro.close()
+            self._pro.myTrades = self._pro.orders = None
+        self._pushed = None
 
     async def create(self, order: Intent) -> str:
         """Send the order; its venue id (an algo order's own id for a trigger order the venue

@@ -1,0 +1,261 @@
+"""The live venue following orders over WebSocket (consumers/venue.py ``Feed``) against a real Redis,
+the real command handler and the real ``ccxt.pro.okx`` class talking to the loopback venue's REST
+and WebSocket sides (tests/venue_server.py, tests/venue_ws.py).
+
+The handler and the venue run as they do in ``serve`` (``run``), with a short poll interval; each
+test waits for what it expects with a deadline. The loopback venue counts the REST requests, so
+"learned over the WebSocket, not by polling" is checked at the venue itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import structlog
+
+from consumers.command_handler import GROUP as HANDLER_GROUP
+from consumers.command_handler import CommandHandler
+from consumers.runner import ConsumerSettings, StreamConsumer
+from consumers.venue import Feeds, LiveVenue
+from ledger.config import parse_execution
+from ledger.domain import wire
+from ledger.domain.enums import Exchange, OrderStatus
+from ledger.store.eventstore import EventStore
+from ledger.store.keys import ShardKeys
+from ledger.venues import commands
+from ledger.venues.accounts import parse_credentials
+from ledger.venues.live import VenueClients
+from ledger.venues.markets import bundled
+from tests.venue_ws import LoopbackWsExchange, loopback_ws_exchange, ws_url
+
+USER = "alice"
+KEYS = ShardKeys(0)
+API_KEY = "key-ws-1"
+SECRET = "s3cr3t-never-logged"
+PASSWORD = "p4ssphrase-never-logged"
+ACCOUNT = (Exchange.OKX, "main")
+FETCHES = ("GET /api/v5/trade/order", "GET /api/v5/trade/fills-history")
+BTC = "BTC-USDT-SWAP"  # 0.01 BTC a contract
+
+
+class WsRig:
+    """The command handler and the live venue of shard 0, running until ``stop``."""
+
+    def __init__(self, redis: Any, okx: LoopbackWsExchange) -> None:
+        self.redis = redis
+        self.okx = okx
+        self.store = EventStore(redis, 0)
+        fast = ConsumerSettings(block_ms=20)
+        self.handler = StreamConsumer(
+            redis,
+            stream=KEYS.commands,
+            group=HANDLER_GROUP,
+            handler=CommandHandler(self.store, 1).handle,
+            dead_stream=KEYS.dead,
+            settings=fast,
+        )
+        account = {"apiKey": API_KEY, "secret": SECRET, "password": PASSWORD, "users": [USER]}
+        configs = parse_credentials(
+            {"okx": {"base_url": okx.url, "ws_url": ws_url(okx), "timeout_ms": 2000, "accounts": {"main": account}}}
+        )
+        self.clients = VenueClients({e: c.options for e, c in configs.items()})
+        self.feeds = Feeds(catch_up_after_s=0.2)
+        self.venue = LiveVenue(
+            redis,
+            0,
+            configs=configs,
+            clients=self.clients,
+            execution=parse_execution("okx=live"),
+            poll_interval_s=0.05,
+            consumer_settings=fast,
+            feeds=self.feeds,
+        )
+        self._n = 0
+
+    async def send(self, type_name: str, **data: Any) -> str:
+        self._n += 1
+        command_id = data.pop("command_id", f"c{self._n}")
+        await self.redis.xadd(
+            KEYS.commands, {"type": type_name, "data": json.dumps({"command_id": command_id, "user_id": USER, **data})}
+        )
+        return command_id
+
+    async def place(self, quantity: str = "0.1") -> str:
+        """A limit buy of ``quantity`` BTC-USDT-SWAP, open at the venue and followed over the socket."""
+        command_id = await self.send(
+            "place_order", exchange="okx", symbol=BTC, side="buy", order_type="limit", quantity=quantity, price="45000"
+        )
+        reply: dict[str, Any] = {}
+
+        async def replied() -> bool:
+            raw = await self.redis.lindex(KEYS.reply(USER, command_id), 0)
+            reply.update(json.loads(raw) if raw else {})
+            return bool(reply)
+
+        await until(replied, "the reply to place_order")
+        order_id = str(reply["order_id"])
+        await until(lambda: self.status_is(order_id, OrderStatus.OPEN), "the order open")
+        await until(self.followed, "the account followed over the socket")
+        return order_id
+
+    async def followed(self) -> bool:
+        feed = self.feeds.get(ACCOUNT)
+        return feed is not None and feed.subscribed and not self.venue._due
+
+    async def order(self, order_id: str) -> Any:
+        return await self.store.order(order_id)
+
+    async def status_is(self, order_id: str, status: OrderStatus) -> bool:
+        order = await self.order(order_id)
+        return order is not None and order.status is status
+
+    async def fill_ids_are(self, order_id: str, fill_ids: list[str]) -> bool:
+        order = await self.order(order_id)
+        return order is not None and list(order.fill_ids) == fill_ids
+
+    async def events(self, type_name: str, order_id: str) -> list[Any]:
+        return [
+            s.event for s in await self.store.read_range() if s.event.type == type_name and s.event.stream == order_id
+        ]
+
+    def fetches(self) -> int:
+        return sum(1 for request in self.okx.requests if request in FETCHES)
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 4.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(redis: Any, okx: LoopbackWsExchange) -> AsyncIterator[WsRig]:
+    rig = WsRig(redis, okx)
+    await rig.venue.burst()  # the venue's group starts at the end of the log: create it first
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(rig.handler.run(stop)), asyncio.create_task(rig.venue.run(stop))]
+    try:
+        yield rig
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await rig.clients.close()
+
+
+@pytest.fixture
+def okx() -> Iterator[LoopbackWsExchange]:
+    with loopback_ws_exchange("okx") as venue:
+        venue.ws_secret = SECRET  # the login's signature is checked
+        yield venue
+
+
+# --------------------------------------------------------------------------- pushes
+
+
+async def test_a_pushed_fill_is_recorded_once_though_polling_sees_it_too(redis: Any, okx: LoopbackWsExchange) -> None:
+    await _pushed_fill_recorded_once(redis, okx)
+
+
+async def test_a_pushed_fill_is_recorded_once_on_redis_cluster(redis_cluster: Any, okx: LoopbackWsExchange) -> None:
+    await _pushed_fill_recorded_once(redis_cluster, okx)
+
+
+async def _pushed_fill_recorded_once(redis: Any, okx: LoopbackWsExchange) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with running(redis, okx) as rig:
+            order_id = await rig.place()
+            client_id = order_id.replace("-", "")
+            fetched = rig.fetches()
+            okx.fill(client_id, "4", "45000", "t-1", fee="0.009")
+            await until(lambda: rig.fill_ids_are(order_id, ["t-1"]), "the pushed fill")
+            assert rig.fetches() == fetched  # learned from the push: nothing was fetched
+            # the polling path sees the same trade: the same command, absorbed by the handler
+            client = rig.clients.get(rig.venue.configs[Exchange.OKX].accounts["main"])
+            report = await client.fetch(okx.order(client_id).venue_id, bundled(Exchange.OKX).resolve(BTC))
+            polled = commands.fill(order_id, USER, report.fills[0])
+            await rig.redis.xadd(KEYS.commands, wire.command_fields(polled))
+            await rig.venue.tick(account=ACCOUNT)  # and a polling round finds nothing new
+            await until(lambda: _handled(rig.redis), "the handler to read every command")
+            order = await rig.order(order_id)
+    assert (order.status, order.filled_qty, order.fill_ids) == (OrderStatus.PARTIALLY_FILLED, Decimal("0.04"), ["t-1"])
+    fills = await rig.events("OrderFilled", order_id)
+    assert [(f.command_id, f.fill_id, f.quantity, f.price, f.fee, f.fee_currency) for f in fills] == [
+        (polled.command_id, "t-1", "0.04", "45000", "0.009", "USDT")
+    ]
+    assert (polled.quantity, polled.price, polled.fee, polled.fee_currency) == ("0.04", "45000", "0.009", "USDT")
+    assert okx.creates == {client_id: 1}
+    text = repr(logs)
+    assert SECRET not in text and PASSWORD not in text and API_KEY not in text
+    assert all(e.get("order_id") for e in logs if e["event"] == "fill")
+
+
+async def _handled(redis: Any) -> bool:
+    groups = await redis.xinfo_groups(KEYS.commands)
+    names = (HANDLER_GROUP, HANDLER_GROUP.encode())
+    return all(g["lag"] == 0 and g["pending"] == 0 for g in groups if g["name"] in names)
+
+
+async def test_partial_fills_then_a_cancel_over_the_socket(redis: Any, okx: LoopbackWsExchange) -> None:
+    async with running(redis, okx) as rig:
+        order_id = await rig.place()
+        client_id = order_id.replace("-", "")
+        okx.fill(client_id, "4", "45000", "t-1", fee="0.009")
+        okx.fill(client_id, "3", "44999.5", "t-2", fee="0.00675")
+        await until(lambda: rig.fill_ids_are(order_id, ["t-1", "t-2"]), "both pushed fills")
+        fetched = rig.fetches()
+        await rig.send("cancel_order", order_id=order_id)
+        await until(lambda: rig.status_is(order_id, OrderStatus.CANCELLED), "the cancel")
+        assert rig.fetches() == fetched + 2  # the pushed cancel confirmed by one fetch (order, trades)
+    order = await rig.order(order_id)
+    assert (order.filled_qty, order.fill_ids) == (Decimal("0.07"), ["t-1", "t-2"])
+    assert [e.command_id for e in await rig.events("OrderCancelled", order_id)] == [f"venue:{order_id}:cancel"]
+    assert [p["data"][0]["state"] for p in okx.pushes] == ["live", "partially_filled", "partially_filled", "canceled"]
+    assert (await rig.venue.working())[order_id].stage == "done"
+
+
+async def test_a_duplicate_push_of_a_trade_is_absorbed(redis: Any, okx: LoopbackWsExchange) -> None:
+    async with running(redis, okx) as rig:
+        order_id = await rig.place()
+        client_id = order_id.replace("-", "")
+        okx.fill(client_id, "4", "45000", "t-1")
+        await until(lambda: rig.fill_ids_are(order_id, ["t-1"]), "the first fill")
+        okx.push_again()  # the same trade pushed once more, then the next trade
+        okx.fill(client_id, "6", "45000", "t-2")
+        await until(lambda: rig.status_is(order_id, OrderStatus.FILLED), "the order filled")
+    assert [f.fill_id for f in await rig.events("OrderFilled", order_id)] == ["t-1", "t-2"]
+    assert [p["data"][0]["tradeId"] for p in okx.pushes] == ["", "t-1", "t-1", "t-2"]
+
+
+# --------------------------------------------------------------------------- a disconnect
+
+
+async def test_a_disconnect_falls_back_to_polling_then_the_socket_resumes(
+    redis: Any, okx: LoopbackWsExchange
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with running(redis, okx) as rig:
+            order_id = await rig.place()
+            client_id = order_id.replace("-", "")
+            okx.drop(then=lambda: okx.fill(client_id, "4", "45000", "t-1"))  # pushed to nobody
+            await until(lambda: rig.fill_ids_are(order_id, ["t-1"]), "the fill found by polling")
+            await until(rig.followed, "the socket back")
+            assert okx.connections == 2
+            fetched = rig.fetches()
+            okx.fill(client_id, "6", "45000", "t-2")
+            await until(lambda: rig.status_is(order_id, OrderStatus.FILLED), "the order filled")
+            assert rig.fetches() == fetched + 2  # t-2 pushed; the final status confirmed by one fetch
+    assert [f.fill_id for f in await rig.events("OrderFilled", order_id)] == ["t-1", "t-2"]
+    assert [p["data"][0]["tradeId"] for p in okx.pushes] == ["", "t-1", "t-2"]
+    lost = [e for e in logs if e["event"] == "websocket lost: polling, reconnecting with back-off"]
+    assert [(e["exchange"], e["account"]) for e in lost] == [("okx", "main")]
+    rounds = [e["why"] for e in logs if e["event"] == "polling round"]
+    assert rounds == ["caught up after (re)connecting", "websocket lost", "caught up after (re)connecting"]
+    assert SECRET not in repr(logs) and PASSWORD not in repr(logs)

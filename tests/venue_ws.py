@@ -1,0 +1,231 @@
+"""The WebSocket side of the stateful loopback venue (tests/venue_server.py), for OKX: the private
+``orders`` channel as ccxt's ``ccxt.pro.okx`` speaks it, so ccxt's own login signing, subscription
+and push parsing (``handle_orders`` / ``handle_my_trades``) run against it.
+
+Shapes (https://www.okx.com/docs-v5/en/#overview-websocket-login,
+https://www.okx.com/docs-v5/en/#order-book-trading-trade-ws-order-channel, and the examples in
+ccxt/pro/okx.py): ``{"op": "login", "args": [{apiKey, passphrase, timestamp, sign}]}`` answered
+``{"event": "login", "code": "0", ...}`` once the signature (base64 HMAC-SHA256 of
+``timestamp + "GET/users/self/verify"`` with the secret) checks; ``{"op": "subscribe", "args":
+[{"channel": "orders", "instType": "ANY"}]}`` answered ``{"event": "subscribe", ...}``; the text
+``ping`` answered ``pong``. A push is ``{"arg": {"channel": "orders", "instType": "ANY", "uid"},
+"data": [order]}``: the order as the REST answer gives it (the book's fields written in) plus the
+fields of its last trade (``tradeId``, ``fillSz``, ``fillPx``, ``fillTime``, ``fillFee`` negative
+when charged, ``fillFeeCcy``, ``execType``); one push per trade, and one per change of state
+without a trade (accepted ``live``, ``canceled``), as OKX sends them.
+
+Test controls besides the REST side's: ``drop(then=...)`` closes every socket and runs ``then``
+(e.g. a fill) before any new connection is served, so what ``then`` does is pushed to nobody;
+``push_again()`` sends the last push once more (a venue repeating itself); ``ws_secret`` (the
+secret the login signature is checked with); ``subscribed`` (set once a socket subscribed),
+``connections`` (how many sockets were opened), ``pushes`` (every push sent, in order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from tests.venue_server import BookOrder, LoopbackExchange, _plain, _serving
+
+UID = "44705892343619584"
+CONN_ID = "a4d3ae55"
+
+
+class LoopbackWsExchange(LoopbackExchange):
+    """``LoopbackExchange`` with OKX's private WebSocket (module doc)."""
+
+    def __init__(self, exchange: str) -> None:
+        if exchange != "okx":
+            raise ValueError(f"the loopback WebSocket speaks okx only (got {exchange})")
+        super().__init__(exchange)
+        self.ws_secret: str | None = None
+        self.subscribed = threading.Event()
+        self.connections = 0
+        self.pushes: list[dict[str, Any]] = []
+        self._sockets: set[web.WebSocketResponse] = set()
+        self._subscribers: set[web.WebSocketResponse] = set()
+        self._seen: dict[str, tuple[str, int]] = {}  # client id -> (state, trades) last pushed
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._gate = asyncio.Lock()  # held while ``drop`` runs: no new socket is served meanwhile
+
+    # ------------------------------------------------------------- test controls
+
+    def fill(self, client_id: str, amount: str, price: str, trade_id: str, fee: str = "0") -> None:
+        super().fill(client_id, amount, price, trade_id, fee)
+        self._on_loop(self._push_changes())
+
+    def finish(self, client_id: str, state: str) -> None:
+        super().finish(client_id, state)
+        self._on_loop(self._push_changes())
+
+    def drop(self, then: Callable[[], None] | None = None) -> None:
+        """Close every socket (code 1006 at the client: the venue went away); ``then`` runs
+        before a new socket is served."""
+
+        async def dropping() -> None:
+            async with self._gate:
+                sockets, self._sockets, self._subscribers = set(self._sockets), set(), set()
+                self.subscribed.clear()
+                for ws in sockets:
+                    await ws.close()
+                if then is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, then)
+
+        self._on_loop(dropping())
+
+    def push_again(self) -> None:
+        async def again() -> None:
+            self.pushes.append(self.pushes[-1])
+            await self._send_push(self.pushes[-1])
+
+        self._on_loop(again())
+
+    def _on_loop(self, work: Any) -> None:
+        """Run ``work`` on the server's loop (from the test's thread, or ``then`` of ``drop``)."""
+        if self._loop is None:  # no request ever came: no order to push about
+            work.close()
+            return
+        asyncio.run_coroutine_threadsafe(work, self._loop).result(10)
+
+    # ------------------------------------------------------------- serving
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self._loop = asyncio.get_running_loop()
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._socket(request)
+        response = await super()._handle(request)
+        await self._push_changes()  # an order created or cancelled
+        return response
+
+    async def _socket(self, request: web.Request) -> web.StreamResponse:
+        if request.path != "/ws/v5/private":
+            self.unanswered.append(f"WS {request.path}")
+            return web.json_response({"error": "not recorded"}, status=404)
+        async with self._gate:
+            ws = web.WebSocketResponse(autoping=True)
+            await ws.prepare(request)
+            self._sockets.add(ws)
+            self.connections += 1
+        logged_in = False
+        async for message in ws:
+            if message.type != WSMsgType.TEXT:
+                break
+            if message.data == "ping":
+                await ws.send_str("pong")
+                continue
+            request_body = json.loads(message.data)
+            op, args = request_body.get("op"), request_body.get("args") or [{}]
+            if op == "login":
+                logged_in = self._login_checks(args[0])
+                answer = (
+                    {"event": "login", "code": "0", "msg": "", "connId": CONN_ID}
+                    if logged_in
+                    else {"event": "error", "code": "60009", "msg": "Login failed.", "connId": CONN_ID}
+                )
+                await ws.send_json(answer)
+            elif op == "subscribe" and not logged_in:
+                await ws.send_json({"event": "error", "code": "60011", "msg": "Please log in", "connId": CONN_ID})
+            elif op == "subscribe" and args[0].get("channel") == "orders":
+                await ws.send_json({"event": "subscribe", "arg": args[0], "connId": CONN_ID})
+                self._subscribers.add(ws)
+                self.subscribed.set()
+            else:
+                self.unanswered.append(f"WS {message.data}")
+        self._sockets.discard(ws)
+        self._subscribers.discard(ws)
+        return ws
+
+    def _login_checks(self, login: dict[str, Any]) -> bool:
+        if self.ws_secret is None:
+            return bool(login.get("apiKey"))
+        digest = hmac.new(
+            self.ws_secret.encode(), f"{login.get('timestamp')}GET/users/self/verify".encode(), hashlib.sha256
+        ).digest()
+        return hmac.compare_digest(base64.b64encode(digest).decode(), str(login.get("sign")))
+
+    async def _push_changes(self) -> None:
+        """Push what changed on the book since the last push: each new trade, then a change of
+        state without one. Pushed whether or not a socket listens (a push nobody got is lost)."""
+        with self.lock:
+            pushes = []
+            for order in self.orders.values():
+                if order.algo:
+                    continue
+                state, trades = self._seen.get(order.client_id, ("", 0))
+                for index in range(trades, len(order.fills)):
+                    pushes.append(self._push(order, index))
+                if len(order.fills) == trades and order.state != state:
+                    pushes.append(self._push(order, None))
+                self._seen[order.client_id] = (order.state, len(order.fills))
+        for push in pushes:
+            self.pushes.append(push)
+            await self._send_push(push)
+
+    async def _send_push(self, push: dict[str, Any]) -> None:
+        for ws in list(self._subscribers):
+            if not ws.closed:
+                await ws.send_json(push)
+
+    def _push(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
+        """The push of ``order`` as it was right after its trade number ``trade`` (None: as it is)."""
+        data = self._order(order)["data"][0]
+        fill_template = self._copy("fill")
+        data.update(
+            code="0",
+            msg="",
+            amendResult="",
+            reqId="",
+            execType="",
+            tradeId="",
+            fillSz="0",
+            fillPx="",
+            fillTime="",
+            fillFee="0",
+            fillFeeCcy="",
+            fillNotionalUsd="",
+            notionalUsd="",
+        )
+        if trade is not None:
+            fills = order.fills[: trade + 1]
+            fill = fills[-1]
+            filled = sum((f.amount for f in fills), Decimal(0))
+            value = sum((f.amount * f.price for f in fills), Decimal(0))
+            last = trade == len(order.fills) - 1
+            data.update(
+                state=self._state(order) if last else "partially_filled",
+                accFillSz=_plain(filled),
+                avgPx=_plain(value / filled),
+                tradeId=fill.trade_id,
+                fillSz=_plain(fill.amount),
+                fillPx=_plain(fill.price),
+                fillTime=fill_template["fillTime"],
+                fillFee=_plain(-fill.fee),
+                fillFeeCcy=fill_template["feeCcy"],
+                execType=fill_template["execType"],
+            )
+        return {"arg": {"channel": "orders", "instType": "ANY", "uid": UID}, "data": [data]}
+
+
+@contextmanager
+def loopback_ws_exchange(exchange: str) -> Iterator[LoopbackWsExchange]:
+    """A stateful loopback venue with its WebSocket on 127.0.0.1 for the duration of the block;
+    ``url`` is its REST base URL, ``ws_url`` its WebSocket one."""
+    venue = LoopbackWsExchange(exchange)
+    with _serving(venue._handle) as url:
+        venue.url = url
+        yield venue
+
+
+def ws_url(venue: LoopbackExchange) -> str:
+    return "ws" + venue.url.removeprefix("http")
