@@ -386,7 +386,7 @@ def _decide_place_order(command: wire.PlaceOrder, book: Book, out: _Emitter) -> 
         grid_level=command.grid_level,
         position_id=reduced.id if reduced else None,
         metadata=command.metadata or {},
-        instrument=instrument,
+        instrument=out.ctx.recorded(reduced) if reduced else instrument,  # a reduction: the position's value
     )
     return order_id, reduced.id if reduced else None
 

@@ -200,13 +200,15 @@ def test_a_position_keeps_its_contract_value_after_the_market_data_changes() -> 
     driver.fill(order_id, "5", "40000")  # the entry order was placed at 100
     more = driver.place("buy", "10", symbol=INVERSE)  # placed after the sync: at 200
     driver.fill(more, "10", "40000")
+    reduce = driver.place("sell", "5", symbol=INVERSE, reduce_only=True)  # reduces the position: at 100
+    driver.fill(reduce, "5", "50000")
     close = driver.close(position_id)
-    driver.fill(close, "20", "50000")
+    driver.fill(close, "15", "50000")
 
-    assert [p.contract_value for p in of_type(driver.log, wire.OrderPlaced)] == ["100", "200", "100"]
+    assert [p.contract_value for p in of_type(driver.log, wire.OrderPlaced)] == ["100", "200", "100", "100"]
     position = driver.position(position_id)
     assert position.contract_value == D("100")
-    # 20 * 100 * (1/40000 - 1/50000) = 2000 * 0.000005 = 0.01 BTC (at 200 it would be 0.02)
+    # (5 + 15) * 100 * (1/40000 - 1/50000) = 2000 * 0.000005 = 0.01 BTC (at 200 it would be 0.02)
     assert position.gross_pnl == D("0.01")
     events = [e for e in driver.log if isinstance(e, wire.PositionEvent)]
     assert {e.contract_value for e in events} == {"100"}
