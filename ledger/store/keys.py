@@ -59,7 +59,10 @@ Internal keys of the live projection (``projections.live``):
 ``ledger:{s}:projection:expiring`` (sorted set, ``ShardKeys.expiring``)
     What the projection forgets later, scored by when (epoch milliseconds): a final order's id
     leaves ``orders:user:…`` once its hash ``orders:{id}`` has expired, and the fence fields of
-    final orders and closed positions (below) are dropped after the same retention.
+    final orders and closed positions (below) are dropped after the same retention. A member is
+    ``o <order id> <user> <exchange> <symbol>`` or ``p <position id> <user> <exchange>``
+    (``projections.live.Expiry``, which derives the keys from it; JSON members of older versions
+    are still carried out).
 ``ledger:live:fence:{<live key>}`` (hash, ``fence``)
     The fence of one legacy live key, on that key's cluster slot (the key itself is the hash
     tag; legacy keys never contain braces): field ``""`` (the whole key: a position hash, a GRID
