@@ -163,6 +163,9 @@ class Settings:
     # what is archived, processed by every group and older than retention_ms (projections.trim).
     retention_ms: int | None = None
     trim_interval_s: int = defaults.TRIM_INTERVAL_S
+    # Periodic reconciliation (0: off): `serve` reconciles every (exchange, user) with a live
+    # account every reconcile_s seconds (consumers.reconciling).
+    reconcile_s: int = defaults.RECONCILE_S
     # How long a final order stays readable in its live hash orders:{id} (projections.live).
     final_order_ttl_s: int = defaults.FINAL_ORDER_TTL_S
     # The live venue's accounts and ccxt options (a JSON file: ledger.venues.accounts).
@@ -176,6 +179,7 @@ class Settings:
             if getattr(self, name) is not None:  # only retention_ms may be unset (off)
                 whole_number(name, getattr(self, name))
         object.__setattr__(self, "durability", _durability(self.durability))
+        object.__setattr__(self, "reconcile_s", reconcile_seconds(self.reconcile_s))
         object.__setattr__(self, "paper_fee_rate", _fee_rate(self.paper_fee_rate))
         _one_of("LEDGER_LOG_FORMAT", self.log_format, LOG_FORMATS)
         _one_of("LEDGER_LOG_LEVEL", self.log_level.lower(), LOG_LEVELS)
@@ -201,6 +205,8 @@ class Settings:
             values["home"] = Path(home)
         if durability := env.get("LEDGER_DURABILITY"):
             values["durability"] = durability
+        if (reconcile := env.get("LEDGER_RECONCILE_S")) is not None:
+            values["reconcile_s"] = reconcile
         if credentials := env.get("LEDGER_CREDENTIALS"):
             values["credentials"] = Path(credentials)
         for name, (key, _flag, _maximum) in WHOLE_NUMBERS.items():
@@ -233,6 +239,23 @@ def whole_number(name: str, value: object) -> int:
         bound = f"from 1 to {maximum}" if maximum is not None else "≥ 1"
         raise ConfigError(f"{where}: must be a whole number {bound} (got {value!r})")
     return number
+
+
+# The longest interval of the periodic reconciliation: a day.
+MAX_RECONCILE_S = 86_400
+
+
+def reconcile_seconds(value: object) -> int:
+    """LEDGER_RECONCILE_S / --reconcile-s: whole seconds from 0 (off) to a day, as an ``int`` or
+    the text of an environment variable or a flag."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RECONCILE_S:
+        raise ConfigError(
+            f"LEDGER_RECONCILE_S / --reconcile-s: must be whole seconds from 0 (off) to {MAX_RECONCILE_S} "
+            f"(got {value!r})"
+        )
+    return value
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

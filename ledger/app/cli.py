@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ledger.app.processes import serve_command
     from ledger.app.service import ROLES
 
-    settings = _settings(args).with_overrides(processes=args.processes)
+    settings = _settings(args).with_overrides(processes=args.processes, reconcile_s=args.reconcile_s)
     configure_logging(settings.log_format, settings.log_level)
     roles = args.role or list(ROLES)
     unknown = [r for r in roles if r not in ROLES]
@@ -805,6 +805,11 @@ COMMANDS = (
                 choices=PROCESS_MODES,
                 help="roles: a child process per group of roles, supervised (default); 1: every role in this "
                 "process (env LEDGER_PROCESSES)",
+            ),
+            flag(
+                "--reconcile-s",
+                help="reconcile every user of the live venues every N seconds; 0: off (env LEDGER_RECONCILE_S, "
+                "default 0)",
             ),
         ),
         cmd_serve,

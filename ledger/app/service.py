@@ -3,7 +3,8 @@
 Each role is a set of runnables with a ``run(stop)`` coroutine, built by a factory that lives
 with the role's code: ``handler`` (consumers.command_handler), ``projection``
 (projections.live), ``projector`` (projections.projector), ``paper`` (consumers.paper),
-``venue`` (consumers.venue, for ``live`` exchanges), ``retention`` (projections.trim). Any subset
+``venue`` (consumers.venue, for ``live`` exchanges), ``retention`` (projections.trim),
+``reconcile`` (consumers.reconciling, periodic reconciliation of the live venues). Any subset
 runs in one process (:func:`serve`), or each group of :data:`PROCESS_GROUPS` in its own child
 process under a supervisor (``ledger.app.processes``), so Python work spreads over cores.
 """
@@ -44,17 +45,19 @@ ROLES: dict[str, str] = {
     "paper": "consumers.paper",
     "venue": "consumers.venue",
     "retention": "projections.trim",
+    "reconcile": "consumers.reconciling",
 }
 # The child processes of ``ledger serve`` in process mode: one per group, each role in exactly
 # one. Two, for the two cores the ledger is measured on, balanced by the profile of serve under
 # load (benchmarks/results/profile-e2e.txt: the live projection about a third of the time, the
 # handler a fifth, the projector a sixth): the handler with the projector and the periodic
-# retention; the live projection with the venues (idle unless orders execute on them). The two
+# retention; the live projection with the venues (idle unless orders execute on them) and their
+# periodic reconciliation (off unless LEDGER_RECONCILE_S is set: it shares the venue's ccxt). The two
 # steps of the order path (reply, then live keys) run in parallel. More processes would not add a
 # core but would add about 60 MB each (every process imports the ledger and its clients).
 PROCESS_GROUPS: tuple[tuple[str, ...], ...] = (
     ("handler", "projector", "retention"),
-    ("projection", "paper", "venue"),
+    ("projection", "paper", "venue", "reconcile"),
 )
 # The roles that need the PostgreSQL history: ``serve`` starts the private one for them when no
 # LEDGER_DATABASE_URL is set (the others find it, if any, when they need it).

@@ -102,9 +102,10 @@ def closed_port() -> int:
         ),
         (
             ["submit", "plcae_order", "--data", json.dumps(ORDER)],
-            "ledger: --data: unknown command type 'plcae_order'; known: cancel_order, close_position, "
-            "liquidate_position, open_position, order_accepted, order_cancelled, order_expired, order_rejected, "
-            "place_order, record_fill (UNKNOWN_TYPE): fix the command; nothing was published",
+            "ledger: --data: unknown command type 'plcae_order'; known: adjust_position, adopt_order, cancel_order, "
+            "close_position, liquidate_position, open_position, order_accepted, order_cancelled, order_expired, "
+            "order_rejected, place_order, record_drift, record_fill, resolve_drift (UNKNOWN_TYPE): fix the command; "
+            "nothing was published",
         ),
         (
             ["serve", "--shards", "0"],

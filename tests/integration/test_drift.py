@@ -9,7 +9,6 @@ change."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -23,45 +22,15 @@ from ledger.client.api import LedgerClient, OrderManager
 from ledger.client.reconcile import Finding, Reconciliation
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, PositionSide
-from ledger.domain.evolution import drift_slot
 from ledger.store.eventstore import EventStore, StoredEvent
 from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import load_credentials
 from projections.verify import verify_venue
+from tests.drift_helpers import MARKET, SLOT, USER, credentials_file, okx_position
 from tests.live_helpers import running_ledger
 from tests.venue_server import LoopbackExchange, loopback_exchange
-
-USER = "alice"
-MARKET = "BTC/USDT:USDT"
-SLOT = drift_slot(USER, "okx", MARKET, "position_size")
-
-
-def okx_position(contracts: str) -> dict[str, str]:
-    """An OKX ``account/positions`` row of BTC-USDT-SWAP (0.01 BTC a contract)."""
-    return {
-        "instId": "BTC-USDT-SWAP",
-        "instType": "SWAP",
-        "mgnMode": "cross",
-        "posSide": "net",
-        "pos": contracts,
-        "avgPx": "45000",
-        "markPx": "45000",
-        "lever": "3",
-        "ccy": "USDT",
-        "posId": "307173036051017730",
-        "cTime": "1700000000000",
-        "uTime": "1700000000000",
-    }
-
-
-def credentials_file(tmp_path: Path, venue: LoopbackExchange) -> Path:
-    account = {"apiKey": "key-1", "secret": "s3cr3t", "password": "p4ss", "users": [USER]}
-    path = tmp_path / "credentials.json"
-    body = {venue.exchange: {"base_url": venue.url, "timeout_ms": 2000, "accounts": {"main": account}}}
-    path.write_text(json.dumps(body), encoding="utf-8")
-    return path
 
 
 @pytest.fixture

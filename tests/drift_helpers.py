@@ -1,0 +1,40 @@
+"""Helpers of the drift tests (tests/integration/test_drift*.py): the user, the market and its
+drift slot, a credentials file for the loopback venue, an OKX position row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ledger.domain.evolution import drift_slot
+from tests.venue_server import LoopbackExchange
+
+USER = "alice"
+MARKET = "BTC/USDT:USDT"
+SLOT = drift_slot(USER, "okx", MARKET, "position_size")
+
+
+def okx_position(contracts: str) -> dict[str, str]:
+    """An OKX ``account/positions`` row of BTC-USDT-SWAP (0.01 BTC a contract)."""
+    return {
+        "instId": "BTC-USDT-SWAP",
+        "instType": "SWAP",
+        "mgnMode": "cross",
+        "posSide": "net",
+        "pos": contracts,
+        "avgPx": "45000",
+        "markPx": "45000",
+        "lever": "3",
+        "ccy": "USDT",
+        "posId": "307173036051017730",
+        "cTime": "1700000000000",
+        "uTime": "1700000000000",
+    }
+
+
+def credentials_file(tmp_path: Path, venue: LoopbackExchange) -> Path:
+    account = {"apiKey": "key-1", "secret": "s3cr3t", "password": "p4ss", "users": [USER]}
+    path = tmp_path / "credentials.json"
+    body = {venue.exchange: {"base_url": venue.url, "timeout_ms": 2000, "accounts": {"main": account}}}
+    path.write_text(json.dumps(body), encoding="utf-8")
+    return path

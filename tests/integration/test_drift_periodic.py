@@ -1,0 +1,91 @@
+"""Periodic reconciliation in ``serve`` (role ``reconcile``, ``LEDGER_RECONCILE_S``): every round
+reconciles each user of the live accounts; a failing round is logged with its ids and the next
+one runs. Against the loopback OKX (tests/venue_server.py) and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from consumers.reconciling import PeriodicReconciliation, reconcile_role
+from ledger.client.api import OrderManager
+from ledger.config import Settings, parse_execution
+from ledger.domain.enums import Exchange
+from ledger.store.keys import ShardKeys
+from ledger.store.redis_conn import text
+from ledger.venues.accounts import load_credentials
+from ledger.venues.live import VenueClients
+from tests.drift_helpers import SLOT, USER, credentials_file, okx_position
+from tests.live_helpers import running_ledger, wait_for
+from tests.venue_server import loopback_exchange
+
+
+def test_the_role_runs_nothing_when_off() -> None:
+    off = Settings(execution=parse_execution("okx=live"))  # no credentials needed: nothing runs
+    assert off.reconcile_s == 0
+    assert asyncio.run(reconcile_role(None, off)) == []
+
+
+async def _place(redis: Any) -> str:
+    order = await OrderManager(redis, timeout=10).create_order(
+        USER, "okx", "BTC-USDT-SWAP", "buy", "limit", "0.04", "45000"
+    )
+    assert order.id is not None
+    return order.id.replace("-", "")
+
+
+async def test_serve_reconciles_every_round(redis: Any, redis_url: str, tmp_path: Path) -> None:
+    with loopback_exchange("okx") as okx:
+        credentials = credentials_file(tmp_path, okx)
+        async with running_ledger(
+            redis_url,
+            tmp_path,
+            roles=("handler", "projection", "reconcile"),
+            execution="okx=live",
+            credentials=credentials,
+            reconcile_s=1,
+        ):
+            client_id = await _place(redis)
+            okx.book(client_id, "BTC-USDT-SWAP", "buy", "4", "45000")
+            okx.fill(client_id, "4", "45000", "t-1", fee="0.009")
+            okx.positions = [okx_position("5")]
+
+            async def drift() -> str | None:
+                return text(await redis.hget(ShardKeys(0).slots, SLOT))
+
+            drift_id = await wait_for(drift, "a round to record the drift")
+            okx.positions = [okx_position("4")]  # the venue agrees again: a later round resolves it
+
+            async def resolved() -> bool:
+                return await drift() is None
+
+            await wait_for(resolved, "a round to resolve the drift")
+            resolved = [s for s in await redis.xrange(ShardKeys(0).events) if drift_id in text(s[1]["data"])]
+            assert [text(fields["type"]) for _id, fields in resolved] == ["DriftDetected", "DriftResolved"]
+
+
+async def test_a_failing_reconciliation_is_logged_and_tried_again(redis: Any, redis_url: str, tmp_path: Path) -> None:
+    with loopback_exchange("okx") as okx:
+        credentials = credentials_file(tmp_path, okx)
+        config = load_credentials(credentials)[Exchange.OKX]
+    # The venue is gone: the user's order cannot be looked up.
+    async with running_ledger(redis_url, tmp_path, roles=("handler", "projection")):
+        await _place(redis)
+        periodic = PeriodicReconciliation(redis, {Exchange.OKX: config}, 1)
+        clients = VenueClients({Exchange.OKX: config.options})
+        try:
+            with structlog.testing.capture_logs() as logs:
+                assert await periodic.round(clients) == 1
+                assert await periodic.round(clients) == 1  # the next round tries again
+        finally:
+            await clients.close()
+    failures = [entry for entry in logs if entry["log_level"] == "error"]
+    assert [
+        (e["event"], e["user_id"], e["exchange"], e["account"], e["round"], bool(e["error"])) for e in failures
+    ] == [
+        ("periodic reconciliation failed: tried again next round", USER, "okx", "main", 0, True),
+        ("periodic reconciliation failed: tried again next round", USER, "okx", "main", 1, True),
+    ]
