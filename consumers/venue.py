@@ -52,7 +52,8 @@ feed runs one polling round of the account's open orders at once, the driver pol
 pass again, and the feed reconnects with back-off (``consumers.backoff``); once it has been up
 for ``catch_up_after_s`` (or a first push came) one more polling round covers what happened
 between the failure and the new subscription, and the driver stops polling the account. Trigger
-orders kept apart by the venue (``Intent.algo``) are always polled. Pushes reach the ledger only
+orders kept apart by the venue (``Intent.algo``) and orders of markets the socket does not carry
+(Binance futures: ``ledger.venues.live.WATCHED_KINDS``) are always polled. Pushes reach the ledger only
 through the same fenced scripts: a venue that lost its lease leaves the feed.
 
 Exactly once: every command id is deterministic (``venue:<order_id>:accept`` / ``:reject`` /
@@ -429,11 +430,11 @@ class LiveVenue:
             self.following.discard(key)
             await self.feeds.leave(self, key)
 
-    def _followed(self, record: LiveOrder, order: Intent) -> bool:
+    def _followed(self, record: LiveOrder, order: Intent, client: VenueClient) -> bool:
         """Whether pushes follow this open order now (else the driver polls it)."""
         key = (record.exchange, record.account)
         feed = self.feeds.get(key) if key in self.following else None
-        return feed is not None and feed.subscribed and key not in self.stale and not order.algo
+        return feed is not None and feed.subscribed and key not in self.stale and client.pushes(order)
 
     async def _drive_failed(self, exc: BaseException, retry_in_s: float) -> None:
         if isinstance(exc, RETRYABLE):
@@ -649,7 +650,7 @@ class LiveVenue:
             return await self._send(order_id, record, order, client, cancel, fields)
         if record.stage == "sending":
             return await self._find(order_id, record, order, client, cancel, fields)
-        fetch = poll or order_id in self._due or not self._followed(record, order)
+        fetch = poll or order_id in self._due or not self._followed(record, order, client)
         return await self._follow(order_id, record, order, client, cancel, fields, fetch=fetch)
 
     async def _send(

@@ -375,6 +375,15 @@ def _pushed_trade(exchange: Exchange, trade: Mapping[str, Any]) -> Mapping[str, 
     return {**trade, "fee": {**fee, "cost": -fee["cost"]}}
 
 
+# The markets whose orders the watches (no symbol, no type: ccxt's default stream) carry: OKX's
+# ``orders`` channel with ``instType`` ANY, every kind; Binance's spot user data stream only (ccxt's
+# default type; USDⓈ-M and COIN-M have their own listenKey streams, not watched: their orders are
+# polled); Upbit's ``myOrder``, spot.
+WATCHED_KINDS: Mapping[Exchange, frozenset[InstrumentKind]] = {
+    Exchange.OKX: frozenset(InstrumentKind),
+    Exchange.BINANCE: frozenset({InstrumentKind.SPOT}),
+    Exchange.UPBIT: frozenset({InstrumentKind.SPOT}),
+}
 # how many pushed orders and trades ccxt keeps (its default, ``ordersLimit`` / ``tradesLimit``)
 PUSHED_CACHE = 1000
 
@@ -492,6 +501,11 @@ class VenueClient:
             return False
         has = self._ws().has
         return bool(has.get("watchOrders") and has.get("watchMyTrades"))
+
+    def pushes(self, order: Intent) -> bool:
+        """Whether the socket ``watch`` follows carries this order's updates (``WATCHED_KINDS``;
+        an algo order's own updates are on another channel: it is polled)."""
+        return not order.algo and order.market.kind in WATCHED_KINDS[self.exchange]
 
     async def watch(self) -> list[VenueFill | VenueOrder]:
         """What the venue pushed since the last call, in the order pushed, in ledger units: the

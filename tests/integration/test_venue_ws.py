@@ -237,9 +237,7 @@ async def test_a_duplicate_push_of_a_trade_is_absorbed(redis: Any, okx: Loopback
 # --------------------------------------------------------------------------- a disconnect
 
 
-async def test_a_disconnect_falls_back_to_polling_then_the_socket_resumes(
-    redis: Any, okx: LoopbackWsExchange
-) -> None:
+async def test_a_disconnect_falls_back_to_polling_then_the_socket_resumes(redis: Any, okx: LoopbackWsExchange) -> None:
     with structlog.testing.capture_logs() as logs:
         async with running(redis, okx) as rig:
             order_id = await rig.place()
