@@ -266,6 +266,8 @@ class LoopbackExchange:
             while self.create_delay_s and time.monotonic() < until:  # held until the delay is lifted
                 await asyncio.sleep(0.02)
             return web.json_response(self._created(booked))
+        if route == "leverage_brackets":  # ccxt reads them before Binance futures positions
+            return web.json_response(self._copy(f"{api}_leverage_brackets"))
         if route in ("open_orders", "positions") or (route == "fills" and not {"ordId", "orderId"} & params.keys()):
             with self.lock:
                 return web.json_response(self._listing(route, params, api, algo))
@@ -648,7 +650,10 @@ ROUTES: dict[str, dict[tuple[str, str], str]] = {
         # USD-M futures (fapi) and COIN-M futures (dapi); their trigger orders are algo orders
         **{
             (method, f"/{api}/{path}"): route
-            for api, positions in (("fapi", "v3/positionRisk"), ("dapi", "v1/positionRisk"))
+            for api, positions, brackets in (
+                ("fapi", "v3/positionRisk", "v1/leverageBracket"),
+                ("dapi", "v1/positionRisk", "v2/leverageBracket"),
+            )
             for method, path, route in (
                 ("POST", "v1/order", "create"),
                 ("GET", "v1/order", "order"),
@@ -656,6 +661,7 @@ ROUTES: dict[str, dict[tuple[str, str], str]] = {
                 ("GET", "v1/userTrades", "fills"),
                 ("GET", "v1/openOrders", "open_orders"),
                 ("GET", positions, "positions"),
+                ("GET", brackets, "leverage_brackets"),
                 ("POST", "v1/algoOrder", "algo_create"),
                 ("GET", "v1/algoOrder", "algo_order"),
                 ("DELETE", "v1/algoOrder", "algo_cancel"),

@@ -680,11 +680,13 @@ class VenueClient:
 
     async def position(self, market: Market) -> Decimal | None:
         """The account's net position of a contract market in ledger units (long minus short);
-        None for a spot market or where ccxt has no ``fetchPositions`` (Upbit)."""
+        None for a spot market or where ccxt has no ``fetchPositions`` (Upbit). Binance's are
+        asked of the market's API (ccxt takes USD-M's unless told ``subType``: COIN-M's apart)."""
         if market.kind is InstrumentKind.SPOT or not self.ccxt.has.get("fetchPositions"):
             return None
+        params = {"subType": str(market.kind)} if self.exchange is Exchange.BINANCE else {}
         net = ZERO
-        for found in await self.ccxt.fetch_positions([market.symbol]):
+        for found in await self.ccxt.fetch_positions([market.symbol], params):
             size = to_quantity(market, ccxt_decimal(found.get("contracts")) or ZERO)
             net += -size if found.get("side") == "short" else size
         return net

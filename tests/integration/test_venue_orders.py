@@ -21,7 +21,9 @@ from consumers.venue import LiveVenue
 from ledger.config import parse_execution
 from ledger.domain.enums import Exchange, OrderStatus, PositionSide, PositionStatus
 from ledger.domain.state import PositionState
+from ledger.venues.accounts import parse_credentials
 from ledger.venues.live import VenueClients
+from ledger.venues.markets import bundled
 from tests.integration.test_reconcile import OKX_POSITION, _ledger
 from tests.integration.test_venue import KEYS, USER, Rig
 from tests.live_helpers import wait_for
@@ -362,6 +364,77 @@ async def test_a_triggered_stop_limit_is_cancelled_through_the_order_it_placed(
     assert (await rig.order(order_id)).status is OrderStatus.CANCELLED
     assert (binance.order(cid).state, binance.order(placed).state) == ("triggered", "canceled")
     assert "DELETE /fapi/v1/order" in binance.requests and "DELETE /fapi/v1/algoOrder" not in binance.requests
+
+
+# Binance position rows as the docs show them (USD-M Position Information V3, COIN-M Position Information)
+USDM_POSITION = {
+    "symbol": "BTCUSDT",
+    "positionSide": "LONG",
+    "positionAmt": "0.010",
+    "entryPrice": "44994",
+    "breakEvenPrice": "0.0",
+    "markPrice": "45000",
+    "unRealizedProfit": "0.06",
+    "liquidationPrice": "0",
+    "isolatedMargin": "0",
+    "notional": "450",
+    "marginAsset": "USDT",
+    "isolatedWallet": "0",
+    "initialMargin": "45",
+    "maintMargin": "1.8",
+    "positionInitialMargin": "45",
+    "openOrderInitialMargin": "0",
+    "adl": 0,
+    "bidNotional": "0",
+    "askNotional": "0",
+    "updateTime": 1720736417660,
+}
+COINM_POSITION = {
+    "symbol": "BTCUSD_PERP",
+    "positionAmt": "-3",
+    "entryPrice": "40000",
+    "markPrice": "40100",
+    "unRealizedProfit": "-0.00000187",
+    "liquidationPrice": "0",
+    "leverage": "20",
+    "maxQty": "250",
+    "marginType": "cross",
+    "isolatedMargin": "0",
+    "isAutoAddMargin": "false",
+    "positionSide": "BOTH",
+    "notionalValue": "-0.0074813",
+    "isolatedWallet": "0",
+    "updateTime": 1720736417660,
+    "breakEvenPrice": "40010",
+}
+
+
+async def test_binance_futures_positions_are_read_from_each_markets_api(binance: LoopbackExchange) -> None:
+    configs = parse_credentials(
+        {
+            "binance": {
+                "base_url": binance.url,
+                "timeout_ms": 2000,
+                "accounts": {"main": {"apiKey": "k", "secret": "s", "users": [USER]}},
+            }
+        }
+    )
+    clients = VenueClients({Exchange.BINANCE: configs[Exchange.BINANCE].options})
+    client = clients.get(configs[Exchange.BINANCE].accounts["main"])
+    markets = bundled(Exchange.BINANCE)
+    try:
+        short = {**USDM_POSITION, "positionSide": "SHORT", "positionAmt": "-0.004", "notional": "-180"}
+        binance.positions = [USDM_POSITION, short]  # hedge mode: a long and a short
+        assert await client.position(markets.resolve("BTC/USDT:USDT")) == Decimal("0.006")
+        binance.positions = [COINM_POSITION]
+        assert await client.position(markets.resolve("BTCUSD_PERP")) == Decimal(-3)  # contracts
+    finally:
+        await clients.close()
+    assert binance.requests == [
+        "GET /fapi/v1/leverageBracket",
+        "GET /fapi/v3/positionRisk",
+        "GET /dapi/v1/positionRisk",  # COIN-M's own (ccxt asked USD-M's before: a wrong net position)
+    ]
 
 
 # --------------------------------------------------------------------------- Upbit
