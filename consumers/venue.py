@@ -620,11 +620,23 @@ class LiveVenue:
     async def _advance(self, order_id: str, record: LiveOrder, cancel: bool, poll: bool = False) -> int:
         """Move one order on (``poll``: fetch it even if pushes follow it); under the order's lock,
         from its record as it is now (a push may have moved it since the pass read it)."""
+        if not poll and self._quiet(order_id, record, cancel):
+            return 0
         async with self._lock(order_id):
             fresh = await self._record(order_id)
             if fresh is None or fresh.stage == "done" or fresh.stage != record.stage:
                 return 0
             return await self._step(order_id, fresh, cancel, poll)
+
+    def _quiet(self, order_id: str, record: LiveOrder, cancel: bool) -> bool:
+        """An open order that pushes follow, with no cancel to send and not due: nothing to do."""
+        if record.stage != "open" or (cancel and not record.cancel_sent) or order_id in self._due:
+            return False
+        client = self._client(record.exchange, record.account)
+        try:
+            return client is not None and self._followed(record, _intent(order_id, record), client)
+        except Refused:
+            return False
 
     async def _step(self, order_id: str, record: LiveOrder, cancel: bool, poll: bool) -> int:
         fields = {
