@@ -108,7 +108,7 @@ RULES: Mapping[Exchange, VenueRules] = {
         re.compile(r"[A-Za-z0-9]{1,32}"),
         True,
         "ordId",
-        frozenset({"51016"}),
+        frozenset({"51016", "51065"}),  # clOrdId, algoClOrdId ("algoClOrdId already exists")
         algo_markets=frozenset(InstrumentKind),
         triggered_order_field="ordId",
         algo_client_id_param="algoClOrdId",
@@ -118,7 +118,7 @@ RULES: Mapping[Exchange, VenueRules] = {
         re.compile(r"[A-Za-z0-9_-]{1,36}"),
         True,
         "orderId",
-        frozenset({"-4116"}),
+        frozenset({"-4116", "-20132"}),  # newClientOrderId, clientAlgoId ("The client algo id is duplicated")
         "Duplicate order sent",
         algo_markets=frozenset({InstrumentKind.LINEAR, InstrumentKind.INVERSE}),
         triggered_order_field="actualOrderId",

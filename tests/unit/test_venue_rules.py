@@ -326,3 +326,12 @@ def test_trigger_orders_a_venue_cannot_take_are_refused(
             trigger_price=None if trigger is None else Decimal(trigger),
         )
     assert str(refused.value) == reason
+
+
+def test_a_duplicate_algo_client_id_is_an_unknown_outcome_not_a_refusal() -> None:
+    binance = ccxt.BadRequest('binance {"code":-20132,"msg":"The client algo id is duplicated"}')
+    okx = ccxt.ExchangeError(
+        'okx {"code":"1","data":[{"algoClOrdId":"x","algoId":"","sCode":"51065","sMsg":"algoClOrdId already exists."}]}'
+    )
+    assert isinstance(classify(Exchange.BINANCE, binance), Ambiguous)
+    assert isinstance(classify(Exchange.OKX, okx), Ambiguous)
