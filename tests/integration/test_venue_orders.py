@@ -191,7 +191,7 @@ async def test_okx_take_profit_in_hedge_mode_sends_the_side_and_no_reduce_only_t
 # --------------------------------------------------------------------------- Binance futures
 
 
-async def test_binance_usdm_order_in_hedge_mode_placed_partially_filled_then_filled(
+async def test_binance_usdm_hedge_mode_order_filled_in_parts_then_closed_on_its_side(
     redis: Any, binance: LoopbackExchange, made: list[Rig]
 ) -> None:
     rig = await _rig(made, redis, binance)
@@ -238,6 +238,40 @@ async def test_binance_usdm_order_in_hedge_mode_placed_partially_filled_then_fil
     (position,) = await _positions(rig)
     # 0.004 @ 45000 + 0.006 @ 44990 = 449.94 / 0.01 = 44994
     assert (position.side, position.size, position.entry_price) == (PositionSide.LONG, Decimal("0.01"), Decimal(44994))
+
+    # closed on its side: positionSide LONG and no reduceOnly (Binance refuses it in hedge mode)
+    close_id = await rig.place(
+        symbol="BTC/USDT:USDT",
+        side="sell",
+        order_type="limit",
+        quantity="0.01",
+        price="45100",
+        position_side="long",
+        reduce_only=True,
+    )
+    assert binance.order(_cid(close_id)).params == {
+        "symbol": "BTCUSDT",
+        "side": "SELL",
+        "newClientOrderId": _cid(close_id),
+        "newOrderRespType": "RESULT",
+        "type": "LIMIT",
+        "quantity": "0.01",
+        "price": "45100",
+        "timeInForce": "GTC",
+        "positionSide": "LONG",
+    }
+    binance.fill(_cid(close_id), "0.01", "45100", "5003", fee="0.1804")
+    await rig.settle()
+    (position,) = await _positions(rig)
+    fees = Decimal("0.072") + Decimal("0.107976") + Decimal("0.1804")
+    gross = (Decimal(45100) - Decimal(44994)) * Decimal("0.01")  # 1.06
+    assert (position.status, position.size, position.gross_pnl, position.fees, position.realized_pnl) == (
+        PositionStatus.CLOSED,
+        0,
+        gross,
+        fees,
+        gross - fees,
+    )
     assert set(binance.requests) == {"POST /fapi/v1/order", "GET /fapi/v1/order", "GET /fapi/v1/userTrades"}
     assert binance.unanswered == []
 
