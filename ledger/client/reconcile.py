@@ -76,6 +76,8 @@ UNKNOWN_ORDER = "unknown_order"
 UNRECORDED_FILL = "unrecorded_fill"
 POSITION_MISMATCH = "position_mismatch"
 COMMAND_REJECTED = "command_rejected"
+FEE_MISMATCH = "fee_mismatch"
+_Fee = tuple[Decimal, str | None]  # a fill's fee as the ledger recorded it: amount, currency (None: settlement)
 # Refusals of a drift command that only say another drift command got there first (the drift
 # is still open, or already resolved): no finding.
 _DRIFT_MOVED = (RejectCode.DRIFT_OPEN, RejectCode.NO_DRIFT)
@@ -205,6 +207,11 @@ class Reconciler:
             if finding is not None:
                 result.findings.append(finding)
             await self._drift(store, user_id, market.symbol, DriftKind.POSITION_SIZE, finding, figures, result, bound)
+        for market in markets.values():
+            fees, figures = await self._fees(venue, store, market, known)
+            if fees is not None:  # a fill's fee never changes: no fee drift is ever found agreeing again
+                result.findings.append(fees)
+                await self._drift(store, user_id, market.symbol, DriftKind.FEE, fees, figures, result, bound)
         for finding in result.findings:
             target = f"{self.exchange}/{account.name}/{user_id}/{finding.market}"
             detail = {"user_id": user_id, "exchange": self.exchange.value, **finding.as_dict()}
@@ -352,6 +359,41 @@ class Reconciler:
         }
         return Finding(POSITION_MISMATCH, market.symbol, market.symbol, evidence), figures
 
+    async def _fees(
+        self, venue: VenueClient, store: EventStore, market: Market, known: dict[str, str]
+    ) -> tuple[Finding | None, str]:
+        """A ``fee_mismatch`` when the fee the venue reports for a fill the ledger recorded (its
+        recent trades of ``market``, where ccxt lists them) differs from the fee the ledger
+        recorded for it, in amount or in currency (both named); and the figures compared."""
+        if not venue.ccxt.has.get("fetchMyTrades"):
+            return None, ""
+        reported = {
+            (order_id, trade.fill_id): trade
+            for trade in await venue.recent_fills(market)
+            if (order_id := known.get(trade.exchange_order_id or "")) is not None
+            and trade.fee is not None
+            and trade.fee_source is None  # the venue's own figure, not one computed for it
+        }
+        differing = []
+        for (order_id, fill_id), (fee, currency) in sorted((await _ledger_fees(store, set(reported))).items()):
+            trade = reported[order_id, fill_id]
+            venue_currency = trade.fee_currency.upper() if trade.fee_currency else None
+            if trade.fee != fee or (venue_currency and currency and venue_currency != currency):
+                differing.append(
+                    {
+                        "order_id": order_id,
+                        "fill_id": fill_id,
+                        "venue_fee": format_decimal(trade.fee or ZERO),
+                        "venue_fee_currency": venue_currency,
+                        "ledger_fee": format_decimal(fee),
+                        "ledger_fee_currency": currency,
+                    }
+                )
+        if not differing:
+            return None, ""
+        figures = "|".join(f"{d['order_id']}:{d['fill_id']}:{d['venue_fee']}:{d['ledger_fee']}" for d in differing)
+        return Finding(FEE_MISMATCH, market.symbol, market.symbol, {"fills": differing}), figures
+
     async def _drift(
         self,
         store: EventStore,
@@ -412,6 +454,22 @@ class Reconciler:
         if event is None:
             raise OperationFailed(f"event {entry_id} of shard {shard} is gone: run the reconciliation again")
         return event.stream
+
+
+async def _ledger_fees(store: EventStore, fills: set[tuple[str, str]]) -> dict[tuple[str, str], _Fee]:
+    """The fee (and its currency, upper case; None: the settlement currency) the ledger recorded
+    for each (order id, fill id) of ``fills`` it holds: one walk of the shard's Redis log,
+    stopped once every fill is found (a fill trimmed from Redis is not compared)."""
+    found: dict[tuple[str, str], _Fee] = {}
+    if not fills:
+        return found
+    async for stored in store.iterate():
+        event = stored.event
+        if isinstance(event, wire.OrderFilled) and (event.stream, event.fill_id) in fills:
+            found[event.stream, event.fill_id] = (Decimal(event.fee), event.fee_currency)
+            if len(found) == len(fills):
+                break
+    return found
 
 
 def _trade(trade: VenueFill) -> dict[str, str | None]:

@@ -22,6 +22,7 @@ from ledger.client.api import LedgerClient, OrderManager
 from ledger.client.reconcile import Finding, Reconciliation
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, PositionSide
+from ledger.domain.evolution import drift_slot
 from ledger.store.eventstore import EventStore, StoredEvent
 from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import text
@@ -177,3 +178,69 @@ async def test_a_drift_is_recorded_once_corrected_explicitly_and_resolved_when_t
         ("PositionOpened", "0.04"),
         ("PositionAdjusted", "0.05"),
     ]
+
+
+async def test_a_fill_fee_that_differs_from_the_venues_is_a_fee_drift(desk: Desk, okx: LoopbackExchange) -> None:
+    order = await OrderManager(desk.redis, timeout=10).create_order(
+        USER, "okx", "BTC-USDT-SWAP", "buy", "limit", "0.04", "45000"
+    )
+    assert order.id is not None
+    client_id = order.id.replace("-", "")
+    okx.book(client_id, "BTC-USDT-SWAP", "buy", "4", "45000")
+    okx.fill(client_id, "2", "45000", "t-1", fee="0.009")
+    okx.positions = [okx_position("2")]  # the sizes agree
+    # Someone else reported the fill first, with another fee.
+    report = wire.RecordFill(
+        command_id="external-t-1",
+        user_id=USER,
+        order_id=order.id,
+        fill_id="t-1",
+        quantity="0.02",
+        price="45000",
+        fee="0.005",
+        fee_currency="USDT",
+    )
+    await desk.client.submit(report)
+
+    first = await desk.reconcile()
+    fee_slot = drift_slot(USER, "okx", MARKET, "fee")
+    drift_id = text(await desk.redis.hget(ShardKeys(0).slots, fee_slot))
+    assert drift_id is not None
+    evidence = {
+        "fills": [
+            {
+                "order_id": order.id,
+                "fill_id": "t-1",
+                "venue_fee": "0.009",
+                "venue_fee_currency": "USDT",
+                "ledger_fee": "0.005",
+                "ledger_fee_currency": "USDT",
+            }
+        ]
+    }
+    assert first.findings == [Finding("fee_mismatch", MARKET, MARKET, evidence)]
+    assert [r["type"] for r in first.recorded] == ["order_accepted", "record_drift"]
+    assert first.recorded[-1]["drift_id"] == drift_id
+    (detected,) = await desk.events(drift_id)
+    assert isinstance(detected.event, wire.DriftDetected)
+    assert (detected.event.kind, detected.event.evidence) == ("fee", evidence)
+
+    second = await desk.reconcile()  # the fee still differs: reported, not recorded again
+    assert (second.recorded, second.findings) == ([], first.findings)
+
+    # An adjustment with the fee difference resolves the fee drift (no size drift is open).
+    adjust = wire.AdjustPosition(
+        command_id="ops-fee-1",
+        user_id=USER,
+        exchange=Exchange.OKX,
+        symbol="BTC-USDT-SWAP",  # the position's spelling; the drift is the canonical market's
+        side=PositionSide.LONG,
+        size="0.02",
+        reason="okx charged 0.009",
+        fee_adjustment="0.004",
+    )
+    await desk.client.submit(adjust)
+    _detected, resolved = await desk.events(drift_id)
+    assert isinstance(resolved.event, wire.DriftResolved)
+    assert (resolved.event.kind, resolved.event.resolution) == ("fee", "adjusted")
+    assert await desk.redis.hget(ShardKeys(0).slots, fee_slot) is None
