@@ -1,6 +1,6 @@
-"""The WebSocket side of the stateful loopback venue (tests/venue_server.py), for OKX: the private
-``orders`` channel as ccxt's ``ccxt.pro.okx`` speaks it, so ccxt's own login signing, subscription
-and push parsing (``handle_orders`` / ``handle_my_trades``) run against it.
+"""The WebSocket side of the stateful loopback venue (tests/venue_server.py): OKX's private
+``orders`` channel as ccxt's ``ccxt.pro.okx`` speaks it, and Binance's spot user data stream as
+``ccxt.pro.binance`` speaks it, so ccxt's own signing, subscription and push parsing run against it.
 
 Shapes (https://www.okx.com/docs-v5/en/#overview-websocket-login,
 https://www.okx.com/docs-v5/en/#order-book-trading-trade-ws-order-channel, and the examples in
@@ -13,6 +13,14 @@ ccxt/pro/okx.py): ``{"op": "login", "args": [{apiKey, passphrase, timestamp, sig
 fields of its last trade (``tradeId``, ``fillSz``, ``fillPx``, ``fillTime``, ``fillFee`` negative
 when charged, ``fillFeeCcy``, ``execType``); one push per trade, and one per change of state
 without a trade (accepted ``live``, ``canceled``), as OKX sends them.
+
+Binance spot (https://developers.binance.com/docs/binance-spot-api-docs/user-data-stream,
+https://developers.binance.com/docs/binance-spot-api-docs/websocket-api/user-data-stream-requests):
+on ``/ws-api/v3``, ``{"id", "method": "userDataStream.subscribe.signature", "params": {apiKey,
+timestamp, signature}}`` (the HMAC-SHA256 hex of the sorted, URL-encoded params) answered
+``{"id", "status": 200, "result": {"subscriptionId": 0}}``; then ``{"subscriptionId": 0, "event":
+executionReport}`` per trade (``x`` TRADE, ``t``, ``l``, ``L``, ``n``, ``N``) and per change of
+state (``x`` NEW, CANCELED).
 
 Test controls besides the REST side's: ``drop(then=...)`` closes every socket and runs ``then``
 (e.g. a fill) before any new connection is served, so what ``then`` does is pushed to nobody;
@@ -33,6 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import WSMsgType, web
 
@@ -40,14 +49,15 @@ from tests.venue_server import BookOrder, LoopbackExchange, _plain, _serving
 
 UID = "44705892343619584"
 CONN_ID = "a4d3ae55"
+PATHS = {"okx": "/ws/v5/private", "binance": "/ws-api/v3"}
 
 
 class LoopbackWsExchange(LoopbackExchange):
-    """``LoopbackExchange`` with OKX's private WebSocket (module doc)."""
+    """``LoopbackExchange`` with the venue's private WebSocket (module doc)."""
 
     def __init__(self, exchange: str) -> None:
-        if exchange != "okx":
-            raise ValueError(f"the loopback WebSocket speaks okx only (got {exchange})")
+        if exchange not in PATHS:
+            raise ValueError(f"the loopback WebSocket speaks {', '.join(PATHS)} (got {exchange})")
         super().__init__(exchange)
         self.ws_secret: str | None = None
         self.subscribed = threading.Event()
@@ -109,7 +119,7 @@ class LoopbackWsExchange(LoopbackExchange):
         return response
 
     async def _socket(self, request: web.Request) -> web.StreamResponse:
-        if request.path != "/ws/v5/private":
+        if request.path != PATHS[self.exchange]:
             self.unanswered.append(f"WS {request.path}")
             return web.json_response({"error": "not recorded"}, status=404)
         async with self._gate:
@@ -126,7 +136,9 @@ class LoopbackWsExchange(LoopbackExchange):
                 continue
             request_body = json.loads(message.data)
             op, args = request_body.get("op"), request_body.get("args") or [{}]
-            if op == "login":
+            if self.exchange == "binance":
+                await self._binance_request(ws, request_body)
+            elif op == "login":
                 logged_in = self._login_checks(args[0])
                 answer = (
                     {"event": "login", "code": "0", "msg": "", "connId": CONN_ID}
@@ -145,6 +157,21 @@ class LoopbackWsExchange(LoopbackExchange):
         self._sockets.discard(ws)
         self._subscribers.discard(ws)
         return ws
+
+    async def _binance_request(self, ws: web.WebSocketResponse, request: dict[str, Any]) -> None:
+        params = dict(request.get("params") or {})
+        signature = str(params.pop("signature", ""))
+        query = urlencode(sorted(params.items()))
+        expected = hmac.new((self.ws_secret or "").encode(), query.encode(), hashlib.sha256).hexdigest()
+        if request.get("method") != "userDataStream.subscribe.signature":
+            self.unanswered.append(f"WS {request}")
+        elif self.ws_secret is not None and not hmac.compare_digest(expected, signature):
+            error = {"code": -1022, "msg": "Signature for this request is not valid."}
+            await ws.send_json({"id": request.get("id"), "status": 400, "error": error})
+        else:
+            await ws.send_json({"id": request.get("id"), "status": 200, "result": {"subscriptionId": 0}})
+            self._subscribers.add(ws)
+            self.subscribed.set()
 
     def _login_checks(self, login: dict[str, Any]) -> bool:
         if self.ws_secret is None:
@@ -179,6 +206,8 @@ class LoopbackWsExchange(LoopbackExchange):
 
     def _push(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
         """The push of ``order`` as it was right after its trade number ``trade`` (None: as it is)."""
+        if self.exchange == "binance":
+            return {"subscriptionId": 0, "event": self._execution_report(order, trade)}
         data = self._order(order)["data"][0]
         fill_template = self._copy("fill")
         data.update(
@@ -215,6 +244,55 @@ class LoopbackWsExchange(LoopbackExchange):
                 execType=fill_template["execType"],
             )
         return {"arg": {"channel": "orders", "instType": "ANY", "uid": UID}, "data": [data]}
+
+    def _execution_report(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
+        """Binance's ``executionReport`` of a spot order (module doc)."""
+        fill_template = self._copy("fill")
+        fills = order.fills if trade is None else order.fills[: trade + 1]
+        filled = sum((f.amount for f in fills), Decimal(0))
+        value = sum((f.amount * f.price for f in fills), Decimal(0))
+        status = self._state(order)
+        if trade is not None and trade < len(order.fills) - 1:
+            status = "PARTIALLY_FILLED"
+        fill = order.fills[trade] if trade is not None else None
+        time = fill_template["time"]
+        return {
+            "e": "executionReport",
+            "E": time,
+            "s": order.market_id,
+            "c": order.client_id,
+            "S": order.side.upper(),
+            "o": order.ord_type.upper(),
+            "f": "GTC",
+            "q": _plain(order.amount or Decimal(0)),
+            "p": order.price or "0.00000000",
+            "P": "0.00000000",
+            "F": "0.00000000",
+            "g": -1,
+            "C": "",
+            "x": "TRADE" if fill is not None else {"NEW": "NEW", "CANCELED": "CANCELED"}.get(status, status),
+            "X": status,
+            "r": "NONE",
+            "i": int(order.venue_id),
+            "l": _plain(fill.amount) if fill else "0.00000000",
+            "z": _plain(filled),
+            "L": _plain(fill.price) if fill else "0.00000000",
+            "n": _plain(fill.fee) if fill else "0",
+            "N": fill_template["commissionAsset"] if fill else None,
+            "T": time,
+            "t": int(fill.trade_id) if fill else -1,
+            "v": 3,
+            "I": 8641984,
+            "w": status in ("NEW", "PARTIALLY_FILLED"),
+            "m": fill_template["isMaker"],
+            "M": False,
+            "O": time,
+            "Z": _plain(value),
+            "Y": _plain(fill.amount * fill.price) if fill else "0.00000000",
+            "Q": "0.00000000",
+            "W": time,
+            "V": "NONE",
+        }
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """The live venue following orders over WebSocket (consumers/venue.py ``Feed``) against a real Redis,
-the real command handler and the real ``ccxt.pro.okx`` class talking to the loopback venue's REST
-and WebSocket sides (tests/venue_server.py, tests/venue_ws.py).
+the real command handler and the real ``ccxt.pro.okx`` / ``ccxt.pro.binance`` classes talking to
+the loopback venue's REST and WebSocket sides (tests/venue_server.py, tests/venue_ws.py).
 
 The handler and the venue run as they do in ``serve`` (``run``), with a short poll interval; each
 test waits for what it expects with a deadline. The loopback venue counts the REST requests, so
@@ -39,17 +39,20 @@ KEYS = ShardKeys(0)
 API_KEY = "key-ws-1"
 SECRET = "s3cr3t-never-logged"
 PASSWORD = "p4ssphrase-never-logged"
-ACCOUNT = (Exchange.OKX, "main")
-FETCHES = ("GET /api/v5/trade/order", "GET /api/v5/trade/fills-history")
+FETCHES = {
+    "okx": ("GET /api/v5/trade/order", "GET /api/v5/trade/fills-history"),
+    "binance": ("GET /api/v3/order", "GET /api/v3/myTrades"),
+}
 BTC = "BTC-USDT-SWAP"  # 0.01 BTC a contract
 
 
 class WsRig:
     """The command handler and the live venue of shard 0, running until ``stop``."""
 
-    def __init__(self, redis: Any, okx: LoopbackWsExchange) -> None:
+    def __init__(self, redis: Any, venue: LoopbackWsExchange) -> None:
         self.redis = redis
-        self.okx = okx
+        self.book = venue
+        self.account = (Exchange(venue.exchange), "main")
         self.store = EventStore(redis, 0)
         fast = ConsumerSettings(block_ms=20)
         self.handler = StreamConsumer(
@@ -60,10 +63,11 @@ class WsRig:
             dead_stream=KEYS.dead,
             settings=fast,
         )
-        account = {"apiKey": API_KEY, "secret": SECRET, "password": PASSWORD, "users": [USER]}
-        configs = parse_credentials(
-            {"okx": {"base_url": okx.url, "ws_url": ws_url(okx), "timeout_ms": 2000, "accounts": {"main": account}}}
-        )
+        account = {"apiKey": API_KEY, "secret": SECRET, "users": [USER]}
+        if venue.exchange == "okx":
+            account["password"] = PASSWORD
+        options = {"base_url": venue.url, "ws_url": ws_url(venue), "timeout_ms": 2000}
+        configs = parse_credentials({venue.exchange: {**options, "accounts": {"main": account}}})
         self.clients = VenueClients({e: c.options for e, c in configs.items()})
         self.feeds = Feeds(catch_up_after_s=0.2)
         self.venue = LiveVenue(
@@ -71,7 +75,7 @@ class WsRig:
             0,
             configs=configs,
             clients=self.clients,
-            execution=parse_execution("okx=live"),
+            execution=parse_execution(f"{venue.exchange}=live"),
             poll_interval_s=0.05,
             consumer_settings=fast,
             feeds=self.feeds,
@@ -86,10 +90,16 @@ class WsRig:
         )
         return command_id
 
-    async def place(self, quantity: str = "0.1") -> str:
-        """A limit buy of ``quantity`` BTC-USDT-SWAP, open at the venue and followed over the socket."""
+    async def place(self, symbol: str = BTC, quantity: str = "0.1", price: str = "45000") -> str:
+        """A limit buy, open at the venue and followed over the socket."""
         command_id = await self.send(
-            "place_order", exchange="okx", symbol=BTC, side="buy", order_type="limit", quantity=quantity, price="45000"
+            "place_order",
+            exchange=self.book.exchange,
+            symbol=symbol,
+            side="buy",
+            order_type="limit",
+            quantity=quantity,
+            price=price,
         )
         reply: dict[str, Any] = {}
 
@@ -105,7 +115,7 @@ class WsRig:
         return order_id
 
     async def followed(self) -> bool:
-        feed = self.feeds.get(ACCOUNT)
+        feed = self.feeds.get(self.account)
         return feed is not None and feed.subscribed and not self.venue._due
 
     async def order(self, order_id: str) -> Any:
@@ -125,7 +135,7 @@ class WsRig:
         ]
 
     def fetches(self) -> int:
-        return sum(1 for request in self.okx.requests if request in FETCHES)
+        return sum(1 for request in self.book.requests if request in FETCHES[self.book.exchange])
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 4.0) -> None:
@@ -157,6 +167,13 @@ def okx() -> Iterator[LoopbackWsExchange]:
         yield venue
 
 
+@pytest.fixture
+def binance() -> Iterator[LoopbackWsExchange]:
+    with loopback_ws_exchange("binance") as venue:
+        venue.ws_secret = SECRET  # the subscription's signature is checked
+        yield venue
+
+
 # --------------------------------------------------------------------------- pushes
 
 
@@ -182,7 +199,7 @@ async def _pushed_fill_recorded_once(redis: Any, okx: LoopbackWsExchange) -> Non
             report = await client.fetch(okx.order(client_id).venue_id, bundled(Exchange.OKX).resolve(BTC))
             polled = commands.fill(order_id, USER, report.fills[0])
             await rig.redis.xadd(KEYS.commands, wire.command_fields(polled))
-            await rig.venue.tick(account=ACCOUNT)  # and a polling round finds nothing new
+            await rig.venue.tick(account=rig.account)  # and a polling round finds nothing new
             await until(lambda: _handled(rig.redis), "the handler to read every command")
             order = await rig.order(order_id)
     assert (order.status, order.filled_qty, order.fill_ids) == (OrderStatus.PARTIALLY_FILLED, Decimal("0.04"), ["t-1"])
@@ -257,3 +274,35 @@ async def test_a_disconnect_falls_back_to_polling_then_the_socket_resumes(redis:
     rounds = [e["why"] for e in logs if e["event"] == "polling round"]
     assert rounds == ["caught up after (re)connecting", "websocket lost", "caught up after (re)connecting"]
     assert SECRET not in repr(logs) and PASSWORD not in repr(logs)
+
+
+# --------------------------------------------------------------------------- Binance spot
+
+
+async def test_binance_spot_partial_fills_then_a_cancel_over_the_user_data_stream(
+    redis: Any, binance: LoopbackWsExchange
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with running(redis, binance) as rig:
+            order_id = await rig.place(symbol="BTC/USDT", quantity="0.01", price="40000")
+            client_id = order_id.replace("-", "")
+            fetched = rig.fetches()
+            binance.fill(client_id, "0.004", "40000", "9001", fee="0.016")
+            binance.fill(client_id, "0.003", "39999.5", "9002", fee="0.012")
+            await until(lambda: rig.fill_ids_are(order_id, ["9001", "9002"]), "both pushed fills")
+            assert rig.fetches() == fetched  # learned from the pushes
+            await rig.send("cancel_order", order_id=order_id)
+            await until(lambda: rig.status_is(order_id, OrderStatus.CANCELLED), "the cancel")
+    fills = await rig.events("OrderFilled", order_id)
+    assert [(f.fill_id, f.quantity, f.price, f.fee, f.fee_currency) for f in fills] == [
+        ("9001", "0.004", "40000", "0.016", "USDT"),
+        ("9002", "0.003", "39999.5", "0.012", "USDT"),
+    ]
+    assert [(p["event"]["x"], p["event"]["X"]) for p in binance.pushes] == [
+        ("NEW", "NEW"),
+        ("TRADE", "PARTIALLY_FILLED"),
+        ("TRADE", "PARTIALLY_FILLED"),
+        ("CANCELED", "CANCELED"),
+    ]
+    assert [e.command_id for e in await rig.events("OrderCancelled", order_id)] == [f"venue:{order_id}:cancel"]
+    assert SECRET not in repr(logs) and API_KEY not in repr(logs)
