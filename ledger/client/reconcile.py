@@ -35,12 +35,21 @@ through the normal command path or REPORTED as a finding; nothing is ever overwr
   ``BTC/USDT:USDT``) are two ledger positions, compared by their canonical market
   (``ledger.venues.markets``), summed, long minus short. A difference is a
   ``position_mismatch`` finding with the evidence;
+* the fee the venue reports for each fill the ledger recorded (its recent trades, where ccxt
+  lists them) is compared with the fee the ledger recorded: a difference is a ``fee_mismatch``
+  finding with both fees;
+* a ``position_mismatch`` or ``fee_mismatch`` is also RECORDED as a drift (``record_drift``,
+  kind ``position_size`` or ``fee``, the finding's evidence; its command id is made of the figures
+  compared, so the same difference is one drift however often it is seen), unless a drift of that
+  (user, exchange, canonical market, kind) is open: it still is. A market whose sizes agree again
+  while its ``position_size`` drift is open gets ``resolve_drift`` (``agreed``). Only an explicit
+  ``adjust_position`` (or ``resolve_drift``) changes anything more;
 * a command the ledger refuses is a ``command_rejected`` finding with its code and message.
 
 The markets looked at are the canonical markets of the user's orders and open positions in the
 live keys, plus any the caller names. Every finding is appended to the operations stream
 ``ledger:ops`` (action ``reconcile.finding``) and logged with its ids; it stays a finding
-until the venue and the ledger agree (drift and adjustment events are a later step).
+until the venue and the ledger agree.
 """
 
 from __future__ import annotations
