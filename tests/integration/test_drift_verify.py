@@ -7,16 +7,20 @@ import asyncio
 import json
 import os
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from ledger.client.api import LedgerClient
 from ledger.domain import wire
-from ledger.domain.enums import Exchange
+from ledger.domain.enums import Exchange, PositionSide
 from ledger.domain.evolution import drift_slot
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys
-from tests.live_helpers import running_ledger
+from projections.verify import verify, verify_venue
+from tests.live_helpers import running_ledger, wait_for
 
 USER = "bob"
 MARKET = "BTC/USDT:USDT"
@@ -110,3 +114,77 @@ async def test_verify_venue_exits_1_while_a_drift_is_open(
                 "found": detected.stream,
             }
         ]
+
+
+async def test_an_adjustment_to_zero_reaches_postgresql_once_and_verify_agrees(
+    redis: Any, redis_url: str, database_url: str, pg: psycopg.AsyncConnection[Any], tmp_path: Path
+) -> None:
+    roles = ("handler", "projection", "projector")
+    async with running_ledger(redis_url, tmp_path, roles=roles, database_url=database_url, execution="external"):
+        client = LedgerClient(redis, timeout=10)
+        opened = await client.submit(
+            wire.OpenPosition(
+                command_id="open-1",
+                user_id=USER,
+                exchange=Exchange.OKX,
+                symbol="BTC-USDT-SWAP",
+                side=PositionSide.LONG,
+                size="0.1",
+                price="45000",
+            )
+        )
+        await client.submit(
+            wire.RecordFill(
+                command_id="fill-1",
+                user_id=USER,
+                order_id=opened["order_id"],
+                fill_id="f-1",
+                quantity="0.1",
+                price="45000",
+                fee="0.45",
+            )
+        )
+        await client.submit(
+            wire.RecordDrift(
+                command_id="drift-1",
+                user_id=USER,
+                exchange=Exchange.OKX,
+                symbol=MARKET,
+                kind=wire.DriftKind.POSITION_SIZE,
+                evidence={"venue": "0", "ledger": "0.1"},
+            )
+        )
+        closed = await client.submit(
+            wire.AdjustPosition(
+                command_id="adjust-1",
+                user_id=USER,
+                exchange=Exchange.OKX,
+                symbol="BTC-USDT-SWAP",
+                side=PositionSide.LONG,
+                size="0",
+                reason="closed at the venue by hand",
+            )
+        )
+        assert [e["type"] for e in closed["events"]] == ["PositionAdjusted", "PositionClosed", "DriftResolved"]
+        position_id = closed["position_id"]
+
+        async def archived() -> bool:
+            cur = await pg.execute("SELECT count(*) FROM ledger_events WHERE type = 'DriftResolved'")
+            row = await cur.fetchone()
+            return row is not None and row[0] == 1
+
+        await wait_for(archived, "the projector to archive the drift's resolution")
+        cur = await pg.execute(
+            "SELECT status, size, fees, realized_pnl, close_reason FROM positions WHERE id = %s", [position_id]
+        )
+        assert await cur.fetchall() == [("closed", Decimal("0.1"), Decimal("0.45"), Decimal("-0.45"), "adjustment")]
+        cur = await pg.execute(
+            "SELECT type, version FROM ledger_events WHERE aggregate_id = %s ORDER BY version", [position_id]
+        )
+        assert await cur.fetchall() == [("PositionOpened", 1), ("PositionAdjusted", 2), ("PositionClosed", 3)]
+        assert await redis.exists(f"positions:{USER}:okx:BTC-USDT-SWAP:long") == 0
+
+        report = await verify(redis, pg, [0], 1)
+        assert report.differences == []
+        venue = await verify_venue(redis, pg, [0])
+        assert (venue.ok, venue.events) == (True, 2)
