@@ -1,6 +1,6 @@
 """The WebSocket side of the stateful loopback venue (tests/venue_server.py): OKX's private
-``orders`` channel as ccxt's ``ccxt.pro.okx`` speaks it, and Binance's spot user data stream as
-``ccxt.pro.binance`` speaks it, so ccxt's own signing, subscription and push parsing run against it.
+``orders`` channel, Binance's spot user data stream and Upbit's private ``myOrder`` as ccxt's
+``ccxt.pro`` classes speak them, so ccxt's own signing, subscription and push parsing run against it.
 
 Shapes (https://www.okx.com/docs-v5/en/#overview-websocket-login,
 https://www.okx.com/docs-v5/en/#order-book-trading-trade-ws-order-channel, and the examples in
@@ -21,6 +21,12 @@ timestamp, signature}}`` (the HMAC-SHA256 hex of the sorted, URL-encoded params)
 ``{"id", "status": 200, "result": {"subscriptionId": 0}}``; then ``{"subscriptionId": 0, "event":
 executionReport}`` per trade (``x`` TRADE, ``t``, ``l``, ``L``, ``n``, ``N``) and per change of
 state (``x`` NEW, CANCELED).
+
+Upbit (https://global-docs.upbit.com/reference/websocket-myorder): ``/websocket/v1/private`` with
+``Authorization: Bearer <JWT>`` (HS256 with the secret; refused with 401 otherwise), then
+``[{"ticket"}, {"type": "myOrder"}]`` (no answer); binary frames of ``myOrder`` per trade (``state``
+trade, ``trade_uuid``, the trade's ``price`` and ``volume``, ``trade_fee``) and per change of state
+(``wait``, ``done`` after the last trade, ``cancel``), numbers as JSON numbers.
 
 Test controls besides the REST side's: ``drop(then=...)`` closes every socket and runs ``then``
 (e.g. a fill) before any new connection is served, so what ``then`` does is pushed to nobody;
@@ -49,7 +55,7 @@ from tests.venue_server import BookOrder, LoopbackExchange, _plain, _serving
 
 UID = "44705892343619584"
 CONN_ID = "a4d3ae55"
-PATHS = {"okx": "/ws/v5/private", "binance": "/ws-api/v3"}
+PATHS = {"okx": "/ws/v5/private", "binance": "/ws-api/v3", "upbit": "/websocket/v1/private"}
 
 
 class LoopbackWsExchange(LoopbackExchange):
@@ -122,6 +128,9 @@ class LoopbackWsExchange(LoopbackExchange):
         if request.path != PATHS[self.exchange]:
             self.unanswered.append(f"WS {request.path}")
             return web.json_response({"error": "not recorded"}, status=404)
+        if self.exchange == "upbit" and not self._upbit_token_checks(request.headers.get("Authorization", "")):
+            error = {"name": "invalid_query_payload", "message": "JWT verification failed"}
+            return web.json_response({"error": error}, status=401)
         async with self._gate:
             ws = web.WebSocketResponse(autoping=True)
             await ws.prepare(request)
@@ -135,10 +144,14 @@ class LoopbackWsExchange(LoopbackExchange):
                 await ws.send_str("pong")
                 continue
             request_body = json.loads(message.data)
-            op, args = request_body.get("op"), request_body.get("args") or [{}]
             if self.exchange == "binance":
                 await self._binance_request(ws, request_body)
-            elif op == "login":
+                continue
+            if self.exchange == "upbit":
+                self._upbit_request(ws, request_body)
+                continue
+            op, args = request_body.get("op"), request_body.get("args") or [{}]
+            if op == "login":
                 logged_in = self._login_checks(args[0])
                 answer = (
                     {"event": "login", "code": "0", "msg": "", "connId": CONN_ID}
@@ -173,6 +186,26 @@ class LoopbackWsExchange(LoopbackExchange):
             self._subscribers.add(ws)
             self.subscribed.set()
 
+    def _upbit_token_checks(self, authorization: str) -> bool:
+        """Upbit's ``Authorization: Bearer <JWT>`` (HS256 with the secret, ``access_key`` and ``nonce``)."""
+        token = authorization.removeprefix("Bearer ")
+        parts = token.split(".")
+        if len(parts) != 3:
+            return False
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        if self.ws_secret is None:
+            return bool(payload.get("access_key"))
+        digest = hmac.new(self.ws_secret.encode(), f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
+        return hmac.compare_digest(base64.urlsafe_b64encode(digest).decode().rstrip("="), parts[2])
+
+    def _upbit_request(self, ws: web.WebSocketResponse, request: list[dict[str, Any]]) -> None:
+        """``[{"ticket"}, {"type": "myOrder"}, ...]``: no answer (Upbit acknowledges nothing)."""
+        if any(part.get("type") == "myOrder" for part in request):
+            self._subscribers.add(ws)
+            self.subscribed.set()
+        else:
+            self.unanswered.append(f"WS {request}")
+
     def _login_checks(self, login: dict[str, Any]) -> bool:
         if self.ws_secret is None:
             return bool(login.get("apiKey"))
@@ -192,7 +225,8 @@ class LoopbackWsExchange(LoopbackExchange):
                 state, trades = self._seen.get(order.client_id, ("", 0))
                 for index in range(trades, len(order.fills)):
                     pushes.append(self._push(order, index))
-                if len(order.fills) == trades and order.state != state:
+                settled = len(order.fills) == trades or self.exchange == "upbit"  # Upbit: ``done`` after ``trade``
+                if settled and order.state != state:
                     pushes.append(self._push(order, None))
                 self._seen[order.client_id] = (order.state, len(order.fills))
         for push in pushes:
@@ -201,13 +235,17 @@ class LoopbackWsExchange(LoopbackExchange):
 
     async def _send_push(self, push: dict[str, Any]) -> None:
         for ws in list(self._subscribers):
-            if not ws.closed:
+            if not ws.closed and self.exchange == "upbit":  # Upbit's frames are binary
+                await ws.send_bytes(json.dumps(push).encode())
+            elif not ws.closed:
                 await ws.send_json(push)
 
     def _push(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
         """The push of ``order`` as it was right after its trade number ``trade`` (None: as it is)."""
         if self.exchange == "binance":
             return {"subscriptionId": 0, "event": self._execution_report(order, trade)}
+        if self.exchange == "upbit":
+            return self._my_order(order, trade)
         data = self._order(order)["data"][0]
         fill_template = self._copy("fill")
         data.update(
@@ -292,6 +330,45 @@ class LoopbackWsExchange(LoopbackExchange):
             "Q": "0.00000000",
             "W": time,
             "V": "NONE",
+        }
+
+    def _my_order(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
+        """Upbit's ``myOrder`` of an order (module doc): a trade (``state`` trade, its price and
+        volume) or the order as it is; numbers as JSON numbers, as Upbit sends them."""
+        fills = order.fills if trade is None else order.fills[: trade + 1]
+        filled = sum((f.amount for f in fills), Decimal(0))
+        funds = sum((f.amount * f.price for f in fills), Decimal(0))
+        fill = order.fills[trade] if trade is not None else None
+        price = fill.price if fill else Decimal(order.cost if order.cost is not None else order.price or 0)
+        volume = fill.amount if fill else order.amount
+        time = 1712000000000
+        return {
+            "type": "myOrder",
+            "code": order.market_id,
+            "uuid": order.venue_id,
+            "ask_bid": "BID" if order.side == "buy" else "ASK",
+            "order_type": "price" if order.cost is not None else order.ord_type,
+            "state": "trade" if fill else self._state(order),
+            "trade_uuid": fill.trade_id if fill else None,
+            "price": float(price),
+            "avg_price": float(funds / filled) if filled else 0,
+            "volume": None if volume is None else float(volume),
+            "remaining_volume": None if order.amount is None else float(order.amount - filled),
+            "executed_volume": float(filled),
+            "trades_count": len(fills),
+            "reserved_fee": 0,
+            "remaining_fee": 0,
+            "paid_fee": float(sum((f.fee for f in fills), Decimal(0))),
+            "locked": 0,
+            "executed_funds": float(funds),
+            "trade_fee": float(fill.fee) if fill else None,
+            "is_maker": True,
+            "identifier": order.client_id,
+            "time_in_force": None,
+            "trade_timestamp": time if fill else None,
+            "order_timestamp": time,
+            "timestamp": time,
+            "stream_type": "REALTIME",
         }
 
 

@@ -27,7 +27,7 @@ from ledger.config import parse_execution
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderStatus
 from ledger.store.eventstore import EventStore
-from ledger.store.keys import ShardKeys
+from ledger.store.keys import ShardKeys, marks
 from ledger.venues import commands
 from ledger.venues.accounts import parse_credentials
 from ledger.venues.live import VenueClients
@@ -42,6 +42,7 @@ PASSWORD = "p4ssphrase-never-logged"
 FETCHES = {
     "okx": ("GET /api/v5/trade/order", "GET /api/v5/trade/fills-history"),
     "binance": ("GET /api/v3/order", "GET /api/v3/myTrades"),
+    "upbit": ("GET /v1/order",),
 }
 BTC = "BTC-USDT-SWAP"  # 0.01 BTC a contract
 
@@ -90,16 +91,18 @@ class WsRig:
         )
         return command_id
 
-    async def place(self, symbol: str = BTC, quantity: str = "0.1", price: str = "45000") -> str:
-        """A limit buy, open at the venue and followed over the socket."""
+    async def place(self, symbol: str = BTC, quantity: str = "0.1", price: str | None = "45000") -> str:
+        """A buy (limit, or market without a price), open at the venue and followed over the socket."""
+        order_type = "market" if price is None else "limit"
+        priced = {} if price is None else {"price": price}
         command_id = await self.send(
             "place_order",
             exchange=self.book.exchange,
             symbol=symbol,
             side="buy",
-            order_type="limit",
+            order_type=order_type,
             quantity=quantity,
-            price=price,
+            **priced,
         )
         reply: dict[str, Any] = {}
 
@@ -134,6 +137,11 @@ class WsRig:
             s.event for s in await self.store.read_range() if s.event.type == type_name and s.event.stream == order_id
         ]
 
+    async def done(self, order_id: str) -> bool:
+        """Whether the venue is done with the order (its last command published)."""
+        record = (await self.venue.working()).get(order_id)
+        return record is not None and record.stage == "done"
+
     def fetches(self) -> int:
         return sum(1 for request in self.book.requests if request in FETCHES[self.book.exchange])
 
@@ -164,6 +172,13 @@ async def running(redis: Any, okx: LoopbackWsExchange) -> AsyncIterator[WsRig]:
 def okx() -> Iterator[LoopbackWsExchange]:
     with loopback_ws_exchange("okx") as venue:
         venue.ws_secret = SECRET  # the login's signature is checked
+        yield venue
+
+
+@pytest.fixture
+def upbit() -> Iterator[LoopbackWsExchange]:
+    with loopback_ws_exchange("upbit") as venue:
+        venue.ws_secret = SECRET  # the JWT's signature is checked
         yield venue
 
 
@@ -265,8 +280,9 @@ async def test_a_disconnect_falls_back_to_polling_then_the_socket_resumes(redis:
             assert okx.connections == 2
             fetched = rig.fetches()
             okx.fill(client_id, "6", "45000", "t-2")
-            await until(lambda: rig.status_is(order_id, OrderStatus.FILLED), "the order filled")
+            await until(lambda: rig.done(order_id), "the venue done with the order")
             assert rig.fetches() == fetched + 2  # t-2 pushed; the final status confirmed by one fetch
+            await until(lambda: rig.status_is(order_id, OrderStatus.FILLED), "the order filled")
     assert [f.fill_id for f in await rig.events("OrderFilled", order_id)] == ["t-1", "t-2"]
     assert [p["data"][0]["tradeId"] for p in okx.pushes] == ["", "t-1", "t-2"]
     lost = [e for e in logs if e["event"] == "websocket lost: polling, reconnecting with back-off"]
@@ -306,3 +322,47 @@ async def test_binance_spot_partial_fills_then_a_cancel_over_the_user_data_strea
     ]
     assert [e.command_id for e in await rig.events("OrderCancelled", order_id)] == [f"venue:{order_id}:cancel"]
     assert SECRET not in repr(logs) and API_KEY not in repr(logs)
+
+
+# --------------------------------------------------------------------------- Upbit
+
+TRADE_1 = "b3f7c1de-0000-4000-8000-000000000001"
+TRADE_2 = "b3f7c1de-0000-4000-8000-000000000002"
+
+
+async def test_upbit_fills_pushed_with_their_fees_then_done(redis: Any, upbit: LoopbackWsExchange) -> None:
+    async with running(redis, upbit) as rig:
+        order_id = await rig.place(symbol="KRW-BTC", quantity="0.001", price="50000000")
+        fetched = rig.fetches()
+        upbit.fill(order_id, "0.0006", "50000000", TRADE_1, fee="15")
+        await until(lambda: rig.fill_ids_are(order_id, [TRADE_1]), "the first pushed fill")
+        assert rig.fetches() == fetched
+        upbit.fill(order_id, "0.0004", "50000000", TRADE_2, fee="10")  # then ``done``: confirmed by one fetch
+        await until(lambda: rig.done(order_id), "the venue done with the order")
+        assert rig.fetches() == fetched + 1
+        await until(lambda: rig.status_is(order_id, OrderStatus.FILLED), "the order filled")
+    fills = await rig.events("OrderFilled", order_id)
+    assert [(f.fill_id, f.quantity, f.fee, f.fee_currency) for f in fills] == [
+        (TRADE_1, "0.0006", "15", "KRW"),  # the fee the venue pushed (its REST trades have none)
+        (TRADE_2, "0.0004", "10", "KRW"),
+    ]
+    assert [(p["state"], p["trade_uuid"]) for p in upbit.pushes] == [
+        ("wait", None),
+        ("trade", TRADE_1),
+        ("trade", TRADE_2),
+        ("done", None),
+    ]
+
+
+async def test_an_upbit_market_buy_pushed_as_cancel_is_a_fill(redis: Any, upbit: LoopbackWsExchange) -> None:
+    async with running(redis, upbit) as rig:
+        await redis.hset(marks("upbit"), "KRW-BTC", "50000000")
+        order_id = await rig.place(symbol="KRW-BTC", quantity="0.001", price=None)
+        assert (upbit.order(order_id).cost, upbit.order(order_id).amount) == ("50000", None)
+        upbit.fill(order_id, "0.0009", "50100000", TRADE_1, fee="22.545")
+        upbit.finish(order_id, "canceled")  # the unspent KRW came back: Upbit says "cancel"
+        await until(lambda: rig.status_is(order_id, OrderStatus.EXPIRED), "the rest expired")
+    order = await rig.order(order_id)
+    assert (order.filled_qty, order.fill_ids) == (Decimal("0.0009"), [TRADE_1])
+    assert await rig.events("OrderCancelled", order_id) == []
+    assert [p["state"] for p in upbit.pushes] == ["wait", "trade", "cancel"]
