@@ -366,3 +366,26 @@ async def test_an_upbit_market_buy_pushed_as_cancel_is_a_fill(redis: Any, upbit:
     assert (order.filled_qty, order.fill_ids) == (Decimal("0.0009"), [TRADE_1])
     assert await rig.events("OrderCancelled", order_id) == []
     assert [p["state"] for p in upbit.pushes] == ["wait", "trade", "cancel"]
+
+
+# --------------------------------------------------------------------------- fencing
+
+
+async def test_a_venue_that_lost_its_lease_writes_nothing_a_push_brings_and_leaves_the_feed(
+    redis: Any, okx: LoopbackWsExchange
+) -> None:
+    async with running(redis, okx) as rig:
+        order_id = await rig.place()
+        feed = rig.feeds.get(rig.account)
+        assert feed is not None and feed.venues == {rig.venue}
+        await redis.set(rig.venue.venue_keys.lease, "ledger-venue:another-process", px=60_000)
+        okx.fill(order_id.replace("-", ""), "4", "45000", "t-1")
+        await until(lambda: _left(rig), "the venue to leave the feed")
+        await rig.handler.burst()
+        assert await rig.events("OrderFilled", order_id) == []
+        assert (await rig.venue.working())[order_id].fills == []
+
+
+async def _left(rig: WsRig) -> bool:
+    feed = rig.feeds.get(rig.account)
+    return feed is not None and not feed.venues and not rig.venue.following
