@@ -248,14 +248,13 @@ MAX_RECONCILE_S = 86_400
 def reconcile_seconds(value: object) -> int:
     """LEDGER_RECONCILE_S / --reconcile-s: whole seconds from 0 (off) to a day, as an ``int`` or
     the text of an environment variable or a flag."""
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RECONCILE_S:
+    seconds = int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not 0 <= seconds <= MAX_RECONCILE_S:
         raise ConfigError(
             f"LEDGER_RECONCILE_S / --reconcile-s: must be whole seconds from 0 (off) to {MAX_RECONCILE_S} "
             f"(got {value!r})"
         )
-    return value
+    return seconds
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

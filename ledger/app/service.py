@@ -137,7 +137,9 @@ async def prepare(settings: Settings, roles: Sequence[str]) -> tuple[Any, Settin
     """Once per ``serve``, before any role runs: the private servers started where none is
     configured, Redis's settings checked, the shard count recorded. Returns a Redis client and
     the settings with every server's URL resolved (what role processes are given)."""
-    if "venue" in roles:  # live exchanges need their accounts and markets: refuse before starting anything
+    # Live exchanges need their accounts and markets (the venue role, and the periodic
+    # reconciliation when it is on): refuse before starting anything.
+    if "venue" in roles or ("reconcile" in roles and settings.reconcile_s):
         live_configs(settings.execution, settings.credentials)
     url = redis_url(settings, start=True)
     settings = settings.with_overrides(redis_url=url)

@@ -8,15 +8,16 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 import structlog
 
 from consumers.reconciling import PeriodicReconciliation, reconcile_role
 from ledger.client.api import OrderManager
-from ledger.config import Settings, parse_execution
+from ledger.config import ConfigError, Settings, parse_execution
 from ledger.domain.enums import Exchange
 from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import text
-from ledger.venues.accounts import load_credentials
+from ledger.venues.accounts import CredentialsError, load_credentials
 from ledger.venues.live import VenueClients
 from tests.drift_helpers import SLOT, USER, credentials_file, okx_position
 from tests.live_helpers import running_ledger, wait_for
@@ -89,3 +90,17 @@ async def test_a_failing_reconciliation_is_logged_and_tried_again(redis: Any, re
         ("periodic reconciliation failed: tried again next round", USER, "okx", "main", 0, True),
         ("periodic reconciliation failed: tried again next round", USER, "okx", "main", 1, True),
     ]
+
+
+def test_the_interval_setting() -> None:
+    assert Settings.from_env({"LEDGER_RECONCILE_S": "300"}).reconcile_s == 300
+    assert Settings.from_env({"LEDGER_RECONCILE_S": "0"}).reconcile_s == 0
+    for bad in ("-1", "86401", "5m"):
+        with pytest.raises(ConfigError) as caught:
+            Settings.from_env({"LEDGER_RECONCILE_S": bad})
+        assert str(caught.value) == (
+            f"LEDGER_RECONCILE_S / --reconcile-s: must be whole seconds from 0 (off) to 86400 (got {bad!r})"
+        )
+    with pytest.raises(CredentialsError) as refused:  # on, with a live exchange and no accounts: serve refuses
+        asyncio.run(reconcile_role(None, Settings(execution=parse_execution("okx=live"), reconcile_s=5)))
+    assert str(refused.value).startswith("LEDGER_EXECUTION has okx=live but LEDGER_CREDENTIALS is not set")
