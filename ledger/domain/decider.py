@@ -913,7 +913,8 @@ def _adjusted(command: wire.AdjustPosition, book: Book, out: _Emitter) -> _Adjus
     fee_adjustment = _decimal(command.fee_adjustment, "fee_adjustment")
     fee = fee_adjustment or ZERO
     user, exchange, symbol, side = command.user_id, command.exchange, command.symbol, command.side
-    instrument = out.ctx.instrument(exchange, symbol)
+    held = book.open_position(user, exchange, symbol, side)
+    instrument = out.ctx.instrument(exchange, symbol) if held is None else out.ctx.recorded(held)
     if instrument.kind is InstrumentKind.SPOT and side is PositionSide.SHORT:
         raise _Rejected(RejectCode.SPOT_SHORT, f"{symbol} is spot: there is no short side to adjust")
     _check_amount(instrument, size, price)
