@@ -918,7 +918,6 @@ def _adjusted(command: wire.AdjustPosition, book: Book, out: _Emitter) -> _Adjus
     if instrument.kind is InstrumentKind.SPOT and side is PositionSide.SHORT:
         raise _Rejected(RejectCode.SPOT_SHORT, f"{symbol} is spot: there is no short side to adjust")
     _check_amount(instrument, size, price)
-    held = book.open_position(user, exchange, symbol, side)
     now = out.ctx.now
     if held is not None:
         if size == held.size and fee == 0:
