@@ -157,3 +157,38 @@ async def test_serve_keeps_final_order_hashes_for_ledger_final_order_ttl_s(redis
 def test_ledger_final_order_ttl_s_is_a_whole_number_of_seconds() -> None:
     with pytest.raises(ConfigError, match=r"\ALEDGER_FINAL_ORDER_TTL_S: must be a whole number ≥ 1 \(got '0'\)\Z"):
         Settings.from_env({"LEDGER_FINAL_ORDER_TTL_S": "0"})
+
+
+def test_a_snapshot_leaves_out_only_what_reads_back_exactly() -> None:
+    """A value equal to its default but spelled otherwise (0.00 against 0) is kept, so every
+    state reads back with the very decimals it had."""
+    order = OrderState(
+        id="6f1c2f0e-8a55-4c57-9d0e-0a2b7d1c9e11",
+        user_id=USER,
+        exchange="okx",  # type: ignore[arg-type]
+        symbol=SYMBOL,
+        side="sell",  # type: ignore[arg-type]
+        order_type="market",  # type: ignore[arg-type]
+        quantity=Decimal("2"),
+        filled_qty=Decimal("0.00"),
+        fill_basis=Decimal("0"),
+        reduce_only=True,
+        metadata={"k": None},
+        fill_ids=[],
+        version=0,
+    )
+    raw = ORDER_SNAPSHOT.encode(order)
+    assert json.loads(raw) == {
+        "id": order.id,
+        "user_id": USER,
+        "exchange": "okx",
+        "symbol": SYMBOL,
+        "side": "sell",
+        "order_type": "market",
+        "quantity": "2",
+        "reduce_only": True,
+        "metadata": {"k": None},
+        "filled_qty": "0.00",
+    }
+    decoded = msgspec.json.decode(raw, type=OrderState)
+    assert decoded == order and str(decoded.filled_qty) == "0.00" and str(decoded.fill_basis) == "0"
