@@ -91,10 +91,7 @@ from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, live_configs, no_account
 from ledger.venues.live import (
-    CANCELED,
-    CLOSED,
-    EXPIRED,
-    REJECTED,
+    FINAL_STATUSES,
     Ambiguous,
     Intent,
     Refused,
@@ -110,7 +107,6 @@ DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_RESEND_AFTER_S = 30.0
 DEFAULT_CATCH_UP_AFTER_S = 1.0
 DONE_RETENTION_MS = 86_400_000
-FINAL_STATUSES = frozenset({CLOSED, CANCELED, EXPIRED, REJECTED})
 _RELEVANT_EVENTS = {"OrderPlaced", "OrderCancelRequested", "OrderAdopted"}
 
 log = structlog.get_logger("ledger.venue")

@@ -20,7 +20,7 @@ from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderSide, OrderType
 from ledger.domain.values import RULES, ZERO, format_decimal
 from ledger.errors import InvalidInput
-from ledger.venues.live import CANCELED, CLOSED, EXPIRED, REJECTED, VenueFill, VenueOrder
+from ledger.venues.live import CANCELED, EXPIRED, FINAL_STATUSES, REJECTED, VenueFill, VenueOrder
 
 
 def accept_id(order_id: str) -> str:
@@ -88,7 +88,7 @@ def final(
     command that ends it in the ledger (None when its fills did): ``canceled`` ->
     ``order_cancelled``, ``rejected`` -> ``order_rejected``, ``expired``, or ``closed`` with less
     traded than the ledger's ``quantity`` (an Upbit market buy) -> ``order_expired``."""
-    if report.status not in (CLOSED, CANCELED, EXPIRED, REJECTED) or report.traded < report.filled:
+    if report.status not in FINAL_STATUSES or report.traded < report.filled:
         return False, None
     if report.status == CANCELED:
         return True, cancelled(order_id, user_id)

@@ -54,6 +54,7 @@ from ledger.venues.markets import Market, MarketError, bundled, ccxt_decimal
 
 # ccxt's unified order statuses
 OPEN, CLOSED, CANCELED, EXPIRED, REJECTED = "open", "closed", "canceled", "expired", "rejected"
+FINAL_STATUSES = frozenset({CLOSED, CANCELED, EXPIRED, REJECTED})  # the venue is done with the order
 # ccxt's unified order type and the unified parameter carrying the trigger price, per ledger order
 # type (market and limit orders have no trigger)
 CCXT_ORDERS: Mapping[OrderType, tuple[str, str | None]] = {
