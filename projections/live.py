@@ -46,8 +46,9 @@ Final orders stay readable in ``orders:{id}`` for ``final_order_ttl_s`` (``LEDGE
 its first item is due, and read at least every ``SWEEP_EVERY_MS`` for items another applier
 scheduled).
 Closed and liquidated positions leave every live key at once; history is in PostgreSQL. Fence
-fields of final orders and closed positions are dropped after the same retention (a stale
-writer is never that late). Each such aggregate is one short member of ``expiring``
+fields of final orders and closed positions are dropped after the same retention, but never
+before ``FENCE_KEEP_S`` (a stale writer is never that late); a final order's id leaves
+``orders:user:…`` with them. Each such aggregate is one short member of ``expiring``
 (``Expiry``: its kind, id, user, exchange and symbol, from which every key is derived).
 """
 
@@ -88,6 +89,10 @@ KNOWN_LEVELS = 50_000
 # ``expiring`` is read at least this often (items another applier scheduled), else only when the
 # first item this applier knows of is due.
 SWEEP_EVERY_MS = 1000
+# The fence fields of final orders and closed positions (their tombstones) are kept at least this
+# long however short ``final_order_ttl_s`` is: on Redis Cluster a stale writer's older event is
+# refused only while the tombstone is there, and a writer that lost its lease is never an hour late.
+FENCE_KEEP_S = 3600
 
 log = structlog.get_logger("ledger.projection")
 
@@ -336,7 +341,8 @@ class _Writes:
     checkpoint and the lease on a plain Redis)."""
 
     last_id: str
-    expire_at_ms: int
+    expire_at_ms: int  # a final order's hash expires
+    forget_at_ms: int  # what ``expiring`` schedules is done (``Expiry``)
     expiring: str
     slot: Callable[[str], int] | None
     calls: dict[int, _Call] = field(default_factory=dict)
@@ -361,7 +367,7 @@ class _Writes:
     def later(self, expiry: Expiry) -> None:
         """Scheduled once in ``ShardKeys.expiring`` (a redelivery keeps the time)."""
         call = self.call(self.expiring)
-        call.writes.append(["later", call.key(self.expiring), str(self.expire_at_ms), expiry.encode()])
+        call.writes.append(["later", call.key(self.expiring), str(self.forget_at_ms), expiry.encode()])
         self.scheduled = True
 
 
@@ -378,12 +384,19 @@ class LiveProjection:
     """
 
     def __init__(
-        self, redis: Any, shard: int, *, final_order_ttl_s: int = FINAL_ORDER_TTL_S, holder: str | None = None
+        self,
+        redis: Any,
+        shard: int,
+        *,
+        final_order_ttl_s: int = FINAL_ORDER_TTL_S,
+        fence_keep_s: int = FENCE_KEEP_S,
+        holder: str | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys.ShardKeys(shard)
         self.lease = self.keys.lease(GROUP)
         self.final_order_ttl_s = final_order_ttl_s
+        self.forget_after_s = max(final_order_ttl_s, fence_keep_s)
         self.holder = holder
         self.atomic = not isinstance(redis, RedisCluster)
         self.log = log.bind(shard=shard)
@@ -452,7 +465,7 @@ class LiveProjection:
             return True
         self._checkpoint = writes.last_id
         if writes.scheduled:
-            self._sweep_at_ms = min(self._sweep_at_ms, writes.expire_at_ms)
+            self._sweep_at_ms = min(self._sweep_at_ms, writes.forget_at_ms)
         return True
 
     async def _apply(self, calls: list[tuple[_Call, list[str], list[str]]]) -> list[int]:
@@ -511,7 +524,14 @@ class LiveProjection:
             log=self.log,
         )
         slot = None if self.atomic else self.redis.keyslot
-        writes = _Writes(entries[-1].id, now_ms() + self.final_order_ttl_s * 1000, self.keys.expiring, slot)
+        now = now_ms()
+        writes = _Writes(
+            entries[-1].id,
+            now + self.final_order_ttl_s * 1000,
+            now + self.forget_after_s * 1000,
+            self.keys.expiring,
+            slot,
+        )
         decoded = [event for _, event in events]
         plan(writes, events, await GridLevels.load(self.redis, decoded, self._levels))
         self._levels.learn(decoded)

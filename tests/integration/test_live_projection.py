@@ -323,7 +323,7 @@ async def _expiry_scenario(redis: Any) -> None:
     await ledger.send("cancel_order", order_id=cancelled)
     await ledger.send("order_cancelled", order_id=cancelled)
     resting = (await ledger.send("place_order", price="39000", **limit))["order_id"]
-    projection = LiveProjection(redis, 0, final_order_ttl_s=1)
+    projection = LiveProjection(redis, 0, final_order_ttl_s=1, fence_keep_s=1)
     await projection.handle([Entry(await ledger.last_entry(), {})])
 
     user_orders = f"orders:user:{USER}:okx"
