@@ -230,7 +230,10 @@ class Feed:
         self.log = log.bind(exchange=str(client.exchange), account=client.account)
 
     def join(self, venue: LiveVenue) -> None:
+        """``venue`` gets the pushes from now on; what was pushed before it joined, it polls once
+        on its next pass (its orders of the account are ``stale``)."""
         self.venues.add(venue)
+        venue.stale.add(self.key)
         if self.task is None or self.task.done():
             self.subscribed = False
             self._stop = asyncio.Event()

@@ -119,7 +119,7 @@ class WsRig:
 
     async def followed(self) -> bool:
         feed = self.feeds.get(self.account)
-        return feed is not None and feed.subscribed and not self.venue._due
+        return feed is not None and feed.subscribed and not self.venue._due and self.account not in self.venue.stale
 
     async def order(self, order_id: str) -> Any:
         return await self.store.order(order_id)
