@@ -35,6 +35,7 @@ from ledger.venues.markets import bundled
 from tests.venue_ws import LoopbackWsExchange, loopback_ws_exchange, ws_url
 
 USER = "alice"
+OTHER_USER = "bob"  # on shard 0 of 2 (alice: shard 1)
 KEYS = ShardKeys(0)
 API_KEY = "key-ws-1"
 SECRET = "s3cr3t-never-logged"
@@ -48,32 +49,45 @@ BTC = "BTC-USDT-SWAP"  # 0.01 BTC a contract
 
 
 class WsRig:
-    """The command handler and the live venue of shard 0, running until ``stop``."""
+    """The command handler and the live venue of one shard (of ``shards``) for ``user``, running
+    until ``stop``; ``share``: another shard's rig whose clients and feeds this one shares (one
+    process)."""
 
-    def __init__(self, redis: Any, venue: LoopbackWsExchange) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        venue: LoopbackWsExchange,
+        *,
+        shard: int = 0,
+        shards: int = 1,
+        user: str = USER,
+        share: WsRig | None = None,
+    ) -> None:
         self.redis = redis
         self.book = venue
+        self.user = user
+        self.keys = ShardKeys(shard)
         self.account = (Exchange(venue.exchange), "main")
-        self.store = EventStore(redis, 0)
+        self.store = EventStore(redis, shard)
         fast = ConsumerSettings(block_ms=20)
         self.handler = StreamConsumer(
             redis,
-            stream=KEYS.commands,
+            stream=self.keys.commands,
             group=HANDLER_GROUP,
-            handler=CommandHandler(self.store, 1).handle,
-            dead_stream=KEYS.dead,
+            handler=CommandHandler(self.store, shards).handle,
+            dead_stream=self.keys.dead,
             settings=fast,
         )
-        account = {"apiKey": API_KEY, "secret": SECRET, "users": [USER]}
+        account = {"apiKey": API_KEY, "secret": SECRET, "users": [USER, OTHER_USER]}
         if venue.exchange == "okx":
             account["password"] = PASSWORD
         options = {"base_url": venue.url, "ws_url": ws_url(venue), "timeout_ms": 2000}
         configs = parse_credentials({venue.exchange: {**options, "accounts": {"main": account}}})
-        self.clients = VenueClients({e: c.options for e, c in configs.items()})
-        self.feeds = Feeds(catch_up_after_s=0.2)
+        self.clients = VenueClients({e: c.options for e, c in configs.items()}) if share is None else share.clients
+        self.feeds = Feeds(catch_up_after_s=0.2) if share is None else share.feeds
         self.venue = LiveVenue(
             redis,
-            0,
+            shard,
             configs=configs,
             clients=self.clients,
             execution=parse_execution(f"{venue.exchange}=live"),
@@ -87,7 +101,8 @@ class WsRig:
         self._n += 1
         command_id = data.pop("command_id", f"c{self._n}")
         await self.redis.xadd(
-            KEYS.commands, {"type": type_name, "data": json.dumps({"command_id": command_id, "user_id": USER, **data})}
+            self.keys.commands,
+            {"type": type_name, "data": json.dumps({"command_id": command_id, "user_id": self.user, **data})},
         )
         return command_id
 
@@ -107,7 +122,7 @@ class WsRig:
         reply: dict[str, Any] = {}
 
         async def replied() -> bool:
-            raw = await self.redis.lindex(KEYS.reply(USER, command_id), 0)
+            raw = await self.redis.lindex(self.keys.reply(self.user, command_id), 0)
             reply.update(json.loads(raw) if raw else {})
             return bool(reply)
 
@@ -155,8 +170,8 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float 
 
 
 @asynccontextmanager
-async def running(redis: Any, okx: LoopbackWsExchange) -> AsyncIterator[WsRig]:
-    rig = WsRig(redis, okx)
+async def running(redis: Any, okx: LoopbackWsExchange, **options: Any) -> AsyncIterator[WsRig]:
+    rig = WsRig(redis, okx, **options)
     await rig.venue.burst()  # the venue's group starts at the end of the log: create it first
     stop = asyncio.Event()
     tasks = [asyncio.create_task(rig.handler.run(stop)), asyncio.create_task(rig.venue.run(stop))]
@@ -389,3 +404,29 @@ async def test_a_venue_that_lost_its_lease_writes_nothing_a_push_brings_and_leav
 async def _left(rig: WsRig) -> bool:
     feed = rig.feeds.get(rig.account)
     return feed is not None and not feed.venues and not rig.venue.following
+
+
+# --------------------------------------------------------------------------- shards
+
+
+async def test_two_shards_share_one_socket_per_account_each_gets_its_own_orders(
+    redis: Any, okx: LoopbackWsExchange
+) -> None:
+    async with running(redis, okx, shard=0, shards=2, user=OTHER_USER) as first:
+        async with running(redis, okx, shard=1, shards=2, user=USER, share=first) as second:
+            first_id = await first.place()
+            second_id = await second.place()
+            await until(second.followed, "the second shard following")
+            fetched = first.fetches()
+            okx.fill(second_id.replace("-", ""), "10", "45000", "t-2")
+            okx.fill(first_id.replace("-", ""), "4", "45000", "t-1")
+            await until(lambda: first.fill_ids_are(first_id, ["t-1"]), "shard 0's fill")
+            await until(lambda: second.done(second_id), "shard 1's order done")
+            await until(lambda: second.status_is(second_id, OrderStatus.FILLED), "shard 1's order filled")
+            assert first.fetches() == fetched + 2  # shard 1's final status confirmed; no other fetch
+            feed = first.feeds.get(first.account)
+            assert feed is not None and feed.venues == {first.venue, second.venue}
+    assert okx.connections == 1
+    assert [f.fill_id for f in await first.events("OrderFilled", first_id)] == ["t-1"]
+    assert [f.fill_id for f in await second.events("OrderFilled", second_id)] == ["t-2"]
+    assert await first.events("OrderFilled", second_id) == [] and await second.events("OrderFilled", first_id) == []
