@@ -27,14 +27,16 @@ MARKET = "BTC/USDT:USDT"
 
 
 async def _verify_venue(redis_url: str, database_url: str, *flags: str) -> tuple[int, str, str]:
+    return await _cli(redis_url, database_url, "verify", "--venue", *flags)
+
+
+async def _cli(redis_url: str, database_url: str, *args: str) -> tuple[int, str, str]:
     env = {**os.environ, "LEDGER_REDIS_URL": redis_url, "LEDGER_DATABASE_URL": database_url}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "ledger.app.cli",
-        "verify",
-        "--venue",
-        *flags,
+        *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -188,3 +190,16 @@ async def test_an_adjustment_to_zero_reaches_postgresql_once_and_verify_agrees(
         assert report.differences == []
         venue = await verify_venue(redis, pg, [0])
         assert (venue.ok, venue.events) == (True, 2)
+
+        # `ledger history <drift id>` explains the drift, from the archive.
+        (drift_id,) = [
+            s.event.stream for s in await EventStore(redis, 0).read_range() if s.event.type == "DriftDetected"
+        ]
+        status, out, err = await _cli(redis_url, database_url, "history", drift_id, "--json")
+        assert (status, err) == (0, "")
+        trail = json.loads(out)
+        assert (trail["kind"], trail["archive"]) == ("drift", "read")
+        assert [(e["type"], e["state"]["status"], e["state"]["resolution"]) for e in trail["events"]] == [
+            ("DriftDetected", "open", None),
+            ("DriftResolved", "resolved", "adjusted"),
+        ]
