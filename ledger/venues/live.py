@@ -573,9 +573,9 @@ class VenueClient:
             task.cancel()
         await asyncio.gather(*self._watching.values(), return_exceptions=True)
         self._watching.clear()
-        if self._pro is not None:
+        if self._pro is not None:  # a closed instance does not open again: the next watch builds one
             await self._pro.close()
-            self._pro.myTrades = self._pro.orders = None
+            self._pro = None
         self._pushed = None
 
     async def create(self, order: Intent) -> str:

@@ -180,7 +180,8 @@ async def running(redis: Any, okx: LoopbackWsExchange, **options: Any) -> AsyncI
     finally:
         stop.set()
         await asyncio.gather(*tasks)
-        await rig.clients.close()
+        if "share" not in options:  # the clients are the sharing rig's to close
+            await rig.clients.close()
 
 
 @pytest.fixture
@@ -417,6 +418,8 @@ async def test_two_shards_share_one_socket_per_account_each_gets_its_own_orders(
             first_id = await first.place()
             second_id = await second.place()
             await until(second.followed, "the second shard following")
+            feed = first.feeds.get(first.account)
+            assert feed is not None and feed.venues == {first.venue, second.venue}
             fetched = first.fetches()
             okx.fill(second_id.replace("-", ""), "10", "45000", "t-2")
             okx.fill(first_id.replace("-", ""), "4", "45000", "t-1")
@@ -424,9 +427,26 @@ async def test_two_shards_share_one_socket_per_account_each_gets_its_own_orders(
             await until(lambda: second.done(second_id), "shard 1's order done")
             await until(lambda: second.status_is(second_id, OrderStatus.FILLED), "shard 1's order filled")
             assert first.fetches() == fetched + 2  # shard 1's final status confirmed; no other fetch
-            feed = first.feeds.get(first.account)
-            assert feed is not None and feed.venues == {first.venue, second.venue}
     assert okx.connections == 1
     assert [f.fill_id for f in await first.events("OrderFilled", first_id)] == ["t-1"]
     assert [f.fill_id for f in await second.events("OrderFilled", second_id)] == ["t-2"]
     assert await first.events("OrderFilled", second_id) == [] and await second.events("OrderFilled", first_id) == []
+
+
+async def test_the_feed_stops_with_the_last_working_order_and_starts_again_with_the_next(
+    redis: Any, okx: LoopbackWsExchange
+) -> None:
+    async with running(redis, okx) as rig:
+        first = await rig.place()
+        okx.fill(first.replace("-", ""), "10", "45000", "t-1")
+        await until(lambda: rig.done(first), "the first order done")
+        await until(lambda: _stopped(rig), "the feed stopped")
+        second = await rig.place()
+        okx.fill(second.replace("-", ""), "4", "45000", "t-2")
+        await until(lambda: rig.fill_ids_are(second, ["t-2"]), "the second order's pushed fill")
+    assert okx.connections == 2
+
+
+async def _stopped(rig: WsRig) -> bool:
+    feed = rig.feeds.get(rig.account)
+    return feed is not None and feed.task is None and not rig.venue.following
