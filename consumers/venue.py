@@ -579,7 +579,7 @@ class LiveVenue:
             self._venue_ids = {
                 (r.exchange, r.exchange_order_id): o for o, r in working if r.stage == "open" and r.exchange_order_id
             }
-        stale, self.stale = (self.stale, set()) if account is None else (set(), self.stale)
+        stale = set(self.stale) if account is None else set()  # polled in this pass, then cleared
         results = await asyncio.gather(
             *(
                 self._advance(oid, rec, oid in cancels, account is not None or (rec.exchange, rec.account) in stale)
@@ -598,6 +598,7 @@ class LiveVenue:
                 self.log.error("driver: order not moved", order_id=order_id, error=repr(result))
             else:
                 moved += result
+        self.stale -= stale
         return moved
 
     def _client(self, exchange: Exchange, account: str) -> VenueClient | None:
