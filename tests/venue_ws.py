@@ -31,8 +31,8 @@ trade, ``trade_uuid``, the trade's ``price`` and ``volume``, ``trade_fee``) and 
 Test controls besides the REST side's: ``drop(then=...)`` closes every socket and runs ``then``
 (e.g. a fill) before any new connection is served, so what ``then`` does is pushed to nobody;
 ``push_again()`` sends the last push once more (a venue repeating itself); ``ws_secret`` (the
-secret the login signature is checked with); ``subscribed`` (set once a socket subscribed),
-``connections`` (how many sockets were opened), ``pushes`` (every push sent, in order).
+secret the signatures are checked with), ``connections`` (how many sockets were opened),
+``pushes`` (every push sent, in order).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -66,7 +65,6 @@ class LoopbackWsExchange(LoopbackExchange):
             raise ValueError(f"the loopback WebSocket speaks {', '.join(PATHS)} (got {exchange})")
         super().__init__(exchange)
         self.ws_secret: str | None = None
-        self.subscribed = threading.Event()
         self.connections = 0
         self.pushes: list[dict[str, Any]] = []
         self._sockets: set[web.WebSocketResponse] = set()
@@ -92,7 +90,6 @@ class LoopbackWsExchange(LoopbackExchange):
         async def dropping() -> None:
             async with self._gate:
                 sockets, self._sockets, self._subscribers = set(self._sockets), set(), set()
-                self.subscribed.clear()
                 for ws in sockets:
                     await ws.close()
                 if then is not None:
@@ -164,7 +161,6 @@ class LoopbackWsExchange(LoopbackExchange):
             elif op == "subscribe" and args[0].get("channel") == "orders":
                 await ws.send_json({"event": "subscribe", "arg": args[0], "connId": CONN_ID})
                 self._subscribers.add(ws)
-                self.subscribed.set()
             else:
                 self.unanswered.append(f"WS {message.data}")
         self._sockets.discard(ws)
@@ -184,7 +180,6 @@ class LoopbackWsExchange(LoopbackExchange):
         else:
             await ws.send_json({"id": request.get("id"), "status": 200, "result": {"subscriptionId": 0}})
             self._subscribers.add(ws)
-            self.subscribed.set()
 
     def _upbit_token_checks(self, authorization: str) -> bool:
         """Upbit's ``Authorization: Bearer <JWT>`` (HS256 with the secret, ``access_key`` and ``nonce``)."""
@@ -202,7 +197,6 @@ class LoopbackWsExchange(LoopbackExchange):
         """``[{"ticket"}, {"type": "myOrder"}, ...]``: no answer (Upbit acknowledges nothing)."""
         if any(part.get("type") == "myOrder" for part in request):
             self._subscribers.add(ws)
-            self.subscribed.set()
         else:
             self.unanswered.append(f"WS {request}")
 
