@@ -32,8 +32,9 @@ BAD_QUANTITY = (
 )
 
 KNOWN = (
-    "cancel_order, close_position, liquidate_position, open_position, order_accepted, order_cancelled, "
-    "order_expired, order_rejected, place_order, record_fill"
+    "adjust_position, adopt_order, cancel_order, close_position, liquidate_position, open_position, "
+    "order_accepted, order_cancelled, order_expired, order_rejected, place_order, record_drift, record_fill, "
+    "resolve_drift"
 )
 
 
