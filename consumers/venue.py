@@ -497,7 +497,8 @@ class LiveVenue:
             mark=None if mark is None else format_decimal(mark),
             reduce_only=event.reduce_only,
             trigger_price=event.trigger_price,
-            position_side=event.position_side,
+            # A net (one-way) account takes no position side: the side stays the ledger's alone.
+            position_side=event.position_side if account.hedge else None,
             client_id="",
             updated_at=now_ms(),
         )

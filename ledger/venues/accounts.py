@@ -17,7 +17,13 @@ A JSON object, one entry per exchange traded ``live``::
 * ``accounts``: name (1 to 32 of ``A-Z a-z 0-9 _ . -``) -> the API key, secret and (OKX) password
   of one venue account, and the ``users`` (ledger user ids) whose orders it sends. A user trades
   on at most one account per exchange; a user with none has its live orders rejected before
-  anything is sent.
+  anything is sent. ``position_mode`` (optional): how the account holds contract positions at the
+  venue, ``net`` (the default: one-way, OKX ``net_mode``, Binance ``dualSidePosition`` false) or
+  ``hedge`` (a long and a short at once: OKX ``long_short_mode``, Binance ``dualSidePosition``
+  true). It must be the venue account's own setting: in ``net`` an order is sent one-way with its
+  ``reduce_only`` (an ``open_position`` / ``close_position`` order too, whose position side then
+  stays the ledger's alone); in ``hedge`` an order with a ``position_side`` is sent with the
+  venue's long or short side (``ledger.venues.live.intent``).
 * ``sandbox`` (OKX, Binance spot: ccxt ``set_sandbox_mode``), ``demo`` (Binance futures: ccxt
   ``enable_demo_trading``), ``base_url`` (replaces the scheme and host of every REST URL, applied
   after them: a testnet, or a stand-in venue on loopback), ``ws_url`` (the same for every
@@ -49,7 +55,9 @@ BASE_URL = re.compile(r"\Ahttps?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9.
 WS_URL = re.compile(r"\Awss?://" + BASE_URL.pattern.removeprefix(r"\Ahttps?://"))  # host, port, path alike
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _SECRETS = ("apiKey", "secret", "password")
-_ACCOUNT_KEYS = {*_SECRETS, "users"}
+_ACCOUNT_KEYS = {*_SECRETS, "users", "position_mode"}
+NET, HEDGE = "net", "hedge"
+POSITION_MODES = (NET, HEDGE)
 _EXCHANGE_KEYS = {"accounts", "sandbox", "demo", "base_url", "ws_url", "timeout_ms"}
 # What ccxt offers per exchange: sandbox mode (OKX, Binance spot testnet), demo trading (Binance futures).
 SANDBOX = frozenset({Exchange.OKX, Exchange.BINANCE})
@@ -84,6 +92,12 @@ class Account:
     secret: str = field(repr=False)
     password: str | None = field(repr=False)
     users: frozenset[str]
+    position_mode: str = NET
+
+    @property
+    def hedge(self) -> bool:
+        """Whether the venue account holds a long and a short of one market apart (hedge mode)."""
+        return self.position_mode == HEDGE
 
     def ccxt_config(self) -> dict[str, str]:
         config = {"apiKey": self.api_key, "secret": self.secret}
@@ -149,6 +163,9 @@ def _account(exchange: Exchange, name: str, raw: object) -> Account:
     if not isinstance(users, list) or not users or not all(RULES["user_id"].matches(u) for u in users):
         raise _fail(f"{where}.users", f"must be a non-empty list of user ids ({RULES['user_id'].description})")
     password = raw.get("password")
+    position_mode = raw.get("position_mode", NET)
+    if position_mode not in POSITION_MODES:
+        raise _fail(f"{where}.position_mode", f"must be {' or '.join(POSITION_MODES)} (the venue account's own mode)")
     return Account(
         exchange=exchange,
         name=name,
@@ -156,6 +173,7 @@ def _account(exchange: Exchange, name: str, raw: object) -> Account:
         secret=_text(f"{where}.secret", raw["secret"]),
         password=None if password is None else _text(f"{where}.password", password),
         users=frozenset(users),
+        position_mode=position_mode,
     )
 
 

@@ -39,7 +39,9 @@ PASSWORD = "p4ssphrase-never-logged"
 class Rig:
     """The command handler and the live venue of shard 0, run in bursts."""
 
-    def __init__(self, redis: Any, venue: LoopbackExchange, *, resend_after_s: float = 0.0) -> None:
+    def __init__(
+        self, redis: Any, venue: LoopbackExchange, *, resend_after_s: float = 0.0, position_mode: str = "net"
+    ) -> None:
         self.redis = redis
         self.book = venue
         self.exchange = Exchange(venue.exchange)
@@ -51,7 +53,7 @@ class Rig:
             handler=CommandHandler(self.store, 1).handle,
             dead_stream=KEYS.dead,
         )
-        account = {"apiKey": "key-1", "secret": SECRET, "users": [USER]}
+        account: dict[str, Any] = {"apiKey": "key-1", "secret": SECRET, "users": [USER], "position_mode": position_mode}
         if self.exchange is Exchange.OKX:
             account["password"] = PASSWORD
         configs = parse_credentials(

@@ -57,8 +57,9 @@ async def made() -> AsyncIterator[list[Rig]]:
         await rig.clients.close()
 
 
-async def _rig(made: list[Rig], redis: Any, venue: LoopbackExchange) -> Rig:
-    rig = Rig(redis, venue)
+async def _rig(made: list[Rig], redis: Any, venue: LoopbackExchange, position_mode: str = "hedge") -> Rig:
+    """A rig whose venue account is in hedge mode unless a test says otherwise."""
+    rig = Rig(redis, venue, position_mode=position_mode)
     made.append(rig)
     await rig.start()
     return rig
@@ -539,3 +540,36 @@ async def _triggered_then_reconciled(redis: Any, ledger: Any, okx: LoopbackExcha
     assert [s.event.type for s in await ledger.store.read_range() if s.event.type == "OrderAdopted"] == []
     fills = await ledger.fills(order_id)
     assert [(f.fill_id, f.quantity, f.price) for f in fills] == [("t-9", "0.05", "46010")]
+
+
+# --------------------------------------------------------------------------- position mode of the account
+
+
+async def _reply(rig: Rig, command_id: str) -> dict[str, Any]:
+    await rig.settle()
+    raw = await rig.redis.lindex(KEYS.reply(USER, command_id), 0)
+    reply: dict[str, Any] = json.loads(raw)
+    assert reply["status"] == "accepted", reply
+    return reply
+
+
+async def test_a_net_mode_account_gets_open_and_close_position_one_way_with_reduce_only(
+    redis: Any, okx: LoopbackExchange, made: list[Rig]
+) -> None:
+    """open_position / close_position orders carry the ledger's position side; a one-way (net)
+    account at the venue gets them one-way, the close reduce-only: the side stays the ledger's."""
+    rig = await _rig(made, redis, okx, position_mode="net")
+    await rig.redis.hset("marks:okx", "BTC-USDT-SWAP", "45000")
+    opened = await _reply(
+        rig,
+        await rig.send("open_position", exchange="okx", symbol="BTC-USDT-SWAP", side="long", size="0.1", leverage=5),
+    )
+    entry = _cid(opened["order_id"])
+    one_way = {"instId": "BTC-USDT-SWAP", "ordType": "market", "sz": "10", "posSide": "net", "tdMode": "cross"}
+    assert okx.order(entry).params == {**one_way, "side": "buy", "clOrdId": entry}
+    okx.fill(entry, "10", "45000", "2001")
+    await rig.settle()
+    position_id = opened["position_id"]
+    closed = await _reply(rig, await rig.send("close_position", position_id=position_id))
+    exit_id = _cid(closed["order_id"])
+    assert okx.order(exit_id).params == {**one_way, "side": "sell", "clOrdId": exit_id, "reduceOnly": "true"}

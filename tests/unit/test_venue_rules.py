@@ -167,7 +167,12 @@ def test_accounts_never_show_their_secrets() -> None:
         ),
         (
             {"okx": {"accounts": {"a": {**ACCOUNT, "apikey": "x"}}}},
-            "LEDGER_CREDENTIALS: okx.accounts.a: unknown key 'apikey': use apiKey, password, secret, users",
+            "LEDGER_CREDENTIALS: okx.accounts.a: unknown key 'apikey': "
+            "use apiKey, password, position_mode, secret, users",
+        ),
+        (
+            {"okx": {"accounts": {"a": {**ACCOUNT, "position_mode": "long_short_mode"}}}},
+            "LEDGER_CREDENTIALS: okx.accounts.a.position_mode: must be net or hedge (the venue account's own mode)",
         ),
         (
             {"okx": {"base_url": "ftp://x", "accounts": {"a": ACCOUNT}}},
