@@ -54,7 +54,6 @@ until the venue and the ledger agree.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -134,17 +133,6 @@ class Reconciliation:
             "recorded": self.recorded,
             "findings": [f.as_dict() for f in self.findings],
         }
-
-
-def ledger_order_id(client_id: str | None) -> str | None:
-    """The ledger order id a venue client order id was derived from (``venue_client_id``): the
-    UUID in the 32 hex digits or the UUID itself; None for a client id the ledger never makes."""
-    if not client_id:
-        return None
-    try:
-        return str(uuid.UUID(client_id))
-    except ValueError:
-        return None
 
 
 def _signed(size: Decimal, side: PositionSide) -> Decimal:
@@ -286,7 +274,7 @@ class Reconciler:
                 "filled": format_decimal(order.filled),
                 "trades": [],
             }
-            ledger_id = ledger_order_id(order.client_id)
+            ledger_id = wire.ledger_order_id(order.client_id)
             state = await store.order(ledger_id) if ledger_id else None
             if state is not None and state.user_id == user_id and state.exchange is self.exchange:
                 known[order.exchange_order_id] = state.id
@@ -490,4 +478,4 @@ def _trade(trade: VenueFill) -> dict[str, str | None]:
     }
 
 
-__all__ = ["Finding", "Reconciler", "Reconciliation", "ledger_order_id"]
+__all__ = ["Finding", "Reconciler", "Reconciliation"]

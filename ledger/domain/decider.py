@@ -431,6 +431,16 @@ def _decide_adopt(command: wire.AdoptOrder, book: Book, out: _Emitter) -> tuple[
     sent (spot short, amount, order shape) apply; its values must still be storable. Its id is
     derived from (user, exchange, venue order id): one venue order is adopted once."""
     order_id = command.order_id
+    ours = wire.ledger_order_id(command.venue_client_order_id)
+    if ours is not None:
+        # Its client id is one the ledger derives from its own order ids: the ledger sent it, and
+        # its fills are (or will be) that order's. Refused even when that order is not in the book
+        # (another user's, or compacted once final): adopting it would count its fills twice.
+        raise _Rejected(
+            RejectCode.INVALID_TRANSITION,
+            f"cannot adopt {command.exchange} order {command.exchange_order_id}: its client id "
+            f"{command.venue_client_order_id} is the ledger's own (order {ours}); it is never adopted",
+        )
     if book.orders.get(order_id) is not None:
         raise _Rejected(
             RejectCode.INVALID_TRANSITION,

@@ -173,6 +173,18 @@ def adopted_order_id(user_id: str, exchange: Exchange | str, exchange_order_id: 
     return str(uuid.uuid5(ADOPTION_NAMESPACE, f"{user_id}:{exchange}:{exchange_order_id}"))
 
 
+def ledger_order_id(client_id: str | None) -> str | None:
+    """The ledger order id a venue client order id was derived from (``venue_client_id`` of
+    ``ledger.venues.live``): the UUID in the 32 hex digits or the UUID itself; None for a client id
+    the ledger never makes."""
+    if not client_id:
+        return None
+    try:
+        return str(uuid.UUID(client_id))
+    except ValueError:
+        return None
+
+
 class AdoptOrder(Command, tag="adopt_order", kw_only=True):
     """Bring an order the ledger never placed (it is already at the venue) into the books."""
 

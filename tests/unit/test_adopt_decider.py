@@ -110,6 +110,35 @@ def test_a_second_adoption_of_one_venue_order_is_rejected_naming_the_order() -> 
     assert rejection.order_id == order_id
 
 
+@pytest.mark.parametrize("form", ["hex", "uuid"])
+def test_an_order_with_a_client_id_the_ledger_derives_is_never_adopted(form: str) -> None:
+    """Its client id says the ledger sent it (OKX and Binance: the order id's 32 hex digits,
+    Upbit: the UUID): adopting it would count its fills a second time, even when that order is no
+    longer in the book (compacted) or is another user's."""
+    driver = Driver()
+    ours = str(uuid.UUID(int=7))
+    client_id = ours.replace("-", "") if form == "hex" else ours
+
+    rejection = driver.refused(
+        "adopt_order",
+        exchange="okx",
+        symbol=LINEAR,
+        side="buy",
+        order_type="limit",
+        quantity="0.2",
+        price="50000",
+        exchange_order_id=VENUE_ID,
+        venue_client_order_id=client_id,
+    )
+
+    assert rejection.code is RejectCode.INVALID_TRANSITION
+    assert rejection.message == (
+        f"cannot adopt okx order {VENUE_ID}: its client id {client_id} is the ledger's own (order {ours}); "
+        "it is never adopted"
+    )
+    assert driver.log == []
+
+
 def test_fills_of_an_adopted_order_count_like_any_fill() -> None:
     driver = Driver()
     order_id = _adopt(driver)
