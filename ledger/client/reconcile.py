@@ -27,8 +27,10 @@ through the normal command path or REPORTED as a finding; nothing is ever overwr
   does not hold, or a report that is no ledger order (an order type or side the ledger does not
   know, no amount, a value the wire rules refuse). A ``record_fill`` for an unknown order stays
   rejected (CONTRACT §3);
-* a trade of an order the ledger holds as final that the ledger never recorded is an
-  ``unrecorded_fill`` finding;
+* a trade of an order the ledger holds as final that the ledger never recorded is a fact too:
+  recorded as ``record_fill`` with the venue role's fill command id (the decider flags it ``late``
+  after a cancel or an expiry, ``overfill`` beyond the quantity); a refusal is a
+  ``command_rejected`` finding;
 * once the commands are recorded (and projected), the venue's net position of each contract
   market (where ccxt has ``fetchPositions``) is compared with the sum of the ledger's open
   positions of that market: two spellings of one market (``BTC-USDT-SWAP`` and
@@ -81,7 +83,6 @@ from ledger.venues.markets import Market, MarketError, bundled, instrument_table
 
 FINDING_ACTION = "reconcile.finding"
 UNKNOWN_ORDER = "unknown_order"
-UNRECORDED_FILL = "unrecorded_fill"
 POSITION_MISMATCH = "position_mismatch"
 COMMAND_REJECTED = "command_rejected"
 FEE_MISMATCH = "fee_mismatch"
@@ -263,7 +264,8 @@ class Reconciler:
         """Open orders and trades of ``market`` at the venue that no order of the user explains:
         each is adopted (``adopt_order``, in the user's spelling of the market), then its trades
         and its final status are recorded like any order's. What cannot be adopted is an
-        ``unknown_order`` finding whose evidence says why."""
+        ``unknown_order`` finding whose evidence says why. Trades of orders the ledger holds as
+        final that it never recorded come first among the commands, as their ``record_fill``."""
         strangers: dict[str, dict[str, Any]] = {}
         for order in await venue.open_orders(market):
             if await self._known(store, user_id, order.exchange_order_id, known):
@@ -285,7 +287,7 @@ class Reconciler:
                     f"{self.exchange}: not adopted"
                 )
             strangers[order.exchange_order_id] = evidence
-        findings: list[Finding] = []
+        late: list[wire.Command] = []  # trades of orders the ledger holds as final, never recorded
         if venue.ccxt.has.get("fetchMyTrades"):
             for trade in await venue.recent_fills(market):
                 order_id = trade.exchange_order_id
@@ -298,8 +300,7 @@ class Reconciler:
                     continue
                 state = await store.order(known[order_id])
                 if state is not None and state.status.is_final and trade.fill_id not in state.fill_ids:
-                    evidence = {"order_id": state.id, "status": str(state.status), **_trade(trade)}
-                    findings.append(Finding(UNRECORDED_FILL, market.symbol, trade.fill_id, evidence))
+                    late.append(commands.fill(state.id, user_id, trade))
         adoptions: list[wire.Command] = []
         unknown: list[Finding] = []
         for venue_id, evidence in strangers.items():
@@ -310,7 +311,7 @@ class Reconciler:
                 except InvalidInput as exc:
                     evidence["reason"] = f"not adopted: {exc}"
             unknown.append(Finding(UNKNOWN_ORDER, market.symbol, venue_id, evidence))
-        return adoptions, unknown + findings
+        return late + adoptions, unknown
 
     async def _known(self, store: EventStore, user_id: str, venue_id: str, known: dict[str, str]) -> bool:
         """Whether the ledger holds the venue order ``venue_id``: one of the user's orders with that

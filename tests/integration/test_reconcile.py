@@ -365,3 +365,40 @@ async def test_the_cli_prints_what_it_recorded_and_exits_1_while_a_finding_is_un
     status, out, err = await _cli(ledger.credentials, redis_url, "mallory", "okx")
     assert (status, out) == (2, "")
     assert err == "ledger: no live account for user mallory on okx: add the user to LEDGER_CREDENTIALS\n"
+
+
+async def test_a_trade_of_an_order_the_ledger_holds_as_cancelled_is_recorded_late(
+    okx_ledger: Ledger, okx: LoopbackExchange
+) -> None:
+    """A trade the venue reports after the order was cancelled is a fact: reconciliation records
+    it (flagged late) with the venue role's fill command id, once, instead of only reporting it."""
+    ledger = okx_ledger
+    order_id = await ledger.place("BTC-USDT-SWAP", "buy", "0.1", "45000")
+    client_id = order_id.replace("-", "")
+    okx.book(client_id, "BTC-USDT-SWAP", "buy", "10", "45000")
+    okx.finish(client_id, "canceled")
+    first = await ledger.reconcile()
+    assert [r["type"] for r in first.recorded] == ["order_accepted", "order_cancelled"]
+
+    okx.fill(client_id, "3", "45000", "t-late", fee="0.00675")
+    okx.positions = [{**OKX_POSITION, "pos": "3"}]
+    result = await ledger.reconcile()
+
+    fill_command = commands.fill_command_id(order_id, "t-late")
+    assert result.recorded == [
+        {"command_id": fill_command, "type": "record_fill", "order_id": order_id, "fill_id": "t-late"}
+    ]
+    assert result.findings == []
+    [fill] = await ledger.fills(order_id)
+    assert (fill.fill_id, fill.quantity, fill.fee, fill.late) == ("t-late", "0.03", "0.00675", True)
+    order = await ledger.orders.get_order(order_id)
+    assert order is not None
+    assert (order.status, order.filled_qty) == (OrderStatus.CANCELLED, Decimal("0.03"))
+    [position] = await ledger.positions.get_positions(USER, ledger.exchange)
+    assert (position.symbol, position.size, position.entry_price) == (
+        "BTC-USDT-SWAP",
+        Decimal("0.03"),
+        Decimal("45000"),
+    )
+    again = await ledger.reconcile()
+    assert (again.recorded, again.findings) == ([], [])
