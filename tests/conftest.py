@@ -19,6 +19,8 @@ Fixtures (function-scoped unless noted):
 - ``redis_cluster_url`` (session) -> str: a 3-master Redis Cluster.
 - ``redis_cluster`` -> ``redis.asyncio.RedisCluster`` (``decode_responses=True``), every
   master flushed first.
+- ``okx``, ``binance``, ``upbit`` -> ``tests.venue_server.LoopbackExchange``: that exchange's
+  stateful loopback venue (real ccxt classes talk to it), serving for the whole test.
 - ``redis_server`` / ``postgres_server`` (session) -> the locally managed
   ``RedisServer`` / ``PostgresServer`` for fault tests (stop/kill/restart); the test is skipped
   when the server is external. A test that stops or kills a server need not restart it: the
@@ -51,6 +53,7 @@ from ledger.app.servers import PostgresServer, RedisServer, start_postgres, star
 from ledger.config import Durability
 from projections.schema import schema_sql
 from tests.cluster import RedisCluster, start_redis_cluster
+from tests.venue_server import LoopbackExchange, loopback_exchange
 
 TEMPLATE_DB = "ledger_template"
 
@@ -299,3 +302,22 @@ async def pg(database_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         yield conn
     finally:
         await conn.close()
+
+
+# --------------------------------------------------------------------------- loopback venues
+
+
+def _loopback_venue(exchange: str) -> Any:
+    """The fixture named ``exchange``: its loopback venue, serving for the whole test."""
+
+    @pytest.fixture(name=exchange)
+    def venue() -> Iterator[LoopbackExchange]:
+        with loopback_exchange(exchange) as loopback:
+            yield loopback
+
+    return venue
+
+
+okx = _loopback_venue("okx")
+binance = _loopback_venue("binance")
+upbit = _loopback_venue("upbit")

@@ -8,7 +8,7 @@ the venue's own front end). Every expected value is computed by hand in the comm
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
@@ -31,16 +31,10 @@ from projections.verify import verify
 from tests.audit_helpers import ledger_cli
 from tests.integration.test_reconcile import OKX_POSITION, USER, Ledger, _credentials
 from tests.live_helpers import quiesce, running_ledger, wait_for
-from tests.venue_server import LoopbackExchange, loopback_exchange
+from tests.venue_server import LoopbackExchange
 
 SWAP = "BTC-USDT-SWAP"  # OKX linear swap: 0.01 BTC a contract, settles in USDT
 WEB = "web-1"  # a client id of the venue's front end, never one the ledger derives
-
-
-@pytest.fixture
-def okx() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("okx") as venue:
-        yield venue
 
 
 async def _ledger(
@@ -245,69 +239,69 @@ async def test_a_report_that_is_no_ledger_order_stays_a_finding_with_the_reason(
 
 
 async def test_a_cancelled_venue_order_with_a_trade_is_adopted_with_its_final_status(
-    redis: Any, redis_url: str, tmp_path: Path
+    redis: Any, redis_url: str, tmp_path: Path, binance: LoopbackExchange
 ) -> None:
-    with loopback_exchange("binance") as binance:
-        async for ledger in _ledger(redis, redis_url, tmp_path, binance):
-            binance.book("web_7f3a", "BTCUSDT", "buy", "0.01", "40000")
-            binance.fill("web_7f3a", "0.004", "40000", "7001", fee="0.000004")
-            binance.finish("web_7f3a", "canceled")  # no longer open: found through its trade
-            venue_id = binance.order("web_7f3a").venue_id
-            order_id = wire.adopted_order_id(USER, "binance", venue_id)
+    async for ledger in _ledger(redis, redis_url, tmp_path, binance):
+        binance.book("web_7f3a", "BTCUSDT", "buy", "0.01", "40000")
+        binance.fill("web_7f3a", "0.004", "40000", "7001", fee="0.000004")
+        binance.finish("web_7f3a", "canceled")  # no longer open: found through its trade
+        venue_id = binance.order("web_7f3a").venue_id
+        order_id = wire.adopted_order_id(USER, "binance", venue_id)
 
-            result = await ledger.positions.sync_positions_from_exchange(
-                USER, "binance", venue=ledger.config, symbols=["BTC/USDT"]
-            )
+        result = await ledger.positions.sync_positions_from_exchange(
+            USER, "binance", venue=ledger.config, symbols=["BTC/USDT"]
+        )
 
-            assert result.recorded == [
-                {
-                    "command_id": commands.adopt_id(Exchange.BINANCE, venue_id),
-                    "type": "adopt_order",
-                    "order_id": order_id,
-                },
-                {
-                    "command_id": commands.fill_command_id(order_id, "7001"),
-                    "type": "record_fill",
-                    "order_id": order_id,
-                    "fill_id": "7001",
-                },
-                {"command_id": f"venue:{order_id}:cancel", "type": "order_cancelled", "order_id": order_id},
-            ]
-            assert result.findings == []
-            order = await ledger.orders.get_order(order_id)
-            assert order is not None
-            assert (order.symbol, order.status, order.quantity, order.filled_qty, order.client_order_id) == (
-                "BTC/USDT",
-                OrderStatus.CANCELLED,
-                Decimal("0.01"),
-                Decimal("0.004"),
-                "web_7f3a",
-            )
+        assert result.recorded == [
+            {
+                "command_id": commands.adopt_id(Exchange.BINANCE, venue_id),
+                "type": "adopt_order",
+                "order_id": order_id,
+            },
+            {
+                "command_id": commands.fill_command_id(order_id, "7001"),
+                "type": "record_fill",
+                "order_id": order_id,
+                "fill_id": "7001",
+            },
+            {"command_id": f"venue:{order_id}:cancel", "type": "order_cancelled", "order_id": order_id},
+        ]
+        assert result.findings == []
+        order = await ledger.orders.get_order(order_id)
+        assert order is not None
+        assert (order.symbol, order.status, order.quantity, order.filled_qty, order.client_order_id) == (
+            "BTC/USDT",
+            OrderStatus.CANCELLED,
+            Decimal("0.01"),
+            Decimal("0.004"),
+            "web_7f3a",
+        )
 
 
-async def test_upbit_open_order_is_adopted_with_the_trades_it_lists(redis: Any, redis_url: str, tmp_path: Path) -> None:
+async def test_upbit_open_order_is_adopted_with_the_trades_it_lists(
+    redis: Any, redis_url: str, tmp_path: Path, upbit: LoopbackExchange
+) -> None:
     """Upbit has no list of the account's trades: its open orders are adopted with their own trades."""
-    with loopback_exchange("upbit") as upbit:
-        async for ledger in _ledger(redis, redis_url, tmp_path, upbit):
-            upbit.book("web-9", "KRW-BTC", "buy", "0.001", "50000000")
-            upbit.fill("web-9", "0.0004", "50000000", "b3f7c1de-0000-4000-8000-000000000009", fee="10")
-            venue_id = upbit.order("web-9").venue_id
-            order_id = wire.adopted_order_id(USER, "upbit", venue_id)
+    async for ledger in _ledger(redis, redis_url, tmp_path, upbit):
+        upbit.book("web-9", "KRW-BTC", "buy", "0.001", "50000000")
+        upbit.fill("web-9", "0.0004", "50000000", "b3f7c1de-0000-4000-8000-000000000009", fee="10")
+        venue_id = upbit.order("web-9").venue_id
+        order_id = wire.adopted_order_id(USER, "upbit", venue_id)
 
-            result = await ledger.positions.sync_positions_from_exchange(
-                USER, "upbit", venue=ledger.config, symbols=["KRW-BTC"]
-            )
+        result = await ledger.positions.sync_positions_from_exchange(
+            USER, "upbit", venue=ledger.config, symbols=["KRW-BTC"]
+        )
 
-            assert [(r["type"], r["order_id"], r.get("fill_id")) for r in result.recorded] == [
-                ("adopt_order", order_id, None),
-                ("record_fill", order_id, "b3f7c1de-0000-4000-8000-000000000009"),
-            ]
-            assert result.findings == []
-            order = await ledger.orders.get_order(order_id)
-            assert order is not None
-            assert (order.status, order.quantity, order.filled_qty, order.exchange_order_id) == (
-                OrderStatus.PARTIALLY_FILLED,
-                Decimal("0.001"),
-                Decimal("0.0004"),
-                venue_id,
-            )
+        assert [(r["type"], r["order_id"], r.get("fill_id")) for r in result.recorded] == [
+            ("adopt_order", order_id, None),
+            ("record_fill", order_id, "b3f7c1de-0000-4000-8000-000000000009"),
+        ]
+        assert result.findings == []
+        order = await ledger.orders.get_order(order_id)
+        assert order is not None
+        assert (order.status, order.quantity, order.filled_qty, order.exchange_order_id) == (
+            OrderStatus.PARTIALLY_FILLED,
+            Decimal("0.001"),
+            Decimal("0.0004"),
+            venue_id,
+        )

@@ -9,7 +9,7 @@ change."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,7 @@ from ledger.venues.accounts import load_credentials
 from projections.verify import verify_venue
 from tests.drift_helpers import MARKET, SLOT, USER, credentials_file, okx_position
 from tests.live_helpers import running_ledger
-from tests.venue_server import LoopbackExchange, loopback_exchange
-
-
-@pytest.fixture
-def okx() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("okx") as venue:
-        yield venue
+from tests.venue_server import LoopbackExchange
 
 
 @pytest.fixture(params=["plain", "cluster"])

@@ -21,7 +21,7 @@ from ledger.venues.accounts import CredentialsError, load_credentials
 from ledger.venues.live import VenueClients
 from tests.drift_helpers import SLOT, USER, credentials_file, okx_position
 from tests.live_helpers import running_ledger, wait_for
-from tests.venue_server import loopback_exchange
+from tests.venue_server import LoopbackExchange, loopback_exchange
 
 
 def test_the_role_runs_nothing_when_off() -> None:
@@ -38,34 +38,33 @@ async def _place(redis: Any) -> str:
     return order.id.replace("-", "")
 
 
-async def test_serve_reconciles_every_round(redis: Any, redis_url: str, tmp_path: Path) -> None:
-    with loopback_exchange("okx") as okx:
-        credentials = credentials_file(tmp_path, okx)
-        async with running_ledger(
-            redis_url,
-            tmp_path,
-            roles=("handler", "projection", "reconcile"),
-            execution="okx=live",
-            credentials=credentials,
-            reconcile_s=1,
-        ):
-            client_id = await _place(redis)
-            okx.book(client_id, "BTC-USDT-SWAP", "buy", "4", "45000")
-            okx.fill(client_id, "4", "45000", "t-1", fee="0.009")
-            okx.positions = [okx_position("5")]
+async def test_serve_reconciles_every_round(redis: Any, redis_url: str, tmp_path: Path, okx: LoopbackExchange) -> None:
+    credentials = credentials_file(tmp_path, okx)
+    async with running_ledger(
+        redis_url,
+        tmp_path,
+        roles=("handler", "projection", "reconcile"),
+        execution="okx=live",
+        credentials=credentials,
+        reconcile_s=1,
+    ):
+        client_id = await _place(redis)
+        okx.book(client_id, "BTC-USDT-SWAP", "buy", "4", "45000")
+        okx.fill(client_id, "4", "45000", "t-1", fee="0.009")
+        okx.positions = [okx_position("5")]
 
-            async def drift() -> str | None:
-                return text(await redis.hget(ShardKeys(0).slots, SLOT))
+        async def drift() -> str | None:
+            return text(await redis.hget(ShardKeys(0).slots, SLOT))
 
-            drift_id = await wait_for(drift, "a round to record the drift")
-            okx.positions = [okx_position("4")]  # the venue agrees again: a later round resolves it
+        drift_id = await wait_for(drift, "a round to record the drift")
+        okx.positions = [okx_position("4")]  # the venue agrees again: a later round resolves it
 
-            async def resolved() -> bool:
-                return await drift() is None
+        async def resolved() -> bool:
+            return await drift() is None
 
-            await wait_for(resolved, "a round to resolve the drift")
-            resolved = [s for s in await redis.xrange(ShardKeys(0).events) if drift_id in text(s[1]["data"])]
-            assert [text(fields["type"]) for _id, fields in resolved] == ["DriftDetected", "DriftResolved"]
+        await wait_for(resolved, "a round to resolve the drift")
+        resolved = [s for s in await redis.xrange(ShardKeys(0).events) if drift_id in text(s[1]["data"])]
+        assert [text(fields["type"]) for _id, fields in resolved] == ["DriftDetected", "DriftResolved"]
 
 
 async def test_a_failing_reconciliation_is_logged_and_tried_again(redis: Any, redis_url: str, tmp_path: Path) -> None:

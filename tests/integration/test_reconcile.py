@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, load_credentials
 from ledger.venues.live import VenueClients
 from tests.live_helpers import running_ledger, wait_for
-from tests.venue_server import LoopbackExchange, loopback_exchange
+from tests.venue_server import LoopbackExchange
 
 USER = "alice"
 OKX_POSITION = {
@@ -99,24 +99,6 @@ class Ledger:
             for s in await self.store.read_range()
             if s.event.type == "OrderFilled" and s.event.stream == order_id
         ]
-
-
-@pytest.fixture
-def okx() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("okx") as venue:
-        yield venue
-
-
-@pytest.fixture
-def binance() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("binance") as venue:
-        yield venue
-
-
-@pytest.fixture
-def upbit() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("upbit") as venue:
-        yield venue
 
 
 async def _ledger(redis: Any, redis_url: str, tmp_path: Path, venue: LoopbackExchange) -> AsyncIterator[Ledger]:

@@ -9,12 +9,10 @@ per client order id, so "no second order" is checked at the venue itself.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import msgspec
-import pytest
 import structlog
 
 from consumers.command_handler import GROUP as HANDLER_GROUP
@@ -28,7 +26,7 @@ from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys, marks
 from ledger.venues.accounts import parse_credentials
 from ledger.venues.live import VenueClients
-from tests.venue_server import LoopbackExchange, loopback_exchange
+from tests.venue_server import LoopbackExchange
 
 USER = "alice"
 KEYS = ShardKeys(0)
@@ -107,24 +105,6 @@ class Rig:
         return [
             s.event for s in await self.store.read_range() if s.event.type == type_name and s.event.stream == order_id
         ]
-
-
-@pytest.fixture
-def okx() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("okx") as venue:
-        yield venue
-
-
-@pytest.fixture
-def binance() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("binance") as venue:
-        yield venue
-
-
-@pytest.fixture
-def upbit() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("upbit") as venue:
-        yield venue
 
 
 async def _rig(redis: Any, venue: LoopbackExchange, **options: Any) -> Rig:

@@ -10,7 +10,7 @@ tests/integration/test_venue.py.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,25 +27,7 @@ from ledger.venues.markets import bundled
 from tests.integration.test_reconcile import OKX_POSITION, _ledger
 from tests.integration.test_venue import KEYS, USER, Rig
 from tests.live_helpers import wait_for
-from tests.venue_server import LoopbackExchange, loopback_exchange
-
-
-@pytest.fixture
-def okx() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("okx") as venue:
-        yield venue
-
-
-@pytest.fixture
-def binance() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("binance") as venue:
-        yield venue
-
-
-@pytest.fixture
-def upbit() -> Iterator[LoopbackExchange]:
-    with loopback_exchange("upbit") as venue:
-        yield venue
+from tests.venue_server import LoopbackExchange
 
 
 @pytest.fixture
