@@ -485,22 +485,13 @@ class LiveVenue:
             await self._reject(order_id, event.user_id, no_account(event.user_id, event.exchange), None)
             return
         mark = await self._mark(event) if event.order_type is OrderType.MARKET and event.price is None else None
-        record = LiveOrder(
-            user_id=event.user_id,
-            exchange=event.exchange,
-            account=account.name,
-            symbol=event.symbol,
-            side=event.side,
-            order_type=event.order_type,
-            quantity=event.quantity,
-            price=event.price,
+        record = self._new_record(
+            event,
+            account.name,
             mark=None if mark is None else format_decimal(mark),
-            reduce_only=event.reduce_only,
-            trigger_price=event.trigger_price,
             # A net (one-way) account takes no position side: the side stays the ledger's alone.
             position_side=event.position_side if account.hedge else None,
             client_id="",
-            updated_at=now_ms(),
         )
         try:
             order = _intent(order_id, record)
@@ -510,6 +501,25 @@ class LiveVenue:
         record = msgspec.structs.replace(record, client_id=order.client_id)
         if await self._save(order_id, record, mode="nx"):
             self.log.info("intent to send recorded", client_id=order.client_id, account=account.name, **fields)
+
+    @staticmethod
+    def _new_record(event: wire.OrderPlaced, account: str, **venue: Any) -> LiveOrder:
+        """The venue record of a placed or adopted order: the order as its event has it, and
+        ``venue``, what the venue role adds (the position side it sends, the client id, ...)."""
+        return LiveOrder(
+            user_id=event.user_id,
+            exchange=event.exchange,
+            account=account,
+            symbol=event.symbol,
+            side=event.side,
+            order_type=event.order_type,
+            quantity=event.quantity,
+            price=event.price,
+            reduce_only=event.reduce_only,
+            trigger_price=event.trigger_price,
+            updated_at=now_ms(),
+            **venue,
+        )
 
     async def _adopted(self, event: wire.OrderAdopted, state: OrderState | None) -> None:
         """An adopted order is at the venue already: it is never sent, but recorded ``open`` with
@@ -522,22 +532,13 @@ class LiveVenue:
             return
         config = self.configs.get(event.exchange)
         account = config.account_for(event.user_id) if config is not None else None
-        record = LiveOrder(
-            user_id=event.user_id,
-            exchange=event.exchange,
-            account="" if account is None else account.name,
-            symbol=event.symbol,
-            side=event.side,
-            order_type=event.order_type,
-            quantity=event.quantity,
-            price=event.price,
-            reduce_only=event.reduce_only,
-            trigger_price=event.trigger_price,
+        record = self._new_record(
+            event,
+            "" if account is None else account.name,
             position_side=event.position_side,
             client_id=event.client_order_id or "",
             stage="open",
             exchange_order_id=event.exchange_order_id,
-            updated_at=now_ms(),
         )
         reason = no_account(event.user_id, event.exchange) if account is None else None
         try:
