@@ -42,7 +42,8 @@ order the venue accepted stays its own until it is final, whatever the configura
 Exactly once, on top of at-least-once delivery:
 
 * Command ids are deterministic: ``paper:<order_id>:accept`` / ``:fill`` / ``:reject`` /
-  ``:cancel``, ``fill_id`` is ``paper-fill-<order_id>`` and ``exchange_order_id`` is
+  ``:cancel`` / ``:expire`` (``ledger.domain.command_ids``), ``fill_id`` is
+  ``paper-fill-<order_id>`` and ``exchange_order_id`` is
   ``paper-<first 16 hex digits of the order id>``. A redelivered event publishes the same
   commands again, and the command handler's deduplication answers them with the first outcome:
   nothing happens twice.
@@ -99,6 +100,7 @@ from ledger.client.models import read_mark
 from ledger.config import Settings
 from ledger.domain import wire
 from ledger.domain.arithmetic import amount_fits, fill_fee
+from ledger.domain.command_ids import CommandIds
 from ledger.domain.enums import FINAL_ORDER_STATUSES, Exchange, OrderSide, OrderType
 from ledger.domain.instruments import Instrument, instrument_for
 from ledger.domain.state import OrderState
@@ -298,24 +300,11 @@ def fee_currency(exchange: Exchange, symbol: str) -> str | None:
     return settle if RULES["fee_currency"].matches(settle) else None
 
 
-def accept_id(order_id: str) -> str:
-    return f"paper:{order_id}:accept"
+IDS = CommandIds("paper")
 
 
 def fill_command_id(order_id: str) -> str:
     return f"paper:{order_id}:fill"
-
-
-def reject_id(order_id: str) -> str:
-    return f"paper:{order_id}:reject"
-
-
-def cancel_id(order_id: str) -> str:
-    return f"paper:{order_id}:cancel"
-
-
-def expire_id(order_id: str) -> str:
-    return f"paper:{order_id}:expire"
 
 
 def unfillable_reason(exchange: Exchange, symbol: str, quantity: Decimal, price: Decimal) -> str | None:
@@ -446,7 +435,7 @@ class PaperVenue:
                     self._placed(pipe, event, states.get(event.stream), mark)
             elif isinstance(event, wire.OrderCancelRequested):
                 cancel = wire.OrderCancelledCommand(
-                    command_id=cancel_id(event.stream), user_id=event.user_id, order_id=event.stream
+                    command_id=IDS.cancel(event.stream), user_id=event.user_id, order_id=event.stream
                 )
                 cancels.append((len(pipe), event))
                 self._take(pipe, event.stream, cancel)
@@ -458,7 +447,7 @@ class PaperVenue:
         if LOST in results:
             raise LeaseLost(f"{self.paper_keys.lease} no longer names {self.consumer.name!r}: batch not applied")
         for index, event in cancels:
-            fields = {"order_id": event.stream, "event_id": event.event_id, "command_id": cancel_id(event.stream)}
+            fields = {"order_id": event.stream, "event_id": event.event_id, "command_id": IDS.cancel(event.stream)}
             if results[index]:
                 self.log.info("resting order cancelled", **fields)
             else:
@@ -471,7 +460,7 @@ class PaperVenue:
             self.log.debug("order already final, nothing to do", status=str(state.status), **fields)
             return
         accept = wire.OrderAcceptedCommand(
-            command_id=accept_id(order_id),
+            command_id=IDS.accept(order_id),
             user_id=event.user_id,
             order_id=order_id,
             exchange_order_id=exchange_order_id(order_id),
@@ -515,7 +504,7 @@ class PaperVenue:
     def _reject(self, pipe: Any, event: wire.OrderPlaced, reason: str) -> None:
         order_id = event.stream
         reject = wire.OrderRejectedCommand(
-            command_id=reject_id(order_id), user_id=event.user_id, order_id=order_id, reason=reason
+            command_id=IDS.reject(order_id), user_id=event.user_id, order_id=order_id, reason=reason
         )
         self._publish(pipe, reject)
         self.log.info(
@@ -542,7 +531,7 @@ class PaperVenue:
         fields = {"order_id": order_id, "user_id": user_id}
         reason = unfillable_reason(exchange, symbol, quantity, price)
         if reason is not None:
-            expire = wire.OrderExpiredCommand(command_id=expire_id(order_id), user_id=user_id, order_id=order_id)
+            expire = wire.OrderExpiredCommand(command_id=IDS.expire(order_id), user_id=user_id, order_id=order_id)
             self._take(pipe, order_id, expire)
             self.log.warning("resting order expired", reason=reason, command_id=expire.command_id, **fields)
             return

@@ -3,7 +3,7 @@
 
 Every command id is deterministic, so the two (or one of them twice) publishing the same fact
 publish the same command, and the handler's deduplication (CONTRACT §3) records it once:
-``venue:<order_id>:accept`` / ``:reject`` / ``:cancel`` / ``:expire``,
+``venue:<order_id>:accept`` / ``:reject`` / ``:cancel`` / ``:expire`` (``ledger.domain.command_ids``),
 ``venue:<order hex>:fill:<16 hex of SHA-1 of the venue's trade id>``, and for an order the ledger
 never placed ``venue:<exchange>:adopt:<16 hex of SHA-1 of the venue's order id>``.
 """
@@ -17,26 +17,13 @@ from typing import Any
 import msgspec
 
 from ledger.domain import wire
+from ledger.domain.command_ids import CommandIds
 from ledger.domain.enums import Exchange, OrderSide, OrderType
 from ledger.domain.values import RULES, ZERO, format_decimal
 from ledger.errors import InvalidInput
 from ledger.venues.live import CANCELED, EXPIRED, FINAL_STATUSES, REJECTED, VenueFill, VenueOrder
 
-
-def accept_id(order_id: str) -> str:
-    return f"venue:{order_id}:accept"
-
-
-def reject_id(order_id: str) -> str:
-    return f"venue:{order_id}:reject"
-
-
-def cancel_id(order_id: str) -> str:
-    return f"venue:{order_id}:cancel"
-
-
-def expire_id(order_id: str) -> str:
-    return f"venue:{order_id}:expire"
+IDS = CommandIds("venue")
 
 
 def _digest(venue_id: str) -> str:
@@ -53,16 +40,16 @@ def adopt_id(exchange: Exchange, exchange_order_id: str) -> str:
 
 def accepted(order_id: str, user_id: str, exchange_order_id: str) -> wire.OrderAcceptedCommand:
     return wire.OrderAcceptedCommand(
-        command_id=accept_id(order_id), user_id=user_id, order_id=order_id, exchange_order_id=exchange_order_id
+        command_id=IDS.accept(order_id), user_id=user_id, order_id=order_id, exchange_order_id=exchange_order_id
     )
 
 
 def cancelled(order_id: str, user_id: str) -> wire.OrderCancelledCommand:
-    return wire.OrderCancelledCommand(command_id=cancel_id(order_id), user_id=user_id, order_id=order_id)
+    return wire.OrderCancelledCommand(command_id=IDS.cancel(order_id), user_id=user_id, order_id=order_id)
 
 
 def rejected(order_id: str, user_id: str, reason: str) -> wire.OrderRejectedCommand:
-    return wire.OrderRejectedCommand(command_id=reject_id(order_id), user_id=user_id, order_id=order_id, reason=reason)
+    return wire.OrderRejectedCommand(command_id=IDS.reject(order_id), user_id=user_id, order_id=order_id, reason=reason)
 
 
 def fill(order_id: str, user_id: str, trade: VenueFill) -> wire.RecordFill:
@@ -95,7 +82,7 @@ def final(
     if report.status == REJECTED:
         return True, rejected(order_id, user_id, f"{exchange} rejected the order after accepting it")
     if report.status == EXPIRED or quantity - report.traded > ZERO:
-        return True, wire.OrderExpiredCommand(command_id=expire_id(order_id), user_id=user_id, order_id=order_id)
+        return True, wire.OrderExpiredCommand(command_id=IDS.expire(order_id), user_id=user_id, order_id=order_id)
     return True, None
 
 
