@@ -11,11 +11,11 @@ import math
 import secrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import psycopg
 import redis.exceptions
@@ -46,7 +46,11 @@ from ledger.store.keys import ShardKeys, shard_of
 from ledger.store.redis_conn import CONNECT_TIMEOUT_S, connect, recorded_shards, text
 from projections.projector import open_gaps
 
+if TYPE_CHECKING:
+    from projections.verify import Report, VenueReport
+
 T = TypeVar("T")
+VerifyReport = TypeVar("VerifyReport", "Report", "VenueReport")
 
 EXIT_FAILURE = 1  # the ledger or a server could not do what was asked
 EXIT_USAGE = 2  # the command line or a setting is wrong (argparse's own status)
@@ -433,23 +437,13 @@ async def _verify(args: argparse.Namespace) -> int:
         return await _verify_chain(args)
     if args.expect:
         raise UsageError("--expect: checkpoints are checked by `verify --chain`: add --chain")
-    settings = _settings(args)
-    redis = await _client(settings)
-    try:
-        count, shards = await _chosen_shards(redis, args.shard)
-        async with await _archive(settings) as conn:
-            report = await verify(
-                redis, conn, shards, count, repair=args.repair, final_order_ttl_s=settings.final_order_ttl_s
-            )
-    finally:
-        await redis.aclose()
-    if args.json:
-        _print_json(report.as_dict())
-    else:
-        if report.differences:
-            print_table([d.as_dict() for d in report.differences], ["store", "key", "field", "expected", "found"])
-        print(report.summary())
-    return 0 if report.ok else EXIT_FAILURE
+    return await _verification(
+        args,
+        lambda redis, conn, shards, count, settings: verify(
+            redis, conn, shards, count, repair=args.repair, final_order_ttl_s=settings.final_order_ttl_s
+        ),
+        lambda report: report.summary(),
+    )
 
 
 async def _verify_venue(args: argparse.Namespace) -> int:
@@ -458,12 +452,27 @@ async def _verify_venue(args: argparse.Namespace) -> int:
 
     if args.chain or args.repair or args.expect:
         raise UsageError("--venue checks the drifts alone: run it without --chain, --repair and --expect")
+    return await _verification(
+        args,
+        lambda redis, conn, shards, _count, _config: verify_venue(redis, conn, shards),
+        lambda report: "\n".join(report.lines()),
+    )
+
+
+async def _verification(
+    args: argparse.Namespace,
+    check: Callable[[Any, psycopg.AsyncConnection[Any], list[int], int, Settings], Awaitable[VerifyReport]],
+    summary: Callable[[VerifyReport], str],
+) -> int:
+    """Run ``check(redis, archive, shards, shard count, settings)`` on the shards ``--shard``
+    picks and print its report: JSON with ``--json``, else the differences as a table and the
+    ``summary`` (exit 1 unless the report is ok)."""
     settings = _settings(args)
     redis = await _client(settings)
     try:
-        _count, shards = await _chosen_shards(redis, args.shard)
+        count, shards = await _chosen_shards(redis, args.shard)
         async with await _archive(settings) as conn:
-            report = await verify_venue(redis, conn, shards)
+            report = await check(redis, conn, shards, count, settings)
     finally:
         await redis.aclose()
     if args.json:
@@ -471,7 +480,7 @@ async def _verify_venue(args: argparse.Namespace) -> int:
     else:
         if report.differences:
             print_table([d.as_dict() for d in report.differences], ["store", "key", "field", "expected", "found"])
-        print("\n".join(report.lines()))
+        print(summary(report))
     return 0 if report.ok else EXIT_FAILURE
 
 
