@@ -51,11 +51,11 @@ async def _reconcile(ledger: Ledger) -> Any:
     return await ledger.positions.sync_positions_from_exchange(USER, "okx", venue=ledger.config, symbols=[SWAP])
 
 
-def _adoption(venue_id: str, *fills: str) -> tuple[str, list[dict[str, str]]]:
+def _adoption(venue_id: str, *fills: str, exchange: Exchange = Exchange.OKX) -> tuple[str, list[dict[str, str]]]:
     """The derived order id and what reconciliation records for the venue order: its adoption,
     then its trades (the live venue role's fill command ids)."""
-    order_id = wire.adopted_order_id(USER, "okx", venue_id)
-    adopt = {"command_id": commands.adopt_id(Exchange.OKX, venue_id), "type": "adopt_order", "order_id": order_id}
+    order_id = wire.adopted_order_id(USER, exchange, venue_id)
+    adopt = {"command_id": commands.adopt_id(exchange, venue_id), "type": "adopt_order", "order_id": order_id}
     recorded = [adopt] + [
         {"command_id": commands.fill_command_id(order_id, f), "type": "record_fill", "order_id": order_id, "fill_id": f}
         for f in fills
@@ -246,24 +246,14 @@ async def test_a_cancelled_venue_order_with_a_trade_is_adopted_with_its_final_st
         binance.fill("web_7f3a", "0.004", "40000", "7001", fee="0.000004")
         binance.finish("web_7f3a", "canceled")  # no longer open: found through its trade
         venue_id = binance.order("web_7f3a").venue_id
-        order_id = wire.adopted_order_id(USER, "binance", venue_id)
+        order_id, recorded = _adoption(venue_id, "7001", exchange=Exchange.BINANCE)
 
         result = await ledger.positions.sync_positions_from_exchange(
             USER, "binance", venue=ledger.config, symbols=["BTC/USDT"]
         )
 
         assert result.recorded == [
-            {
-                "command_id": commands.adopt_id(Exchange.BINANCE, venue_id),
-                "type": "adopt_order",
-                "order_id": order_id,
-            },
-            {
-                "command_id": commands.fill_command_id(order_id, "7001"),
-                "type": "record_fill",
-                "order_id": order_id,
-                "fill_id": "7001",
-            },
+            *recorded,
             {"command_id": f"venue:{order_id}:cancel", "type": "order_cancelled", "order_id": order_id},
         ]
         assert result.findings == []
@@ -286,16 +276,13 @@ async def test_upbit_open_order_is_adopted_with_the_trades_it_lists(
         upbit.book("web-9", "KRW-BTC", "buy", "0.001", "50000000")
         upbit.fill("web-9", "0.0004", "50000000", "b3f7c1de-0000-4000-8000-000000000009", fee="10")
         venue_id = upbit.order("web-9").venue_id
-        order_id = wire.adopted_order_id(USER, "upbit", venue_id)
+        order_id, recorded = _adoption(venue_id, "b3f7c1de-0000-4000-8000-000000000009", exchange=Exchange.UPBIT)
 
         result = await ledger.positions.sync_positions_from_exchange(
             USER, "upbit", venue=ledger.config, symbols=["KRW-BTC"]
         )
 
-        assert [(r["type"], r["order_id"], r.get("fill_id")) for r in result.recorded] == [
-            ("adopt_order", order_id, None),
-            ("record_fill", order_id, "b3f7c1de-0000-4000-8000-000000000009"),
-        ]
+        assert result.recorded == recorded
         assert result.findings == []
         order = await ledger.orders.get_order(order_id)
         assert order is not None

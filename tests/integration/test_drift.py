@@ -18,7 +18,7 @@ import pytest
 
 from ledger import PositionManager
 from ledger.app.audit_trail import trail
-from ledger.client.api import LedgerClient, OrderManager
+from ledger.client.api import LedgerClient
 from ledger.client.reconcile import Finding, Reconciliation
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, PositionSide
@@ -29,7 +29,7 @@ from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import load_credentials
 from projections.verify import verify_venue
-from tests.drift_helpers import MARKET, SLOT, USER, credentials_file, okx_position
+from tests.drift_helpers import MARKET, SLOT, USER, credentials_file, okx_position, placed_order
 from tests.live_helpers import running_ledger
 from tests.venue_server import LoopbackExchange
 
@@ -76,12 +76,7 @@ async def desk(servers: tuple[Any, str], tmp_path: Path, okx: LoopbackExchange) 
 async def test_a_drift_is_recorded_once_corrected_explicitly_and_resolved_when_the_venue_agrees(
     desk: Desk, okx: LoopbackExchange
 ) -> None:
-    order = await OrderManager(desk.redis, timeout=10).create_order(
-        USER, "okx", "BTC-USDT-SWAP", "buy", "limit", "0.04", "45000"
-    )
-    assert order.id is not None
-    client_id = order.id.replace("-", "")
-    okx.book(client_id, "BTC-USDT-SWAP", "buy", "4", "45000")
+    _order_id, client_id = await placed_order(desk.redis, okx)
     okx.fill(client_id, "4", "45000", "t-1", fee="0.009")
     okx.positions = [okx_position("5")]  # 0.05 BTC at the venue, 0.04 in the ledger
 
@@ -175,19 +170,14 @@ async def test_a_drift_is_recorded_once_corrected_explicitly_and_resolved_when_t
 
 
 async def test_a_fill_fee_that_differs_from_the_venues_is_a_fee_drift(desk: Desk, okx: LoopbackExchange) -> None:
-    order = await OrderManager(desk.redis, timeout=10).create_order(
-        USER, "okx", "BTC-USDT-SWAP", "buy", "limit", "0.04", "45000"
-    )
-    assert order.id is not None
-    client_id = order.id.replace("-", "")
-    okx.book(client_id, "BTC-USDT-SWAP", "buy", "4", "45000")
+    order_id, client_id = await placed_order(desk.redis, okx)
     okx.fill(client_id, "2", "45000", "t-1", fee="0.009")
     okx.positions = [okx_position("2")]  # the sizes agree
     # Someone else reported the fill first, with another fee.
     report = wire.RecordFill(
         command_id="external-t-1",
         user_id=USER,
-        order_id=order.id,
+        order_id=order_id,
         fill_id="t-1",
         quantity="0.02",
         price="45000",
@@ -203,7 +193,7 @@ async def test_a_fill_fee_that_differs_from_the_venues_is_a_fee_drift(desk: Desk
     evidence = {
         "fills": [
             {
-                "order_id": order.id,
+                "order_id": order_id,
                 "fill_id": "t-1",
                 "venue_fee": "0.009",
                 "venue_fee_currency": "USDT",

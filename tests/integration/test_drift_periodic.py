@@ -12,14 +12,13 @@ import pytest
 import structlog
 
 from consumers.reconciling import PeriodicReconciliation, reconcile_role
-from ledger.client.api import OrderManager
 from ledger.config import ConfigError, Settings, parse_execution
 from ledger.domain.enums import Exchange
 from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import text
 from ledger.venues.accounts import CredentialsError, load_credentials
 from ledger.venues.live import VenueClients
-from tests.drift_helpers import SLOT, USER, credentials_file, okx_position
+from tests.drift_helpers import SLOT, USER, credentials_file, okx_position, placed_order
 from tests.live_helpers import running_ledger, wait_for
 from tests.venue_server import LoopbackExchange, loopback_exchange
 
@@ -28,14 +27,6 @@ def test_the_role_runs_nothing_when_off() -> None:
     off = Settings(execution=parse_execution("okx=live"))  # no credentials needed: nothing runs
     assert off.reconcile_s == 0
     assert asyncio.run(reconcile_role(None, off)) == []
-
-
-async def _place(redis: Any) -> str:
-    order = await OrderManager(redis, timeout=10).create_order(
-        USER, "okx", "BTC-USDT-SWAP", "buy", "limit", "0.04", "45000"
-    )
-    assert order.id is not None
-    return order.id.replace("-", "")
 
 
 async def test_serve_reconciles_every_round(redis: Any, redis_url: str, tmp_path: Path, okx: LoopbackExchange) -> None:
@@ -48,8 +39,7 @@ async def test_serve_reconciles_every_round(redis: Any, redis_url: str, tmp_path
         credentials=credentials,
         reconcile_s=1,
     ):
-        client_id = await _place(redis)
-        okx.book(client_id, "BTC-USDT-SWAP", "buy", "4", "45000")
+        _order_id, client_id = await placed_order(redis, okx)
         okx.fill(client_id, "4", "45000", "t-1", fee="0.009")
         okx.positions = [okx_position("5")]
 
@@ -73,7 +63,7 @@ async def test_a_failing_reconciliation_is_logged_and_tried_again(redis: Any, re
         config = load_credentials(credentials)[Exchange.OKX]
     # The venue is gone: the user's order cannot be looked up.
     async with running_ledger(redis_url, tmp_path, roles=("handler", "projection")):
-        await _place(redis)
+        await placed_order(redis, None)
         periodic = PeriodicReconciliation(redis, {Exchange.OKX: config}, 1)
         clients = VenueClients({Exchange.OKX: config.options})
         try:

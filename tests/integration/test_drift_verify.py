@@ -3,10 +3,7 @@ line while one is open, or while the drift slots disagree with the log; exit 0 o
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,30 +17,20 @@ from ledger.domain.evolution import drift_slot
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys
 from projections.verify import verify, verify_venue
+from tests.audit_helpers import ledger_cli
 from tests.live_helpers import running_ledger, wait_for
 
 USER = "bob"
 MARKET = "BTC/USDT:USDT"
 
 
-async def _verify_venue(redis_url: str, database_url: str, *flags: str) -> tuple[int, str, str]:
-    return await _cli(redis_url, database_url, "verify", "--venue", *flags)
+async def _verify_venue(home: Path, redis_url: str, database_url: str, *flags: str) -> tuple[int, str, str]:
+    return await _cli(home, redis_url, database_url, "verify", "--venue", *flags)
 
 
-async def _cli(redis_url: str, database_url: str, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, "LEDGER_REDIS_URL": redis_url, "LEDGER_DATABASE_URL": database_url}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ledger.app.cli",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+async def _cli(home: Path, redis_url: str, database_url: str, *args: str) -> tuple[int, str, str]:
+    run = await ledger_cli(home, *args, LEDGER_REDIS_URL=redis_url, LEDGER_DATABASE_URL=database_url)
+    return run.status, run.stdout, run.stderr
 
 
 async def test_verify_venue_exits_1_while_a_drift_is_open(
@@ -51,7 +38,7 @@ async def test_verify_venue_exits_1_while_a_drift_is_open(
 ) -> None:
     async with running_ledger(redis_url, tmp_path, roles=("handler", "projection")):
         client = LedgerClient(redis, timeout=10)
-        assert await _verify_venue(redis_url, database_url) == (0, "no drift open (0 drift events)\n", "")
+        assert await _verify_venue(tmp_path, redis_url, database_url) == (0, "no drift open (0 drift events)\n", "")
 
         record = wire.RecordDrift(
             command_id="drift-1",
@@ -64,7 +51,7 @@ async def test_verify_venue_exits_1_while_a_drift_is_open(
         reply = await client.submit(record)
         (detected,) = [s.event for s in await EventStore(redis, 0).read_range() if s.event.type == "DriftDetected"]
         assert reply["events"][0]["type"] == "DriftDetected"
-        status, out, err = await _verify_venue(redis_url, database_url)
+        status, out, err = await _verify_venue(tmp_path, redis_url, database_url)
         assert (status, err) == (1, "")
         assert out.splitlines() == [
             f"drift {detected.stream}: user {USER}, binance {MARKET}, fee, "
@@ -72,7 +59,7 @@ async def test_verify_venue_exits_1_while_a_drift_is_open(
             "1 drifts unresolved, 0 slot differences: correct a position with adjust_position or close a drift "
             "with resolve_drift (`ledger submit`), then verify again",
         ]
-        status, out, _err = await _verify_venue(redis_url, database_url, "--json")
+        status, out, _err = await _verify_venue(tmp_path, redis_url, database_url, "--json")
         assert status == 1
         assert json.loads(out) == {
             "ok": False,
@@ -100,12 +87,12 @@ async def test_verify_venue_exits_1_while_a_drift_is_open(
             reason="the venue's fee includes a rebate paid later",
         )
         await client.submit(resolve)
-        assert await _verify_venue(redis_url, database_url) == (0, "no drift open (2 drift events)\n", "")
+        assert await _verify_venue(tmp_path, redis_url, database_url) == (0, "no drift open (2 drift events)\n", "")
 
         # A slot the log does not explain (written by hand) is a difference.
         slot = drift_slot(USER, "binance", MARKET, "position_size")
         await redis.hset(ShardKeys(0).slots, slot, detected.stream)
-        status, out, _err = await _verify_venue(redis_url, database_url, "--json")
+        status, out, _err = await _verify_venue(tmp_path, redis_url, database_url, "--json")
         assert status == 1
         assert json.loads(out)["differences"] == [
             {
@@ -195,7 +182,7 @@ async def test_an_adjustment_to_zero_reaches_postgresql_once_and_verify_agrees(
         (drift_id,) = [
             s.event.stream for s in await EventStore(redis, 0).read_range() if s.event.type == "DriftDetected"
         ]
-        status, out, err = await _cli(redis_url, database_url, "history", drift_id, "--json")
+        status, out, err = await _cli(tmp_path, redis_url, database_url, "history", drift_id, "--json")
         assert (status, err) == (0, "")
         trail = json.loads(out)
         assert (trail["kind"], trail["archive"]) == ("drift", "read")

@@ -9,10 +9,7 @@ role sent them and then lost what happened (a crash, an outage). Reconciliation 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -32,6 +29,7 @@ from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, load_credentials
 from ledger.venues.live import VenueClients
+from tests.audit_helpers import ledger_cli
 from tests.live_helpers import running_ledger, wait_for
 from tests.venue_server import LoopbackExchange
 
@@ -266,25 +264,15 @@ async def test_upbit_fills_come_from_the_orders_own_trades(
 
 
 async def _cli(credentials: Path, redis_url: str, *args: str) -> tuple[int, str, str]:
-    env = {
-        **os.environ,
-        "LEDGER_REDIS_URL": redis_url,
-        "LEDGER_CREDENTIALS": str(credentials),
-        "LEDGER_LOG_LEVEL": "error",  # the logs go to stderr; here it holds the one line alone
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ledger.app.cli",
+    run = await ledger_cli(
+        credentials.parent,
         "reconcile",
         *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        LEDGER_REDIS_URL=redis_url,
+        LEDGER_CREDENTIALS=str(credentials),
+        LEDGER_LOG_LEVEL="error",  # the logs go to stderr; here it holds the one line alone
     )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return run.status, run.stdout, run.stderr
 
 
 async def test_the_cli_prints_what_it_recorded_and_exits_1_while_a_finding_is_unresolved(
