@@ -19,20 +19,20 @@ from ledger.domain.state import OrderState
 from tests.domain_helpers import LINEAR, SPOT, USER, Driver
 
 VENUE_ID = "612345678901234567"
+# An adopt_order's data (besides command_id and user_id): a limit buy of 0.2 at 50000 on OKX.
+ADOPT: dict[str, object] = {
+    "exchange": "okx",
+    "symbol": LINEAR,
+    "side": "buy",
+    "order_type": "limit",
+    "quantity": "0.2",
+    "price": "50000",
+    "exchange_order_id": VENUE_ID,
+}
 
 
 def _adopt(driver: Driver, **extra: object) -> str:
-    data: dict[str, object] = {
-        "exchange": "okx",
-        "symbol": LINEAR,
-        "side": "buy",
-        "order_type": "limit",
-        "quantity": "0.2",
-        "price": "50000",
-        "exchange_order_id": VENUE_ID,
-    }
-    data.update(extra)
-    decision = driver.ok("adopt_order", **data)
+    decision = driver.ok("adopt_order", **{**ADOPT, **extra})
     assert decision.order_id is not None
     return decision.order_id
 
@@ -119,17 +119,7 @@ def test_an_order_with_a_client_id_the_ledger_derives_is_never_adopted(form: str
     ours = str(uuid.UUID(int=7))
     client_id = ours.replace("-", "") if form == "hex" else ours
 
-    rejection = driver.refused(
-        "adopt_order",
-        exchange="okx",
-        symbol=LINEAR,
-        side="buy",
-        order_type="limit",
-        quantity="0.2",
-        price="50000",
-        exchange_order_id=VENUE_ID,
-        venue_client_order_id=client_id,
-    )
+    rejection = driver.refused("adopt_order", **{**ADOPT, "venue_client_order_id": client_id})
 
     assert rejection.code is RejectCode.INVALID_TRANSITION
     assert rejection.message == (
@@ -175,19 +165,7 @@ def test_place_orders_checks_of_what_may_be_sent_do_not_apply() -> None:
     ],
 )
 def test_values_must_still_be_storable(field: str, value: str, code: RejectCode) -> None:
-    driver = Driver()
-    data = {
-        "exchange": "okx",
-        "symbol": LINEAR,
-        "side": "buy",
-        "order_type": "limit",
-        "quantity": "0.2",
-        "price": "50000",
-        "exchange_order_id": VENUE_ID,
-        field: value,
-    }
-
-    assert driver.refused("adopt_order", **data).code is code
+    assert Driver().refused("adopt_order", **{**ADOPT, field: value}).code is code
 
 
 @pytest.mark.parametrize(
@@ -201,17 +179,7 @@ def test_values_must_still_be_storable(field: str, value: str, code: RejectCode)
     ],
 )
 def test_malformed_fields_are_wire_errors(field: str, value: str) -> None:
-    data = {
-        "exchange": "okx",
-        "symbol": LINEAR,
-        "side": "buy",
-        "order_type": "limit",
-        "quantity": "0.2",
-        "exchange_order_id": VENUE_ID,
-        field: value,
-    }
-
     with pytest.raises(wire.WireError) as caught:
-        Driver().command("adopt_order", **data)
+        Driver().command("adopt_order", **{**ADOPT, field: value})
 
     assert caught.value.code == "INVALID_FIELD"
