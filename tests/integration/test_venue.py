@@ -96,6 +96,23 @@ class Rig:
         assert reply["status"] == "accepted", reply
         return str(reply["order_id"])
 
+    async def placed_through_a_timeout(self, **data: Any) -> str:
+        """Place an order the venue books at once but answers after the client's 500 ms timeout:
+        the intent stays ``sending`` and the order ``pending`` (an unknown outcome is never a
+        rejection); then the venue answers at once again and the rig settles. The order id."""
+        self.book.create_delay_s = 1.5
+        command_id = await self.send("place_order", exchange=self.exchange.value, **data)
+        await self.handler.burst()
+        await self.venue.burst()
+        assert await self.venue.tick() == 1
+        order_id = str(json.loads(await self.redis.lindex(KEYS.reply(USER, command_id), 0))["order_id"])
+        assert (await self.venue.working())[order_id].stage == "sending"
+        await self.handler.burst()
+        assert (await self.order(order_id)).status is OrderStatus.PENDING
+        self.book.create_delay_s = 0
+        await self.settle()
+        return order_id
+
     async def order(self, order_id: str) -> Any:
         order = await self.store.order(order_id)
         assert order is not None
@@ -210,26 +227,9 @@ async def test_an_upbit_market_buy_reported_as_cancel_is_a_fill(redis: Any, upbi
 
 async def test_a_timeout_during_placement_sends_no_second_order(redis: Any, okx: LoopbackExchange) -> None:
     rig = await _rig(redis, okx)
-    okx.create_delay_s = 1.5  # booked at once, answered after ccxt's 500 ms timeout
-    command_id = await rig.send(
-        "place_order",
-        exchange="okx",
-        symbol="BTC-USDT",
-        side="buy",
-        order_type="limit",
-        quantity="0.001",
-        price="40000",
+    order_id = await rig.placed_through_a_timeout(
+        symbol="BTC-USDT", side="buy", order_type="limit", quantity="0.001", price="40000"
     )
-    await rig.handler.burst()
-    await rig.venue.burst()
-    assert await rig.venue.tick() == 1
-    reply = json.loads(await redis.lindex(KEYS.reply(USER, command_id), 0))
-    order_id = reply["order_id"]
-    assert (await rig.venue.working())[order_id].stage == "sending"
-    await rig.handler.burst()
-    assert (await rig.order(order_id)).status is OrderStatus.PENDING  # unknown is never a rejection
-    okx.create_delay_s = 0
-    await rig.settle()
     order = await rig.order(order_id)
     assert (order.status, order.exchange_order_id) == (OrderStatus.OPEN, okx.only_order().venue_id)
     assert okx.creates == {order_id.replace("-", ""): 1}

@@ -301,26 +301,10 @@ async def test_binance_usdm_stop_market_after_a_timeout_is_looked_up_among_algo_
     redis: Any, binance: LoopbackExchange, made: list[Rig]
 ) -> None:
     rig = await _rig(made, redis, binance)
-    binance.create_delay_s = 1.5  # booked at once, answered after ccxt's 500 ms timeout
-    command_id = await rig.send(
-        "place_order",
-        exchange="binance",
-        symbol="BTC/USDT:USDT",
-        side="buy",
-        order_type="stop_market",
-        quantity="0.005",
-        trigger_price="46000",
+    order_id = await rig.placed_through_a_timeout(
+        symbol="BTC/USDT:USDT", side="buy", order_type="stop_market", quantity="0.005", trigger_price="46000"
     )
-    await rig.handler.burst()
-    await rig.venue.burst()
-    assert await rig.venue.tick() == 1
-    order_id = json.loads(await redis.lindex(KEYS.reply(USER, command_id), 0))["order_id"]
     cid = _cid(order_id)
-    assert (await rig.venue.working())[order_id].stage == "sending"
-    await rig.handler.burst()
-    assert (await rig.order(order_id)).status is OrderStatus.PENDING
-    binance.create_delay_s = 0
-    await rig.settle()
     algo = binance.order(cid)
     assert algo.params == {
         "symbol": "BTCUSDT",
