@@ -10,10 +10,13 @@ first); ``burst`` processes what is there and returns (for tests and tools).
 Failures are counted in Redis, so that they survive the process (``keys.tries``, one hash per
 stream and group on the stream's hash tag):
 
-* before a batch of fresh entries is handled, each entry gets a try counter of 0 (a mark);
-* an entry that already has a counter was in a batch that failed or never finished (the process
-  died): it is handled alone, and its counter is incremented *before* it is handled, so a
-  delivery that kills the process counts too; its last error is kept next to the counter;
+* a fresh entry gets no counter: the group's pending list already records its delivery, so a
+  batch that succeeds costs one XACK and one HDEL, whatever its size;
+* an entry read again from the pending list (this consumer's own after a failed batch, or one
+  claimed from a consumer that died) was in a batch that failed or never finished: it gets a
+  counter of 0 if it has none, and is handled alone, its counter incremented *before* it is
+  handled, so a delivery that kills the process counts too; its last error is kept next to the
+  counter;
 * a batch that raises is retried at once entry by entry, the same way;
 * an entry whose counter would exceed ``max_deliveries`` is dead-lettered with its last known
   error instead (``consumers.deadletter``: written once, acknowledged in the same step);
@@ -83,11 +86,14 @@ return 0
 """
 
 # KEYS[1] try counters; ARGV[1] the increment (0: mark), ARGV[2..] entry ids. A mark (0) creates
-# a counter of 0 only where there is none. Returns each entry's counter as it was before.
+# a counter of 0 only where there is none. Returns each entry's counter as it was before; an
+# entry counted (increment > 0) without a counter was delivered once already (a fresh entry has
+# none): 0.
 _COUNT = """
+local absent = ARGV[1] == '0' and '-1' or '0'
 local before = {}
 for i = 2, #ARGV do
-  local n = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
+  local n = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or absent)
   before[#before + 1] = n
   if ARGV[1] ~= '0' or n < 0 then
     redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[1])
@@ -96,14 +102,13 @@ end
 return before
 """
 
-# KEYS[1] stream, KEYS[2] try counters, KEYS[3] the lease (when ARGV[4] is not ''); ARGV[1]
-# group, ARGV[2] consumer, ARGV[3] batch size, ARGV[4] the lease's holder or ''. Reads the group's
-# new entries (never blocking) and marks them as ``_COUNT`` does with 0, in one step: no entry is
-# ever delivered without its mark. Returns {entries, counters as they were, 0}; with no new entry,
+# KEYS[1] stream, KEYS[2] the lease (when ARGV[4] is not ''); ARGV[1] group, ARGV[2] consumer,
+# ARGV[3] batch size, ARGV[4] the lease's holder or ''. Reads the group's new entries (never
+# blocking), only while the lease names the holder. Returns {entries, '', 0}; with no new entry,
 # {false, the stream's last entry id, 0} for a blocking XREAD to wait after; {false, '', 1}, having
 # read nothing, when the lease does not name the holder.
 _READ_NEW = """
-if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
+if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then
   return {false, '', 1}
 end
 local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
@@ -111,35 +116,50 @@ if not read then
   local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
   return {false, last and last[1] or '0-0', 0}
 end
-local entries = read[1][2]
-local before = {}
-for i, entry in ipairs(entries) do
-  local n = tonumber(redis.call('HGET', KEYS[2], entry[1]) or '-1')
-  before[i] = n
-  if n < 0 then
-    redis.call('HSET', KEYS[2], entry[1], 0)
+return {read[1][2], '', 0}
+"""
+
+# KEYS[1] try counters; ARGV[1..] ids of entries read again from the group's pending list: each
+# was delivered in a batch that failed or never finished, so one without a counter gets 0 (a try
+# to count; handled alone). Returns the counters (-1: a delivery given back, not a try).
+_MARK_PENDING = """
+local found = redis.call('HMGET', KEYS[1], unpack(ARGV))
+local before, marks = {}, {}
+for i = 1, #ARGV do
+  before[i] = tonumber(found[i] or '0')
+  if not found[i] then
+    marks[#marks + 1] = ARGV[i]
+    marks[#marks + 1] = 0
   end
 end
-return {entries, before, 0}
+if #marks > 0 then
+  redis.call('HSET', KEYS[1], unpack(marks))
+end
+return before
 """
 
 # KEYS[1] try counters; ARGV[1..] entry ids: give back the count of a delivery that a server
-# outage cut short (a mark given back is deleted).
+# outage cut short; a delivery not counted (a fresh entry's) is left at -1, so that reading the
+# entry again from the pending list does not take it for a try.
 _UNCOUNT = """
 for i = 1, #ARGV do
-  if redis.call('HINCRBY', KEYS[1], ARGV[i], -1) < 0 then
-    redis.call('HDEL', KEYS[1], ARGV[i])
+  if redis.call('HINCRBY', KEYS[1], ARGV[i], -1) < -1 then
+    redis.call('HSET', KEYS[1], ARGV[i], -1)
   end
 end
 return 1
 """
 
-# KEYS[1] stream, KEYS[2] try counters; ARGV[1] group, ARGV[2..] entry ids.
+# KEYS[1] stream, KEYS[2] try counters; ARGV[1] group, ARGV[2..] entry ids: one XACK and one HDEL
+# (the counters and last errors) for the whole batch.
 _ACK = """
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+local fields = {}
 for i = 2, #ARGV do
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  redis.call('HDEL', KEYS[2], ARGV[i], ARGV[i] .. ':error')
+  fields[#fields + 1] = ARGV[i]
+  fields[#fields + 1] = ARGV[i] .. ':error'
 end
+redis.call('HDEL', KEYS[2], unpack(fields))
 return 1
 """
 
@@ -299,7 +319,7 @@ class StreamConsumer:
             await self._give_back()
             retried = await self._retry_requested()
             entries = await self._claim_stale()
-            before = await self._count(entries, 0) if entries else []
+            before = await self._mark_pending(entries) if entries else []
             if not entries:
                 entries, before = await self._read(block)
             if entries:
@@ -318,7 +338,7 @@ class StreamConsumer:
             )
             entries = _entries(response)
             if entries:
-                return entries, await self._count(entries, 0)
+                return entries, await self._mark_pending(entries)
             self._own_pending = False
         entries, before = await self._read_new()
         if entries or not block:
@@ -329,9 +349,9 @@ class StreamConsumer:
         return await self._read_new()
 
     async def _read_new(self) -> tuple[list[Entry], list[int]]:
-        keys = [self.stream, self.tries, self.lease_key or self.stream]
+        keys = [self.stream, self.lease_key or self.stream]
         holder = self.name if self.lease_key is not None else ""
-        found, second, lost = await self._scripts["read_new"](
+        found, last, lost = await self._scripts["read_new"](
             keys, [self.group, self.name, self.settings.batch_size, holder]
         )
         if lost:
@@ -342,9 +362,9 @@ class StreamConsumer:
                 return [], []
             return await self._read(block=False)
         if not found:
-            self._last_seen = text(second) or "0-0"
+            self._last_seen = text(last) or "0-0"
             return [], []
-        return [_entry(raw_id, fields) for raw_id, fields in found], [int(n) for n in second]
+        return [_entry(raw_id, fields) for raw_id, fields in found], [-1] * len(found)
 
     async def _process(self, entries: list[Entry], before: list[int]) -> None:
         """Handle a batch whose entries were marked (``before``: their counters before the mark);
@@ -388,6 +408,11 @@ class StreamConsumer:
     async def _count(self, entries: list[Entry], increment: int) -> list[int]:
         """Increment (or, with 0, mark) the entries' try counters; return them as they were."""
         before = await self._scripts["count"]([self.tries], [increment, *[e.id for e in entries]])
+        return [int(n) for n in before]
+
+    async def _mark_pending(self, entries: list[Entry]) -> list[int]:
+        """The try counters of entries read again from the group's pending list (``_MARK_PENDING``)."""
+        before = await self._scripts["mark_pending"]([self.tries], [e.id for e in entries])
         return [int(n) for n in before]
 
     async def _uncount(self, entries: list[Entry]) -> None:
@@ -481,8 +506,8 @@ class StreamConsumer:
     async def _claim_stale(self) -> list[Entry]:
         """Take over entries another consumer left pending for longer than claim_idle_ms.
 
-        A claimed entry that has a try counter was in a delivery that failed or never finished:
-        it is handled alone, and counted (``_process``).
+        A claimed entry was in a delivery that failed or never finished: it is handled alone,
+        and counted (``_process``), unless that delivery was given back (an outage).
         """
         now = time.monotonic()
         if now < self._next_claim:
@@ -500,7 +525,14 @@ class StreamConsumer:
     # ----------------------------------------------------------------- status
 
 
-_SCRIPTS = {"renew": _RENEW_LEASE, "count": _COUNT, "read_new": _READ_NEW, "uncount": _UNCOUNT, "ack": _ACK}
+_SCRIPTS = {
+    "renew": _RENEW_LEASE,
+    "count": _COUNT,
+    "read_new": _READ_NEW,
+    "mark_pending": _MARK_PENDING,
+    "uncount": _UNCOUNT,
+    "ack": _ACK,
+}
 
 
 def _entries(response: Any) -> list[Entry]:

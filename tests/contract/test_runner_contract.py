@@ -181,11 +181,11 @@ class RunnerContract:
         handler = Recorder({"1": ConnectionError("server down")})
         consumer = self.consumer(client, handler, "a")
         await consumer.ensure_group()
-        await self.publish(client, "1")
+        (entry_id,) = await self.publish(client, "1")
         for _ in range(SETTINGS.max_deliveries * 2):
             with pytest.raises(ConnectionError):
                 await consumer.step(block=False)
-            assert await client.exists(TRIES) == 0
+            assert await client.hgetall(TRIES) == {entry_id: "-1"}  # delivered, given back: not a try
         handler.fail.clear()
 
         assert await consumer.burst() == 1
@@ -244,7 +244,8 @@ class RunnerContract:
         with pytest.raises(LeaseLost):
             await stale.step(block=False)
 
-        assert await client.exists(TRIES, DEAD) == 0  # not counted, not dead-lettered
+        assert await client.hgetall(TRIES) == {entry: "-1"}  # given back: not counted
+        assert await client.exists(DEAD) == 0
         assert await _pending(client) == 1
         assert await stale.step(block=False) == 0  # it stands by while the successor holds the lease
 
