@@ -79,20 +79,23 @@ class SnapshotEncoder:
 
     def __init__(self, cls: type[msgspec.Struct]) -> None:
         self.names = tuple(info.name for info in msgspec.structs.fields(cls))
-        self.defaults: dict[str, bytes] = {}
+        # Each default as JSON's builtins (a Decimal as its text, an enum as its value): two
+        # builtins of one field's type are equal exactly when their JSON is.
+        self.defaults: dict[str, Any] = {}
         for info in msgspec.structs.fields(cls):
             if info.default is not msgspec.NODEFAULT:
-                self.defaults[info.name] = _encoder.encode(info.default)
+                self.defaults[info.name] = msgspec.to_builtins(info.default)
             elif info.default_factory is not msgspec.NODEFAULT:
-                self.defaults[info.name] = _encoder.encode(info.default_factory())
+                self.defaults[info.name] = msgspec.to_builtins(info.default_factory())
 
     def encode(self, state: msgspec.Struct, fields: Iterable[str] | None = None, **extra: Any) -> bytes:
-        kept: dict[str, Any] = {}
+        values = msgspec.to_builtins(state)
         defaults = self.defaults
-        for name in self.names if fields is None else fields:
-            value = getattr(state, name)
-            if _encoder.encode(value) != defaults.get(name):
-                kept[name] = value
+        kept = {
+            name: values[name]
+            for name in (self.names if fields is None else fields)
+            if name not in defaults or values[name] != defaults[name]
+        }
         kept.update(extra)
         return _encoder.encode(kept)
 
