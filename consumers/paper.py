@@ -366,6 +366,7 @@ class PaperVenue:
             name=name,
             settings=consumer_settings,
             lease_key=self.paper_keys.lease,
+            reads="paper" in self.execution.values(),
         )
         self.log = log.bind(shard=shard)
         self._cache_version: str | None = None
@@ -739,7 +740,8 @@ async def paper_role(redis: Any, settings: Settings) -> list[Any]:
     """``ledger serve`` role ``paper``: one venue (event consumer + mark watcher) per shard.
 
     It runs even when no exchange is configured ``paper``: it then only keeps its place in the
-    log, so switching an exchange to ``paper`` later never executes orders placed before.
+    log without reading it (``consumers.runner``, ``reads``), so switching an exchange to
+    ``paper`` later never executes orders placed before.
     """
     consumer_settings = ConsumerSettings.from_settings(settings)
     poll = settings.paper_poll_ms / 1000

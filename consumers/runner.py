@@ -42,6 +42,14 @@ batch are handled alone once and acknowledged. A delivery cut short by a ``retry
 
 Handlers must be idempotent: delivery is at least once.
 
+A consumer whose role has nothing to do (``reads=False``: the paper venue when no exchange is
+``paper``, the live venue when none is ``live``) reads nothing: every ``block_ms`` it moves its
+group's last-delivered id to the stream's last entry and acknowledges whatever the group has
+pending (``_SKIP``), so it keeps its place in the log (an exchange switched to that mode later
+never sees orders placed before) without costing the server and the process a read of every
+event. It is what a consumer whose handler ignores every entry would leave behind, and it obeys
+the lease like one.
+
 With ``lease_key`` the consumer is exclusive: only the holder of the lease (a key with a
 time-to-live of ``claim_idle_ms``, renewed at every step) reads the stream, so entries are
 applied strictly in log order; other processes stand by and take over when the lease lapses,
@@ -163,6 +171,41 @@ redis.call('HDEL', KEYS[2], unpack(fields))
 return 1
 """
 
+# KEYS[1] stream, KEYS[2] try counters, KEYS[3] the lease (when ARGV[2] is not ''); ARGV[1]
+# group, ARGV[2] the lease's holder or ''. Acknowledges (up to 1,000 of) the group's pending
+# entries, drops their counters, and moves the group's last-delivered id to the stream's last
+# entry, reading nothing (an idle consumer: module doc). Returns the number acknowledged; -1,
+# having done nothing, when the lease does not name the holder.
+_SKIP = """
+if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[2] then
+  return -1
+end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000)
+if #pending > 0 then
+  local ids, fields = {}, {}
+  for i, p in ipairs(pending) do
+    ids[i] = p[1]
+    fields[#fields + 1] = p[1]
+    fields[#fields + 1] = p[1] .. ':error'
+  end
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+  redis.call('HDEL', KEYS[2], unpack(fields))
+end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last then
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local info = {}
+    for j = 1, #group, 2 do
+      info[group[j]] = group[j + 1]
+    end
+    if info['name'] == ARGV[1] and info['last-delivered-id'] ~= last[1] then
+      redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last[1])
+    end
+  end
+end
+return #pending
+"""
+
 # The reason given when an entry's last delivery never finished (the process died in it).
 UNFINISHED = "the consumer handling it stopped before finishing (a crash, a kill or a timeout)"
 
@@ -232,6 +275,7 @@ class StreamConsumer:
         settings: ConsumerSettings | None = None,
         start_id: str = "0",
         lease_key: str | None = None,
+        reads: bool = True,
         retryable: tuple[type[BaseException], ...] = (),
         on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
@@ -244,6 +288,7 @@ class StreamConsumer:
         self.settings = settings or ConsumerSettings()
         self.start_id = start_id
         self.lease_key = lease_key
+        self.reads = reads
         self.retryable = RETRYABLE + retryable
         self.on_dead_letter = on_dead_letter
         self.tries = tries(stream, group)
@@ -315,6 +360,12 @@ class StreamConsumer:
             if block:
                 await asyncio.sleep(self.settings.block_ms / 1000)
             return 0
+        if not self.reads:
+            retried = await self._retry_requested()
+            await self._skip()
+            if block:
+                await asyncio.sleep(self.settings.block_ms / 1000)
+            return retried
         try:
             await self._give_back()
             retried = await self._retry_requested()
@@ -409,6 +460,17 @@ class StreamConsumer:
         """Increment (or, with 0, mark) the entries' try counters; return them as they were."""
         before = await self._scripts["count"]([self.tries], [increment, *[e.id for e in entries]])
         return [int(n) for n in before]
+
+    async def _skip(self) -> None:
+        """Keep the group's place at the end of the stream without reading (``_SKIP``)."""
+        holder = self.name if self.lease_key is not None else ""
+        skipped = await self._scripts["skip"](
+            [self.stream, self.tries, self.lease_key or self.stream], [self.group, holder]
+        )
+        if skipped == -1:
+            self._lease_confirmed = None  # taken by a tool or lapsed: the next step asks again
+        elif skipped:
+            self.log.info("idle consumer acknowledged pending entries without handling them", count=skipped)
 
     async def _mark_pending(self, entries: list[Entry]) -> list[int]:
         """The try counters of entries read again from the group's pending list (``_MARK_PENDING``)."""
@@ -532,6 +594,7 @@ _SCRIPTS = {
     "mark_pending": _MARK_PENDING,
     "uncount": _UNCOUNT,
     "ack": _ACK,
+    "skip": _SKIP,
 }
 
 

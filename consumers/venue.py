@@ -375,6 +375,7 @@ class LiveVenue:
             settings=consumer_settings,
             start_id="$",
             lease_key=self.venue_keys.lease,
+            reads=bool(self.live),
         )
         self.log = log.bind(shard=shard)
         self._invalid_marks: dict[tuple[str, str], str] = {}
@@ -901,7 +902,8 @@ class VenueRole:
 
 async def venue_role(redis: Any, settings: Settings) -> list[Any]:
     """``ledger serve`` role ``venue``: the live venue of every shard. It runs even when no
-    exchange is ``live``, keeping its place in the log (module doc)."""
+    exchange is ``live``, keeping its place in the log without reading it (module doc;
+    ``consumers.runner``, ``reads``)."""
     configs = live_configs(settings.execution, settings.credentials)
     clients = VenueClients({exchange: config.options for exchange, config in configs.items()})
     consumer_settings = ConsumerSettings.from_settings(settings)

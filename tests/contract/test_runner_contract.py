@@ -48,7 +48,9 @@ class RunnerContract:
     def client(self) -> Any:
         raise NotImplementedError
 
-    def consumer(self, client: Any, handler: Any, name: str, *, leased: bool = False) -> StreamConsumer:
+    def consumer(
+        self, client: Any, handler: Any, name: str, *, leased: bool = False, reads: bool = True
+    ) -> StreamConsumer:
         return StreamConsumer(
             client,
             stream=STREAM,
@@ -58,6 +60,7 @@ class RunnerContract:
             name=name,
             settings=SETTINGS,
             lease_key=LEASE if leased else None,
+            reads=reads,
         )
 
     async def publish(self, client: Any, *names: str) -> list[str]:
@@ -257,6 +260,53 @@ class RunnerContract:
         assert await _pending(client) == 0
         assert await client.exists(TRIES, DEAD) == 0
         assert entry == (await client.xrange(STREAM))[0][0]
+
+    # ----------------------------------------------------------------- an idle consumer
+
+    async def test_an_idle_consumer_keeps_its_place_at_the_end_without_reading(self, client: Any) -> None:
+        crashed = Recorder({"1": ValueError("bug")})
+        reader = self.consumer(client, crashed, "reader", leased=True)
+        await reader.ensure_group()
+        await self.publish(client, "1", "2")
+        await reader.step(block=False)  # "1" fails: counted and left pending, "2" handled
+        assert await _pending(client) == 1
+        assert await client.hgetall(TRIES) == {
+            (await client.xrange(STREAM))[0][0]: "1",
+            f"{(await client.xrange(STREAM))[0][0]}:error": "ValueError('bug')",
+        }
+        await client.delete(LEASE)  # the reading process stopped
+
+        idle_handler = Recorder()
+        idle = self.consumer(client, idle_handler, "idle", leased=True, reads=False)
+        _third, fourth = await self.publish(client, "3", "4")
+        assert await idle.step(block=False) == 0
+
+        assert idle_handler.calls == []
+        assert await _pending(client) == 0
+        assert await client.exists(TRIES, DEAD) == 0
+        (group,) = await client.xinfo_groups(STREAM)
+        assert (group["last-delivered-id"], group["pending"]) == (fourth, 0)
+
+        # Switched to reading again, it sees only what is published from then on.
+        await self.publish(client, "5")
+        assert await idle.step(block=False) == 0  # still idle: skipped too
+        await client.delete(LEASE)
+        handler = Recorder()
+        assert await self.consumer(client, handler, "reader-2", leased=True).burst() == 0
+        await self.publish(client, "6")
+        assert await self.consumer(client, handler, "reader-2", leased=True).burst() == 1
+        assert handler.calls == [["6"]]
+
+    async def test_an_idle_consumer_moves_nothing_while_another_holds_the_lease(self, client: Any) -> None:
+        idle = self.consumer(client, Recorder(), "idle", leased=True, reads=False)
+        await idle.ensure_group()
+        await client.set(LEASE, "reader", px=10_000)
+        await self.publish(client, "1")
+
+        assert await idle.step(block=False) == 0
+
+        (group,) = await client.xinfo_groups(STREAM)
+        assert group["last-delivered-id"] == "0-0"
 
     async def test_run_stands_by_after_lease_lost_and_stops_on_request(self, client: Any) -> None:
         handler = Recorder()
