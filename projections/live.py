@@ -37,6 +37,13 @@ slow server) would still write. So each write is fenced:
   repaired by the next step, which re-applies from the checkpoint (already written parts are
   refused as old).
 
+**The delivered batch is the log when the chain says so.** On a plain Redis the applier knows the
+checkpoint it wrote and that entry's chain number (the ``n`` field every event entry carries,
+``ledger.store.chain``: 1, 2, 3 ... in log order); a delivered batch whose entries carry the next
+numbers in order is exactly the log after the checkpoint, so it is applied as delivered, with no
+XRANGE. Anything else (a first step, a redelivery, a gap, an entry without a number) is read
+from the log as above.
+
 The fences are used on both kinds of Redis (one write path); on a plain Redis the step's call
 alone already fences.
 
@@ -347,6 +354,7 @@ class _Writes:
     slot: Callable[[str], int] | None
     calls: dict[int, _Call] = field(default_factory=dict)
     scheduled: bool = False  # something was added to ``expiring``
+    last_n: int | None = None  # the last entry's chain number (None: it carries none)
 
     def call(self, key: str) -> _Call:
         slot = self.slot(key) if self.slot else 0
@@ -403,6 +411,7 @@ class LiveProjection:
         # The checkpoint as this applier last read or wrote it (plain Redis; ``_APPLY`` checks it).
         self._checkpoint: str | None = None
         self._checkpoint_known = False
+        self._checkpoint_n: int | None = None  # the checkpoint entry's chain number, when known
         self._sweep_at_ms = 0  # when ``expiring`` is next read
         self._levels = KnownLevels()
         self._sha: str | None = None
@@ -425,14 +434,28 @@ class LiveProjection:
         """Apply the log after the checkpoint up to the last delivered entry; then sweep when
         something may be due."""
         last = max((entry.id for entry in entries), key=entry_order)
-        while await self._step(last):
-            pass
+        delivered = self._next_in_log(entries)
+        while await self._step(last, delivered):
+            delivered = None
         if now_ms() >= self._sweep_at_ms:
             await self.sweep()
 
     # ----------------------------------------------------------------- steps
 
-    async def _step(self, last: str) -> bool:
+    def _next_in_log(self, entries: list[Entry]) -> list[Entry] | None:
+        """``entries`` in log order when they are exactly the log's entries after the checkpoint
+        (their chain numbers follow the checkpoint's, one by one); else None."""
+        if not (self.atomic and self._checkpoint_known and self._checkpoint_n is not None):
+            return None
+        if len(entries) > STEP_ENTRIES:
+            return None
+        ordered = sorted(entries, key=lambda entry: entry_order(entry.id))
+        for expected, entry in enumerate(ordered, self._checkpoint_n + 1):
+            if _chain_number(entry) != expected:
+                return None
+        return ordered
+
+    async def _step(self, last: str, delivered: list[Entry] | None = None) -> bool:
         """Apply up to ``STEP_ENTRIES`` log entries after the checkpoint; False when none is left.
 
         Plain Redis: one ``_APPLY`` call checks the lease and that the checkpoint is still the one
@@ -445,7 +468,7 @@ class LiveProjection:
             self._check_holder(holder)
             self._checkpoint, self._checkpoint_known = text(checkpoint), self.atomic
         planned_from = self._checkpoint
-        writes = await self._writes(planned_from, last)
+        writes = await self._writes(planned_from, last, delivered)
         if writes is None:
             self._checkpoint_known = self.atomic
             return False
@@ -463,7 +486,7 @@ class LiveProjection:
         if status == _MOVED:  # another applier moved it: read it again and go on from there
             self._checkpoint_known = False
             return True
-        self._checkpoint = writes.last_id
+        self._checkpoint, self._checkpoint_n = writes.last_id, writes.last_n
         if writes.scheduled:
             self._sweep_at_ms = min(self._sweep_at_ms, writes.forget_at_ms)
         return True
@@ -505,16 +528,20 @@ class LiveProjection:
     def _lease_lost(self, holder: Any) -> LeaseLost:
         return LeaseLost(f"{self.lease} is held by {text(holder)!r}, not by {self.holder!r}: checkpoint not moved")
 
-    async def _writes(self, checkpoint: str | None, last: str) -> _Writes | None:
-        """The writes of the log entries after ``checkpoint`` up to ``last`` (None: none left)."""
+    async def _writes(self, checkpoint: str | None, last: str, delivered: list[Entry] | None) -> _Writes | None:
+        """The writes of the log entries after ``checkpoint`` up to ``last`` (None: none left):
+        ``delivered`` when they are those entries (``_next_in_log``), else read from the log."""
         if checkpoint is not None and entry_order(checkpoint) >= entry_order(last):
             return None
-        raw = await self.redis.xrange(
-            self.keys.events, min=f"({checkpoint}" if checkpoint else "-", max=last, count=STEP_ENTRIES
-        )
-        if not raw:
-            return None
-        entries = [Entry(text(entry_id), dict(fields)) for entry_id, fields in raw]
+        if delivered is not None:
+            entries = delivered
+        else:
+            raw = await self.redis.xrange(
+                self.keys.events, min=f"({checkpoint}" if checkpoint else "-", max=last, count=STEP_ENTRIES
+            )
+            if not raw:
+                return None
+            entries = [Entry(text(entry_id), dict(fields)) for entry_id, fields in raw]
         events = await decode_events(
             self.redis,
             entries,
@@ -532,6 +559,7 @@ class LiveProjection:
             self.keys.expiring,
             slot,
         )
+        writes.last_n = _chain_number(entries[-1])
         decoded = [event for _, event in events]
         plan(writes, events, await GridLevels.load(self.redis, decoded, self._levels))
         self._levels.learn(decoded)
@@ -726,6 +754,12 @@ class KnownLevels:
                 self.levels.pop(event.stream, None)
         for order_id in list(itertools.islice(self.levels, max(0, len(self.levels) - KNOWN_LEVELS))):
             del self.levels[order_id]  # the oldest first (a dict keeps insertion order)
+
+
+def _chain_number(entry: Entry) -> int | None:
+    """The chain number of an event entry (its ``n`` field); None when it has none."""
+    raw = text(entry.fields.get("n"))
+    return int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
 
 
 def _is_order_update(event: wire.Event) -> bool:

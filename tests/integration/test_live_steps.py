@@ -122,6 +122,55 @@ async def test_a_plain_redis_step_is_one_script_call(redis: Any, monkeypatch: py
     assert await _clean(redis) == applied
 
 
+async def _delivered_after(redis: Any, entry_id: str) -> list[Entry]:
+    """The log's entries after ``entry_id`` with their fields, as the group delivers them."""
+    return [Entry(i, fields) for i, fields in await redis.xrange(KEYS.events, min=f"({entry_id}")]
+
+
+async def test_a_delivered_batch_that_follows_the_checkpoint_is_applied_as_delivered(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live, "SWEEP_EVERY_MS", 3_600_000)
+    rig = await Rig.start(redis)
+    order = await rig.place(USER, "buy", "0.2", "100")
+    projection = LiveProjection(redis, 0)
+    placed = await _last(redis)
+    await projection.handle(await _delivered_after(redis, "0-0"))  # the first step reads the log
+    await rig.fill(USER, order, "0.1", "100")  # OrderPartiallyFilled, PositionOpened: chain 2, 3
+    projection.redis = trips = _RoundTrips(redis)
+
+    # Chain numbers 2 and 3 follow the checkpoint's 1: applied as delivered (in log order,
+    # whatever the order delivered), no XRANGE.
+    await projection.handle(list(reversed(await _delivered_after(redis, placed.id))))
+
+    assert trips.trips == ["EVALSHA"]
+    assert (await redis.get(KEYS.checkpoint)) == (await _last(redis)).id
+    applied = await snapshot(redis)
+    assert await _clean(redis) == applied
+
+
+async def test_a_delivered_batch_with_a_gap_is_read_from_the_log(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(live, "SWEEP_EVERY_MS", 3_600_000)
+    rig = await Rig.start(redis)
+    order = await rig.place(USER, "buy", "0.2", "100")
+    projection = LiveProjection(redis, 0)
+    await projection.handle(await _delivered_after(redis, "0-0"))
+    placed = await _last(redis)
+    await rig.fill(USER, order, "0.1", "100")
+    await rig.fill(USER, order, "0.1", "101")  # chain 2 to 5
+    projection.redis = trips = _RoundTrips(redis)
+    after = await _delivered_after(redis, placed.id)
+
+    # 2, 4 and 5 delivered (3 went to another reader): the log is read, 3 applied in its place.
+    await projection.handle([after[0], *after[2:]])
+
+    assert trips.trips == ["xrange", "EVALSHA"]
+    position = await redis.hgetall(f"positions:{USER}:okx:BTC-USDT-SWAP:long")
+    assert (position["size"], position["entry_price"], position["version"]) == ("0.2", "100.5", "2")
+    applied = await snapshot(redis)
+    assert await _clean(redis) == applied
+
+
 async def _moved_under_it(redis: Any) -> list[str]:
     """Applier A applies the first batch; B applies the second; A, which still holds the
     checkpoint it wrote, is handed the third: its step finds the checkpoint moved, writes
