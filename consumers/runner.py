@@ -110,13 +110,13 @@ end
 return before
 """
 
-# KEYS[1] stream, KEYS[2] the lease (when ARGV[4] is not ''); ARGV[1] group, ARGV[2] consumer,
-# ARGV[3] batch size, ARGV[4] the lease's holder or ''. Reads the group's new entries (never
-# blocking), only while the lease names the holder. Returns {entries, '', 0}; with no new entry,
+# KEYS[1] stream, KEYS[2] the lease; ARGV[1] group, ARGV[2] consumer, ARGV[3] batch size, ARGV[4]
+# the lease's holder. Reads the group's new entries (never blocking), only while the lease names
+# the holder. Returns {entries, '', 0}; with no new entry,
 # {false, the stream's last entry id, 0} for a blocking XREAD to wait after; {false, '', 1}, having
 # read nothing, when the lease does not name the holder.
 _READ_NEW = """
-if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then
+if redis.call('GET', KEYS[2]) ~= ARGV[4] then
   return {false, '', 1}
 end
 local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
@@ -382,7 +382,10 @@ class StreamConsumer:
 
     async def _read(self, block: bool) -> tuple[list[Entry], list[int]]:
         """The next batch and the entries' try counters as they were before it was marked:
-        this consumer's own pending entries first (a batch that failed), else new ones."""
+        this consumer's own pending entries first (a batch that failed), else new ones. A
+        consumer without a lease takes new entries with one XREADGROUP, blocking while there are
+        none; a leased one reads them with ``_READ_NEW`` (which checks the lease) and waits for
+        them with a plain XREAD."""
         if self._own_pending:
             response = await self.redis.xreadgroup(
                 self.group, self.name, {self.stream: "0"}, count=self.settings.batch_size
@@ -391,6 +394,13 @@ class StreamConsumer:
             if entries:
                 return entries, await self._mark_pending(entries)
             self._own_pending = False
+        if self.lease_key is None:
+            block_ms = self.settings.block_ms if block else None
+            response = await self.redis.xreadgroup(
+                self.group, self.name, {self.stream: ">"}, count=self.settings.batch_size, block=block_ms
+            )
+            entries = _entries(response)
+            return entries, [-1] * len(entries)
         entries, before = await self._read_new()
         if entries or not block:
             return entries, before
@@ -400,10 +410,8 @@ class StreamConsumer:
         return await self._read_new()
 
     async def _read_new(self) -> tuple[list[Entry], list[int]]:
-        keys = [self.stream, self.lease_key or self.stream]
-        holder = self.name if self.lease_key is not None else ""
         found, last, lost = await self._scripts["read_new"](
-            keys, [self.group, self.name, self.settings.batch_size, holder]
+            [self.stream, self.lease_key], [self.group, self.name, self.settings.batch_size, self.name]
         )
         if lost:
             # Taken by a tool (``consumers.pause``) or lapsed since this consumer last renewed it:
