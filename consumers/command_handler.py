@@ -189,10 +189,7 @@ class CommandHandler:
 
     async def _handle_commands(self, commands: list[_Pending]) -> None:
         book = Book()
-        # Tokens first, state after: state read later is at least as new as the token, so an
-        # append made in between by another handler always shows as a conflict.
-        tokens = await self.store.tokens(p.command.user_id for p in commands)
-        await self._load(book, [p.command for p in commands])
+        tokens = await self._load(book, [p.command for p in commands])
         with exact_arithmetic():
             appends = [self._decide(p, book, tokens) for p in commands]
         results = await self.store.append_many(appends)
@@ -208,24 +205,30 @@ class CommandHandler:
         for pending in retry:
             await self._handle_alone(pending)
 
-    async def _load(self, book: Book, commands: Sequence[wire.Command]) -> None:
-        """Load what the commands need, in pipelined waves until nothing is missing: a wave
-        follows what the last one loaded (an order's position, a slot's position; a position
-        refers to nothing, so two waves follow the longest chain). A command is walked again only
-        while it misses something: the book only grows. Deciding needs no more loading: evolving
-        the book by a decision adds every aggregate and slot the decision made."""
+    async def _load(self, book: Book, commands: Sequence[wire.Command]) -> dict[str, str]:
+        """Load what the commands need, in pipelined waves until nothing is missing, and return
+        their users' tokens, read first in the first wave's round trip: state read after a token
+        is at least as new as it, so an append made in between by another handler always shows
+        as a conflict. A wave follows what the last one loaded (an order's position, a slot's
+        position; a position refers to nothing, so two waves follow the longest chain). A command
+        is walked again only while it misses something: the book only grows. Deciding needs no
+        more loading: evolving the book by a decision adds every aggregate and slot the decision
+        made."""
         pending = list(commands)
-        while pending:
+        tokens_of = [command.user_id for command in commands]
+        tokens: dict[str, str] = {}
+        while True:
             wanted = [requirements(command, book, instrument_table()) for command in pending]
             missing = Requirements(
                 frozenset().union(*(w.order_ids for w in wanted)),
                 frozenset().union(*(w.position_ids for w in wanted)),
                 frozenset().union(*(w.slots for w in wanted)),
             ).missing(book)
-            if not missing:
-                return
+            if not missing and not tokens_of:
+                return tokens
             pending = [command for command, w in zip(pending, wanted, strict=True) if w.overlaps(missing)]
-            await self.store.load(book, missing)
+            tokens.update(await self.store.load(book, missing, tokens_of))
+            tokens_of = []
 
     def _decide(self, pending: _Pending, book: Book, tokens: dict[str, str]) -> Append:
         command = pending.command
@@ -250,8 +253,7 @@ class CommandHandler:
         """Decide one command again on fresh state until its append is not in conflict."""
         for _attempt in range(MAX_CONFLICT_RETRIES):
             book = Book()
-            tokens = await self.store.tokens([pending.command.user_id])
-            await self._load(book, [pending.command])
+            tokens = await self._load(book, [pending.command])
             with exact_arithmetic():
                 append = self._decide(pending, book, tokens)
             result = await self.store.append(append)

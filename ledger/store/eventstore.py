@@ -161,10 +161,15 @@ class EventStore:
 
     # ----------------------------------------------------------------- state
 
-    async def load(self, book: Book, missing: Requirements) -> None:
-        """Fill the book with what is missing (absent aggregates are recorded as None)."""
+    async def load(self, book: Book, missing: Requirements, tokens_of: Sequence[str] = ()) -> dict[str, str]:
+        """Fill the book with what is missing (absent aggregates are recorded as None), in one
+        round trip; with ``tokens_of``, read those users' tokens first in it and return them
+        (``tokens``: state read after a token is at least as new as it)."""
         order_ids, position_ids, slots = (sorted(x) for x in (missing.order_ids, missing.position_ids, missing.slots))
         pipe = self.redis.pipeline(transaction=False)
+        users = sorted(set(tokens_of))
+        if users:
+            pipe.hmget(self.keys.sequence, users)
         if order_ids:
             pipe.hmget(self.keys.orders, order_ids)
         if position_ids:
@@ -172,6 +177,7 @@ class EventStore:
         if slots:
             pipe.hmget(self.keys.slots, slots)
         results = iter(await pipe.execute())
+        tokens = {user: text(value) or "" for user, value in zip(users, next(results), strict=True)} if users else {}
         if order_ids:
             for oid, raw in zip(order_ids, next(results), strict=True):
                 book.orders[oid] = _order_decoder.decode(raw) if raw else None
@@ -181,13 +187,7 @@ class EventStore:
         if slots:
             for slot, value in zip(slots, next(results), strict=True):
                 book.slots[slot] = text(value) or None
-
-    async def tokens(self, user_ids: Iterable[str]) -> dict[str, str]:
-        users = sorted(set(user_ids))
-        if not users:
-            return {}
-        values = await self.redis.hmget(self.keys.sequence, users)
-        return {user: text(value) or "" for user, value in zip(users, values, strict=True)}
+        return tokens
 
     async def outcomes(self, fields: Sequence[str]) -> list[str | None]:
         if not fields:

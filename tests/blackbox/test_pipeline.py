@@ -365,14 +365,10 @@ async def test_conflicting_append_is_decided_again_on_fresh_state(ledger_redis: 
                 a_waiting.set()
                 await b_done.wait()
 
-        async def tokens(self, user_ids: Any) -> dict[str, str]:
-            found = await super().tokens(user_ids)
+        async def load(self, book: Any, missing: Any, tokens_of: Any = ()) -> dict[str, str]:
+            tokens = await super().load(book, missing, tokens_of)
             await self._pause("between_reads")
-            return found
-
-        async def load(self, book: Any, missing: Any) -> None:
-            await super().load(book, missing)
-            await self._pause("between_reads")
+            return tokens
 
         async def append_many(self, appends: Any) -> list[AppendResult]:
             await self._pause("before_append")

@@ -358,9 +358,10 @@ class EventStoreContract:
         first = await store.append(command("c-1", events, new="1-0:a", slots={SLOT: POSITION}))
         book = Book()
 
-        await store.load(
+        tokens = await store.load(
             book,
             Requirements(frozenset({ORDER_1, ORDER_2}), frozenset({POSITION}), frozenset({SLOT, "alice|okx|X|short"})),
+            [USER, "bob", USER],
         )
 
         assert book.orders == {ORDER_1: apply(None, events[0]), ORDER_2: None}
@@ -369,7 +370,8 @@ class EventStoreContract:
         assert await store.order(ORDER_1) == apply(None, events[0])
         assert await store.order(ORDER_2) is None
         assert await store.position(POSITION) == apply(None, events[1])
-        assert await store.tokens([USER, "bob", USER]) == {USER: "1-0:a", "bob": ""}
+        assert tokens == {USER: "1-0:a", "bob": ""}
+        assert await store.load(Book(), Requirements(frozenset(), frozenset(), frozenset())) == {}
         assert await store.outcomes(["alice:c-1", "alice:c-2"]) == [first.reply, None]
 
     # ----------------------------------------------------------------- the hash chain
