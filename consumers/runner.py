@@ -127,24 +127,44 @@ end
 return {read[1][2], '', 0}
 """
 
+# ``chunked(command, head, items)``: redis.call(command, head..., items...) at most 1,000 items
+# at a time (Lua's ``unpack`` stops at about 8,000 values; a batch may be larger than that).
+_CHUNKED = """
+local function chunked(command, head, items)
+  for i = 1, #items, 1000 do
+    local args = {}
+    for _, value in ipairs(head) do
+      args[#args + 1] = value
+    end
+    for j = i, math.min(i + 999, #items) do
+      args[#args + 1] = items[j]
+    end
+    redis.call(command, unpack(args))
+  end
+end
+"""
+
 # KEYS[1] try counters; ARGV[1..] ids of entries read again from the group's pending list: each
 # was delivered in a batch that failed or never finished, so one without a counter gets 0 (a try
 # to count; handled alone). Returns the counters (-1: a delivery given back, not a try).
-_MARK_PENDING = """
-local found = redis.call('HMGET', KEYS[1], unpack(ARGV))
+_MARK_PENDING = (
+    _CHUNKED
+    + """
 local before, marks = {}, {}
-for i = 1, #ARGV do
-  before[i] = tonumber(found[i] or '0')
-  if not found[i] then
-    marks[#marks + 1] = ARGV[i]
-    marks[#marks + 1] = 0
+for i = 1, #ARGV, 1000 do
+  local found = redis.call('HMGET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  for j, value in ipairs(found) do
+    before[i + j - 1] = tonumber(value or '0')
+    if not value then
+      marks[#marks + 1] = ARGV[i + j - 1]
+      marks[#marks + 1] = 0
+    end
   end
 end
-if #marks > 0 then
-  redis.call('HSET', KEYS[1], unpack(marks))
-end
+chunked('HSET', {KEYS[1]}, marks)
 return before
 """
+)
 
 # KEYS[1] try counters; ARGV[1..] entry ids: give back the count of a delivery that a server
 # outage cut short; a delivery not counted (a fresh entry's) is left at -1, so that reading the
@@ -160,37 +180,41 @@ return 1
 
 # KEYS[1] stream, KEYS[2] try counters; ARGV[1] group, ARGV[2..] entry ids: one XACK and one HDEL
 # (the counters and last errors) for the whole batch.
-_ACK = """
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-local fields = {}
+_ACK = (
+    _CHUNKED
+    + """
+local ids, fields = {}, {}
 for i = 2, #ARGV do
+  ids[#ids + 1] = ARGV[i]
   fields[#fields + 1] = ARGV[i]
   fields[#fields + 1] = ARGV[i] .. ':error'
 end
-redis.call('HDEL', KEYS[2], unpack(fields))
+chunked('XACK', {KEYS[1], ARGV[1]}, ids)
+chunked('HDEL', {KEYS[2]}, fields)
 return 1
 """
+)
 
 # KEYS[1] stream, KEYS[2] try counters, KEYS[3] the lease (when ARGV[2] is not ''); ARGV[1]
 # group, ARGV[2] the lease's holder or ''. Acknowledges (up to 1,000 of) the group's pending
 # entries, drops their counters, and moves the group's last-delivered id to the stream's last
 # entry, reading nothing (an idle consumer: module doc). Returns the number acknowledged; -1,
 # having done nothing, when the lease does not name the holder.
-_SKIP = """
+_SKIP = (
+    _CHUNKED
+    + """
 if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[2] then
   return -1
 end
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000)
-if #pending > 0 then
-  local ids, fields = {}, {}
-  for i, p in ipairs(pending) do
-    ids[i] = p[1]
-    fields[#fields + 1] = p[1]
-    fields[#fields + 1] = p[1] .. ':error'
-  end
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-  redis.call('HDEL', KEYS[2], unpack(fields))
+local ids, fields = {}, {}
+for i, p in ipairs(pending) do
+  ids[i] = p[1]
+  fields[#fields + 1] = p[1]
+  fields[#fields + 1] = p[1] .. ':error'
 end
+chunked('XACK', {KEYS[1], ARGV[1]}, ids)
+chunked('HDEL', {KEYS[2]}, fields)
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if last then
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
@@ -205,6 +229,7 @@ if last then
 end
 return #pending
 """
+)
 
 # The reason given when an entry's last delivery never finished (the process died in it).
 UNFINISHED = "the consumer handling it stopped before finishing (a crash, a kill or a timeout)"

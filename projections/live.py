@@ -125,8 +125,8 @@ local function write(key, op, member, args, first)
     redis.call('DEL', key)
   elseif op == 'sput' then
     redis.call('DEL', key)
-    if #args >= first then
-      redis.call('SADD', key, unpack(args, first))
+    for i = first, #args, 1000 do  -- unpack stops at about 8,000 values
+      redis.call('SADD', key, unpack(args, i, math.min(i + 999, #args)))
     end
   elseif op == 'sadd' then
     redis.call('SADD', key, member)

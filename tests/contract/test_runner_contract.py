@@ -261,6 +261,35 @@ class RunnerContract:
         assert await client.exists(TRIES, DEAD) == 0
         assert entry == (await client.xrange(STREAM))[0][0]
 
+    async def test_a_batch_larger_than_one_lua_call_takes_is_marked_and_acknowledged(self, client: Any) -> None:
+        # A batch of 4,500 entries: 9,000 counter fields, past Lua's unpack (about 8,000 values).
+        settings = ConsumerSettings(batch_size=5_000, max_deliveries=2, claim_idle_ms=100, block_ms=50)
+
+        def consumer(name: str) -> StreamConsumer:
+            return StreamConsumer(
+                client, stream=STREAM, group=GROUP, handler=Recorder(), dead_stream=DEAD, name=name, settings=settings
+            )
+
+        first = consumer("a")
+        await first.ensure_group()
+        pipe = client.pipeline(transaction=False)
+        for n in range(4_500):
+            pipe.xadd(STREAM, {"n": str(n)})
+        await pipe.execute()
+        await first._read(block=False)  # taken, then the process dies: all 4,500 left pending
+
+        await asyncio.sleep(0.15)
+        heir = consumer("b")
+        entries = await heir._claim_stale()
+        assert len(entries) == 4_500
+        before = await heir._mark_pending(entries)
+        assert before == [0] * 4_500  # delivered once, never finished: a try to count
+        assert await client.hlen(TRIES) == 4_500
+
+        await heir._ack(entries)
+        assert await _pending(client) == 0
+        assert await client.exists(TRIES) == 0
+
     # ----------------------------------------------------------------- an idle consumer
 
     async def test_an_idle_consumer_keeps_its_place_at_the_end_without_reading(self, client: Any) -> None:

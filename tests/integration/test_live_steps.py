@@ -14,7 +14,7 @@ import pytest
 
 from consumers.entries import Entry
 from ledger.store.keys import ShardKeys
-from projections import live
+from projections import live, verify
 from projections.live import LiveProjection
 from tests.live_helpers import live_keys, snapshot
 from tests.log_helpers import Rig
@@ -249,3 +249,16 @@ async def test_a_cluster_step_is_one_call_per_slot_then_the_checkpoint(redis_clu
     applied = await snapshot(redis)
     assert set(applied) == {*written, *(f"ledger:live:fence:{{{key}}}" for key in written[1:]), KEYS.checkpoint}
     assert await _clean(redis) == applied
+
+
+async def test_a_set_written_whole_may_hold_more_members_than_one_lua_call_takes(redis: Any) -> None:
+    # ``verify --repair`` writes a set key of the wrong type whole ('sput'): a grid user's
+    # ``orders:user:...`` can hold tens of thousands of ids, past what Lua's unpack takes at once.
+    key = "orders:user:alice:okx"
+    members = [f"order-{n:05d}" for n in range(9_001)]
+    await redis.set(key, "not a set")
+
+    await redis.eval(verify._REPAIR, 2, key, "ledger:live:fence:{orders:user:alice:okx}", "sput", "", "-", "", *members)
+
+    assert await redis.type(key) == "set"
+    assert sorted(await redis.smembers(key)) == members
