@@ -500,24 +500,29 @@ class Projector:
         result.events, result.fills, result.positions = len(events), len(fills), len(positions)
         written = list(positions)
         if final_orders:
-            orders = await self._rebuild_orders(conn, final_orders)
+            orders = await self._rebuild_orders(conn, final_orders, fresh)
             result.orders = len(orders)
             result.duplicate_venue_ids = await write_orders(conn, orders, self.log)
             written += [order.id for order in orders]
         if written:
             await conn.execute(_SQL["fill_gaps"], {"ids": written})
 
-    async def _rebuild_orders(self, conn: psycopg.AsyncConnection[Any], final: dict[str, _Decoded]) -> list[OrderState]:
-        """Fold each order's archived events (this transaction's included) into its state.
+    async def _rebuild_orders(
+        self, conn: psycopg.AsyncConnection[Any], final: dict[str, _Decoded], batch: list[_Decoded]
+    ) -> list[OrderState]:
+        """Fold each order's events into its state: from ``batch`` when it holds the order's whole
+        history (``_whole_in_batch``: the archive then holds exactly those events), else from the
+        archive (this transaction's inserts included).
 
         An order whose archived history is incomplete (a version missing: an event that was
         dead-lettered or is still being retried) or cannot be applied is taken from its Redis
         snapshot, which is at least as new; without a final snapshot, the gap is recorded.
         """
-        cur = await conn.execute(_SQL["order_events"], {"ids": list(final)})
-        states: dict[str, OrderState | None] = {}
+        states: dict[str, OrderState | None] = dict(_whole_in_batch(final, batch))
+        archived = [order_id for order_id in final if order_id not in states]
         broken: dict[str, str] = {}
-        for aggregate_id, type_name, data in await cur.fetchall():
+        rows = await (await conn.execute(_SQL["order_events"], {"ids": archived})).fetchall() if archived else []
+        for aggregate_id, type_name, data in rows:
             if aggregate_id in broken:
                 continue
             state = states.get(aggregate_id)
@@ -533,7 +538,7 @@ class Projector:
                 broken[aggregate_id] = f"{type_name}: {exc}" if str(exc) else repr(exc)
                 continue
             states[aggregate_id] = folded
-        broken.update((i, "no event in the archive") for i in final if i not in states and i not in broken)
+        broken.update((i, "no event in the archive") for i in archived if i not in states and i not in broken)
         if broken:
             await self._from_snapshots(conn, broken, final, states)
         return [state for i in final if (state := states.get(i)) is not None and state.status.is_final]
@@ -571,6 +576,35 @@ class Projector:
                 entry_id=item.entry_id,
                 reason=reason,
             )
+
+
+def _whole_in_batch(final: dict[str, _Decoded], batch: Iterable[_Decoded]) -> dict[str, OrderState]:
+    """The orders of ``final`` whose every event is in ``batch`` (log order): versions 1, 2, ...
+    up to the one that made it final, each applied without error; folded."""
+    states: dict[str, OrderState] = {}
+    partial: set[str] = set()
+    for item in batch:
+        event = item.event
+        if event is None or event.stream not in final or event.stream in partial:
+            continue
+        state = states.get(event.stream)
+        try:
+            if event.version != (1 if state is None else state.version + 1):
+                raise LookupError(f"version {event.version} follows no event of this batch")
+            folded = apply(state, event)
+        except Exception:  # noqa: BLE001 - the archive's fold decides, and records what is broken
+            partial.add(event.stream)
+            continue
+        if isinstance(folded, OrderState):
+            states[event.stream] = folded
+        else:
+            partial.add(event.stream)
+    whole: dict[str, OrderState] = {}
+    for order_id, state in states.items():
+        made_final = final[order_id].event
+        if order_id not in partial and made_final is not None and state.version == made_final.version:
+            whole[order_id] = state
+    return whole
 
 
 async def write_fills(conn: psycopg.AsyncConnection[Any], rows: Iterable[dict[str, Any]]) -> None:

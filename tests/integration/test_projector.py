@@ -31,6 +31,7 @@ from ledger.client.history import closed_positions, final_orders
 from ledger.config import Settings
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys
+from projections import projector
 from projections.projector import (
     BATCH_FACTOR,
     PROJECTOR,
@@ -334,6 +335,35 @@ async def test_orders_cancelled_rejected_expired_and_late_fill(
     finals = await final_orders(pg, USER)
     assert [o["id"] for o in finals][0] == cancelled  # latest update first
     assert {o["status"] for o in finals} == {"cancelled", "rejected", "expired"}
+
+
+async def test_an_order_whose_whole_history_is_in_the_batch_is_not_read_back(
+    redis: Any, ledger: Ledger, pool: Any, pg: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read_back: list[list[str]] = []
+    execute = psycopg.AsyncConnection.execute
+
+    async def recording(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        if query == projector._SQL["order_events"]:
+            read_back.append(sorted(params["ids"]))
+        return await execute(self, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "execute", recording)
+    expired = await place(ledger, side="sell", order_type="market", price=None)
+    await ledger.send("order_expired", order_id=expired)
+    cancelled = await place(ledger)
+    consumer = projector_consumer(redis, pool, 0)
+    await consumer.burst()  # the expired order's versions 1 and 2: folded from the batch
+    await ledger.send("cancel_order", order_id=cancelled)
+    await ledger.send("order_cancelled", order_id=cancelled)
+    await consumer.burst()  # versions 2 and 3 of the cancelled one: its version 1 is read back
+
+    assert read_back == [[cancelled]]
+    cur = await pg.execute("SELECT id::text, status, version, quantity FROM orders ORDER BY version")
+    assert await cur.fetchall() == [
+        (expired, "expired", 2, Decimal("0.1")),
+        (cancelled, "cancelled", 3, Decimal("0.1")),
+    ]
 
 
 async def test_liquidated_position(redis: Any, ledger: Ledger, pool: Any, pg: psycopg.AsyncConnection[Any]) -> None:
