@@ -40,8 +40,10 @@ Two halves:
 
 Following orders: WebSocket first, polling after a disconnect. Where ccxt has ``watch_orders`` and
 ``watch_my_trades`` for the exchange (OKX, Binance, Upbit: ``VenueClient.watches``; not with a REST
-``base_url`` override and no ``ws_url``), one ``Feed`` per (exchange, account) of the process, shared
-by every shard's venue with working orders on the account, watches both over one socket; each
+``base_url`` override and no ``ws_url``), one ``Feed`` per (exchange, account, user-data stream) of
+the process (``ledger.venues.live.STREAMS``: one for OKX and Upbit; Binance spot, USDⓈ-M and COIN-M
+each their own), shared by every shard's venue with working orders of that stream on the account
+(a spot-only account opens no futures stream), watches both over one socket; each
 pushed trade of an ``open`` order becomes its ``record_fill``, and a pushed final status is
 confirmed by one fetch of the order (its trades listed in full, so an order never ends before all
 its fills are in: the same ``_follow`` as polling), both with the polling path's command ids, so a
@@ -52,9 +54,10 @@ feed runs one polling round of the account's open orders at once, the driver pol
 pass again, and the feed reconnects with back-off (``consumers.backoff``); once it has been up
 for ``catch_up_after_s`` (or a first push came) one more polling round covers what happened
 between the failure and the new subscription, and the driver stops polling the account. Trigger
-orders kept apart by the venue (``Intent.algo``) and orders of markets the socket does not carry
-(Binance futures: ``ledger.venues.live.WATCHED_KINDS``) are always polled. Pushes reach the ledger only
-through the same fenced scripts: a venue that lost its lease leaves the feed.
+orders kept apart by the venue (``Intent.algo``) and orders of markets no stream carries (``STREAMS``)
+are always polled. A stream the venue refuses to open (``StreamRefused``: an API key without futures
+permission) is not opened again by the process: one error line says so, and its orders are polled.
+Pushes reach the ledger only through the same fenced scripts: a venue that lost its lease leaves the feed.
 
 Exactly once: every command id is deterministic (``venue:<order_id>:accept`` / ``:reject`` /
 ``:cancel`` / ``:expire``, ``venue:<order hex>:fill:<16 hex of SHA-1 of the trade id>``, built by
@@ -95,6 +98,7 @@ from ledger.venues.live import (
     Ambiguous,
     Intent,
     Refused,
+    StreamRefused,
     VenueClient,
     VenueClients,
     VenueFill,
@@ -211,23 +215,24 @@ def _intent(order_id: str, record: LiveOrder) -> Intent:
     )
 
 
-AccountKey = tuple[Exchange, str]  # (exchange, account name)
+FeedKey = tuple[Exchange, str, str]  # (exchange, account name, user-data stream: ``STREAMS``)
 
 
 class Feed:
-    """The WebSocket feed of one (exchange, account) in this process: one watcher task, whatever
-    the number of shards; each shard's venue with working orders on the account joins it (module
-    doc, "Following orders")."""
+    """The WebSocket feed of one (exchange, account, stream) in this process: one watcher task,
+    whatever the number of shards; each shard's venue with working orders of the stream on the
+    account joins it (module doc, "Following orders")."""
 
-    def __init__(self, client: VenueClient, catch_up_after_s: float) -> None:
+    def __init__(self, client: VenueClient, stream: str, catch_up_after_s: float) -> None:
         self.client = client
-        self.key: AccountKey = (client.exchange, client.account)
+        self.stream = stream
+        self.key: FeedKey = (client.exchange, client.account, stream)
         self.catch_up_after_s = catch_up_after_s
         self.venues: set[LiveVenue] = set()
         self.subscribed = False  # up, and the catch-up round done: the driver polls none of its orders
         self.task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self.log = log.bind(exchange=str(client.exchange), account=client.account)
+        self.log = log.bind(exchange=str(client.exchange), account=client.account, stream=stream)
 
     def join(self, venue: LiveVenue) -> None:
         """``venue`` gets the pushes from now on; what was pushed before it joined, it polls once
@@ -237,7 +242,7 @@ class Feed:
         if self.task is None or self.task.done():
             self.subscribed = False
             self._stop = asyncio.Event()
-            self.task = asyncio.create_task(self._run(), name=f"feed-{self.key[0]}-{self.key[1]}")
+            self.task = asyncio.create_task(self._run(), name="feed-{}-{}-{}".format(*self.key))
 
     async def leave(self, venue: LiveVenue) -> None:
         self.venues.discard(venue)
@@ -252,7 +257,7 @@ class Feed:
         try:
             await poll(self._stop, self._follow, retry_on=(Exception,), on_retry=self._lost)
         finally:
-            await self.client.unwatch()
+            await self.client.unwatch(self.stream)
 
     async def _follow(self) -> bool:
         """Hand what the venue pushes to the venues until none is left; ``Ambiguous`` when the
@@ -262,7 +267,7 @@ class Feed:
         watch: asyncio.Future[list[VenueFill | VenueOrder]] | None = None
         try:
             while self.venues:
-                watch = watch or asyncio.ensure_future(self.client.watch())
+                watch = watch or asyncio.ensure_future(self.client.watch(self.stream))
                 timeout = None if caught_up else self.catch_up_after_s
                 done, _ = await asyncio.wait({watch}, timeout=timeout)
                 if done:
@@ -280,6 +285,11 @@ class Feed:
 
     async def _lost(self, exc: BaseException, retry_in_s: float) -> None:
         self.subscribed = False
+        if isinstance(exc, StreamRefused):  # not opened again: the venues leave it on their next pass
+            self.log.error(str(exc))
+            self._stop.set()
+            await self._round("websocket refused")
+            return
         self.log.warning("websocket lost: polling, reconnecting with back-off", error=str(exc), retry_in_s=retry_in_s)
         await self._round("websocket lost")
         if not self.venues:
@@ -294,7 +304,7 @@ class Feed:
         """One polling round of every venue's open orders of the account."""
         for venue in list(self.venues):
             try:
-                polled = await venue.tick(account=self.key)
+                polled = await venue.tick(feed=self.key)
             except LeaseLost:
                 self._drop(venue)
             except Exception as exc:  # that venue's driver polls the account on its next pass
@@ -314,26 +324,26 @@ class Feed:
                 venue.log.error("pushed updates not handled: polling them", error=repr(exc), **self._fields())
 
     def _fields(self) -> dict[str, str]:
-        return {"exchange": str(self.key[0]), "account": self.key[1]}
+        return {"exchange": str(self.key[0]), "account": self.key[1], "stream": self.stream}
 
 
 class Feeds:
-    """The feeds of a process, one per (exchange, account), shared by its venues."""
+    """The feeds of a process, one per (exchange, account, stream), shared by its venues."""
 
     def __init__(self, catch_up_after_s: float = DEFAULT_CATCH_UP_AFTER_S) -> None:
         self.catch_up_after_s = catch_up_after_s
-        self._feeds: dict[AccountKey, Feed] = {}
+        self._feeds: dict[FeedKey, Feed] = {}
 
-    def get(self, key: AccountKey) -> Feed | None:
+    def get(self, key: FeedKey) -> Feed | None:
         return self._feeds.get(key)
 
-    def join(self, venue: LiveVenue, client: VenueClient) -> None:
-        key = (client.exchange, client.account)
+    def join(self, venue: LiveVenue, client: VenueClient, stream: str) -> None:
+        key = (client.exchange, client.account, stream)
         if key not in self._feeds:
-            self._feeds[key] = Feed(client, self.catch_up_after_s)
+            self._feeds[key] = Feed(client, stream, self.catch_up_after_s)
         self._feeds[key].join(venue)
 
-    async def leave(self, venue: LiveVenue, key: AccountKey) -> None:
+    async def leave(self, venue: LiveVenue, key: FeedKey) -> None:
         feed = self._feeds.get(key)
         if feed is not None:
             await feed.leave(venue)
@@ -380,9 +390,9 @@ class LiveVenue:
         self.log = log.bind(shard=shard)
         self._invalid_marks: dict[tuple[str, str], str] = {}
         self.feeds = feeds or Feeds()
-        self.following: set[AccountKey] = set()  # the feeds this venue joined
-        self.stale: set[AccountKey] = set()  # accounts whose pushes were not handled: polled on the next pass
-        self._accounts: set[AccountKey] = set()  # the accounts of the working orders (last full pass)
+        self.following: set[FeedKey] = set()  # the feeds this venue joined
+        self.stale: set[FeedKey] = set()  # feeds whose pushes were not handled: their orders polled on the next pass
+        self._streams: set[FeedKey] = set()  # the streams of the working orders (last full pass)
         self._venue_ids: dict[tuple[Exchange, str], str] = {}  # (exchange, venue id) -> order id, open orders
         self._due: set[str] = set()  # open orders fetched on the next pass though followed (module doc)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -409,32 +419,45 @@ class LiveVenue:
     async def _drive_once(self) -> bool:
         if text(await self.redis.get(self.venue_keys.lease)) == self.consumer.name:
             await self.tick()
-            await self.follow(self._accounts)
+            await self.follow(self._streams)
         else:
             await self.follow(set())
         return False
 
-    async def follow(self, accounts: set[AccountKey]) -> None:
-        """Join the feeds of ``accounts`` whose venue pushes orders (``VenueClient.watches``) and
-        leave the others."""
+    async def follow(self, streams: set[FeedKey]) -> None:
+        """Join the feeds of ``streams`` whose venue pushes orders (``VenueClient.watches``) and did
+        not refuse the stream, and leave the others."""
         wanted = set()
-        for key in accounts:
-            client = self._client(*key)
-            if client is not None and client.watches:
+        for key in streams:
+            exchange, account, stream = key
+            client = self._client(exchange, account)
+            if client is not None and client.watches and stream not in client.refused:
                 wanted.add(key)
                 if key not in self.following:
-                    self.feeds.join(self, client)
+                    self.feeds.join(self, client, stream)
                     self.following.add(key)
-                    self.log.info("following orders over websocket", exchange=str(key[0]), account=key[1])
+                    self.log.info(
+                        "following orders over websocket", exchange=str(exchange), account=account, stream=stream
+                    )
         for key in self.following - wanted:
             self.following.discard(key)
             await self.feeds.leave(self, key)
 
     def _followed(self, record: LiveOrder, order: Intent, client: VenueClient) -> bool:
         """Whether pushes follow this open order now (else the driver polls it)."""
-        key = (record.exchange, record.account)
+        stream = client.stream(order)
+        key = (record.exchange, record.account, stream or "")
         feed = self.feeds.get(key) if key in self.following else None
-        return feed is not None and feed.subscribed and key not in self.stale and client.pushes(order)
+        return stream is not None and feed is not None and feed.subscribed and key not in self.stale
+
+    def _feed_key(self, order_id: str, record: LiveOrder) -> FeedKey | None:
+        """The feed carrying this order's updates (None: it is polled, ``VenueClient.stream``)."""
+        client = self._client(record.exchange, record.account)
+        try:
+            stream = None if client is None else client.stream(_intent(order_id, record))
+        except Refused:  # the markets changed since the intent was recorded: ``_step`` says so
+            return None
+        return None if stream is None else (record.exchange, record.account, stream)
 
     async def _drive_failed(self, exc: BaseException, retry_in_s: float) -> None:
         if isinstance(exc, RETRYABLE):
@@ -559,9 +582,9 @@ class LiveVenue:
 
     # ----------------------------------------------------------------- the driver
 
-    async def tick(self, account: AccountKey | None = None) -> int:
+    async def tick(self, feed: FeedKey | None = None) -> int:
         """One pass of the driver over every order the venue works on; how many moved. With
-        ``account``: a polling round of that account's open orders only, each fetched."""
+        ``feed``: a polling round of the open orders that feed carries only, each fetched."""
         raw = await self.redis.hgetall(self.venue_keys.orders)
         cancels = {text(k) for k in await self.redis.hkeys(self.venue_keys.cancels)}
         working: list[tuple[str, LiveOrder]] = []
@@ -573,19 +596,20 @@ class LiveVenue:
                 working.append((order_id, record))
             elif now - record.updated_at > DONE_RETENTION_MS:
                 expired.append(order_id)
-        if account is not None:
-            working = [(o, r) for o, r in working if (r.exchange, r.account) == account and r.stage == "open"]
+        streams = {order_id: self._feed_key(order_id, record) for order_id, record in working}
+        if feed is not None:
+            working = [(o, r) for o, r in working if streams[o] == feed and r.stage == "open"]
         else:
             if expired:
                 await self.redis.hdel(self.venue_keys.orders, *expired)
-            self._accounts = {(r.exchange, r.account) for _o, r in working}
+            self._streams = {key for key in streams.values() if key is not None}
             self._venue_ids = {
                 (r.exchange, r.exchange_order_id): o for o, r in working if r.stage == "open" and r.exchange_order_id
             }
-        stale = set(self.stale) if account is None else set()  # polled in this pass, then cleared
+        stale = set(self.stale) if feed is None else set()  # polled in this pass, then cleared
         results = await asyncio.gather(
             *(
-                self._advance(oid, rec, oid in cancels, account is not None or (rec.exchange, rec.account) in stale)
+                self._advance(oid, rec, oid in cancels, feed is not None or streams[oid] in stale)
                 for oid, rec in working
             ),
             return_exceptions=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
 import threading
 import time
@@ -153,7 +154,7 @@ class LoopbackExchange:
 
     Test controls (from the test's thread): ``fill``, ``finish``, ``create_delay_s`` (the order is
     booked, then the answer comes this late, or when it is set to 0: a timeout), ``refuse_creates``
-    (a definite refusal),
+    (a definite refusal), ``refuse_streams`` (Binance futures listenKeys refused),
     ``fill_on_cancel`` (a fill that lands before the cancel does), and ``created`` (set once a
     create was booked); for reconciliation, ``book`` (an order placed at the venue directly, not
     through a create request) and ``positions`` (OKX ``account/positions`` rows). ``creates``
@@ -174,6 +175,7 @@ class LoopbackExchange:
         self.fill_on_cancel: tuple[str, str, str] | None = None  # amount, price, trade id
         self.created = threading.Event()
         self.positions: list[dict[str, Any]] = []
+        self.refuse_streams: set[str] = set()  # Binance ``fapi`` / ``dapi``: the listenKey refused
         self.lock = threading.Lock()
         self.url = ""
         self._next_id = 312269865356374016
@@ -266,6 +268,8 @@ class LoopbackExchange:
             while self.create_delay_s and time.monotonic() < until:  # held until the delay is lifted
                 await asyncio.sleep(0.02)
             return web.json_response(self._created(booked))
+        if route == "listen_key":  # a futures user-data stream (served by tests/venue_ws.py)
+            return self._listen_key(api)
         if route == "leverage_brackets":  # ccxt reads them before Binance futures positions
             return web.json_response(self._copy(f"{api}_leverage_brackets"))
         if route in ("open_orders", "positions") or (route == "fills" and not {"ordId", "orderId"} & params.keys()):
@@ -281,6 +285,14 @@ class LoopbackExchange:
             if route == "fills":
                 return web.json_response(self._fills(order))
             return self._cancel(order)
+
+    def _listen_key(self, api: str) -> web.Response:
+        """Binance's listenKey of the ``api`` (``fapi``, ``dapi``) user-data stream, or its refusal
+        of an API key without futures permission (``refuse_streams``)."""
+        if api in self.refuse_streams:
+            error = {"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."}
+            return web.json_response(error, status=401)
+        return web.json_response({"listenKey": listen_key(api)})
 
     def _create(self, params: dict[str, str], api: str, algo: bool) -> BookOrder | web.Response:
         spelling = {
@@ -624,6 +636,13 @@ class LoopbackExchange:
 
 # the fields a signed request carries besides the order's (Binance: in the body it signs)
 _SIGNING = frozenset({"timestamp", "recvWindow", "signature"})
+
+
+def listen_key(api: str) -> str:
+    """The listenKey the loopback venue hands out for Binance's ``api`` user-data stream."""
+    return f"{api}Lk" + hashlib.sha256(api.encode()).hexdigest()[:58]
+
+
 # Binance COIN-M: the USD face value of one contract, per symbol
 _FACE = {"BTCUSD_PERP": Decimal(100), "ETHUSD_PERP": Decimal(10)}
 
@@ -662,6 +681,7 @@ ROUTES: dict[str, dict[tuple[str, str], str]] = {
                 ("GET", "v1/openOrders", "open_orders"),
                 ("GET", positions, "positions"),
                 ("GET", brackets, "leverage_brackets"),
+                ("POST", "v1/listenKey", "listen_key"),
                 ("POST", "v1/algoOrder", "algo_create"),
                 ("GET", "v1/algoOrder", "algo_order"),
                 ("DELETE", "v1/algoOrder", "algo_cancel"),

@@ -22,6 +22,15 @@ timestamp, signature}}`` (the HMAC-SHA256 hex of the sorted, URL-encoded params)
 executionReport}`` per trade (``x`` TRADE, ``t``, ``l``, ``L``, ``n``, ``N``) and per change of
 state (``x`` NEW, CANCELED).
 
+Binance USDⓈ-M and COIN-M futures (https://developers.binance.com/docs/derivatives/usds-margined-futures/
+user-data-streams, .../coin-margined-futures/user-data-streams, and ccxt/pro/binance.py
+``handle_order_update``): a listenKey from ``POST /fapi/v1/listenKey`` / ``/dapi/v1/listenKey``
+(tests/venue_server.py; refused with -2015 for an account without futures permission,
+``refuse_streams``), then a socket on ``/private/ws?listenKey=<key>`` (USDⓈ-M, ccxt's private
+route) or ``/ws/<key>`` (COIN-M) with no subscription message; ``{"e": "ORDER_TRADE_UPDATE", "E",
+"T", "o": order}`` per trade (``x`` TRADE, ``t``, ``l``, ``L``, ``n``, ``N``) and per change of
+state, quantities in the market's units (COIN-M: contracts), only to the socket of the order's API.
+
 Upbit (https://global-docs.upbit.com/reference/websocket-myorder): ``/websocket/v1/private`` with
 ``Authorization: Bearer <JWT>`` (HS256 with the secret; refused with 401 otherwise), then
 ``[{"ticket"}, {"type": "myOrder"}]`` (no answer); binary frames of ``myOrder`` per trade (``state``
@@ -50,11 +59,14 @@ from urllib.parse import urlencode
 
 from aiohttp import WSMsgType, web
 
-from tests.venue_server import BookOrder, LoopbackExchange, _plain, _serving
+from tests.venue_server import BookOrder, LoopbackExchange, _plain, _serving, listen_key
 
 UID = "44705892343619584"
 CONN_ID = "a4d3ae55"
 PATHS = {"okx": "/ws/v5/private", "binance": "/ws-api/v3", "upbit": "/websocket/v1/private"}
+SPOT = "spot"  # the sockets of every order but Binance's futures
+# Binance's futures user-data sockets, per API: (path, listenKey in the query) as ccxt opens them
+FUTURES_PATHS = {"fapi": ("/private/ws", True), "dapi": (f"/ws/{listen_key('dapi')}", False)}
 
 
 class LoopbackWsExchange(LoopbackExchange):
@@ -68,7 +80,8 @@ class LoopbackWsExchange(LoopbackExchange):
         self.connections = 0
         self.pushes: list[dict[str, Any]] = []
         self._sockets: set[web.WebSocketResponse] = set()
-        self._subscribers: set[web.WebSocketResponse] = set()
+        self._subscribers: dict[web.WebSocketResponse, str] = {}  # socket -> whose pushes (``_socket_of``)
+        self.pushed_apis: list[str] = []  # the sockets of each push (``pushes``)
         self._seen: dict[str, tuple[str, int]] = {}  # client id -> (state, trades) last pushed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gate = asyncio.Lock()  # held while ``drop`` runs: no new socket is served meanwhile
@@ -89,7 +102,7 @@ class LoopbackWsExchange(LoopbackExchange):
 
         async def dropping() -> None:
             async with self._gate:
-                sockets, self._sockets, self._subscribers = set(self._sockets), set(), set()
+                sockets, self._sockets, self._subscribers = set(self._sockets), set(), {}
                 for ws in sockets:
                     await ws.close()
                 if then is not None:
@@ -100,7 +113,8 @@ class LoopbackWsExchange(LoopbackExchange):
     def push_again(self) -> None:
         async def again() -> None:
             self.pushes.append(self.pushes[-1])
-            await self._send_push(self.pushes[-1])
+            self.pushed_apis.append(self.pushed_apis[-1])
+            await self._send_push(self.pushes[-1], self.pushed_apis[-1])
 
         self._on_loop(again())
 
@@ -122,7 +136,8 @@ class LoopbackWsExchange(LoopbackExchange):
         return response
 
     async def _socket(self, request: web.Request) -> web.StreamResponse:
-        if request.path != PATHS[self.exchange]:
+        futures = self._futures_api(request)
+        if futures is None and request.path != PATHS[self.exchange]:
             self.unanswered.append(f"WS {request.path}")
             return web.json_response({"error": "not recorded"}, status=404)
         if self.exchange == "upbit" and not self._upbit_token_checks(request.headers.get("Authorization", "")):
@@ -133,6 +148,8 @@ class LoopbackWsExchange(LoopbackExchange):
             await ws.prepare(request)
             self._sockets.add(ws)
             self.connections += 1
+            if futures is not None:  # the listenKey is the subscription
+                self._subscribers[ws] = futures
         logged_in = False
         async for message in ws:
             if message.type != WSMsgType.TEXT:
@@ -160,12 +177,20 @@ class LoopbackWsExchange(LoopbackExchange):
                 await ws.send_json({"event": "error", "code": "60011", "msg": "Please log in", "connId": CONN_ID})
             elif op == "subscribe" and args[0].get("channel") == "orders":
                 await ws.send_json({"event": "subscribe", "arg": args[0], "connId": CONN_ID})
-                self._subscribers.add(ws)
+                self._subscribers[ws] = SPOT
             else:
                 self.unanswered.append(f"WS {message.data}")
         self._sockets.discard(ws)
-        self._subscribers.discard(ws)
+        self._subscribers.pop(ws, None)
         return ws
+
+    def _futures_api(self, request: web.Request) -> str | None:
+        """The API (``fapi``, ``dapi``) of a Binance futures user-data socket with its listenKey."""
+        for api, (path, in_query) in FUTURES_PATHS.items():
+            key_checks = not in_query or request.query.get("listenKey") == listen_key(api)
+            if self.exchange == "binance" and request.path == path and key_checks:
+                return api
+        return None
 
     async def _binance_request(self, ws: web.WebSocketResponse, request: dict[str, Any]) -> None:
         params = dict(request.get("params") or {})
@@ -179,7 +204,7 @@ class LoopbackWsExchange(LoopbackExchange):
             await ws.send_json({"id": request.get("id"), "status": 400, "error": error})
         else:
             await ws.send_json({"id": request.get("id"), "status": 200, "result": {"subscriptionId": 0}})
-            self._subscribers.add(ws)
+            self._subscribers[ws] = SPOT
 
     def _upbit_token_checks(self, authorization: str) -> bool:
         """Upbit's ``Authorization: Bearer <JWT>`` (HS256 with the secret, ``access_key`` and ``nonce``)."""
@@ -196,7 +221,7 @@ class LoopbackWsExchange(LoopbackExchange):
     def _upbit_request(self, ws: web.WebSocketResponse, request: list[dict[str, Any]]) -> None:
         """``[{"ticket"}, {"type": "myOrder"}, ...]``: no answer (Upbit acknowledges nothing)."""
         if any(part.get("type") == "myOrder" for part in request):
-            self._subscribers.add(ws)
+            self._subscribers[ws] = SPOT
         else:
             self.unanswered.append(f"WS {request}")
 
@@ -218,17 +243,18 @@ class LoopbackWsExchange(LoopbackExchange):
                     continue
                 state, trades = self._seen.get(order.client_id, ("", 0))
                 for index in range(trades, len(order.fills)):
-                    pushes.append(self._push(order, index))
+                    pushes.append((_socket_of(order), self._push(order, index)))
                 settled = len(order.fills) == trades or self.exchange == "upbit"  # Upbit: ``done`` after ``trade``
                 if settled and order.state != state:
-                    pushes.append(self._push(order, None))
+                    pushes.append((_socket_of(order), self._push(order, None)))
                 self._seen[order.client_id] = (order.state, len(order.fills))
-        for push in pushes:
+        for api, push in pushes:
             self.pushes.append(push)
-            await self._send_push(push)
+            self.pushed_apis.append(api)
+            await self._send_push(push, api)
 
-    async def _send_push(self, push: dict[str, Any]) -> None:
-        for ws in list(self._subscribers):
+    async def _send_push(self, push: dict[str, Any], api: str) -> None:
+        for ws in [ws for ws, subscribed in self._subscribers.items() if subscribed == api]:
             if not ws.closed and self.exchange == "upbit":  # Upbit's frames are binary
                 await ws.send_bytes(json.dumps(push).encode())
             elif not ws.closed:
@@ -236,6 +262,8 @@ class LoopbackWsExchange(LoopbackExchange):
 
     def _push(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
         """The push of ``order`` as it was right after its trade number ``trade`` (None: as it is)."""
+        if self.exchange == "binance" and _socket_of(order) != SPOT:
+            return self._order_trade_update(order, trade)
         if self.exchange == "binance":
             return {"subscriptionId": 0, "event": self._execution_report(order, trade)}
         if self.exchange == "upbit":
@@ -326,6 +354,58 @@ class LoopbackWsExchange(LoopbackExchange):
             "V": "NONE",
         }
 
+    def _order_trade_update(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
+        """Binance's ``ORDER_TRADE_UPDATE`` of a USDⓈ-M or COIN-M order (module doc): quantities in
+        the market's units, the fee in the margin asset (COIN-M: the base coin)."""
+        fills = order.fills if trade is None else order.fills[: trade + 1]
+        filled = sum((f.amount for f in fills), Decimal(0))
+        value = sum((f.amount * f.price for f in fills), Decimal(0))
+        status = self._state(order)
+        if trade is not None and trade < len(order.fills) - 1:
+            status = "PARTIALLY_FILLED"
+        fill = order.fills[trade] if trade is not None else None
+        time = self._copy("fill")["time"]
+        margin = order.market_id.removesuffix("USD_PERP") if order.api == "dapi" else "USDT"
+        data = {
+            "s": order.market_id,
+            "c": order.client_id,
+            "S": order.side.upper(),
+            "o": order.ord_type.upper(),
+            "f": "GTC",
+            "q": _plain(order.amount or Decimal(0)),
+            "p": order.price or "0",
+            "ap": _plain(value / filled) if filled else "0",
+            "sp": "0",
+            "x": "TRADE" if fill is not None else {"NEW": "NEW", "CANCELED": "CANCELED"}.get(status, status),
+            "X": status,
+            "i": int(order.venue_id),
+            "l": _plain(fill.amount) if fill else "0",
+            "z": _plain(filled),
+            "L": _plain(fill.price) if fill else "0",
+            "N": margin,
+            "n": _plain(fill.fee) if fill else "0",
+            "T": time,
+            "t": int(fill.trade_id) if fill else 0,
+            "b": "0",
+            "a": "0",
+            "m": False,
+            "R": order.params.get("reduceOnly") == "true",
+            "wt": "CONTRACT_PRICE",
+            "ot": order.ord_type.upper(),
+            "ps": order.position_side or "BOTH",
+            "cp": False,
+            "rp": "0",
+            "pP": False,
+            "si": 0,
+            "ss": 0,
+            "V": "EXPIRE_TAKER",
+            "pm": "NONE",
+            "gtd": 0,
+        }
+        if order.api == "dapi":
+            data["ma"] = margin
+        return {"e": "ORDER_TRADE_UPDATE", "E": time, "T": time, "o": data}
+
     def _my_order(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
         """Upbit's ``myOrder`` of an order (module doc): a trade (``state`` trade, its price and
         volume) or the order as it is; numbers as JSON numbers, as Upbit sends them."""
@@ -364,6 +444,11 @@ class LoopbackWsExchange(LoopbackExchange):
             "timestamp": time,
             "stream_type": "REALTIME",
         }
+
+
+def _socket_of(order: BookOrder) -> str:
+    """Which sockets get the pushes of ``order``: its futures API's (``FUTURES_PATHS``), or ``SPOT``."""
+    return order.api if order.api in FUTURES_PATHS else SPOT
 
 
 @contextmanager

@@ -39,7 +39,7 @@ import asyncio
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from types import ModuleType
 from typing import Any, Literal
@@ -131,6 +131,10 @@ RULES: Mapping[Exchange, VenueRules] = {
 
 class Refused(InvalidInput):
     """A definite refusal: the order does not exist at the venue (``reason`` says why)."""
+
+
+class StreamRefused(OperationFailed):
+    """The venue refused to open a user-data stream of the account (no permission for it)."""
 
 
 class Ambiguous(OperationFailed):
@@ -376,14 +380,19 @@ def _pushed_trade(exchange: Exchange, trade: Mapping[str, Any]) -> Mapping[str, 
     return {**trade, "fee": {**fee, "cost": -fee["cost"]}}
 
 
-# The markets whose orders the watches (no symbol, no type: ccxt's default stream) carry: OKX's
-# ``orders`` channel with ``instType`` ANY, every kind; Binance's spot user data stream only (ccxt's
-# default type; USDⓈ-M and COIN-M have their own listenKey streams, not watched: their orders are
-# polled); Upbit's ``myOrder``, spot.
-WATCHED_KINDS: Mapping[Exchange, frozenset[InstrumentKind]] = {
-    Exchange.OKX: frozenset(InstrumentKind),
-    Exchange.BINANCE: frozenset({InstrumentKind.SPOT}),
-    Exchange.UPBIT: frozenset({InstrumentKind.SPOT}),
+# The user-data stream carrying the orders of each kind of market, per exchange; an order of a kind
+# not listed is polled. OKX: the ``orders`` channel with ``instType`` ANY, every kind; Binance: the
+# spot user data stream, and USDⓈ-M's and COIN-M's own listenKey streams (ccxt's market types
+# ``future`` and ``delivery``: ``fapi`` / ``dapi`` listenKey, ``ORDER_TRADE_UPDATE`` events), each
+# its own socket, which an account without futures permission cannot open; Upbit: ``myOrder``, spot.
+STREAMS: Mapping[Exchange, Mapping[InstrumentKind, str]] = {
+    Exchange.OKX: dict.fromkeys(InstrumentKind, "orders"),
+    Exchange.BINANCE: {
+        InstrumentKind.SPOT: "spot",
+        InstrumentKind.LINEAR: "future",
+        InstrumentKind.INVERSE: "delivery",
+    },
+    Exchange.UPBIT: {InstrumentKind.SPOT: "myOrder"},
 }
 # how many pushed orders and trades ccxt keeps (its default, ``ordersLimit`` / ``tradesLimit``)
 PUSHED_CACHE = 1000
@@ -452,6 +461,21 @@ def classify(exchange: Exchange, exc: BaseException) -> Refused | Ambiguous:
     return Ambiguous(f"{exchange}: outcome unknown ({what}): the order is looked up by its client id")
 
 
+def _stream_params(exchange: Exchange, stream: str) -> dict[str, Any]:
+    """ccxt's parameters of ``watch_orders`` / ``watch_my_trades`` naming ``stream`` (Binance: its
+    market type; the other venues have one stream)."""
+    return {"type": stream} if exchange is Exchange.BINANCE else {}
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One user-data stream watched: its ``ccxt.pro`` instance, what ``_tap`` took, the watches."""
+
+    pro: Any
+    pushed: asyncio.Queue[tuple[str, dict[str, Any]]]
+    watching: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+
+
 class VenueClient:
     """One ccxt async client of one (exchange, account), rate limited, reused for every order."""
 
@@ -467,31 +491,31 @@ class VenueClient:
         )
         self._options = options
         self._account = account  # for the WebSocket client, built when first watched
-        self._pro: Any = None
-        self._pushed: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None  # what ``_tap`` took
-        self._watching: dict[str, asyncio.Future[Any]] = {}
+        self._streams: dict[str, _Stream] = {}  # the streams watched, by name (``STREAMS``)
+        self.refused: set[str] = set()  # the streams the venue refused to open: their orders are polled
+        self._has: dict[str, Any] | None = None  # ccxt.pro's ``has`` of the exchange (``watches``)
 
     async def close(self) -> None:
         await self.ccxt.close()
-        await self.unwatch()
+        for stream in list(self._streams):
+            await self.unwatch(stream)
 
     # ----------------------------------------------------------------- WebSocket (``ccxt.pro``)
 
     def _ws(self) -> Any:
-        """The ``ccxt.pro`` instance of this account, with the same options (and ``ws_url``)."""
-        if self._pro is None:
-            from ledger.venues.exchanges import pro_client
+        """A ``ccxt.pro`` instance of this account, with the same options (and ``ws_url``): one per
+        stream, so a stream's pushes and failures are its own."""
+        from ledger.venues.exchanges import pro_client
 
-            options = self._options
-            self._pro = pro_client(
-                self.exchange,
-                base_url=options.base_url,
-                ws_url=options.ws_url,
-                config={"timeout": options.timeout_ms, **self._account.ccxt_config()},
-                sandbox=options.sandbox,
-                demo=options.demo,
-            )
-        return self._pro
+        options = self._options
+        return pro_client(
+            self.exchange,
+            base_url=options.base_url,
+            ws_url=options.ws_url,
+            config={"timeout": options.timeout_ms, **self._account.ccxt_config()},
+            sandbox=options.sandbox,
+            demo=options.demo,
+        )
 
     @property
     def watches(self) -> bool:
@@ -500,64 +524,74 @@ class VenueClient:
         override without a ``ws_url`` one means polling only)."""
         if self._options.base_url is not None and self._options.ws_url is None:
             return False
-        has = self._ws().has
-        return bool(has.get("watchOrders") and has.get("watchMyTrades"))
+        if self._has is None:  # an instance that never connected: nothing to close
+            self._has = dict(self._ws().has)
+        return bool(self._has.get("watchOrders") and self._has.get("watchMyTrades"))
 
-    def pushes(self, order: Intent) -> bool:
-        """Whether the socket ``watch`` follows carries this order's updates (``WATCHED_KINDS``;
-        an algo order's own updates are on another channel: it is polled)."""
-        return not order.algo and order.market.kind in WATCHED_KINDS[self.exchange]
+    def stream(self, order: Intent) -> str | None:
+        """The user-data stream carrying this order's updates (``STREAMS``); None: it is polled (an
+        algo order's own updates are on another channel, and some markets have no stream)."""
+        return None if order.algo else STREAMS[self.exchange].get(order.market.kind)
 
-    async def watch(self) -> list[VenueFill | VenueOrder]:
-        """What the venue pushed since the last call, in the order pushed, in ledger units: the
-        account's trades (ccxt ``watch_my_trades``; each with its order's venue id) and orders
-        (``watch_orders``, without trades); waits for one at least. ``Ambiguous`` when the socket
-        failed (the next call reconnects).
+    async def watch(self, stream: str) -> list[VenueFill | VenueOrder]:
+        """What the venue pushed on ``stream`` since the last call, in the order pushed, in ledger
+        units: the account's trades (ccxt ``watch_my_trades``; each with its order's venue id) and
+        orders (``watch_orders``, without trades); waits for one at least. ``Ambiguous`` when the
+        socket failed (the next call reconnects), ``StreamRefused`` when the venue refused it.
 
         ccxt resolves a watch only while one waits, so two pushes handled back to back would give
         one answer and leave the second one's update waiting for a third push: every update is
         taken instead from ccxt's own caches of them (``orders``, ``myTrades``) as it is stored
         (``_tap``), and the watches only keep the subscriptions up and report a failure."""
-        ws = self._ws()
-        if self._pushed is None:
-            self._pushed = asyncio.Queue()
-            ws.myTrades, ws.orders = _tap(self._pushed, "trade"), _tap(self._pushed, "order")
+        if stream not in self._streams:
+            ws, queue = self._ws(), asyncio.Queue[tuple[str, dict[str, Any]]]()
+            ws.myTrades, ws.orders = _tap(queue, "trade"), _tap(queue, "order")
+            self._streams[stream] = _Stream(ws, queue)
+        watched = self._streams[stream]
         while True:
-            pushed = self._drain()
+            pushed = self._drain(watched.pushed)
             if pushed:
                 return pushed
-            self._arm(ws)
-            taken = asyncio.ensure_future(self._pushed.get())
+            self._arm(stream, watched)
+            taken = asyncio.ensure_future(watched.pushed.get())
             try:
-                await asyncio.wait({taken, *self._watching.values()}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({taken, *watched.watching.values()}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not taken.done():
                     taken.cancel()
             if taken.done() and not taken.cancelled():
-                self._pushed.put_nowait(taken.result())
+                watched.pushed.put_nowait(taken.result())
 
-    def _arm(self, ws: Any) -> None:
-        """Keep ``watch_my_trades`` and ``watch_orders`` waiting; ``Ambiguous`` if one failed."""
+    def _arm(self, stream: str, watched: _Stream) -> None:
+        """Keep ``watch_my_trades`` and ``watch_orders`` of ``stream`` waiting; ``Ambiguous`` if one
+        failed, ``StreamRefused`` (the stream then in ``refused``) if the venue refused the account."""
+        ccxt = _ccxt()
         for method in ("watch_my_trades", "watch_orders"):
-            task = self._watching.get(method)
+            task = watched.watching.get(method)
             if task is not None and task.done():
-                del self._watching[method]
+                del watched.watching[method]
                 failure = None if task.cancelled() else task.exception()
                 if failure is not None:
-                    for other in self._watching.values():
+                    for other in watched.watching.values():
                         other.cancel()
-                    self._watching.clear()
-                    what = type(failure).__name__
-                    raise Ambiguous(
-                        f"{self.exchange}: the WebSocket of account {self.account} failed ({what})"
-                    ) from failure
-            if method not in self._watching:
-                self._watching[method] = asyncio.ensure_future(getattr(ws, method)())
+                    watched.watching.clear()
+                    what = f"{self.exchange}: the {stream} WebSocket of account {self.account}"
+                    if isinstance(failure, (ccxt.AuthenticationError, ccxt.PermissionDenied)):
+                        self.refused.add(stream)
+                        raise StreamRefused(
+                            f"{what} was refused ({type(failure).__name__}): its orders are polled; give the"
+                            f" API key the permission (Binance: Enable Futures) and restart the venue to follow"
+                            f" them over WebSocket"
+                        ) from failure
+                    raise Ambiguous(f"{what} failed ({type(failure).__name__})") from failure
+            if method not in watched.watching:
+                watch = getattr(watched.pro, method)
+                watched.watching[method] = asyncio.ensure_future(watch(params=_stream_params(self.exchange, stream)))
 
-    def _drain(self) -> list[VenueFill | VenueOrder]:
+    def _drain(self, queue: asyncio.Queue[tuple[str, dict[str, Any]]]) -> list[VenueFill | VenueOrder]:
         pushed: list[VenueFill | VenueOrder] = []
-        while self._pushed is not None and not self._pushed.empty():
-            kind, item = self._pushed.get_nowait()
+        while not queue.empty():
+            kind, item = queue.get_nowait()
             market = bundled(self.exchange).find(str(item.get("symbol")))
             if market is None or item.get("id") is None:
                 continue  # a market the ledger does not trade
@@ -567,16 +601,16 @@ class VenueClient:
                 pushed.append(_fill(market, _pushed_trade(self.exchange, item)))
         return pushed
 
-    async def unwatch(self) -> None:
-        """Stop watching: the watches cancelled, the socket closed, what was pushed dropped."""
-        for task in self._watching.values():
+    async def unwatch(self, stream: str) -> None:
+        """Stop watching ``stream``: its watches cancelled, its socket closed, what was pushed dropped
+        (a closed instance does not open again: the next watch builds one)."""
+        watched = self._streams.pop(stream, None)
+        if watched is None:
+            return
+        for task in watched.watching.values():
             task.cancel()
-        await asyncio.gather(*self._watching.values(), return_exceptions=True)
-        self._watching.clear()
-        if self._pro is not None:  # a closed instance does not open again: the next watch builds one
-            await self._pro.close()
-            self._pro = None
-        self._pushed = None
+        await asyncio.gather(*watched.watching.values(), return_exceptions=True)
+        await watched.pro.close()
 
     async def create(self, order: Intent) -> str:
         """Send the order; its venue id (an algo order's own id for a trigger order the venue

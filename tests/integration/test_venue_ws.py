@@ -25,12 +25,12 @@ from consumers.runner import ConsumerSettings, StreamConsumer
 from consumers.venue import Feeds, LiveVenue
 from ledger.config import parse_execution
 from ledger.domain import wire
-from ledger.domain.enums import Exchange, OrderStatus
+from ledger.domain.enums import Exchange, InstrumentKind, OrderStatus
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys, marks
 from ledger.venues import commands
 from ledger.venues.accounts import parse_credentials
-from ledger.venues.live import VenueClients
+from ledger.venues.live import STREAMS, VenueClients
 from ledger.venues.markets import bundled
 from tests.venue_ws import LoopbackWsExchange, loopback_ws_exchange, ws_url
 
@@ -42,7 +42,11 @@ SECRET = "s3cr3t-never-logged"
 PASSWORD = "p4ssphrase-never-logged"
 FETCHES = {
     "okx": ("GET /api/v5/trade/order", "GET /api/v5/trade/fills-history"),
-    "binance": ("GET /api/v3/order", "GET /api/v3/myTrades"),
+    "binance": (
+        "GET /api/v3/order",
+        "GET /api/v3/myTrades",
+        *(f"GET /{api}/v1/{path}" for api in ("fapi", "dapi") for path in ("order", "userTrades")),
+    ),
     "upbit": ("GET /v1/order",),
 }
 BTC = "BTC-USDT-SWAP"  # 0.01 BTC a contract
@@ -62,12 +66,14 @@ class WsRig:
         shards: int = 1,
         user: str = USER,
         share: WsRig | None = None,
+        stream: str | None = None,
     ) -> None:
         self.redis = redis
         self.book = venue
         self.user = user
         self.keys = ShardKeys(shard)
-        self.account = (Exchange(venue.exchange), "main")
+        exchange = Exchange(venue.exchange)
+        self.account = (exchange, "main", stream or STREAMS[exchange][InstrumentKind.SPOT])  # the feed followed
         self.store = EventStore(redis, shard)
         fast = ConsumerSettings(block_ms=20)
         self.handler = StreamConsumer(
@@ -106,8 +112,11 @@ class WsRig:
         )
         return command_id
 
-    async def place(self, symbol: str = BTC, quantity: str = "0.1", price: str | None = "45000") -> str:
-        """A buy (limit, or market without a price), open at the venue and followed over the socket."""
+    async def place(
+        self, symbol: str = BTC, quantity: str = "0.1", price: str | None = "45000", *, followed: bool = True
+    ) -> str:
+        """A buy (limit, or market without a price), open at the venue and (``followed``) followed
+        over the socket."""
         order_type = "market" if price is None else "limit"
         priced = {} if price is None else {"price": price}
         command_id = await self.send(
@@ -129,7 +138,8 @@ class WsRig:
         await until(replied, "the reply to place_order")
         order_id = str(reply["order_id"])
         await until(lambda: self.status_is(order_id, OrderStatus.OPEN), "the order open")
-        await until(self.followed, "the account followed over the socket")
+        if followed:
+            await until(self.followed, "the account followed over the socket")
         return order_id
 
     async def followed(self) -> bool:
@@ -230,7 +240,7 @@ async def _pushed_fill_recorded_once(redis: Any, okx: LoopbackWsExchange) -> Non
             report = await client.fetch(okx.order(client_id).venue_id, bundled(Exchange.OKX).resolve(BTC))
             polled = commands.fill(order_id, USER, report.fills[0])
             await rig.redis.xadd(KEYS.commands, wire.command_fields(polled))
-            await rig.venue.tick(account=rig.account)  # and a polling round finds nothing new
+            await rig.venue.tick(feed=rig.account)  # and a polling round finds nothing new
             await until(lambda: _handled(rig.redis), "the handler to read every command")
             order = await rig.order(order_id)
     assert (order.status, order.filled_qty, order.fill_ids) == (OrderStatus.PARTIALLY_FILLED, Decimal("0.04"), ["t-1"])

@@ -1,5 +1,5 @@
 """The WebSocket options of the live venue (``ws_url``) and which orders its socket follows
-(``VenueClient.watches`` / ``pushes``): offline, no server."""
+(``VenueClient.watches`` / ``stream``): offline, no server."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ BINANCE_ACCOUNT = {"apiKey": "key-2", "secret": "top-secret", "users": ["alice"]
 ORDER_ID = "0b9c2a3e-1d2f-4a5b-8c7d-112233445566"
 
 
-def _order(exchange: Exchange, symbol: str, order_type: OrderType = OrderType.LIMIT) -> Any:
+def _order(exchange: Exchange, symbol: str, order_type: OrderType = OrderType.LIMIT, quantity: str = "0.01") -> Any:
     trigger = Decimal(44000) if order_type.needs_trigger else None
     return intent(
         exchange,
@@ -25,7 +25,7 @@ def _order(exchange: Exchange, symbol: str, order_type: OrderType = OrderType.LI
         symbol=symbol,
         side=OrderSide.BUY,
         order_type=order_type,
-        quantity=Decimal("0.01"),
+        quantity=Decimal(quantity),
         price=Decimal(45000),
         reduce_only=False,
         mark=None,
@@ -76,10 +76,12 @@ async def test_which_orders_the_socket_carries() -> None:
     binance = clients.get(configs[Exchange.BINANCE].accounts["b"])
     try:
         assert okx.watches is True and binance.watches is True
-        assert okx.pushes(_order(Exchange.OKX, "BTC-USDT-SWAP")) is True
-        assert okx.pushes(_order(Exchange.OKX, "BTC-USDT")) is True
-        assert okx.pushes(_order(Exchange.OKX, "BTC-USDT-SWAP", OrderType.STOP_MARKET)) is False  # an algo order
-        assert binance.pushes(_order(Exchange.BINANCE, "BTC/USDT")) is True
-        assert binance.pushes(_order(Exchange.BINANCE, "BTC/USDT:USDT")) is False  # USDⓈ-M: its own stream
+        assert okx.stream(_order(Exchange.OKX, "BTC-USDT-SWAP")) == "orders"
+        assert okx.stream(_order(Exchange.OKX, "BTC-USDT")) == "orders"
+        assert okx.stream(_order(Exchange.OKX, "BTC-USDT-SWAP", OrderType.STOP_MARKET)) is None  # an algo order
+        assert binance.stream(_order(Exchange.BINANCE, "BTC/USDT")) == "spot"
+        assert binance.stream(_order(Exchange.BINANCE, "BTC/USDT:USDT")) == "future"  # USDⓈ-M: its own stream
+        assert binance.stream(_order(Exchange.BINANCE, "BTC/USD:BTC", quantity="2")) == "delivery"  # COIN-M: its own
+        assert binance.stream(_order(Exchange.BINANCE, "BTC/USDT:USDT", OrderType.STOP_MARKET)) is None  # algo
     finally:
         await clients.close()
