@@ -461,10 +461,18 @@ def classify(exchange: Exchange, exc: BaseException) -> Refused | Ambiguous:
     return Ambiguous(f"{exchange}: outcome unknown ({what}): the order is looked up by its client id")
 
 
+# ccxt's parameters of ``watch_orders`` / ``watch_my_trades`` choosing a Binance stream (its market
+# type and, for futures, the sub-type ccxt's ``resolve_auth_type`` picks the listenKey API by); the
+# other venues have one stream.
+BINANCE_STREAM_PARAMS: Mapping[str, Mapping[str, str]] = {
+    "spot": {"type": "spot"},
+    "future": {"type": "future", "subType": "linear"},
+    "delivery": {"type": "delivery", "subType": "inverse"},
+}
+
+
 def _stream_params(exchange: Exchange, stream: str) -> dict[str, Any]:
-    """ccxt's parameters of ``watch_orders`` / ``watch_my_trades`` naming ``stream`` (Binance: its
-    market type; the other venues have one stream)."""
-    return {"type": stream} if exchange is Exchange.BINANCE else {}
+    return dict(BINANCE_STREAM_PARAMS[stream]) if exchange is Exchange.BINANCE else {}
 
 
 @dataclass(slots=True)

@@ -350,6 +350,113 @@ async def test_binance_spot_partial_fills_then_a_cancel_over_the_user_data_strea
     assert SECRET not in repr(logs) and API_KEY not in repr(logs)
 
 
+# --------------------------------------------------------------------------- Binance futures
+
+USDM, COINM = "BTC/USDT:USDT", "BTC/USD:BTC"  # COIN-M: quantities in contracts (100 USD each)
+FUTURE = (Exchange.BINANCE, "main", "future")
+DELIVERY = (Exchange.BINANCE, "main", "delivery")
+
+
+async def test_binance_usdm_partial_fill_then_fill_pushed_recorded_once_though_polled_too(
+    redis: Any, binance: LoopbackWsExchange
+) -> None:
+    await _usdm_fills_recorded_once(redis, binance)
+
+
+async def test_binance_usdm_fills_pushed_on_redis_cluster(redis_cluster: Any, binance: LoopbackWsExchange) -> None:
+    await _usdm_fills_recorded_once(redis_cluster, binance)
+
+
+async def _usdm_fills_recorded_once(redis: Any, binance: LoopbackWsExchange) -> None:
+    async with running(redis, binance, stream="future") as rig:
+        order_id = await rig.place(symbol=USDM, quantity="0.01", price="40000")
+        assert rig.venue.following == {FUTURE}  # no spot stream: the account has no spot order
+        client_id = order_id.replace("-", "")
+        fetched = rig.fetches()
+        binance.fill(client_id, "0.004", "40000", "9001", fee="0.0064")
+        await until(lambda: rig.fill_ids_are(order_id, ["9001"]), "the pushed partial fill")
+        assert rig.fetches() == fetched  # learned from the push: nothing was fetched
+        assert await rig.venue.tick(feed=FUTURE) == 0  # a polling round sees the same trade: nothing new
+        assert rig.fetches() > fetched
+        # the polling path's command for that trade is the pushed one's: absorbed by the handler
+        client = rig.clients.get(rig.venue.configs[Exchange.BINANCE].accounts["main"])
+        report = await client.fetch(binance.order(client_id).venue_id, bundled(Exchange.BINANCE).resolve(USDM))
+        await rig.redis.xadd(rig.keys.commands, wire.command_fields(commands.fill(order_id, USER, report.fills[0])))
+        binance.fill(client_id, "0.006", "39999.5", "9002", fee="0.0096")
+        await until(lambda: rig.status_is(order_id, OrderStatus.FILLED), "the pushed fill")
+        await until(lambda: _handled(rig.redis), "the handler to read every command")
+    fills = await rig.events("OrderFilled", order_id)
+    assert [(f.command_id, f.fill_id, f.quantity, f.price, f.fee, f.fee_currency) for f in fills] == [
+        (commands.fill_command_id(order_id, "9001"), "9001", "0.004", "40000", "0.0064", "USDT"),
+        (commands.fill_command_id(order_id, "9002"), "9002", "0.006", "39999.5", "0.0096", "USDT"),
+    ]
+    assert [(p["o"]["x"], p["o"]["X"], p["o"]["l"]) for p in binance.pushes] == [
+        ("NEW", "NEW", "0"),
+        ("TRADE", "PARTIALLY_FILLED", "0.004"),
+        ("TRADE", "FILLED", "0.006"),
+    ]
+    assert binance.requests.count("POST /fapi/v1/listenKey") == 1 and binance.connections == 1
+    assert binance.creates == {client_id: 1}
+
+
+async def test_binance_coinm_fill_pushed_in_contracts(redis: Any, binance: LoopbackWsExchange) -> None:
+    async with running(redis, binance, stream="delivery") as rig:
+        order_id = await rig.place(symbol=COINM, quantity="3", price="40000")
+        client_id = order_id.replace("-", "")
+        fetched = rig.fetches()
+        binance.fill(client_id, "2", "40000", "9101", fee="0.00000250")
+        await until(lambda: rig.fill_ids_are(order_id, ["9101"]), "the pushed fill")
+        assert rig.fetches() == fetched  # learned from the push
+        order = await rig.order(order_id)
+    assert (order.status, order.filled_qty) == (OrderStatus.PARTIALLY_FILLED, Decimal(2))
+    fills = await rig.events("OrderFilled", order_id)
+    assert [(f.fill_id, f.quantity, f.price, f.fee, f.fee_currency) for f in fills] == [
+        ("9101", "2", "40000", "0.0000025", "BTC")
+    ]
+    assert [p["o"]["l"] for p in binance.pushes] == ["0", "2"] and binance.pushed_apis == ["dapi", "dapi"]
+    assert binance.requests.count("POST /dapi/v1/listenKey") == 1
+
+
+async def test_a_binance_spot_only_account_opens_no_futures_stream(redis: Any, binance: LoopbackWsExchange) -> None:
+    async with running(redis, binance) as rig:
+        order_id = await rig.place(symbol="BTC/USDT", quantity="0.01", price="40000")
+        assert rig.venue.following == {rig.account}
+        binance.fill(order_id.replace("-", ""), "0.01", "40000", "9201")
+        await until(lambda: rig.status_is(order_id, OrderStatus.FILLED), "the pushed fill")
+    assert rig.account == (Exchange.BINANCE, "main", "spot")
+    assert not [r for r in binance.requests if r.endswith("/listenKey")] and binance.connections == 1
+
+
+async def test_a_refused_futures_stream_falls_back_to_polling_with_one_log_line(
+    redis: Any, binance: LoopbackWsExchange
+) -> None:
+    binance.refuse_streams.add("fapi")  # an API key without futures permission
+    with structlog.testing.capture_logs() as logs:
+        async with running(redis, binance, stream="future") as rig:
+            order_id = await rig.place(symbol=USDM, quantity="0.01", price="40000", followed=False)
+            await until(lambda: _feed_gone(rig, FUTURE), "the refused stream left")
+            binance.fill(order_id.replace("-", ""), "0.01", "40000", "9301", fee="0.016")
+            await until(lambda: rig.status_is(order_id, OrderStatus.FILLED), "the polled fill")
+            await asyncio.sleep(0.3)  # several driver passes: the stream is not asked for again
+    refused = [e for e in logs if e["log_level"] == "error"]
+    assert [(e["event"], e["stream"], e["account"]) for e in refused] == [
+        (
+            "binance: the future WebSocket of account main was refused (AuthenticationError): its orders are"
+            " polled; give the API key the permission (Binance: Enable Futures) and restart the venue to"
+            " follow them over WebSocket",
+            "future",
+            "main",
+        )
+    ]
+    assert binance.requests.count("POST /fapi/v1/listenKey") == 1 and binance.connections == 0
+    assert [f.fill_id for f in await rig.events("OrderFilled", order_id)] == ["9301"]
+
+
+async def _feed_gone(rig: WsRig, key: Any) -> bool:
+    feed = rig.feeds.get(key)
+    return feed is not None and feed.task is None and key not in rig.venue.following
+
+
 # --------------------------------------------------------------------------- Upbit
 
 TRADE_1 = "b3f7c1de-0000-4000-8000-000000000001"
