@@ -251,7 +251,8 @@ class Feed:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
             self.task, self.subscribed = None, False
-            self.log.info("websocket feed stopped: no working orders")
+            if self.stream not in self.client.refused:  # a refused stream's line said why already
+                self.log.info("websocket feed stopped: no working orders")
 
     async def _run(self) -> None:
         try:

@@ -41,7 +41,8 @@ Test controls besides the REST side's: ``drop(then=...)`` closes every socket an
 (e.g. a fill) before any new connection is served, so what ``then`` does is pushed to nobody;
 ``push_again()`` sends the last push once more (a venue repeating itself); ``ws_secret`` (the
 secret the signatures are checked with), ``connections`` (how many sockets were opened),
-``pushes`` (every push sent, in order).
+``pushes`` (every push sent, in order) and ``pushed_apis`` (the sockets each went to: ``spot``, or
+Binance's ``fapi`` / ``dapi``).
 """
 
 from __future__ import annotations

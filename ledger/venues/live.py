@@ -512,11 +512,12 @@ class VenueClient:
 
     def _ws(self) -> Any:
         """A ``ccxt.pro`` instance of this account, with the same options (and ``ws_url``): one per
-        stream, so a stream's pushes and failures are its own."""
+        stream, so a stream's pushes and failures are its own. Binance's does not fetch a positions
+        snapshot when a futures stream opens (ccxt's default; positions are not followed here)."""
         from ledger.venues.exchanges import pro_client
 
         options = self._options
-        return pro_client(
+        pro = pro_client(
             self.exchange,
             base_url=options.base_url,
             ws_url=options.ws_url,
@@ -524,6 +525,9 @@ class VenueClient:
             sandbox=options.sandbox,
             demo=options.demo,
         )
+        if self.exchange is Exchange.BINANCE:
+            pro.options["watchPositions"] = {**pro.options.get("watchPositions", {}), "fetchPositionsSnapshot": False}
+        return pro
 
     @property
     def watches(self) -> bool:

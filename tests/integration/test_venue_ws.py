@@ -415,6 +415,7 @@ async def test_binance_coinm_fill_pushed_in_contracts(redis: Any, binance: Loopb
     ]
     assert [p["o"]["l"] for p in binance.pushes] == ["0", "2"] and binance.pushed_apis == ["dapi", "dapi"]
     assert binance.requests.count("POST /dapi/v1/listenKey") == 1
+    assert not [r for r in binance.requests if "positionRisk" in r]  # no positions snapshot asked for
 
 
 async def test_a_binance_spot_only_account_opens_no_futures_stream(redis: Any, binance: LoopbackWsExchange) -> None:
@@ -449,6 +450,7 @@ async def test_a_refused_futures_stream_falls_back_to_polling_with_one_log_line(
         )
     ]
     assert binance.requests.count("POST /fapi/v1/listenKey") == 1 and binance.connections == 0
+    assert "websocket feed stopped: no working orders" not in [e["event"] for e in logs]
     assert [f.fill_id for f in await rig.events("OrderFilled", order_id)] == ["9301"]
 
 
