@@ -60,7 +60,7 @@ from urllib.parse import urlencode
 
 from aiohttp import WSMsgType, web
 
-from tests.venue_server import BookOrder, LoopbackExchange, _plain, _serving, listen_key
+from tests.venue_server import BookFill, BookOrder, LoopbackExchange, _plain, _serving, listen_key
 
 UID = "44705892343619584"
 CONN_ID = "a4d3ae55"
@@ -306,16 +306,23 @@ class LoopbackWsExchange(LoopbackExchange):
             )
         return {"arg": {"channel": "orders", "instType": "ANY", "uid": UID}, "data": [data]}
 
-    def _execution_report(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
-        """Binance's ``executionReport`` of a spot order (module doc)."""
-        fill_template = self._copy("fill")
+    def _binance_progress(
+        self, order: BookOrder, trade: int | None
+    ) -> tuple[Decimal, Decimal, str, BookFill | None]:
+        """A Binance order right after its trade number ``trade`` (None: as it is): amount filled,
+        value filled, status, and that trade."""
         fills = order.fills if trade is None else order.fills[: trade + 1]
         filled = sum((f.amount for f in fills), Decimal(0))
         value = sum((f.amount * f.price for f in fills), Decimal(0))
         status = self._state(order)
         if trade is not None and trade < len(order.fills) - 1:
             status = "PARTIALLY_FILLED"
-        fill = order.fills[trade] if trade is not None else None
+        return filled, value, status, order.fills[trade] if trade is not None else None
+
+    def _execution_report(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
+        """Binance's ``executionReport`` of a spot order (module doc)."""
+        fill_template = self._copy("fill")
+        filled, value, status, fill = self._binance_progress(order, trade)
         time = fill_template["time"]
         return {
             "e": "executionReport",
@@ -358,13 +365,7 @@ class LoopbackWsExchange(LoopbackExchange):
     def _order_trade_update(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
         """Binance's ``ORDER_TRADE_UPDATE`` of a USDⓈ-M or COIN-M order (module doc): quantities in
         the market's units, the fee in the margin asset (COIN-M: the base coin)."""
-        fills = order.fills if trade is None else order.fills[: trade + 1]
-        filled = sum((f.amount for f in fills), Decimal(0))
-        value = sum((f.amount * f.price for f in fills), Decimal(0))
-        status = self._state(order)
-        if trade is not None and trade < len(order.fills) - 1:
-            status = "PARTIALLY_FILLED"
-        fill = order.fills[trade] if trade is not None else None
+        filled, value, status, fill = self._binance_progress(order, trade)
         time = self._copy("fill")["time"]
         margin = order.market_id.removesuffix("USD_PERP") if order.api == "dapi" else "USDT"
         data = {
