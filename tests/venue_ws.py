@@ -55,7 +55,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 from aiohttp import WSMsgType, web
@@ -68,6 +68,17 @@ PATHS = {"okx": "/ws/v5/private", "binance": "/ws-api/v3", "upbit": "/websocket/
 SPOT = "spot"  # the sockets of every order but Binance's futures
 # Binance's futures user-data sockets, per API: (path, listenKey in the query) as ccxt opens them
 FUTURES_PATHS = {"fapi": ("/private/ws", True), "dapi": (f"/ws/{listen_key('dapi')}", False)}
+
+
+class _Progress(NamedTuple):
+    """A Binance order as one of its pushes shows it (``LoopbackWsExchange._binance_progress``)."""
+
+    filled: Decimal
+    value: Decimal
+    status: str
+    execution: str  # the push's ``x``
+    fill: BookFill | None  # the trade pushed, if any
+    head: dict[str, Any]  # symbol, client id, side, type, time in force, quantity
 
 
 class LoopbackWsExchange(LoopbackExchange):
@@ -306,39 +317,42 @@ class LoopbackWsExchange(LoopbackExchange):
             )
         return {"arg": {"channel": "orders", "instType": "ANY", "uid": UID}, "data": [data]}
 
-    def _binance_progress(
-        self, order: BookOrder, trade: int | None
-    ) -> tuple[Decimal, Decimal, str, BookFill | None]:
-        """A Binance order right after its trade number ``trade`` (None: as it is): amount filled,
-        value filled, status, and that trade."""
+    def _binance_progress(self, order: BookOrder, trade: int | None) -> _Progress:
+        """A Binance order right after its trade number ``trade`` (None: as it is), and the fields
+        every Binance order push starts with."""
         fills = order.fills if trade is None else order.fills[: trade + 1]
         filled = sum((f.amount for f in fills), Decimal(0))
         value = sum((f.amount * f.price for f in fills), Decimal(0))
         status = self._state(order)
         if trade is not None and trade < len(order.fills) - 1:
             status = "PARTIALLY_FILLED"
-        return filled, value, status, order.fills[trade] if trade is not None else None
-
-    def _execution_report(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
-        """Binance's ``executionReport`` of a spot order (module doc)."""
-        fill_template = self._copy("fill")
-        filled, value, status, fill = self._binance_progress(order, trade)
-        time = fill_template["time"]
-        return {
-            "e": "executionReport",
-            "E": time,
+        fill = order.fills[trade] if trade is not None else None
+        head = {
             "s": order.market_id,
             "c": order.client_id,
             "S": order.side.upper(),
             "o": order.ord_type.upper(),
             "f": "GTC",
             "q": _plain(order.amount or Decimal(0)),
+        }
+        execution = "TRADE" if fill is not None else {"NEW": "NEW", "CANCELED": "CANCELED"}.get(status, status)
+        return _Progress(filled, value, status, execution, fill, head)
+
+    def _execution_report(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
+        """Binance's ``executionReport`` of a spot order (module doc)."""
+        fill_template = self._copy("fill")
+        filled, value, status, execution, fill, head = self._binance_progress(order, trade)
+        time = fill_template["time"]
+        return {
+            "e": "executionReport",
+            "E": time,
+            **head,
             "p": order.price or "0.00000000",
             "P": "0.00000000",
             "F": "0.00000000",
             "g": -1,
             "C": "",
-            "x": "TRADE" if fill is not None else {"NEW": "NEW", "CANCELED": "CANCELED"}.get(status, status),
+            "x": execution,
             "X": status,
             "r": "NONE",
             "i": int(order.venue_id),
@@ -365,20 +379,15 @@ class LoopbackWsExchange(LoopbackExchange):
     def _order_trade_update(self, order: BookOrder, trade: int | None) -> dict[str, Any]:
         """Binance's ``ORDER_TRADE_UPDATE`` of a USDⓈ-M or COIN-M order (module doc): quantities in
         the market's units, the fee in the margin asset (COIN-M: the base coin)."""
-        filled, value, status, fill = self._binance_progress(order, trade)
+        filled, value, status, execution, fill, head = self._binance_progress(order, trade)
         time = self._copy("fill")["time"]
         margin = order.market_id.removesuffix("USD_PERP") if order.api == "dapi" else "USDT"
         data = {
-            "s": order.market_id,
-            "c": order.client_id,
-            "S": order.side.upper(),
-            "o": order.ord_type.upper(),
-            "f": "GTC",
-            "q": _plain(order.amount or Decimal(0)),
+            **head,
             "p": order.price or "0",
             "ap": _plain(value / filled) if filled else "0",
             "sp": "0",
-            "x": "TRADE" if fill is not None else {"NEW": "NEW", "CANCELED": "CANCELED"}.get(status, status),
+            "x": execution,
             "X": status,
             "i": int(order.venue_id),
             "l": _plain(fill.amount) if fill else "0",
