@@ -36,8 +36,11 @@ log = structlog.get_logger("ledger.reconciling")
 class PeriodicReconciliation:
     """Reconciles every (exchange, user) with a live account every ``interval_s`` seconds."""
 
-    def __init__(self, redis: Any, configs: dict[Exchange, VenueConfig], interval_s: float) -> None:
+    def __init__(
+        self, redis: Any, configs: dict[Exchange, VenueConfig], interval_s: float, settings: Settings | None = None
+    ) -> None:
         self.redis = redis
+        self.settings = settings
         self.configs = configs
         self.interval_s = interval_s
         self.rounds = 0
@@ -67,7 +70,7 @@ class PeriodicReconciliation:
         for config, account, user in self.pairs():
             bound = log.bind(user_id=user, exchange=str(config.exchange), account=account, round=self.rounds)
             try:
-                result = await Reconciler(self.redis, ledger, config, clients).run(user)
+                result = await Reconciler(self.redis, ledger, config, clients, self.settings).run(user)
             except Exception as exc:  # noqa: BLE001 - one failing reconciliation must not stop the others
                 failed += 1
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
@@ -82,4 +85,4 @@ async def reconcile_role(redis: Any, settings: Settings) -> list[PeriodicReconci
     """``ledger serve`` role ``reconcile``: one periodic reconciliation of every live exchange's
     users, when ``reconcile_s`` > 0 and an exchange is in ``live`` mode; else nothing."""
     configs = live_configs(settings.execution, settings.credentials) if settings.reconcile_s else {}
-    return [PeriodicReconciliation(redis, configs, settings.reconcile_s)] if configs else []
+    return [PeriodicReconciliation(redis, configs, settings.reconcile_s, settings)] if configs else []

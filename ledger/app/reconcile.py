@@ -39,7 +39,9 @@ async def run_reconcile(
     redis: Any, settings: Settings, user_id: str, exchange: Exchange, *, symbols: Sequence[str], as_json: bool
 ) -> int:
     venue = live_configs({exchange: "live"}, settings.credentials)[exchange]
-    result = await PositionManager(redis).sync_positions_from_exchange(user_id, exchange, venue=venue, symbols=symbols)
+    result = await PositionManager(redis).sync_positions_from_exchange(
+        user_id, exchange, venue=venue, symbols=symbols, settings=settings
+    )
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

@@ -359,19 +359,22 @@ class PositionManager(_Manager):
         *,
         venue: VenueConfig | None = None,
         symbols: Sequence[str] = (),
+        settings: Settings | None = None,
     ) -> Reconciliation:
         """Reconcile the user's orders, fills and positions on a live venue with the ledger
         (``ledger.client.reconcile``): what the venue knows and the ledger lacks is recorded as
         commands (read your own writes), every other difference is a finding in the result and
         in ``ledger:ops``. ``venue``: the exchange's accounts and options (default: the file
-        ``LEDGER_CREDENTIALS`` names); ``symbols``: markets to look at beyond the user's own."""
+        ``settings.credentials`` names); ``symbols``: markets to look at beyond the user's own;
+        ``settings`` (default: from the environment): where the PostgreSQL archive is, for the
+        fees of fills the Redis log no longer holds."""
         exchange = Exchange(exchange)
+        settings = Settings.from_env() if settings is None else settings
         if venue is None:
-            settings = Settings.from_env()
             venue = live_configs({exchange: "live"}, settings.credentials)[exchange]
         clients = VenueClients({exchange: venue.options})
         try:
-            return await Reconciler(self.redis, self.client, venue, clients).run(user_id, symbols)
+            return await Reconciler(self.redis, self.client, venue, clients, settings).run(user_id, symbols)
         finally:
             await clients.close()
 

@@ -39,7 +39,10 @@ through the normal command path or REPORTED as a finding; nothing is ever overwr
   ``position_mismatch`` finding with the evidence;
 * the fee the venue reports for each fill the ledger recorded (its recent trades, where ccxt
   lists them) is compared with the fee the ledger recorded: a difference is a ``fee_mismatch``
-  finding with both fees;
+  finding with both fees. The ledger's fee is read from PostgreSQL's ``fills`` (the only record
+  left of a fill whose event retention trimmed from Redis), and from the shard's Redis log for
+  the fills the projector has not written yet or when no archive can be read (a fill in neither
+  is not compared, and a warning says so);
 * a ``position_mismatch`` or ``fee_mismatch`` is also RECORDED as a drift (``record_drift``,
   kind ``position_size`` or ``fee``, the finding's evidence; its command id is made of the figures
   compared, so the same difference is one drift however often it is seen), unless a drift of that
@@ -61,9 +64,11 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import structlog
 
 from ledger.client import queries
+from ledger.config import Settings
 from ledger.domain import wire
 from ledger.domain.decider import RejectCode, drift_market
 from ledger.domain.enums import OPEN_ORDER_STATUSES, Exchange, PositionSide
@@ -72,8 +77,10 @@ from ledger.domain.state import OrderState
 from ledger.domain.values import ZERO, check_identifier, format_decimal
 from ledger.domain.wire import DriftKind
 from ledger.errors import InvalidInput, OperationFailed
+from ledger.sqlfiles import load_queries
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys
+from ledger.store.log import open_archive
 from ledger.store.operations import record_operation
 from ledger.store.redis_conn import text
 from ledger.venues import commands
@@ -87,10 +94,12 @@ POSITION_MISMATCH = "position_mismatch"
 COMMAND_REJECTED = "command_rejected"
 FEE_MISMATCH = "fee_mismatch"
 _Fee = tuple[Decimal, str | None]  # a fill's fee as the ledger recorded it: amount, currency (None: settlement)
+_Fills = dict[tuple[str, str], _Fee]  # (order id, fill id) -> the fee the ledger recorded
 # Refusals of a drift command that only say another drift command got there first (the drift
 # is still open, or already resolved): no finding.
 _DRIFT_MOVED = (RejectCode.DRIFT_OPEN, RejectCode.NO_DRIFT)
 FINDING_COLUMNS = ("kind", "market", "subject", "evidence")
+_SQL = load_queries("ledger.client", "reconcile.sql")
 
 log = structlog.get_logger("ledger.reconcile")
 
@@ -144,8 +153,11 @@ class Reconciler:
     """Reconciles users of one exchange: the venue's accounts and clients, and the ledger's
     command path (a ``LedgerClient``: each command waits for its reply and its projection)."""
 
-    def __init__(self, redis: Any, ledger: Any, config: VenueConfig, clients: VenueClients) -> None:
+    def __init__(
+        self, redis: Any, ledger: Any, config: VenueConfig, clients: VenueClients, settings: Settings | None = None
+    ) -> None:
         self.redis = redis
+        self.settings = settings
         self.ledger = ledger
         self.config = config
         self.exchange = config.exchange
@@ -205,11 +217,13 @@ class Reconciler:
             if finding is not None:
                 result.findings.append(finding)
             await self._drift(store, user_id, market.symbol, DriftKind.POSITION_SIZE, finding, figures, result, bound)
-        for market in markets.values():
-            fees, figures = await self._fees(venue, store, market, known)
+        reported = {symbol: await self._reported_fees(venue, market, known) for symbol, market in markets.items()}
+        recorded = await self._recorded_fees(store, {fill for fills in reported.values() for fill in fills}, bound)
+        for symbol in markets:
+            fees, figures = _fee_mismatch(symbol, reported[symbol], recorded)
             if fees is not None:  # a fill's fee never changes: no fee drift is ever found agreeing again
                 result.findings.append(fees)
-                await self._drift(store, user_id, market.symbol, DriftKind.FEE, fees, figures, result, bound)
+                await self._drift(store, user_id, symbol, DriftKind.FEE, fees, figures, result, bound)
         for finding in result.findings:
             target = f"{self.exchange}/{account.name}/{user_id}/{finding.market}"
             detail = {"user_id": user_id, "exchange": self.exchange.value, **finding.as_dict()}
@@ -357,40 +371,45 @@ class Reconciler:
         }
         return Finding(POSITION_MISMATCH, market.symbol, market.symbol, evidence), figures
 
-    async def _fees(
-        self, venue: VenueClient, store: EventStore, market: Market, known: dict[str, str]
-    ) -> tuple[Finding | None, str]:
-        """A ``fee_mismatch`` when the fee the venue reports for a fill the ledger recorded (its
-        recent trades of ``market``, where ccxt lists them) differs from the fee the ledger
-        recorded for it, in amount or in currency (both named); and the figures compared."""
+    async def _reported_fees(
+        self, venue: VenueClient, market: Market, known: dict[str, str]
+    ) -> dict[tuple[str, str], VenueFill]:
+        """The venue's recent trades of ``market`` (where ccxt lists them) of orders the ledger
+        holds that carry the venue's own fee (not one computed for it), by (order id, fill id)."""
         if not venue.ccxt.has.get("fetchMyTrades"):
-            return None, ""
-        reported = {
+            return {}
+        return {
             (order_id, trade.fill_id): trade
             for trade in await venue.recent_fills(market)
             if (order_id := known.get(trade.exchange_order_id or "")) is not None
             and trade.fee is not None
-            and trade.fee_source is None  # the venue's own figure, not one computed for it
+            and trade.fee_source is None
         }
-        differing = []
-        for (order_id, fill_id), (fee, currency) in sorted((await _ledger_fees(store, set(reported))).items()):
-            trade = reported[order_id, fill_id]
-            venue_currency = trade.fee_currency.upper() if trade.fee_currency else None
-            if trade.fee != fee or (venue_currency and currency and venue_currency != currency):
-                differing.append(
-                    {
-                        "order_id": order_id,
-                        "fill_id": fill_id,
-                        "venue_fee": format_decimal(trade.fee or ZERO),
-                        "venue_fee_currency": venue_currency,
-                        "ledger_fee": format_decimal(fee),
-                        "ledger_fee_currency": currency,
-                    }
-                )
-        if not differing:
-            return None, ""
-        figures = "|".join(f"{d['order_id']}:{d['fill_id']}:{d['venue_fee']}:{d['ledger_fee']}" for d in differing)
-        return Finding(FEE_MISMATCH, market.symbol, market.symbol, {"fills": differing}), figures
+
+    async def _recorded_fees(self, store: EventStore, fills: set[tuple[str, str]], bound: Any) -> _Fills:
+        """The fee the ledger recorded for each fill of ``fills`` it holds: from PostgreSQL's
+        ``fills`` (the projector's record; the only one left of a fill trimmed from Redis), then,
+        for the rest (not projected yet, or no archive to read), from the shard's Redis log. A
+        fill found in neither while the archive could not be read is not compared: one warning
+        says how many and why."""
+        found: _Fills = {}
+        if not fills:
+            return found
+        unread = "no configuration to find it by"
+        if self.settings is not None:
+            async with open_archive(self.settings) as (conn, reason):
+                if conn is not None:
+                    found.update(await _archived_fees(conn, fills))
+                unread = "" if conn is not None else reason
+        found.update(await _logged_fees(store, fills - found.keys()))
+        if unread and (left := len(fills) - len(found)):
+            bound.warning(
+                "fees not compared: neither in the Redis log nor readable in the PostgreSQL archive; "
+                "set LEDGER_DATABASE_URL and reconcile again",
+                fills=left,
+                reason=unread,
+            )
+        return found
 
     async def _drift(
         self,
@@ -454,11 +473,18 @@ class Reconciler:
         return event.stream
 
 
-async def _ledger_fees(store: EventStore, fills: set[tuple[str, str]]) -> dict[tuple[str, str], _Fee]:
-    """The fee (and its currency, upper case; None: the settlement currency) the ledger recorded
-    for each (order id, fill id) of ``fills`` it holds: one walk of the shard's Redis log,
-    stopped once every fill is found (a fill trimmed from Redis is not compared)."""
-    found: dict[tuple[str, str], _Fee] = {}
+async def _archived_fees(conn: psycopg.AsyncConnection[Any], fills: set[tuple[str, str]]) -> _Fills:
+    """The fees PostgreSQL's ``fills`` holds for ``fills`` (one query)."""
+    pairs = sorted(fills)
+    params = {"orders": [order for order, _fill in pairs], "fills": [fill for _order, fill in pairs]}
+    cur = await conn.execute(_SQL["fill_fees"], params)
+    return {(order, fill): (Decimal(fee), currency) for order, fill, fee, currency in await cur.fetchall()}
+
+
+async def _logged_fees(store: EventStore, fills: set[tuple[str, str]]) -> _Fills:
+    """The fees the shard's Redis log holds for ``fills``: one walk, stopped once every fill is
+    found."""
+    found: _Fills = {}
     if not fills:
         return found
     async for stored in store.iterate():
@@ -468,6 +494,35 @@ async def _ledger_fees(store: EventStore, fills: set[tuple[str, str]]) -> dict[t
             if len(found) == len(fills):
                 break
     return found
+
+
+def _fee_mismatch(
+    market: str, reported: dict[tuple[str, str], VenueFill], recorded: _Fills
+) -> tuple[Finding | None, str]:
+    """A ``fee_mismatch`` of ``market`` when the fee the venue reports for a fill differs from
+    the fee the ledger recorded for it, in amount or in currency (both named); and the figures
+    compared (the drift's command id is made of them)."""
+    differing = []
+    for key, trade in sorted(reported.items()):
+        if key not in recorded:
+            continue
+        fee, currency = recorded[key]
+        venue_currency = trade.fee_currency.upper() if trade.fee_currency else None
+        if trade.fee != fee or (venue_currency and currency and venue_currency != currency):
+            differing.append(
+                {
+                    "order_id": key[0],
+                    "fill_id": key[1],
+                    "venue_fee": format_decimal(trade.fee or ZERO),
+                    "venue_fee_currency": venue_currency,
+                    "ledger_fee": format_decimal(fee),
+                    "ledger_fee_currency": currency,
+                }
+            )
+    if not differing:
+        return None, ""
+    figures = "|".join(f"{d['order_id']}:{d['fill_id']}:{d['venue_fee']}:{d['ledger_fee']}" for d in differing)
+    return Finding(FEE_MISMATCH, market, market, {"fills": differing}), figures
 
 
 def _trade(trade: VenueFill) -> dict[str, str | None]:

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from ledger import PositionManager
 from ledger.app.audit_trail import trail
 from ledger.client.api import LedgerClient
 from ledger.client.reconcile import Finding, Reconciliation
+from ledger.config import Settings
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, PositionSide
 from ledger.domain.evolution import drift_slot
@@ -28,9 +30,10 @@ from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import load_credentials
+from projections.trim import trim_shard
 from projections.verify import verify_venue
 from tests.drift_helpers import MARKET, SLOT, USER, credentials_file, okx_position, placed_order
-from tests.live_helpers import running_ledger
+from tests.live_helpers import quiesce, running_ledger
 from tests.venue_server import LoopbackExchange
 
 
@@ -228,3 +231,94 @@ async def test_a_fill_fee_that_differs_from_the_venues_is_a_fee_drift(desk: Desk
     assert isinstance(resolved.event, wire.DriftResolved)
     assert (resolved.event.kind, resolved.event.resolution) == ("fee", "adjusted")
     assert await desk.redis.hget(ShardKeys(0).slots, fee_slot) is None
+
+
+@pytest.fixture
+async def archived(
+    redis: Any, redis_url: str, database_url: str, tmp_path: Path, okx: LoopbackExchange
+) -> AsyncIterator[Desk]:
+    """A desk whose ledger also runs the PostgreSQL projector (``database_url``)."""
+    credentials = credentials_file(tmp_path, okx)
+    async with running_ledger(
+        redis_url,
+        tmp_path,
+        roles=("handler", "projection", "projector"),
+        database_url=database_url,
+        execution="okx=live",
+        credentials=credentials,
+    ):
+        yield Desk(redis, okx, credentials)
+
+
+async def _fill_trimmed_from_redis(desk: Desk, pg: Any, ledger_fee: str) -> str:
+    """The user's order filled for 2 of 4 contracts at the venue (fee 0.009 USDT), the fill
+    reported to the ledger with ``ledger_fee``, archived by the projector and trimmed from the
+    Redis log: the order's id."""
+    order_id, client_id = await placed_order(desk.redis, desk.venue)
+    desk.venue.fill(client_id, "2", "45000", "t-1", fee="0.009")
+    desk.venue.positions = [okx_position("2")]  # the sizes agree
+    report = wire.RecordFill(
+        command_id="external-t-1",
+        user_id=USER,
+        order_id=order_id,
+        fill_id="t-1",
+        quantity="0.02",
+        price="45000",
+        fee=ledger_fee,
+        fee_currency="USDT",
+    )
+    await desk.client.submit(report)
+    await quiesce(desk.redis, 1, ("ledger-projector",))
+    trimmed = await trim_shard(desk.redis, pg, 0)
+    assert trimmed[0].removed == 3  # OrderPlaced, OrderFilled, PositionOpened: archived, then trimmed
+    assert not any(s.event.type == "OrderFilled" for s in await desk.store.read_range())
+    cur = await pg.execute("SELECT fee FROM fills WHERE fill_id = 't-1'")
+    assert await cur.fetchall() == [(Decimal(ledger_fee),)]
+    return order_id
+
+
+@pytest.mark.parametrize("ledger_fee", ["0.005", "0.009"])
+async def test_the_fee_of_a_fill_trimmed_from_redis_is_compared_from_postgresql(
+    archived: Desk, pg: Any, database_url: str, tmp_path: Path, ledger_fee: str
+) -> None:
+    order_id = await _fill_trimmed_from_redis(archived, pg, ledger_fee)
+    settings = Settings(redis_url="redis://unused", database_url=database_url, home=tmp_path)
+    result = await archived.positions.sync_positions_from_exchange(
+        USER, "okx", venue=archived.config, settings=settings
+    )
+    assert [r["type"] for r in result.recorded] == (
+        ["order_accepted", "record_drift"] if ledger_fee == "0.005" else ["order_accepted"]
+    )
+    if ledger_fee == "0.009":  # the venue's fee: nothing differs
+        assert result.findings == []
+        return
+    evidence = {
+        "fills": [
+            {
+                "order_id": order_id,
+                "fill_id": "t-1",
+                "venue_fee": "0.009",
+                "venue_fee_currency": "USDT",
+                "ledger_fee": "0.005",
+                "ledger_fee_currency": "USDT",
+            }
+        ]
+    }
+    assert result.findings == [Finding("fee_mismatch", MARKET, MARKET, evidence)]
+    drift_id = text(await archived.redis.hget(ShardKeys(0).slots, drift_slot(USER, "okx", MARKET, "fee")))
+    assert result.recorded[-1]["drift_id"] == drift_id
+
+
+async def test_a_trimmed_fill_with_no_archive_to_read_is_not_compared_and_says_so(
+    archived: Desk, pg: Any, tmp_path: Path
+) -> None:
+    await _fill_trimmed_from_redis(archived, pg, "0.005")
+    settings = Settings(redis_url="redis://unused", database_url=None, home=tmp_path / "nothing-recorded")
+    with structlog.testing.capture_logs() as logs:
+        result = await archived.positions.sync_positions_from_exchange(
+            USER, "okx", venue=archived.config, settings=settings
+        )
+    assert (result.findings, [r["type"] for r in result.recorded]) == ([], ["order_accepted"])
+    (warning,) = [line for line in logs if line["event"].startswith("fees not compared")]
+    assert (warning["log_level"], warning["fills"], warning["user_id"]) == ("warning", 1, USER)
+    assert warning["reason"] == "no postgres configured: set LEDGER_DATABASE_URL or start `ledger serve` first"
