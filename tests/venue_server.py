@@ -21,7 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,7 @@ class BookFill:
     amount: Decimal  # venue units (contracts for OKX derivatives)
     price: Decimal
     fee: Decimal
+    ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))  # when it traded
 
 
 @dataclass
@@ -191,11 +192,14 @@ class LoopbackExchange:
             (order,) = self.orders.values()
             return order
 
-    def fill(self, client_id: str, amount: str, price: str, trade_id: str, fee: str = "0") -> None:
-        """A trade of the order; the order is ``filled`` once its amount is reached."""
+    def fill(
+        self, client_id: str, amount: str, price: str, trade_id: str, fee: str = "0", ts_ms: int | None = None
+    ) -> None:
+        """A trade of the order (now, or at ``ts_ms``); the order is ``filled`` once its amount is reached."""
         with self.lock:
             order = self.orders[client_id]
-            order.fills.append(BookFill(trade_id, Decimal(amount), Decimal(price), Decimal(fee)))
+            trade = BookFill(trade_id, Decimal(amount), Decimal(price), Decimal(fee))
+            order.fills.append(trade if ts_ms is None else replace(trade, ts_ms=ts_ms))
             if order.amount is not None and order.filled >= order.amount:
                 order.state = "filled"
 
@@ -204,6 +208,43 @@ class LoopbackExchange:
         ``api``: Binance's, ``fapi`` or ``dapi`` for futures)."""
         with self.lock:
             order = BookOrder(self._venue_id(), client_id, market_id, side, "limit", Decimal(amount), price, api=api)
+            self.orders[client_id] = order
+            return order
+
+    def book_algo(
+        self,
+        client_id: str,
+        market_id: str,
+        side: str,
+        amount: str,
+        trigger_price: str,
+        *,
+        price: str | None = None,
+        take_profit: bool = False,
+        api: str = "api",
+    ) -> BookOrder:
+        """An algo order waiting for its trigger that no create request placed: a stop (at market,
+        or at ``price``), or a take-profit at market (OKX ``conditional``)."""
+        if self.exchange == "okx":
+            kind = "conditional" if take_profit else "trigger"
+            params = {"tpTriggerPx": trigger_price} if take_profit else {"triggerPx": trigger_price}
+        else:
+            kind = "take_profit_market" if take_profit else "stop_market" if price is None else "stop"
+            params = {"triggerPrice": trigger_price}
+        with self.lock:
+            order = BookOrder(
+                self._venue_id(),
+                client_id,
+                market_id,
+                side,
+                kind,
+                Decimal(amount),
+                price,
+                api=api,
+                algo=True,
+                trigger_price=trigger_price,
+                params=params,
+            )
             self.orders[client_id] = order
             return order
 
@@ -366,7 +407,11 @@ class LoopbackExchange:
             if (market is None or o.market_id == market) and self._same_book(o, api, algo)
         ]
         if route == "open_orders":
-            rows = [self._order(o) for o in orders if o.state == "open"]
+            kinds = params.get("ordType", "trigger").split(",")  # OKX lists one kind of algo order at a time
+            listed = [
+                o for o in orders if o.state == "open" and (not algo or self.exchange != "okx" or o.ord_type in kinds)
+            ]
+            rows = [self._order(o) for o in listed]
             rows = [row["data"][0] for row in rows] if self.exchange == "okx" else rows
         else:
             rows = [self._fill(o, f) for o in orders for f in o.fills]
@@ -557,6 +602,8 @@ class LoopbackExchange:
                 fillPx=_plain(fill.price),
                 tradeId=fill.trade_id,
                 fee=_plain(-fill.fee),
+                fillTime=str(fill.ts_ms),
+                ts=str(fill.ts_ms),
                 instType="SWAP" if order.market_id.endswith("SWAP") else "SPOT",
             )
         elif self.exchange == "binance" and order.api != "api":
@@ -571,6 +618,7 @@ class LoopbackExchange:
                 commission=_plain(fill.fee),
                 positionSide=order.position_side or "BOTH",
                 buyer=order.side == "buy",
+                time=fill.ts_ms,
             )
             if order.api == "dapi":
                 body["baseQty"] = _plain(fill.amount * _FACE[order.market_id] / fill.price)
@@ -586,6 +634,7 @@ class LoopbackExchange:
                 quoteQty=_plain(fill.amount * fill.price),
                 commission=_plain(fill.fee),
                 isBuyer=order.side == "buy",
+                time=fill.ts_ms,
             )
         else:
             body.update(

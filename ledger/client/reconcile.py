@@ -15,18 +15,19 @@ through the normal command path or REPORTED as a finding; nothing is ever overwr
   own commands with its own deterministic ids (``ledger.venues.commands``): the role and
   reconciliation, or two reconciliations, never record one fact twice (the handler answers a
   repeated ``command_id`` with its first outcome);
-* a venue order of the markets looked at (an open order, or the order of a recent trade) that
-  belongs to no order of the user in the ledger is ADOPTED: ``adopt_order`` (command id
-  ``venue:<exchange>:adopt:<16 hex of SHA-1 of the venue order id>``; the ledger's order id is
-  derived from (user, exchange, venue order id), ``wire.adopted_order_id``) in the user's
-  spelling of the market (of an open position, else of an order, else as the caller named it),
-  then its trades as ``record_fill`` and its final status, with the live venue role's command
-  ids. It is adopted once: an adopted order is found by its derived id ever after. What cannot
-  be adopted is an ``unknown_order`` finding whose evidence has the ``reason``: an order whose
-  client id is one the ledger derives (one of the ledger's own, never adopted) that the user
-  does not hold, or a report that is no ledger order (an order type or side the ledger does not
-  know, no amount, a value the wire rules refuse). A ``record_fill`` for an unknown order stays
-  rejected (CONTRACT §3);
+* a venue order of the markets looked at (the order of a recent trade, an open order, an algo
+  order waiting for its trigger: ``_strangers`` says in which order and why) that belongs to no
+  order of the user in the ledger is ADOPTED (an algo order with the ledger's trigger order
+  type): ``adopt_order`` (command id ``venue:<exchange>:adopt:<16 hex of SHA-1 of the venue
+  order id>``; the ledger's order id is derived from (user, exchange, venue order id),
+  ``wire.adopted_order_id``) in the user's spelling of the market (of an open position, else of
+  an order, else as the caller named it), then its trades as ``record_fill`` and its final
+  status, with the live venue role's command ids. It is adopted once: an adopted order is found
+  by its derived id ever after. What cannot be adopted is an ``unknown_order`` finding whose
+  evidence has the ``reason``: an order whose client id is one the ledger derives (one of the
+  ledger's own, never adopted) that the user does not hold, or a report that is no ledger order
+  (an order type or side the ledger does not know, no amount, a value the wire rules refuse). A
+  ``record_fill`` for an unknown order stays rejected (CONTRACT §3);
 * a trade of an order the ledger holds as final that the ledger never recorded is a fact too:
   recorded as ``record_fill`` with the venue role's fill command id (the decider flags it ``late``
   after a cancel or an expiry, ``overfill`` beyond the quantity); a refusal is a
@@ -69,12 +70,13 @@ import structlog
 
 from ledger.client import queries
 from ledger.config import Settings
+from ledger.defaults import FINAL_ORDER_TTL_S
 from ledger.domain import wire
 from ledger.domain.decider import RejectCode, drift_market
 from ledger.domain.enums import OPEN_ORDER_STATUSES, Exchange, PositionSide
 from ledger.domain.evolution import drift_slot
 from ledger.domain.state import OrderState
-from ledger.domain.values import ZERO, check_identifier, format_decimal
+from ledger.domain.values import ZERO, check_identifier, format_decimal, now_ms
 from ledger.domain.wire import DriftKind
 from ledger.errors import InvalidInput, OperationFailed
 from ledger.sqlfiles import load_queries
@@ -85,7 +87,7 @@ from ledger.store.operations import record_operation
 from ledger.store.redis_conn import text
 from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, no_account
-from ledger.venues.live import Ambiguous, VenueClient, VenueClients, VenueFill, is_algo, venue_client_id
+from ledger.venues.live import Ambiguous, VenueClient, VenueClients, VenueFill, VenueOrder, is_algo, venue_client_id
 from ledger.venues.markets import Market, MarketError, bundled, instrument_table
 
 FINDING_ACTION = "reconcile.finding"
@@ -100,6 +102,9 @@ _Fills = dict[tuple[str, str], _Fee]  # (order id, fill id) -> the fee the ledge
 _DRIFT_MOVED = (RejectCode.DRIFT_OPEN, RejectCode.NO_DRIFT)
 FINDING_COLUMNS = ("kind", "market", "subject", "evidence")
 _SQL = load_queries("ledger.client", "reconcile.sql")
+_OURS = "ours"  # _claim: the venue order is one of the user's own ledger orders
+_WEEK_S = 7 * 24 * 3600
+_CLOCK_MARGIN_S = 60
 
 log = structlog.get_logger("ledger.reconcile")
 
@@ -143,6 +148,28 @@ class Reconciliation:
             "recorded": self.recorded,
             "findings": [f.as_dict() for f in self.findings],
         }
+
+
+@dataclass(slots=True)
+class _Stranger:
+    """A venue order no order of the user explains: as the venue reported it, why it is not
+    adopted (None: it is), its recent trades seen, whether an open-orders list named it (else a
+    trade did, and ``report`` was fetched with its trades) and whether it is a waiting algo order."""
+
+    report: VenueOrder
+    reason: str | None
+    trades: list[VenueFill] = field(default_factory=list)
+    listed: bool = False
+    algo: bool = False
+
+    def evidence(self) -> dict[str, Any]:
+        found: dict[str, Any] = {
+            "client_order_id": self.report.client_id,
+            "status": self.report.status,
+            "filled": format_decimal(self.report.filled),
+            "trades": [_trade(t) for t in self.trades],
+        }
+        return found if self.reason is None else {**found, "reason": self.reason}
 
 
 def _signed(size: Decimal, side: PositionSide) -> Decimal:
@@ -275,57 +302,85 @@ class Reconciler:
         known: dict[str, str],
         spellings: dict[str, str],
     ) -> tuple[list[wire.Command], list[Finding]]:
-        """Open orders and trades of ``market`` at the venue that no order of the user explains:
-        each is adopted (``adopt_order``, in the user's spelling of the market), then its trades
-        and its final status are recorded like any order's. What cannot be adopted is an
-        ``unknown_order`` finding whose evidence says why. Trades of orders the ledger holds as
-        final that it never recorded come first among the commands, as their ``record_fill``."""
-        strangers: dict[str, dict[str, Any]] = {}
-        for order in await venue.open_orders(market):
-            if await self._known(store, user_id, order.exchange_order_id, known):
-                continue
-            evidence: dict[str, Any] = {
-                "client_order_id": order.client_id,
-                "status": order.status,
-                "filled": format_decimal(order.filled),
-                "trades": [],
-            }
-            ledger_id = wire.ledger_order_id(order.client_id)
-            state = await store.order(ledger_id) if ledger_id else None
-            if state is not None and state.user_id == user_id and state.exchange is self.exchange:
-                known[order.exchange_order_id] = state.id
-                continue
-            if ledger_id is not None:
-                evidence["reason"] = (
-                    f"its client id is the ledger's own (order {ledger_id}), which {user_id} does not hold on "
-                    f"{self.exchange}: not adopted"
-                )
-            strangers[order.exchange_order_id] = evidence
+        """Venue orders of ``market`` that no order of the user explains (the orders of its recent
+        trades, its open orders, its algo orders waiting for their trigger): each is adopted
+        (``adopt_order``, in the user's spelling of the market), then its trades and its final
+        status are recorded like any order's. What cannot be adopted is an ``unknown_order``
+        finding whose evidence says why. Trades of orders the ledger holds as final that it never
+        recorded come first among the commands, as their ``record_fill``.
+
+        The lists are read in that order so that an algo order triggering meanwhile is never
+        adopted twice: an algo order listed as waiting whose trigger has since placed an order
+        takes that order's place among the strangers (its trades are the algo order's). Only
+        trades younger than the live order hashes (``_trade_window_ms``) are looked at: an order
+        of the ledger is known by its hash, and an order whose hash has expired could no longer
+        be told from a stranger when its client id does not name it (the order an algo order
+        placed); its client id is checked for every order (``_claim``), however old."""
+        strangers: dict[str, _Stranger] = {}
         late: list[wire.Command] = []  # trades of orders the ledger holds as final, never recorded
         if venue.ccxt.has.get("fetchMyTrades"):
+            since = now_ms() - self._trade_window_ms()
             for trade in await venue.recent_fills(market):
                 order_id = trade.exchange_order_id
-                if order_id is None:
+                if order_id is None or trade.ts is None or trade.ts < since:
                     continue
                 if order_id not in strangers and not await self._known(store, user_id, order_id, known):
-                    strangers[order_id] = {"client_order_id": None, "trades": []}
+                    report = await venue.fetch(order_id, market)
+                    if (reason := await self._claim(store, user_id, report, known)) is not _OURS:
+                        strangers[order_id] = _Stranger(report, reason)
                 if order_id in strangers:
-                    strangers[order_id]["trades"].append(_trade(trade))
+                    strangers[order_id].trades.append(trade)
                     continue
                 state = await store.order(known[order_id])
                 if state is not None and state.status.is_final and trade.fill_id not in state.fill_ids:
                     late.append(commands.fill(state.id, user_id, trade))
+        for algo in (False, True):
+            for order in await venue.open_orders(market, algo=algo):
+                venue_id = order.exchange_order_id
+                if venue_id in strangers or await self._known(store, user_id, venue_id, known):
+                    continue
+                if (reason := await self._claim(store, user_id, order, known)) is _OURS:
+                    continue
+                placed = await venue.triggered(venue_id, market) if algo else None
+                if placed is not None and await self._known(store, user_id, placed, known):
+                    continue  # in the books already, as the order it placed
+                strangers.pop(placed or "", None)
+                strangers[venue_id] = _Stranger(order, reason, listed=True, algo=algo)
         adoptions: list[wire.Command] = []
         unknown: list[Finding] = []
-        for venue_id, evidence in strangers.items():
-            if "reason" not in evidence:
+        for venue_id, stranger in strangers.items():
+            if stranger.reason is None:
                 try:
-                    adoptions += await self._adopt(venue, user_id, market, venue_id, spellings[market.symbol])
+                    adoptions += await self._adopt(venue, user_id, market, stranger, spellings[market.symbol])
                     continue
                 except InvalidInput as exc:
-                    evidence["reason"] = f"not adopted: {exc}"
-            unknown.append(Finding(UNKNOWN_ORDER, market.symbol, venue_id, evidence))
+                    stranger.reason = f"not adopted: {exc}"
+            unknown.append(Finding(UNKNOWN_ORDER, market.symbol, venue_id, stranger.evidence()))
         return late + adoptions, unknown
+
+    def _trade_window_ms(self) -> int:
+        """How far back trades are looked at for strangers: while every order they may belong to
+        still has its live hash (a final order's lasts ``final_order_ttl_s``), less a minute for
+        the venue's clock; at most a week (the longest a venue's trade list reaches)."""
+        ttl_s = FINAL_ORDER_TTL_S if self.settings is None else self.settings.final_order_ttl_s
+        return max(min(ttl_s, _WEEK_S) - _CLOCK_MARGIN_S, 0) * 1000
+
+    async def _claim(self, store: EventStore, user_id: str, order: VenueOrder, known: dict[str, str]) -> str | None:
+        """Who a venue order's client id says it belongs to: ``_OURS`` when it is derived from an
+        order the user holds on this exchange (then ``known``), the reason it is not adopted when
+        it is derived from another (one of the ledger's own, never adopted), None when the ledger
+        never made it (a stranger to adopt)."""
+        ledger_id = wire.ledger_order_id(order.client_id)
+        if ledger_id is None:
+            return None
+        state = await store.order(ledger_id)
+        if state is not None and state.user_id == user_id and state.exchange is self.exchange:
+            known[order.exchange_order_id] = state.id
+            return _OURS
+        return (
+            f"its client id is the ledger's own (order {ledger_id}), which {user_id} does not hold on "
+            f"{self.exchange}: not adopted"
+        )
 
     async def _known(self, store: EventStore, user_id: str, venue_id: str, known: dict[str, str]) -> bool:
         """Whether the ledger holds the venue order ``venue_id``: one of the user's orders with that
@@ -339,12 +394,18 @@ class Reconciler:
         return True
 
     async def _adopt(
-        self, venue: VenueClient, user_id: str, market: Market, venue_id: str, symbol: str
+        self, venue: VenueClient, user_id: str, market: Market, stranger: _Stranger, symbol: str
     ) -> list[wire.Command]:
         """The commands that bring a venue order the ledger never placed into the books: its
-        adoption, its trades (the live venue role's fill command ids) and its final status."""
-        report = await venue.fetch(venue_id, market)
-        adopt = commands.adopted(user_id, self.exchange, symbol, report)
+        adoption (an algo order as it was listed: its trigger order type and price), its trades
+        (the live venue role's fill command ids; an algo order's: those of the order it placed)
+        and its final status."""
+        listed = stranger.report
+        if stranger.algo or stranger.listed:  # a list has no trades: the order is fetched with them
+            report = await venue.fetch(listed.exchange_order_id, market, algo=stranger.algo)
+        else:
+            report = listed  # fetched with its trades when a trade named it
+        adopt = commands.adopted(user_id, self.exchange, symbol, listed if stranger.algo else report)
         found: list[wire.Command] = [adopt, *(commands.fill(adopt.order_id, user_id, t) for t in report.fills)]
         _final, last = commands.final(adopt.order_id, user_id, self.exchange, Decimal(adopt.quantity), report)
         return found if last is None else [*found, last]

@@ -100,6 +100,12 @@ class VenueRules:
     algo_markets: frozenset[InstrumentKind] | None = None
     triggered_order_field: str = ""
     algo_client_id_param: str | None = None
+    # the ccxt ``fetch_open_orders`` parameters of each list of waiting algo orders (one call each),
+    # the venue's fields of an algo order's limit price that ccxt's ``price`` leaves out, and the
+    # field of its own type (named in a refusal to adopt an algo order the ledger has no type for)
+    algo_listings: tuple[Mapping[str, Any], ...] = ()
+    algo_price_fields: tuple[str, ...] = ()
+    algo_type_field: str = ""
     # the venue's position side of a contract order: one-way mode's, long's and short's
     position_sides: tuple[str, str, str] | None = None
 
@@ -113,6 +119,10 @@ RULES: Mapping[Exchange, VenueRules] = {
         algo_markets=frozenset(InstrumentKind),
         triggered_order_field="ordId",
         algo_client_id_param="algoClOrdId",
+        # ``orders-algo-pending`` lists one ``ordType`` at a time: stops, then take-profits
+        algo_listings=({TRIGGER_PARAM: True}, {TRIGGER_PARAM: True, "ordType": "conditional"}),
+        algo_price_fields=("tpOrdPx", "slOrdPx"),  # a ``conditional`` order's (-1: at market)
+        algo_type_field="ordType",
         position_sides=("net", "long", "short"),
     ),
     Exchange.BINANCE: VenueRules(
@@ -123,6 +133,8 @@ RULES: Mapping[Exchange, VenueRules] = {
         "Duplicate order sent",
         algo_markets=frozenset({InstrumentKind.LINEAR, InstrumentKind.INVERSE}),
         triggered_order_field="actualOrderId",
+        algo_listings=({TRIGGER_PARAM: True},),  # ``openAlgoOrders``
+        algo_type_field="orderType",
         position_sides=("BOTH", "LONG", "SHORT"),
     ),
     Exchange.UPBIT: VenueRules(re.compile(r"[A-Za-z0-9_-]{1,64}"), False, None, frozenset()),
@@ -337,7 +349,31 @@ def _fill(market: Market, trade: Mapping[str, Any]) -> VenueFill:
     )
 
 
-def _venue_order(exchange: Exchange, market: Market, order: Mapping[str, Any], trades: list[Any]) -> VenueOrder:
+def _algo_type(order: Mapping[str, Any], price_fields: tuple[str, ...]) -> tuple[str, Decimal] | None:
+    """The ledger's order type and trigger price of an algo order as ccxt parses it (OKX types it
+    ``trigger`` / ``conditional``, Binance by the order it will place): a take-profit that places a
+    market order is ``take_profit_market``; a stop ``stop_market``, or ``stop_limit`` with a price.
+    A take-profit limit, or a stop and a take-profit at once (OCO), has no ledger type: None."""
+    info = order.get("info") or {}
+    prices = [ccxt_decimal(order.get("price")), *(ccxt_decimal(info.get(name) or None) for name in price_fields)]
+    limit = any(price is not None and price > ZERO for price in prices)  # OKX writes -1 for "at market", Binance 0
+    take_profit, stop = (ccxt_decimal(order.get(k)) for k in ("takeProfitPrice", "stopLossPrice"))
+    if take_profit is not None and take_profit > ZERO:
+        both = stop is not None and stop > ZERO
+        return None if limit or both else (str(OrderType.TAKE_PROFIT_MARKET), take_profit)
+    trigger = ccxt_decimal(order.get("triggerPrice")) or stop
+    if trigger is None or trigger <= ZERO:
+        return None
+    return str(OrderType.STOP_LIMIT if limit else OrderType.STOP_MARKET), trigger
+
+
+def _venue_order(
+    exchange: Exchange, market: Market, order: Mapping[str, Any], trades: list[Any], *, algo: bool = False
+) -> VenueOrder:
+    """``order`` as ccxt reports it, in ledger units; an ``algo`` order (not triggered) with the
+    ledger's trigger order type (``_algo_type``; one the ledger has none for is named by the
+    venue's own type, lower case, never ccxt's ``limit`` / ``market``: it is not adopted as a
+    plain order) and its client id (OKX: ``algoClOrdId``, which ccxt's parser leaves out)."""
     filled = to_quantity(market, ccxt_decimal(order.get("filled")) or ZERO)
     status = str(order.get("status") or OPEN)
     upbit_market_buy = exchange is Exchange.UPBIT and order.get("type") == "market" and order.get("side") == "buy"
@@ -345,17 +381,24 @@ def _venue_order(exchange: Exchange, market: Market, order: Mapping[str, Any], t
         status = CLOSED  # the unspent cost came back; what executed is a fill
     fills = {str(t["id"]): _fill(market, t) for t in trades if t.get("id") is not None}
     amount = ccxt_decimal(order.get("amount"))
+    client_id = order.get("clientOrderId")
+    order_type, trigger = order.get("type"), ccxt_decimal(order.get("triggerPrice"))
+    if algo:
+        rules, info = RULES[exchange], order.get("info") or {}
+        client_id = client_id or info.get(rules.algo_client_id_param or "") or None
+        typed = _algo_type(order, rules.algo_price_fields)
+        order_type, trigger = typed or (f"{info.get(rules.algo_type_field) or 'unknown'} algo".lower(), trigger)
     return VenueOrder(
         str(order["id"]),
-        order.get("clientOrderId"),
+        client_id,
         status,
         filled,
         tuple(fills.values()),
         side=order.get("side"),
-        order_type=order.get("type"),
+        order_type=order_type,
         quantity=None if amount is None else to_quantity(market, amount),
         price=ccxt_decimal(order.get("price")),
-        trigger_price=ccxt_decimal(order.get("triggerPrice")),
+        trigger_price=trigger,
         reduce_only=bool(order.get("reduceOnly")),
     )
 
@@ -667,7 +710,7 @@ class VenueClient:
             order = await self.ccxt.fetch_order(exchange_order_id, market.symbol, _algo(algo))
             triggered = self._triggered(order) if algo else None
             if algo and triggered is None:
-                report = _venue_order(self.exchange, market, order, [])
+                report = _venue_order(self.exchange, market, order, [], algo=True)
                 return replace(report, status=OPEN) if report.status == CLOSED else report
             if triggered is not None:
                 order = await self.ccxt.fetch_order(triggered, market.symbol)
@@ -715,10 +758,20 @@ class VenueClient:
             raise Ambiguous(f"{self.exchange}: cancel of {exchange_order_id} unanswered ({what})") from exc
         return None
 
-    async def open_orders(self, market: Market) -> list[VenueOrder]:
-        """The account's open orders of a market, with no trades (for reconciliation)."""
-        orders = await self.ccxt.fetch_open_orders(market.symbol)
-        return [_venue_order(self.exchange, market, order, []) for order in orders]
+    async def open_orders(self, market: Market, *, algo: bool = False) -> list[VenueOrder]:
+        """The account's open orders of a market, with no trades (for reconciliation); ``algo``:
+        its algo orders waiting for their trigger instead (none where the venue keeps no trigger
+        order of the market apart, ``VenueRules.algo_markets``)."""
+        if not algo:
+            orders = await self.ccxt.fetch_open_orders(market.symbol)
+            return [_venue_order(self.exchange, market, order, []) for order in orders]
+        if market.kind not in (self.rules.algo_markets or ()):
+            return []
+        return [
+            _venue_order(self.exchange, market, order, [], algo=True)
+            for params in self.rules.algo_listings
+            for order in await self.ccxt.fetch_open_orders(market.symbol, None, None, dict(params))
+        ]
 
     async def recent_fills(self, market: Market, since_ms: int | None = None) -> list[VenueFill]:
         """The account's trades of a market since ``since_ms`` (for reconciliation; Upbit has no

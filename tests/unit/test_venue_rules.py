@@ -340,3 +340,52 @@ def test_a_duplicate_algo_client_id_is_an_unknown_outcome_not_a_refusal() -> Non
     )
     assert isinstance(classify(Exchange.BINANCE, binance), Ambiguous)
     assert isinstance(classify(Exchange.OKX, okx), Ambiguous)
+
+
+_BINANCE_ALGO = {
+    "algoId": 2146760,
+    "clientAlgoId": "myAlgo1",
+    "algoType": "CONDITIONAL",
+    "symbol": "BTCUSDT",
+    "side": "SELL",
+    "positionSide": "BOTH",
+    "timeInForce": "GTC",
+    "quantity": "0.01",
+    "algoStatus": "NEW",
+    "actualOrderId": "",
+    "triggerPrice": "40000",
+    "reduceOnly": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("order_type", "price", "expected"),
+    [
+        ("STOP_MARKET", "0", ("stop_market", Decimal("40000"), None)),
+        ("STOP", "39900", ("stop_limit", Decimal("40000"), Decimal("39900"))),
+        ("TAKE_PROFIT_MARKET", "0", ("take_profit_market", Decimal("40000"), None)),
+        ("TAKE_PROFIT", "40100", "take_profit algo"),  # a take-profit limit: no ledger type
+        ("TRAILING_STOP_MARKET", "0", "trailing_stop_market algo"),
+    ],
+)
+def test_a_binance_algo_order_gets_the_ledgers_trigger_order_type(
+    order_type: str, price: str, expected: tuple[str, Decimal, Decimal | None] | str
+) -> None:
+    """As ccxt parses Binance's ``openAlgoOrders`` rows (``_venue_order`` of an algo order)."""
+    from ledger.venues.exchanges import client
+    from ledger.venues.live import _venue_order
+
+    exchange = client(Exchange.BINANCE)
+    row = {**_BINANCE_ALGO, "orderType": order_type, "price": price}
+    if order_type == "TRAILING_STOP_MARKET":
+        row.update(triggerPrice="0", activatePrice="40000", priceRate="1")
+    market = bundled(Exchange.BINANCE).find("BTC/USDT:USDT")
+    assert market is not None
+    report = _venue_order(
+        Exchange.BINANCE, market, exchange.parse_order(row, exchange.market(market.symbol)), [], algo=True
+    )
+    assert (report.client_id, report.side, report.quantity) == ("myAlgo1", "sell", Decimal("0.01"))
+    if isinstance(expected, str):  # never adopted as a plain limit or market order
+        assert report.order_type == expected
+    else:
+        assert (report.order_type, report.trigger_price, report.price if report.price else None) == expected
