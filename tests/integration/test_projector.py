@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 import pytest
+import structlog
 
 from consumers.command_handler import GROUP as HANDLER_GROUP
 from consumers.command_handler import CommandHandler
@@ -415,6 +416,53 @@ async def test_duplicate_venue_order_id_does_not_crash_loop(
     assert rows[third] == ("V2", {})
     assert rows[second] == (None, {"duplicate_exchange_order_id": "V1", "duplicate_of_order_id": first})
     assert rows[fourth] == (None, {"duplicate_exchange_order_id": "V2", "duplicate_of_order_id": third})
+    assert await pending(redis) == 0
+    assert await redis.xlen(KEYS.dead) == 0
+    assert await checkpoint(pg, 0) == await last_entry_id(redis)
+
+
+async def test_a_venue_order_id_another_writer_takes_meanwhile_is_checked_again(
+    redis: Any, ledger: Ledger, pool: Any, pg: psycopg.AsyncConnection[Any], database_url: str
+) -> None:
+    """Another shard's projector writes an order with the same venue id between this batch's
+    check and its write (its transaction not committed yet): the write waits on the unique index,
+    fails once the other commits, and is checked again in the same transaction: the order is
+    written without the venue id, naming the other, and nothing is dead-lettered."""
+    consumer = projector_consumer(redis, pool, 0)
+    model = await place(ledger)
+    await ledger.send("order_accepted", order_id=model, exchange_order_id="V0")
+    await ledger.send("order_expired", order_id=model)
+    await consumer.burst()
+    mine = await place(ledger)
+    await ledger.send("order_accepted", order_id=mine, exchange_order_id="V9")
+    await ledger.send("order_expired", order_id=mine)
+
+    other = str(uuid.uuid4())
+    async with await psycopg.AsyncConnection.connect(database_url) as writer:
+        await writer.execute("CREATE TEMP TABLE o AS SELECT * FROM orders WHERE id = %s::uuid", (model,))
+        await writer.execute("UPDATE o SET id = %s::uuid, exchange_order_id = 'V9'", (other,))
+        await writer.execute("INSERT INTO orders SELECT * FROM o")
+        projecting = asyncio.create_task(consumer.burst())
+
+        async def blocked() -> bool:
+            cur = await pg.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            row = await cur.fetchone()
+            return row is not None and row[0] == 1
+
+        await wait_for(blocked, 10, "the projector's write to wait on the other writer's venue id", step=0.02)
+        with structlog.testing.capture_logs() as logs:
+            await writer.commit()
+            await projecting
+    assert [line["attempt"] for line in logs if line["event"].startswith("venue order id taken concurrently")] == [1]
+
+    cur = await pg.execute(
+        "SELECT id::text, exchange_order_id, metadata FROM orders WHERE id = ANY(%s::uuid[])", ([mine, other],)
+    )
+    rows = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+    assert rows == {
+        other: ("V9", {}),
+        mine: (None, {"duplicate_exchange_order_id": "V9", "duplicate_of_order_id": other}),
+    }
     assert await pending(redis) == 0
     assert await redis.xlen(KEYS.dead) == 0
     assert await checkpoint(pg, 0) == await last_entry_id(redis)
