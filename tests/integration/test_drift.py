@@ -172,6 +172,19 @@ async def test_a_drift_is_recorded_once_corrected_explicitly_and_resolved_when_t
     ]
 
 
+def _fee_evidence(order_id: str) -> dict[str, Any]:
+    """A fee drift's evidence: fill t-1 of the order, 0.009 USDT at the venue, 0.005 USDT in the ledger."""
+    fill = {
+        "order_id": order_id,
+        "fill_id": "t-1",
+        "venue_fee": "0.009",
+        "venue_fee_currency": "USDT",
+        "ledger_fee": "0.005",
+        "ledger_fee_currency": "USDT",
+    }
+    return {"fills": [fill]}
+
+
 async def test_a_fill_fee_that_differs_from_the_venues_is_a_fee_drift(desk: Desk, okx: LoopbackExchange) -> None:
     order_id, client_id = await placed_order(desk.redis, okx)
     okx.fill(client_id, "2", "45000", "t-1", fee="0.009")
@@ -193,18 +206,7 @@ async def test_a_fill_fee_that_differs_from_the_venues_is_a_fee_drift(desk: Desk
     fee_slot = drift_slot(USER, "okx", MARKET, "fee")
     drift_id = text(await desk.redis.hget(ShardKeys(0).slots, fee_slot))
     assert drift_id is not None
-    evidence = {
-        "fills": [
-            {
-                "order_id": order_id,
-                "fill_id": "t-1",
-                "venue_fee": "0.009",
-                "venue_fee_currency": "USDT",
-                "ledger_fee": "0.005",
-                "ledger_fee_currency": "USDT",
-            }
-        ]
-    }
+    evidence = _fee_evidence(order_id)
     assert first.findings == [Finding("fee_mismatch", MARKET, MARKET, evidence)]
     assert [r["type"] for r in first.recorded] == ["order_accepted", "record_drift"]
     assert first.recorded[-1]["drift_id"] == drift_id
@@ -292,18 +294,7 @@ async def test_the_fee_of_a_fill_trimmed_from_redis_is_compared_from_postgresql(
     if ledger_fee == "0.009":  # the venue's fee: nothing differs
         assert result.findings == []
         return
-    evidence = {
-        "fills": [
-            {
-                "order_id": order_id,
-                "fill_id": "t-1",
-                "venue_fee": "0.009",
-                "venue_fee_currency": "USDT",
-                "ledger_fee": "0.005",
-                "ledger_fee_currency": "USDT",
-            }
-        ]
-    }
+    evidence = _fee_evidence(order_id)
     assert result.findings == [Finding("fee_mismatch", MARKET, MARKET, evidence)]
     drift_id = text(await archived.redis.hget(ShardKeys(0).slots, drift_slot(USER, "okx", MARKET, "fee")))
     assert result.recorded[-1]["drift_id"] == drift_id

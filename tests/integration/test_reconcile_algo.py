@@ -22,6 +22,7 @@ from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.domain.values import now_ms
 from ledger.store.keys import ShardKeys
 from ledger.venues import commands
+from tests.integration.test_adopt import _adoption
 from tests.integration.test_reconcile import OKX_POSITION, USER, Ledger, _ledger
 from tests.venue_server import LoopbackExchange
 
@@ -34,16 +35,6 @@ async def _reconcile(ledger: Ledger, symbol: str) -> Reconciliation:
     )
 
 
-def _adoption(exchange: Exchange, venue_id: str) -> dict[str, str]:
-    order_id = wire.adopted_order_id(USER, exchange, venue_id)
-    return {"command_id": commands.adopt_id(exchange, venue_id), "type": "adopt_order", "order_id": order_id}
-
-
-def _fill(order_id: str, fill_id: str) -> dict[str, str]:
-    command_id = commands.fill_command_id(order_id, fill_id)
-    return {"command_id": command_id, "type": "record_fill", "order_id": order_id, "fill_id": fill_id}
-
-
 async def test_a_waiting_okx_stop_and_take_profit_are_adopted_once_and_the_stops_trigger_is_followed(
     redis: Any, redis_url: str, tmp_path: Path, okx: LoopbackExchange
 ) -> None:
@@ -52,7 +43,7 @@ async def test_a_waiting_okx_stop_and_take_profit_are_adopted_once_and_the_stops
         take_profit = okx.book_algo("myTp1", SWAP, "sell", "2", "52000", take_profit=True)
 
         first = await _reconcile(ledger, SWAP)
-        assert first.recorded == [_adoption(Exchange.OKX, stop.venue_id), _adoption(Exchange.OKX, take_profit.venue_id)]
+        assert first.recorded == _adoption(stop.venue_id)[1] + _adoption(take_profit.venue_id)[1]
         assert first.findings == []
         stop_id = wire.adopted_order_id(USER, "okx", stop.venue_id)
         adopted = await ledger.orders.get_order(stop_id)
@@ -94,7 +85,7 @@ async def test_a_waiting_okx_stop_and_take_profit_are_adopted_once_and_the_stops
         okx.fill(placed, "3", "43990", "t-9", fee="0.0131985")
         okx.positions = [{**OKX_POSITION, "pos": "-3"}]
         third = await _reconcile(ledger, SWAP)
-        assert third.recorded == [_fill(stop_id, "t-9")]
+        assert third.recorded == _adoption(stop.venue_id, "t-9")[1][1:]  # the fill, not another adoption
         assert third.findings == []
         filled = await ledger.orders.get_order(stop_id)
         assert filled is not None
@@ -121,8 +112,7 @@ async def test_an_algo_order_listed_waiting_after_it_triggered_is_adopted_once_w
         okx.positions = [{**OKX_POSITION, "pos": "4"}]
 
         result = await _reconcile(ledger, SWAP)
-        stop_id = wire.adopted_order_id(USER, "okx", stop.venue_id)
-        assert result.recorded == [_adoption(Exchange.OKX, stop.venue_id), _fill(stop_id, "t-10")]
+        assert result.recorded == _adoption(stop.venue_id, "t-10")[1]
         assert result.findings == []
         placed_id = wire.adopted_order_id(USER, "okx", okx.order(placed).venue_id)
         assert await ledger.orders.get_order(placed_id) is None
@@ -140,7 +130,7 @@ async def test_a_waiting_binance_usdm_stop_limit_is_adopted_and_an_okx_take_prof
     async for ledger in _ledger(redis, redis_url, tmp_path, binance):
         stop = binance.book_algo("myStop3", "BTCUSDT", "sell", "0.005", "40000", price="39900", api="fapi")
         result = await _reconcile(ledger, "BTC/USDT:USDT")
-        assert result.recorded == [_adoption(Exchange.BINANCE, stop.venue_id)]
+        assert result.recorded == _adoption(stop.venue_id, exchange=Exchange.BINANCE)[1]
         assert result.findings == []
         adopted = await ledger.orders.get_order(wire.adopted_order_id(USER, "binance", stop.venue_id))
         assert adopted is not None
@@ -198,7 +188,8 @@ async def test_the_order_of_a_trade_is_known_by_its_client_id_after_its_live_has
         await redis.delete(f"orders:{order_id}")  # its final hash expired
 
         result = await _reconcile(ledger, SWAP)
-        assert result.recorded == [_fill(order_id, "t-2")]
+        fill = commands.fill_command_id(order_id, "t-2")
+        assert result.recorded == [{"command_id": fill, "type": "record_fill", "order_id": order_id, "fill_id": "t-2"}]
         assert result.findings == []
         late = [f for f in await ledger.fills(order_id) if f.fill_id == "t-2"]
         assert [(f.quantity, f.late) for f in late] == [("0.01", True)]
