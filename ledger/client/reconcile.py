@@ -212,6 +212,7 @@ class Reconciler:
             for canonical in self._markets([name]):
                 spellings.setdefault(canonical, name)
         pending: list[tuple[wire.Command, str]] = []
+        trades: dict[str, list[VenueFill]] = {}  # the venue's recent trades of each market (one list a run)
         try:
             for order in orders:  # an algo (trigger) order's trades are those of the order it placed
                 market = self.markets.find(order.symbol) if order.exchange_order_id else None
@@ -226,8 +227,11 @@ class Reconciler:
                 market = self.markets.find(order.symbol)
                 if state is not None and market is not None:
                     pending += [(c, market.symbol) for c in await self._follow(venue, state, market, known)]
+            lists_trades = bool(venue.ccxt.has.get("fetchMyTrades"))
             for market in markets.values():
-                adoptions, findings = await self._strangers(venue, store, user_id, market, known, spellings)
+                listed = await venue.recent_fills(market) if lists_trades else None
+                trades[market.symbol] = listed or []
+                adoptions, findings = await self._strangers(venue, store, user_id, market, listed, known, spellings)
                 pending += [(c, market.symbol) for c in adoptions]
                 result.findings += findings
         except Ambiguous as exc:
@@ -244,7 +248,7 @@ class Reconciler:
             if finding is not None:
                 result.findings.append(finding)
             await self._drift(store, user_id, market.symbol, DriftKind.POSITION_SIZE, finding, figures, result, bound)
-        reported = {symbol: await self._reported_fees(venue, market, known) for symbol, market in markets.items()}
+        reported = {symbol: _reported_fees(trades[symbol], known) for symbol in markets}
         recorded = await self._recorded_fees(store, {fill for fills in reported.values() for fill in fills}, bound)
         for symbol in markets:
             fees, figures = _fee_mismatch(symbol, reported[symbol], recorded)
@@ -299,6 +303,7 @@ class Reconciler:
         store: EventStore,
         user_id: str,
         market: Market,
+        trades: list[VenueFill] | None,
         known: dict[str, str],
         spellings: dict[str, str],
     ) -> tuple[list[wire.Command], list[Finding]]:
@@ -318,9 +323,9 @@ class Reconciler:
         placed); its client id is checked for every order (``_claim``), however old."""
         strangers: dict[str, _Stranger] = {}
         late: list[wire.Command] = []  # trades of orders the ledger holds as final, never recorded
-        if venue.ccxt.has.get("fetchMyTrades"):
+        if trades is not None:  # None: the venue lists no trades of the account (Upbit)
             since = now_ms() - self._trade_window_ms()
-            for trade in await venue.recent_fills(market):
+            for trade in trades:
                 order_id = trade.exchange_order_id
                 if order_id is None or trade.ts is None or trade.ts < since:
                     continue
@@ -432,21 +437,6 @@ class Reconciler:
         }
         return Finding(POSITION_MISMATCH, market.symbol, market.symbol, evidence), figures
 
-    async def _reported_fees(
-        self, venue: VenueClient, market: Market, known: dict[str, str]
-    ) -> dict[tuple[str, str], VenueFill]:
-        """The venue's recent trades of ``market`` (where ccxt lists them) of orders the ledger
-        holds that carry the venue's own fee (not one computed for it), by (order id, fill id)."""
-        if not venue.ccxt.has.get("fetchMyTrades"):
-            return {}
-        return {
-            (order_id, trade.fill_id): trade
-            for trade in await venue.recent_fills(market)
-            if (order_id := known.get(trade.exchange_order_id or "")) is not None
-            and trade.fee is not None
-            and trade.fee_source is None
-        }
-
     async def _recorded_fees(self, store: EventStore, fills: set[tuple[str, str]], bound: Any) -> _Fills:
         """The fee the ledger recorded for each fill of ``fills`` it holds: from PostgreSQL's
         ``fills`` (the projector's record; the only one left of a fill trimmed from Redis), then,
@@ -555,6 +545,18 @@ async def _logged_fees(store: EventStore, fills: set[tuple[str, str]]) -> _Fills
             if len(found) == len(fills):
                 break
     return found
+
+
+def _reported_fees(trades: list[VenueFill], known: dict[str, str]) -> dict[tuple[str, str], VenueFill]:
+    """The venue's trades of orders the ledger holds that carry the venue's own fee (not one
+    computed for it), by (order id, fill id)."""
+    return {
+        (order_id, trade.fill_id): trade
+        for trade in trades
+        if (order_id := known.get(trade.exchange_order_id or "")) is not None
+        and trade.fee is not None
+        and trade.fee_source is None
+    }
 
 
 def _fee_mismatch(

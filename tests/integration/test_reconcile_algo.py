@@ -149,7 +149,9 @@ async def test_an_okx_take_profit_limit_is_reported_not_adopted(
     async for ledger in _ledger(redis, redis_url, tmp_path, okx):
         events = await redis.xlen(ShardKeys(0).events)
         order = okx.book_algo("myTp2", SWAP, "sell", "2", "52000", price="52100", take_profit=True)
+        okx.requests.clear()
         result = await _reconcile(ledger, SWAP)
+        assert okx.requests.count("GET /api/v5/trade/fills-history") == 1  # the trades, listed once a run
         types = "limit, market, stop_limit, stop_market, take_profit_market"
         evidence = {
             "client_order_id": "myTp2",
