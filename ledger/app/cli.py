@@ -43,7 +43,7 @@ from ledger.errors import InvalidInput, LedgerError
 from ledger.store import keys
 from ledger.store.chain import parse_expect
 from ledger.store.keys import ShardKeys, shard_of
-from ledger.store.redis_conn import CONNECT_TIMEOUT_S, connect, recorded_shards, text
+from ledger.store.redis_conn import CONNECT_TIMEOUT_S, connect, final_order_ttl, recorded_shards, text
 from projections.projector import open_gaps
 
 if TYPE_CHECKING:
@@ -437,13 +437,14 @@ async def _verify(args: argparse.Namespace) -> int:
         return await _verify_chain(args)
     if args.expect:
         raise UsageError("--expect: checkpoints are checked by `verify --chain`: add --chain")
-    return await _verification(
-        args,
-        lambda redis, conn, shards, count, settings: verify(
-            redis, conn, shards, count, repair=args.repair, final_order_ttl_s=settings.final_order_ttl_s
-        ),
-        lambda report: report.summary(),
-    )
+
+    async def check(
+        redis: Any, conn: psycopg.AsyncConnection[Any], shards: list[int], count: int, settings: Settings
+    ) -> Report:
+        ttl_s = await final_order_ttl(redis, settings.final_order_ttl_s)  # the live projection's, if recorded
+        return await verify(redis, conn, shards, count, repair=args.repair, final_order_ttl_s=ttl_s)
+
+    return await _verification(args, check, lambda report: report.summary())
 
 
 async def _verify_venue(args: argparse.Namespace) -> int:
@@ -568,7 +569,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
                     conn=conn,
                     reason=args.reason,
                     progress=sys.stderr,
-                    final_order_ttl_s=settings.final_order_ttl_s,
+                    final_order_ttl_s=await final_order_ttl(redis, settings.final_order_ttl_s),
                 )
         else:
             async with await _archive(settings) as conn:

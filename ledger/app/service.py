@@ -22,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from ledger.app import servers
 from ledger.config import SERVER_SETTINGS, Settings, known_url
-from ledger.store.redis_conn import connect, ensure_shard_count
+from ledger.store.redis_conn import connect, ensure_shard_count, record_final_order_ttl
 from ledger.venues.accounts import live_configs
 from projections.projector import redact
 
@@ -147,6 +147,8 @@ async def prepare(settings: Settings, roles: Sequence[str]) -> tuple[Any, Settin
     try:
         await warn_about_redis(redis)
         await ensure_shard_count(redis, settings.shards)
+        if "projection" in roles:
+            await record_final_order_ttl(redis, settings.final_order_ttl_s)
         if settings.database_url is None and DATABASE_ROLES.intersection(roles):
             settings = settings.with_overrides(database_url=await asyncio.to_thread(database_url, settings, start=True))
     except BaseException:

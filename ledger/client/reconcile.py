@@ -84,7 +84,7 @@ from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys
 from ledger.store.log import open_archive
 from ledger.store.operations import record_operation
-from ledger.store.redis_conn import text
+from ledger.store.redis_conn import final_order_ttl, text
 from ledger.venues import commands
 from ledger.venues.accounts import VenueConfig, no_account
 from ledger.venues.live import Ambiguous, VenueClient, VenueClients, VenueFill, VenueOrder, is_algo, venue_client_id
@@ -324,7 +324,7 @@ class Reconciler:
         strangers: dict[str, _Stranger] = {}
         late: list[wire.Command] = []  # trades of orders the ledger holds as final, never recorded
         if trades is not None:  # None: the venue lists no trades of the account (Upbit)
-            since = now_ms() - self._trade_window_ms()
+            since = now_ms() - await self._trade_window_ms()
             for trade in trades:
                 order_id = trade.exchange_order_id
                 if order_id is None or trade.ts is None or trade.ts < since:
@@ -363,11 +363,13 @@ class Reconciler:
             unknown.append(Finding(UNKNOWN_ORDER, market.symbol, venue_id, stranger.evidence()))
         return late + adoptions, unknown
 
-    def _trade_window_ms(self) -> int:
+    async def _trade_window_ms(self) -> int:
         """How far back trades are looked at for strangers: while every order they may belong to
-        still has its live hash (a final order's lasts ``final_order_ttl_s``), less a minute for
-        the venue's clock; at most a week (the longest a venue's trade list reaches)."""
-        ttl_s = FINAL_ORDER_TTL_S if self.settings is None else self.settings.final_order_ttl_s
+        still has its live hash (a final order's lasts ``final_order_ttl_s``: the shorter of the
+        one the live projection records and this process's), less a minute for the venue's
+        clock; at most a week (the longest a venue's trade list reaches)."""
+        configured = FINAL_ORDER_TTL_S if self.settings is None else self.settings.final_order_ttl_s
+        ttl_s = min(configured, await final_order_ttl(self.redis, configured))
         return max(min(ttl_s, _WEEK_S) - _CLOCK_MARGIN_S, 0) * 1000
 
     async def _claim(self, store: EventStore, user_id: str, order: VenueOrder, known: dict[str, str]) -> str | None:

@@ -67,3 +67,26 @@ async def recorded_shards(redis: Any) -> int | None:
             f"ledger:meta records shards={text(value)!r}, which is not a shard count: if this Redis holds no "
             "ledger data yet, delete it (HDEL ledger:meta shards) and start `ledger serve` again"
         ) from None
+
+
+async def record_final_order_ttl(redis: Any, ttl_s: int) -> None:
+    """Record how long the live projection keeps a final order's hash readable (``ledger:meta``
+    ``final_order_ttl_s``, written by every ``serve`` that runs the projection): the tools that
+    must know which final orders it may have forgotten read it (``final_order_ttl``), whatever
+    their own environment says, as every process reads the shard count there."""
+    await redis.hset(META, "final_order_ttl_s", whole_number("final_order_ttl_s", ttl_s))
+
+
+async def final_order_ttl(redis: Any, configured: int) -> int:
+    """The final order hash lifetime the live projection records in ``ledger:meta``, else
+    ``configured`` (no ``serve`` with the projection has run on this Redis yet)."""
+    value = await redis.hget(META, "final_order_ttl_s")
+    if value is None:
+        return configured
+    try:
+        return whole_number("final_order_ttl_s", text(value))
+    except ConfigError:
+        raise OperationFailed(
+            f"ledger:meta records final_order_ttl_s={text(value)!r}, which is no lifetime: "
+            "start `ledger serve` (it records LEDGER_FINAL_ORDER_TTL_S there again)"
+        ) from None

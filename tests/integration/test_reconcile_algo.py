@@ -16,14 +16,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ledger.client.reconcile import Finding, Reconciliation
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.domain.values import now_ms
+from ledger.errors import OperationFailed
 from ledger.store.keys import ShardKeys
+from ledger.store.redis_conn import final_order_ttl, record_final_order_ttl
 from ledger.venues import commands
 from tests.integration.test_adopt import _adoption
-from tests.integration.test_reconcile import OKX_POSITION, USER, Ledger, _ledger
+from tests.integration.test_reconcile import OKX_POSITION, USER, Ledger, _credentials, _ledger
+from tests.live_helpers import running_ledger
 from tests.venue_server import LoopbackExchange
 
 SWAP = "BTC-USDT-SWAP"
@@ -211,3 +216,50 @@ async def test_a_trade_older_than_the_live_order_hashes_is_not_looked_at_for_str
         assert [r["type"] for r in result.recorded] == ["record_drift"]  # what remains: the size differs
         assert [f.kind for f in result.findings] == ["position_mismatch"]
         assert await ledger.orders.get_order(wire.adopted_order_id(USER, "okx", old.venue_id)) is None
+
+
+async def test_the_window_is_the_final_order_lifetime_the_live_projection_records(
+    redis: Any, redis_url: str, tmp_path: Path, okx: LoopbackExchange
+) -> None:
+    """``serve`` keeps final orders an hour (LEDGER_FINAL_ORDER_TTL_S=3600) and records it; a
+    reconciliation from a shell without that setting (7 days) still looks back an hour only: a
+    two-hour-old trade of an order without a client id the ledger made is not adopted."""
+    credentials = _credentials(tmp_path, okx)
+    async with running_ledger(
+        redis_url,
+        tmp_path,
+        roles=("handler", "projection"),
+        execution="okx=live",
+        credentials=credentials,
+        final_order_ttl_s=3600,
+    ):
+        assert await final_order_ttl(redis, 7 * 24 * 3600) == 3600
+        ledger = Ledger(redis, okx, credentials)
+        old = okx.book("", SWAP, "buy", "1", "45000")
+        okx.fill("", "1", "45000", "t-2h", fee="0.0045", ts_ms=now_ms() - 2 * 3600 * 1000)
+        okx.finish("", "filled")
+        okx.positions = [{**OKX_POSITION, "pos": "1"}]
+        result = await _reconcile(ledger, SWAP)
+        assert [r["type"] for r in result.recorded] == ["record_drift"]
+        assert await ledger.orders.get_order(wire.adopted_order_id(USER, "okx", old.venue_id)) is None
+
+        recent = okx.book("web-1", SWAP, "buy", "1", "45000")  # an hour is not over: adopted
+        okx.fill("web-1", "1", "45000", "t-now", fee="0.0045")
+        result = await _reconcile(ledger, SWAP)
+        assert result.recorded[0] == _adoption(recent.venue_id)[1][0]
+
+
+async def test_the_recorded_final_order_lifetime_wins_and_a_bogus_one_says_what_to_do(redis: Any) -> None:
+    assert await final_order_ttl(redis, 604800) == 604800  # nothing recorded yet
+    await record_final_order_ttl(redis, 60)
+    assert (await redis.hgetall("ledger:meta"), await final_order_ttl(redis, 604800)) == (
+        {"final_order_ttl_s": "60"},
+        60,
+    )
+    await redis.hset("ledger:meta", "final_order_ttl_s", "soon")
+    with pytest.raises(OperationFailed) as caught:
+        await final_order_ttl(redis, 604800)
+    assert str(caught.value) == (
+        "ledger:meta records final_order_ttl_s='soon', which is no lifetime: start `ledger serve` "
+        "(it records LEDGER_FINAL_ORDER_TTL_S there again)"
+    )

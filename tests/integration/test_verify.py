@@ -8,6 +8,7 @@ it runs, on a plain Redis and on a Redis Cluster. Each tampering is reported exa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -81,6 +82,26 @@ async def test_healthy_session_verifies(redis: Any, redis_url: str, database_url
         assert run.status == 0, run.stdout + run.stderr
         report = json.loads(run.stdout)
         assert report["ok"] is True and report["differences"] == []
+
+
+async def test_verify_takes_the_final_order_lifetime_the_live_projection_records(
+    redis: Any, redis_url: str, database_url: str, tmp_path: Path
+) -> None:
+    """``serve`` with LEDGER_FINAL_ORDER_TTL_S=1 records it: a final order's hash gone a second
+    after it ended is expected, even for a ``verify`` run without that setting (7 days)."""
+    async with running_ledger(redis_url, tmp_path, roles=ROLES, database_url=database_url, final_order_ttl_s=1):
+        s = await session(redis, 1)
+        await asyncio.sleep(1.1)
+        await redis.delete(f"orders:{s.orders['grid3']}")  # cancelled: past the recorded lifetime
+        await redis.srem(f"orders:user:{GRID_USER}:okx", s.orders["grid3"])
+        run = await cli_verify(tmp_path, redis_url, database_url, "--json")
+        assert (run.status, differences(run)) == (0, []), run.stderr
+        await redis.hset("ledger:meta", "final_order_ttl_s", 7 * 24 * 3600)  # as a week-long serve records
+        run = await cli_verify(tmp_path, redis_url, database_url, "--json")
+        assert run.status == 1
+        found = {(d.key, d.field, d.found) for d in differences(run)}
+        assert (f"orders:{s.orders['grid3']}", "", ABSENT) in found  # and every other final order's
+        assert (f"orders:user:{GRID_USER}:okx", s.orders["grid3"], ABSENT) in found
 
 
 ORDER_HASH = "a hash of 25 fields"  # CONTRACT §6 order fields and the ones this ledger adds
