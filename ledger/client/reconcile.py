@@ -331,7 +331,7 @@ class Reconciler:
                     continue
                 if order_id not in strangers and not await self._known(store, user_id, order_id, known):
                     report = await venue.fetch(order_id, market)
-                    if (reason := await self._claim(store, user_id, report, known)) is not _OURS:
+                    if (reason := await self._claim(store, user_id, report, known)) != _OURS:
                         strangers[order_id] = _Stranger(report, reason)
                 if order_id in strangers:
                     strangers[order_id].trades.append(trade)
@@ -344,7 +344,7 @@ class Reconciler:
                 venue_id = order.exchange_order_id
                 if venue_id in strangers or await self._known(store, user_id, venue_id, known):
                     continue
-                if (reason := await self._claim(store, user_id, order, known)) is _OURS:
+                if (reason := await self._claim(store, user_id, order, known)) == _OURS:
                     continue
                 placed = await venue.triggered(venue_id, market) if algo else None
                 if placed is not None and await self._known(store, user_id, placed, known):
