@@ -445,7 +445,9 @@ async def test_a_venue_order_id_another_writer_takes_meanwhile_is_checked_again(
         projecting = asyncio.create_task(consumer.burst())
 
         async def blocked() -> bool:
-            cur = await pg.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            cur = await pg.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
             row = await cur.fetchone()
             return row is not None and row[0] == 1
 
