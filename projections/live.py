@@ -4,7 +4,9 @@ One consumer group (``ledger-projection``) per shard, exclusive through a lease,
 shard's events are applied strictly in log order by one applier while other processes stand by.
 Events carry resulting values and every write is absolute, so re-applying any suffix of the log
 in order leaves the same state. The shard's checkpoint (``ledger:{s}:projection``) records the
-last applied entry id; readers wait on it to read their own writes.
+last applied entry id; the step that moves it also adds an entry with that id to the progress
+stream (``ledger:{s}:projection:progress``), on which readers block (XREAD) to read their own
+writes, woken by the step itself rather than polling.
 
 **The log, not the delivery, decides what is applied.** A delivered batch only says how far to
 go: the projection applies every log entry after the checkpoint up to the batch's last entry, in
@@ -96,6 +98,9 @@ KNOWN_LEVELS = 50_000
 # ``expiring`` is read at least this often (items another applier scheduled), else only when the
 # first item this applier knows of is due.
 SWEEP_EVERY_MS = 1000
+# The progress stream (``ShardKeys.progress``: the checkpoint told, one entry per step) keeps
+# about this many entries (approximate trimming): a waiter needs only the newest.
+PROGRESS_KEEP = 100
 # The fence fields of final orders and closed positions (their tombstones) are kept at least this
 # long however short ``final_order_ttl_s`` is: on Redis Cluster a stale writer's older event is
 # refused only while the tombstone is there, and a writer that lost its lease is never an hour late.
@@ -148,10 +153,13 @@ end
 #     hash (``orders:{id}``, or the GRID level hash the order holds), written only over version
 #     n-1 of the same order (0: no order there);
 #   {'later', key, score, member}: ZADD NX;
-# where key and fence are indexes into KEYS. With ARGV[2..4] (holder or '', the checkpoint the
-# writes were planned from or '' for none, the new checkpoint), KEYS[1] is the checkpoint and
-# KEYS[2] the lease: -1 when the lease names another holder, -2 when the checkpoint is no longer
-# the one planned from (nothing written either way); else the writes and the checkpoint move.
+# where key and fence are indexes into KEYS. With ARGV[2..5] (holder or '', the checkpoint the
+# writes were planned from or '' for none, the new checkpoint, ``PROGRESS_KEEP``), KEYS[1] is the
+# checkpoint, KEYS[2] the lease and KEYS[3] the progress stream: -1 when the lease names another
+# holder, -2 when the checkpoint is no longer the one planned from (nothing written either way);
+# else the writes and the checkpoint move, and the progress stream gets an entry whose id is the
+# new checkpoint (``pcall``: an id not above the stream's last one, after a tool moved the
+# checkpoint back, means a waiter for it is woken already, and must not fail the step).
 _APPLY = (
     _AFTER
     + WRITE_LIVE_KEY
@@ -203,6 +211,7 @@ for _, w in ipairs(cmsgpack.unpack(ARGV[1])) do
 end
 if step then
   redis.call('SET', KEYS[1], ARGV[4])
+  redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], ARGV[4], 'applied', ARGV[4])
 end
 return 1
 """
@@ -379,8 +388,9 @@ class _Writes:
         self.scheduled = True
 
 
-# How many keys come before a plain Redis step's writes (``_APPLY``: the checkpoint, the lease).
-_STEP_KEYS = 2
+# How many keys come before a plain Redis step's writes (``_APPLY``: the checkpoint, the lease,
+# the progress stream).
+_STEP_KEYS = 3
 
 
 class LiveProjection:
@@ -472,8 +482,8 @@ class LiveProjection:
         if writes is None:
             self._checkpoint_known = self.atomic
             return False
-        step_keys = [self.keys.checkpoint, self.lease]
-        move = [self.holder or "", planned_from or "", writes.last_id]
+        step_keys = [self.keys.checkpoint, self.lease, self.keys.progress]
+        move = [self.holder or "", planned_from or "", writes.last_id, str(PROGRESS_KEEP)]
         if self.atomic:
             call = writes.calls.get(0) or _Call(_STEP_KEYS)
             (status,) = await self._apply([(call, step_keys, move)])

@@ -212,6 +212,8 @@ async def dump_key(redis: Any, key: str) -> tuple[str, Any, bool]:
         content = [_text(v) for v in await redis.lrange(key, 0, -1)]
     elif kind == "zset":
         content = [(_text(m), s) for m, s in await redis.zrange(key, 0, -1, withscores=True)]
+    elif kind == "stream":
+        content = [(_text(i), {_text(k): _text(v) for k, v in f.items()}) for i, f in await redis.xrange(key)]
     else:
         raise AssertionError(f"unexpected type {kind} of {key}")
     ttl = await redis.ttl(key)

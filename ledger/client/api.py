@@ -2,8 +2,9 @@
 
 Both work through the command stream and the live projection, like any strategy in any
 language: a method that changes state publishes a command, waits for its reply (BLPOP), then
-waits until the live projection has applied the resulting events (the shard's checkpoint), so
-the caller reads its own writes. ``open_position`` and ``close_position`` also wait for the order
+waits until the live projection has applied the resulting events (blocked on the shard's
+progress stream, which the projection's step that moves the checkpoint writes to), so the caller
+reads its own writes. ``open_position`` and ``close_position`` also wait for the order
 to be filled by whoever executes it (the paper venue, a live venue, or the strategy reporting
 fills in ``external`` mode).
 
@@ -52,11 +53,8 @@ from ledger.store.redis_conn import entry_order, recorded_shards, text
 from ledger.venues.accounts import VenueConfig, live_configs
 from ledger.venues.live import VenueClients
 
-# Read-your-writes polls the projection's checkpoint (one GET), first after this long, each pause
-# half as long again as the one before, up to the last: a step of the projection takes a few
-# milliseconds, and a longer first pause would be most of a call's latency.
-PROJECTED_POLL_FIRST_S = 0.0005
-PROJECTED_POLL_MAX_S = 0.02
+# The largest sequence number of a stream entry id (an unsigned 64-bit integer).
+_LAST_SEQ = 2**64 - 1
 
 __all__ = ["CommandRejected", "LedgerClient", "LedgerError", "LedgerTimeout", "OrderManager", "PositionManager"]
 
@@ -83,6 +81,12 @@ def _decimal(value: Decimal | str | int, field: str) -> str:
 
 def _optional_decimal(value: Decimal | str | int | None, field: str) -> str | None:
     return None if value is None else _decimal(value, field)
+
+
+def _preceding(entry_id: str) -> str:
+    """The stream id just before ``entry_id`` (an XREAD after it returns ``entry_id`` and later)."""
+    ms, seq = entry_order(entry_id)
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{_LAST_SEQ}" if ms else "0-0"
 
 
 def _command_id(command_id: str | None) -> str:
@@ -177,11 +181,21 @@ class LedgerClient:
         )
 
     async def wait_projected(self, shard: int, entry_id: str) -> None:
-        """Wait until the live projection of ``shard`` has applied the event ``entry_id``."""
+        """Wait until the live projection of ``shard`` has applied the event ``entry_id``.
+
+        One blocking XREAD on the shard's progress stream after the id just before ``entry_id``:
+        it answers at once when a step at or past ``entry_id`` is there already, else as soon as
+        the projection's step that applies it adds its entry. Between blocks (at most
+        ``BLOCK_MS`` each) the checkpoint itself is read: a projection of an earlier version moves
+        it without telling."""
         target = entry_order(entry_id)
+        shard_keys = keys.ShardKeys(shard)
+        after = _preceding(entry_id)
         deadline = time.monotonic() + self.timeout
-        pause = PROJECTED_POLL_FIRST_S
         while True:
+            block_ms = max(1, min(BLOCK_MS, int((deadline - time.monotonic()) * 1000)))
+            if await self.redis.xread({shard_keys.progress: after}, count=1, block=block_ms):
+                return
             applied = await queries.projected_up_to(self.redis, shard)
             if applied is not None and entry_order(applied) >= target:
                 return
@@ -190,8 +204,6 @@ class LedgerClient:
                     f"the live projection of shard {shard} did not reach {entry_id} in {self.timeout} s: "
                     "is the projection role running?"
                 )
-            await asyncio.sleep(pause)
-            pause = min(pause * 1.5, PROJECTED_POLL_MAX_S)
 
     async def wait_order_final(self, shard: int, order_id: str, after: str) -> Settled:
         """Wait for the event that makes an order final (filled, cancelled, rejected, expired)

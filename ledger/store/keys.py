@@ -30,6 +30,11 @@ Internal keys of the operators' tools:
     one entry each: ``ts`` (epoch ms), ``actor`` (user@host), ``action``, ``target``,
     ``reason`` and ``detail`` (JSON: what was acted on and what came of it). Written by
     ``ledger.store.operations.record_operation`` after the action; never trimmed by the ledger.
+``ledger:reconcile:<exchange>:<user>`` (hash, ``reconcile_findings``)
+    The findings of the user's last reconciliation on the exchange (``ledger.client.reconcile``):
+    field ``<kind>|<market>|<subject>`` -> the SHA-1 of its evidence and the ``ledger:ops`` entry
+    that recorded it. A finding is appended to ``ledger:ops`` when it is new or its evidence
+    changed, not at every periodic round; one no longer found leaves the hash.
 
 Internal keys of the command handler and of compaction (``projections.compact``):
 
@@ -56,6 +61,12 @@ Internal keys of the live projection (``projections.live``):
 
 ``ledger:{s}:projection`` (string, ``ShardKeys.checkpoint``)
     The last event-log entry the live projection applied on the shard; it only moves forward.
+``ledger:{s}:projection:progress`` (stream, ``ShardKeys.progress``)
+    The checkpoint told: each step that moves it adds an entry whose id is the new checkpoint
+    (field ``applied``, the same id), in the same atomic step, capped at about
+    ``projections.live.PROGRESS_KEEP`` entries. A reader waiting for entry ``E`` to be applied
+    blocks with ``XREAD`` after the id just before ``E`` (``ledger.client.api``) instead of
+    polling the checkpoint.
 ``ledger:{s}:projection:expiring`` (sorted set, ``ShardKeys.expiring``)
     What the projection forgets later, scored by when (epoch milliseconds): a final order's id
     leaves ``orders:user:…`` once its hash ``orders:{id}`` has expired, and the fence fields of
@@ -77,6 +88,7 @@ from __future__ import annotations
 
 import zlib
 
+from ledger.domain.enums import Exchange
 from ledger.domain.values import check_identifier
 
 META = "ledger:meta"
@@ -110,6 +122,7 @@ class ShardKeys:
         "eventless",
         "waiting",
         "checkpoint",
+        "progress",
         "expiring",
         "chain",
     )
@@ -133,6 +146,8 @@ class ShardKeys:
         self.waiting = waiting(self.outcomes)
         # The live projection's position in the event log.
         self.checkpoint = f"{tag}:projection"
+        # The same, told: one entry per step whose id is the new checkpoint (readers block on it).
+        self.progress = f"{tag}:projection:progress"
         # What the live projection forgets later (expired final orders, old fence fields).
         self.expiring = f"{tag}:projection:expiring"
         # The head of the events' hash chain (``ledger.store.chain``): hash of ``id``, ``n``, ``hash``.
@@ -182,6 +197,10 @@ def outcome_ids(field: str) -> tuple[str, str]:
 
 def marks(exchange: str) -> str:
     return f"{MARKS_PREFIX}{exchange}"
+
+
+def reconcile_findings(exchange: str, user_id: str) -> str:
+    return f"ledger:reconcile:{Exchange(exchange)}:{check_identifier('user_id', user_id)}"
 
 
 # --------------------------------------------------------------------------- legacy live state

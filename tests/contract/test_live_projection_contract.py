@@ -121,9 +121,15 @@ class LiveProjectionContract:
             f"orders:open:okx:{SYMBOL}",
             f"{GRID_HASHES}:order_placed_index",  # level 2 cleared: active_grid:2 and orders emptied
             KEYS.checkpoint,
+            KEYS.progress,
             KEYS.expiring,
             *(f"ledger:live:fence:{{{key}}}" for key in fenced),
         }
+        # Each step told its checkpoint on the progress stream; the last one is the log's end.
+        kind, progress, expires = live[KEYS.progress]
+        assert (kind, expires) == ("stream", False)
+        assert progress[-1] == (log[-1], {"applied": log[-1]})
+        assert all(fields == {"applied": entry_id} and entry_id in log for entry_id, fields in progress)
 
         position = await hash_of(client, POSITION_KEY)
         assert set(position) == POSITION_FIELDS | POSITION_EXTRA

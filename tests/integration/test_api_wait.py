@@ -1,0 +1,69 @@
+"""Read-your-writes is told, not polled (issue 10): ``LedgerClient.wait_projected`` blocks on the
+shard's progress stream (``ShardKeys.progress``), and the projection's step that moves the
+checkpoint adds the entry that wakes it. The order of events is asserted (blocked, told, done),
+never a duration."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from ledger import LedgerTimeout
+from ledger.client.api import LedgerClient
+from ledger.store.keys import ShardKeys
+from tests.live_helpers import wait_for
+
+KEYS = ShardKeys(0)
+
+
+async def _blocked_on_progress(redis: Any) -> bool:
+    """A client of this server is blocked in an XREAD (the waiter), per the server itself."""
+    return any(c["cmd"] == "xread" and "b" in c["flags"] for c in await redis.client_list())
+
+
+@pytest.mark.parametrize(
+    ("target", "earlier"),
+    [
+        ("1700000000000-5", "1700000000000-4"),  # the id before it: same millisecond
+        ("1700000000001-0", "1700000000000-99"),  # the id before it: the previous millisecond
+    ],
+)
+async def test_a_waiter_blocks_until_the_step_at_its_entry_tells_it(redis: Any, target: str, earlier: str) -> None:
+    waiter = asyncio.create_task(LedgerClient(redis, timeout=30).wait_projected(0, target))
+    await wait_for(lambda: _blocked_on_progress(redis), "the waiter to block on the progress stream")
+
+    await redis.xadd(KEYS.progress, {"applied": earlier}, id=earlier)
+    assert await _blocked_on_progress(redis)  # a step before its entry leaves it waiting
+    assert not waiter.done()
+
+    await redis.xadd(KEYS.progress, {"applied": target}, id=target)
+    await asyncio.wait_for(waiter, 10)
+    # Told by the stream alone: the checkpoint was never written, so no poll of it answered.
+    assert await redis.exists(KEYS.checkpoint) == 0
+
+
+async def test_a_step_already_past_the_entry_answers_at_once(redis: Any) -> None:
+    await redis.xadd(KEYS.progress, {"applied": "1700000000009-0"}, id="1700000000009-0")
+    await asyncio.wait_for(LedgerClient(redis, timeout=30).wait_projected(0, "1700000000000-5"), 10)
+
+
+async def test_a_checkpoint_moved_without_telling_is_still_seen(redis: Any) -> None:
+    """A projection of an earlier version moves only the checkpoint: read between blocks."""
+    await redis.set(KEYS.checkpoint, "1700000000000-5")
+    await asyncio.wait_for(LedgerClient(redis, timeout=0.3).wait_projected(0, "1700000000000-5"), 10)
+
+
+async def test_no_step_and_no_checkpoint_times_out_naming_the_projection(redis: Any) -> None:
+    await redis.xadd(KEYS.progress, {"applied": "1700000000000-4"}, id="1700000000000-4")
+    expected = r"shard 0 did not reach 1700000000000-5 in 0\.2 s: is the projection role running\?"
+    with pytest.raises(LedgerTimeout, match=expected):
+        await LedgerClient(redis, timeout=0.2).wait_projected(0, "1700000000000-5")
+
+
+async def test_a_waiter_on_redis_cluster_is_told_by_the_stream(redis_cluster: Any) -> None:
+    waiter = asyncio.create_task(LedgerClient(redis_cluster, timeout=30).wait_projected(0, "1700000000000-5"))
+    await redis_cluster.xadd(KEYS.progress, {"applied": "1700000000000-5"}, id="1700000000000-5")
+    await asyncio.wait_for(waiter, 10)
+    assert await redis_cluster.exists(KEYS.checkpoint) == 0
