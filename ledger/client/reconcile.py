@@ -53,13 +53,16 @@ through the normal command path or REPORTED as a finding; nothing is ever overwr
 * a command the ledger refuses is a ``command_rejected`` finding with its code and message.
 
 The markets looked at are the canonical markets of the user's orders and open positions in the
-live keys, plus any the caller names. Every finding is appended to the operations stream
-``ledger:ops`` (action ``reconcile.finding``) and logged with its ids; it stays a finding
-until the venue and the ledger agree.
+live keys, plus any the caller names. Every finding is logged with its ids and appended to the
+operations stream ``ledger:ops`` (action ``reconcile.finding``) when it is new or its evidence
+changed since the user's last reconciliation (``_report``: a periodic reconciliation does not
+append the same finding every round); it stays a finding until the venue and the ledger agree.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -81,7 +84,7 @@ from ledger.domain.wire import DriftKind
 from ledger.errors import InvalidInput, OperationFailed
 from ledger.sqlfiles import load_queries
 from ledger.store.eventstore import EventStore
-from ledger.store.keys import ShardKeys
+from ledger.store.keys import ShardKeys, reconcile_findings
 from ledger.store.log import open_archive
 from ledger.store.operations import record_operation
 from ledger.store.redis_conn import final_order_ttl, text
@@ -255,13 +258,40 @@ class Reconciler:
             if fees is not None:  # a fill's fee never changes: no fee drift is ever found agreeing again
                 result.findings.append(fees)
                 await self._drift(store, user_id, symbol, DriftKind.FEE, fees, figures, result, bound)
-        for finding in result.findings:
-            target = f"{self.exchange}/{account.name}/{user_id}/{finding.market}"
-            detail = {"user_id": user_id, "exchange": self.exchange.value, **finding.as_dict()}
-            operation = await record_operation(self.redis, FINDING_ACTION, target, finding.kind, detail)
-            bound.warning("reconciliation finding", kind=finding.kind, subject=finding.subject, op_id=operation.id)
+        await self._report(result, user_id, account.name, bound)
         bound.info("reconciled", recorded=len(result.recorded), findings=len(result.findings))
         return result
+
+    async def _report(self, result: Reconciliation, user_id: str, account: str, bound: Any) -> None:
+        """Append each finding to ``ledger:ops`` when it is new or its evidence changed since the
+        user's last reconciliation (``keys.reconcile_findings``: a periodic round that finds the
+        same difference again does not append it again); log it either way; forget the findings
+        no longer found (one found again later is appended again)."""
+        key = reconcile_findings(self.exchange, user_id)
+        last = {text(field): text(value) for field, value in (await self.redis.hgetall(key)).items()}
+        found: dict[str, str] = {}
+        for finding in result.findings:
+            field = f"{finding.kind}|{finding.market}|{finding.subject}"
+            evidence = json.dumps(finding.evidence, sort_keys=True, separators=(",", ":"), default=str)
+            digest = hashlib.sha1(evidence.encode()).hexdigest()
+            seen_digest, _, seen_op = last.get(field, "").partition(" ")
+            if seen_digest == digest:
+                found[field] = last[field]
+                bound.info(
+                    "reconciliation finding unchanged", kind=finding.kind, subject=finding.subject, op_id=seen_op
+                )
+                continue
+            target = f"{self.exchange}/{account}/{user_id}/{finding.market}"
+            detail = {"user_id": user_id, "exchange": self.exchange.value, **finding.as_dict()}
+            operation = await record_operation(self.redis, FINDING_ACTION, target, finding.kind, detail)
+            found[field] = f"{digest} {operation.id}"
+            bound.warning("reconciliation finding", kind=finding.kind, subject=finding.subject, op_id=operation.id)
+        if found != last:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(key)
+            if found:
+                pipe.hset(key, mapping=found)
+            await pipe.execute()
 
     def _markets(self, names: Iterable[str]) -> dict[str, Market]:
         """The canonical markets of ``names`` (names no bundled market resolves are left out)."""

@@ -24,6 +24,7 @@ from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType
 from ledger.domain.values import now_ms
 from ledger.errors import OperationFailed
 from ledger.store.keys import ShardKeys
+from ledger.store.operations import operations
 from ledger.store.redis_conn import final_order_ttl, record_final_order_ttl
 from ledger.venues import commands
 from tests.integration.test_adopt import _adoption
@@ -263,3 +264,30 @@ async def test_the_recorded_final_order_lifetime_wins_and_a_bogus_one_says_what_
         "ledger:meta records final_order_ttl_s='soon', which is no lifetime: start `ledger serve` "
         "(it records LEDGER_FINAL_ORDER_TTL_S there again)"
     )
+
+
+async def test_a_finding_goes_to_the_operations_stream_when_new_or_changed_not_every_round(
+    redis: Any, redis_url: str, tmp_path: Path, okx: LoopbackExchange
+) -> None:
+    async for ledger in _ledger(redis, redis_url, tmp_path, okx):
+        order = okx.book_algo("myTp3", SWAP, "sell", "2", "52000", price="52100", take_profit=True)
+        for _ in range(3):  # three rounds, one difference
+            (finding,) = (await _reconcile(ledger, SWAP)).findings
+        ops = await operations(redis, 10)
+        assert [(op.action, op.detail["subject"]) for op in ops] == [("reconcile.finding", order.venue_id)]
+        key = f"ledger:reconcile:okx:{USER}"
+        (field,) = await redis.hkeys(key)
+        assert field == f"unknown_order|BTC/USDT:USDT|{order.venue_id}"
+
+        with okx.lock:
+            order.client_id = "myTp3b"  # the venue reports it otherwise: its evidence changed
+        await _reconcile(ledger, SWAP)
+        assert len(await operations(redis, 10)) == 2
+
+        okx.finish("myTp3", "canceled")  # gone from the waiting list: nothing to report, forgotten
+        assert (await _reconcile(ledger, SWAP)).findings == []
+        assert await redis.exists(key) == 0
+        with okx.lock:
+            order.state = "open"  # back again: reported again
+        await _reconcile(ledger, SWAP)
+        assert len(await operations(redis, 10)) == 3
