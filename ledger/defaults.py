@@ -16,6 +16,7 @@ REPLY_TTL_S = 120  # CONTRACT §4: 60 s or more; four times the API's wait (API_
 PAPER_FEE_RATE = Decimal("0.0005")
 PAPER_POLL_MS = 100
 TRIM_INTERVAL_S = 60
+RETENTION_OPS_KEEP = 7 * 24 * 60  # retention passes kept in ledger:ops:retention (a week at TRIM_INTERVAL_S)
 RECONCILE_S = 0  # `serve`'s periodic reconciliation of the live venues, every N seconds; 0: off
 FINAL_ORDER_TTL_S = 7 * 24 * 3600  # how long a final order's live hash orders:{id} stays readable
 PROCESSES = "roles"  # `ledger serve`: a child process per group of roles (ledger.app.service.PROCESS_GROUPS)

@@ -29,8 +29,9 @@ from redis.exceptions import ResponseError
 
 from consumers.runner import RETRYABLE
 from ledger.config import Settings, known_url
+from ledger.defaults import RETENTION_OPS_KEEP
 from ledger.domain.values import now_ms
-from ledger.store.keys import ShardKeys
+from ledger.store.keys import RETENTION_OPS, ShardKeys
 from ledger.store.operations import record_operation
 from ledger.store.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
 from projections.compact import Compaction, compact_shard
@@ -191,13 +192,21 @@ class Retention:
 
     async def pass_once(self) -> RetentionPass:
         """One pass over every shard; a pass that removed or compacted something is recorded in
-        the operations stream."""
+        ``ledger:ops:retention`` (capped: routine, not an operator's action)."""
         async with await psycopg.AsyncConnection.connect(
             self.database_url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
         ) as conn:
             done = await retention_pass(self.redis, conn, list(range(self.shards)), retention_ms=self.retention_ms)
         if done.changed:
-            await record_operation(self.redis, "trim", "all shards", "retention", done.detail())
+            await record_operation(
+                self.redis,
+                "trim",
+                "all shards",
+                "retention",
+                done.detail(),
+                stream=RETENTION_OPS,
+                keep=RETENTION_OPS_KEEP,
+            )
             log.info(
                 "retention pass",
                 removed=sum(t.removed for t in done.trims),

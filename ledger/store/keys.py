@@ -30,6 +30,12 @@ Internal keys of the operators' tools:
     one entry each: ``ts`` (epoch ms), ``actor`` (user@host), ``action``, ``target``,
     ``reason`` and ``detail`` (JSON: what was acted on and what came of it). Written by
     ``ledger.store.operations.record_operation`` after the action; never trimmed by the ledger.
+``ledger:ops:retention`` (stream, ``RETENTION_OPS``)
+    The passes of ``serve``'s retention role that removed or compacted something, one entry each
+    with the fields of ``ledger:ops`` (action ``trim``, reason ``retention``): routine, so kept
+    apart from the operators' actions and capped at the last ``defaults.RETENTION_OPS_KEEP``
+    (a week of passes at the default interval), where an uncapped stream would grow by one entry
+    a minute for good.
 ``ledger:reconcile:<exchange>:<user>`` (hash, ``reconcile_findings``)
     The findings of the user's last reconciliation on the exchange (``ledger.client.reconcile``):
     field ``<kind>|<market>|<subject>`` -> the SHA-1 of its evidence and the ``ledger:ops`` entry
@@ -93,6 +99,7 @@ from ledger.domain.values import check_identifier
 
 META = "ledger:meta"
 OPERATIONS = "ledger:ops"
+RETENTION_OPS = "ledger:ops:retention"
 MARKS_PREFIX = "marks:"
 
 

@@ -59,9 +59,17 @@ def actor() -> str:
 
 
 async def record_operation(
-    redis: Any, action: str, target: str, reason: str, detail: dict[str, Any] | None = None
+    redis: Any,
+    action: str,
+    target: str,
+    reason: str,
+    detail: dict[str, Any] | None = None,
+    *,
+    stream: str = OPERATIONS,
+    keep: int | None = None,
 ) -> Operation:
-    """Append one operator action to ``ledger:ops``; return it as recorded."""
+    """Append one operator action to ``ledger:ops`` (or ``stream``, keeping only its last
+    ``keep`` entries); return it as recorded."""
     ts = now_ms()
     who = actor()
     body = detail or {}
@@ -73,7 +81,7 @@ async def record_operation(
         "reason": reason,
         "detail": json.dumps(body, sort_keys=True, default=str),
     }
-    entry_id = text(await redis.xadd(OPERATIONS, fields))
+    entry_id = text(await redis.xadd(stream, fields, maxlen=keep, approximate=False))
     return Operation(entry_id, ts, who, action, target, reason, body)
 
 

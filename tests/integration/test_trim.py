@@ -17,6 +17,7 @@ import psycopg
 from ledger.config import Settings
 from ledger.store.eventstore import EventStore
 from ledger.store.log import read_log
+from ledger.store.operations import record_operation
 from projections.trim import StreamTrim, retention_role, trim_shard
 from tests.log_helpers import Rig, log_entries
 
@@ -148,15 +149,25 @@ async def test_retention_is_off_unless_configured_and_trims_every_pass(redis: An
 
     assert [(t.stream, t.removed) for t in done.trims] == [(EVENTS, len(ids)), (COMMANDS, rig.counter)]
     assert await log_entries(redis) == []
-    ((_id, operation),) = await redis.xrange("ledger:ops")
+    ((_id, operation),) = await redis.xrange("ledger:ops:retention")  # routine: apart, capped
     assert (operation["action"], operation["reason"]) == ("trim", "retention")
+    assert await redis.exists("ledger:ops") == 0
     assert (await retention.pass_once()).trims == [
         StreamTrim(0, EVENTS, ids[-1], "the PostgreSQL archive", 0),
         StreamTrim(0, COMMANDS, done.trims[1].bound, "group ledger-handler", 0),
     ]
-    assert await redis.xlen("ledger:ops") == 1  # a pass that removes or compacts nothing records nothing
+    assert await redis.xlen("ledger:ops:retention") == 1  # a pass that removes or compacts nothing records nothing
 
     stop = asyncio.Event()
     task = asyncio.create_task(retention.run(stop))
     stop.set()
     await asyncio.wait_for(task, timeout=2)
+
+
+async def test_a_capped_operations_stream_keeps_its_last_entries(redis: Any) -> None:
+    for n in range(3):
+        await record_operation(
+            redis, "trim", "all shards", "retention", {"n": n}, stream="ledger:ops:retention", keep=2
+        )
+    entries = await redis.xrange("ledger:ops:retention")
+    assert [json.loads(fields["detail"]) for _id, fields in entries] == [{"n": 1}, {"n": 2}]
