@@ -327,6 +327,9 @@ class StreamConsumer:
         self._group_ready = False
         # The stream's last entry id when the group had nothing new: a blocking XREAD waits after it.
         self._last_seen = "0-0"
+        # The last batch was short (fewer than ``batch_size`` new entries: all there were), so
+        # ``_last_seen`` is its last entry and the next read waits after it straight away.
+        self._caught_up = False
         # When the lease was last confirmed (monotonic s): renewed at most every third of its life.
         self._lease_confirmed: float | None = None
         self._scripts = {name: redis.register_script(source) for name, source in _SCRIPTS.items()}
@@ -410,7 +413,8 @@ class StreamConsumer:
         this consumer's own pending entries first (a batch that failed), else new ones. A
         consumer without a lease takes new entries with one XREADGROUP, blocking while there are
         none; a leased one reads them with ``_READ_NEW`` (which checks the lease) and waits for
-        them with a plain XREAD."""
+        them with a plain XREAD: after a short batch (it took every entry there was) it waits at
+        once, without first reading nothing with ``_READ_NEW``."""
         if self._own_pending:
             response = await self.redis.xreadgroup(
                 self.group, self.name, {self.stream: "0"}, count=self.settings.batch_size
@@ -426,13 +430,22 @@ class StreamConsumer:
             )
             entries = _entries(response)
             return entries, [-1] * len(entries)
-        entries, before = await self._read_new()
-        if entries or not block:
-            return entries, before
+        if not (block and self._caught_up):
+            entries, before = await self._read_new()
+            if entries or not block:
+                return self._noted(entries), before
         # Wait for an entry after the last one seen, without taking it (a plain read, which
         # costs the server no write): the step that takes it also marks it.
         await self.redis.xread({self.stream: self._last_seen}, count=1, block=self.settings.block_ms)
-        return await self._read_new()
+        entries, before = await self._read_new()
+        return self._noted(entries), before
+
+    def _noted(self, entries: list[Entry]) -> list[Entry]:
+        """New entries read: note whether they were all there was (``_caught_up``)."""
+        self._caught_up = 0 < len(entries) < self.settings.batch_size
+        if self._caught_up:
+            self._last_seen = entries[-1].id
+        return entries
 
     async def _read_new(self) -> tuple[list[Entry], list[int]]:
         found, last, lost = await self._scripts["read_new"](

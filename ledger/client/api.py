@@ -156,12 +156,15 @@ class LedgerClient:
         shard_keys = keys.ShardKeys(shard)
         reply_key = shard_keys.reply(command.user_id, command.command_id)
         # A reply left by an earlier try (one that timed out) is not this publication's answer.
-        # One round trip: both keys are on the shard's slot, and a pipeline keeps their order.
+        # One round trip publishes and starts waiting: the keys are on the shard's slot, and a
+        # pipeline keeps their order (the BLPOP is blocked before the handler can answer).
+        deadline = time.monotonic() + self.timeout
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(reply_key)
         pipe.xadd(shard_keys.commands, fields)
-        await pipe.execute()
-        reply = await self._reply(reply_key)
+        pipe.blpop([reply_key], timeout=BLOCK_MS / 1000)
+        *_, found = await pipe.execute()
+        reply = await self._reply(reply_key, found, deadline)
         if reply["status"] != "accepted":
             raise CommandRejected(reply)
         if reply["events"]:
@@ -169,12 +172,12 @@ class LedgerClient:
         reply["shard"] = shard
         return reply
 
-    async def _reply(self, reply_key: str) -> dict[str, Any]:
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
+    async def _reply(self, reply_key: str, found: Any, deadline: float) -> dict[str, Any]:
+        """The reply ``found`` by the first BLPOP, else waited for until ``deadline``."""
+        while found is None and time.monotonic() < deadline:
             found = await self.redis.blpop([reply_key], timeout=BLOCK_MS / 1000)
-            if found is not None:
-                return json.loads(text(found[1]))  # type: ignore[no-any-return]
+        if found is not None:
+            return json.loads(text(found[1]))  # type: ignore[no-any-return]
         raise LedgerTimeout(
             f"no reply on {reply_key} within {self.timeout} s: is `ledger serve` running? "
             "retry with the same command_id"

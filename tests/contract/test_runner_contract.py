@@ -378,6 +378,39 @@ class TestRunnerOnRedis(RunnerContract):
     def client(self, redis: Any) -> Any:
         return redis
 
+    async def test_a_leased_consumer_waits_right_after_a_short_batch_without_reading_nothing(self, client: Any) -> None:
+        """After a batch smaller than ``batch_size`` (every new entry there was), the next step
+        blocks on the stream at once: no ``_READ_NEW`` round trip that reads nothing (the
+        server's own count of XREADGROUP calls, script calls included, stands still)."""
+        handler = Recorder()
+        consumer = self.consumer(client, handler, "a", leased=True)
+        await consumer.ensure_group()
+        await self.publish(client, "1")
+        assert await consumer.step() == 1
+        reads = await _xreadgroup_calls(client)
+
+        waiting = asyncio.create_task(consumer.step())
+        await _blocked_in_xread(client)
+        assert await _xreadgroup_calls(client) == reads
+        await self.publish(client, "2")
+
+        assert await asyncio.wait_for(waiting, 10) == 1
+        assert handler.calls == [["1"], ["2"]]
+        assert await client.xpending(STREAM, GROUP) == {"pending": 0, "min": None, "max": None, "consumers": []}
+
+
+async def _xreadgroup_calls(client: Any) -> int:
+    return int((await client.info("commandstats")).get("cmdstat_xreadgroup", {}).get("calls", 0))
+
+
+async def _blocked_in_xread(client: Any) -> None:
+    """Until a client of the server is blocked in XREAD (per CLIENT LIST)."""
+    for _ in range(1000):
+        if any(c["cmd"] == "xread" and "b" in c["flags"] for c in await client.client_list()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no client blocked in XREAD")
+
 
 class TestRunnerOnCluster(RunnerContract):
     @pytest.fixture
