@@ -413,8 +413,10 @@ class StreamConsumer:
         this consumer's own pending entries first (a batch that failed), else new ones. A
         consumer without a lease takes new entries with one XREADGROUP, blocking while there are
         none; a leased one reads them with ``_READ_NEW`` (which checks the lease) and waits for
-        them with a plain XREAD: after a short batch (it took every entry there was) it waits at
-        once, without first reading nothing with ``_READ_NEW``."""
+        them with a plain XREAD, pipelined with the ``_READ_NEW`` that takes them (one round
+        trip: Redis runs a connection's commands in order, so the read runs once the wait
+        ends). After a short batch (it took every entry there was) it waits at once, without
+        first reading nothing with ``_READ_NEW``."""
         if self._own_pending:
             response = await self.redis.xreadgroup(
                 self.group, self.name, {self.stream: "0"}, count=self.settings.batch_size
@@ -435,9 +437,18 @@ class StreamConsumer:
             if entries or not block:
                 return self._noted(entries), before
         # Wait for an entry after the last one seen, without taking it (a plain read, which
-        # costs the server no write): the step that takes it also marks it.
-        await self.redis.xread({self.stream: self._last_seen}, count=1, block=self.settings.block_ms)
-        entries, before = await self._read_new()
+        # costs the server no write), then take the new ones: one pipeline.
+        script = self._scripts["read_new"]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xread({self.stream: self._last_seen}, count=1, block=self.settings.block_ms)
+        # ``execute_command``: redis-py's cluster pipeline refuses ``evalsha`` (the raw command
+        # is routed by its keys, both on the stream's slot).
+        pipe.execute_command("EVALSHA", script.sha, 2, self.stream, self.lease_key, *self._read_new_args())
+        try:
+            _waited, taken = await pipe.execute()
+        except redis_errors.NoScriptError:  # the server lost its script cache: the call loads it
+            taken = await script([self.stream, self.lease_key], self._read_new_args())
+        entries, before = await self._taken(taken)
         return self._noted(entries), before
 
     def _noted(self, entries: list[Entry]) -> list[Entry]:
@@ -448,9 +459,14 @@ class StreamConsumer:
         return entries
 
     async def _read_new(self) -> tuple[list[Entry], list[int]]:
-        found, last, lost = await self._scripts["read_new"](
-            [self.stream, self.lease_key], [self.group, self.name, self.settings.batch_size, self.name]
-        )
+        return await self._taken(await self._scripts["read_new"]([self.stream, self.lease_key], self._read_new_args()))
+
+    def _read_new_args(self) -> list[Any]:
+        return [self.group, self.name, self.settings.batch_size, self.name]
+
+    async def _taken(self, result: Any) -> tuple[list[Entry], list[int]]:
+        """The entries ``_READ_NEW`` took (``result``), with their counters before the mark."""
+        found, last, lost = result
         if lost:
             # Taken by a tool (``consumers.pause``) or lapsed since this consumer last renewed it:
             # take it again now if it is free (adopting what was left pending), else stand by.

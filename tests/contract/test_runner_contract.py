@@ -381,7 +381,9 @@ class TestRunnerOnRedis(RunnerContract):
     async def test_a_leased_consumer_waits_right_after_a_short_batch_without_reading_nothing(self, client: Any) -> None:
         """After a batch smaller than ``batch_size`` (every new entry there was), the next step
         blocks on the stream at once: no ``_READ_NEW`` round trip that reads nothing (the
-        server's own count of XREADGROUP calls, script calls included, stands still)."""
+        server's own count of XREADGROUP calls, script calls included, stands still), and the
+        ``_READ_NEW`` that takes what wakes it is already sent behind the wait (it sits in the
+        blocked client's query buffer: one round trip)."""
         handler = Recorder()
         consumer = self.consumer(client, handler, "a", leased=True)
         await consumer.ensure_group()
@@ -390,8 +392,9 @@ class TestRunnerOnRedis(RunnerContract):
         reads = await _xreadgroup_calls(client)
 
         waiting = asyncio.create_task(consumer.step())
-        await _blocked_in_xread(client)
+        blocked = await _blocked_in_xread(client)
         assert await _xreadgroup_calls(client) == reads
+        assert int(blocked["qbuf"]) > 0  # the pipelined EVALSHA of _READ_NEW, not yet run
         await self.publish(client, "2")
 
         assert await asyncio.wait_for(waiting, 10) == 1
@@ -403,11 +406,12 @@ async def _xreadgroup_calls(client: Any) -> int:
     return int((await client.info("commandstats")).get("cmdstat_xreadgroup", {}).get("calls", 0))
 
 
-async def _blocked_in_xread(client: Any) -> None:
-    """Until a client of the server is blocked in XREAD (per CLIENT LIST)."""
+async def _blocked_in_xread(client: Any) -> dict[str, Any]:
+    """The client of the server blocked in XREAD (per CLIENT LIST), once there is one."""
     for _ in range(1000):
-        if any(c["cmd"] == "xread" and "b" in c["flags"] for c in await client.client_list()):
-            return
+        for found in await client.client_list():
+            if found["cmd"] == "xread" and "b" in found["flags"]:
+                return found
         await asyncio.sleep(0.01)
     raise AssertionError("no client blocked in XREAD")
 
