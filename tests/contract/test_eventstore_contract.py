@@ -44,7 +44,6 @@ POSITION = "00000000-0000-4000-8000-0000000000a1"
 SLOT = slot_field(USER, "okx", SYMBOL, "long")
 
 
-
 def placed(order_id: str, command_id: str, *, quantity: str = "0.3", ts: int = T0) -> wire.OrderPlaced:
     return wire.OrderPlaced(
         event_id=f"e-{order_id[-2:]}-1",
