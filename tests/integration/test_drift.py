@@ -185,11 +185,12 @@ def _fee_evidence(order_id: str) -> dict[str, Any]:
     return {"fills": [fill]}
 
 
-async def test_a_fill_fee_that_differs_from_the_venues_is_a_fee_drift(desk: Desk, okx: LoopbackExchange) -> None:
-    order_id, client_id = await placed_order(desk.redis, okx)
-    okx.fill(client_id, "2", "45000", "t-1", fee="0.009")
-    okx.positions = [okx_position("2")]  # the sizes agree
-    # Someone else reported the fill first, with another fee.
+async def _fill_reported_with(desk: Desk, ledger_fee: str) -> str:
+    """The user's order filled for 2 of 4 contracts at the venue (fee 0.009 USDT), reported to
+    the ledger first by someone else, with ``ledger_fee``: the order's id."""
+    order_id, client_id = await placed_order(desk.redis, desk.venue)
+    desk.venue.fill(client_id, "2", "45000", "t-1", fee="0.009")
+    desk.venue.positions = [okx_position("2")]  # the sizes agree
     report = wire.RecordFill(
         command_id="external-t-1",
         user_id=USER,
@@ -197,10 +198,15 @@ async def test_a_fill_fee_that_differs_from_the_venues_is_a_fee_drift(desk: Desk
         fill_id="t-1",
         quantity="0.02",
         price="45000",
-        fee="0.005",
+        fee=ledger_fee,
         fee_currency="USDT",
     )
     await desk.client.submit(report)
+    return order_id
+
+
+async def test_a_fill_fee_that_differs_from_the_venues_is_a_fee_drift(desk: Desk) -> None:
+    order_id = await _fill_reported_with(desk, "0.005")
 
     first = await desk.reconcile()
     fee_slot = drift_slot(USER, "okx", MARKET, "fee")
@@ -253,23 +259,8 @@ async def archived(
 
 
 async def _fill_trimmed_from_redis(desk: Desk, pg: Any, ledger_fee: str) -> str:
-    """The user's order filled for 2 of 4 contracts at the venue (fee 0.009 USDT), the fill
-    reported to the ledger with ``ledger_fee``, archived by the projector and trimmed from the
-    Redis log: the order's id."""
-    order_id, client_id = await placed_order(desk.redis, desk.venue)
-    desk.venue.fill(client_id, "2", "45000", "t-1", fee="0.009")
-    desk.venue.positions = [okx_position("2")]  # the sizes agree
-    report = wire.RecordFill(
-        command_id="external-t-1",
-        user_id=USER,
-        order_id=order_id,
-        fill_id="t-1",
-        quantity="0.02",
-        price="45000",
-        fee=ledger_fee,
-        fee_currency="USDT",
-    )
-    await desk.client.submit(report)
+    """``_fill_reported_with``, then archived by the projector and trimmed from the Redis log."""
+    order_id = await _fill_reported_with(desk, ledger_fee)
     await quiesce(desk.redis, 1, ("ledger-projector",))
     trimmed = await trim_shard(desk.redis, pg, 0)
     assert trimmed[0].removed == 3  # OrderPlaced, OrderFilled, PositionOpened: archived, then trimmed
