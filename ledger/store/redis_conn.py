@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -56,17 +57,27 @@ async def ensure_shard_count(redis: Any, shards: int) -> int:
     return recorded
 
 
-async def recorded_shards(redis: Any) -> int | None:
-    value = await redis.hget(META, "shards")
+async def _recorded(redis: Any, name: str, refusal: Callable[[str], OperationFailed]) -> int | None:
+    """The whole number ``name`` recorded in ``ledger:meta`` (None: not recorded); a value that
+    breaks the setting's rule raises ``refusal(value)``, which says what to do."""
+    value = await redis.hget(META, name)
     if value is None:
         return None
     try:
-        return whole_number("shards", text(value))
+        return whole_number(name, text(value))
     except ConfigError:
-        raise ShardCountMismatch(
-            f"ledger:meta records shards={text(value)!r}, which is not a shard count: if this Redis holds no "
+        raise refusal(text(value)) from None
+
+
+async def recorded_shards(redis: Any) -> int | None:
+    return await _recorded(
+        redis,
+        "shards",
+        lambda value: ShardCountMismatch(
+            f"ledger:meta records shards={value!r}, which is not a shard count: if this Redis holds no "
             "ledger data yet, delete it (HDEL ledger:meta shards) and start `ledger serve` again"
-        ) from None
+        ),
+    )
 
 
 async def record_final_order_ttl(redis: Any, ttl_s: int) -> None:
@@ -80,13 +91,12 @@ async def record_final_order_ttl(redis: Any, ttl_s: int) -> None:
 async def final_order_ttl(redis: Any, configured: int) -> int:
     """The final order hash lifetime the live projection records in ``ledger:meta``, else
     ``configured`` (no ``serve`` with the projection has run on this Redis yet)."""
-    value = await redis.hget(META, "final_order_ttl_s")
-    if value is None:
-        return configured
-    try:
-        return whole_number("final_order_ttl_s", text(value))
-    except ConfigError:
-        raise OperationFailed(
-            f"ledger:meta records final_order_ttl_s={text(value)!r}, which is no lifetime: "
+    recorded = await _recorded(
+        redis,
+        "final_order_ttl_s",
+        lambda value: OperationFailed(
+            f"ledger:meta records final_order_ttl_s={value!r}, which is no lifetime: "
             "start `ledger serve` (it records LEDGER_FINAL_ORDER_TTL_S there again)"
-        ) from None
+        ),
+    )
+    return configured if recorded is None else recorded
