@@ -327,9 +327,6 @@ class StreamConsumer:
         self._group_ready = False
         # The stream's last entry id when the group had nothing new: a blocking XREAD waits after it.
         self._last_seen = "0-0"
-        # The last batch was short (fewer than ``batch_size`` new entries: all there were), so
-        # ``_last_seen`` is its last entry and the next read waits after it straight away.
-        self._caught_up = False
         # When the lease was last confirmed (monotonic s): renewed at most every third of its life.
         self._lease_confirmed: float | None = None
         self._scripts = {name: redis.register_script(source) for name, source in _SCRIPTS.items()}
@@ -415,8 +412,7 @@ class StreamConsumer:
         none; a leased one reads them with ``_READ_NEW`` (which checks the lease) and waits for
         them with a plain XREAD, pipelined with the ``_READ_NEW`` that takes them (one round
         trip: Redis runs a connection's commands in order, so the read runs once the wait
-        ends). After a short batch (it took every entry there was) it waits at once, without
-        first reading nothing with ``_READ_NEW``."""
+        ends)."""
         if self._own_pending:
             response = await self.redis.xreadgroup(
                 self.group, self.name, {self.stream: "0"}, count=self.settings.batch_size
@@ -432,10 +428,9 @@ class StreamConsumer:
             )
             entries = _entries(response)
             return entries, [-1] * len(entries)
-        if not (block and self._caught_up):
-            entries, before = await self._read_new()
-            if entries or not block:
-                return self._noted(entries), before
+        entries, before = await self._read_new()
+        if entries or not block:
+            return entries, before
         # Wait for an entry after the last one seen, without taking it (a plain read, which
         # costs the server no write), then take the new ones: one pipeline.
         script = self._scripts["read_new"]
@@ -448,15 +443,7 @@ class StreamConsumer:
             _waited, taken = await pipe.execute()
         except redis_errors.NoScriptError:  # the server lost its script cache: the call loads it
             taken = await script([self.stream, self.lease_key], self._read_new_args())
-        entries, before = await self._taken(taken)
-        return self._noted(entries), before
-
-    def _noted(self, entries: list[Entry]) -> list[Entry]:
-        """New entries read: note whether they were all there was (``_caught_up``)."""
-        self._caught_up = 0 < len(entries) < self.settings.batch_size
-        if self._caught_up:
-            self._last_seen = entries[-1].id
-        return entries
+        return await self._taken(taken)
 
     async def _read_new(self) -> tuple[list[Entry], list[int]]:
         return await self._taken(await self._scripts["read_new"]([self.stream, self.lease_key], self._read_new_args()))

@@ -378,26 +378,26 @@ class TestRunnerOnRedis(RunnerContract):
     def client(self, redis: Any) -> Any:
         return redis
 
-    async def test_a_leased_consumer_waits_right_after_a_short_batch_without_reading_nothing(self, client: Any) -> None:
-        """After a batch smaller than ``batch_size`` (every new entry there was), the next step
-        blocks on the stream at once: no ``_READ_NEW`` round trip that reads nothing (the
-        server's own count of XREADGROUP calls, script calls included, stands still), and the
-        ``_READ_NEW`` that takes what wakes it is already sent behind the wait (it sits in the
-        blocked client's query buffer: one round trip)."""
+    async def test_a_leased_consumer_sends_the_read_that_takes_what_wakes_it_behind_the_wait(self, client: Any) -> None:
+        """A leased consumer with nothing new blocks in XREAD with the ``_READ_NEW`` that takes
+        what wakes it already sent behind the wait: it sits, not yet run, in the blocked
+        client's query buffer, and runs once the wait ends (the server's count of XREADGROUP
+        calls, script calls included, grows by that one), so the wake-up and the take are one
+        round trip."""
         handler = Recorder()
         consumer = self.consumer(client, handler, "a", leased=True)
         await consumer.ensure_group()
         await self.publish(client, "1")
         assert await consumer.step() == 1
-        reads = await _xreadgroup_calls(client)
 
         waiting = asyncio.create_task(consumer.step())
         blocked = await _blocked_in_xread(client)
-        assert await _xreadgroup_calls(client) == reads
+        reads = await _xreadgroup_calls(client)
         assert int(blocked["qbuf"]) > 0  # the pipelined EVALSHA of _READ_NEW, not yet run
         await self.publish(client, "2")
 
         assert await asyncio.wait_for(waiting, 10) == 1
+        assert await _xreadgroup_calls(client) == reads + 1
         assert handler.calls == [["1"], ["2"]]
         assert await client.xpending(STREAM, GROUP) == {"pending": 0, "min": None, "max": None, "consumers": []}
 
