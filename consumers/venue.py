@@ -218,6 +218,11 @@ def _intent(order_id: str, record: LiveOrder) -> Intent:
 FeedKey = tuple[Exchange, str, str]  # (exchange, account name, user-data stream: ``STREAMS``)
 
 
+def _stream_key(record: LiveOrder, stream: str | None) -> FeedKey | None:
+    """The feed of an order whose updates ``stream`` carries (None: none does, it is polled)."""
+    return None if stream is None else (record.exchange, record.account, stream)
+
+
 class Feed:
     """The WebSocket feed of one (exchange, account, stream) in this process: one watcher task,
     whatever the number of shards; each shard's venue with working orders of the stream on the
@@ -444,21 +449,18 @@ class LiveVenue:
             self.following.discard(key)
             await self.feeds.leave(self, key)
 
-    def _followed(self, record: LiveOrder, order: Intent, client: VenueClient) -> bool:
-        """Whether pushes follow this open order now (else the driver polls it)."""
-        stream = client.stream(order)
-        key = (record.exchange, record.account, stream or "")
-        feed = self.feeds.get(key) if key in self.following else None
-        return stream is not None and feed is not None and feed.subscribed and key not in self.stale
+    def _followed(self, key: FeedKey | None) -> bool:
+        """Whether pushes follow the orders of the feed ``key`` now (else the driver polls them)."""
+        feed = self.feeds.get(key) if key is not None and key in self.following else None
+        return feed is not None and feed.subscribed and key not in self.stale
 
     def _feed_key(self, order_id: str, record: LiveOrder) -> FeedKey | None:
         """The feed carrying this order's updates (None: it is polled, ``VenueClient.stream``)."""
         client = self._client(record.exchange, record.account)
         try:
-            stream = None if client is None else client.stream(_intent(order_id, record))
+            return None if client is None else _stream_key(record, client.stream(_intent(order_id, record)))
         except Refused:  # the markets changed since the intent was recorded: ``_step`` says so
             return None
-        return None if stream is None else (record.exchange, record.account, stream)
 
     async def _drive_failed(self, exc: BaseException, retry_in_s: float) -> None:
         if isinstance(exc, RETRYABLE):
@@ -660,11 +662,7 @@ class LiveVenue:
         """An open order that pushes follow, with no cancel to send and not due: nothing to do."""
         if record.stage != "open" or (cancel and not record.cancel_sent) or order_id in self._due:
             return False
-        client = self._client(record.exchange, record.account)
-        try:
-            return client is not None and self._followed(record, _intent(order_id, record), client)
-        except Refused:
-            return False
+        return self._followed(self._feed_key(order_id, record))
 
     async def _step(self, order_id: str, record: LiveOrder, cancel: bool, poll: bool) -> int:
         fields = {
@@ -690,7 +688,7 @@ class LiveVenue:
             return await self._send(order_id, record, order, client, cancel, fields)
         if record.stage == "sending":
             return await self._find(order_id, record, order, client, cancel, fields)
-        fetch = poll or order_id in self._due or not self._followed(record, order, client)
+        fetch = poll or order_id in self._due or not self._followed(_stream_key(record, client.stream(order)))
         return await self._follow(order_id, record, order, client, cancel, fields, fetch=fetch)
 
     async def _send(

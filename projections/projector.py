@@ -529,17 +529,9 @@ class Projector:
                 continue
             state = states.get(aggregate_id)
             try:
-                event = wire.decode_event(type_name, data)
-                expected = 1 if state is None else state.version + 1
-                if event.version != expected:
-                    raise LookupError(f"version {expected} is missing from the archive")
-                folded = apply(state, event)
-                if not isinstance(folded, OrderState):
-                    raise TypeError(f"{type_name} is not an order event")
+                states[aggregate_id] = _next_order(state, wire.decode_event(type_name, data))
             except Exception as exc:  # noqa: BLE001 - a broken history must not block the archive
                 broken[aggregate_id] = f"{type_name}: {exc}" if str(exc) else repr(exc)
-                continue
-            states[aggregate_id] = folded
         broken.update((i, "no event in the archive") for i in archived if i not in states and i not in broken)
         if broken:
             await self._from_snapshots(conn, broken, final, states)
@@ -580,6 +572,18 @@ class Projector:
             )
 
 
+def _next_order(state: OrderState | None, event: wire.Event) -> OrderState:
+    """``state`` after ``event``, which must be the order's next version: ``LookupError`` naming
+    the version missing, ``TypeError`` for an event that leaves no order."""
+    expected = 1 if state is None else state.version + 1
+    if event.version != expected:
+        raise LookupError(f"version {expected} is missing from the archive")
+    folded = apply(state, event)
+    if not isinstance(folded, OrderState):
+        raise TypeError(f"{event.type} is not an order event")
+    return folded
+
+
 def _whole_in_batch(final: dict[str, _Decoded], batch: Iterable[_Decoded]) -> dict[str, OrderState]:
     """The orders of ``final`` whose every event is in ``batch`` (log order): versions 1, 2, ...
     up to the one that made it final, each applied without error; folded."""
@@ -589,17 +593,9 @@ def _whole_in_batch(final: dict[str, _Decoded], batch: Iterable[_Decoded]) -> di
         event = item.event
         if event is None or event.stream not in final or event.stream in partial:
             continue
-        state = states.get(event.stream)
         try:
-            if event.version != (1 if state is None else state.version + 1):
-                raise LookupError(f"version {event.version} follows no event of this batch")
-            folded = apply(state, event)
+            states[event.stream] = _next_order(states.get(event.stream), event)
         except Exception:  # noqa: BLE001 - the archive's fold decides, and records what is broken
-            partial.add(event.stream)
-            continue
-        if isinstance(folded, OrderState):
-            states[event.stream] = folded
-        else:
             partial.add(event.stream)
     whole: dict[str, OrderState] = {}
     for order_id, state in states.items():

@@ -231,10 +231,12 @@ class Reconciler:
                 if state is not None and market is not None:
                     pending += [(c, market.symbol) for c in await self._follow(venue, state, market, known)]
             lists_trades = bool(venue.ccxt.has.get("fetchMyTrades"))
+            since = now_ms() - await self._trade_window_ms()
             for market in markets.values():
                 listed = await venue.recent_fills(market) if lists_trades else None
                 trades[market.symbol] = listed or []
-                adoptions, findings = await self._strangers(venue, store, user_id, market, listed, known, spellings)
+                recent = None if listed is None else [t for t in listed if t.ts is not None and t.ts >= since]
+                adoptions, findings = await self._strangers(venue, store, user_id, market, recent, known, spellings)
                 pending += [(c, market.symbol) for c in adoptions]
                 result.findings += findings
         except Ambiguous as exc:
@@ -347,17 +349,17 @@ class Reconciler:
         The lists are read in that order so that an algo order triggering meanwhile is never
         adopted twice: an algo order listed as waiting whose trigger has since placed an order
         takes that order's place among the strangers (its trades are the algo order's). Only
-        trades younger than the live order hashes (``_trade_window_ms``) are looked at: an order
+        trades younger than the live order hashes (``_trade_window_ms``, applied by ``run``) are looked at: an order
         of the ledger is known by its hash, and an order whose hash has expired could no longer
         be told from a stranger when its client id does not name it (the order an algo order
-        placed); its client id is checked for every order (``_claim``), however old."""
+        placed); its client id is checked for every order (``_claim``), however old. ``trades``:
+        the market's trades within that window (None: the venue lists no trades of the account)."""
         strangers: dict[str, _Stranger] = {}
         late: list[wire.Command] = []  # trades of orders the ledger holds as final, never recorded
         if trades is not None:  # None: the venue lists no trades of the account (Upbit)
-            since = now_ms() - await self._trade_window_ms()
             for trade in trades:
                 order_id = trade.exchange_order_id
-                if order_id is None or trade.ts is None or trade.ts < since:
+                if order_id is None:
                     continue
                 if order_id not in strangers and not await self._known(store, user_id, order_id, known):
                     report = await venue.fetch(order_id, market)

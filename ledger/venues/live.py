@@ -773,10 +773,10 @@ class VenueClient:
             for order in await self.ccxt.fetch_open_orders(market.symbol, None, None, dict(params))
         ]
 
-    async def recent_fills(self, market: Market, since_ms: int | None = None) -> list[VenueFill]:
-        """The account's trades of a market since ``since_ms`` (for reconciliation; Upbit has no
-        such list: its orders' trades are read with ``fetch``)."""
-        return [_fill(market, t) for t in await self.ccxt.fetch_my_trades(market.symbol, since_ms)]
+    async def recent_fills(self, market: Market) -> list[VenueFill]:
+        """The account's recent trades of a market, as the venue lists them by default (for
+        reconciliation; Upbit has no such list: its orders' trades are read with ``fetch``)."""
+        return [_fill(market, t) for t in await self.ccxt.fetch_my_trades(market.symbol)]
 
     async def position(self, market: Market) -> Decimal | None:
         """The account's net position of a contract market in ledger units (long minus short);

@@ -240,14 +240,15 @@ async def test_the_window_is_the_final_order_lifetime_the_live_projection_record
         okx.fill("", "1", "45000", "t-2h", fee="0.0045", ts_ms=now_ms() - 2 * 3600 * 1000)
         okx.finish("", "filled")
         okx.positions = [{**OKX_POSITION, "pos": "1"}]
-        result = await _reconcile(ledger, SWAP)
-        assert [r["type"] for r in result.recorded] == ["record_drift"]
+        first = await _reconcile(ledger, SWAP)
+        assert [r["type"] for r in first.recorded] == ["record_drift"]
         assert await ledger.orders.get_order(wire.adopted_order_id(USER, "okx", old.venue_id)) is None
 
         recent = okx.book("web-1", SWAP, "buy", "1", "45000")  # an hour is not over: adopted
         okx.fill("web-1", "1", "45000", "t-now", fee="0.0045")
-        result = await _reconcile(ledger, SWAP)
-        assert result.recorded[0] == _adoption(recent.venue_id)[1][0]
+        drift = first.recorded[0]["drift_id"]  # the ledger's 0.01 BTC now agrees with the venue's
+        agreed = {"command_id": f"reconcile:agreed:{drift}", "type": "resolve_drift", "drift_id": drift}
+        assert (await _reconcile(ledger, SWAP)).recorded == [*_adoption(recent.venue_id, "t-now")[1], agreed]
 
 
 async def test_the_recorded_final_order_lifetime_wins_and_a_bogus_one_says_what_to_do(redis: Any) -> None:
