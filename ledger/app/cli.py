@@ -83,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     unknown = [r for r in roles if r not in ROLES]
     if unknown:
         raise UsageError(f"--role: unknown role {unknown[0]!r}: use one of {', '.join(ROLES)}")
-    return asyncio.run(serve_command(settings, roles))
+    return serve_command(settings, roles)
 
 
 async def _client(settings: Settings) -> Any:
