@@ -36,8 +36,13 @@ fee_rate`` in the quote (settlement) currency for spot and linear contracts; for
 (``ledger.domain.instruments``). Decimals are exact and written as strings; a fee with more than
 18 fraction digits is rounded half-even to 18 (what the ledger can store).
 
-Orders of exchanges configured ``external`` or ``live`` are ignored when they are placed. An
-order the venue accepted stays its own until it is final, whatever the configuration says later.
+Orders of exchanges configured ``external`` or ``live`` are ignored when they are placed, and so
+are those of an exchange whose mode recorded in ``ledger:meta`` is no longer ``paper`` (``ledger
+execution set``): the recorded modes are read with each batch holding an order to execute, in the
+pipeline that reads the orders' states, and the venue steps aside for such an exchange with one
+error line every 10 s (``consumers.guard``). An order the venue accepted (resting) stays its own
+until it is final, whatever the configuration or the record says later: it was never sent to a
+real venue, so it fills, is cancelled or expires on paper.
 
 Exactly once, on top of at-least-once delivery:
 
@@ -93,6 +98,7 @@ import structlog
 from consumers.backoff import poll
 from consumers.deadletter import decode_events
 from consumers.entries import Entry
+from consumers.guard import ExecutionGuard
 from consumers.pause import paused
 from consumers.runner import RETRYABLE, ConsumerSettings, LeaseLost, StreamConsumer
 from ledger import defaults
@@ -348,13 +354,14 @@ class PaperVenue:
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         consumer_settings: ConsumerSettings | None = None,
         name: str | None = None,
+        guard: ExecutionGuard | None = None,
     ) -> None:
         self.redis = redis
         self.shard = shard
         self.keys = ShardKeys(shard)
         self.paper_keys = PaperKeys(shard)
         modes = execution if execution is not None else dict.fromkeys(Exchange, "paper")
-        self.execution: dict[str, str] = {str(exchange): mode for exchange, mode in modes.items()}
+        self.guard = guard or ExecutionGuard("paper", modes, log)
         self.fee_rate = fee_rate
         self.poll_interval_s = poll_interval_s
         self.consumer = StreamConsumer(
@@ -366,7 +373,7 @@ class PaperVenue:
             name=name,
             settings=consumer_settings,
             lease_key=self.paper_keys.lease,
-            reads="paper" in self.execution.values(),
+            reads=bool(self.guard.exchanges),
         )
         self.log = log.bind(shard=shard)
         self._cache_version: str | None = None
@@ -374,8 +381,9 @@ class PaperVenue:
         self._cache: dict[str, RestingOrder] = {}
 
     def executes(self, exchange: Exchange | str) -> bool:
-        """Whether this venue executes new orders of ``exchange`` (it is configured ``paper``)."""
-        return self.execution.get(str(exchange), "paper") == "paper"
+        """Whether this venue executes new orders of ``exchange`` (it is configured ``paper``; the
+        record in ``ledger:meta`` is read with each batch, ``consumers.guard``)."""
+        return exchange in self.guard.exchanges
 
     # ----------------------------------------------------------------- running
 
@@ -425,13 +433,13 @@ class PaperVenue:
         if not events:
             return
         placed = [e for e in events if isinstance(e, wire.OrderPlaced) and self.executes(e.exchange)]
-        states = await self._states(e.stream for e in placed)
-        prices = await self._marks((e.exchange, e.symbol) for e in placed)
+        states, acting = await self._placed_reads(placed)
+        prices = await self._marks((e.exchange, e.symbol) for e in placed if e.exchange in acting)
         pipe = self.redis.pipeline(transaction=False)
         cancels: list[tuple[int, wire.Event]] = []
         for event in events:
             if isinstance(event, wire.OrderPlaced):
-                if self.executes(event.exchange):
+                if event.exchange in acting:
                     mark = prices.get((event.exchange, event.symbol))
                     self._placed(pipe, event, states.get(event.stream), mark)
             elif isinstance(event, wire.OrderCancelRequested):
@@ -705,8 +713,19 @@ class PaperVenue:
         ids = sorted(set(order_ids))
         if not ids:
             return {}
-        values = await self.redis.hmget(self.keys.orders, ids)
-        return {oid: _order_decoder.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
+        return _decode_states(ids, await self.redis.hmget(self.keys.orders, ids))
+
+    async def _placed_reads(self, placed: list[wire.OrderPlaced]) -> tuple[dict[str, OrderState], frozenset[Exchange]]:
+        """The states of the placed orders and the exchanges the venue acts on now (their recorded
+        mode still ``paper``: ``consumers.guard``), in one pipeline."""
+        if not placed:
+            return {}, frozenset()
+        ids = sorted({event.stream for event in placed})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(self.keys.orders, ids)
+        self.guard.read(pipe)
+        values, modes = await pipe.execute()
+        return _decode_states(ids, values), self.guard.acting(modes)
 
     async def _marks(self, markets: Iterable[tuple[Exchange, str]]) -> dict[tuple[Exchange, str], Decimal]:
         by_exchange: dict[Exchange, set[str]] = {}
@@ -727,6 +746,11 @@ class PaperVenue:
         return found
 
 
+def _decode_states(ids: list[str], values: list[Any]) -> dict[str, OrderState]:
+    """The order snapshots HMGET read for ``ids`` (an order without one is left out)."""
+    return {oid: _order_decoder.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
+
+
 def _remaining(event: wire.OrderPlaced, state: OrderState | None) -> Decimal:
     if state is not None and state.remaining_qty > 0:
         return state.remaining_qty
@@ -745,6 +769,7 @@ async def paper_role(redis: Any, settings: Settings) -> list[Any]:
     """
     consumer_settings = ConsumerSettings.from_settings(settings)
     poll = settings.paper_poll_ms / 1000
+    guard = ExecutionGuard("paper", settings.execution, log)
     return [
         PaperVenue(
             redis,
@@ -753,6 +778,7 @@ async def paper_role(redis: Any, settings: Settings) -> list[Any]:
             fee_rate=settings.paper_fee_rate,
             poll_interval_s=poll,
             consumer_settings=consumer_settings,
+            guard=guard,
         )
         for shard in range(settings.shards)
     ]

@@ -59,6 +59,21 @@ are always polled. A stream the venue refuses to open (``StreamRefused``: an API
 permission) is not opened again by the process: one error line says so, and its orders are polled.
 Pushes reach the ledger only through the same fenced scripts: a venue that lost its lease leaves the feed.
 
+When ``ledger:meta`` no longer records ``live`` for an exchange (``ledger execution set`` while
+this process runs with it ``live``), the venue steps aside (``consumers.guard``): the recorded
+modes are read with each batch holding an order to send or adopt (in the pipeline that reads the
+orders' states) and with each pass of the driver (in the pipeline of its reads, so at most once
+per ``poll_interval_s`` and shard); one error line per exchange every 10 s says so. Then:
+
+* an ``OrderPlaced`` or ``OrderAdopted`` read is skipped and acknowledged, as for an exchange
+  configured otherwise: nothing is recorded, nothing is sent;
+* an intent not sent yet (stage ``new``, also one going back to ``new`` to be sent again) is not
+  sent: it is rejected (``order_rejected``, "not sent: okx is recorded as paper now ..."), since no
+  venue has it and a venue of the recorded mode may execute the order;
+* an order sent already (stages ``sending`` and ``open``) is a real order: it stays followed (its
+  lookup, cancel, fills and final status recorded) until it is final, and cancel requests still
+  reach it.
+
 Exactly once: every command id is deterministic (``venue:<order_id>:accept`` / ``:reject`` /
 ``:cancel`` / ``:expire``, ``venue:<order hex>:fill:<16 hex of SHA-1 of the trade id>``, built by
 ``ledger.venues.commands``, which reconciliation shares), so a command published twice is answered
@@ -81,6 +96,7 @@ import structlog
 from consumers.backoff import poll
 from consumers.deadletter import decode_events
 from consumers.entries import Entry
+from consumers.guard import ExecutionGuard
 from consumers.paper import _FENCE, LOST
 from consumers.runner import RETRYABLE, ConsumerSettings, LeaseLost, StreamConsumer
 from ledger.client.models import read_mark
@@ -371,6 +387,7 @@ class LiveVenue:
         consumer_settings: ConsumerSettings | None = None,
         name: str | None = None,
         feeds: Feeds | None = None,
+        guard: ExecutionGuard | None = None,
     ) -> None:
         self.redis = redis
         self.shard = shard
@@ -378,7 +395,9 @@ class LiveVenue:
         self.venue_keys = VenueKeys(shard)
         self.configs = configs
         self.clients = clients
-        self.live = frozenset(str(e) for e, mode in execution.items() if mode == "live")
+        self.guard = guard or ExecutionGuard("live", execution, log)
+        self.live = frozenset(str(e) for e in self.guard.exchanges)
+        self.acting: frozenset[Exchange] = frozenset()  # what the driver may send, read by its last pass
         self.poll_interval_s = poll_interval_s
         self.resend_after_ms = int(resend_after_s * 1000)
         self.consumer = StreamConsumer(
@@ -483,7 +502,8 @@ class LiveVenue:
         )
         events = [event for _entry_id, event in decoded if str(event.exchange) in self.live]
         placed = [e for e in events if isinstance(e, wire.OrderPlaced)]
-        states = await self._states([e.stream for e in placed])
+        states, acting = await self._placed_reads([e.stream for e in placed])
+        events = [e for e in events if not isinstance(e, wire.OrderPlaced) or e.exchange in acting]
         for event in events:
             if isinstance(event, wire.OrderAdopted):
                 await self._adopted(event, states.get(event.stream))
@@ -588,8 +608,15 @@ class LiveVenue:
     async def tick(self, feed: FeedKey | None = None) -> int:
         """One pass of the driver over every order the venue works on; how many moved. With
         ``feed``: a polling round of the open orders that feed carries only, each fetched."""
-        raw = await self.redis.hgetall(self.venue_keys.orders)
-        cancels = {text(k) for k in await self.redis.hkeys(self.venue_keys.cancels)}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.venue_keys.orders)
+        pipe.hkeys(self.venue_keys.cancels)
+        if self.guard.exchanges:
+            self.guard.read(pipe)
+        raw, cancel_ids, *modes = await pipe.execute()
+        cancels = {text(k) for k in cancel_ids}
+        if modes:
+            self.acting = self.guard.acting(modes[0])
         working: list[tuple[str, LiveOrder]] = []
         expired: list[str] = []
         now = now_ms()
@@ -697,6 +724,13 @@ class LiveVenue:
         if cancel:
             await self._finish(order_id, record, commands.cancelled(order_id, record.user_id))
             self.log.info("cancelled before it was sent: nothing sent", **fields)
+            return 1
+        if record.exchange not in self.acting:
+            reason = (
+                f"not sent: {record.exchange} is no longer recorded as live (ledger execution set) and no venue "
+                "has this order: place it again"
+            )
+            await self._reject(order_id, record.user_id, reason, record)
             return 1
         record = msgspec.structs.replace(record, stage="sending", sent_at=now_ms(), updated_at=now_ms())
         await self._save(order_id, record, mode="set")
@@ -891,12 +925,18 @@ class LiveVenue:
 
     # ----------------------------------------------------------------- reads
 
-    async def _states(self, order_ids: Sequence[str]) -> dict[str, OrderState]:
+    async def _placed_reads(self, order_ids: Sequence[str]) -> tuple[dict[str, OrderState], frozenset[Exchange]]:
+        """The states of placed (or adopted) orders and the exchanges the venue acts on now (their
+        recorded mode still ``live``: ``consumers.guard``), in one pipeline."""
         ids = sorted(set(order_ids))
         if not ids:
-            return {}
-        values = await self.redis.hmget(self.keys.orders, ids)
-        return {oid: _order_decoder.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
+            return {}, frozenset()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(self.keys.orders, ids)
+        self.guard.read(pipe)
+        values, modes = await pipe.execute()
+        states = {oid: _order_decoder.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
+        return states, self.guard.acting(modes)
 
     async def working(self) -> dict[str, LiveOrder]:
         """Every order record of this shard, by order id (for tools and tests)."""
@@ -931,6 +971,7 @@ async def venue_role(redis: Any, settings: Settings) -> list[Any]:
     clients = VenueClients({exchange: config.options for exchange, config in configs.items()})
     consumer_settings = ConsumerSettings.from_settings(settings)
     feeds = Feeds()
+    guard = ExecutionGuard("live", settings.execution, log)
     venues = [
         LiveVenue(
             redis,
@@ -940,6 +981,7 @@ async def venue_role(redis: Any, settings: Settings) -> list[Any]:
             execution=settings.execution,
             consumer_settings=consumer_settings,
             feeds=feeds,
+            guard=guard,
         )
         for shard in range(settings.shards)
     ]

@@ -142,6 +142,14 @@ def parse_execution(text: str) -> dict[Exchange, str]:
     return modes
 
 
+def format_execution(modes: Mapping[Exchange, str]) -> str:
+    """``modes`` as ``LEDGER_EXECUTION`` spells it (``parse_execution`` reads it back to the same
+    modes): the one mode when every exchange has it, else each exchange not ``paper``."""
+    if len(set(modes.values())) == 1 and len(modes) == len(Exchange):
+        return next(iter(modes.values()))
+    return ",".join(f"{exchange}={mode}" for exchange, mode in modes.items() if mode != "paper")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting, checked when built (from the environment, flags or code): a value that

@@ -34,7 +34,7 @@ from ledger.app.export import FORMATS
 from ledger.app.logs import configure_logging
 from ledger.client import history
 from ledger.client.queries import marks, order_hashes, position_hashes
-from ledger.config import PROCESS_MODES, ServerNotConfigured, Settings, whole_number
+from ledger.config import PROCESS_MODES, ServerNotConfigured, Settings, parse_execution, whole_number
 from ledger.defaults import BLOCK_MS, REPLY_WAIT_S
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderStatus
@@ -641,6 +641,23 @@ async def _reconcile(args: argparse.Namespace) -> int:
         await redis.aclose()
 
 
+async def _execution(args: argparse.Namespace) -> int:
+    """``execution show`` / ``set SPEC``: the execution modes recorded in ledger:meta."""
+    from ledger.app.execution import set_execution, show_execution
+
+    redis = await _client(_settings(args))
+    try:
+        if args.action == "set":
+            print("\n".join(await set_execution(redis, args.spec, args.reason)))
+        elif args.json:
+            _print_json(await show_execution(redis, as_json=True))
+        else:
+            await show_execution(redis, as_json=False)
+    finally:
+        await redis.aclose()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ledger.app.demo import run_demo
 
@@ -742,6 +759,7 @@ SHARD = _option(_shard_number, "shard")
 ENTRY_ID = _option(_entry_id, "entry_id")
 MOMENT = _option(_moment, "moment")
 EXPECT = _option(parse_expect, "checkpoint")
+EXECUTION = _option(parse_execution, "execution")
 
 
 def _base_url(value: str) -> str:
@@ -1031,6 +1049,27 @@ COMMANDS = (
             JSON_OBJECT,
         ),
         _rebuild,
+    ),
+    Command(
+        "execution",
+        "the execution mode of each exchange recorded for every serve: show, set (switch)",
+        run=_execution,
+        actions=(
+            Command("show", "the recorded mode of each exchange", (REDIS_URL, JSON_OBJECT)),
+            Command(
+                "set",
+                "record new modes (stop every serve first, start them all with LEDGER_EXECUTION=SPEC after)",
+                (
+                    REDIS_URL,
+                    flag(
+                        "spec",
+                        type=EXECUTION,
+                        help="as LEDGER_EXECUTION: paper, external, live, or per exchange okx=live,binance=paper",
+                    ),
+                    flag("--reason", default="execution switch", help=REASON),
+                ),
+            ),
+        ),
     ),
     Command("demo", "start the ledger and run a scripted HYPERRSI-like and GRID-like session", run=cmd_demo),
 )

@@ -22,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from ledger.app import servers
 from ledger.config import SERVER_SETTINGS, Settings, known_url
-from ledger.store.redis_conn import connect, ensure_shard_count, record_final_order_ttl
+from ledger.store.redis_conn import connect, ensure_execution, ensure_shard_count, record_final_order_ttl
 from ledger.venues.accounts import live_configs
 from projections.projector import redact
 
@@ -62,6 +62,11 @@ PROCESS_GROUPS: tuple[tuple[str, ...], ...] = (
 # The roles that need the PostgreSQL history: ``serve`` starts the private one for them when no
 # LEDGER_DATABASE_URL is set (the others find it, if any, when they need it).
 DATABASE_ROLES = frozenset({"projector", "retention"})
+# The roles whose work follows LEDGER_EXECUTION (the venues execute orders, the periodic
+# reconciliation records what the live venues did): a ``serve`` running any of them records the
+# execution mode of every exchange in ledger:meta and refuses to start with other modes than the
+# recorded ones (``ledger.store.redis_conn.ensure_execution``; ``ledger execution set`` switches).
+EXECUTION_ROLES = frozenset({"paper", "venue", "reconcile"})
 
 
 _PRIVATE = {
@@ -135,7 +140,8 @@ def role_factory(role: str) -> RoleFactory:
 
 async def prepare(settings: Settings, roles: Sequence[str]) -> tuple[Any, Settings]:
     """Once per ``serve``, before any role runs: the private servers started where none is
-    configured, Redis's settings checked, the shard count recorded. Returns a Redis client and
+    configured, Redis's settings checked, the shard count and (for the ``EXECUTION_ROLES``) the
+    execution modes recorded. Returns a Redis client and
     the settings with every server's URL resolved (what role processes are given)."""
     # Live exchanges need their accounts and markets (the venue role, and the periodic
     # reconciliation when it is on): refuse before starting anything.
@@ -147,6 +153,8 @@ async def prepare(settings: Settings, roles: Sequence[str]) -> tuple[Any, Settin
     try:
         await warn_about_redis(redis)
         await ensure_shard_count(redis, settings.shards)
+        if EXECUTION_ROLES.intersection(roles):
+            await ensure_execution(redis, settings.execution)
         if "projection" in roles:
             await record_final_order_ttl(redis, settings.final_order_ttl_s)
         if settings.database_url is None and DATABASE_ROLES.intersection(roles):

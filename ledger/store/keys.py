@@ -103,6 +103,14 @@ RETENTION_OPS = "ledger:ops:retention"
 MARKS_PREFIX = "marks:"
 
 
+def execution_field(exchange: Exchange | str) -> str:
+    """The ``ledger:meta`` field recording how ``exchange`` executes (``paper``, ``external`` or
+    ``live``): ``execution:<exchange>``, the name from the ``Exchange`` enum (anything else is
+    refused with ``ValueError``). Written by ``serve`` and ``ledger execution set``; read by the
+    venues with each batch (``consumers.guard``)."""
+    return f"execution:{Exchange(exchange).value}"
+
+
 def shard_of(user_id: str, shards: int) -> int:
     """The shard of a user: zlib CRC-32 of the UTF-8 user id modulo the shard count."""
     return zlib.crc32(user_id.encode()) % shards

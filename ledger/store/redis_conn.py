@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from ledger.config import ConfigError, whole_number
+from ledger.config import EXECUTION_MODES, ConfigError, format_execution, whole_number
 from ledger.defaults import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
+from ledger.domain.enums import Exchange
 from ledger.domain.values import text as text  # the one bytes-to-text rule, pure; re-exported for the Redis edge
 from ledger.errors import OperationFailed
-from ledger.store.keys import META
+from ledger.store.keys import META, execution_field
 
 
 async def connect(url: str, *, decode_responses: bool = True) -> Any:
@@ -100,3 +101,73 @@ async def final_order_ttl(redis: Any, configured: int) -> int:
         ),
     )
     return configured if recorded is None else recorded
+
+
+# --------------------------------------------------------------------------- execution modes
+# How each exchange executes is recorded in ledger:meta (``execution_field``), so that two
+# ``serve`` processes never execute one exchange in two modes: ``serve`` records its modes and
+# refuses others (``ensure_execution``), ``ledger execution set`` rewrites them (``record_execution``)
+# and the venues read them with each batch, stepping aside for an exchange no longer theirs
+# (``consumers.guard``).
+
+
+class ExecutionMismatch(OperationFailed):
+    """``serve`` was started with an execution mode other than the one recorded for an exchange."""
+
+
+# KEYS: 1 ledger:meta. ARGV: field / mode pairs. Writes every field; returns the values before
+# (false where none), in one step so what changed is exactly what this call changed.
+_RECORD_EXECUTION = """
+local before = {}
+for i = 1, #ARGV, 2 do
+  before[#before + 1] = redis.call('HGET', KEYS[1], ARGV[i])
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return before
+"""
+
+
+async def recorded_execution(redis: Any) -> dict[Exchange, str]:
+    """The execution mode recorded for each exchange, as recorded (a value that is no mode is
+    returned as it is); an exchange with none recorded is left out."""
+    values = await redis.hmget(META, [execution_field(exchange) for exchange in Exchange])
+    return {exchange: text(value) for exchange, value in zip(Exchange, values, strict=True) if value is not None}
+
+
+async def ensure_execution(redis: Any, execution: Mapping[Exchange, str]) -> None:
+    """Record the execution mode of every exchange (HSETNX: a recorded one stays) or refuse
+    modes other than the recorded ones with ``ExecutionMismatch``, one line saying what is
+    recorded, what ``execution`` has and how to switch."""
+    pipe = redis.pipeline(transaction=False)
+    for exchange in Exchange:
+        pipe.hsetnx(META, execution_field(exchange), execution[exchange])
+    await pipe.execute()
+    recorded = await recorded_execution(redis)
+    differ = [exchange for exchange in Exchange if recorded.get(exchange) != execution[exchange]]
+    if not differ:
+        return
+    mine = format_execution(execution)
+    found = "; ".join(
+        f"{exchange} is recorded as {recorded.get(exchange)} but this serve has {exchange}={execution[exchange]}"
+        for exchange in differ
+    )
+    keep = ""
+    if all(recorded.get(exchange) in EXECUTION_MODES for exchange in Exchange):
+        keep = f"; to keep the recorded modes, start this serve with LEDGER_EXECUTION={format_execution(recorded)}"
+    raise ExecutionMismatch(
+        f"{found}: to switch, stop every serve, run `ledger execution set {mine}` and start them all with "
+        f"LEDGER_EXECUTION={mine}{keep}"
+    )
+
+
+async def record_execution(redis: Any, execution: Mapping[Exchange, str]) -> dict[Exchange, tuple[str | None, str]]:
+    """Rewrite the recorded execution mode of every exchange (``ledger execution set``); return
+    the exchanges whose mode changed: exchange -> (the mode before or None, the mode now)."""
+    args = [item for exchange in Exchange for item in (execution_field(exchange), execution[exchange])]
+    before = await redis.eval(_RECORD_EXECUTION, 1, META, *args)
+    changed: dict[Exchange, tuple[str | None, str]] = {}
+    for exchange, value in zip(Exchange, before, strict=True):
+        old = text(value) if value else None
+        if old != execution[exchange]:
+            changed[exchange] = (old, execution[exchange])
+    return changed

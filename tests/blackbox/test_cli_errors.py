@@ -122,9 +122,14 @@ def closed_port() -> int:
             "ledger: argument command: invalid choice: 'nope' (choose from 'serve', 'submit', 'status', "
             "'positions', 'orders', 'mark', 'history', 'replay', 'export', 'dead', 'markets', 'reconcile', 'verify', "
             "'checkpoint', "
-            "'trim', 'rebuild', 'demo') "
+            "'trim', 'rebuild', 'execution', 'demo') "
             "(see `ledger --help`)",
         ),  # fmt: skip
+        (
+            ["execution", "set", "okx=bogus"],
+            "ledger execution set: argument spec: LEDGER_EXECUTION: 'bogus' is not one of paper, external, live "
+            "(see `ledger execution set --help`)",
+        ),
     ],
 )
 def test_a_bad_command_line_is_one_line_and_status_2(tmp_path: Path, args: list[str], line: str) -> None:
