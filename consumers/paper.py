@@ -39,7 +39,7 @@ fee_rate`` in the quote (settlement) currency for spot and linear contracts; for
 Orders of exchanges configured ``external`` or ``live`` are ignored when they are placed, and so
 are those of an exchange whose mode recorded in ``ledger:meta`` is no longer ``paper`` (``ledger
 execution set``): the recorded modes are read with each batch holding an order to execute, in the
-pipeline that reads the orders' states, and the venue steps aside for such an exchange with one
+pipeline that reads the marks, and the venue steps aside for such an exchange with one
 error line every 10 s (``consumers.guard``). An order the venue accepted (resting) stays its own
 until it is final, whatever the configuration or the record says later: it was never sent to a
 real venue, so it fills, is cancelled or expires on paper.
@@ -433,8 +433,8 @@ class PaperVenue:
         if not events:
             return
         placed = [e for e in events if isinstance(e, wire.OrderPlaced) and self.executes(e.exchange)]
-        states, acting = await self._placed_reads(placed)
-        prices = await self._marks((e.exchange, e.symbol) for e in placed if e.exchange in acting)
+        states = await self._states(e.stream for e in placed)
+        prices, acting = await self._marks_and_modes(placed)
         pipe = self.redis.pipeline(transaction=False)
         cancels: list[tuple[int, wire.Event]] = []
         for event in events:
@@ -605,7 +605,7 @@ class PaperVenue:
         resting = await self.resting()
         if not resting:
             return 0
-        prices = await self._marks((o.exchange, o.symbol) for o in resting.values())
+        _, prices = await self._marks((o.exchange, o.symbol) for o in resting.values())
         moves: dict[str, tuple[RestingOrder, RestingOrder, Decimal | None]] = {}
         for order_id, order in resting.items():
             mark = prices.get((order.exchange, order.symbol))
@@ -713,42 +713,44 @@ class PaperVenue:
         ids = sorted(set(order_ids))
         if not ids:
             return {}
-        return _decode_states(ids, await self.redis.hmget(self.keys.orders, ids))
+        values = await self.redis.hmget(self.keys.orders, ids)
+        return {oid: _order_decoder.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
 
-    async def _placed_reads(self, placed: list[wire.OrderPlaced]) -> tuple[dict[str, OrderState], frozenset[Exchange]]:
-        """The states of the placed orders and the exchanges the venue acts on now (their recorded
-        mode still ``paper``: ``consumers.guard``), in one pipeline."""
+    async def _marks_and_modes(
+        self, placed: list[wire.OrderPlaced]
+    ) -> tuple[dict[tuple[Exchange, str], Decimal], frozenset[Exchange]]:
+        """The marks of the placed orders' markets and the exchanges the venue acts on now (their
+        recorded mode still ``paper``: ``consumers.guard``), in one pipeline."""
         if not placed:
             return {}, frozenset()
-        ids = sorted({event.stream for event in placed})
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(self.keys.orders, ids)
         self.guard.read(pipe)
-        values, modes = await pipe.execute()
-        return _decode_states(ids, values), self.guard.acting(modes)
+        modes, prices = await self._marks(((e.exchange, e.symbol) for e in placed), pipe)
+        return prices, self.guard.acting(modes[0])
 
-    async def _marks(self, markets: Iterable[tuple[Exchange, str]]) -> dict[tuple[Exchange, str], Decimal]:
+    async def _marks(
+        self, markets: Iterable[tuple[Exchange, str]], pipe: Any = None
+    ) -> tuple[list[Any], dict[tuple[Exchange, str], Decimal]]:
+        """The valid marks of ``markets``, read in one pipeline: ``pipe`` when given, after the reads
+        queued on it already (their answers come first)."""
         by_exchange: dict[Exchange, set[str]] = {}
         for exchange, symbol in markets:
             by_exchange.setdefault(exchange, set()).add(symbol)
-        if not by_exchange:
-            return {}
         requests = [(exchange, sorted(symbols)) for exchange, symbols in by_exchange.items()]
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        before = len(pipe)
         for exchange, symbols in requests:
             pipe.hmget(marks(exchange), symbols)
+        if not len(pipe):
+            return [], {}
+        answers = await pipe.execute()
         found: dict[tuple[Exchange, str], Decimal] = {}
-        for (exchange, symbols), values in zip(requests, await pipe.execute(), strict=True):
+        for (exchange, symbols), values in zip(requests, answers[before:], strict=True):
             for symbol, raw in zip(symbols, values, strict=True):
                 mark = read_mark(raw, exchange, symbol, self._invalid_marks)
                 if mark is not None:
                     found[(exchange, symbol)] = mark
-        return found
-
-
-def _decode_states(ids: list[str], values: list[Any]) -> dict[str, OrderState]:
-    """The order snapshots HMGET read for ``ids`` (an order without one is left out)."""
-    return {oid: _order_decoder.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
+        return answers[:before], found
 
 
 def _remaining(event: wire.OrderPlaced, state: OrderState | None) -> Decimal:
