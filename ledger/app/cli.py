@@ -643,18 +643,20 @@ async def _reconcile(args: argparse.Namespace) -> int:
 
 async def _execution(args: argparse.Namespace) -> int:
     """``execution show`` / ``set SPEC``: the execution modes recorded in ledger:meta."""
-    from ledger.app.execution import set_execution, show_execution
+    from ledger.app.execution import print_execution, set_execution, show_execution
 
     redis = await _client(_settings(args))
     try:
         if args.action == "set":
             print("\n".join(await set_execution(redis, args.spec, args.reason)))
-        elif args.json:
-            _print_json(await show_execution(redis, as_json=True))
-        else:
-            await show_execution(redis, as_json=False)
+            return 0
+        modes = await show_execution(redis)
     finally:
         await redis.aclose()
+    if args.json:
+        _print_json(modes)
+    else:
+        print_execution(modes)
     return 0
 
 

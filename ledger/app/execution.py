@@ -27,15 +27,16 @@ NOT_RECORDED = "(not recorded)"
 COLUMNS = ["exchange", "mode"]
 
 
-async def show_execution(redis: Any, *, as_json: bool) -> dict[str, str | None]:
-    """Print the recorded mode of every exchange (a table, or with ``as_json`` one JSON object
-    exchange -> mode, null where none is recorded); return that object."""
+async def show_execution(redis: Any) -> dict[str, str | None]:
+    """The recorded mode of every exchange: exchange -> mode, None where none is recorded (what
+    ``execution show --json`` prints)."""
     recorded = await recorded_execution(redis)
-    modes: dict[str, str | None] = {str(exchange): recorded.get(exchange) for exchange in Exchange}
-    if not as_json:
-        rows = [{"exchange": exchange, "mode": mode or NOT_RECORDED} for exchange, mode in modes.items()]
-        print_table(rows, COLUMNS)
-    return modes
+    return {str(exchange): recorded.get(exchange) for exchange in Exchange}
+
+
+def print_execution(modes: Mapping[str, str | None]) -> None:
+    """``show_execution``'s answer as the table ``execution show`` prints."""
+    print_table([{"exchange": exchange, "mode": mode or NOT_RECORDED} for exchange, mode in modes.items()], COLUMNS)
 
 
 async def set_execution(redis: Any, modes: Mapping[Exchange, str], reason: str) -> list[str]:
