@@ -68,8 +68,8 @@ per ``poll_interval_s`` and shard); one error line per exchange every 10 s says 
 * an ``OrderPlaced`` or ``OrderAdopted`` read is skipped and acknowledged, as for an exchange
   configured otherwise: nothing is recorded, nothing is sent;
 * an intent not sent yet (stage ``new``, also one going back to ``new`` to be sent again) is not
-  sent: it is rejected (``order_rejected``, "not sent: okx is recorded as paper now ..."), since no
-  venue has it and a venue of the recorded mode may execute the order;
+  sent: it is rejected (``order_rejected``, "not sent: okx is no longer recorded as live ..."),
+  since no venue has it and a venue of the recorded mode may execute the order;
 * an order sent already (stages ``sending`` and ``open``) is a real order: it stays followed (its
   lookup, cancel, fills and final status recorded) until it is final, and cancel requests still
   reach it.
