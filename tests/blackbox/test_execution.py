@@ -122,6 +122,7 @@ async def test_a_running_serve_stops_filling_an_exchange_set_to_live(
 
         before = submit("before")
         await wait_for(lambda: _is(status(before), "filled"), "the paper fill of the order placed before the switch")
+        await wait_for(lambda: _caught_up(redis), "the handler and the paper venue to handle every entry")
         assert _ok(ledger(tmp_path, "execution", "set", "okx=live", LEDGER_REDIS_URL=redis_url)) == (
             "okx: paper -> live\nrecorded: start every serve with LEDGER_EXECUTION=okx=live\n"
         )
@@ -133,7 +134,7 @@ async def test_a_running_serve_stops_filling_an_exchange_set_to_live(
 
         (line,) = await wait_for(stepped_aside, "the paper venue's error line")
         assert (line["level"], line["exchange"], line["recorded"], line["mode"]) == ("error", "okx", "live", "paper")
-        await wait_for(lambda: _acknowledged(redis), "the paper venue to acknowledge the order placed after")
+        await wait_for(lambda: _caught_up(redis), "the paper venue to acknowledge the order placed after")
         assert await status(after) == "pending"
         commands = [json.loads(f["data"])["command_id"] for _id, f in await redis.xrange(ShardKeys(0).commands)]
         assert commands == ["before", f"paper:{before}:accept", f"paper:{before}:fill", "after"]
@@ -146,9 +147,12 @@ async def _is(value: Any, expected: str) -> bool:
     return bool(await value == expected)
 
 
-async def _acknowledged(redis: Any) -> bool:
-    """Whether the paper venue read every event and has none pending."""
-    events = ShardKeys(0).events
-    last = (await redis.xinfo_stream(events))["last-generated-id"]
-    (group,) = [g for g in await redis.xinfo_groups(events) if g["name"] == "ledger-paper"]
-    return bool(group["last-delivered-id"] == last and group["pending"] == 0)
+async def _caught_up(redis: Any) -> bool:
+    """Whether the handler read every command and the paper venue every event, none pending."""
+    keys = ShardKeys(0)
+    for stream, name in ((keys.commands, "ledger-handler"), (keys.events, "ledger-paper")):
+        last = (await redis.xinfo_stream(stream))["last-generated-id"]
+        (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == name]
+        if group["last-delivered-id"] != last or group["pending"]:
+            return False
+    return True

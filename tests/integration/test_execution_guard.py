@@ -19,8 +19,8 @@ from consumers.guard import ExecutionGuard
 from ledger.app.execution import set_execution
 from ledger.config import parse_execution
 from ledger.domain.enums import Exchange, OrderStatus
-from ledger.store.keys import META
-from ledger.store.redis_conn import ExecutionMismatch, ensure_execution, recorded_execution
+from ledger.store.keys import META, ShardKeys
+from ledger.store.redis_conn import ExecutionMismatch, ensure_execution, ensure_shard_count, recorded_execution
 from tests.integration import test_paper, test_venue
 from tests.venue_server import LoopbackExchange
 
@@ -107,6 +107,23 @@ async def test_set_rewrites_every_exchange_and_says_what_changed(redis: Any) -> 
         '{"changed": {"binance": {"after": "external", "before": "paper"}, '
         '"okx": {"after": "external", "before": "live"}, "upbit": {"after": "external", "before": "paper"}}, '
         '"execution": "external"}'
+    )
+
+
+async def test_set_warns_while_an_order_may_still_be_on_its_way(redis: Any) -> None:
+    keys = ShardKeys(1)
+    await ensure_shard_count(redis, 2)
+    await redis.xadd(keys.commands, {"type": "place_order", "data": "{}"})
+    await redis.xgroup_create(keys.commands, "ledger-handler", id="0")
+    await redis.xreadgroup("ledger-handler", "h", {keys.commands: ">"})  # read, not acknowledged: pending
+    await redis.xadd(keys.events, {"type": "OrderPlaced", "data": "{}"})
+    await redis.xgroup_create(keys.events, "ledger-paper", id="0")  # not read yet
+    await redis.xgroup_create(keys.events, "ledger-venue", id="$")  # read up to the end: nothing on its way
+    await redis.xgroup_create(keys.events, "ledger-projection", id="0")  # takes no order to a venue
+    assert (await set_execution(redis, parse_execution("okx=live"), "test"))[-1] == (
+        "warning: not every entry is handled yet by ledger-handler on shard 1, ledger-paper on shard 1: an order "
+        "placed before the switch may still be executed by a venue of the new mode too; wait until `ledger status` "
+        "shows no lag and nothing pending for them before starting the serves"
     )
 
 
