@@ -125,6 +125,9 @@ GAP_CODE_LENGTH = 32  # projector_gaps.code
 # round trips, the commit): `serve`'s projector reads this many times the configured batch_size
 # a batch (1,024 entries with the default 256).
 BATCH_FACTOR = 4
+# Entries per statement within a batch's transaction: PostgreSQL inserts one chunk while Python
+# builds the next (``Projector.project``).
+CHUNK = 256
 
 # The upserts' column lists are put in from each aggregate's one declaration (ledger.domain.mapping).
 _SQL = {**load_queries("projections", "projector.sql")}
@@ -402,23 +405,29 @@ class Projector:
         )
 
     async def project(self, entries: Sequence[Entry]) -> BatchResult:
-        """Apply entries (in log order) in one transaction; return what was written."""
+        """Apply entries (in log order) in one transaction; return what was written.
+
+        The transaction runs in psycopg's pipeline mode and is sent in chunks of ``CHUNK``
+        entries: each chunk's archive and fill rows are sent as soon as they are built, so
+        PostgreSQL inserts one chunk while Python decodes the next; the first wait for the server
+        after the checkpoint is the final orders' (their rows are built before it)."""
         result = BatchResult(entries=len(entries))
         if not entries:
             return result
         started = time.perf_counter()
-        items = [_decode(entry) for entry in entries]
-        decoded = [item for item in items if isinstance(item, _Decoded)]
         last = max(entry_order(e.id) for e in entries)
         async with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             applied = await self._lock_checkpoint(conn)
-            for item in items:
-                if isinstance(item, _Unreadable):
-                    await self._unreadable(conn, item)
-            fresh = await self._unapplied(conn, decoded, applied)
+            archived = await self._archived(conn, entries, applied)
+            rows = HistoryRows()
+            fresh: list[_Decoded] = []
+            for first in range(0, len(entries), CHUNK):
+                chunk = await self._fresh(conn, entries[first : first + CHUNK], applied, archived)
+                await self._archive(conn, rows, chunk)
+                fresh += chunk
             result.skipped = len(entries) - len(fresh)
             if fresh:
-                await self._apply(conn, fresh, result)
+                await self._finish(conn, rows, fresh, result)
             if last > applied:
                 await conn.execute(
                     _SQL["checkpoint_advance"],
@@ -466,17 +475,15 @@ class Projector:
         await conn.execute(_SQL["insert_gap"], gap)
         self.log.warning("event skipped: gap recorded", entry_id=item.entry.id, type=gap["type"], reason=gap["reason"])
 
-    async def _unapplied(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        decoded: list[_Decoded],
-        applied: tuple[int, int],
-    ) -> list[_Decoded]:
-        """The entries whose effects are not committed yet."""
-        old = [d for d in decoded if d.key <= applied]
+    async def _archived(
+        self, conn: psycopg.AsyncConnection[Any], entries: Sequence[Entry], applied: tuple[int, int]
+    ) -> set[tuple[int, int]]:
+        """Which entries up to the checkpoint are archived (those after it never are: the
+        checkpoint moves in the transaction that archives them)."""
+        old = [key for e in entries if (key := entry_order(e.id)) <= applied]
         if not old:
-            return decoded
-        first, last = min(d.key for d in old), max(d.key for d in old)
+            return set()
+        first, last = min(old), max(old)
         cur = await conn.execute(
             _SQL["archived_entries"],
             {
@@ -487,19 +494,43 @@ class Projector:
                 "last_seq": last[1],
             },
         )
-        archived = {(int(ms), int(seq)) for ms, seq in await cur.fetchall()}
-        # An unknown type whose envelope was unreadable is not archived; it was skipped anyway.
-        return [d for d in decoded if d.key > applied or d.key not in archived]
+        return {(int(ms), int(seq)) for ms, seq in await cur.fetchall()}
 
-    async def _apply(self, conn: psycopg.AsyncConnection[Any], fresh: list[_Decoded], result: BatchResult) -> None:
-        rows = HistoryRows()
-        rows.add(self.shard, fresh)
-        fills, positions, final_orders = rows.fills, rows.positions, rows.final_orders
-        events = [_archive_row(row, item) for row, item in zip(rows.events, fresh, strict=True)]
-        await conn.execute(_SQL["insert_events"], batch_rows(events))
-        await write_fills(conn, fills)
+    async def _fresh(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        entries: Sequence[Entry],
+        applied: tuple[int, int],
+        archived: set[tuple[int, int]],
+    ) -> list[_Decoded]:
+        """The entries whose effects are not committed yet, decoded; an unknown type whose
+        envelope is unreadable is not archived (its gap is recorded)."""
+        fresh = []
+        for entry in entries:
+            item = _decode(entry)
+            if isinstance(item, _Unreadable):
+                await self._unreadable(conn, item)
+            elif item.key > applied or item.key not in archived:
+                fresh.append(item)
+        return fresh
+
+    async def _archive(self, conn: psycopg.AsyncConnection[Any], rows: HistoryRows, chunk: list[_Decoded]) -> None:
+        """Add a chunk's rows and send its archive and fill rows."""
+        if not chunk:
+            return
+        events, fills = len(rows.events), len(rows.fills)
+        rows.add(self.shard, chunk)
+        archive = [_archive_row(row, item) for row, item in zip(rows.events[events:], chunk, strict=True)]
+        await conn.execute(_SQL["insert_events"], batch_rows(archive))
+        await write_fills(conn, rows.fills[fills:])
+
+    async def _finish(
+        self, conn: psycopg.AsyncConnection[Any], rows: HistoryRows, fresh: list[_Decoded], result: BatchResult
+    ) -> None:
+        """The batch's closed positions and final orders, and the gaps they fill."""
+        positions, final_orders = rows.positions, rows.final_orders
         await write_positions(conn, positions.values())
-        result.events, result.fills, result.positions = len(events), len(fills), len(positions)
+        result.events, result.fills, result.positions = len(rows.events), len(rows.fills), len(positions)
         written = list(positions)
         if final_orders:
             orders = await self._rebuild_orders(conn, final_orders, fresh)

@@ -289,6 +289,47 @@ async def test_redelivery_writes_nothing_twice(
     assert await pending(redis) == 0
 
 
+async def test_a_batch_sent_in_chunks_writes_what_one_chunk_writes(
+    redis: Any, ledger: Ledger, pool: Any, pg: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's archive and fill rows go in chunks of ``projector.CHUNK`` entries: chunk
+    boundaries inside an order's history, an unknown event type and an unreadable one between
+    them, and a redelivery of the whole log change nothing against one chunk per batch."""
+    position_id, open_id, close_id = await open_and_close(ledger)
+    await redis.xadd(KEYS.events, {"type": "SomethingElse", "data": "not json"})
+    order_id = await place(ledger)
+    await ledger.send("record_fill", order_id=order_id, fill_id="f-1", quantity="0.04", price="40000")
+    await ledger.send("cancel_order", order_id=order_id)
+    await ledger.send("order_cancelled", order_id=order_id)
+    entries = await redis.xlen(KEYS.events)
+    settings = ConsumerSettings(batch_size=entries)
+
+    consumer = projector_consumer(redis, pool, 0, settings=settings)
+    monkeypatch.setattr(projector, "CHUNK", entries)
+    assert await consumer.burst() == entries
+    whole = await snapshot(pg)
+    gaps = await (await pg.execute("SELECT entry_id, code FROM projector_gaps ORDER BY entry_id")).fetchall()
+    assert [row[0] for row in whole["orders"]] == sorted(
+        uuid.UUID(i) for i in (open_id, close_id, order_id)
+    )
+    assert len(whole["ledger_events"]) == entries - 1 and len(whole["fills"]) == 3
+    assert [row[0] for row in whole["positions"]] == [uuid.UUID(position_id)]
+    assert [code for _, code in gaps] == ["UNKNOWN_TYPE"]
+
+    for table in (*TABLES, "projector_checkpoints", "projector_gaps"):
+        await pg.execute(f"DELETE FROM {table}")
+    await redis.xgroup_setid(KEYS.events, PROJECTOR, "0")
+    monkeypatch.setattr(projector, "CHUNK", 2)
+    assert await consumer.burst() == entries
+    assert await snapshot(pg) == whole
+    assert await (await pg.execute("SELECT entry_id, code FROM projector_gaps ORDER BY entry_id")).fetchall() == gaps
+
+    await redis.xgroup_setid(KEYS.events, PROJECTOR, "0")
+    await consumer.burst()
+    assert await snapshot(pg) == whole
+    assert await checkpoint(pg, 0) == await last_entry_id(redis)
+
+
 async def test_orders_cancelled_rejected_expired_and_late_fill(
     redis: Any, ledger: Ledger, pool: Any, pg: psycopg.AsyncConnection[Any]
 ) -> None:
