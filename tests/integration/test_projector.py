@@ -309,9 +309,7 @@ async def test_a_batch_sent_in_chunks_writes_what_one_chunk_writes(
     assert await consumer.burst() == entries
     whole = await snapshot(pg)
     gaps = await (await pg.execute("SELECT entry_id, code FROM projector_gaps ORDER BY entry_id")).fetchall()
-    assert [row[0] for row in whole["orders"]] == sorted(
-        uuid.UUID(i) for i in (open_id, close_id, order_id)
-    )
+    assert [row[0] for row in whole["orders"]] == sorted(uuid.UUID(i) for i in (open_id, close_id, order_id))
     assert len(whole["ledger_events"]) == entries - 1 and len(whole["fills"]) == 3
     assert [row[0] for row in whole["positions"]] == [uuid.UUID(position_id)]
     assert [code for _, code in gaps] == ["UNKNOWN_TYPE"]
