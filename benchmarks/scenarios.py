@@ -39,7 +39,7 @@ from benchmarks.client import (
 )
 from benchmarks.figures import Figure
 from benchmarks.peer import peer_fills_per_s
-from benchmarks.run import Filled, Profiler, Results, Run, serving
+from benchmarks.run import WARMUP_PAIRS, Filled, Profiler, Results, Run, serving
 from benchmarks.stack import Stack
 from ledger.store.keys import marks, order_key
 
@@ -131,18 +131,72 @@ def _e2e_figures(key: str, what: str, run_: Lifecycles, raw_rate: float) -> list
 
 async def e2e(run: Run, res: Results) -> None:
     """N place_order + record_fill pairs from a pipelined client until every reply is there and
-    the live projection shows every fill, and until the PostgreSQL archive caught up."""
+    the live projection shows every fill, and until the PostgreSQL archive caught up; beside it,
+    the same pairs answered by the echo consumer on servers of its own (the floor of the command
+    and reply protocol), and in both runs the CPU that Redis and the client spent per command."""
     pairs = run.sizes.pairs
     with run.stack("e2e") as stack:
         client = run.client(stack)
         await serving(stack, client)
         raw_rate = await client.xadd_rate(pairs)
         with Profiler(run, stack, "e2e"):
-            measured = await client.lifecycles(pairs, run="e2e")
+            async with CpuAccount(client.redis) as ledger_cpu:
+                measured = await client.lifecycles(pairs, run="e2e")
         res.serve_peak_rss_bytes = stack.serve_rss()
         await client.redis.aclose()
+    with run.stack("e2e-echo") as stack:
+        client = run.client(stack)
+        echo = _echo(stack)
+        try:
+            await client.lifecycles(WARMUP_PAIRS, run="echo-warm", live=False, history=False)
+            async with CpuAccount(client.redis) as echo_cpu:
+                floor = await client.lifecycles(pairs, run="echo", live=False, history=False)
+        finally:
+            await _without_echo(client, echo)
+            await client.redis.aclose()
     res.params.update(pairs=pairs, commands=measured.commands, window=250, workers=4, users=64)
     res.figures += _e2e_figures("e2e", f"{pairs:,} place_order + record_fill pairs, pipelined", measured, raw_rate)
+    per_command = {"ledger": ledger_cpu.per_command(measured.commands), "echo": echo_cpu.per_command(floor.commands)}
+    res.params["cpu_us_per_command"] = per_command
+    res.figures.append(
+        Figure(
+            "e2e.echo_floor",
+            "the same pairs answered by the echo consumer (no ledger): every reply",
+            floor.rate(floor.replies_s),
+            "commands/s",
+            True,
+            baseline=raw_rate,
+            baseline_what="redis-py pipelined XADD, same payloads (e2e's stack)",
+            note=(
+                "CPU per command, Redis / client: echo {echo[redis]:.0f} / {echo[client]:.0f} us, "
+                "ledger {ledger[redis]:.0f} / {ledger[client]:.0f} us"
+            ).format(**per_command),
+        )
+    )
+
+
+class CpuAccount:
+    """The CPU Redis (``INFO cpu``: its main thread and its background fsync threads, user +
+    system) and this process (the client) spent while a block ran; ``per_command`` in us."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self.redis_s = self.client_s = 0.0
+
+    async def __aenter__(self) -> CpuAccount:
+        self.redis_s, self.client_s = -await self._redis_cpu(), -time.process_time()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.redis_s += await self._redis_cpu()
+        self.client_s += time.process_time()
+
+    async def _redis_cpu(self) -> float:
+        info = await self.redis.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def per_command(self, commands: int) -> dict[str, float]:
+        return {"redis": self.redis_s / commands * 1e6, "client": self.client_s / commands * 1e6}
 
 
 # --------------------------------------------------------------------------- latency
