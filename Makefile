@@ -6,7 +6,8 @@
 #   make test-slow the slow tests `make test` skips (export of 1,000,000 events in bounded memory)
 #   make demo      run `ledger demo`
 #   make lint      ruff + mypy
-#   make bench     run the benchmark suite (benchmarks/, full sizes; writes benchmarks/results/latest.json)
+#   make bench     run the benchmark suite (benchmarks/, full sizes, each scenario 3 runs, medians;
+#                  writes benchmarks/results/latest.json)
 #   make bench-quick  the same, small sizes, under a minute (writes benchmarks/results/latest-quick.json)
 #   make clean     remove the venv, private servers' data and caches
 
@@ -85,7 +86,7 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 
 # Not tests: nothing here runs in `make test`; each scenario starts its own servers.
 bench: install $(BENCH_STAMP)
-	$(VENV_PY) -m benchmarks $(BENCH_ARGS)
+	$(VENV_PY) -m benchmarks --runs 3 $(BENCH_ARGS)
 
 bench-quick: install $(BENCH_STAMP)
 	$(VENV_PY) -m benchmarks --quick $(BENCH_ARGS)

@@ -4,12 +4,18 @@ A target is checked against the value (``min`` / ``max``), against the ratio to 
 (``min_ratio`` / ``max_ratio``), or as a slowdown from the baseline (``max_slowdown``: the
 baseline's rate over this one, minus one). ``shortfall`` is the factor the figure must improve
 by to meet it (1.0 when met).
+
+With ``--runs N`` each scenario runs N times and ``combine`` makes one figure of the N: its value
+and its baseline are the medians of the runs' (``runs`` and ``baseline_runs`` keep each run's, in
+run order), so ratio and shortfall are computed from the medians.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 Kind = Literal["min", "max", "min_ratio", "max_ratio", "max_slowdown"]
@@ -53,6 +59,8 @@ class Figure:
     baseline_what: str | None = None
     targets: list[Target] = field(default_factory=list)
     note: str = ""
+    runs: list[float] = field(default_factory=list)  # each run's value, in run order (``combine``)
+    baseline_runs: list[float | None] = field(default_factory=list)  # each run's baseline; [] without one
 
     @property
     def ratio(self) -> float | None:
@@ -82,6 +90,41 @@ class Figure:
         data["ratio"] = None if self.ratio is None else round(self.ratio, 4)
         data["durability"] = durability
         return data
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of the values that are numbers (a run that could not tell gives NaN, left out;
+    NaN when none is): for an even count, the mean of the two middle ones, which favours neither
+    the better nor the worse run."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return float(statistics.median(numbers)) if numbers else math.nan
+
+
+def run_label(run: int, text: str, runs: int) -> str:
+    """``text`` of run ``run`` (1-based) of ``runs``: prefixed "run k: " when there are several."""
+    return f"run {run}: {text}" if runs > 1 else text
+
+
+def combine(runs: Sequence[Figure | None], pick: Callable[[Sequence[float]], float] = median) -> Figure:
+    """One figure from the same figure of each run (in run order; None where a run did not get
+    to it): its value ``pick`` of the runs' values (the median; ``max`` for a peak), its baseline
+    the median of the runs' baselines; key, description, unit and targets those of the first run
+    that has it; the runs' notes kept, each prefixed with its run when there are several."""
+    present = [(k, f) for k, f in enumerate(runs, start=1) if f is not None]
+    if not present:
+        raise ValueError("combine needs the figure of at least one run: pass the runs' figures, None for a missing one")
+    values = [f.value for _, f in present]
+    baselines = [f.baseline for _, f in present]
+    known = [b for b in baselines if b is not None]
+    notes = [run_label(k, f.note, len(runs)) for k, f in present if f.note]
+    return replace(
+        present[0][1],
+        value=pick(values),
+        runs=values,
+        baseline=median(known) if known else None,
+        baseline_runs=baselines if known else [],
+        note="; ".join(notes),
+    )
 
 
 # The targets of issue 10 item 2 (a 2-core machine, medians of 3 runs, durable defaults).

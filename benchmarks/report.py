@@ -1,11 +1,13 @@
 """The table (rich) and ``benchmarks/results/*.json``: every figure beside its baseline and its
-targets, the machine and the durability settings in force."""
+targets, the machine and the durability settings in force. With several runs a value is the
+median, the range of the runs beside it (Markdown) or beneath it (the terminal's table)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +19,33 @@ from benchmarks.run import Results, Run
 from benchmarks.scenarios import describe
 
 
-def number(value: float | None, unit: str = "") -> str:
+def digits(value: float | None, unit: str = "") -> str:
     if value is None or math.isnan(value):
         return "-"
-    if unit == "ms":
-        text = f"{value:.2f}"
-    elif abs(value) >= 100:
-        text = f"{value:,.0f}"
-    else:
-        text = f"{value:.2f}"
-    return f"{text} {unit}".strip()
+    if unit == "ms" or abs(value) < 100:
+        return f"{value:.2f}"
+    return f"{value:,.0f}"
+
+
+def number(value: float | None, unit: str = "") -> str:
+    return f"{digits(value, unit)} {unit}".strip()
+
+
+def spread(runs: Sequence[float], unit: str) -> str:
+    """The range of a figure's runs, "(1,436-1,596, 3 runs)"; empty for one run (or none)."""
+    told = [v for v in runs if not math.isnan(v)]
+    if len(runs) < 2 or not told:
+        return ""
+    return f"({digits(min(told), unit)}-{digits(max(told), unit)}, {len(runs)} runs)"
+
+
+def value_text(value: float, runs: Sequence[float], unit: str, *, beneath: bool = False) -> str:
+    """The value (with several runs, their median) and the range of the runs beside it, or
+    beneath it (dimmed, for the terminal's table)."""
+    text, more = number(value, unit), spread(runs, unit)
+    if not more:
+        return text
+    return f"{text}\n[dim]{more}[/dim]" if beneath else f"{text} {more}"
 
 
 def verdict(figure: Figure) -> str:
@@ -54,7 +73,8 @@ def table(run: Run, title: str) -> Table:
                 baseline = f"{figure.baseline_what}: {number(figure.baseline, figure.unit)}"
             what = figure.what + (f"\n[dim]{figure.note}[/dim]" if figure.note else "")
             ratio = "" if figure.ratio is None else f"{figure.ratio:.3f}"
-            out.add_row(name, what, number(figure.value, figure.unit), baseline, ratio, verdict(figure))
+            value = value_text(figure.value, figure.runs, figure.unit, beneath=True)
+            out.add_row(name, what, value, baseline, ratio, verdict(figure))
     return out
 
 
@@ -67,7 +87,9 @@ def document(run: Run, *, quick: bool, argv: list[str], started: dt.datetime) ->
         "sizes": run.sizes.__dict__,
         "machine": run.machine,
         "durability": run.durability_settings,
-        "targets_note": "issue 10 item 2: medians of 3 runs on a 2-core machine; this file is one run",
+        "runs": run.runs,
+        "targets_note": "issue 10 item 2: medians of 3 runs on a 2-core machine; "
+        + (f"this file: medians of {run.runs} runs" if run.runs > 1 else "this file is one run"),
         "scenarios": {name: _scenario(name, r, durability) for name, r in run.results.items()},
     }
 
@@ -77,6 +99,7 @@ def _scenario(name: str, results: Results, durability: str) -> dict[str, Any]:
         "description": describe(name),
         "seconds": round(results.seconds, 1),
         "params": results.params,
+        "params_runs": results.params_runs,
         "notes": results.notes,
         "error": results.error,
         "serve_peak_rss_bytes": results.serve_peak_rss_bytes,
@@ -108,7 +131,8 @@ def markdown(data: dict[str, Any]) -> str:
                 for v in f["targets"]
             )
             ratio = "" if f["ratio"] is None else f"{f['ratio']:.3f}"
-            cells = [name, f["what"], number(f["value"], f["unit"]), baseline, ratio, verdicts]
+            value = value_text(f["value"], f.get("runs", []), f["unit"])  # files before --runs have no runs
+            cells = [name, f["what"], value, baseline, ratio, verdicts]
             lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

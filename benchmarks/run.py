@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.client import Client, Lifecycles, connect
-from benchmarks.figures import Figure
+from benchmarks.figures import Figure, combine, run_label
 from benchmarks.stack import BenchError, Stack, durability_in_force, machine, open_stack, postgres_template
 from ledger.config import Durability
 
@@ -62,13 +62,15 @@ WARMUP_PAIRS = 50
 
 @dataclass
 class Filled:
-    """A stack whose Redis log holds ``Sizes.log_events`` events, and the end-to-end run measured
-    on it while the log was still empty (the baseline of growth and retention)."""
+    """A stack whose Redis log holds ``Sizes.log_events`` events, filled once for every run of
+    growth, replay and retention, and the end-to-end runs measured on it before it was filled,
+    one per run of the suite (run k's baseline of growth and retention)."""
 
     stack: Stack
-    empty: Lifecycles
+    empty: list[Lifecycles]
     events: int
     fill_rate: float  # commands/s while filling, until the archive caught up
+    retained_from: int | None = None  # events in the log when retention was turned on (once)
 
 
 @dataclass
@@ -79,6 +81,35 @@ class Results:
     seconds: float = 0.0
     serve_peak_rss_bytes: int = 0
     error: str | None = None
+    params_runs: list[dict[str, Any]] = field(default_factory=list)  # each run's params (``combine_runs``)
+
+
+def combine_runs(runs: list[Results]) -> Results:
+    """A scenario's results from its runs, in run order: each figure combined (median of its
+    runs, see ``figures.combine``) in the order the figures first appear; the notes and the
+    errors of every run, prefixed "run k: " when there are several; the params of the first run
+    (the sizes and settings, the same in every run) and every run's in ``params_runs`` (the
+    measurements some scenarios keep in their params differ by run); the peak RSS the highest;
+    the seconds their sum."""
+    count = len(runs)
+    keys = list(dict.fromkeys(f.key for r in runs for f in r.figures))
+    by_key = [{f.key: f for f in r.figures} for r in runs]
+    errors = [run_label(k, r.error, count) for k, r in enumerate(runs, start=1) if r.error is not None]
+    return Results(
+        figures=[combine([figures.get(key) for figures in by_key]) for key in keys],
+        notes=[run_label(k, note, count) for k, r in enumerate(runs, start=1) for note in r.notes],
+        params=runs[0].params if runs else {},
+        seconds=sum(r.seconds for r in runs),
+        serve_peak_rss_bytes=max((r.serve_peak_rss_bytes for r in runs), default=0),
+        error="; ".join(errors) or None,
+        params_runs=[r.params for r in runs],
+    )
+
+
+def by_run(per_run: dict[str, list[Results]]) -> list[dict[str, Results]]:
+    """Run k's results of every scenario that got to a k-th run, for k = 1, 2, ..."""
+    count = max((len(runs) for runs in per_run.values()), default=0)
+    return [{name: runs[k] for name, runs in per_run.items() if len(runs) > k} for k in range(count)]
 
 
 @dataclass
@@ -93,10 +124,13 @@ class Run:
     filled: Filled | None = None
     stacks: list[Stack] = field(default_factory=list)
     pg_template: Path | None = None
+    runs: int = 1  # each scenario runs this many times (``--runs``)
+    repeat: int = 0  # the run under way, 0 to runs - 1
 
     @contextlib.contextmanager
     def stack(self, name: str) -> Iterator[Stack]:
-        """A fresh Redis and PostgreSQL for one benchmark, closed afterwards."""
+        """A fresh Redis and PostgreSQL for one benchmark, closed afterwards (a fresh pair for
+        each run of the scenario)."""
         stack = self.open(name)
         try:
             yield stack
@@ -106,6 +140,8 @@ class Run:
     def open(self, name: str) -> Stack:
         if self.pg_template is None:
             self.pg_template = postgres_template(self.root)
+        if self.runs > 1:
+            name = f"{name}.run{self.repeat + 1}"  # its own directory, kept with --keep
         stack = open_stack(self.root, name, self.durability, self.pg_template)
         self.stacks.append(stack)
         if not self.machine:

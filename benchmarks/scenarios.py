@@ -2,7 +2,9 @@
 
 Each takes the run and fills its ``Results``. Every one but growth, replay and retention starts
 its own Redis, PostgreSQL and ``ledger serve``; those three share one stack whose log was filled
-once (``ensure_filled``), because filling 1,000,000 events is most of their time.
+once (``ensure_filled``), because filling 1,000,000 events is most of their time; with
+``--runs N`` the others start fresh servers for each run, those three repeat only their
+measurements on the one filled log.
 """
 
 from __future__ import annotations
@@ -422,19 +424,20 @@ async def _timed(call: Callable[[], Awaitable[None]], count: int) -> list[float]
 
 
 async def ensure_filled(run: Run) -> Filled:
-    """The shared stack of growth, replay and retention: an end-to-end run on its empty log,
+    """The shared stack of growth, replay and retention: one end-to-end run per run of the suite
+    on its empty log (one after the other: run k's log holds the events of the k - 1 before it),
     then the log filled to ``log_events`` events through ``serve`` itself (the same pipelined
-    pairs: every event valid, chained, projected and archived, as in production)."""
+    pairs: every event valid, chained, projected and archived, as in production), once."""
     if run.filled is not None:
         return run.filled
     stack = run.open("log")
     client = run.client(stack)
     await serving(stack, client)
-    empty = await client.lifecycles(run.sizes.pairs, run="empty")
+    empty = [await client.lifecycles(run.sizes.pairs, run=f"empty{k}") for k in range(run.runs)]
     target = run.sizes.log_events
     commands, started, chunk = 0, time.perf_counter(), 0
     while (length := int(await client.redis.xlen(client.keys.events))) < target:
-        per_command = length / max(1, commands + empty.commands + 2 * 100)
+        per_command = length / max(1, commands + sum(e.commands for e in empty) + 2 * 100)
         pairs = max(500, min(50_000, math.ceil((target - length) / per_command / 2)))
         done = await client.lifecycles(pairs, run=f"fill{chunk}", window=500, history=False)
         commands, chunk = commands + done.commands, chunk + 1
@@ -451,15 +454,17 @@ async def growth(run: Run, res: Results) -> None:
     """End to end on an empty log, then with ``log_events`` events in the Redis log."""
     filled = await ensure_filled(run)
     client = run.client(filled.stack)
-    full = await client.lifecycles(run.sizes.pairs, run="full")
+    full = await client.lifecycles(run.sizes.pairs, run=f"full{run.repeat}")
     res.serve_peak_rss_bytes = filled.stack.serve_rss()
     await client.redis.aclose()
-    _growth_figures(res, "growth", f"with {filled.events:,} events in the Redis log", full, filled.empty)
+    empty = filled.empty[run.repeat]
+    _growth_figures(res, "growth", f"with {filled.events:,} events in the Redis log", full, empty)
     res.params.update(pairs=run.sizes.pairs, log_events=filled.events)
-    res.notes.append(
-        f"log filled through serve with pipelined place_order + record_fill pairs at {filled.fill_rate:,.0f} "
-        "commands/s (replies, live keys and archive caught up)"
-    )
+    if run.repeat == 0:
+        res.notes.append(
+            f"log filled once through serve with pipelined place_order + record_fill pairs at "
+            f"{filled.fill_rate:,.0f} commands/s (replies, live keys and archive caught up)"
+        )
 
 
 def _growth_figures(res: Results, key: str, what: str, measured: Lifecycles, empty: Lifecycles) -> None:
@@ -543,25 +548,30 @@ async def retention(run: Run, res: Results) -> None:
     filled = await ensure_filled(run)
     stack = filled.stack
     client = run.client(stack)
-    before = int(await client.redis.xlen(client.keys.events))
-    stack.stop_serve()
-    started = time.perf_counter()
-    await serving(stack, client, LEDGER_RETENTION_MS="1000", LEDGER_TRIM_INTERVAL_S="1")
-    while (left := int(await client.redis.xlen(client.keys.events))) > before // 10:
-        if time.perf_counter() - started > RETENTION_WAIT_S:
-            break
-        stack.check_serve()
-        await asyncio.sleep(0.2)
-    trimmed_s = time.perf_counter() - started
-    measured = await client.lifecycles(run.sizes.pairs, run="retained")
+    if filled.retained_from is None:
+        before = filled.retained_from = int(await client.redis.xlen(client.keys.events))
+        stack.stop_serve()
+        started = time.perf_counter()
+        await serving(stack, client, LEDGER_RETENTION_MS="1000", LEDGER_TRIM_INTERVAL_S="1")
+        while (left := int(await client.redis.xlen(client.keys.events))) > before // 10:
+            if time.perf_counter() - started > RETENTION_WAIT_S:
+                break
+            stack.check_serve()
+            await asyncio.sleep(0.2)
+        trimmed_s = time.perf_counter() - started
+        res.notes.append(
+            f"retention trimmed {before:,} events to {left:,} in {trimmed_s:.1f} s (serve restart included)"
+        )
+    measured = await client.lifecycles(run.sizes.pairs, run=f"retained{run.repeat}")
     res.serve_peak_rss_bytes = stack.serve_rss()
     after = int(await client.redis.xlen(client.keys.events))
     await client.redis.aclose()
-    run.close(stack)
-    run.filled = None
-    res.params.update(retention_ms=1000, trim_interval_s=1, events_before=before, events_after=after)
-    res.notes.append(f"retention trimmed {before:,} events to {left:,} in {trimmed_s:.1f} s (serve restart included)")
-    _growth_figures(res, "retention", "with retention on, after the filled log was trimmed", measured, filled.empty)
+    if run.repeat == run.runs - 1:  # the filled log is trimmed now: a later scenario fills a new one
+        run.close(stack)
+        run.filled = None
+    res.params.update(retention_ms=1000, trim_interval_s=1, events_before=filled.retained_from, events_after=after)
+    empty = filled.empty[run.repeat]
+    _growth_figures(res, "retention", "with retention on, after the filled log was trimmed", measured, empty)
 
 
 # --------------------------------------------------------------------------- PostgreSQL projector
