@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ledger.config import DEFAULT_EXECUTION
 from ledger.domain.enums import Exchange
 from ledger.store.keys import META, execution_field
 from ledger.store.redis_conn import text
@@ -35,7 +36,7 @@ class ExecutionGuard:
 
     def __init__(self, mode: str, execution: Mapping[Exchange, str], log: Any, *, every_s: float = LOG_EVERY_S) -> None:
         self.mode = mode
-        self.exchanges: tuple[Exchange, ...] = tuple(e for e in Exchange if execution.get(e, "paper") == mode)
+        self.exchanges: tuple[Exchange, ...] = tuple(e for e in Exchange if execution.get(e, DEFAULT_EXECUTION) == mode)
         self.log = log
         self.every_s = every_s
         self._reported: dict[Exchange, float] = {}

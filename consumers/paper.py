@@ -103,7 +103,7 @@ from consumers.pause import paused
 from consumers.runner import RETRYABLE, ConsumerSettings, LeaseLost, StreamConsumer
 from ledger import defaults
 from ledger.client.models import read_mark
-from ledger.config import Settings
+from ledger.config import DEFAULT_EXECUTION, Settings, parse_execution
 from ledger.domain import wire
 from ledger.domain.arithmetic import amount_fits, fill_fee
 from ledger.domain.command_ids import CommandIds
@@ -360,7 +360,7 @@ class PaperVenue:
         self.shard = shard
         self.keys = ShardKeys(shard)
         self.paper_keys = PaperKeys(shard)
-        modes = execution if execution is not None else dict.fromkeys(Exchange, "paper")
+        modes = execution if execution is not None else parse_execution(DEFAULT_EXECUTION)
         self.guard = guard or ExecutionGuard("paper", modes, log)
         self.fee_rate = fee_rate
         self.poll_interval_s = poll_interval_s

@@ -20,6 +20,7 @@ from ledger.domain.values import ValueRuleError, parse_decimal
 from ledger.errors import InvalidInput, OperationFailed
 
 EXECUTION_MODES = ("paper", "external", "live")
+DEFAULT_EXECUTION = "paper"  # the mode of an exchange LEDGER_EXECUTION does not name
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # How `ledger serve` runs its roles: `roles`, a child process per group of roles under a
@@ -125,7 +126,7 @@ def parse_execution(text: str) -> dict[Exchange, str]:
 
     Exchanges not named keep the default, ``paper``.
     """
-    modes = dict.fromkeys(Exchange, "paper")
+    modes = dict.fromkeys(Exchange, DEFAULT_EXECUTION)
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, mode = part.partition("=")
         if not sep:
@@ -147,7 +148,7 @@ def format_execution(modes: Mapping[Exchange, str]) -> str:
     modes): the one mode when every exchange has it, else each exchange not ``paper``."""
     if len(set(modes.values())) == 1 and len(modes) == len(Exchange):
         return next(iter(modes.values()))
-    return ",".join(f"{exchange}={mode}" for exchange, mode in modes.items() if mode != "paper")
+    return ",".join(f"{exchange}={mode}" for exchange, mode in modes.items() if mode != DEFAULT_EXECUTION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +159,7 @@ class Settings:
     redis_url: str | None = None
     database_url: str | None = None
     shards: int = defaults.SHARDS
-    execution: dict[Exchange, str] = field(default_factory=lambda: parse_execution("paper"))
+    execution: dict[Exchange, str] = field(default_factory=lambda: parse_execution(DEFAULT_EXECUTION))
     paper_fee_rate: Decimal = defaults.PAPER_FEE_RATE
     paper_poll_ms: int = defaults.PAPER_POLL_MS
     home: Path = Path(".ledger")
