@@ -12,20 +12,13 @@ from typing import Any
 
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys
+from tests.blackbox.test_cli_errors import ORDER as CLI_ORDER
 from tests.blackbox.test_cli_errors import ledger, one_line
 from tests.live_helpers import wait_for
 from tests.pipeline_helpers import LEDGER_BIN, ledger_env
 
 NOTHING_RECORDED = "exchange  mode\nokx       (not recorded)\nbinance   (not recorded)\nupbit     (not recorded)\n"
-ORDER = {
-    "user_id": "u1",
-    "exchange": "okx",
-    "symbol": "BTC-USDT-SWAP",
-    "side": "buy",
-    "order_type": "market",
-    "quantity": "0.1",
-    "price": "45000",
-}
+ORDER = {**CLI_ORDER, "price": "45000"}  # a market order the paper venue fills at its price
 STEPPED_ASIDE = (
     "okx is recorded as live but this serve executes it as paper: it no longer executes okx; "
     "stop this serve or restart it with LEDGER_EXECUTION=okx=live"
