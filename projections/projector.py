@@ -122,9 +122,11 @@ VENUE_ID_CONSTRAINT = "orders_exchange_order_id_key"
 GAP_TYPE_LENGTH = 64  # projector_gaps.type
 GAP_CODE_LENGTH = 32  # projector_gaps.code
 # A batch is one PostgreSQL transaction with fixed costs (locking the tracking record, a dozen
-# round trips, the commit): `serve`'s projector reads this many times the configured batch_size
-# a batch (1,024 entries with the default 256).
-BATCH_FACTOR = 4
+# round trips, the commit, the runner's read and acknowledgement): `serve`'s projector reads this
+# many times the configured batch_size a batch (2,048 entries with the default 256). Catching up
+# after an outage, 8 against 4: medians of three alternating runs 10,251 -> 11,545 rows/s; the
+# price is a longer read script (about 33 ms of Redis per 2,048 entries) during a catch-up.
+BATCH_FACTOR = 8
 # Entries per statement within a batch's transaction: PostgreSQL inserts one chunk while Python
 # builds the next (``Projector.project``).
 CHUNK = 256

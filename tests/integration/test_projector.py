@@ -591,7 +591,7 @@ async def test_one_projector_per_shard(redis: Any, ledger: Ledger, pool: Any) ->
 
 async def test_serve_projector_reads_batch_factor_times_the_batch_size(redis: Any, database_url: str) -> None:
     (service,) = await projector_role(redis, Settings(database_url=database_url, batch_size=10))
-    assert service.settings.batch_size == 10 * BATCH_FACTOR == 40
+    assert service.settings.batch_size == 10 * BATCH_FACTOR == 80
 
 
 async def test_projector_handle_is_one_transaction(
@@ -647,8 +647,9 @@ async def test_kill_between_commit_and_xack(
     tmp_path: Path,
 ) -> None:
     position_id, _, _ = await open_and_close(ledger)
-    order_id = await place(ledger)
-    await ledger.send("order_rejected", order_id=order_id, reason="no")
+    for _ in range(2):  # more events than one batch of the projector
+        order_id = await place(ledger)
+        await ledger.send("order_rejected", order_id=order_id, reason="no")
     length = await redis.xlen(KEYS.events)
     log = await redis.xrange(KEYS.events)
     # One process (the fault is patched into this one); serve's projector reads BATCH_FACTOR
@@ -690,7 +691,7 @@ async def test_kill_between_commit_and_xack(
     assert await count(pg, "SELECT count(DISTINCT event_id) FROM ledger_events") == length
     assert await count(pg, "SELECT count(*) FROM fills") == 2
     assert await count(pg, "SELECT count(*) FROM positions WHERE id = %s", position_id) == 1
-    assert await count(pg, "SELECT count(*) FROM orders") == 3
+    assert await count(pg, "SELECT count(*) FROM orders") == 4
     assert await checkpoint(pg, 0) == log[-1][0]
     assert await redis.xlen(KEYS.dead) == 0
 
