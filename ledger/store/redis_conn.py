@@ -130,7 +130,17 @@ return before
 async def recorded_execution(redis: Any) -> dict[Exchange, str]:
     """The execution mode recorded for each exchange, as recorded (a value that is no mode is
     returned as it is); an exchange with none recorded is left out."""
-    values = await redis.hmget(META, [execution_field(exchange) for exchange in Exchange])
+    pipe = redis.pipeline(transaction=False)
+    _read_execution(pipe)
+    (values,) = await pipe.execute()
+    return _execution_read(values)
+
+
+def _read_execution(pipe: Any) -> None:
+    pipe.hmget(META, [execution_field(exchange) for exchange in Exchange])
+
+
+def _execution_read(values: list[Any]) -> dict[Exchange, str]:
     return {exchange: text(value) for exchange, value in zip(Exchange, values, strict=True) if value is not None}
 
 
@@ -141,8 +151,9 @@ async def ensure_execution(redis: Any, execution: Mapping[Exchange, str]) -> Non
     pipe = redis.pipeline(transaction=False)
     for exchange in Exchange:
         pipe.hsetnx(META, execution_field(exchange), execution[exchange])
-    await pipe.execute()
-    recorded = await recorded_execution(redis)
+    _read_execution(pipe)  # in the same round trip, after the HSETNXs
+    *_, values = await pipe.execute()
+    recorded = _execution_read(values)
     differ = [exchange for exchange in Exchange if recorded.get(exchange) != execution[exchange]]
     if not differ:
         return
