@@ -40,7 +40,6 @@ from benchmarks.client import (
     users,
 )
 from benchmarks.figures import Figure
-from benchmarks.peer import peer_fills_per_s
 from benchmarks.run import WARMUP_PAIRS, Filled, Profiler, Results, Run, serving
 from benchmarks.stack import Stack
 from ledger.store.keys import marks, order_key
@@ -751,6 +750,10 @@ def serve_rss_figure(results: dict[str, Results]) -> Figure | None:
 async def peer(run: Run, res: Results) -> None:
     """The same place + fill pairs through the eventsourcing library (PostgreSQL recorder, 4
     threads) beside the ledger's pairs until archived, on the same PostgreSQL server."""
+    # Imported here: the peer needs the optional `bench` dependencies (eventsourcing), which
+    # `make test` does not install; the rest of the suite (its parser, figures, report) does not.
+    from benchmarks.peer import peer_fills_per_s
+
     pairs = run.sizes.peer_pairs
     with run.stack("peer") as stack:
         client = run.client(stack)

@@ -4,6 +4,8 @@ scenario's results of N runs, and the value column of the report. Pure functions
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -182,3 +184,11 @@ def test_runs_option() -> None:
     for wrong in ("0", "-1", "two"):
         with pytest.raises(SystemExit):
             parser().parse_args(["--runs", wrong])
+
+
+def test_the_suite_imports_without_the_bench_extra() -> None:
+    """`make test` installs `.[dev]` only: the benchmarks' parser, figures and report must import
+    without the optional `bench` dependencies (the peer's eventsourcing is imported where used)."""
+    code = "import sys; sys.modules['eventsourcing'] = None; import benchmarks.__main__"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
