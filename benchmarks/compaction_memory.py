@@ -50,6 +50,7 @@ MEASURED = {
     "events stream": KEYS.events,
     "commands stream": KEYS.commands,
 }
+ARCHIVED = "outcomes:archived*"  # the archived outcomes' index: its meta hash and buckets
 
 
 async def _publish(redis: Any, commands: list[tuple[str, dict[str, Any]]]) -> None:
@@ -69,6 +70,8 @@ async def _order_ids(redis: Any, command_ids: list[str]) -> list[str]:
 
 async def _measure(redis: Any, commands: int) -> dict[str, Any]:
     sizes = {name: int(await redis.memory_usage(key, samples=0) or 0) for name, key in MEASURED.items()}
+    index_keys = [key async for key in redis.scan_iter(match=f"{KEYS.archived}*", count=1000)]
+    sizes[ARCHIVED] = sum([int(await redis.memory_usage(key, samples=0) or 0) for key in index_keys])
     used = int((await redis.info("memory"))["used_memory"])
     return {
         "bytes": sizes,
@@ -179,7 +182,7 @@ def main() -> None:
         return
     print(f"{result['lifecycles']} lifecycles, {result['commands']} commands; bytes per command")
     print(f"{'key':<22}{'before':>10}{'after':>10}")
-    for name in MEASURED:
+    for name in [*MEASURED, ARCHIVED]:
         print(f"{name:<22}{result['before']['per_command'][name]:>10}{result['after']['per_command'][name]:>10}")
     print(f"{'total':<22}{result['before']['per_command_total']:>10}{result['after']['per_command_total']:>10}")
     used = (result["before"]["used_memory"], result["after"]["used_memory"])

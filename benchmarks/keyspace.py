@@ -22,6 +22,7 @@ _SHARD = re.compile(r"\Aledger:\{\d+\}:")
 _REPLY = re.compile(r"\Aledger:\{s\}:reply:.*\Z")
 _FENCE = re.compile(r"\Aledger:live:fence:\{.*\}\Z")
 _USER_SETS = re.compile(r"\A(orders:user|positions:index):[^:]+:[a-z]+\Z")
+_BUCKET = re.compile(r"\Aledger:\{s\}:outcomes:archived:\d+\Z")
 _POSITION = re.compile(r"\Apositions:(?!index:)[^:]+:[a-z]+:.+:(long|short)\Z")
 
 # How long each class stays once the order it holds is final and archived (the rest: the
@@ -30,7 +31,8 @@ STAYS = {
     "ledger:{s}:reply:<user>:<command>": f"LEDGER_REPLY_TTL_S ({REPLY_TTL_S} s)",
     "ledger:{s}:events": "until trimmed",
     "ledger:{s}:commands": "until trimmed",
-    "ledger:{s}:outcomes": "for good (a marker once compacted)",
+    "ledger:{s}:outcomes": "until compacted",
+    "ledger:{s}:outcomes:archived:<n>": "for good (fingerprint and digest of a compacted outcome)",
     "ledger:{s}:orders": "for good (compact once final and archived)",
     "ledger:{s}:positions": "for good (compact once closed and archived)",
     "ledger:{s}:outcomes:eventless": "until compacted",
@@ -48,6 +50,8 @@ def key_class(key: str) -> str:
     name = _SHARD.sub("ledger:{s}:", _UUID.sub("{id}", key))
     if _REPLY.match(name):
         return "ledger:{s}:reply:<user>:<command>"
+    if _BUCKET.match(name):
+        return "ledger:{s}:outcomes:archived:<n>"
     if match := _USER_SETS.match(name):
         return f"{match[1]}:<user>:<exchange>"
     if _POSITION.match(name):

@@ -164,6 +164,7 @@ class CommandHandler:
                 self.store.reply_ttl_s,
                 keys.outcomes,
                 outcome_field(error.user_id, error.command_id),
+                self.store.index,
             )
         written = await write_dead_letter(
             self.store.redis,

@@ -23,32 +23,51 @@ from typing import Any
 from consumers.entries import Entry
 from ledger.domain import wire
 from ledger.domain.values import now_ms
+from ledger.store.archived import ARCHIVED_LUA, ArchivedIndex, fingerprint
 from ledger.store.keys import dead_index, waiting
 
 MAX_FIELDS = 1000
 
 # KEYS[1] dead stream, KEYS[2] dead index, then KEYS[3] source stream and KEYS[4] its try
 # counters (when ARGV[2], the group, is not empty: acknowledge), then the reply list, the
-# shard's outcomes hash and its waiting duplicates (when ARGV[4], the reply, is not empty).
+# shard's outcomes hash, its waiting duplicates, the archived outcomes' index (meta) and the
+# command's bucket in it (when ARGV[4], the reply, is not empty).
 # ARGV[1] index field, ARGV[2] group or '', ARGV[3] entry id, ARGV[4] reply or '', ARGV[5] reply
-# time-to-live in seconds, ARGV[6] the command's outcome field or '', ARGV[7..] the dead letter's
-# field/value pairs.
+# time-to-live in seconds, ARGV[6] the command's outcome field or '', ARGV[7] the index
+# generation the bucket was computed with or '', ARGV[8] the field's fingerprint or '',
+# ARGV[9..] the dead letter's field/value pairs.
 # A command whose id already has an outcome keeps it: the reply written is that outcome (CONTRACT
 # §3: a repeated command_id gets the first outcome), so a malformed entry never overwrites it;
-# a compacted outcome (a marker, '~...') is answered from PostgreSQL by the handler's OutcomeReader.
-# Returns 1 if this call wrote the dead letter, 0 if it was already there.
-_DEAD_LETTER_LUA = """
+# a compacted outcome (in the index, or a marker '~...' left before it) is answered from
+# PostgreSQL by the handler's OutcomeReader.
+# Returns 1 if this call wrote the dead letter, 0 if it was already there, or the index's
+# generation when it is not ARGV[7] (nothing written: the caller retries with it).
+_DEAD_LETTER_LUA = (
+    ARCHIVED_LUA
+    + """
 local fresh = redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
+if fresh and ARGV[4] ~= '' then
+  local generation = archived_generation(KEYS[#KEYS - 1])
+  if generation ~= ARGV[7] then
+    return generation
+  end
+end
 if fresh then
-  redis.call('HSET', KEYS[2], ARGV[1], redis.call('XADD', KEYS[1], '*', unpack(ARGV, 7)))
+  redis.call('HSET', KEYS[2], ARGV[1], redis.call('XADD', KEYS[1], '*', unpack(ARGV, 9)))
   if ARGV[4] ~= '' then
-    local reply = KEYS[#KEYS - 2]
-    local body = redis.call('HGET', KEYS[#KEYS - 1], ARGV[6]) or ARGV[4]
-    if string.sub(body, 1, 1) == '~' then
-      redis.call('HSET', KEYS[#KEYS], ARGV[6], body)
+    local body = redis.call('HGET', KEYS[#KEYS - 3], ARGV[6])
+    local marker
+    if not body then
+      marker = archived_marker(KEYS[#KEYS], ARGV[8])
+    elseif string.sub(body, 1, 1) == '~' then
+      marker = body
+    end
+    if marker then
+      redis.call('HSET', KEYS[#KEYS - 2], ARGV[6], marker)
     else
+      local reply = KEYS[#KEYS - 4]
       redis.call('DEL', reply)
-      redis.call('RPUSH', reply, body)
+      redis.call('RPUSH', reply, body or ARGV[4])
       redis.call('EXPIRE', reply, ARGV[5])
     end
   end
@@ -59,6 +78,7 @@ if ARGV[2] ~= '' then
 end
 return fresh and 1 or 0
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +91,7 @@ class Reply:
     ttl_s: int
     outcomes_key: str
     outcome_field: str
+    index: ArchivedIndex  # the shard's archived outcomes (``EventStore.index``)
 
 
 def index_field(stream: str, group: str, entry_id: str) -> str:
@@ -116,22 +137,25 @@ async def write_dead_letter(
     key) also acknowledges the entry and drops its counter, whether or not it was written now.
     """
     letter = dead_letter_fields(fields, stream=stream, entry_id=entry_id, group=group, code=code, reason=reason)
-    keys = [dead_stream, dead_index(dead_stream)]
-    if ack_tries is not None:
-        keys += [stream, ack_tries]
-    if reply is not None:
-        keys += [reply.key, reply.outcomes_key, waiting(reply.outcomes_key)]
-    args: list[Any] = [
-        index_field(stream, group, entry_id),
-        group if ack_tries is not None else "",
-        entry_id,
-        reply.body if reply is not None else "",
-        reply.ttl_s if reply is not None else 0,
-        reply.outcome_field if reply is not None else "",
-    ]
-    for name, value in letter.items():
-        args += [name, value]
-    return bool(await redis.eval(_DEAD_LETTER_LUA, len(keys), *keys, *args))
+    pairs = [x for name, value in letter.items() for x in (name, value)]
+    fp = fingerprint(reply.outcome_field) if reply is not None else b""
+
+    async def call() -> Any:
+        keys = [dead_stream, dead_index(dead_stream)]
+        if ack_tries is not None:
+            keys += [stream, ack_tries]
+        answer: list[Any] = ["", 0, "", "", ""]
+        if reply is not None:
+            index = reply.index
+            keys += [reply.key, reply.outcomes_key, waiting(reply.outcomes_key), index.meta, index.bucket(fp)]
+            answer = [reply.body, reply.ttl_s, reply.outcome_field, str(index.generation), fp]
+        group_arg = group if ack_tries is not None else ""
+        args = [index_field(stream, group, entry_id), group_arg, entry_id, *answer, *pairs]
+        return await redis.eval(_DEAD_LETTER_LUA, len(keys), *keys, *args)
+
+    if reply is None:
+        return bool(await call())
+    return bool(await reply.index.current(call, lambda written: None if isinstance(written, int) else written))
 
 
 async def decode_events(

@@ -36,6 +36,7 @@ without one keeps such a duplicate waiting and logs what to set.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,8 @@ from ledger.domain.enums import FINAL_ORDER_STATUSES, PositionStatus
 from ledger.domain.state import OrderState, PositionState
 from ledger.domain.values import now_ms
 from ledger.sqlfiles import load_queries
-from ledger.store.eventstore import MARKER_PREFIX, ORDER_SNAPSHOT, POSITION_SNAPSHOT, outcome_marker
+from ledger.store.archived import ARCHIVED_LUA, DIGEST_BYTES, ArchivedIndex, digest, fingerprint
+from ledger.store.eventstore import MARKER_PREFIX, ORDER_SNAPSHOT, POSITION_SNAPSHOT
 from ledger.store.keys import ShardKeys, outcome_ids
 from ledger.store.redis_conn import entry_order, text
 from projections.projector import checkpoint as archived_up_to
@@ -92,22 +94,47 @@ ORDER_KEPT = (
 POSITION_KEPT = ("id", "user_id", "exchange", "symbol", "side", "status", "version")
 FINAL_POSITION_STATUSES = frozenset(PositionStatus) - {PositionStatus.OPEN}
 
-# KEYS[1] the hash, KEYS[2] (outcomes only) the sorted set of outcomes without events.
-# ARGV: field, value read, compact value, ... Each field is replaced only if it still holds the
-# value read. Returns how many were replaced.
+# KEYS[1] the hash. ARGV: field, value read, compact value, ... Each field is replaced only if it
+# still holds the value read. Returns how many were replaced.
 _COMPACT_LUA = """
 local replaced = 0
 for i = 1, #ARGV, 3 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
-    if KEYS[2] then
-      redis.call('ZREM', KEYS[2], ARGV[i])
-    end
     replaced = replaced + 1
   end
 end
 return replaced
 """
+
+# KEYS[1] the outcomes hash, KEYS[2] the outcomes without events, KEYS[3] the archived index's
+# meta, KEYS[3 + k] the bucket of item k. ARGV[1] the index generation the buckets were computed
+# with, then per item: field, value read, fingerprint, digest. Each field that still holds the
+# value read leaves the outcomes hash (and KEYS[2]) for its bucket, in one step. Returns
+# {'ok', how many moved} or, when the generation is not ARGV[1], {'stale', generation}.
+_ARCHIVE_LUA = (
+    ARCHIVED_LUA
+    + """
+local current = archived_generation(KEYS[3])
+if current ~= ARGV[1] then
+  return {'stale', current}
+end
+local moved, added = 0, 0
+for i = 2, #ARGV, 4 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    added = added + redis.call('HSET', KEYS[3 + (i + 2) / 4], ARGV[i + 2], ARGV[i + 3])
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    moved = moved + 1
+  end
+end
+if added > 0 then
+  redis.call('HINCRBY', KEYS[3], 'count', added)
+end
+return {'ok', moved}
+"""
+)
+_LEGACY_MARKER = re.compile(rf"{re.escape(MARKER_PREFIX)}[0-9a-f]{{{2 * DIGEST_BYTES}}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,11 +268,15 @@ async def _compact_outcomes(
 ) -> Compaction:
     archived = await archived_up_to(conn, keys.shard)
     archived_key = entry_order(archived) if archived else (0, 0)
-    entries = already = eligible = compacted = 0
+    index = ArchivedIndex(keys.archived)
+    already = await index.read(redis)  # outcomes in the index; markers left before it are added below
+    entries = eligible = compacted = 0
     async for page in _pages(redis, keys.outcomes):
         entries += len(page)
         eventless: list[tuple[str, str]] = []
         chosen: list[tuple[str, str]] = []
+        # Markers a pass before the index left in the hash: moved to it as they are.
+        markers = [(f, r, bytes.fromhex(r[1:])) for f, r in page if _LEGACY_MARKER.fullmatch(r)]
         for field, reply in page:
             if reply.startswith(MARKER_PREFIX):
                 already += 1
@@ -265,21 +296,39 @@ async def _compact_outcomes(
                 # Recorded before the append step timed outcomes without events: aged from now.
                 await redis.zadd(keys.eventless, dict.fromkeys(unknown, now), nx=True)
         eligible += len(chosen)
-        if dry_run or not chosen:
+        if dry_run:
             continue
-        async with conn.transaction():
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    _SQL["outcome_insert"],
-                    [
-                        {"shard": keys.shard, "user_id": user, "command_id": command, "reply": reply}
-                        for field, reply in chosen
-                        for user, command in [outcome_ids(field)]
-                    ],
-                )
-        triples = [(field, reply, outcome_marker(reply.encode()).encode()) for field, reply in chosen]
-        compacted += await _replace(redis, [keys.outcomes, keys.eventless], triples)
+        if chosen:
+            async with conn.transaction():
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        _SQL["outcome_insert"],
+                        [
+                            {"shard": keys.shard, "user_id": user, "command_id": command, "reply": reply}
+                            for field, reply in chosen
+                            for user, command in [outcome_ids(field)]
+                        ],
+                    )
+            compacted += await _archive(redis, keys, index, [(f, r, digest(r.encode())) for f, r in chosen])
+        if markers:
+            await _archive(redis, keys, index, markers)
     return Compaction(keys.shard, keys.outcomes, entries, already, eligible, compacted)
+
+
+async def _archive(redis: Any, keys: ShardKeys, index: ArchivedIndex, items: list[tuple[str, str, bytes]]) -> int:
+    """Move outcomes (field, value read, digest of the reply) from the outcomes hash to the
+    archived index, growing it first; return how many moved (one that changed since it was
+    read stays for the next pass)."""
+    await index.grow(redis, extra=len(items))
+    fingerprints = [fingerprint(field) for field, _value, _digest in items]
+    flat = [x for (field, value, dg), fp in zip(items, fingerprints, strict=True) for x in (field, value, fp, dg)]
+
+    async def call() -> Any:
+        key_list = [keys.outcomes, keys.eventless, keys.archived, *(index.bucket(fp) for fp in fingerprints)]
+        return await redis.eval(_ARCHIVE_LUA, len(key_list), *key_list, str(index.generation), *flat)
+
+    _status, moved = await index.current(call, lambda result: result[1] if text(result[0]) == "stale" else None)
+    return int(moved)
 
 
 async def compact_shard(

@@ -15,6 +15,7 @@ import psycopg_pool
 from consumers.command_handler import GROUP as HANDLER_GROUP
 from consumers.command_handler import CommandHandler
 from consumers.runner import ConsumerSettings, StreamConsumer
+from ledger.store.archived import ArchivedIndex, fingerprint
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys, shard_of
 from ledger.store.redis_conn import ensure_shard_count
@@ -151,3 +152,20 @@ class Rig:
 async def log_entries(redis: Any, shard: int = 0) -> list[str]:
     """The entry ids of a shard's event log in Redis."""
     return [str(entry_id) for entry_id, _fields in await redis.xrange(ShardKeys(shard).events)]
+
+
+# The bucket's value in hex (the test clients decode responses; the index holds bytes).
+_HEX_OF_FIELD = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return nil end
+return (string.gsub(v, '.', function(c) return string.format('%02x', string.byte(c)) end))
+"""
+
+
+async def archived_digest(redis: Any, keys: ShardKeys, field: str) -> str | None:
+    """The digest (hex) the shard's archived index holds for an outcome field, or None."""
+    index = ArchivedIndex(keys.archived)
+    await index.read(redis)
+    fp = fingerprint(field)
+    bucket = index.bucket(fp)
+    return await redis.eval(_HEX_OF_FIELD, 1, bucket, fp)

@@ -7,9 +7,10 @@ open-position slots, the user's new concurrency token, the command's outcome for
 and its reply (DEL + RPUSH + EXPIRE). It refuses with ``conflict`` when the user's token moved
 since the state was loaded (another handler got there first), and answers ``duplicate`` with the
 first outcome when the command was handled before, however long ago. When that outcome was
-compacted (``projections.compact``: the reply moved to PostgreSQL, a marker left in Redis) it
-answers ``archived`` and records the duplicate in ``ledger:{s}:outcomes:waiting``; the handler's
-``OutcomeReader`` writes the reply from PostgreSQL with ``answer_waiting``.
+compacted (``projections.compact``: the reply moved to PostgreSQL, its fingerprint and digest
+to the archived index, ``ledger.store.archived``) it answers ``archived`` and records the
+duplicate in ``ledger:{s}:outcomes:waiting`` with its marker; the handler's ``OutcomeReader``
+writes the reply from PostgreSQL with ``answer_waiting``.
 
 A batch of appends (``append_many``) is one script call with the batch packed in one msgpack
 argument; each append in it keeps its own atomic step and outcome, in order.
@@ -19,7 +20,6 @@ Loading state reads snapshots by id (HMGET), never the log.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -33,16 +33,16 @@ from ledger.defaults import BLOCK_MS, REPLY_TTL_S
 from ledger.domain import wire
 from ledger.domain.decider import Requirements
 from ledger.domain.state import Book, OrderState, PositionState
+from ledger.store.archived import ARCHIVED_LUA, ArchivedIndex, digest, fingerprint
 from ledger.store.keys import ShardKeys, outcome_field, outcome_ids
 from ledger.store.redis_conn import text
 
 log = structlog.get_logger("ledger.store.eventstore")
-APPEND_LUA = resources.files("ledger.store").joinpath("lua/append.lua").read_text()
-# What stays of a compacted outcome: this prefix (a reply is JSON and starts with "{"; the append
-# script tests the same character) and the first digits of the reply's SHA-1, which the reply
-# read back from PostgreSQL must match before it is given.
+APPEND_LUA = ARCHIVED_LUA + resources.files("ledger.store").joinpath("lua/append.lua").read_text()
+# How a compacted outcome is named to its waiting duplicates: this prefix (a reply is JSON and
+# starts with "{"; the scripts test the same character) and the hex digits of the reply's digest
+# (``archived.digest``), which the reply read back from PostgreSQL must match before it is given.
 MARKER_PREFIX = "~"
-MARKER_DIGITS = 20
 # A script call holds Redis for its whole run: at most this many appends per call (about 15 ms of
 # Redis time on the 2-core development VM), so a large LEDGER_BATCH_SIZE never stalls other clients
 # for long. The default batch (256) is one call.
@@ -134,8 +134,8 @@ class AppendResult:
 
 
 def outcome_marker(reply: bytes) -> str:
-    """What a compacted outcome leaves in ``ledger:{s}:outcomes``."""
-    return MARKER_PREFIX + hashlib.sha1(reply, usedforsecurity=False).hexdigest()[:MARKER_DIGITS]
+    """The marker of a compacted outcome (``ledger:{s}:outcomes:waiting`` holds it for a duplicate)."""
+    return MARKER_PREFIX + digest(reply).hex()
 
 
 def is_marker(outcome: bytes | str) -> bool:
@@ -157,6 +157,7 @@ class EventStore:
         self.redis = redis
         self.keys = ShardKeys(shard)
         self.reply_ttl_s = reply_ttl_s
+        self.index = ArchivedIndex(self.keys.archived)
         self._sha: str | None = None
 
     # ----------------------------------------------------------------- state
@@ -218,25 +219,42 @@ class EventStore:
 
     async def _append_chunk(self, appends: Sequence[Append]) -> list[AppendResult]:
         keys = self.keys
-        key_list = [
-            keys.events,
-            keys.orders,
-            keys.positions,
-            keys.slots,
-            keys.sequence,
-            keys.outcomes,
-            keys.chain,
-            keys.waiting,
-            keys.eventless,
-            *(keys.reply(a.user_id, a.command_id) for a in appends),
-        ]
-        args = [len(key_list), *key_list, _batch_encoder.encode([_packed(a) for a in appends]), self.reply_ttl_s]
-        sha = self._sha or await self._load_script()
-        try:
-            # ``execute_command``: routed by its keys on a cluster (all on this shard's slot).
-            results = await self.redis.execute_command("EVALSHA", sha, *args)
-        except NoScriptError:  # the server lost its script cache (a restart): load it again
-            results = await self.redis.execute_command("EVALSHA", await self._load_script(), *args)
+        fields = [outcome_field(a.user_id, a.command_id) for a in appends]
+        fingerprints = [fingerprint(f) for f in fields]
+        batch = _batch_encoder.encode([_packed(a, f) for a, f in zip(appends, fields, strict=True)])
+        replies = [keys.reply(a.user_id, a.command_id) for a in appends]
+
+        async def call() -> Any:
+            key_list = [
+                keys.events,
+                keys.orders,
+                keys.positions,
+                keys.slots,
+                keys.sequence,
+                keys.outcomes,
+                keys.chain,
+                keys.waiting,
+                keys.eventless,
+                keys.archived,
+                *replies,
+                *(self.index.bucket(fp) for fp in fingerprints),
+            ]
+            args = [
+                len(key_list),
+                *key_list,
+                batch,
+                self.reply_ttl_s,
+                str(self.index.generation),
+                b"".join(fingerprints),
+            ]
+            sha = self._sha or await self._load_script()
+            try:
+                # ``execute_command``: routed by its keys on a cluster (all on this shard's slot).
+                return await self.redis.execute_command("EVALSHA", sha, *args)
+            except NoScriptError:  # the server lost its script cache (a restart): load it again
+                return await self.redis.execute_command("EVALSHA", await self._load_script(), *args)
+
+        results = await self.index.current(call, _stale_batch)
         return [AppendResult(text(status), text(reply)) for status, reply in results]
 
     async def append(self, append: Append) -> AppendResult:
@@ -306,6 +324,11 @@ class EventStore:
                     last = text(entries[-1][0])
 
 
+def _stale_batch(results: Any) -> Any | None:
+    """The index generation the append script answered a batch with, if it was stale."""
+    return results[0][1] if text(results[0][0]) == "stale" else None
+
+
 def _after(entry_id: str) -> str:
     return f"({entry_id}" if entry_id not in ("0", "0-0") else "-"
 
@@ -324,7 +347,7 @@ def _decoded(entries: Iterable[tuple[Any, dict[Any, Any]]]) -> Iterable[StoredEv
             yield StoredEvent(entry_id, event)
 
 
-def _packed(append: Append) -> list[Any]:
+def _packed(append: Append, field: str) -> list[Any]:
     """One command's part of the batch, as ``lua/append.lua`` reads it. Texts, not bytes: Redis's
     cmsgpack reads no msgpack ``bin``; the event and snapshot JSON is UTF-8 and stays byte for byte."""
     events: list[str] = []
@@ -332,7 +355,7 @@ def _packed(append: Append) -> list[Any]:
         events += (event.type, wire.encode(event).decode())
     return [
         append.user_id,
-        outcome_field(append.user_id, append.command_id),
+        field,
         append.expected_token,
         append.new_token,
         reply_head(append.reply).decode(),

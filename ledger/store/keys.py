@@ -45,10 +45,16 @@ Internal keys of the operators' tools:
 Internal keys of the command handler and of compaction (``projections.compact``):
 
 ``ledger:{s}:outcomes`` (hash, ``ShardKeys.outcomes``)
-    Every command outcome ever given, field ``user_id:command_id`` -> the reply JSON, written by
-    the append step (deduplication, CONTRACT §3). Once the command is archived and older than the
-    retention, compaction copies the reply to PostgreSQL (``ledger_outcomes``) and leaves a marker
-    ``~`` + 20 hex digits of the reply's SHA-1 (``ledger.store.eventstore.outcome_marker``) here.
+    Every command outcome not compacted yet, field ``user_id:command_id`` -> the reply JSON,
+    written by the append step (deduplication, CONTRACT §3). Once the command is archived and
+    older than the retention, compaction copies the reply to PostgreSQL (``ledger_outcomes``)
+    and moves the outcome to the index below. (Before the index, compaction left a marker ``~`` +
+    20 hex digits of the reply's SHA-1 here: one still found is read as such and moved by the
+    next pass.)
+``ledger:{s}:outcomes:archived`` (hash, ``ShardKeys.archived``) and ``…:archived:<n>`` (hashes)
+    The index of compacted outcomes (``ledger.store.archived``): the meta hash holds the
+    generation (``level``, ``split``) and ``count``; bucket ``n`` maps the fingerprint of an
+    outcome field (16 bytes) to the digest of its reply (10 bytes).
 ``ledger:{s}:outcomes:eventless`` (sorted set, ``ShardKeys.eventless``)
     The outcomes without events (rejections), scored by when the append step recorded them (epoch
     ms, Redis's clock): their age, which no event id gives. A member leaves when compacted.
@@ -136,6 +142,7 @@ class ShardKeys:
         "outcomes",
         "eventless",
         "waiting",
+        "archived",
         "checkpoint",
         "progress",
         "expiring",
@@ -159,6 +166,9 @@ class ShardKeys:
         # The age of outcomes without events, and duplicates of compacted commands being answered.
         self.eventless = f"{tag}:outcomes:eventless"
         self.waiting = waiting(self.outcomes)
+        # The index of compacted outcomes (``ledger.store.archived``): its meta hash; its
+        # buckets are this key and ":<n>".
+        self.archived = f"{tag}:outcomes:archived"
         # The live projection's position in the event log.
         self.checkpoint = f"{tag}:projection"
         # The same, told: one entry per step whose id is the new checkpoint (readers block on it).

@@ -29,6 +29,7 @@ from consumers.command_handler import GROUP, CommandHandler
 from consumers.deadletter import MAX_FIELDS, Reply, write_dead_letter
 from consumers.entries import Entry
 from consumers.runner import UNFINISHED, ConsumerSettings, StreamConsumer
+from ledger.store.archived import ArchivedIndex
 from ledger.store.eventstore import EventStore
 from tests.pipeline_helpers import (
     ROOT,
@@ -167,7 +168,7 @@ async def test_dead_letter_and_its_reply_are_written_once(client: Any) -> None:
         dead,
         {"type": "x", "data": "{"},
         reason="first",
-        reply=Reply(reply, b'{"n": 1}', 60, outcomes, "alice:c-1"),
+        reply=Reply(reply, b'{"n": 1}', 60, outcomes, "alice:c-1", ArchivedIndex("t:{d}:archived")),
         **args,
     )
     assert await redis.blpop([reply], timeout=1) == (reply, '{"n": 1}')  # the client took it
@@ -176,7 +177,7 @@ async def test_dead_letter_and_its_reply_are_written_once(client: Any) -> None:
         dead,
         {"type": "x", "data": "{"},
         reason="again",
-        reply=Reply(reply, b'{"n": 2}', 60, outcomes, "alice:c-1"),
+        reply=Reply(reply, b'{"n": 2}', 60, outcomes, "alice:c-1", ArchivedIndex("t:{d}:archived")),
         **args,
     )
 
@@ -201,7 +202,7 @@ async def test_a_malformed_entry_never_overwrites_the_recorded_outcome_of_its_co
         dead,
         {"type": "x"},
         reason="bad",
-        reply=Reply(reply, b'{"status": "rejected"}', 60, outcomes, "alice:c-1"),
+        reply=Reply(reply, b'{"status": "rejected"}', 60, outcomes, "alice:c-1", ArchivedIndex("t:{d}:archived")),
         **args,
     )
 

@@ -3,19 +3,24 @@
 -- KEYS: 1 events stream, 2 order snapshots, 3 position snapshots, 4 open-position slots,
 --       5 per-user tokens, 6 outcomes (dedupe), 7 chain head,
 --       8 duplicates waiting for an archived outcome, 9 age of outcomes without events,
---       then 9 + i: the reply list of command i.
+--       10 the archived outcomes' index (its meta hash, ledger/store/archived.py),
+--       then 10 + i: the reply list of command i, and 10 + n + i: the index bucket of its
+--       outcome field (n commands).
 -- ARGV: 1 the batch, msgpack (ledger/store/eventstore.py packs it): an array with, per command,
 --       {user_id, outcome field, expected token ('' = none yet), new token,
 --        reply head (JSON up to and including "events":), {type, data, ...} of its events,
 --        {id, json, ...} of its orders, {id, json, ...} of its positions,
 --        {field, value, ...} of its slots (value '' deletes the slot)};
---       2 reply TTL seconds.
+--       2 reply TTL seconds; 3 the index generation the buckets were computed with; 4 the
+--       fingerprints of the outcome fields, 16 bytes each, in command order.
 -- Returns, per command in order, {'ok'|'duplicate', reply}, {'archived', marker} or
 -- {'conflict', current token}. A conflict writes nothing for that command; the user's later
--- commands in the batch expected its new token, so they conflict too.
--- An outcome compacted by projections/compact.py is a marker ('~' and a digest, never JSON,
--- which starts with '{'): the full reply is in PostgreSQL, so the duplicate is recorded in
--- KEYS[8] for the handler's OutcomeReader to answer, and nothing else is written.
+-- commands in the batch expected its new token, so they conflict too. When the index's
+-- generation is not ARGV[3], nothing is written and the answer is {{'stale', generation}}.
+-- An outcome compacted by projections/compact.py is in the index (or, compacted before it, a
+-- marker in KEYS[6]: '~' and a digest, never JSON, which starts with '{'): the full reply is in
+-- PostgreSQL, so the duplicate is recorded in KEYS[8] with its marker for the handler's
+-- OutcomeReader to answer, and nothing else is written.
 -- An outcome without events gets its time (Redis's clock, epoch ms) in KEYS[9]: its age for
 -- compaction, which no event entry id gives.
 -- Every event is chained (ledger/store/chain.py): its entry gets fields n (its number in the
@@ -39,17 +44,18 @@ local function write_pairs(key, pairs)
   end
 end
 
-local function apply(c, reply_key)
+local function apply(c, reply_key, bucket, fingerprint)
   local user, field, expected, new_token, reply_head = c[1], c[2], c[3], c[4], c[5]
   local events, orders, positions, slots = c[6], c[7], c[8], c[9]
   local earlier = redis.call('HGET', KEYS[6], field)
-  if earlier then
-    if string.sub(earlier, 1, 1) == '~' then
-      redis.call('HSET', KEYS[8], field, earlier)
-      return {'archived', earlier}
-    end
+  if earlier and string.sub(earlier, 1, 1) ~= '~' then
     answer(reply_key, earlier)
     return {'duplicate', earlier}
+  end
+  local marker = earlier or archived_marker(bucket, fingerprint)
+  if marker then
+    redis.call('HSET', KEYS[8], field, marker)
+    return {'archived', marker}
   end
   local token = redis.call('HGET', KEYS[5], user) or ''
   if token ~= expected then
@@ -95,8 +101,12 @@ local function apply(c, reply_key)
   return {'ok', reply}
 end
 
+local generation = archived_generation(KEYS[10])
+if generation ~= ARGV[3] then
+  return {{'stale', generation}}
+end
 local results = {}
 for i, c in ipairs(batch) do
-  results[i] = apply(c, KEYS[9 + i])
+  results[i] = apply(c, KEYS[10 + i], KEYS[10 + #batch + i], string.sub(ARGV[4], 16 * i - 15, 16 * i))
 end
 return results
