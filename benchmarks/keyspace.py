@@ -36,6 +36,8 @@ STAYS = {
     "ledger:{s}:orders": "for good (compact once final and archived)",
     "ledger:{s}:positions": "for good (compact once closed and archived)",
     "ledger:{s}:outcomes:eventless": "until compacted",
+    "ledger:{s}:orders:final": "until compacted",
+    "ledger:{s}:positions:final": "until compacted",
     "orders:{id}": "LEDGER_FINAL_ORDER_TTL_S (7 days) once final",
     "ledger:{s}:projection:expiring": "LEDGER_FINAL_ORDER_TTL_S (7 days) once final",
     "ledger:live:fence:{<live key>}": "LEDGER_FINAL_ORDER_TTL_S (7 days) once final or closed",

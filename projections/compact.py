@@ -37,13 +37,14 @@ without one keeps such a duplicate waiting and logs what to set.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import psycopg
 
-from ledger.domain.enums import FINAL_ORDER_STATUSES, PositionStatus
+from ledger.domain.enums import FINAL_ORDER_STATUSES, FINAL_POSITION_STATUSES
 from ledger.domain.state import OrderState, PositionState
 from ledger.domain.values import now_ms
 from ledger.sqlfiles import load_queries
@@ -92,17 +93,25 @@ ORDER_KEPT = (
 # every command with it); the market and side are required by the state; the version says which
 # event it is the state after.
 POSITION_KEPT = ("id", "user_id", "exchange", "symbol", "side", "status", "version")
-FINAL_POSITION_STATUSES = frozenset(PositionStatus) - {PositionStatus.OPEN}
 
-# KEYS[1] the hash. ARGV: field, value read, compact value, ... Each field is replaced only if it
-# still holds the value read. Returns how many were replaced.
+# KEYS[1] the snapshots' hash, KEYS[2] its final ones still to look at, KEYS[3] compaction's
+# counts. ARGV[1] the count's field, then: id, value read ('' for none), compact value ('' to
+# only drop the id from KEYS[2]), ... Each id whose snapshot still is the value read gets its
+# compact value and leaves KEYS[2]; one no longer final (or gone) only leaves KEYS[2]. Returns how
+# many were replaced.
 _COMPACT_LUA = """
 local replaced = 0
-for i = 1, #ARGV, 3 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
-    replaced = replaced + 1
+for i = 2, #ARGV, 3 do
+  if (redis.call('HGET', KEYS[1], ARGV[i]) or '') == ARGV[i + 1] then
+    if ARGV[i + 2] ~= '' then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+      replaced = replaced + 1
+    end
+    redis.call('ZREM', KEYS[2], ARGV[i])
   end
+end
+if replaced > 0 then
+  redis.call('HINCRBY', KEYS[3], ARGV[1], replaced)
 end
 return replaced
 """
@@ -205,11 +214,6 @@ async def _pages(redis: Any, key: str) -> Any:
             return
 
 
-async def _replace(redis: Any, keys: list[str], triples: list[tuple[str, str, bytes]]) -> int:
-    args: list[Any] = [item for triple in triples for item in triple]
-    return int(await redis.eval(_COMPACT_LUA, len(keys), *keys, *args)) if triples else 0
-
-
 async def _archived(conn: psycopg.AsyncConnection[Any], versions: dict[str, int]) -> set[str]:
     """The aggregates whose every event (versions 1 to the one given) is in the archive."""
     if not versions:
@@ -227,27 +231,62 @@ async def _compact_snapshots(
     now: int,
     dry_run: bool,
 ) -> Compaction:
-    key, final, compact = (
-        (keys.orders, _final_order, lambda raw: compact_order(_order_decoder.decode(raw), now))
+    key, final_key, final, compact = (
+        (keys.orders, keys.final_orders, _final_order, lambda raw: compact_order(_order_decoder.decode(raw), now))
         if what == "orders"
-        else (keys.positions, _final_position, lambda raw: compact_position(_position_decoder.decode(raw), now))
+        else (
+            keys.positions,
+            keys.final_positions,
+            _final_position,
+            lambda raw: compact_position(_position_decoder.decode(raw), now),
+        )
     )
-    entries = already = eligible = compacted = 0
-    async for page in _pages(redis, key):
-        entries += len(page)
+    if not dry_run:
+        await _find_finals_once(redis, keys, what, key, final_key, final)
+    entries = int(await redis.hlen(key))
+    already = int(await redis.hget(keys.compacted, what) or 0)
+    eligible = compacted = 0
+    # What became final before the cutoff (read whole first: compacting removes members).
+    due: list[str] = []
+    while page := [
+        text(m) or ""
+        for m in await redis.zrange(final_key, "-inf", f"({cutoff}", byscore=True, offset=len(due), num=PAGE)
+    ]:
+        due += page
+    for start in range(0, len(due), PAGE):
+        ids = due[start : start + PAGE]
+        raws = [text(v) or "" for v in await redis.hmget(key, ids)]
         candidates: dict[str, tuple[str, int]] = {}
-        for aggregate_id, raw in page:
-            head = _head_decoder.decode(raw)
-            if head.compacted is not None:
-                already += 1
-            elif final(head.status) and head.updated_at < cutoff:
+        dropped: list[tuple[str, str, bytes]] = []
+        for aggregate_id, raw in zip(ids, raws, strict=True):
+            head = _head_decoder.decode(raw) if raw else None
+            if head is None or head.compacted is not None or not final(head.status):
+                dropped.append((aggregate_id, raw, b""))  # gone, compact already or open again
+            elif head.updated_at < cutoff:
                 candidates[aggregate_id] = (raw, head.version)
         archived = await _archived(conn, {i: version for i, (_raw, version) in candidates.items()})
         eligible += len(archived)
         if not dry_run:
-            triples = [(i, candidates[i][0], compact(candidates[i][0])) for i in sorted(archived)]
-            compacted += await _replace(redis, [key], triples)
+            triples = [(i, candidates[i][0], compact(candidates[i][0])) for i in sorted(archived)] + dropped
+            compacted += await _replace(redis, keys, key, final_key, what, triples)
     return Compaction(keys.shard, key, entries, already, eligible, compacted)
+
+
+async def _find_finals_once(
+    redis: Any, keys: ShardKeys, what: str, key: str, final_key: str, final: Callable[[str], bool]
+) -> None:
+    """Aggregates made final before the append step recorded them in ``final_key`` (an earlier
+    version): found by one scan of the hash, the first time compaction runs."""
+    if await redis.hget(keys.compacted, f"finals:{what}"):
+        return
+    count = 0
+    async for page in _pages(redis, key):
+        heads = [(i, _head_decoder.decode(raw)) for i, raw in page]
+        count += sum(1 for _i, head in heads if head.compacted is not None)
+        finals = {i: head.updated_at for i, head in heads if head.compacted is None and final(head.status)}
+        if finals:
+            await redis.zadd(final_key, finals)
+    await redis.hset(keys.compacted, mapping={what: count, f"finals:{what}": "1"})
 
 
 def _final_order(status: str) -> bool:
@@ -256,6 +295,14 @@ def _final_order(status: str) -> bool:
 
 def _final_position(status: str) -> bool:
     return status in FINAL_POSITION_STATUSES
+
+
+async def _replace(
+    redis: Any, keys: ShardKeys, key: str, final_key: str, what: str, triples: list[tuple[str, str, bytes]]
+) -> int:
+    args: list[Any] = [item for triple in triples for item in triple]
+    script_keys = [key, final_key, keys.compacted]
+    return int(await redis.eval(_COMPACT_LUA, len(script_keys), *script_keys, what, *args)) if triples else 0
 
 
 async def _compact_outcomes(

@@ -30,6 +30,10 @@ class PositionStatus(StrEnum):
     CLOSED = "closed"
     LIQUIDATED = "liquidated"
 
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_POSITION_STATUSES
+
 
 class OrderSide(StrEnum):
     BUY = "buy"
@@ -77,6 +81,7 @@ class OrderStatus(StrEnum):
 
 FINAL_ORDER_STATUSES = frozenset({OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED, OrderStatus.EXPIRED})
 OPEN_ORDER_STATUSES = frozenset(set(OrderStatus) - FINAL_ORDER_STATUSES)
+FINAL_POSITION_STATUSES = frozenset({PositionStatus.CLOSED, PositionStatus.LIQUIDATED})
 
 
 class InstrumentKind(StrEnum):

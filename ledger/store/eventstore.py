@@ -236,6 +236,8 @@ class EventStore:
                 keys.waiting,
                 keys.eventless,
                 keys.archived,
+                keys.final_orders,
+                keys.final_positions,
                 *replies,
                 *(self.index.bucket(fp) for fp in fingerprints),
             ]
@@ -360,11 +362,17 @@ def _packed(append: Append, field: str) -> list[Any]:
         append.new_token,
         reply_head(append.reply).decode(),
         events,
-        _pairs(append.orders, ORDER_SNAPSHOT),
-        _pairs(append.positions, POSITION_SNAPSHOT),
+        _triples(append.orders, ORDER_SNAPSHOT),
+        _triples(append.positions, POSITION_SNAPSHOT),
         [x for slot, position_id in append.slots.items() for x in (slot, position_id or "")],
     ]
 
 
-def _pairs(snapshots: dict[str, OrderState] | dict[str, PositionState], snapshot: SnapshotEncoder) -> list[str]:
-    return [x for aggregate_id, state in snapshots.items() for x in (aggregate_id, snapshot.encode(state).decode())]
+def _triples(snapshots: dict[str, OrderState] | dict[str, PositionState], snapshot: SnapshotEncoder) -> list[str]:
+    """Id, snapshot JSON and, for a final order or closed position, its ``updated_at`` (the
+    script adds it to what compaction has to look at), else ''."""
+    return [
+        x
+        for aggregate_id, state in snapshots.items()
+        for x in (aggregate_id, snapshot.encode(state).decode(), str(state.updated_at) if state.status.is_final else "")
+    ]

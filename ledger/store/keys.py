@@ -68,6 +68,16 @@ Internal keys of the command handler and of compaction (``projections.compact``)
     A final order or closed position archived and older than the retention is replaced by its
     compact form (``projections.compact``): only what the decider reads, plus ``compacted`` (epoch
     ms), which the state decoders ignore.
+``ledger:{s}:orders:final``, ``ledger:{s}:positions:final`` (sorted sets, ``ShardKeys.final_orders``
+/ ``final_positions``)
+    The aggregates compaction has still to look at: each id the append step wrote a final (or
+    closed) snapshot of, scored by its ``updated_at`` (epoch ms). Compaction reads those older than
+    the retention and removes each it compacts or finds no longer final, so a pass costs what
+    became final since, not every aggregate ever.
+``ledger:{s}:compacted`` (hash, ``ShardKeys.compacted``)
+    Compaction's counts: ``orders`` and ``positions`` compact so far, and ``finals:orders`` /
+    ``finals:positions`` = ``1`` once the sorted sets above hold every final aggregate (a pass
+    finding one unset scans that hash once: aggregates made final before the sorted sets existed).
 
 Internal keys of the live projection (``projections.live``):
 
@@ -143,6 +153,9 @@ class ShardKeys:
         "eventless",
         "waiting",
         "archived",
+        "final_orders",
+        "final_positions",
+        "compacted",
         "checkpoint",
         "progress",
         "expiring",
@@ -169,6 +182,10 @@ class ShardKeys:
         # The index of compacted outcomes (``ledger.store.archived``): its meta hash; its
         # buckets are this key and ":<n>".
         self.archived = f"{tag}:outcomes:archived"
+        # The final orders and positions compaction has still to look at, and its counts.
+        self.final_orders = f"{tag}:orders:final"
+        self.final_positions = f"{tag}:positions:final"
+        self.compacted = f"{tag}:compacted"
         # The live projection's position in the event log.
         self.checkpoint = f"{tag}:projection"
         # The same, told: one entry per step whose id is the new checkpoint (readers block on it).

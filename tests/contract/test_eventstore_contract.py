@@ -19,7 +19,7 @@ import pytest
 
 from ledger.domain import wire
 from ledger.domain.decider import Requirements
-from ledger.domain.enums import Exchange, OrderSide, OrderType, PositionSide, PositionStatus
+from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide, PositionStatus
 from ledger.domain.evolution import apply
 from ledger.domain.state import Book, OrderState, PositionState, slot_field
 from ledger.store import eventstore
@@ -352,6 +352,27 @@ class EventStoreContract:
         assert await client.hgetall(store.keys.chain) == {"id": entries[3][0], "n": "4", "hash": entries[3][1]["hash"]}
         assert await client.hgetall(store.keys.sequence) == {USER: "4-0:a"}
 
+    async def test_a_final_order_or_closed_position_is_recorded_for_compaction_with_its_time(
+        self, client: Any, store: EventStore
+    ) -> None:
+        keys = store.keys
+        events: list[wire.Event] = [placed(ORDER_1, "c-1"), opened("c-1", ORDER_1)]
+        append = command("c-1", events, new="1-0:a")
+        assert (await store.append(append)).status == "ok"
+        assert (await client.zcard(keys.final_orders), await client.zcard(keys.final_positions)) == (0, 0)
+
+        done = command("c-2", events, expected="1-0:a", new="2-0:a")
+        done.orders[ORDER_1] = msgspec.structs.replace(
+            done.orders[ORDER_1], status=OrderStatus.CANCELLED, updated_at=T0 + 7000
+        )
+        done.positions[POSITION] = msgspec.structs.replace(
+            done.positions[POSITION], status=PositionStatus.CLOSED, updated_at=T0 + 8000
+        )
+        assert (await store.append(done)).status == "ok"
+
+        assert await client.zrange(keys.final_orders, 0, -1, withscores=True) == [(ORDER_1, T0 + 7000)]
+        assert await client.zrange(keys.final_positions, 0, -1, withscores=True) == [(POSITION, T0 + 8000)]
+
     async def test_load_reads_back_snapshots_slots_tokens_and_outcomes(self, client: Any, store: EventStore) -> None:
         events: list[wire.Event] = [placed(ORDER_1, "c-1"), opened("c-1", ORDER_1)]
         first = await store.append(command("c-1", events, new="1-0:a", slots={SLOT: POSITION}))
@@ -465,7 +486,10 @@ async def _redis_ms(client: Any) -> int:
 
 def _shard_keys(store: EventStore) -> list[str]:
     k = store.keys
-    return [k.events, k.orders, k.positions, k.slots, k.sequence, k.outcomes, k.chain, k.eventless]
+    return [
+        *(k.events, k.orders, k.positions, k.slots, k.sequence, k.outcomes, k.chain, k.eventless),
+        *(k.archived, k.final_orders, k.final_positions),
+    ]
 
 
 async def _dump(client: Any, key: str) -> Any:

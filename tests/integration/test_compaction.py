@@ -30,6 +30,7 @@ from ledger.store.archived import digest
 from ledger.store.eventstore import EventStore, outcome_marker
 from ledger.store.keys import ShardKeys
 from projections.compact import compact_order, compact_position, compact_shard
+from projections.projector import PROJECTOR
 from projections.trim import retention_pass
 from projections.verify import verify
 from tests.domain_helpers import LINEAR, Driver
@@ -299,6 +300,75 @@ async def test_compaction_touches_only_final_archived_aggregates_older_than_the_
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         again = await compact_shard(redis, conn, 0)
     assert [(c.already, c.eligible, c.compacted) for c in again] == [(6, 0, 0), (2, 0, 0), (1, 0, 0)]
+
+
+async def _finals(redis: Any) -> tuple[dict[str, float], dict[str, float]]:
+    orders = dict(await redis.zrange(KEYS.final_orders, 0, -1, withscores=True))
+    positions = dict(await redis.zrange(KEYS.final_positions, 0, -1, withscores=True))
+    return orders, positions
+
+
+def _updated_at(raw: str) -> float:
+    return float(json.loads(raw)["updated_at"])
+
+
+async def test_compaction_looks_only_at_what_became_final_and_finds_older_finals_once(
+    redis: Any, database_url: str
+) -> None:
+    """The append step records each final order and closed position with its updated_at;
+    compaction reads those older than the retention, drops what it compacts, and leaves one whose
+    events are not archived yet. A late fill on a compacted order records it again. A ledger
+    whose sets were never written (an earlier version) has its finals found by one scan."""
+    rig = await Rig.start(redis)
+    ids = await _session(rig, database_url)
+    hashes = await _hashes(redis)
+    orders, positions = await _finals(redis)
+    assert orders == {ids[o]: _updated_at(hashes[KEYS.orders][ids[o]]) for o in ("buy", "sell", "late")}
+    assert positions == {ids["position"]: _updated_at(hashes[KEYS.positions][ids["position"]])}
+
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        before = (await redis.info("commandstats")).get("cmdstat_hscan", {}).get("calls", 0)
+        done = await compact_shard(redis, conn, 0)
+        scans = (await redis.info("commandstats"))["cmdstat_hscan"]["calls"] - before
+    assert [(c.compacted) for c in done] == [6, 2, 1]
+    assert scans == 3  # the outcomes hash, and each snapshot hash once (its finals found once)
+    assert await _finals(redis) == ({ids["late"]: orders[ids["late"]]}, {})  # "late" is not archived yet
+    assert await redis.hgetall(KEYS.compacted) == {
+        "orders": "2",
+        "positions": "1",
+        "finals:orders": "1",
+        "finals:positions": "1",
+    }
+
+    late_fill = await rig.send(USER, "record_fill", order_id=ids["buy"], fill_id="late-b", quantity="0.5",
+                               price="99")  # fmt: skip
+    assert late_fill["status"] == "accepted"
+    raw = await redis.hget(KEYS.orders, ids["buy"])
+    assert (await _finals(redis))[0] == {ids["late"]: orders[ids["late"]], ids["buy"]: _updated_at(raw)}
+    await redis.delete(KEYS.lease(PROJECTOR))  # the session's projector is gone (its lease would expire)
+    async with rig.projector(database_url):
+        await rig.archive()
+    await asyncio.sleep(0.01)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        before = (await redis.info("commandstats"))["cmdstat_hscan"]["calls"]
+        again = await compact_shard(redis, conn, 0)
+        scans = (await redis.info("commandstats"))["cmdstat_hscan"]["calls"] - before
+        assert scans == 1  # the outcomes hash only
+        assert [(c.hash, c.already, c.compacted) for c in again][1:] == [(KEYS.orders, 2, 2), (KEYS.positions, 1, 0)]
+        assert await _finals(redis) == ({}, {})
+
+        # An earlier version's ledger: no sets, no counts. One scan finds its finals.
+        full = await _hashes(redis)
+        await redis.delete(KEYS.compacted)
+        await redis.hset(KEYS.orders, ids["sell"], hashes[KEYS.orders][ids["sell"]])  # final, full again
+        old = await compact_shard(redis, conn, 0)
+    assert [(c.hash, c.already, c.eligible, c.compacted) for c in old][1:] == [
+        (KEYS.orders, 2, 1, 1),  # buy and late compact when scanned; sell found final and compacted
+        (KEYS.positions, 1, 0, 0),
+    ]
+    assert await redis.hget(KEYS.compacted, "orders") == "3"
+    assert (await _hashes(redis))[KEYS.orders].keys() == full[KEYS.orders].keys()
+    assert json.loads((await _hashes(redis))[KEYS.orders][ids["sell"]])["compacted"] > 0
 
 
 async def _compact_session(rig: Rig, database_url: str) -> tuple[dict[str, str], dict[str, str]]:

@@ -4,12 +4,14 @@
 --       5 per-user tokens, 6 outcomes (dedupe), 7 chain head,
 --       8 duplicates waiting for an archived outcome, 9 age of outcomes without events,
 --       10 the archived outcomes' index (its meta hash, ledger/store/archived.py),
---       then 10 + i: the reply list of command i, and 10 + n + i: the index bucket of its
+--       11 final orders, 12 final positions (what compaction has still to look at),
+--       then 12 + i: the reply list of command i, and 12 + n + i: the index bucket of its
 --       outcome field (n commands).
 -- ARGV: 1 the batch, msgpack (ledger/store/eventstore.py packs it): an array with, per command,
 --       {user_id, outcome field, expected token ('' = none yet), new token,
 --        reply head (JSON up to and including "events":), {type, data, ...} of its events,
---        {id, json, ...} of its orders, {id, json, ...} of its positions,
+--        {id, json, final, ...} of its orders, {id, json, final, ...} of its positions (final:
+--        the snapshot's updated_at when it is final or closed, else ''),
 --        {field, value, ...} of its slots (value '' deletes the slot)};
 --       2 reply TTL seconds; 3 the index generation the buckets were computed with; 4 the
 --       fingerprints of the outcome fields, 16 bytes each, in command order.
@@ -38,9 +40,12 @@ local function answer(key, reply)
   redis.call('EXPIRE', key, ttl)
 end
 
-local function write_pairs(key, pairs)
-  for j = 1, #pairs, 2 do
-    redis.call('HSET', key, pairs[j], pairs[j + 1])
+local function write_snapshots(key, final_key, triples)
+  for j = 1, #triples, 3 do
+    redis.call('HSET', key, triples[j], triples[j + 1])
+    if triples[j + 2] ~= '' then
+      redis.call('ZADD', final_key, triples[j + 2], triples[j])
+    end
   end
 end
 
@@ -78,8 +83,8 @@ local function apply(c, reply_key, bucket, fingerprint)
   if #refs > 0 then
     redis.call('HSET', KEYS[7], 'id', id, 'n', string.format('%d', head_n), 'hash', head_hash)
   end
-  write_pairs(KEYS[2], orders)
-  write_pairs(KEYS[3], positions)
+  write_snapshots(KEYS[2], KEYS[11], orders)
+  write_snapshots(KEYS[3], KEYS[12], positions)
   for j = 1, #slots, 2 do
     if slots[j + 1] == '' then
       redis.call('HDEL', KEYS[4], slots[j])
@@ -107,6 +112,6 @@ if generation ~= ARGV[3] then
 end
 local results = {}
 for i, c in ipairs(batch) do
-  results[i] = apply(c, KEYS[10 + i], KEYS[10 + #batch + i], string.sub(ARGV[4], 16 * i - 15, 16 * i))
+  results[i] = apply(c, KEYS[12 + i], KEYS[12 + #batch + i], string.sub(ARGV[4], 16 * i - 15, 16 * i))
 end
 return results
