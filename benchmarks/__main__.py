@@ -113,8 +113,11 @@ def _terminated(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
     if args.markdown is not None:
+        if not args.markdown.is_file():
+            cli.error(f"--markdown {args.markdown}: no such file; give a results file (benchmarks/results/latest.json)")
         print(markdown(json.loads(args.markdown.read_text())), end="")
         return 0
     if args.list:
