@@ -11,6 +11,8 @@ import math
 from typing import Any
 
 import psycopg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from consumers.deadletter import Reply, write_dead_letter
 from ledger.domain import wire
@@ -147,3 +149,71 @@ def test_a_fingerprint_s_bucket_follows_the_generation() -> None:
     four = (4).to_bytes(4, "big") + bytes(12)
     assert (Generation(2, 1).bucket(four), Generation(2, 0).bucket(four)) == (4, 0)
     assert len(fingerprint("alice:c-1")) == 16 and len(digest(b"{}")) == 10
+
+
+# --------------------------------------------------------------------------- the model
+
+
+_SHARDS = iter(range(100, 10_000))  # a shard of its own per example: no flush between them
+_USERS = ("ann", "bob", "cyd")
+
+
+@st.composite
+def _sessions(draw: st.DrawFn) -> list[tuple[str, list[tuple[int, str, str]]]]:
+    """Batches of (client, user, command id) appends (ids from a small pool, so they repeat) and
+    compaction passes between them."""
+    steps: list[tuple[str, list[tuple[int, str, str]]]] = []
+    for _ in range(draw(st.integers(4, 12))):
+        if draw(st.booleans()):
+            steps.append(("compact", []))
+        size = draw(st.integers(1, 120))
+        steps.append(
+            (
+                "append",
+                [
+                    (draw(st.integers(0, 2)), draw(st.sampled_from(_USERS)), f"c{draw(st.integers(0, 250))}")
+                    for _ in range(size)
+                ],
+            )
+        )
+    return steps
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(session=_sessions())
+async def test_every_repeated_command_id_is_a_duplicate_whichever_client_and_generation(
+    redis: Any, database_url: str, session: list[tuple[str, list[tuple[int, str, str]]]]
+) -> None:
+    """Model: a command id seen before is a duplicate (answered from the hash, or recorded as
+    waiting once compacted into the index), one never seen is appended; three clients, each with
+    the generation it last saw, append while compaction splits the buckets between batches."""
+    shard = next(_SHARDS)
+    keys = ShardKeys(shard)
+    clients = [EventStore(redis, shard) for _ in range(3)]
+    tokens: dict[str, str] = {}
+    seen: set[str] = set()
+    compacted: set[str] = set()
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        for kind, appends in session:
+            if kind == "compact":
+                await asyncio.sleep(0.002)  # the rejections' recorded times are in the past
+                await compact_shard(redis, conn, shard)
+                compacted |= seen
+                continue
+            # One batch (one script call per 256 appends) from the client of its first append.
+            batch: list[Append] = []
+            expected: list[str] = []
+            for _client, user, command_id in appends:
+                field = f"{user}:{command_id}"
+                append = rejected(user, command_id, expected=tokens.get(user, ""))
+                status = "archived" if field in compacted else "duplicate" if field in seen else "ok"
+                if status == "ok":
+                    tokens[user] = append.new_token
+                    seen.add(field)
+                batch.append(append)
+                expected.append(status)
+            results = await clients[appends[0][0]].append_many(batch)
+            assert [r.status for r in results] == expected
+    index = ArchivedIndex(keys.archived)
+    assert await index.read(redis) == len(compacted)
+    assert await redis.hlen(keys.outcomes) == len(seen - compacted)
