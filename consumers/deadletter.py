@@ -46,11 +46,9 @@ _DEAD_LETTER_LUA = (
     ARCHIVED_LUA
     + """
 local fresh = redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
-if fresh and ARGV[4] ~= '' then
-  local generation = archived_generation(KEYS[#KEYS - 1])
-  if generation ~= ARGV[7] then
-    return generation
-  end
+local stale = fresh and ARGV[4] ~= '' and archived_stale(KEYS[#KEYS - 1], ARGV[7])
+if stale then
+  return stale
 end
 if fresh then
   redis.call('HSET', KEYS[2], ARGV[1], redis.call('XADD', KEYS[1], '*', unpack(ARGV, 9)))

@@ -124,9 +124,9 @@ return replaced
 _ARCHIVE_LUA = (
     ARCHIVED_LUA
     + """
-local current = archived_generation(KEYS[3])
-if current ~= ARGV[1] then
-  return {'stale', current}
+local stale = archived_stale(KEYS[3], ARGV[1])
+if stale then
+  return {'stale', stale}
 end
 local moved, added = 0, 0
 for i = 2, #ARGV, 4 do

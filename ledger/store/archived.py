@@ -54,9 +54,9 @@ ARCHIVED_LUA = resources.files("ledger.store").joinpath("lua/archived.lua").read
 _SPLIT_LUA = (
     ARCHIVED_LUA
     + """
-local current = archived_generation(KEYS[1])
-if current ~= ARGV[1] then
-  return {'stale', current}
+local stale = archived_stale(KEYS[1], ARGV[1])
+if stale then
+  return {'stale', stale}
 end
 local level = tonumber(redis.call('HGET', KEYS[1], 'level') or '0')
 local split = tonumber(redis.call('HGET', KEYS[1], 'split') or '0')

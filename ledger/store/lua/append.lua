@@ -106,9 +106,9 @@ local function apply(c, reply_key, bucket, fingerprint)
   return {'ok', reply}
 end
 
-local generation = archived_generation(KEYS[10])
-if generation ~= ARGV[3] then
-  return {{'stale', generation}}
+local stale = archived_stale(KEYS[10], ARGV[3])
+if stale then
+  return {{'stale', stale}}
 end
 local results = {}
 for i, c in ipairs(batch) do

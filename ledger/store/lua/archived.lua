@@ -8,6 +8,15 @@ local function archived_generation(meta)
   return (g[1] or '0') .. ':' .. (g[2] or '0')
 end
 
+-- The index's generation when it is not the one the caller computed its buckets with, else nil.
+local function archived_stale(meta, expected)
+  local current = archived_generation(meta)
+  if current ~= expected then
+    return current
+  end
+  return nil
+end
+
 -- The marker of an archived outcome ('~' and the hex digits of its digest), or nil.
 local function archived_marker(bucket, fingerprint)
   local digest = redis.call('HGET', bucket, fingerprint)
