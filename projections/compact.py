@@ -153,7 +153,7 @@ class Compaction:
     shard: int
     hash: str
     entries: int  # fields in the hash when read
-    already: int  # compact before this pass
+    already: int  # compact before this pass (outcomes: in the index; snapshots: compactions counted)
     eligible: int  # final (or answered), archived, older than the retention, not compact yet
     compacted: int  # replaced now (0 on a dry run; fewer than eligible when one changed meanwhile)
 

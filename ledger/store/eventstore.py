@@ -138,10 +138,6 @@ def outcome_marker(reply: bytes) -> str:
     return MARKER_PREFIX + digest(reply).hex()
 
 
-def is_marker(outcome: bytes | str) -> bool:
-    return (outcome.decode() if isinstance(outcome, bytes) else outcome).startswith(MARKER_PREFIX)
-
-
 def reply_head(reply: wire.Reply) -> bytes:
     """The reply's JSON up to its ``events`` list, which the script fills with entry ids."""
     encoded = wire.encode(msgspec.structs.replace(reply, events=[]) if reply.events else reply)

@@ -75,7 +75,8 @@ Internal keys of the command handler and of compaction (``projections.compact``)
     the retention and removes each it compacts or finds no longer final, so a pass costs what
     became final since, not every aggregate ever.
 ``ledger:{s}:compacted`` (hash, ``ShardKeys.compacted``)
-    Compaction's counts: ``orders`` and ``positions`` compact so far, and ``finals:orders`` /
+    Compaction's counts: ``orders`` and ``positions`` compactions so far (one compacted again
+    after a late fill counts again), and ``finals:orders`` /
     ``finals:positions`` = ``1`` once the sorted sets above hold every final aggregate (a pass
     finding one unset scans that hash once: aggregates made final before the sorted sets existed).
 
