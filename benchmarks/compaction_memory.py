@@ -51,6 +51,7 @@ MEASURED = {
     "commands stream": KEYS.commands,
 }
 ARCHIVED = "outcomes:archived*"  # the archived outcomes' index: its meta hash and buckets
+COLD = "aggregates:archived*"  # the archived aggregates' index
 
 
 async def _publish(redis: Any, commands: list[tuple[str, dict[str, Any]]]) -> None:
@@ -70,8 +71,9 @@ async def _order_ids(redis: Any, command_ids: list[str]) -> list[str]:
 
 async def _measure(redis: Any, commands: int) -> dict[str, Any]:
     sizes = {name: int(await redis.memory_usage(key, samples=0) or 0) for name, key in MEASURED.items()}
-    index_keys = [key async for key in redis.scan_iter(match=f"{KEYS.archived}*", count=1000)]
-    sizes[ARCHIVED] = sum([int(await redis.memory_usage(key, samples=0) or 0) for key in index_keys])
+    for name, base in ((ARCHIVED, KEYS.archived), (COLD, KEYS.cold)):
+        index_keys = [key async for key in redis.scan_iter(match=f"{base}*", count=1000)]
+        sizes[name] = sum([int(await redis.memory_usage(key, samples=0) or 0) for key in index_keys])
     used = int((await redis.info("memory"))["used_memory"])
     return {
         "bytes": sizes,
@@ -182,7 +184,7 @@ def main() -> None:
         return
     print(f"{result['lifecycles']} lifecycles, {result['commands']} commands; bytes per command")
     print(f"{'key':<22}{'before':>10}{'after':>10}")
-    for name in [*MEASURED, ARCHIVED]:
+    for name in [*MEASURED, ARCHIVED, COLD]:
         print(f"{name:<22}{result['before']['per_command'][name]:>10}{result['after']['per_command'][name]:>10}")
     print(f"{'total':<22}{result['before']['per_command_total']:>10}{result['after']['per_command_total']:>10}")
     used = (result["before"]["used_memory"], result["after"]["used_memory"])

@@ -22,7 +22,7 @@ _SHARD = re.compile(r"\Aledger:\{\d+\}:")
 _REPLY = re.compile(r"\Aledger:\{s\}:reply:.*\Z")
 _FENCE = re.compile(r"\Aledger:live:fence:\{.*\}\Z")
 _USER_SETS = re.compile(r"\A(orders:user|positions:index):[^:]+:[a-z]+\Z")
-_BUCKET = re.compile(r"\Aledger:\{s\}:outcomes:archived:\d+\Z")
+_BUCKET = re.compile(r"\Aledger:\{s\}:(outcomes|aggregates):archived:\d+\Z")
 _POSITION = re.compile(r"\Apositions:(?!index:)[^:]+:[a-z]+:.+:(long|short)\Z")
 
 # How long each class stays once the order it holds is final and archived (the rest: the
@@ -33,8 +33,10 @@ STAYS = {
     "ledger:{s}:commands": "until trimmed",
     "ledger:{s}:outcomes": "until compacted",
     "ledger:{s}:outcomes:archived:<n>": "for good (fingerprint and digest of a compacted outcome)",
-    "ledger:{s}:orders": "for good (compact once final and archived)",
-    "ledger:{s}:positions": "for good (compact once closed and archived)",
+    "ledger:{s}:aggregates:archived:<n>": "for good (fingerprint of a final order or closed position moved out)",
+    "ledger:{s}:commands:cold": "until its aggregates are read back",
+    "ledger:{s}:orders": "until final, archived and processed (then the index)",
+    "ledger:{s}:positions": "until closed, archived and processed (then the index)",
     "ledger:{s}:outcomes:eventless": "until compacted",
     "ledger:{s}:orders:final": "until compacted",
     "ledger:{s}:positions:final": "until compacted",
@@ -52,8 +54,8 @@ def key_class(key: str) -> str:
     name = _SHARD.sub("ledger:{s}:", _UUID.sub("{id}", key))
     if _REPLY.match(name):
         return "ledger:{s}:reply:<user>:<command>"
-    if _BUCKET.match(name):
-        return "ledger:{s}:outcomes:archived:<n>"
+    if match := _BUCKET.match(name):
+        return f"ledger:{{s}}:{match[1]}:archived:<n>"
     if match := _USER_SETS.match(name):
         return f"{match[1]}:<user>:<exchange>"
     if _POSITION.match(name):

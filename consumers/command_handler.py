@@ -12,10 +12,13 @@ writes neither again. Any other failure of one entry is the runner's to isolate 
 entry alone and counts its tries).
 
 A duplicate of a command whose outcome was compacted (``projections.compact``: the reply moved to
-PostgreSQL's ``ledger_outcomes``, a marker left in Redis) is not answered in the batch: the append
-step records it in ``ledger:{s}:outcomes:waiting`` and the shard's ``OutcomeReader`` answers it
-from PostgreSQL, retrying with back-off while PostgreSQL is away. So commands keep flowing
-without PostgreSQL; only duplicates of compacted commands wait for it.
+PostgreSQL's ``ledger_outcomes``, its fingerprint to the archived index) is not answered in the
+batch: the append step records it in ``ledger:{s}:outcomes:waiting`` and the shard's
+``OutcomeReader`` answers it from PostgreSQL, retrying with back-off while PostgreSQL is away.
+Likewise a command naming an order or position compaction moved out of Redis (found in the
+archived aggregates' index when the snapshots lack it) is set aside in
+``ledger:{s}:commands:cold`` and published again by the ``OutcomeReader`` once it wrote the
+aggregate's state back. So commands keep flowing without PostgreSQL; only those wait for it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from ledger.errors import HandlingSignal
 from ledger.sqlfiles import load_queries
 from ledger.store.eventstore import Append, EventStore, outcome_marker
 from ledger.store.keys import outcome_field, outcome_ids, shard_of
+from ledger.store.log import read_aggregates
 from ledger.store.redis_conn import CONNECT_TIMEOUT_S
 from ledger.venues.markets import instrument_table
 
@@ -190,7 +194,9 @@ class CommandHandler:
 
     async def _handle_commands(self, commands: list[_Pending]) -> None:
         book = Book()
-        tokens = await self._load(book, [p.command for p in commands])
+        tokens, cold = await self._load(book, [p.command for p in commands])
+        if cold:
+            commands = await self._defer(commands, book, cold)
         with exact_arithmetic():
             appends = [self._decide(p, book, tokens) for p in commands]
         results = await self.store.append_many(appends)
@@ -206,9 +212,10 @@ class CommandHandler:
         for pending in retry:
             await self._handle_alone(pending)
 
-    async def _load(self, book: Book, commands: Sequence[wire.Command]) -> dict[str, str]:
+    async def _load(self, book: Book, commands: Sequence[wire.Command]) -> tuple[dict[str, str], set[str]]:
         """Load what the commands need, in pipelined waves until nothing is missing, and return
-        their users' tokens, read first in the first wave's round trip: state read after a token
+        the aggregates found archived (cold) and their users' tokens, read first in the first
+        wave's round trip: state read after a token
         is at least as new as it, so an append made in between by another handler always shows
         as a conflict. A wave follows what the last one loaded (an order's position, a slot's
         position; a position refers to nothing, so two waves follow the longest chain). A command
@@ -218,6 +225,7 @@ class CommandHandler:
         pending = list(commands)
         tokens_of = [command.user_id for command in commands]
         tokens: dict[str, str] = {}
+        cold: set[str] = set()
         while True:
             wanted = [requirements(command, book, instrument_table()) for command in pending]
             missing = Requirements(
@@ -226,10 +234,35 @@ class CommandHandler:
                 frozenset().union(*(w.slots for w in wanted)),
             ).missing(book)
             if not missing and not tokens_of:
-                return tokens
+                return tokens, cold
             pending = [command for command, w in zip(pending, wanted, strict=True) if w.overlaps(missing)]
-            tokens.update(await self.store.load(book, missing, tokens_of))
+            loaded = await self.store.load(book, missing, tokens_of)
+            tokens.update(loaded.tokens)
+            cold |= loaded.cold
             tokens_of = []
+
+    async def _defer(self, commands: list[_Pending], book: Book, cold: set[str]) -> list[_Pending]:
+        """Set aside the commands that name an archived aggregate (``ledger:{s}:commands:cold``,
+        published again by the ``OutcomeReader`` once it read that aggregate back) and return the
+        others."""
+        table = instrument_table()
+        named = {
+            id(p): cold & ((w := requirements(p.command, book, table)).order_ids | w.position_ids) for p in commands
+        }
+        waiting = [p for p in commands if named[id(p)]]
+        if not waiting:
+            return commands
+        await self.store.defer([(p.entry.id, p.entry.fields, sorted(named[id(p)])) for p in waiting])
+        for p in waiting:
+            self.log.info(
+                "command on an archived aggregate waits for its state from PostgreSQL",
+                command_id=p.command.command_id,
+                user_id=p.command.user_id,
+                entry_id=p.entry.id,
+            )
+        if self.on_archived is not None:
+            self.on_archived()
+        return [p for p in commands if not named[id(p)]]
 
     def _decide(self, pending: _Pending, book: Book, tokens: dict[str, str]) -> Append:
         command = pending.command
@@ -254,7 +287,9 @@ class CommandHandler:
         """Decide one command again on fresh state until its append is not in conflict."""
         for _attempt in range(MAX_CONFLICT_RETRIES):
             book = Book()
-            tokens = await self._load(book, [pending.command])
+            tokens, cold = await self._load(book, [pending.command])
+            if cold and not await self._defer([pending], book, cold):
+                return
             with exact_arithmetic():
                 append = self._decide(pending, book, tokens)
             result = await self.store.append(append)
@@ -331,14 +366,19 @@ class _Unanswered(HandlingSignal):
 
 
 class OutcomeReader:
-    """Answers the duplicates of compacted commands of one shard from PostgreSQL.
+    """Answers the duplicates of compacted commands of one shard from PostgreSQL, and reads back
+    the archived aggregates the commands set aside by the handler name.
 
-    Each waiting duplicate (``ledger:{s}:outcomes:waiting``: outcome field -> marker) is answered
-    with the reply stored in ``ledger_outcomes``, byte for byte, once its digest matches the
-    marker, in one step that also stops its waiting (``EventStore.answer_waiting``). While
+    Each command set aside (``ledger:{s}:commands:cold``) is published again once the states of
+    the aggregates it names, folded from ``ledger_events``, are written back to the snapshots,
+    in one step (``EventStore.rehydrate``). Each waiting duplicate (``ledger:{s}:outcomes:waiting``:
+    outcome field -> marker) is answered with the reply stored in ``ledger_outcomes``, byte for
+    byte, once its digest matches the marker, in one step that also stops its waiting
+    (``EventStore.answer_waiting``). While
     PostgreSQL is away, or no database is configured (``database_url`` raises ``ServerNotConfigured``),
     or a reply is missing or does not match, it logs what to do and tries again with back-off.
-    It connects only when a duplicate waits, so a ledger that never compacts never needs it.
+    It connects only when a command or duplicate waits, so a ledger that never compacts never
+    needs it.
     """
 
     def __init__(
@@ -400,6 +440,35 @@ class OutcomeReader:
         return answered
 
     async def _round(self) -> tuple[int, int]:
+        sent, unsent = await self._cold_round()
+        answered, left = await self._outcomes_round()
+        return sent + answered, unsent + left
+
+    async def _cold_round(self) -> tuple[int, int]:
+        """Read back from PostgreSQL the archived aggregates the set-aside commands name, write
+        them to Redis and publish those commands again (``EventStore.rehydrate``); a command
+        whose aggregate PostgreSQL does not give stays set aside, with an error line."""
+        deferred = await self.store.deferred()
+        if not deferred:
+            return 0, 0
+        wanted = sorted({i for _entry, ids in deferred for i in ids if i})
+        conn = await self._connection()
+        states = await asyncio.wait_for(read_aggregates(conn, wanted), OUTCOME_QUERY_TIMEOUT_S)
+        ready = [entry for entry, ids in deferred if all(i in states for i in ids if i)]
+        for entry, ids in deferred:
+            if entry not in ready:
+                self.log.error(
+                    "command on an archived aggregate waits: PostgreSQL has no events of "
+                    + ", ".join(i for i in ids if i and i not in states)
+                    + "; restore ledger_events from a backup (it waits)",
+                    deferred_entry=entry,
+                )
+        sent = await self.store.rehydrate(list(states.values()), ready) if ready else 0
+        if sent:
+            self.log.info("archived aggregates read back; their commands published again", commands=sent)
+        return sent, len(deferred) - len(ready)
+
+    async def _outcomes_round(self) -> tuple[int, int]:
         waiting = await self.store.waiting()
         if not waiting:
             return 0, 0
@@ -449,7 +518,8 @@ class OutcomeReader:
 async def handler_role(redis: Any, settings: Settings) -> list[StreamConsumer | OutcomeReader]:
     """``ledger serve`` role ``handler``: one command consumer per shard (more may run), and one
     ``OutcomeReader`` per shard, which reaches the ledger's PostgreSQL (the configured one, else
-    the private one of ``LEDGER_HOME``) only when a duplicate of a compacted command waits."""
+    the private one of ``LEDGER_HOME``) only when a duplicate of a compacted command, or a
+    command naming an archived aggregate, waits."""
     runnables: list[StreamConsumer | OutcomeReader] = []
     for shard in range(settings.shards):
         store = EventStore(redis, shard, reply_ttl_s=settings.reply_ttl_s)

@@ -1,34 +1,36 @@
-"""Compaction of what Redis keeps per command (issue 9, part 2): outcomes and final snapshots.
+"""Compaction of what Redis keeps per command (issue 9, part 2; issue 10): outcomes and final
+aggregates leave Redis for PostgreSQL, an index of fingerprints (``ledger.store.archived``)
+staying in their place.
 
 Trimming (``projections.trim``) empties the streams; what still grows with every command is, on
 each shard, its outcome (``ledger:{s}:outcomes``: the whole reply, kept for deduplication,
 CONTRACT §3) and the snapshots of the orders and positions it created (``ledger:{s}:orders``,
-``ledger:{s}:positions``). Compaction shrinks them once nothing can need them whole:
+``ledger:{s}:positions``). Compaction moves them out once nothing needs them in Redis:
 
 * an **order** in a final status (filled, cancelled, rejected, expired) or a **position**
   closed or liquidated, whose every event is archived (``ledger_events`` holds versions 1 to
-  the snapshot's) and whose last event is older than the retention (its ``updated_at``, the
-  ledger's time of append), is replaced by its compact form: only what the decider reads of
-  such an aggregate (``ORDER_KEPT``, ``POSITION_KEPT``; a field equal to its default is left
-  out and decodes to it), plus ``compacted`` (epoch ms; the state decoders ignore it). Every
-  command against it is decided exactly as against the full snapshot: the same rejections of
-  transitions, a duplicate fill absorbed by its fill id, a late fill recorded with the same
-  events (``tests/integration/test_compaction.py`` proves it per command kind);
+  the snapshot's), processed by the live projection and every consumer group of the log (its
+  last entry at or before ``projections.bounds.processed``), and due (in the sorted set of
+  finals the append step keeps, older than the retention), leaves its hash for the archived
+  aggregates' index (fingerprint of its id -> ``o`` or ``p``). A command that names it is set
+  aside by the handler until its state, folded from ``ledger_events``, is written back
+  (``consumers.command_handler``); a compact form an earlier version wrote leaves the same way;
 * an **outcome** whose events are archived (its reply's last event entry is at or before the
   projector's tracking record), or that has none (a rejection), and older than the retention
   (its last event's entry time; for one without events, the time the append step recorded in
   ``ledger:{s}:outcomes:eventless``) is copied to PostgreSQL (``ledger_outcomes``, committed
-  first) and replaced by a marker (``ledger.store.eventstore.outcome_marker``: ``~`` and 20 hex digits
-  of the reply's SHA-1). A duplicate then gets the reply from PostgreSQL through the command
-  handler's ``OutcomeReader``, byte for byte (the marker proves it), however long after.
+  first) and leaves the outcomes hash for the archived outcomes' index (fingerprint of
+  ``user_id:command_id`` -> digest of the reply). A duplicate then gets the reply from
+  PostgreSQL through the command handler's ``OutcomeReader``, byte for byte (the digest proves
+  it), however long after.
 
-Each replacement is a compare-and-set in one Lua step on the shard's hash tag (Redis Cluster
-safe): a snapshot or outcome that changed since it was read (a late fill appended meanwhile)
-is left for the next pass. Compaction needs the PostgreSQL archive: without a database it
-cannot run (``ledger trim`` refuses with the line that says which to configure), so an outcome
-is never compacted where nothing could answer its duplicates. The command handler reaches the
-same database (``LEDGER_DATABASE_URL``, else the private one of ``LEDGER_HOME``); a handler
-without one keeps such a duplicate waiting and logs what to set.
+Each move is a compare-and-set in one Lua step on the shard's hash tag (Redis Cluster safe):
+a snapshot or outcome that changed since it was read (a late fill appended meanwhile) is left
+for the next pass. Compaction needs the PostgreSQL archive: without a database it cannot run
+(``ledger trim`` refuses with the line that says which to configure), so nothing leaves Redis
+where nothing could give it back. The command handler reaches the same database
+(``LEDGER_DATABASE_URL``, else the private one of ``LEDGER_HOME``); a handler without one keeps
+such a command or duplicate waiting and logs what to set.
 
 ``ledger trim`` compacts after trimming (``--dry-run`` counts); so does every pass of the
 ``retention`` role of ``serve``.
@@ -45,82 +47,30 @@ import msgspec
 import psycopg
 
 from ledger.domain.enums import FINAL_ORDER_STATUSES, FINAL_POSITION_STATUSES
-from ledger.domain.state import OrderState, PositionState
 from ledger.domain.values import now_ms
 from ledger.sqlfiles import load_queries
 from ledger.store.archived import ARCHIVED_LUA, DIGEST_BYTES, ArchivedIndex, digest, fingerprint
-from ledger.store.eventstore import MARKER_PREFIX, ORDER_SNAPSHOT, POSITION_SNAPSHOT
+from ledger.store.eventstore import MARKER_PREFIX
 from ledger.store.keys import ShardKeys, outcome_ids
 from ledger.store.redis_conn import entry_order, text
+from projections.bounds import Key, processed
 from projections.projector import checkpoint as archived_up_to
 
 _SQL = load_queries("projections", "compact.sql")
 PAGE = 500
 COMPACTED = "compacted"
+# What the aggregates' archived index holds for an id: which hash it left.
+ORDER_KIND = b"o"
+POSITION_KIND = b"p"
 
-# What the decider (ledger/decider.py) reads of a final order: its owner and market
-# (``requirements``, ``_owned_order``), the status and venue id every transition tests
-# (``_transition``, ``_decide_accepted``), the fill ids a duplicate fill is refused by, and all a
-# late fill is computed from (``_decide_fill``, ``_Fill``: side, quantity, what is filled, how
-# the fill is routed to positions and what a position it opens takes from the order). The order
-# type is not read but the state requires it. ``metadata`` is read only for an ``open`` intent.
-ORDER_KEPT = (
-    "id",
-    "user_id",
-    "exchange",
-    "symbol",
-    "side",
-    "order_type",
-    "quantity",
-    "position_side",
-    "reduce_only",
-    "leverage",
-    "position_id",
-    "intent",
-    "stop_loss",
-    "take_profit",
-    "close_reason",
-    "metadata",
-    "status",
-    "exchange_order_id",
-    "filled_qty",
-    "fill_basis",
-    "fill_ids",
-    "version",
-)
-# What it reads of a position that is no longer open: that it exists (a reserved position id is
-# reused only when it has no state), whose it is and its status (``_owned_position`` rejects
-# every command with it); the market and side are required by the state; the version says which
-# event it is the state after.
-POSITION_KEPT = ("id", "user_id", "exchange", "symbol", "side", "status", "version")
-
-# KEYS[1] the snapshots' hash, KEYS[2] its final ones still to look at, KEYS[3] compaction's
-# counts. ARGV[1] the count's field, then: id, value read ('' for none), compact value ('' to
-# only drop the id from KEYS[2]), ... Each id whose snapshot still is the value read gets its
-# compact value and leaves KEYS[2]; one no longer final (or gone) only leaves KEYS[2]. Returns how
-# many were replaced.
-_COMPACT_LUA = """
-local replaced = 0
-for i = 2, #ARGV, 3 do
-  if (redis.call('HGET', KEYS[1], ARGV[i]) or '') == ARGV[i + 1] then
-    if ARGV[i + 2] ~= '' then
-      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
-      replaced = replaced + 1
-    end
-    redis.call('ZREM', KEYS[2], ARGV[i])
-  end
-end
-if replaced > 0 then
-  redis.call('HINCRBY', KEYS[3], ARGV[1], replaced)
-end
-return replaced
-"""
-
-# KEYS[1] the outcomes hash, KEYS[2] the outcomes without events, KEYS[3] the archived index's
-# meta, KEYS[3 + k] the bucket of item k. ARGV[1] the index generation the buckets were computed
-# with, then per item: field, value read, fingerprint, digest. Each field that still holds the
-# value read leaves the outcomes hash (and KEYS[2]) for its bucket, in one step. Returns
-# {'ok', how many moved} or, when the generation is not ARGV[1], {'stale', generation}.
+# KEYS[1] the hash the items leave (outcomes, order or position snapshots), KEYS[2] the sorted
+# set they leave with it (the outcomes without events; the finals still to look at), KEYS[3] the
+# archived index's meta, KEYS[4] compaction's counts, KEYS[4 + k] the bucket of item k (the
+# meta again for an item that only leaves KEYS[2]). ARGV[1] the index generation the buckets
+# were computed with, ARGV[2] the count to add the moved items to ('' for none), then per
+# item: field, value read ('' for none), fingerprint ('' to only leave KEYS[2]), index value.
+# Each field that still holds the value read leaves KEYS[1] and KEYS[2] for its bucket, in one
+# step. Returns {'ok', how many moved} or, when the generation is not ARGV[1], {'stale', it}.
 _ARCHIVE_LUA = (
     ARCHIVED_LUA
     + """
@@ -129,16 +79,21 @@ if stale then
   return {'stale', stale}
 end
 local moved, added = 0, 0
-for i = 2, #ARGV, 4 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
-    added = added + redis.call('HSET', KEYS[3 + (i + 2) / 4], ARGV[i + 2], ARGV[i + 3])
-    redis.call('HDEL', KEYS[1], ARGV[i])
+for i = 3, #ARGV, 4 do
+  if (redis.call('HGET', KEYS[1], ARGV[i]) or '') == ARGV[i + 1] then
+    if ARGV[i + 2] ~= '' then
+      added = added + redis.call('HSET', KEYS[4 + (i + 1) / 4], ARGV[i + 2], ARGV[i + 3])
+      redis.call('HDEL', KEYS[1], ARGV[i])
+      moved = moved + 1
+    end
     redis.call('ZREM', KEYS[2], ARGV[i])
-    moved = moved + 1
   end
 end
 if added > 0 then
   redis.call('HINCRBY', KEYS[3], 'count', added)
+end
+if moved > 0 and ARGV[2] ~= '' then
+  redis.call('HINCRBY', KEYS[4], ARGV[2], moved)
 end
 return {'ok', moved}
 """
@@ -188,19 +143,6 @@ class _ReplyEvents(msgspec.Struct):
 
 _head_decoder = msgspec.json.Decoder(_Head)
 _reply_decoder = msgspec.json.Decoder(_ReplyEvents)
-_order_decoder = msgspec.json.Decoder(OrderState)
-_position_decoder = msgspec.json.Decoder(PositionState)
-
-
-def compact_order(order: OrderState, now: int) -> bytes:
-    """The compact snapshot of a final order (``metadata`` only for an ``open`` intent)."""
-    kept = ORDER_KEPT if order.intent == "open" else [n for n in ORDER_KEPT if n != "metadata"]
-    return ORDER_SNAPSHOT.encode(order, kept, **{COMPACTED: now})
-
-
-def compact_position(position: PositionState, now: int) -> bytes:
-    """The compact snapshot of a closed or liquidated position."""
-    return POSITION_SNAPSHOT.encode(position, POSITION_KEPT, **{COMPACTED: now})
 
 
 async def _pages(redis: Any, key: str) -> Any:
@@ -214,12 +156,17 @@ async def _pages(redis: Any, key: str) -> Any:
             return
 
 
-async def _archived(conn: psycopg.AsyncConnection[Any], versions: dict[str, int]) -> set[str]:
-    """The aggregates whose every event (versions 1 to the one given) is in the archive."""
+async def _archived(conn: psycopg.AsyncConnection[Any], versions: dict[str, int], processed: Key) -> set[str]:
+    """The aggregates whose every event (versions 1 to the one given) is in the archive and was
+    processed by every consumer of the log (its last entry at or before ``processed``)."""
     if not versions:
         return set()
     cur = await conn.execute(_SQL["archived_versions"], {"ids": list(versions)})
-    return {aid for aid, count, last in await cur.fetchall() if count == last == versions.get(aid)}
+    return {
+        aid
+        for aid, count, last, ms, seq in await cur.fetchall()
+        if count == last == versions.get(aid) and (ms, seq) <= processed
+    }
 
 
 async def _compact_snapshots(
@@ -228,21 +175,17 @@ async def _compact_snapshots(
     keys: ShardKeys,
     what: str,
     cutoff: int,
-    now: int,
     dry_run: bool,
 ) -> Compaction:
-    key, final_key, final, compact = (
-        (keys.orders, keys.final_orders, _final_order, lambda raw: compact_order(_order_decoder.decode(raw), now))
+    key, final_key, final, kind = (
+        (keys.orders, keys.final_orders, _final_order, ORDER_KIND)
         if what == "orders"
-        else (
-            keys.positions,
-            keys.final_positions,
-            _final_position,
-            lambda raw: compact_position(_position_decoder.decode(raw), now),
-        )
+        else (keys.positions, keys.final_positions, _final_position, POSITION_KIND)
     )
     if not dry_run:
         await _find_finals_once(redis, keys, what, key, final_key, final)
+    index = ArchivedIndex(keys.cold)
+    consumed = await processed(redis, keys)
     entries = int(await redis.hlen(key))
     already = int(await redis.hget(keys.compacted, what) or 0)
     eligible = compacted = 0
@@ -257,18 +200,21 @@ async def _compact_snapshots(
         ids = due[start : start + PAGE]
         raws = [text(v) or "" for v in await redis.hmget(key, ids)]
         candidates: dict[str, tuple[str, int]] = {}
-        dropped: list[tuple[str, str, bytes]] = []
+        moving: list[tuple[str, str, bytes]] = []
+        dropped: list[tuple[str, str]] = []
         for aggregate_id, raw in zip(ids, raws, strict=True):
             head = _head_decoder.decode(raw) if raw else None
-            if head is None or head.compacted is not None or not final(head.status):
-                dropped.append((aggregate_id, raw, b""))  # gone, compact already or open again
+            if head is not None and head.compacted is not None:
+                moving.append((aggregate_id, raw, kind))  # compact before the index: archived then
+            elif head is None or not final(head.status):
+                dropped.append((aggregate_id, raw))  # gone, or open again
             elif head.updated_at < cutoff:
                 candidates[aggregate_id] = (raw, head.version)
-        archived = await _archived(conn, {i: version for i, (_raw, version) in candidates.items()})
+        archived = await _archived(conn, {i: version for i, (_raw, version) in candidates.items()}, consumed)
         eligible += len(archived)
         if not dry_run:
-            triples = [(i, candidates[i][0], compact(candidates[i][0])) for i in sorted(archived)] + dropped
-            compacted += await _replace(redis, keys, key, final_key, what, triples)
+            moving += [(i, candidates[i][0], kind) for i in sorted(archived)]
+            compacted += await _archive(redis, key, final_key, keys, index, moving, dropped, what)
     return Compaction(keys.shard, key, entries, already, eligible, compacted)
 
 
@@ -276,17 +222,21 @@ async def _find_finals_once(
     redis: Any, keys: ShardKeys, what: str, key: str, final_key: str, final: Callable[[str], bool]
 ) -> None:
     """Aggregates made final before the append step recorded them in ``final_key`` (an earlier
-    version): found by one scan of the hash, the first time compaction runs."""
+    version), and the compact snapshots an earlier compaction wrote (due at once: their events
+    were archived when they were written): found by one scan of the hash, the first time
+    compaction runs."""
     if await redis.hget(keys.compacted, f"finals:{what}"):
         return
-    count = 0
     async for page in _pages(redis, key):
-        heads = [(i, _head_decoder.decode(raw)) for i, raw in page]
-        count += sum(1 for _i, head in heads if head.compacted is not None)
-        finals = {i: head.updated_at for i, head in heads if head.compacted is None and final(head.status)}
+        heads = {i: _head_decoder.decode(raw) for i, raw in page}
+        finals = {
+            i: 0 if head.compacted is not None else head.updated_at
+            for i, head in heads.items()
+            if head.compacted is not None or final(head.status)
+        }
         if finals:
             await redis.zadd(final_key, finals)
-    await redis.hset(keys.compacted, mapping={what: count, f"finals:{what}": "1"})
+    await redis.hset(keys.compacted, f"finals:{what}", "1")
 
 
 def _final_order(status: str) -> bool:
@@ -295,14 +245,6 @@ def _final_order(status: str) -> bool:
 
 def _final_position(status: str) -> bool:
     return status in FINAL_POSITION_STATUSES
-
-
-async def _replace(
-    redis: Any, keys: ShardKeys, key: str, final_key: str, what: str, triples: list[tuple[str, str, bytes]]
-) -> int:
-    args: list[Any] = [item for triple in triples for item in triple]
-    script_keys = [key, final_key, keys.compacted]
-    return int(await redis.eval(_COMPACT_LUA, len(script_keys), *script_keys, what, *args)) if triples else 0
 
 
 async def _compact_outcomes(
@@ -356,23 +298,38 @@ async def _compact_outcomes(
                             for user, command in [outcome_ids(field)]
                         ],
                     )
-            compacted += await _archive(redis, keys, index, [(f, r, digest(r.encode())) for f, r in chosen])
+            moving = [(f, r, digest(r.encode())) for f, r in chosen]
+            compacted += await _archive(redis, keys.outcomes, keys.eventless, keys, index, moving)
         if markers:
-            await _archive(redis, keys, index, markers)
+            await _archive(redis, keys.outcomes, keys.eventless, keys, index, markers)
     return Compaction(keys.shard, keys.outcomes, entries, already, eligible, compacted)
 
 
-async def _archive(redis: Any, keys: ShardKeys, index: ArchivedIndex, items: list[tuple[str, str, bytes]]) -> int:
-    """Move outcomes (field, value read, digest of the reply) from the outcomes hash to the
-    archived index, growing it first; return how many moved (one that changed since it was
-    read stays for the next pass)."""
+async def _archive(
+    redis: Any,
+    source: str,
+    leaving: str,
+    keys: ShardKeys,
+    index: ArchivedIndex,
+    items: list[tuple[str, str, bytes]],
+    dropped: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    count: str = "",
+) -> int:
+    """Move items (field, value read, index value) from ``source`` (and the sorted set
+    ``leaving``) to the archived ``index``, growing it first, and drop from ``leaving`` the
+    fields (field, value read) that no longer belong there; return how many moved (one that
+    changed since it was read stays for the next pass)."""
+    if not items and not dropped:
+        return 0
     await index.grow(redis, extra=len(items))
-    fingerprints = [fingerprint(field) for field, _value, _digest in items]
-    flat = [x for (field, value, dg), fp in zip(items, fingerprints, strict=True) for x in (field, value, fp, dg)]
+    fingerprints = [fingerprint(field) for field, _value, _v in items]
+    flat = [x for (field, read, value), fp in zip(items, fingerprints, strict=True) for x in (field, read, fp, value)]
+    flat += [x for field, read in dropped for x in (field, read, "", "")]
 
     async def call() -> Any:
-        key_list = [keys.outcomes, keys.eventless, keys.archived, *(index.bucket(fp) for fp in fingerprints)]
-        return await redis.eval(_ARCHIVE_LUA, len(key_list), *key_list, str(index.generation), *flat)
+        buckets = [index.bucket(fp) for fp in fingerprints] + [index.meta] * len(dropped)
+        key_list = [source, leaving, index.meta, keys.compacted, *buckets]
+        return await redis.eval(_ARCHIVE_LUA, len(key_list), *key_list, str(index.generation), count, *flat)
 
     _status, moved = await index.current(call, lambda result: result[1] if text(result[0]) == "stale" else None)
     return int(moved)
@@ -392,6 +349,6 @@ async def compact_shard(
     cutoff = now - retention_ms
     return [
         await _compact_outcomes(redis, conn, keys, cutoff, now, dry_run),
-        await _compact_snapshots(redis, conn, keys, "orders", cutoff, now, dry_run),
-        await _compact_snapshots(redis, conn, keys, "positions", cutoff, now, dry_run),
+        await _compact_snapshots(redis, conn, keys, "orders", cutoff, dry_run),
+        await _compact_snapshots(redis, conn, keys, "positions", cutoff, dry_run),
     ]

@@ -25,7 +25,6 @@ from typing import Any
 
 import psycopg
 import structlog
-from redis.exceptions import ResponseError
 
 from consumers.runner import RETRYABLE
 from ledger.config import Settings, known_url
@@ -33,11 +32,11 @@ from ledger.defaults import RETENTION_OPS_KEEP
 from ledger.domain.values import now_ms
 from ledger.store.keys import RETENTION_OPS, ShardKeys
 from ledger.store.operations import record_operation
-from ledger.store.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
+from ledger.store.redis_conn import CONNECT_TIMEOUT_S, text
+from projections.bounds import Key, group_bounds, key
 from projections.compact import Compaction, compact_shard
 from projections.projector import checkpoint as archived_up_to
 
-Key = tuple[int, int]
 log = structlog.get_logger("ledger.retention")
 
 
@@ -61,34 +60,6 @@ class StreamTrim:
         }
 
 
-def _key(entry_id: str) -> Key:
-    ms, seq = entry_order(entry_id)
-    return ms, seq
-
-
-def _before(entry_id: str) -> Key:
-    """The greatest id before ``entry_id``."""
-    ms, seq = _key(entry_id)
-    return (ms, seq - 1) if seq else (ms - 1, 2**64 - 1)
-
-
-async def _group_bounds(redis: Any, stream: str) -> dict[str, Key]:
-    """Per consumer group: the last entry it has processed (none pending at or before it)."""
-    try:
-        groups = await redis.xinfo_groups(stream)
-    except ResponseError:  # no such stream
-        return {}
-    bounds: dict[str, Key] = {}
-    for group in groups:
-        name = text(group["name"])
-        bound = _key(text(group["last-delivered-id"]))
-        if int(group["pending"]):
-            oldest = await redis.xpending(stream, name)
-            bound = min(bound, _before(text(oldest["min"])))
-        bounds[f"group {name}"] = bound
-    return bounds
-
-
 async def trim_bounds(
     redis: Any, conn: psycopg.AsyncConnection[Any], shard: int, *, retention_ms: int = 0
 ) -> dict[str, tuple[Key, str]]:
@@ -99,12 +70,12 @@ async def trim_bounds(
     live = text(await redis.get(keys.checkpoint))
     # On a tie the first named limit is reported: the archive, then the live checkpoint, then groups.
     event_limits = {
-        "the PostgreSQL archive": _key(archived) if archived else (0, 0),
-        "the live projection's checkpoint": _key(live) if live else (0, 0),
-        **await _group_bounds(redis, keys.events),
+        "the PostgreSQL archive": key(archived) if archived else (0, 0),
+        "the live projection's checkpoint": key(live) if live else (0, 0),
+        **await group_bounds(redis, keys.events),
         "the retention": retained,
     }
-    command_limits = {**await _group_bounds(redis, keys.commands), "the retention": retained}
+    command_limits = {**await group_bounds(redis, keys.commands), "the retention": retained}
     if not any(name.startswith("group ") for name in command_limits):
         command_limits["no handler group yet"] = (0, 0)
     result: dict[str, tuple[Key, str]] = {}

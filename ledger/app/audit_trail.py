@@ -218,7 +218,8 @@ def _missing(found: dict[int, tuple[str, wire.Event, str]]) -> list[int]:
 
 async def _shard_of(redis: Any, aggregate_id: str) -> int | None:
     """The shard whose snapshots hold the aggregate (every order and position has one while in
-    Redis); for a drift, which has none, the shard whose Redis log holds its events."""
+    Redis), or whose archived aggregates' index does (one compaction moved out); for a drift,
+    which has neither, the shard whose Redis log holds its events."""
     shards = await shard_count(redis)
     pipe = redis.pipeline(transaction=False)
     for shard in range(shards):
@@ -227,6 +228,9 @@ async def _shard_of(redis: Any, aggregate_id: str) -> int | None:
     held = await pipe.execute()
     for shard in range(shards):
         if held[2 * shard] or held[2 * shard + 1]:
+            return shard
+    for shard in range(shards):  # one compaction moved to PostgreSQL: in its shard's index
+        if await EventStore(redis, shard).archived_aggregates([aggregate_id]):
             return shard
     for shard in range(shards):
         if await EventStore(redis, shard).read_aggregate(aggregate_id):

@@ -72,7 +72,7 @@ import psycopg
 import structlog
 
 from ledger.client import queries
-from ledger.config import Settings
+from ledger.config import Settings, known_url
 from ledger.defaults import FINAL_ORDER_TTL_S
 from ledger.domain import wire
 from ledger.domain.decider import RejectCode, drift_market
@@ -85,7 +85,7 @@ from ledger.errors import InvalidInput, OperationFailed
 from ledger.sqlfiles import load_queries
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys, reconcile_findings
-from ledger.store.log import open_archive
+from ledger.store.log import aggregate_reader, open_archive
 from ledger.store.operations import record_operation
 from ledger.store.redis_conn import final_order_ttl, text
 from ledger.venues import commands
@@ -201,7 +201,9 @@ class Reconciler:
             raise InvalidInput(no_account(user_id, self.exchange))
         venue = self.clients.get(account)
         shard = await self.ledger.shard_of(user_id)
-        store = EventStore(self.redis, shard)
+        settings = self.settings
+        archive = aggregate_reader(lambda: known_url(settings, "postgres")) if settings is not None else None
+        store = EventStore(self.redis, shard, archive=archive)
         result = Reconciliation(user_id, self.exchange, account.name)
         bound = log.bind(user_id=user_id, exchange=str(self.exchange), account=account.name, shard=shard)
 

@@ -20,7 +20,7 @@ Loading state reads snapshots by id (HMGET), never the log.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -33,7 +33,7 @@ from ledger.defaults import BLOCK_MS, REPLY_TTL_S
 from ledger.domain import wire
 from ledger.domain.decider import Requirements
 from ledger.domain.state import Book, OrderState, PositionState
-from ledger.store.archived import ARCHIVED_LUA, ArchivedIndex, digest, fingerprint
+from ledger.store.archived import ARCHIVED_LUA, ArchivedIndex, Generation, digest, fingerprint
 from ledger.store.keys import ShardKeys, outcome_field, outcome_ids
 from ledger.store.redis_conn import text
 
@@ -60,6 +60,47 @@ redis.call('RPUSH', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
+"""
+
+# KEYS[1] order snapshots, KEYS[2] position snapshots, KEYS[3] final orders, KEYS[4] final
+# positions, KEYS[5] the commands set aside, KEYS[6] the commands stream. ARGV[1] how many states
+# follow, each as kind ('o' or 'p'), id, snapshot JSON, '1' when final (else ''); then the ids
+# of set-aside entries to publish again. Each state is written only where its id has none (a
+# newer state wins); a final one written is due for compaction from now (Redis's clock), not
+# from its old time, so no pass moves it out again before its commands are decided. Each entry
+# goes back to the commands stream without its cold_* fields and leaves KEYS[5], in order.
+# Returns how many went.
+_REHYDRATE_LUA = """
+local n = tonumber(ARGV[1])
+local time = redis.call('TIME')
+local now = time[1] * 1000 + math.floor(time[2] / 1000)
+for i = 0, n - 1 do
+  local kind, id, json, final = ARGV[2 + 4 * i], ARGV[3 + 4 * i], ARGV[4 + 4 * i], ARGV[5 + 4 * i]
+  local hash, finals = KEYS[1], KEYS[3]
+  if kind == 'p' then
+    hash, finals = KEYS[2], KEYS[4]
+  end
+  if redis.call('HSETNX', hash, id, json) == 1 and final ~= '' then
+    redis.call('ZADD', finals, now, id)
+  end
+end
+local sent = 0
+for j = 2 + 4 * n, #ARGV do
+  local found = redis.call('XRANGE', KEYS[5], ARGV[j], ARGV[j])[1]
+  if found then
+    local fields, out = found[2], {}
+    for k = 1, #fields, 2 do
+      if fields[k] ~= 'cold_entry' and fields[k] ~= 'cold_ids' then
+        out[#out + 1] = fields[k]
+        out[#out + 1] = fields[k + 1]
+      end
+    end
+    redis.call('XADD', KEYS[6], '*', unpack(out))
+    redis.call('XDEL', KEYS[5], ARGV[j])
+    sent = sent + 1
+  end
+end
+return sent
 """
 
 _order_decoder = msgspec.json.Decoder(OrderState)
@@ -127,6 +168,16 @@ class Append:
     slots: dict[str, str | None] = field(default_factory=dict)
 
 
+# Reads the states of archived orders and positions by id (``ledger.store.log.aggregate_reader``).
+ArchiveReader = Callable[[Sequence[str]], Awaitable[dict[str, OrderState | PositionState]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    tokens: dict[str, str]  # the users' tokens read first
+    cold: set[str]  # aggregates absent from the snapshots because they are archived
+
+
 @dataclass(frozen=True, slots=True)
 class AppendResult:
     status: Literal["ok", "duplicate", "archived", "conflict"]
@@ -149,19 +200,27 @@ def reply_head(reply: wire.Reply) -> bytes:
 class EventStore:
     """Reads and writes one shard's log and state. ``redis`` is a plain or cluster client."""
 
-    def __init__(self, redis: Any, shard: int, *, reply_ttl_s: int = REPLY_TTL_S) -> None:
+    def __init__(
+        self, redis: Any, shard: int, *, reply_ttl_s: int = REPLY_TTL_S, archive: ArchiveReader | None = None
+    ) -> None:
         self.redis = redis
+        # Reads orders and positions compaction moved to PostgreSQL (``ledger.store.log.aggregate_reader``),
+        # for ``order`` and ``position``; without it they answer None for those.
+        self.archive = archive
         self.keys = ShardKeys(shard)
         self.reply_ttl_s = reply_ttl_s
         self.index = ArchivedIndex(self.keys.archived)
+        self.cold_index = ArchivedIndex(self.keys.cold)
         self._sha: str | None = None
 
     # ----------------------------------------------------------------- state
 
-    async def load(self, book: Book, missing: Requirements, tokens_of: Sequence[str] = ()) -> dict[str, str]:
+    async def load(self, book: Book, missing: Requirements, tokens_of: Sequence[str] = ()) -> Loaded:
         """Fill the book with what is missing (absent aggregates are recorded as None), in one
         round trip; with ``tokens_of``, read those users' tokens first in it and return them
-        (``tokens``: state read after a token is at least as new as it)."""
+        (``tokens``: state read after a token is at least as new as it). An aggregate absent
+        from the snapshots is looked up in the archived aggregates' index (a second round trip,
+        only then): one found there is ``cold`` (its state is in PostgreSQL only)."""
         order_ids, position_ids, slots = (sorted(x) for x in (missing.order_ids, missing.position_ids, missing.slots))
         pipe = self.redis.pipeline(transaction=False)
         users = sorted(set(tokens_of))
@@ -184,7 +243,28 @@ class EventStore:
         if slots:
             for slot, value in zip(slots, next(results), strict=True):
                 book.slots[slot] = text(value) or None
-        return tokens
+        absent = [i for i in order_ids if book.orders[i] is None] + [
+            i for i in position_ids if book.positions[i] is None
+        ]
+        return Loaded(tokens, await self.archived_aggregates(absent) if absent else set())
+
+    async def archived_aggregates(self, ids: Sequence[str]) -> set[str]:
+        """Which of these ids are in the archived aggregates' index. The generation is read
+        after the buckets: when it is the one they were computed with, no split came before
+        they were read (splits only move forward); else read again with it."""
+        fingerprints = [fingerprint(i) for i in ids]
+        index = self.cold_index
+        while True:
+            seen = index.generation
+            pipe = self.redis.pipeline(transaction=False)
+            for fp in fingerprints:
+                pipe.hexists(index.bucket(fp), fp)
+            pipe.hmget(index.meta, ["level", "split"])
+            *found, (level, split) = await pipe.execute()
+            current = Generation(int(level or 0), int(split or 0))
+            if current == seen:
+                return {i for i, hit in zip(ids, found, strict=True) if hit}
+            index.generation = current
 
     async def outcomes(self, fields: Sequence[str]) -> list[str | None]:
         if not fields:
@@ -193,11 +273,19 @@ class EventStore:
 
     async def order(self, order_id: str) -> OrderState | None:
         raw = await self.redis.hget(self.keys.orders, order_id)
-        return _order_decoder.decode(raw) if raw else None
+        state = _order_decoder.decode(raw) if raw else await self._archived(order_id)
+        return state if isinstance(state, OrderState) else None
 
     async def position(self, position_id: str) -> PositionState | None:
         raw = await self.redis.hget(self.keys.positions, position_id)
-        return _position_decoder.decode(raw) if raw else None
+        state = _position_decoder.decode(raw) if raw else await self._archived(position_id)
+        return state if isinstance(state, PositionState) else None
+
+    async def _archived(self, aggregate_id: str) -> OrderState | PositionState | None:
+        """An aggregate compaction moved to PostgreSQL, read back (needs ``archive``)."""
+        if self.archive is None or not await self.archived_aggregates([aggregate_id]):
+            return None
+        return (await self.archive([aggregate_id])).get(aggregate_id)
 
     # ----------------------------------------------------------------- writes
 
@@ -257,6 +345,32 @@ class EventStore:
 
     async def append(self, append: Append) -> AppendResult:
         return (await self.append_many([append]))[0]
+
+    # ----------------------------------------------------------------- archived aggregates
+
+    async def defer(self, entries: Sequence[tuple[str, Mapping[str, Any], Sequence[str]]]) -> None:
+        """Record commands that name an archived aggregate, in order: each entry's fields with
+        ``cold_entry`` (its id in the commands stream) and ``cold_ids`` (the archived ids)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, fields, ids in entries:
+            pipe.xadd(self.keys.deferred, {**fields, "cold_entry": entry_id, "cold_ids": ",".join(ids)})
+        await pipe.execute()
+
+    async def deferred(self, count: int = 100) -> list[tuple[str, list[str]]]:
+        """The commands set aside, oldest first: (entry id in the set-aside stream, cold ids)."""
+        found = await self.redis.xrange(self.keys.deferred, count=count)
+        return [(text(i) or "", (text(f.get("cold_ids")) or "").split(",")) for i, f in found]
+
+    async def rehydrate(self, states: Sequence[OrderState | PositionState], entry_ids: Sequence[str]) -> int:
+        """Write back archived states read from PostgreSQL (where no newer state is) and publish
+        the set-aside commands again, in one step; return how many were published."""
+        args: list[Any] = [len(states)]
+        for state in states:
+            kind, snapshot = ("o", ORDER_SNAPSHOT) if isinstance(state, OrderState) else ("p", POSITION_SNAPSHOT)
+            args += [kind, state.id, snapshot.encode(state), "1" if state.status.is_final else ""]
+        k = self.keys
+        script_keys = [k.orders, k.positions, k.final_orders, k.final_positions, k.deferred, k.commands]
+        return int(await self.redis.eval(_REHYDRATE_LUA, len(script_keys), *script_keys, *args, *entry_ids))
 
     # ----------------------------------------------------------------- compacted outcomes
 

@@ -64,10 +64,20 @@ Internal keys of the command handler and of compaction (``projections.compact``)
     dead letter) instead of the reply; the handler's ``OutcomeReader`` answers each from
     ``ledger_outcomes`` and removes it in one step, retrying with back-off while PostgreSQL is away.
 ``ledger:{s}:orders``, ``ledger:{s}:positions`` (hashes, ``ShardKeys.orders`` / ``positions``)
-    The snapshot (msgspec JSON of ``OrderState`` / ``PositionState``) of every aggregate, by id.
-    A final order or closed position archived and older than the retention is replaced by its
-    compact form (``projections.compact``): only what the decider reads, plus ``compacted`` (epoch
-    ms), which the state decoders ignore.
+    The snapshot (msgspec JSON of ``OrderState`` / ``PositionState``) of every aggregate in Redis,
+    by id. A final order or closed position whose events are archived, processed by every
+    consumer of the log and older than the retention leaves for the index below
+    (``projections.compact``); its state is then in PostgreSQL only (``ledger_events``). A
+    compact form (only what the decider reads, plus ``compacted``) written by an earlier version
+    is read like the full state and leaves at the next pass.
+``ledger:{s}:aggregates:archived`` (hash, ``ShardKeys.cold``) and ``…:archived:<n>`` (hashes)
+    The index of those aggregates (``ledger.store.archived``, as the outcomes'): fingerprint of the
+    id -> ``o`` or ``p``. The handler looks up the ids it does not find in the snapshots there.
+``ledger:{s}:commands:cold`` (stream, ``ShardKeys.deferred``)
+    Commands that name an archived aggregate, set aside by the handler in order (the entry's
+    fields plus ``cold_entry``, its id in the command stream, and ``cold_ids``); the handler
+    role's ``OutcomeReader`` folds those aggregates from ``ledger_events``, writes them back to
+    the snapshots and publishes the commands again, in one step.
 ``ledger:{s}:orders:final``, ``ledger:{s}:positions:final`` (sorted sets, ``ShardKeys.final_orders``
 / ``final_positions``)
     The aggregates compaction has still to look at: each id the append step wrote a final (or
@@ -157,6 +167,8 @@ class ShardKeys:
         "final_orders",
         "final_positions",
         "compacted",
+        "cold",
+        "deferred",
         "checkpoint",
         "progress",
         "expiring",
@@ -187,6 +199,10 @@ class ShardKeys:
         self.final_orders = f"{tag}:orders:final"
         self.final_positions = f"{tag}:positions:final"
         self.compacted = f"{tag}:compacted"
+        # The index of final orders and closed positions moved to PostgreSQL (fingerprint of the
+        # id -> 'o' or 'p'), and the commands waiting for one of them to be read back.
+        self.cold = f"{tag}:aggregates:archived"
+        self.deferred = f"{tag}:commands:cold"
         # The live projection's position in the event log.
         self.checkpoint = f"{tag}:projection"
         # The same, told: one entry per step whose id is the new checkpoint (readers block on it).

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -43,9 +43,11 @@ from redis.exceptions import ResponseError
 
 from ledger.config import ServerNotConfigured, Settings, known_url
 from ledger.domain import wire
+from ledger.domain.evolution import apply
+from ledger.domain.state import OrderState, PositionState
 from ledger.errors import OperationFailed
 from ledger.sqlfiles import load_queries
-from ledger.store.eventstore import StoredEvent
+from ledger.store.eventstore import ArchiveReader, StoredEvent
 from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
 
@@ -328,3 +330,31 @@ async def open_archive(settings: Settings) -> AsyncIterator[tuple[psycopg.AsyncC
             yield conn, "read"
         return
     yield None, unread
+
+
+async def read_aggregates(
+    conn: psycopg.AsyncConnection[Any], ids: Sequence[str]
+) -> dict[str, OrderState | PositionState]:
+    """The states of archived orders and positions, folded from their events in ``ledger_events``
+    (each aggregate's in version order, the exact text as published): what their snapshots were
+    when compaction moved them out of Redis. An id the archive has no events of is left out."""
+    cur = await conn.execute(_SQL["aggregate_events"], {"ids": list(ids)})
+    states: dict[str, OrderState | PositionState] = {}
+    for aggregate_id, type_name, data in await cur.fetchall():
+        state = apply(states.get(aggregate_id), wire.decode_event(type_name, data))
+        if isinstance(state, OrderState | PositionState):
+            states[aggregate_id] = state
+    return states
+
+
+def aggregate_reader(database_url: Callable[[], str]) -> ArchiveReader:
+    """An ``EventStore``'s reader of archived aggregates: one connection per call (a reader of
+    an order by id needs one only for an order compaction moved out of Redis)."""
+
+    async def read(ids: Sequence[str]) -> dict[str, OrderState | PositionState]:
+        async with await psycopg.AsyncConnection.connect(
+            database_url(), autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
+        ) as conn:
+            return await read_aggregates(conn, ids)
+
+    return read

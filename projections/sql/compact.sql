@@ -17,9 +17,10 @@ SELECT o.user_id, o.command_id, o.reply
  WHERE o.shard = %(shard)s
 
 -- archived_versions --
--- Per aggregate, how many of its events the archive holds and its last version: all of them
--- are archived when both equal the version of its snapshot.
-SELECT aggregate_id::text, count(*), max(version)
+-- Per aggregate, how many of its events the archive holds, its last version, and the log entry
+-- of that last event: all of them are archived when both equal the version of its snapshot.
+SELECT aggregate_id::text, count(*), max(version),
+       (array_agg(entry_ms ORDER BY version DESC))[1], (array_agg(entry_seq ORDER BY version DESC))[1]
   FROM ledger_events
  WHERE aggregate_id = ANY(%(ids)s::uuid[])
  GROUP BY aggregate_id

@@ -23,6 +23,7 @@ from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType, Pos
 from ledger.domain.evolution import apply
 from ledger.domain.state import Book, OrderState, PositionState, slot_field
 from ledger.store import eventstore
+from ledger.store.archived import fingerprint
 from ledger.store.chain import genesis, link_hash
 from ledger.store.eventstore import (
     ORDER_SNAPSHOT,
@@ -30,6 +31,7 @@ from ledger.store.eventstore import (
     Append,
     AppendResult,
     EventStore,
+    Loaded,
     outcome_marker,
 )
 
@@ -378,20 +380,27 @@ class EventStoreContract:
         first = await store.append(command("c-1", events, new="1-0:a", slots={SLOT: POSITION}))
         book = Book()
 
-        tokens = await store.load(
+        archived = "00000000-0000-4000-8000-0000000000c0"  # moved to PostgreSQL by compaction
+        fp = fingerprint(archived)
+        await client.hset(store.cold_index.bucket(fp), fp, "o")
+
+        loaded = await store.load(
             book,
-            Requirements(frozenset({ORDER_1, ORDER_2}), frozenset({POSITION}), frozenset({SLOT, "alice|okx|X|short"})),
+            Requirements(
+                frozenset({ORDER_1, ORDER_2, archived}), frozenset({POSITION}), frozenset({SLOT, "alice|okx|X|short"})
+            ),
             [USER, "bob", USER],
         )
 
-        assert book.orders == {ORDER_1: apply(None, events[0]), ORDER_2: None}
+        assert book.orders == {ORDER_1: apply(None, events[0]), ORDER_2: None, archived: None}
+        assert loaded.cold == {archived}  # absent from the snapshots, found in the index
         assert book.positions == {POSITION: apply(None, events[1])}
         assert book.slots == {SLOT: POSITION, "alice|okx|X|short": None}
         assert await store.order(ORDER_1) == apply(None, events[0])
         assert await store.order(ORDER_2) is None
         assert await store.position(POSITION) == apply(None, events[1])
-        assert tokens == {USER: "1-0:a", "bob": ""}
-        assert await store.load(Book(), Requirements(frozenset(), frozenset(), frozenset())) == {}
+        assert loaded.tokens == {USER: "1-0:a", "bob": ""}
+        assert await store.load(Book(), Requirements(frozenset(), frozenset(), frozenset())) == Loaded({}, set())
         assert await store.outcomes(["alice:c-1", "alice:c-2"]) == [first.reply, None]
 
     # ----------------------------------------------------------------- the hash chain

@@ -29,10 +29,12 @@ from ledger.domain.state import OrderState, PositionState
 from ledger.store.archived import digest
 from ledger.store.eventstore import EventStore, outcome_marker
 from ledger.store.keys import ShardKeys
-from projections.compact import compact_order, compact_position, compact_shard
+from ledger.store.log import read_aggregates
+from projections.compact import compact_shard
 from projections.projector import PROJECTOR
 from projections.trim import retention_pass
 from projections.verify import verify
+from tests.compact_forms import compact_order, compact_position
 from tests.domain_helpers import LINEAR, Driver
 from tests.log_helpers import SYMBOL, Rig, archived_digest
 
@@ -290,13 +292,17 @@ async def test_compaction_touches_only_final_archived_aggregates_older_than_the_
     assert await redis.zcard(KEYS.eventless) == 0
     for oid in ("young", "late"):
         assert after[KEYS.orders][ids[oid]] == before[KEYS.orders][ids[oid]]
-    for oid in ("buy", "sell"):
-        found = json.loads(after[KEYS.orders][ids[oid]])
-        full = msgspec.json.decode(before[KEYS.orders][ids[oid]], type=OrderState)
-        assert found == json.loads(compact_order(full, found["compacted"]))
-    position = json.loads(after[KEYS.positions][ids["position"]])
-    full_position = msgspec.json.decode(before[KEYS.positions][ids["position"]], type=PositionState)
-    assert position == json.loads(compact_position(full_position, position["compacted"]))
+    # The final, archived ones left for the archived aggregates' index; PostgreSQL gives them back.
+    gone = [ids["buy"], ids["sell"], ids["position"]]
+    assert set(after[KEYS.orders]) == {ids["young"], ids["late"]}
+    assert after[KEYS.positions] == {}
+    assert await EventStore(redis, 0).archived_aggregates([*gone, ids["young"], ids["late"]]) == set(gone)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        states = await read_aggregates(conn, gone)
+    assert states == {
+        **{ids[o]: msgspec.json.decode(before[KEYS.orders][ids[o]], type=OrderState) for o in ("buy", "sell")},
+        ids["position"]: msgspec.json.decode(before[KEYS.positions][ids["position"]], type=PositionState),
+    }
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         again = await compact_shard(redis, conn, 0)
     assert [(c.already, c.eligible, c.compacted) for c in again] == [(6, 0, 0), (2, 0, 0), (1, 0, 0)]
@@ -340,35 +346,44 @@ async def test_compaction_looks_only_at_what_became_final_and_finds_older_finals
         "finals:positions": "1",
     }
 
-    late_fill = await rig.send(USER, "record_fill", order_id=ids["buy"], fill_id="late-b", quantity="0.5",
-                               price="99")  # fmt: skip
-    assert late_fill["status"] == "accepted"
+    # A late fill on the archived order: set aside, its state read back, then decided.
+    await _publish(redis, "record_fill", "late-b", order_id=ids["buy"], fill_id="late-b", quantity="0.5", price="99")
+    await rig.handlers[0].burst()
+    reader = OutcomeReader(EventStore(redis, 0), lambda: database_url)
+    assert await reader._cold_round() == (1, 0)
+    await reader._disconnect()
+    await rig.handlers[0].burst()
+    assert json.loads(await _raw_reply(redis, "late-b") or "{}")["status"] == "accepted"
     raw = await redis.hget(KEYS.orders, ids["buy"])
     assert (await _finals(redis))[0] == {ids["late"]: orders[ids["late"]], ids["buy"]: _updated_at(raw)}
     await redis.delete(KEYS.lease(PROJECTOR))  # the session's projector is gone (its lease would expire)
-    async with rig.projector(database_url):
-        await rig.archive()
-    await asyncio.sleep(0.01)
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        async with rig.projector(database_url):
+            await rig.archive()
+        await asyncio.sleep(0.01)
+        # Archived but not yet projected: the live projection still needs the late fill's order.
+        assert [c.compacted for c in await compact_shard(redis, conn, 0)][1:] == [1, 0]
+        await rig.project()
         before = (await redis.info("commandstats"))["cmdstat_hscan"]["calls"]
         again = await compact_shard(redis, conn, 0)
         scans = (await redis.info("commandstats"))["cmdstat_hscan"]["calls"] - before
         assert scans == 1  # the outcomes hash only
-        assert [(c.hash, c.already, c.compacted) for c in again][1:] == [(KEYS.orders, 2, 2), (KEYS.positions, 1, 0)]
+        assert [(c.hash, c.already, c.compacted) for c in again][1:] == [(KEYS.orders, 3, 1), (KEYS.positions, 1, 0)]
         assert await _finals(redis) == ({}, {})
 
-        # An earlier version's ledger: no sets, no counts. One scan finds its finals.
-        full = await _hashes(redis)
+        # An earlier version's ledger: no sets, no counts; a final order still in full and one
+        # in the compact form compaction wrote then. One scan finds them and both leave.
         await redis.delete(KEYS.compacted)
-        await redis.hset(KEYS.orders, ids["sell"], hashes[KEYS.orders][ids["sell"]])  # final, full again
+        sell = msgspec.json.decode(hashes[KEYS.orders][ids["sell"]], type=OrderState)
+        await redis.hset(KEYS.orders, ids["sell"], hashes[KEYS.orders][ids["sell"]])
+        await redis.hset(KEYS.orders, ids["late"], compact_order(sell, 1))
         old = await compact_shard(redis, conn, 0)
     assert [(c.hash, c.already, c.eligible, c.compacted) for c in old][1:] == [
-        (KEYS.orders, 2, 1, 1),  # buy and late compact when scanned; sell found final and compacted
-        (KEYS.positions, 1, 0, 0),
+        (KEYS.orders, 0, 1, 2),  # sell found final and archived; late, compact, due at once
+        (KEYS.positions, 0, 0, 0),
     ]
-    assert await redis.hget(KEYS.compacted, "orders") == "3"
-    assert (await _hashes(redis))[KEYS.orders].keys() == full[KEYS.orders].keys()
-    assert json.loads((await _hashes(redis))[KEYS.orders][ids["sell"]])["compacted"] > 0
+    assert await redis.hget(KEYS.compacted, "orders") == "2"
+    assert set(await redis.hkeys(KEYS.orders)) == {ids["young"]}
 
 
 async def _compact_session(rig: Rig, database_url: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -393,6 +408,11 @@ async def _duplicates_get_their_first_replies(rig: Rig, database_url: str) -> No
     await _publish(redis, "cancel_order", "refused", order_id="not-even-a-uuid")  # malformed: dead-lettered
     await _publish(redis, "record_fill", "new-dup-fill", order_id=ids["buy"], fill_id="f-3", quantity="1", price="1")
     await rig.handlers[0].burst()
+    reader = OutcomeReader(EventStore(redis, 0), lambda: database_url)
+    # The fills name the archived order: set aside until the reader gives its state back.
+    assert await redis.xlen(KEYS.deferred) == 2
+    assert await reader._cold_round() == (2, 0)
+    await rig.handlers[0].burst()
     assert await redis.hgetall(KEYS.waiting) == {
         f"{USER}:{c}": outcome_marker(first[c].encode()) for c in ("c-1", "c-3", "refused")
     }
@@ -401,7 +421,6 @@ async def _duplicates_get_their_first_replies(rig: Rig, database_url: str) -> No
     duplicate_fill = json.loads(await _raw_reply(redis, "new-dup-fill") or "{}")
     assert duplicate_fill["error"]["code"] == "DUPLICATE_FILL"
 
-    reader = OutcomeReader(EventStore(redis, 0), lambda: database_url)
     assert await reader.answer_once() == 0
     assert {c: await _raw_reply(redis, c) for c in first} == first
     assert await redis.hlen(KEYS.waiting) == 0

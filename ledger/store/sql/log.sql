@@ -25,3 +25,11 @@ SELECT count(*)
 FROM ledger_events
 JOIN unnest(%(ms)s::bigint[], %(seq)s::bigint[]) AS held (entry_ms, entry_seq) USING (entry_ms, entry_seq)
 WHERE shard = %(shard)s
+
+-- aggregate_events --
+-- The archived events of some aggregates, each aggregate's in version order: folded by
+-- read_aggregates (the command handler reads back archived orders and positions with it).
+SELECT aggregate_id::text, type, coalesce(data_raw, data::text)
+  FROM ledger_events
+ WHERE aggregate_id = ANY(%(ids)s::uuid[])
+ ORDER BY aggregate_id, version

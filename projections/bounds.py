@@ -1,0 +1,50 @@
+"""How far the consumers of a shard's streams have got: what trimming (``projections.trim``)
+and compaction (``projections.compact``) must leave alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from ledger.store.keys import ShardKeys
+from ledger.store.redis_conn import entry_order, text
+
+Key = tuple[int, int]
+
+
+def key(entry_id: str) -> Key:
+    ms, seq = entry_order(entry_id)
+    return ms, seq
+
+
+def before(entry_id: str) -> Key:
+    """The greatest id before ``entry_id``."""
+    ms, seq = key(entry_id)
+    return (ms, seq - 1) if seq else (ms - 1, 2**64 - 1)
+
+
+async def group_bounds(redis: Any, stream: str) -> dict[str, Key]:
+    """Per consumer group: the last entry it has processed (none pending at or before it)."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:  # no such stream
+        return {}
+    bounds: dict[str, Key] = {}
+    for group in groups:
+        name = text(group["name"])
+        bound = key(text(group["last-delivered-id"]))
+        if int(group["pending"]):
+            oldest = await redis.xpending(stream, name)
+            bound = min(bound, before(text(oldest["min"])))
+        bounds[f"group {name}"] = bound
+    return bounds
+
+
+async def processed(redis: Any, keys: ShardKeys) -> Key:
+    """The last entry of the shard's event log that the live projection and every consumer group
+    of it have processed: an aggregate whose events are all at or before it is needed by none of
+    them again (the venues read an order's state when they handle its events)."""
+    live = text(await redis.get(keys.checkpoint))
+    limits = [key(live) if live else (0, 0), *(await group_bounds(redis, keys.events)).values()]
+    return min(limits)
