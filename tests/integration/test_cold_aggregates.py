@@ -22,18 +22,27 @@ from tests.integration.test_compaction import KEYS, USER, _publish, _raw_reply, 
 from tests.log_helpers import Rig
 
 
-async def test_a_late_fill_on_an_archived_order_is_decided_once_its_state_is_read_back(
-    redis: Any, database_url: str
-) -> None:
+async def _moved_out(redis: Any, database_url: str) -> tuple[Rig, dict[str, str], dict[str, str]]:
+    """The compaction session, every event archived, then one pass (retention 0): the final
+    orders and the closed position leave Redis. Returns the rig, the ids and the order
+    snapshots before the pass."""
     rig = await Rig.start(redis)
     ids = await _session(rig, database_url)
-    await redis.delete(KEYS.lease(PROJECTOR))
+    await redis.delete(KEYS.lease(PROJECTOR))  # the session's projector is gone
     async with rig.projector(database_url):
         await rig.archive()
-    full = await redis.hget(KEYS.orders, ids["late"])
+    before = await redis.hgetall(KEYS.orders)
     await asyncio.sleep(0.01)
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         await compact_shard(redis, conn, 0)
+    return rig, ids, before
+
+
+async def test_a_late_fill_on_an_archived_order_is_decided_once_its_state_is_read_back(
+    redis: Any, database_url: str
+) -> None:
+    rig, ids, before = await _moved_out(redis, database_url)
+    full = before[ids["late"]]
     assert await redis.hexists(KEYS.orders, ids["late"]) == 0
     # A reader by id (reconciliation) reads it back; without the archive reader it is not there.
     reader_store = EventStore(redis, 0, archive=aggregate_reader(lambda: database_url))
@@ -65,14 +74,7 @@ async def test_a_late_fill_on_an_archived_order_is_decided_once_its_state_is_rea
 async def test_while_postgresql_is_away_a_command_on_an_archived_order_waits_and_others_flow(
     redis: Any, database_url: str, postgres_server: Any
 ) -> None:
-    rig = await Rig.start(redis)
-    ids = await _session(rig, database_url)
-    await redis.delete(KEYS.lease(PROJECTOR))
-    async with rig.projector(database_url):
-        await rig.archive()
-    await asyncio.sleep(0.01)
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        await compact_shard(redis, conn, 0)
+    rig, ids, _before = await _moved_out(redis, database_url)
     assert await redis.hexists(KEYS.orders, ids["buy"]) == 0
     stop = asyncio.Event()
     reader = OutcomeReader(EventStore(redis, 0), lambda: database_url, poll_s=0.05, backoff_s=(0.1, 0.4))
