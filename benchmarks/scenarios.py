@@ -708,7 +708,7 @@ async def memory(run: Run, res: Results) -> None:
     res.notes.append(
         "after = after `ledger trim` (what the retention role runs), with every order final and archived; "
         "final order hashes stay in the live keys for 7 days (CONTRACT §6) and reply lists for "
-        "LEDGER_REPLY_TTL_S, and are counted; kept = the key classes that stay for good (the archived outcomes and aggregates indexes)"
+        "LEDGER_REPLY_TTL_S, and are counted; kept = the key classes that stay for good (the archived indexes)"
     )
     for label, (per_live, per_archived, kept) in measured.items():
         what = "place, accept, fill" if label == "external" else "paper market order: place, accepted + filled"
