@@ -458,7 +458,7 @@ class OutcomeReader:
         for entry, ids in deferred:
             if entry not in ready:
                 self.log.error(
-                    "command on an archived aggregate waits: PostgreSQL has no events of "
+                    "command on an archived aggregate waits: ledger_events has no readable history of "
                     + ", ".join(i for i in ids if i and i not in states)
                     + "; restore ledger_events from a backup (it waits)",
                     deferred_entry=entry,

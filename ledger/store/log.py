@@ -337,14 +337,26 @@ async def read_aggregates(
 ) -> dict[str, OrderState | PositionState]:
     """The states of archived orders and positions, folded from their events in ``ledger_events``
     (each aggregate's in version order, the exact text as published): what their snapshots were
-    when compaction moved them out of Redis. An id the archive has no events of is left out."""
+    when compaction moved them out of Redis. An event of a type this reader does not know is
+    skipped (CONTRACT §5); an id the archive has no events of, or one of whose events cannot be
+    decoded (logged with the reason), is left out: its state cannot be told."""
     cur = await conn.execute(_SQL["aggregate_events"], {"ids": list(ids)})
     states: dict[str, OrderState | PositionState] = {}
+    unreadable: set[str] = set()
     for aggregate_id, type_name, data in await cur.fetchall():
-        state = apply(states.get(aggregate_id), wire.decode_event(type_name, data))
+        try:
+            event = wire.decode_event(type_name, data)
+        except wire.UnknownEventType:
+            continue
+        except wire.WireError as error:
+            unreadable.add(aggregate_id)
+            log.error("archived event undecodable: its aggregate cannot be read back", aggregate_id=aggregate_id,
+                      code=error.code, reason=error.message)  # fmt: skip
+            continue
+        state = apply(states.get(aggregate_id), event)
         if isinstance(state, OrderState | PositionState):
             states[aggregate_id] = state
-    return states
+    return {i: state for i, state in states.items() if i not in unreadable}
 
 
 def aggregate_reader(database_url: Callable[[], str]) -> ArchiveReader:

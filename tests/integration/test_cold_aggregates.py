@@ -15,7 +15,7 @@ import psycopg
 from consumers.command_handler import OutcomeReader
 from ledger.domain.state import OrderState
 from ledger.store.eventstore import EventStore
-from ledger.store.log import aggregate_reader
+from ledger.store.log import aggregate_reader, read_aggregates
 from projections.compact import compact_shard
 from projections.projector import PROJECTOR
 from tests.integration.test_compaction import KEYS, USER, _publish, _raw_reply, _session
@@ -99,3 +99,27 @@ async def test_while_postgresql_is_away_a_command_on_an_archived_order_waits_and
     reply = json.loads(await _raw_reply(redis, "late-2") or "{}")
     assert reply["status"] == "accepted", reply
     assert await redis.xlen(KEYS.deferred) == 0
+
+
+async def test_reading_back_skips_unknown_event_types_and_leaves_out_an_undecodable_history(
+    redis: Any, database_url: str
+) -> None:
+    """An archived event of a type this reader does not know is skipped (CONTRACT §5); an
+    aggregate one of whose events cannot be decoded is left out (its state cannot be told), so
+    a command naming it stays set aside with an error line instead of being decided wrongly."""
+    _rig, ids, before = await _moved_out(redis, database_url)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(
+            """INSERT INTO ledger_events (event_id, shard, entry_id, entry_ms, entry_seq, type, aggregate_id,
+                                          version, command_id, user_id, data, ts)
+               SELECT gen_random_uuid(), shard, entry_id || 'x', entry_ms, entry_seq + 1000, 'FutureEvent',
+                      aggregate_id, version + 100, command_id, user_id, data, ts
+                 FROM ledger_events WHERE aggregate_id = %(id)s AND version = 1""",
+            {"id": ids["buy"]},
+        )
+        await conn.execute(
+            "UPDATE ledger_events SET data_raw = '{', data = '{}' WHERE aggregate_id = %(id)s AND version = 2",
+            {"id": ids["sell"]},
+        )
+        states = await read_aggregates(conn, [ids["buy"], ids["sell"]])
+    assert states == {ids["buy"]: msgspec.json.decode(before[ids["buy"]], type=OrderState)}
