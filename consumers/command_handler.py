@@ -246,14 +246,12 @@ class CommandHandler:
         published again by the ``OutcomeReader`` once it read that aggregate back) and return the
         others."""
         table = instrument_table()
-        named = {
-            id(p): cold & ((w := requirements(p.command, book, table)).order_ids | w.position_ids) for p in commands
-        }
-        waiting = [p for p in commands if named[id(p)]]
+        named = [(p, cold & ((w := requirements(p.command, book, table)).order_ids | w.position_ids)) for p in commands]
+        waiting = [(p, ids) for p, ids in named if ids]
         if not waiting:
             return commands
-        await self.store.defer([(p.entry.id, p.entry.fields, sorted(named[id(p)])) for p in waiting])
-        for p in waiting:
+        await self.store.defer([(p.entry.id, p.entry.fields, sorted(ids)) for p, ids in waiting])
+        for p, _ids in waiting:
             self.log.info(
                 "command on an archived aggregate waits for its state from PostgreSQL",
                 command_id=p.command.command_id,
@@ -262,7 +260,7 @@ class CommandHandler:
             )
         if self.on_archived is not None:
             self.on_archived()
-        return [p for p in commands if not named[id(p)]]
+        return [p for p, ids in named if not ids]
 
     def _decide(self, pending: _Pending, book: Book, tokens: dict[str, str]) -> Append:
         command = pending.command
@@ -456,7 +454,7 @@ class OutcomeReader:
         states = await asyncio.wait_for(read_aggregates(conn, wanted), OUTCOME_QUERY_TIMEOUT_S)
         ready = [entry for entry, ids in deferred if all(i in states for i in ids if i)]
         for entry, ids in deferred:
-            if entry not in ready:
+            if any(i not in states for i in ids if i):
                 self.log.error(
                     "command on an archived aggregate waits: ledger_events has no readable history of "
                     + ", ".join(i for i in ids if i and i not in states)

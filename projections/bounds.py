@@ -13,14 +13,9 @@ from ledger.store.redis_conn import entry_order, text
 Key = tuple[int, int]
 
 
-def key(entry_id: str) -> Key:
-    ms, seq = entry_order(entry_id)
-    return ms, seq
-
-
 def before(entry_id: str) -> Key:
     """The greatest id before ``entry_id``."""
-    ms, seq = key(entry_id)
+    ms, seq = entry_order(entry_id)
     return (ms, seq - 1) if seq else (ms - 1, 2**64 - 1)
 
 
@@ -33,7 +28,7 @@ async def group_bounds(redis: Any, stream: str) -> dict[str, Key]:
     bounds: dict[str, Key] = {}
     for group in groups:
         name = text(group["name"])
-        bound = key(text(group["last-delivered-id"]))
+        bound = entry_order(text(group["last-delivered-id"]))
         if int(group["pending"]):
             oldest = await redis.xpending(stream, name)
             bound = min(bound, before(text(oldest["min"])))
@@ -46,5 +41,5 @@ async def processed(redis: Any, keys: ShardKeys) -> Key:
     of it have processed: an aggregate whose events are all at or before it is needed by none of
     them again (the venues read an order's state when they handle its events)."""
     live = text(await redis.get(keys.checkpoint))
-    limits = [key(live) if live else (0, 0), *(await group_bounds(redis, keys.events)).values()]
+    limits = [entry_order(live) if live else (0, 0), *(await group_bounds(redis, keys.events)).values()]
     return min(limits)

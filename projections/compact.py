@@ -39,7 +39,7 @@ such a command or duplicate waiting and logs what to set.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,9 +108,9 @@ class Compaction:
     shard: int
     hash: str
     entries: int  # fields in the hash when read
-    already: int  # compact before this pass (outcomes: in the index; snapshots: compactions counted)
+    already: int  # moved before this pass (outcomes: in the index; snapshots: moves counted)
     eligible: int  # final (or answered), archived, older than the retention, not compact yet
-    compacted: int  # replaced now (0 on a dry run; fewer than eligible when one changed meanwhile)
+    compacted: int  # moved now (0 on a dry run; fewer than eligible when one changed meanwhile)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -312,7 +312,7 @@ async def _archive(
     keys: ShardKeys,
     index: ArchivedIndex,
     items: list[tuple[str, str, bytes]],
-    dropped: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    dropped: Sequence[tuple[str, str]] = (),
     count: str = "",
 ) -> int:
     """Move items (field, value read, index value) from ``source`` (and the sorted set

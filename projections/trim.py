@@ -32,8 +32,8 @@ from ledger.defaults import RETENTION_OPS_KEEP
 from ledger.domain.values import now_ms
 from ledger.store.keys import RETENTION_OPS, ShardKeys
 from ledger.store.operations import record_operation
-from ledger.store.redis_conn import CONNECT_TIMEOUT_S, text
-from projections.bounds import Key, group_bounds, key
+from ledger.store.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
+from projections.bounds import Key, group_bounds
 from projections.compact import Compaction, compact_shard
 from projections.projector import checkpoint as archived_up_to
 
@@ -70,8 +70,8 @@ async def trim_bounds(
     live = text(await redis.get(keys.checkpoint))
     # On a tie the first named limit is reported: the archive, then the live checkpoint, then groups.
     event_limits = {
-        "the PostgreSQL archive": key(archived) if archived else (0, 0),
-        "the live projection's checkpoint": key(live) if live else (0, 0),
+        "the PostgreSQL archive": entry_order(archived) if archived else (0, 0),
+        "the live projection's checkpoint": entry_order(live) if live else (0, 0),
         **await group_bounds(redis, keys.events),
         "the retention": retained,
     }

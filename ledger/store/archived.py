@@ -99,6 +99,11 @@ class Generation:
     split: int = 0
 
     @classmethod
+    def of(cls, level: Any, split: Any) -> Generation:
+        """From the meta hash's ``level`` and ``split`` as read (None when absent: 0)."""
+        return cls(int(level or 0), int(split or 0))
+
+    @classmethod
     def parse(cls, value: Any) -> Generation:
         level, _sep, split = (text(value) or "0:0").partition(":")
         return cls(int(level), int(split))
@@ -137,7 +142,7 @@ class ArchivedIndex:
     async def read(self, redis: Any) -> int:
         """Read the generation; return ``count``."""
         level, split, count = await redis.hmget(self.meta, ["level", "split", "count"])
-        self.generation = Generation(int(level or 0), int(split or 0))
+        self.generation = Generation.of(level, split)
         return int(count or 0)
 
     async def current(self, call: Callable[[], Awaitable[Any]], stale: Callable[[Any], Any | None]) -> Any:

@@ -251,20 +251,21 @@ class EventStore:
     async def archived_aggregates(self, ids: Sequence[str]) -> set[str]:
         """Which of these ids are in the archived aggregates' index. The generation is read
         after the buckets: when it is the one they were computed with, no split came before
-        they were read (splits only move forward); else read again with it."""
+        they were read (splits only move forward); else they are read again with it."""
         fingerprints = [fingerprint(i) for i in ids]
         index = self.cold_index
-        while True:
+
+        async def call() -> tuple[Generation, list[Any], Generation]:
             seen = index.generation
             pipe = self.redis.pipeline(transaction=False)
             for fp in fingerprints:
                 pipe.hexists(index.bucket(fp), fp)
             pipe.hmget(index.meta, ["level", "split"])
             *found, (level, split) = await pipe.execute()
-            current = Generation(int(level or 0), int(split or 0))
-            if current == seen:
-                return {i for i, hit in zip(ids, found, strict=True) if hit}
-            index.generation = current
+            return seen, found, Generation.of(level, split)
+
+        _seen, found, _current = await index.current(call, lambda r: None if r[0] == r[2] else str(r[2]))
+        return {i for i, hit in zip(ids, found, strict=True) if hit}
 
     async def outcomes(self, fields: Sequence[str]) -> list[str | None]:
         if not fields:

@@ -158,31 +158,27 @@ _SHARDS = iter(range(100, 10_000))  # a shard of its own per example: no flush b
 _USERS = ("ann", "bob", "cyd")
 
 
+_Step = tuple[str, int, list[tuple[str, str]]]  # "compact" or "append", the client, (user, command id)s
+
+
 @st.composite
-def _sessions(draw: st.DrawFn) -> list[tuple[str, list[tuple[int, str, str]]]]:
-    """Batches of (client, user, command id) appends (ids from a small pool, so they repeat) and
-    compaction passes between them."""
-    steps: list[tuple[str, list[tuple[int, str, str]]]] = []
+def _sessions(draw: st.DrawFn) -> list[_Step]:
+    """Batches of (user, command id) appends, each from one of three clients (ids from a small
+    pool, so they repeat), and compaction passes between them."""
+    steps: list[_Step] = []
     for _ in range(draw(st.integers(4, 12))):
         if draw(st.booleans()):
-            steps.append(("compact", []))
+            steps.append(("compact", 0, []))
         size = draw(st.integers(1, 120))
-        steps.append(
-            (
-                "append",
-                [
-                    (draw(st.integers(0, 2)), draw(st.sampled_from(_USERS)), f"c{draw(st.integers(0, 250))}")
-                    for _ in range(size)
-                ],
-            )
-        )
+        appends = [(draw(st.sampled_from(_USERS)), f"c{draw(st.integers(0, 250))}") for _ in range(size)]
+        steps.append(("append", draw(st.integers(0, 2)), appends))
     return steps
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(session=_sessions())
 async def test_every_repeated_command_id_is_a_duplicate_whichever_client_and_generation(
-    redis: Any, database_url: str, session: list[tuple[str, list[tuple[int, str, str]]]]
+    redis: Any, database_url: str, session: list[_Step]
 ) -> None:
     """Model: a command id seen before is a duplicate (answered from the hash, or recorded as
     waiting once compacted into the index), one never seen is appended; three clients, each with
@@ -194,16 +190,16 @@ async def test_every_repeated_command_id_is_a_duplicate_whichever_client_and_gen
     seen: set[str] = set()
     compacted: set[str] = set()
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        for kind, appends in session:
+        for kind, client, appends in session:
             if kind == "compact":
                 await asyncio.sleep(0.002)  # the rejections' recorded times are in the past
                 await compact_shard(redis, conn, shard)
                 compacted |= seen
                 continue
-            # One batch (one script call per 256 appends) from the client of its first append.
+            # One batch (one script call per 256 appends) from one client.
             batch: list[Append] = []
             expected: list[str] = []
-            for _client, user, command_id in appends:
+            for user, command_id in appends:
                 field = f"{user}:{command_id}"
                 append = rejected(user, command_id, expected=tokens.get(user, ""))
                 status = "archived" if field in compacted else "duplicate" if field in seen else "ok"
@@ -212,7 +208,7 @@ async def test_every_repeated_command_id_is_a_duplicate_whichever_client_and_gen
                     seen.add(field)
                 batch.append(append)
                 expected.append(status)
-            results = await clients[appends[0][0]].append_many(batch)
+            results = await clients[client].append_many(batch)
             assert [r.status for r in results] == expected
     index = ArchivedIndex(keys.archived)
     assert await index.read(redis) == len(compacted)
