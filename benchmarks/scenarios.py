@@ -41,7 +41,7 @@ from benchmarks.client import (
 )
 from benchmarks.figures import Figure
 from benchmarks.run import WARMUP_PAIRS, Filled, Profiler, Results, Run, serving
-from benchmarks.stack import Stack
+from benchmarks.stack import BenchError, Stack, cpu_seconds
 from ledger.store.keys import marks, order_key
 
 Scenario = Callable[[Run, Results], Awaitable[None]]
@@ -141,7 +141,7 @@ async def e2e(run: Run, res: Results) -> None:
         await serving(stack, client)
         raw_rate = await client.xadd_rate(pairs)
         with Profiler(run, stack, "e2e"):
-            async with CpuAccount(client.redis) as ledger_cpu:
+            async with CpuAccount(client.redis, _trees(stack, stack.serve_pid())) as ledger_cpu:
                 measured = await client.lifecycles(pairs, run="e2e")
         res.serve_peak_rss_bytes = stack.serve_rss()
         await client.redis.aclose()
@@ -150,7 +150,7 @@ async def e2e(run: Run, res: Results) -> None:
         echo = _echo(stack)
         try:
             await client.lifecycles(WARMUP_PAIRS, run="echo-warm", live=False, history=False)
-            async with CpuAccount(client.redis) as echo_cpu:
+            async with CpuAccount(client.redis, _trees(stack, echo.pid)) as echo_cpu:
                 floor = await client.lifecycles(pairs, run="echo", live=False, history=False)
         finally:
             await _without_echo(client, echo)
@@ -169,35 +169,48 @@ async def e2e(run: Run, res: Results) -> None:
             baseline=raw_rate,
             baseline_what="redis-py pipelined XADD, same payloads (e2e's stack)",
             note=(
-                "CPU per command, Redis / client: echo {echo[redis]:.0f} / {echo[client]:.0f} us, "
-                "ledger {ledger[redis]:.0f} / {ledger[client]:.0f} us"
+                "CPU per command, Redis / consumer / PostgreSQL / client: echo {echo[redis]:.0f} / "
+                "{echo[consumer]:.0f} / {echo[postgres]:.0f} / {echo[client]:.0f} us, ledger "
+                "{ledger[redis]:.0f} / {ledger[consumer]:.0f} / {ledger[postgres]:.0f} / {ledger[client]:.0f} us"
             ).format(**per_command),
         )
     )
 
 
-class CpuAccount:
-    """The CPU Redis (``INFO cpu``: its main thread and its background fsync threads, user +
-    system) and this process (the client) spent while a block ran; ``per_command`` in us."""
+def _trees(stack: Stack, consumer_pid: int) -> dict[str, int]:
+    """The process trees whose CPU the e2e account reports: the consumer (``serve`` or the
+    echo) and PostgreSQL's postmaster with its backends."""
+    postgres = stack.postgres.pid
+    if postgres is None:
+        raise BenchError(f"{stack.name}: PostgreSQL is not running")
+    return {"consumer": consumer_pid, "postgres": postgres}
 
-    def __init__(self, redis: Any) -> None:
+
+class CpuAccount:
+    """The CPU (user + system) spent while a block ran by Redis (``INFO cpu``: its main thread
+    and its background fsync threads), by named process trees (``ledger serve`` or the echo
+    consumer, and PostgreSQL) and by this process (the client); ``per_command`` in us."""
+
+    def __init__(self, redis: Any, trees: dict[str, int]) -> None:
         self.redis = redis
-        self.redis_s = self.client_s = 0.0
+        self.trees = trees
+        self.spent: dict[str, float] = {}
+
+    async def _now(self) -> dict[str, float]:
+        info = await self.redis.info("cpu")
+        now = {"redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]), "client": time.process_time()}
+        return now | {name: cpu_seconds(pid) for name, pid in self.trees.items()}
 
     async def __aenter__(self) -> CpuAccount:
-        self.redis_s, self.client_s = -await self._redis_cpu(), -time.process_time()
+        self.spent = {name: -seconds for name, seconds in (await self._now()).items()}
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.redis_s += await self._redis_cpu()
-        self.client_s += time.process_time()
-
-    async def _redis_cpu(self) -> float:
-        info = await self.redis.info("cpu")
-        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        for name, seconds in (await self._now()).items():
+            self.spent[name] += seconds
 
     def per_command(self, commands: int) -> dict[str, float]:
-        return {"redis": self.redis_s / commands * 1e6, "client": self.client_s / commands * 1e6}
+        return {name: seconds / commands * 1e6 for name, seconds in self.spent.items()}
 
 
 # --------------------------------------------------------------------------- latency

@@ -88,6 +88,12 @@ class Stack:
             tail = "\n".join(self.serve_log.read_text(errors="replace").splitlines()[-15:])
             raise BenchError(f"{self.name}: ledger serve exited with status {self.serve.returncode}:\n{tail}")
 
+    def serve_pid(self) -> int:
+        """The pid of the running ``serve`` (its supervisor)."""
+        if self.serve is None:
+            raise BenchError(f"{self.name}: serve is not running")
+        return self.serve.pid
+
     def serve_rss(self) -> int:
         """The peak resident set size of ``serve``'s whole process tree so far, in bytes: the sum
         of the peaks (VmHWM) of the supervisor and its role processes (``LEDGER_PROCESSES=roles``),
@@ -156,6 +162,19 @@ def _process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo += children.get(pid, [])
     return tree
+
+
+def cpu_seconds(root: int) -> float:
+    """The CPU (user + system) that ``root`` and every process under it have spent so far, in
+    seconds (``/proc/<pid>/stat``; a process gone meanwhile counts nothing)."""
+    ticks = 0
+    for pid in _process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss(pid: int) -> int:
