@@ -169,7 +169,7 @@ return 1
 )
 
 # KEYS: 2 resting hash, 3 version counter, 4 commands stream.
-# ARGV: 2 order id, 3 command type ('' = none), 4 command data.
+# ARGV: 2 order id, 3 command type, 4 command data.
 # Takes the order out of the resting set and, only if it was there, publishes its terminal command.
 _TAKE = (
     _FENCE
@@ -178,10 +178,25 @@ if redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then
   return 0
 end
 redis.call('INCR', KEYS[3])
-if ARGV[3] ~= '' then
-  redis.call('XADD', KEYS[4], '*', 'type', ARGV[3], 'data', ARGV[4])
-end
+redis.call('XADD', KEYS[4], '*', 'type', ARGV[3], 'data', ARGV[4])
 return 1
+"""
+)
+
+# KEYS: 2 resting hash, 3 version counter. ARGV: 2.. ids of orders that became final.
+# Takes them out of the resting set (most never rested: one call per run of final orders in a
+# batch, not one per order). Returns how many rested.
+_FORGET = (
+    _FENCE
+    + """
+local removed = 0
+for i = 2, #ARGV, 1000 do  -- unpack stops at about 8,000 values
+  removed = removed + redis.call('HDEL', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+if removed > 0 then
+  redis.call('INCR', KEYS[3])
+end
+return removed
 """
 )
 
@@ -437,19 +452,25 @@ class PaperVenue:
         prices, acting = await self._marks_and_modes(placed)
         pipe = self.redis.pipeline(transaction=False)
         cancels: list[tuple[int, wire.Event]] = []
+        # Final orders are taken off the resting set a run at a time (``_FORGET``), the run sent
+        # before any other write of the batch, so the effects keep the log's order.
+        final: list[str] = []
         for event in events:
             if isinstance(event, wire.OrderPlaced):
                 if event.exchange in acting:
+                    self._forget(pipe, final)
                     mark = prices.get((event.exchange, event.symbol))
                     self._placed(pipe, event, states.get(event.stream), mark)
             elif isinstance(event, wire.OrderCancelRequested):
+                self._forget(pipe, final)
                 cancel = wire.OrderCancelledCommand(
                     command_id=IDS.cancel(event.stream), user_id=event.user_id, order_id=event.stream
                 )
                 cancels.append((len(pipe), event))
                 self._take(pipe, event.stream, cancel)
             elif event.status in FINAL_ORDER_STATUSES:  # type: ignore[attr-defined]
-                self._take(pipe, event.stream, None)
+                final.append(event.stream)
+        self._forget(pipe, final)
         if not len(pipe):
             return
         results = await pipe.execute()
@@ -559,10 +580,10 @@ class PaperVenue:
             **fields,
         )
 
-    def _take(self, pipe: Any, order_id: str, command: wire.Command | None) -> None:
+    def _take(self, pipe: Any, order_id: str, command: wire.Command) -> None:
         keys = self.paper_keys
-        type_name = command.__struct_config__.tag if command is not None else ""
-        data = wire.encode_command(command) if command is not None else b""
+        type_name = command.__struct_config__.tag
+        data = wire.encode_command(command)
         pipe.eval(
             _TAKE,
             4,
@@ -575,6 +596,13 @@ class PaperVenue:
             type_name,
             data,
         )
+
+    def _forget(self, pipe: Any, final: list[str]) -> None:
+        """Take the orders of ``final`` off the resting set in one call, and empty it."""
+        if final:
+            keys = self.paper_keys
+            pipe.eval(_FORGET, 3, keys.lease, keys.resting, keys.version, self.consumer.name, *final)
+            final.clear()
 
     def _publish(self, pipe: Any, *commands: wire.Command) -> None:
         args = [item for command in commands for item in wire.command_fields(command).values()]
@@ -624,7 +652,7 @@ class PaperVenue:
             state = states.get(order_id)
             fields = {"order_id": order_id, "user_id": after.user_id, "event_id": after.placed_event_id}
             if state is None or state.status in FINAL_ORDER_STATUSES:
-                self._take(pipe, order_id, None)
+                self._forget(pipe, [order_id])
                 self.log.info(
                     "dropped a resting order that is final or unknown",
                     status=str(state.status) if state else None,

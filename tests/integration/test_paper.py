@@ -232,6 +232,31 @@ async def test_limit_buy_rests_until_the_mark_reaches_its_price(rig: Rig) -> Non
     assert await rig.redis.hlen(PAPER.resting) == 0
 
 
+async def test_orders_made_final_elsewhere_leave_the_resting_set_in_one_step(rig: Rig) -> None:
+    """Resting orders made final by commands of the strategy's own (expired, and a fill it
+    reports) leave the resting set, a batch's run of final orders in one script call; the mark
+    crossing their prices afterwards fills nothing."""
+    await rig.redis.hset(marks("okx"), LINEAR, "45000")
+    expired, filled, kept = [
+        await rig.place(side="buy", order_type="limit", quantity="0.1", price=price)
+        for price in ("44000", "43000", "42000")
+    ]
+    assert set(await rig.redis.hkeys(PAPER.resting)) == {expired, filled, kept}
+    version = int(await rig.redis.get(PAPER.version))
+    await rig.send("order_expired", order_id=expired)
+    await rig.send("record_fill", order_id=filled, fill_id="f1", quantity="0.1", price="43000", fee="1")
+    await rig.handler.burst()
+    await rig.redis.config_resetstat()
+    await rig.venue.burst()
+    stats = await rig.redis.info("commandstats")
+    assert stats["cmdstat_eval"]["calls"] == 1
+    assert set(await rig.redis.hkeys(PAPER.resting)) == {kept}
+    assert int(await rig.redis.get(PAPER.version)) == version + 1
+    await rig.mark("41000")
+    assert [fill.stream for fill in await rig.events("OrderFilled")] == [filled, kept]
+    assert await rig.status(expired) is OrderStatus.EXPIRED
+
+
 async def test_sell_limit_fills_when_the_mark_rises_to_its_price(rig: Rig) -> None:
     await rig.redis.hset(marks("okx"), LINEAR, "45000")
     order_id = await rig.place(side="sell", order_type="limit", quantity="0.5", price="46000")
