@@ -178,19 +178,22 @@ end
 return 1
 """
 
-# KEYS[1] stream, KEYS[2] try counters; ARGV[1] group, ARGV[2..] entry ids: one XACK and one HDEL
-# (the counters and last errors) for the whole batch.
+# KEYS[1] stream, KEYS[2] try counters; ARGV[1] group, ARGV[2..] entry ids: one XACK and, when the
+# group has counters at all (most batches: none), one HDEL of the entries' counters and last errors.
 _ACK = (
     _CHUNKED
     + """
-local ids, fields = {}, {}
-for i = 2, #ARGV do
-  ids[#ids + 1] = ARGV[i]
-  fields[#fields + 1] = ARGV[i]
-  fields[#fields + 1] = ARGV[i] .. ':error'
+for i = 2, #ARGV, 1000 do
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-chunked('XACK', {KEYS[1], ARGV[1]}, ids)
-chunked('HDEL', {KEYS[2]}, fields)
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local fields = {}
+  for i = 2, #ARGV do
+    fields[#fields + 1] = ARGV[i]
+    fields[#fields + 1] = ARGV[i] .. ':error'
+  end
+  chunked('HDEL', {KEYS[2]}, fields)
+end
 return 1
 """
 )
