@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -82,8 +82,10 @@ class Context:
         return self.instrument(aggregate.exchange, aggregate.symbol).as_recorded(aggregate.contract_value)
 
 
-@dataclass(frozen=True, slots=True)
-class Requirements:
+class Requirements(NamedTuple):
+    """The orders, positions and slots a command needs in the book (a tuple: built several times
+    per command while a batch loads, so cheaply)."""
+
     order_ids: frozenset[str] = frozenset()
     position_ids: frozenset[str] = frozenset()
     slots: frozenset[str] = frozenset()
@@ -108,6 +110,10 @@ class Requirements:
 
 
 _SIDES = tuple(PositionSide)
+# The commands that name a market rather than an order or a position; those that read drift slots.
+_MARKET_COMMANDS = (wire.PlaceOrder, wire.OpenPosition, wire.AdjustPosition)
+_DRIFT_COMMANDS = (wire.RecordDrift, wire.ResolveDrift, wire.AdjustPosition)
+_DriftCommand = wire.RecordDrift | wire.ResolveDrift | wire.AdjustPosition
 # An adopted order is at the venue and acknowledged: the status of a placed order accepted.
 ADOPTED_STATUS = next_status(OrderStatus.PENDING, Trigger.ACCEPT)
 _NOTHING: frozenset[str] = frozenset()
@@ -121,13 +127,14 @@ def requirements(command: wire.Command, book: Book, instruments: InstrumentTable
     order_ids = _NOTHING
     position_ids: set[str] = set()
     market: tuple[str, str] | None = None
-    if isinstance(command, wire.PlaceOrder | wire.OpenPosition | wire.AdjustPosition):  # names no order or position
+    if isinstance(command, _MARKET_COMMANDS):  # names no order or position
         market = (command.exchange, command.symbol)
     else:
         order_id = getattr(command, "order_id", None)
         if order_id is not None:
-            order_ids = frozenset((order_id.lower(),))
-            order = book.orders.get(order_id.lower())
+            order_id = order_id.lower()
+            order_ids = frozenset((order_id,))
+            order = book.orders.get(order_id)
             if order is not None and order.user_id == user:
                 market = (order.exchange, order.symbol)
                 if order.position_id:
@@ -135,9 +142,16 @@ def requirements(command: wire.Command, book: Book, instruments: InstrumentTable
         position_id = getattr(command, "position_id", None)
         if position_id is not None:
             position_ids.add(position_id.lower())
-    slots = frozenset([slot_field(user, market[0], market[1], side) for side in _SIDES]) if market else _NOTHING
-    position_ids.update(pid for s in slots if (pid := book.slots.get(s)))
-    return Requirements(order_ids, frozenset(position_ids), slots | _drift_slots(command, instruments))
+    slots = _NOTHING
+    if market is not None:
+        slots = frozenset([slot_field(user, market[0], market[1], side) for side in _SIDES])
+        for slot in slots:
+            held = book.slots.get(slot)
+            if held:
+                position_ids.add(held)
+    if isinstance(command, _DRIFT_COMMANDS):
+        slots = slots | _drift_slots(command, instruments)
+    return Requirements(order_ids, frozenset(position_ids), slots)
 
 
 def drift_market(exchange: Exchange, symbol: str, instruments: InstrumentTable) -> str:
@@ -147,14 +161,9 @@ def drift_market(exchange: Exchange, symbol: str, instruments: InstrumentTable) 
     return instrument_for(exchange, symbol, instruments).market or symbol
 
 
-def _drift_slots(command: wire.Command, instruments: InstrumentTable) -> frozenset[str]:
+def _drift_slots(command: _DriftCommand, instruments: InstrumentTable) -> frozenset[str]:
     """The drift slots a drift command reads: its kind's, or both kinds' for an adjustment."""
-    if isinstance(command, wire.RecordDrift | wire.ResolveDrift):
-        kinds: tuple[wire.DriftKind, ...] = (command.kind,)
-    elif isinstance(command, wire.AdjustPosition):
-        kinds = tuple(wire.DriftKind)
-    else:
-        return _NOTHING
+    kinds = (command.kind,) if isinstance(command, wire.RecordDrift | wire.ResolveDrift) else tuple(wire.DriftKind)
     market = drift_market(command.exchange, command.symbol, instruments)
     return frozenset(drift_slot(command.user_id, command.exchange, market, kind) for kind in kinds)
 

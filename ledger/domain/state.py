@@ -137,4 +137,4 @@ class Book:
 
 def slot_field(user_id: str, exchange: Exchange | str, symbol: str, side: PositionSide | str) -> str:
     """The name under which a shard records the open position of one (user, market, side)."""
-    return f"{user_id}|{exchange}|{symbol}|{side}"
+    return "|".join((user_id, exchange, symbol, side))  # enums are str: their values are joined
