@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A stream entry: its id and its fields (as read, before any decoding)."""
+class Entry(NamedTuple):
+    """A stream entry: its id and its fields (as read, before any decoding; a tuple: one is
+    built for every entry every consumer reads)."""
 
     id: str
     fields: dict[str, Any]

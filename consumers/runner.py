@@ -664,4 +664,5 @@ def _entry_list(items: Any) -> list[Entry]:
 
 def _entry(raw_id: Any, flat: list[Any]) -> Entry:
     """An entry as a script returns it: its id and its fields as a flat field/value list."""
-    return Entry(text(raw_id), dict(zip(flat[::2], flat[1::2], strict=True)))  # type: ignore[arg-type]
+    pairs = iter(flat)
+    return Entry(text(raw_id), dict(zip(pairs, pairs, strict=True)))

@@ -210,11 +210,14 @@ def _check_json(value: object, field: str, depth: int) -> int:
 
 
 def format_decimal(value: Decimal) -> str:
-    """Write a Decimal without exponent, keeping the trailing zeros it carries ("0.10")."""
-    text = format(value, "f")
-    if text.startswith("-") and not value.is_zero():
-        return text
-    return text.lstrip("-")
+    """Write a Decimal without exponent, keeping the trailing zeros it carries ("0.10"); a
+    negative zero is written "0"."""
+    text = str(value)  # what format(value, "f") writes unless it has an exponent, and faster
+    if "E" in text:
+        text = format(value, "f")
+    if text[0] == "-" and value.is_zero():
+        return text[1:]
+    return text
 
 
 def divide(numerator: Decimal, denominator: Decimal) -> Decimal:

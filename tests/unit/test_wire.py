@@ -8,6 +8,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderSide, OrderType, PositionSide
@@ -515,6 +517,18 @@ def test_parse_decimal_positive_rejects_zero_and_negatives() -> None:
 )
 def test_format_decimal_writes_no_exponent(value: Decimal, text: str) -> None:
     assert format_decimal(value) == text
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=None), st.integers(-30, 30))
+def test_format_decimal_is_the_fixed_point_text_of_any_decimal(value: Decimal, shift: int) -> None:
+    """Fixed point as ``format(value, "f")`` writes it, whatever the exponent (small values and
+    large ones that ``str`` writes with one), the sign of a zero dropped."""
+    value = value.scaleb(shift)
+    expected = format(value, "f")
+    if value.is_zero():
+        expected = expected.lstrip("-")
+    assert format_decimal(value) == expected
+    assert "E" not in format_decimal(value) and Decimal(format_decimal(value)) == value
 
 
 def test_parse_decimal_accepts_a_decimal_it_can_write() -> None:
