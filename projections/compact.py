@@ -22,7 +22,12 @@ CONTRACT §3) and the snapshots of the orders and positions it created (``ledger
   first) and leaves the outcomes hash for the archived outcomes' index (fingerprint of
   ``user_id:command_id`` -> digest of the reply). A duplicate then gets the reply from
   PostgreSQL through the command handler's ``OutcomeReader``, byte for byte (the digest proves
-  it), however long after.
+  it), however long after. A pass finds such outcomes from the archive's events after the
+  shard's watermark (``OUTCOMES_THROUGH``; each event names its command) and from
+  ``eventless``, so it reads neither what was compacted nor what is still young; a shard
+  without a watermark has its outcomes hash scanned once. An outcome whose event reached the
+  archive only after the watermark passed it (a dead-lettered event retried later) is found by
+  that scan only: an operator removes the watermark to have one.
 
 Each move is a compare-and-set in one Lua step on the shard's hash tag (Redis Cluster safe):
 a snapshot or outcome that changed since it was read (a late fill appended meanwhile) is left
@@ -51,14 +56,20 @@ from ledger.domain.values import now_ms
 from ledger.sqlfiles import load_queries
 from ledger.store.archived import ARCHIVED_LUA, DIGEST_BYTES, ArchivedIndex, digest, fingerprint
 from ledger.store.eventstore import MARKER_PREFIX
-from ledger.store.keys import ShardKeys, outcome_ids
+from ledger.store.keys import ShardKeys, outcome_field, outcome_ids
 from ledger.store.redis_conn import entry_order, text
 from projections.bounds import Key, processed
 from projections.projector import checkpoint as archived_up_to
 
 _SQL = load_queries("projections", "compact.sql")
 PAGE = 500
+# Archived events read per query when looking for outcomes that may leave.
+EVENT_PAGE = 2000
 COMPACTED = "compacted"
+# The outcomes' watermark (a field of ``ledger:{s}:compacted``): the log entry up to which the
+# archive's events were looked at for outcomes to move.
+OUTCOMES_THROUGH = "outcomes:through"
+_LAST_SEQ = 2**63 - 1  # the highest sequence number of a log entry id within its millisecond
 # What the aggregates' archived index holds for an id: which hash it left.
 ORDER_KIND = b"o"
 POSITION_KIND = b"p"
@@ -255,13 +266,118 @@ async def _compact_outcomes(
     now: int,
     dry_run: bool,
 ) -> Compaction:
+    """Move the outcomes that may leave: those whose last event is at or before ``upto``
+    (archived, and older than the retention), found from the archive's events after the
+    watermark (``OUTCOMES_THROUGH``), and those without events recorded older than the
+    retention in ``eventless``. A shard without a watermark (an earlier version) has its outcomes
+    scanned once instead."""
     archived = await archived_up_to(conn, keys.shard)
-    archived_key = entry_order(archived) if archived else (0, 0)
+    upto = min(entry_order(archived) if archived else (0, 0), (cutoff - 1, _LAST_SEQ))
     index = ArchivedIndex(keys.archived)
     already = await index.read(redis)  # outcomes in the index; markers left before it are added below
-    entries = eligible = compacted = 0
+    entries = int(await redis.hlen(keys.outcomes))
+    through = text(await redis.hget(keys.compacted, OUTCOMES_THROUGH))
+    if through is None:
+        markers, eligible, compacted = await _scan_outcomes(redis, conn, keys, index, upto, cutoff, now, dry_run)
+        already += markers
+        if not dry_run:
+            await redis.hset(keys.compacted, OUTCOMES_THROUGH, _entry_id(upto))
+    else:
+        eligible, compacted = await _outcomes_after(redis, conn, keys, index, entry_order(through), upto, dry_run)
+        due, done = await _eventless_due(redis, conn, keys, index, cutoff, dry_run)
+        eligible += due
+        compacted += done
+    return Compaction(keys.shard, keys.outcomes, entries, already, eligible, compacted)
+
+
+async def _outcomes_after(
+    redis: Any,
+    conn: psycopg.AsyncConnection[Any],
+    keys: ShardKeys,
+    index: ArchivedIndex,
+    after: tuple[int, int],
+    upto: tuple[int, int],
+    dry_run: bool,
+) -> tuple[int, int]:
+    """The outcomes of the commands whose events the archive holds after ``after`` up to
+    ``upto``, a page of events at a time, the watermark moved past each page: each outcome whose
+    last event is at or before ``upto`` leaves; one whose last event is later (a command's
+    events cut by ``upto``) is found again with that event by a later pass."""
+    eligible = compacted = 0
+    while after < upto:
+        cur = await conn.execute(
+            _SQL["archived_commands"],
+            {
+                "shard": keys.shard,
+                "after_ms": after[0],
+                "after_seq": after[1],
+                "upto_ms": upto[0],
+                "upto_seq": upto[1],
+                "page": EVENT_PAGE,
+            },
+        )
+        rows = await cur.fetchall()
+        if not rows:
+            break
+        fields = list(dict.fromkeys(outcome_field(user, command) for _ms, _seq, user, command in rows))
+        chosen = [
+            (field, reply)
+            for field, raw in zip(fields, await redis.hmget(keys.outcomes, fields), strict=True)
+            if (reply := text(raw)) is not None and not reply.startswith(MARKER_PREFIX) and _last_event(reply) <= upto
+        ]
+        eligible += len(chosen)
+        after = (int(rows[-1][0]), int(rows[-1][1]))
+        if not dry_run:
+            compacted += await _move_outcomes(redis, conn, keys, index, chosen, keys.eventless)
+            await redis.hset(keys.compacted, OUTCOMES_THROUGH, _entry_id(after))
+        if len(rows) < EVENT_PAGE:
+            break
+    return eligible, compacted
+
+
+async def _eventless_due(
+    redis: Any,
+    conn: psycopg.AsyncConnection[Any],
+    keys: ShardKeys,
+    index: ArchivedIndex,
+    cutoff: int,
+    dry_run: bool,
+) -> tuple[int, int]:
+    """The outcomes without events recorded (``eventless``) before the cutoff; a member whose
+    outcome is gone leaves the set."""
+    eligible = compacted = 0
+    skip = 0
+    while page := [
+        text(m) or ""
+        for m in await redis.zrange(keys.eventless, "-inf", f"({cutoff}", byscore=True, offset=skip, num=PAGE)
+    ]:
+        replies = [text(r) for r in await redis.hmget(keys.outcomes, page)]
+        chosen = [(f, r) for f, r in zip(page, replies, strict=True) if r is not None]
+        gone = [(f, "") for f, r in zip(page, replies, strict=True) if r is None]
+        eligible += len(chosen)
+        if dry_run:
+            skip += len(page)
+            continue
+        moved = await _move_outcomes(redis, conn, keys, index, chosen, keys.eventless, gone)
+        compacted += moved
+        skip += len(chosen) - moved  # left in the set (changed since read): the next pass
+    return eligible, compacted
+
+
+async def _scan_outcomes(
+    redis: Any,
+    conn: psycopg.AsyncConnection[Any],
+    keys: ShardKeys,
+    index: ArchivedIndex,
+    upto: tuple[int, int],
+    cutoff: int,
+    now: int,
+    dry_run: bool,
+) -> tuple[int, int, int]:
+    """Every outcome of the hash looked at once (HSCAN), for a shard compacted before the
+    watermark existed: (legacy markers found, eligible, moved)."""
+    already = eligible = compacted = 0
     async for page in _pages(redis, keys.outcomes):
-        entries += len(page)
         eventless: list[tuple[str, str]] = []
         chosen: list[tuple[str, str]] = []
         # Markers a pass before the index left in the hash: moved to it as they are.
@@ -273,9 +389,7 @@ async def _compact_outcomes(
             events = _reply_decoder.decode(reply).events
             if not events:
                 eventless.append((field, reply))
-                continue
-            last = max(entry_order(e.id) for e in events)
-            if last <= archived_key and last[0] < cutoff:
+            elif max(entry_order(e.id) for e in events) <= upto:
                 chosen.append((field, reply))
         if eventless:
             scores = await redis.zmscore(keys.eventless, [f for f, _r in eventless])
@@ -287,22 +401,45 @@ async def _compact_outcomes(
         eligible += len(chosen)
         if dry_run:
             continue
-        if chosen:
-            async with conn.transaction():
-                async with conn.cursor() as cur:
-                    await cur.executemany(
-                        _SQL["outcome_insert"],
-                        [
-                            {"shard": keys.shard, "user_id": user, "command_id": command, "reply": reply}
-                            for field, reply in chosen
-                            for user, command in [outcome_ids(field)]
-                        ],
-                    )
-            moving = [(f, r, digest(r.encode())) for f, r in chosen]
-            compacted += await _archive(redis, keys.outcomes, keys.eventless, keys, index, moving)
+        compacted += await _move_outcomes(redis, conn, keys, index, chosen, keys.eventless)
         if markers:
             await _archive(redis, keys.outcomes, keys.eventless, keys, index, markers)
-    return Compaction(keys.shard, keys.outcomes, entries, already, eligible, compacted)
+    return already, eligible, compacted
+
+
+def _last_event(reply: str) -> tuple[int, int]:
+    """The log entry of the last event of an outcome ((0, 0): it has none)."""
+    return max((entry_order(e.id) for e in _reply_decoder.decode(reply).events), default=(0, 0))
+
+
+def _entry_id(key: tuple[int, int]) -> str:
+    return f"{key[0]}-{key[1]}"
+
+
+async def _move_outcomes(
+    redis: Any,
+    conn: psycopg.AsyncConnection[Any],
+    keys: ShardKeys,
+    index: ArchivedIndex,
+    chosen: list[tuple[str, str]],
+    leaving: str,
+    dropped: Sequence[tuple[str, str]] = (),
+) -> int:
+    """Copy the outcomes (field, reply) to ``ledger_outcomes`` (committed first), then move them
+    to the archived index (and drop ``dropped`` from ``leaving``); return how many moved."""
+    if chosen:
+        async with conn.transaction():
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    _SQL["outcome_insert"],
+                    [
+                        {"shard": keys.shard, "user_id": user, "command_id": command, "reply": reply}
+                        for field, reply in chosen
+                        for user, command in [outcome_ids(field)]
+                    ],
+                )
+    moving = [(f, r, digest(r.encode())) for f, r in chosen]
+    return await _archive(redis, keys.outcomes, leaving, keys, index, moving, dropped)
 
 
 async def _archive(

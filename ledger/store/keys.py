@@ -88,7 +88,9 @@ Internal keys of the command handler and of compaction (``projections.compact``)
     Compaction's counts: ``orders`` and ``positions`` compactions so far (one compacted again
     after a late fill counts again), and ``finals:orders`` /
     ``finals:positions`` = ``1`` once the sorted sets above hold every final aggregate (a pass
-    finding one unset scans that hash once: aggregates made final before the sorted sets existed).
+    finding one unset scans that hash once: aggregates made final before the sorted sets existed),
+    and ``outcomes:through``, the log entry up to which compaction read the archive's events for
+    outcomes to move (a pass finding it unset scans the outcomes hash once, then sets it).
 
 Internal keys of the live projection (``projections.live``):
 

@@ -24,3 +24,16 @@ SELECT aggregate_id::text, count(*), max(version),
   FROM ledger_events
  WHERE aggregate_id = ANY(%(ids)s::uuid[])
  GROUP BY aggregate_id
+
+-- archived_commands --
+-- The events a stretch of one shard's log holds in the archive, in log order, a page at a time:
+-- the entries after (after_ms, after_seq) up to (upto_ms, upto_seq), each with the command that
+-- appended it (the ledger_events_entry_key index reads the stretch).
+SELECT entry_ms, entry_seq, user_id, command_id
+  FROM ledger_events
+ WHERE shard = %(shard)s
+   AND (entry_ms, entry_seq) > (%(after_ms)s, %(after_seq)s)
+   AND (entry_ms, entry_seq) <= (%(upto_ms)s, %(upto_seq)s)
+   AND command_id IS NOT NULL
+ ORDER BY entry_ms, entry_seq
+ LIMIT %(page)s

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -32,6 +33,7 @@ from ledger.store.keys import ShardKeys
 from ledger.store.log import read_aggregates
 from projections.compact import compact_shard
 from projections.projector import PROJECTOR
+from projections.projector import checkpoint as archived_up_to
 from projections.trim import retention_pass
 from projections.verify import verify
 from tests.compact_forms import compact_order, compact_position
@@ -308,6 +310,12 @@ async def test_compaction_touches_only_final_archived_aggregates_older_than_the_
     assert [(c.already, c.eligible, c.compacted) for c in again] == [(6, 0, 0), (2, 0, 0), (1, 0, 0)]
 
 
+async def _archived_through(database_url: str) -> str | None:
+    """The last log entry the projector archived (its tracking record)."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        return await archived_up_to(conn, 0)
+
+
 async def _finals(redis: Any) -> tuple[dict[str, float], dict[str, float]]:
     orders = dict(await redis.zrange(KEYS.final_orders, 0, -1, withscores=True))
     positions = dict(await redis.zrange(KEYS.final_positions, 0, -1, withscores=True))
@@ -344,6 +352,7 @@ async def test_compaction_looks_only_at_what_became_final_and_finds_older_finals
         "positions": "1",
         "finals:orders": "1",
         "finals:positions": "1",
+        "outcomes:through": await _archived_through(database_url),
     }
 
     # A late fill on the archived order: set aside, its state read back, then decided.
@@ -367,7 +376,7 @@ async def test_compaction_looks_only_at_what_became_final_and_finds_older_finals
         before = (await redis.info("commandstats"))["cmdstat_hscan"]["calls"]
         again = await compact_shard(redis, conn, 0)
         scans = (await redis.info("commandstats"))["cmdstat_hscan"]["calls"] - before
-        assert scans == 1  # the outcomes hash only
+        assert scans == 0  # outcomes are found from the archive's events after the watermark
         assert [(c.hash, c.already, c.compacted) for c in again][1:] == [(KEYS.orders, 3, 1), (KEYS.positions, 1, 0)]
         assert await _finals(redis) == ({}, {})
 
@@ -384,6 +393,78 @@ async def test_compaction_looks_only_at_what_became_final_and_finds_older_finals
     ]
     assert await redis.hget(KEYS.compacted, "orders") == "2"
     assert set(await redis.hkeys(KEYS.orders)) == {ids["young"]}
+
+
+async def _hscans(redis: Any) -> int:
+    return int((await redis.info("commandstats")).get("cmdstat_hscan", {}).get("calls", 0))
+
+
+async def test_outcomes_leave_from_the_archived_events_after_the_watermark(redis: Any, database_url: str) -> None:
+    """Once a shard has a watermark (set by its first pass, which scans the outcomes hash once),
+    a pass finds the outcomes that may leave from the archive's events after the watermark, with
+    no scan: an outcome leaves once its events are archived and older than the retention, one
+    without events once recorded older than the retention; the watermark follows the archive.
+    Without the watermark (removed by hand), the next pass scans once and sets it again."""
+    rig = await Rig.start(redis)
+    await _session(rig, database_url)  # c-1..c-5 archived, "refused" without events, c-6..c-9 not archived
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        scans = await _hscans(redis)
+        first = await compact_shard(redis, conn, 0, retention_ms=YEAR_MS)
+        assert await _hscans(redis) - scans == 3  # the outcomes, and each snapshot hash's finals, once
+        year_ago = int((await redis.hget(KEYS.compacted, "outcomes:through")).split("-")[0])
+        assert abs(year_ago - (time.time() * 1000 - YEAR_MS)) < 60_000
+        await asyncio.sleep(0.01)
+        scans = await _hscans(redis)
+        done = await compact_shard(redis, conn, 0)
+        assert await _hscans(redis) == scans
+        assert await redis.hget(KEYS.compacted, "outcomes:through") == await _archived_through(database_url)
+        await redis.delete(KEYS.lease(PROJECTOR))  # the session's projector is gone (its lease would expire)
+        async with rig.projector(database_url):
+            await rig.archive()
+        await asyncio.sleep(0.01)
+        later = await compact_shard(redis, conn, 0)
+        assert await redis.hget(KEYS.compacted, "outcomes:through") == await _archived_through(database_url)
+        assert await redis.hlen(KEYS.outcomes) == 0
+        await rig.place(USER, "buy", "1", "70")  # its events not archived
+        await redis.hdel(KEYS.compacted, "outcomes:through")
+        scans = await _hscans(redis)
+        rescan = await compact_shard(redis, conn, 0)
+        assert await _hscans(redis) - scans == 1
+        assert await redis.hget(KEYS.compacted, "outcomes:through") == await _archived_through(database_url)
+    assert [(c.entries, c.eligible, c.compacted) for c in (first[0], done[0], later[0])] == [
+        (10, 0, 0),
+        (10, 6, 6),  # c-1..c-5 and "refused"
+        (4, 4, 4),  # c-6..c-9, once archived
+    ]
+    assert (rescan[0].entries, rescan[0].eligible, rescan[0].compacted) == (1, 0, 0)
+
+
+async def test_an_outcome_leaves_only_once_its_last_event_is_archived(redis: Any, database_url: str) -> None:
+    """A fill's outcome has two events; with the archive's tracking record between them, the
+    pass finds the outcome through its first event and leaves it (its last event is not
+    archived), moving the place order's; the next pass, past the second event, moves it."""
+    rig = await Rig.start(redis)
+    order_id = await rig.place(USER, "buy", "1", "100")
+    await rig.fill(USER, order_id, "1", "100")
+    await rig.project()
+    async with rig.projector(database_url):
+        await rig.archive()
+    fill_field = f"{USER}:c-2"
+    events = [e["id"] for e in json.loads(await redis.hget(KEYS.outcomes, fill_field))["events"]]
+    assert len(events) == 2
+    ms, seq = (int(part) for part in events[0].split("-"))
+    await redis.hset(KEYS.compacted, "outcomes:through", "0-0")
+    await asyncio.sleep(0.01)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        tracked = await archived_up_to(conn, 0) or ""
+        await conn.execute("UPDATE projector_checkpoints SET entry_ms = %s, entry_seq = %s", (ms, seq))
+        cut = await compact_shard(redis, conn, 0)
+        assert set(await redis.hkeys(KEYS.outcomes)) == {fill_field}
+        assert await redis.hget(KEYS.compacted, "outcomes:through") == events[0]
+        await conn.execute("UPDATE projector_checkpoints SET entry_ms = %s, entry_seq = %s", tracked.split("-"))
+        after = await compact_shard(redis, conn, 0)
+    assert [(c.eligible, c.compacted) for c in (cut[0], after[0])] == [(1, 1), (1, 1)]
+    assert await redis.hlen(KEYS.outcomes) == 0
 
 
 async def _compact_session(rig: Rig, database_url: str) -> tuple[dict[str, str], dict[str, str]]:
