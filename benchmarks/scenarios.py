@@ -134,7 +134,8 @@ async def e2e(run: Run, res: Results) -> None:
     """N place_order + record_fill pairs from a pipelined client until every reply is there and
     the live projection shows every fill, and until the PostgreSQL archive caught up; beside it,
     the same pairs answered by the echo consumer on servers of its own (the floor of the command
-    and reply protocol), and in both runs the CPU that Redis and the client spent per command."""
+    and reply protocol), and in both runs the CPU spent per command by Redis, the consumer
+    (``serve`` or the echo), PostgreSQL and the client."""
     pairs = run.sizes.pairs
     with run.stack("e2e") as stack:
         client = run.client(stack)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import msgspec
 
@@ -112,8 +112,8 @@ class Requirements(NamedTuple):
 _SIDES = tuple(PositionSide)
 # The commands that name a market rather than an order or a position; those that read drift slots.
 _MARKET_COMMANDS = (wire.PlaceOrder, wire.OpenPosition, wire.AdjustPosition)
-_DRIFT_COMMANDS = (wire.RecordDrift, wire.ResolveDrift, wire.AdjustPosition)
 _DriftCommand = wire.RecordDrift | wire.ResolveDrift | wire.AdjustPosition
+_DRIFT_COMMANDS = get_args(_DriftCommand)
 # An adopted order is at the venue and acknowledged: the status of a placed order accepted.
 ADOPTED_STATUS = next_status(OrderStatus.PENDING, Trigger.ACCEPT)
 _NOTHING: frozenset[str] = frozenset()
