@@ -166,14 +166,15 @@ def _process_tree(root: int) -> list[int]:
 
 def cpu_seconds(root: int) -> float:
     """The CPU (user + system) that ``root`` and every process under it have spent so far, in
-    seconds (``/proc/<pid>/stat``; a process gone meanwhile counts nothing)."""
+    seconds (``/proc/<pid>/stat``): each living process's own, and what its children that ended
+    and were waited for spent (a PostgreSQL backend that closed, say)."""
     ticks = 0
     for pid in _process_tree(root):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime (stat's 14-17)
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
