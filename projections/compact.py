@@ -25,9 +25,10 @@ CONTRACT §3) and the snapshots of the orders and positions it created (``ledger
   it), however long after. A pass finds such outcomes from the archive's events after the
   shard's watermark (``OUTCOMES_THROUGH``; each event names its command) and from
   ``eventless``, so it reads neither what was compacted nor what is still young; a shard
-  without a watermark has its outcomes hash scanned once. An outcome whose event reached the
-  archive only after the watermark passed it (a dead-lettered event retried later) is found by
-  that scan only: an operator removes the watermark to have one.
+  without a watermark has its outcomes hash scanned once. An outcome whose event is not in the
+  archive (dead-lettered by the projector) or reached it only after the watermark passed it
+  (that entry retried later) is found by that scan only: it stays in the hash, answering its
+  duplicates from Redis, until an operator removes the watermark to have one.
 
 Each move is a compare-and-set in one Lua step on the shard's hash tag (Redis Cluster safe):
 a snapshot or outcome that changed since it was read (a late fill appended meanwhile) is left
