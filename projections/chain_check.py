@@ -34,7 +34,7 @@ from ledger.sqlfiles import load_queries
 from ledger.store.chain import DISAGREE, Finding, Head, Link, Walker, chain_fields
 from ledger.store.keys import ShardKeys
 from ledger.store.log import PAGE, SEQ_MAX
-from ledger.store.redis_conn import entry_order, text
+from ledger.store.redis_conn import EntryKey, entry_order, entry_text, text
 from projections.projector import checkpoint
 
 __all__ = ["PAGE", "ChainReport", "ShardChain", "read_head", "verify_chain"]
@@ -43,12 +43,6 @@ REDIS, ARCHIVE = "redis", "archive"
 
 _SQL = load_queries("projections", "chain.sql")
 _END = (SEQ_MAX, SEQ_MAX)  # after every entry id
-
-Key = tuple[int, int]
-
-
-def _id(key: Key) -> str:
-    return f"{key[0]}-{key[1]}"
 
 
 async def read_head(redis: Any, shard: int) -> Head | None:
@@ -142,7 +136,7 @@ class _ShardCheck:
         self.key = ShardKeys(shard).events
         self.views = {tier: Walker(shard, tier, dict(expect)) for tier in (REDIS, ARCHIVE)}
         self.disagreement: Finding | None = None
-        self.redis_first: Key = (0, 0)
+        self.redis_first: EntryKey = (0, 0)
 
     async def run(self) -> ShardChain:
         head = await read_head(self.redis, self.shard)
@@ -178,7 +172,7 @@ class _ShardCheck:
 
     # ----------------------------------------------------------------- reading
 
-    async def _redis_first(self) -> Key:
+    async def _redis_first(self) -> EntryKey:
         """The first entry Redis holds: entries before it were trimmed (read from the archive)."""
         try:
             info = await self.redis.xinfo_stream(self.key)
@@ -187,26 +181,26 @@ class _ShardCheck:
         first = info.get("first-entry")
         return entry_order(text(first[0])) if first else _END
 
-    async def _trimmed(self, key: Key) -> bool:
+    async def _trimmed(self, key: EntryKey) -> bool:
         """Whether Redis lacks an entry because it was trimmed (read again: a trim may run now)."""
         if key < self.redis_first:
             return True
         self.redis_first = await self._redis_first()
         return key < self.redis_first
 
-    async def _redis_links(self, upto: Key, after: Key = (0, 0)) -> AsyncIterator[Link]:
-        while entries := await self.redis.xrange(self.key, f"({_id(after)}", _id(upto), count=self.page):
+    async def _redis_links(self, upto: EntryKey, after: EntryKey = (0, 0)) -> AsyncIterator[Link]:
+        while entries := await self.redis.xrange(self.key, f"({entry_text(after)}", entry_text(upto), count=self.page):
             for entry_id, fields in entries:
                 yield _redis_link(text(entry_id), fields)
             after = entry_order(text(entries[-1][0]))
 
-    async def _archive_links(self, upto: Key, after: Key = (0, 0)) -> AsyncIterator[Link]:
+    async def _archive_links(self, upto: EntryKey, after: EntryKey = (0, 0)) -> AsyncIterator[Link]:
         while rows := await self._archive_page(after, upto, self.page):
             for entry_id, _ms, _seq, type_name, data_raw, chain_n, chain_hash in rows:
                 yield Link(entry_id, type_name, data_raw, chain_n, chain_hash, ARCHIVE)
             after = (int(rows[-1][1]), int(rows[-1][2]))
 
-    async def _archive_page(self, after: Key, upto: Key, limit: int) -> list[tuple[Any, ...]]:
+    async def _archive_page(self, after: EntryKey, upto: EntryKey, limit: int) -> list[tuple[Any, ...]]:
         params = {
             "shard": self.shard,
             "after_ms": after[0],
@@ -258,7 +252,7 @@ def _redis_link(entry_id: str, fields: dict[Any, Any]) -> Link:
 
 async def _merged(
     first: AsyncIterator[Link], second: AsyncIterator[Link]
-) -> AsyncIterator[tuple[Key, Link | None, Link | None]]:
+) -> AsyncIterator[tuple[EntryKey, Link | None, Link | None]]:
     """Two log-ordered streams of links merged by entry id: (key, first's, second's)."""
     a, b = await anext(first, None), await anext(second, None)
     while a is not None or b is not None:

@@ -58,8 +58,8 @@ from ledger.sqlfiles import load_queries
 from ledger.store.archived import ARCHIVED_LUA, DIGEST_BYTES, ArchivedIndex, digest, fingerprint
 from ledger.store.eventstore import MARKER_PREFIX
 from ledger.store.keys import ShardKeys, outcome_field, outcome_ids
-from ledger.store.redis_conn import entry_order, text
-from projections.bounds import Key, processed
+from ledger.store.redis_conn import EntryKey, entry_order, entry_text, text
+from projections.bounds import processed
 from projections.projector import checkpoint as archived_up_to
 
 _SQL = load_queries("projections", "compact.sql")
@@ -168,7 +168,7 @@ async def _pages(redis: Any, key: str) -> Any:
             return
 
 
-async def _archived(conn: psycopg.AsyncConnection[Any], versions: dict[str, int], processed: Key) -> set[str]:
+async def _archived(conn: psycopg.AsyncConnection[Any], versions: dict[str, int], processed: EntryKey) -> set[str]:
     """The aggregates whose every event (versions 1 to the one given) is in the archive and was
     processed by every consumer of the log (its last entry at or before ``processed``)."""
     if not versions:
@@ -282,7 +282,7 @@ async def _compact_outcomes(
         markers, eligible, compacted = await _scan_outcomes(redis, conn, keys, index, upto, cutoff, now, dry_run)
         already += markers
         if not dry_run:
-            await redis.hset(keys.compacted, OUTCOMES_THROUGH, _entry_id(upto))
+            await redis.hset(keys.compacted, OUTCOMES_THROUGH, entry_text(upto))
     else:
         eligible, compacted = await _outcomes_after(redis, conn, keys, index, entry_order(through), upto, dry_run)
         due, done = await _eventless_due(redis, conn, keys, index, cutoff, dry_run)
@@ -296,8 +296,8 @@ async def _outcomes_after(
     conn: psycopg.AsyncConnection[Any],
     keys: ShardKeys,
     index: ArchivedIndex,
-    after: tuple[int, int],
-    upto: tuple[int, int],
+    after: EntryKey,
+    upto: EntryKey,
     dry_run: bool,
 ) -> tuple[int, int]:
     """The outcomes of the commands whose events the archive holds after ``after`` up to
@@ -330,7 +330,7 @@ async def _outcomes_after(
         after = (int(rows[-1][0]), int(rows[-1][1]))
         if not dry_run:
             compacted += await _move_outcomes(redis, conn, keys, index, chosen, keys.eventless)
-            await redis.hset(keys.compacted, OUTCOMES_THROUGH, _entry_id(after))
+            await redis.hset(keys.compacted, OUTCOMES_THROUGH, entry_text(after))
         if len(rows) < EVENT_PAGE:
             break
     return eligible, compacted
@@ -370,7 +370,7 @@ async def _scan_outcomes(
     conn: psycopg.AsyncConnection[Any],
     keys: ShardKeys,
     index: ArchivedIndex,
-    upto: tuple[int, int],
+    upto: EntryKey,
     cutoff: int,
     now: int,
     dry_run: bool,
@@ -408,13 +408,9 @@ async def _scan_outcomes(
     return already, eligible, compacted
 
 
-def _last_event(reply: str) -> tuple[int, int]:
+def _last_event(reply: str) -> EntryKey:
     """The log entry of the last event of an outcome ((0, 0): it has none)."""
     return max((entry_order(e.id) for e in _reply_decoder.decode(reply).events), default=(0, 0))
-
-
-def _entry_id(key: tuple[int, int]) -> str:
-    return f"{key[0]}-{key[1]}"
 
 
 async def _move_outcomes(

@@ -81,7 +81,7 @@ from ledger.sqlfiles import load_queries
 from ledger.store.chain import chain_fields
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys
-from ledger.store.redis_conn import entry_order, text
+from ledger.store.redis_conn import entry_order, entry_text, text
 from projections.schema import apply_schema
 
 __all__ = [
@@ -146,10 +146,6 @@ def lease_key(shard: int) -> str:
 
 
 # --------------------------------------------------------------------------- rows
-
-
-def _entry_id(key: tuple[int, int]) -> str:
-    return f"{key[0]}-{key[1]}"
 
 
 class _Envelope(msgspec.Struct):
@@ -440,7 +436,7 @@ class Projector:
                         "entry_seq": last[1],
                     },
                 )
-        result.checkpoint = _entry_id(max(last, applied))
+        result.checkpoint = entry_text(max(last, applied))
         self.log.info(
             "batch projected",
             first_entry_id=entries[0].id,
@@ -820,7 +816,7 @@ async def checkpoint(conn: psycopg.AsyncConnection[Any], shard: int, projector: 
     row = await cur.fetchone()
     if row is None or (row[0], row[1]) == (0, 0):
         return None
-    return _entry_id((int(row[0]), int(row[1])))
+    return entry_text((int(row[0]), int(row[1])))
 
 
 async def open_gaps(conn: psycopg.AsyncConnection[Any]) -> dict[int, tuple[int, str]]:

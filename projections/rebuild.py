@@ -49,11 +49,11 @@ from ledger.progress import progress_bar
 from ledger.sqlfiles import load_queries
 from ledger.store.log import log_size
 from ledger.store.operations import record_operation
-from ledger.store.redis_conn import entry_order
+from ledger.store.redis_conn import entry_order, entry_text
 from projections import live
 from projections.projector import _SQL as PROJECTOR_SQL
 from projections.projector import PROJECTOR, HistoryRows, checkpoint, write_fills, write_orders, write_positions
-from projections.verify import ExpectedLive, _expected_history, _id, _live_checkpoints, _Replay, _Scope, _Verifier
+from projections.verify import ExpectedLive, _expected_history, _live_checkpoints, _Replay, _Scope, _Verifier
 
 __all__ = ["HISTORY_TABLES", "SHADOW_SCHEMA", "RebuildError", "Rebuilt", "rebuild_live", "rebuild_postgres"]
 
@@ -101,7 +101,7 @@ async def _log_total(redis: Any, shards: list[int]) -> int:
 
 
 def _checkpoint_ids(points: dict[int, tuple[int, int]]) -> dict[str, str | None]:
-    return {str(s): _id(c) if c != (0, 0) else None for s, c in points.items()}
+    return {str(s): entry_text(c) if c != (0, 0) else None for s, c in points.items()}
 
 
 # --------------------------------------------------------------------------- live

@@ -32,8 +32,8 @@ from ledger.defaults import RETENTION_OPS_KEEP
 from ledger.domain.values import now_ms
 from ledger.store.keys import RETENTION_OPS, ShardKeys
 from ledger.store.operations import record_operation
-from ledger.store.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
-from projections.bounds import Key, group_bounds
+from ledger.store.redis_conn import CONNECT_TIMEOUT_S, EntryKey, entry_order, text
+from projections.bounds import group_bounds
 from projections.compact import Compaction, compact_shard
 from projections.projector import checkpoint as archived_up_to
 
@@ -62,10 +62,10 @@ class StreamTrim:
 
 async def trim_bounds(
     redis: Any, conn: psycopg.AsyncConnection[Any], shard: int, *, retention_ms: int = 0
-) -> dict[str, tuple[Key, str]]:
+) -> dict[str, tuple[EntryKey, str]]:
     """The last removable entry of the shard's event and command streams, and what limits it."""
     keys = ShardKeys(shard)
-    retained: Key = (now_ms() - retention_ms - 1, 2**64 - 1) if retention_ms else (2**64 - 1, 0)
+    retained: EntryKey = (now_ms() - retention_ms - 1, 2**64 - 1) if retention_ms else (2**64 - 1, 0)
     archived = await archived_up_to(conn, shard)
     live = text(await redis.get(keys.checkpoint))
     # On a tie the first named limit is reported: the archive, then the live checkpoint, then groups.
@@ -78,7 +78,7 @@ async def trim_bounds(
     command_limits = {**await group_bounds(redis, keys.commands), "the retention": retained}
     if not any(name.startswith("group ") for name in command_limits):
         command_limits["no handler group yet"] = (0, 0)
-    result: dict[str, tuple[Key, str]] = {}
+    result: dict[str, tuple[EntryKey, str]] = {}
     for stream, limits in ((keys.events, event_limits), (keys.commands, command_limits)):
         limited_by = min(limits, key=lambda name: limits[name])
         result[stream] = (limits[limited_by], limited_by)

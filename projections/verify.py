@@ -66,7 +66,7 @@ from ledger.store.eventstore import StoredEvent
 from ledger.store.keys import ShardKeys, shard_of
 from ledger.store.log import read_pages, without_cycle_collection
 from ledger.store.operations import Operation, record_operation
-from ledger.store.redis_conn import entry_order, text
+from ledger.store.redis_conn import EntryKey, entry_order, entry_text, text
 from projections import live
 from projections.projector import PROJECTOR, HistoryRows, _Decoded, _order_row, checkpoint
 
@@ -81,7 +81,6 @@ READ_CHUNK = 500  # live keys per pipeline
 HASH, SET, OTHER = "hash", "set", "other"
 
 _SQL = load_queries("projections", "verify.sql")
-Key = tuple[int, int]
 
 # KEYS[1] a live key, KEYS[2] its fence. ARGV[1] the operation, ARGV[2] the member or hash field
 # ('' for the whole key), ARGV[3] the fence: '-' left alone, '' field dropped, else an entry id;
@@ -184,8 +183,8 @@ class _Replay:
     and into the expected history (up to ``history_to``)."""
 
     shard: int
-    live_to: Key = (0, 0)
-    history_to: Key = (0, 0)
+    live_to: EntryKey = (0, 0)
+    history_to: EntryKey = (0, 0)
     grid: live.GridLevels = field(default_factory=live.GridLevels)
     rows: HistoryRows = field(default_factory=HistoryRows)
     orders: dict[str, OrderState] = field(default_factory=dict)
@@ -197,14 +196,14 @@ class _Replay:
         redis: Any,
         conn: psycopg.AsyncConnection[Any] | None,
         expected: ExpectedLive,
-        live_to: Key,
-        history_to: Key,
+        live_to: EntryKey,
+        history_to: EntryKey,
     ) -> None:
         behind = [done for done, to in ((self.live_to, live_to), (self.history_to, history_to)) if to > done]
         if not behind:
             return
         start, end = min(behind), max(live_to, history_to)
-        after = None if start == (0, 0) else _id(start)
+        after = None if start == (0, 0) else entry_text(start)
         with without_cycle_collection():
             async with contextlib.aclosing(read_pages(redis, self.shard, conn=conn, after=after)) as pages:
                 async for page in pages:
@@ -213,7 +212,12 @@ class _Replay:
         self.live_to, self.history_to = max(self.live_to, live_to), max(self.history_to, history_to)
 
     def _page(
-        self, page: Sequence[StoredEvent], expected: ExpectedLive, end: Key, live_to: Key, history_to: Key
+        self,
+        page: Sequence[StoredEvent],
+        expected: ExpectedLive,
+        end: EntryKey,
+        live_to: EntryKey,
+        history_to: EntryKey,
     ) -> bool:
         """Replay one page of the log; True once past ``end``."""
         for stored in page:
@@ -229,7 +233,7 @@ class _Replay:
                 self._history(stored.entry_id, key, stored.event)
         return False
 
-    def _history(self, entry_id: str, key: Key, event: wire.Event) -> None:
+    def _history(self, entry_id: str, key: EntryKey, event: wire.Event) -> None:
         self.rows.add(self.shard, [_Decoded(entry_id, key, event.type, "", event)])
         self.rows.events[-1]["data"] = event  # compared with the archived JSON, decoded
         if not isinstance(event, wire.PositionEvent | wire.DriftEvent):
@@ -237,10 +241,6 @@ class _Replay:
             if not isinstance(state, OrderState):
                 raise StateError(f"{event.type} of {event.stream} in entry {entry_id}: not an order event")
             self.orders[event.stream] = state
-
-
-def _id(key: Key) -> str:
-    return f"{key[0]}-{key[1]}"
 
 
 # --------------------------------------------------------------------------- the live keys
@@ -467,7 +467,7 @@ class _LiveComparison:
 class _History:
     """The PostgreSQL history as read: rows by table and id, and the projector's checkpoints."""
 
-    checkpoints: dict[int, Key]
+    checkpoints: dict[int, EntryKey]
     positions: dict[str, dict[str, Any]]
     orders: dict[str, dict[str, Any]]
     fills: dict[str, dict[str, Any]]
@@ -621,7 +621,7 @@ class Report:
         return line
 
 
-async def _live_checkpoints(redis: Any, shards: list[int]) -> dict[int, Key]:
+async def _live_checkpoints(redis: Any, shards: list[int]) -> dict[int, EntryKey]:
     pipe = redis.pipeline(transaction=False)
     for shard in shards:
         pipe.get(ShardKeys(shard).checkpoint)
@@ -641,7 +641,7 @@ class _Verifier:
         self.ttl_ms = final_order_ttl_s * 1000
         self.recorded: Operation | None = None  # what ``repair`` recorded in ledger:ops
 
-    async def advance(self, live_to: dict[int, Key], history_to: dict[int, Key] | None = None) -> None:
+    async def advance(self, live_to: dict[int, EntryKey], history_to: dict[int, EntryKey] | None = None) -> None:
         for shard, replay in self.replays.items():
             history = replay.history_to if history_to is None else history_to[shard]
             await replay.advance(self.redis, self.conn, self.expected, live_to[shard], history)
@@ -649,7 +649,7 @@ class _Verifier:
     def comparison(self) -> _LiveComparison:
         return _LiveComparison(self.expected, self.scope, self.ttl_ms, now_ms())
 
-    async def live(self, checkpoints: dict[int, Key]) -> tuple[list[Difference], dict[int, Key]]:
+    async def live(self, checkpoints: dict[int, EntryKey]) -> tuple[list[Difference], dict[int, EntryKey]]:
         """The live differences at the checkpoints, read again while the checkpoints move."""
         compare = self.comparison()
         found = await _read(self.redis, compare.wanted(await _scan(self.redis)))
@@ -693,7 +693,7 @@ class _Verifier:
                 reason,
                 {
                     "differences": [d.as_dict() for d in now_diffs],
-                    "checkpoints": {str(s): _id(c) for s, c in frozen.items()},
+                    "checkpoints": {str(s): entry_text(c) for s, c in frozen.items()},
                 },
             )
             return len(now_diffs)
@@ -747,8 +747,8 @@ async def verify(
     report = Report(
         {
             shard: {
-                "live": _id(live_at[shard]) if live_at[shard] != (0, 0) else None,
-                "history": _id(history.checkpoints[shard]) if history.checkpoints[shard] != (0, 0) else None,
+                "live": entry_text(live_at[shard]) if live_at[shard] != (0, 0) else None,
+                "history": entry_text(history.checkpoints[shard]) if history.checkpoints[shard] != (0, 0) else None,
             }
             for shard in scope.shards
         },

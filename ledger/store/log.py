@@ -49,7 +49,7 @@ from ledger.errors import OperationFailed
 from ledger.sqlfiles import load_queries
 from ledger.store.eventstore import ArchiveReader, StoredEvent
 from ledger.store.keys import ShardKeys
-from ledger.store.redis_conn import CONNECT_TIMEOUT_S, entry_order, text
+from ledger.store.redis_conn import CONNECT_TIMEOUT_S, EntryKey, entry_order, entry_text, text
 
 __all__ = [
     "PAGE",
@@ -68,8 +68,6 @@ SEQ_MAX = 2**63 - 1  # the largest entry_seq the archive can hold (BIGINT)
 _SQL = load_queries("ledger.store", "log.sql")
 log = structlog.get_logger("ledger.log")
 
-Key = tuple[int, int]
-
 
 class LogError(OperationFailed):
     """Part of a shard's log is in neither Redis nor the archive (or no archive can be read)."""
@@ -80,7 +78,7 @@ class _Holes:
     """What Redis no longer holds of a stream: ``missing`` entries, all at or before ``bound``."""
 
     missing: int
-    bound: Key
+    bound: EntryKey
 
 
 def _holes(info: Any) -> _Holes:
@@ -95,10 +93,6 @@ def _holes(info: Any) -> _Holes:
     ms, seq = entry_order(text(first[0]))
     before_first = (ms, seq - 1) if seq else (ms - 1, SEQ_MAX)
     return _Holes(missing, max(before_first, entry_order(text(info["max-deleted-entry-id"]))))
-
-
-def _id(key: Key) -> str:
-    return f"{key[0]}-{key[1]}"
 
 
 def _decoded(shard: int, entry_id: str, type_name: Any, data: Any) -> StoredEvent | None:
@@ -195,10 +189,10 @@ def _decoded_page(shard: int, entries: Sequence[tuple[Any, Any]]) -> list[Stored
     return page
 
 
-async def _redis_page(redis: Any, key: str, cursor: Key, page: int) -> tuple[Any, _Holes]:
+async def _redis_page(redis: Any, key: str, cursor: EntryKey, page: int) -> tuple[Any, _Holes]:
     """A page of Redis's log after ``cursor`` and the holes measured with it (one round trip)."""
     pipe = redis.pipeline(transaction=False)
-    pipe.xrange(key, f"({_id(cursor)}", "+", count=page)
+    pipe.xrange(key, f"({entry_text(cursor)}", "+", count=page)
     pipe.xinfo_stream(key)
     entries, info = await pipe.execute(raise_on_error=False)
     if isinstance(entries, Exception):
@@ -215,7 +209,7 @@ async def _read(
     page: int,
 ) -> AsyncGenerator[Sequence[StoredEvent], None]:
     key = ShardKeys(shard).events
-    cursor: Key = entry_order(after) if after else (0, 0)
+    cursor: EntryKey = entry_order(after) if after else (0, 0)
     checked: _Holes | None = None
     ahead: asyncio.Task[tuple[Any, _Holes]] | None = None  # the next page, asked for early
     try:
@@ -228,8 +222,8 @@ async def _read(
             if cursor < holes.bound:
                 if conn is None:
                     raise LogError(
-                        f"{key} no longer holds {holes.missing} entries up to {_id(holes.bound)} and the archive "
-                        f"cannot be read ({no_archive}): give the ledger's PostgreSQL (--database-url or "
+                        f"{key} no longer holds {holes.missing} entries up to {entry_text(holes.bound)} and the "
+                        f"archive cannot be read ({no_archive}): give the ledger's PostgreSQL (--database-url or "
                         "LEDGER_DATABASE_URL)"
                     )
                 if holes != checked:
@@ -255,7 +249,7 @@ async def _read(
 
 
 async def _region(
-    redis: Any, conn: psycopg.AsyncConnection[Any], shard: int, cursor: Key, bound: Key, page: int
+    redis: Any, conn: psycopg.AsyncConnection[Any], shard: int, cursor: EntryKey, bound: EntryKey, page: int
 ) -> AsyncIterator[list[StoredEvent]]:
     """The entries after ``cursor`` up to ``bound`` (where Redis has holes): the archive's and
     those Redis still holds there, merged in log order, each once."""
@@ -273,13 +267,13 @@ async def _region(
             },
         )
         rows = await cur.fetchall()
-        held = await redis.xrange(key, f"({_id(cursor)}", _id(bound), count=page)
+        held = await redis.xrange(key, f"({entry_text(cursor)}", entry_text(bound), count=page)
         upto = bound
         if len(rows) == page:
             upto = min(upto, (int(rows[-1][1]), int(rows[-1][2])))
         if len(held) == page:
             upto = min(upto, entry_order(text(held[-1][0])))
-        merged: dict[Key, tuple[str, Any, Any]] = {}
+        merged: dict[EntryKey, tuple[str, Any, Any]] = {}
         for entry_id, fields in held:
             merged[entry_order(text(entry_id))] = (text(entry_id), *wire.entry_fields(fields))
         for entry_id, ms, seq, type_name, data in rows:
@@ -301,16 +295,16 @@ async def _check_archive(redis: Any, conn: psycopg.AsyncConnection[Any], shard: 
     upto = {"shard": shard, "upto_ms": holes.bound[0], "upto_seq": holes.bound[1]}
     archived = int((await (await conn.execute(_SQL["archived_count"], upto)).fetchone() or (0,))[0])
     start = "-"
-    while page := await redis.xrange(key, start, _id(holes.bound), count=PAGE):
+    while page := await redis.xrange(key, start, entry_text(holes.bound), count=PAGE):
         held = [entry_order(text(entry_id)) for entry_id, _fields in page]
         cur = await conn.execute(
             _SQL["archived_among"], {"shard": shard, "ms": [k[0] for k in held], "seq": [k[1] for k in held]}
         )
         archived -= int((await cur.fetchone() or (0,))[0])
-        start = f"({_id(held[-1])}"
+        start = f"({entry_text(held[-1])}"
     if archived < holes.missing:
         raise LogError(
-            f"{key} no longer holds {holes.missing} entries up to {_id(holes.bound)} and the archive holds only "
+            f"{key} no longer holds {holes.missing} entries up to {entry_text(holes.bound)} and the archive holds only "
             f"{archived} of them: {holes.missing - archived} events are lost from both tiers (see `ledger status` "
             "for history gaps; restore the archive from a backup)"
         )

@@ -34,10 +34,19 @@ async def connect(url: str, *, decode_responses: bool = True) -> Any:
     return RedisCluster.from_url(url, **options)
 
 
-def entry_order(entry_id: str) -> tuple[int, int]:
+# A stream entry id as a tuple that sorts like the stream: (ms, seq).
+EntryKey = tuple[int, int]
+
+
+def entry_order(entry_id: str) -> EntryKey:
     """A stream entry id (``ms-seq``) as a tuple that sorts like the stream."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def entry_text(key: EntryKey) -> str:
+    """The stream entry id of a key (``entry_order``'s inverse)."""
+    return f"{key[0]}-{key[1]}"
 
 
 class ShardCountMismatch(OperationFailed):

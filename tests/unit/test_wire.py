@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderSide, OrderType, PositionSide
 from ledger.domain.values import ValueRuleError, format_decimal, parse_decimal
+from ledger.store.redis_conn import entry_order, entry_text
 from tests.domain_helpers import INVERSE, LINEAR, Driver, event_fields, of_type
 
 OID = "00000000-0000-0000-0000-00000000002a"
@@ -535,3 +536,10 @@ def test_parse_decimal_accepts_a_decimal_it_can_write() -> None:
     assert parse_decimal(Decimal("1E+1"), "price") == Decimal(10)
     with pytest.raises(ValueRuleError):
         parse_decimal(Decimal("1E-19"), "price")
+
+
+@given(st.integers(0, 2**48), st.integers(0, 2**64 - 1))
+def test_an_entry_key_and_its_id_are_one_another(ms: int, seq: int) -> None:
+    """``entry_text`` writes the id ``entry_order`` reads: ``ms-seq``, sorting as the stream."""
+    assert entry_text((ms, seq)) == f"{ms}-{seq}"
+    assert entry_order(entry_text((ms, seq))) == (ms, seq)
