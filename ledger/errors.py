@@ -12,7 +12,7 @@ that says what failed and what to do.
     ├── OperationFailed (RuntimeError) the ledger or a server could not do what was asked
     │                                 (the CLI exits with status 1)
     │     CommandRejected, LedgerTimeout, CliError, RebuildError, ServerError, ServerNotConfigured,
-    │     ShardCountMismatch, LogError
+    │     ShardCountMismatch, LogError, RolesStuck
     ├── Inconsistent (RuntimeError)   the log or stored state contradicts itself: a bug or damaged
     │                                 data, never bad input (exit status 1)
     │     StateError

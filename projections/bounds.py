@@ -28,8 +28,11 @@ async def group_bounds(redis: Any, stream: str) -> dict[str, EntryKey]:
         name = text(group["name"])
         bound = entry_order(text(group["last-delivered-id"]))
         if int(group["pending"]):
-            oldest = await redis.xpending(stream, name)
-            bound = min(bound, before(text(oldest["min"])))
+            # Read after XINFO: the group may have acknowledged them meanwhile (no oldest then);
+            # one delivered meanwhile is after the last-delivered id read above.
+            oldest = text((await redis.xpending(stream, name))["min"])
+            if oldest is not None:
+                bound = min(bound, before(oldest))
         bounds[f"group {name}"] = bound
     return bounds
 

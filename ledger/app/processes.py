@@ -41,7 +41,7 @@ import uvloop
 
 from consumers.backoff import Backoff
 from ledger.app.logs import configure_logging
-from ledger.app.service import PROCESS_GROUPS, prepare, run_roles, serve, stop_on_signals
+from ledger.app.service import PROCESS_GROUPS, RolesStuck, prepare, run_roles, serve, stop_on_signals
 from ledger.config import ConfigError, Settings, known_url
 from ledger.store.redis_conn import connect
 
@@ -75,7 +75,19 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run the roles' event loop: uvloop's (libuv), about 9 % more commands a second end to end
     than asyncio's own loop on the benchmark (medians of 3 alternating runs, 1,436 -> 1,561). The
     supervisor keeps asyncio's loop: it only waits for its children."""
-    uvloop.run(main)
+    uvloop.run(_exit_if_stuck(main))
+
+
+async def _exit_if_stuck(main: Coroutine[Any, Any, None]) -> None:
+    """``main``, but a process whose roles are stuck (``RolesStuck``) exits at once with status 1:
+    the loop's own shutdown would wait for the stuck task for ever."""
+    try:
+        await main
+    except RolesStuck:
+        log.exception("role process failed and a role did not stop: exiting now; the lines above say where")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 # --------------------------------------------------------------------------- the supervisor

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import io
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -22,11 +23,23 @@ from redis.asyncio.cluster import RedisCluster
 
 from ledger.app import servers
 from ledger.config import SERVER_SETTINGS, Settings, known_url
+from ledger.errors import OperationFailed
 from ledger.store.redis_conn import connect, ensure_execution, ensure_shard_count, record_final_order_ttl
 from ledger.venues.accounts import live_configs
 from projections.projector import redact
 
 log = structlog.get_logger("ledger.app.service")
+
+# After a role failed, how long the others are given to end once cancelled (each finishes or
+# abandons its batch: what it had read is redelivered) before the process exits without them.
+CANCEL_GRACE_S = 10.0
+# Frames of a stuck task's stack in the line that reports it.
+STACK_FRAMES = 12
+
+
+class RolesStuck(OperationFailed):
+    """A role's task did not end once cancelled (it swallowed the cancellation): the process
+    exits without waiting for it (``run_all``, ``ledger.app.processes.run_loop``)."""
 
 
 class Runnable(Protocol):
@@ -172,11 +185,49 @@ async def run_roles(redis: Any, settings: Settings, roles: Sequence[str], stop: 
         runnables += await role_factory(role)(redis, settings)
     log.info("serving", roles=list(roles), shards=settings.shards, consumers=len(runnables))
     try:
-        async with asyncio.TaskGroup() as group:
-            for runnable in runnables:
-                group.create_task(runnable.run(stop))
+        await run_all(runnables, stop)
     finally:
         log.info("stopped")
+
+
+async def run_all(runnables: Sequence[Runnable], stop: asyncio.Event, *, grace_s: float = CANCEL_GRACE_S) -> None:
+    """Run every runnable until ``stop``, as a task group does: when one fails (or this is
+    cancelled) the others are cancelled, and the failures are raised together. Unlike a task
+    group, it does not wait for ever for one that does not end once cancelled (code that
+    swallows a cancellation): after ``grace_s`` it logs where each such task is and raises
+    ``RolesStuck``, on which the process must exit without waiting for them (``run_loop``),
+    so that a failed role ends its process (the supervisor restarts it) instead of leaving the
+    process up with some of its roles gone."""
+    tasks = [asyncio.create_task(runnable.run(stop), name=type(runnable).__name__) for runnable in runnables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        await _end(tasks, grace_s)
+    errors = [exc for task in tasks if not task.cancelled() and (exc := task.exception()) is not None]
+    if errors:
+        raise BaseExceptionGroup("unhandled errors in the roles", errors)
+
+
+async def _end(tasks: Sequence[asyncio.Task[None]], grace_s: float) -> None:
+    """Cancel the tasks still running and wait ``grace_s`` for them to end; ``RolesStuck``
+    (with each one's stack logged) for those that did not."""
+    running = [task for task in tasks if not task.done()]
+    for task in running:
+        task.cancel()
+    if not running:
+        return
+    _ended, stuck = await asyncio.wait(running, timeout=grace_s)
+    if not stuck:
+        return
+    for task in stuck:
+        where = io.StringIO()
+        task.print_stack(limit=STACK_FRAMES, file=where)
+        log.error("role task still running after its cancellation", task=task.get_name(), where=where.getvalue())
+    failed = next((exc for task in tasks if task.done() and not task.cancelled() and (exc := task.exception())), None)
+    raise RolesStuck(
+        f"{len(stuck)} role task(s) did not end {grace_s:g} s after they were cancelled "
+        f"({', '.join(sorted(task.get_name() for task in stuck))}): exit the process (a bug: the log says where)"
+    ) from failed
 
 
 def stop_on_signals(stop: asyncio.Event, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:

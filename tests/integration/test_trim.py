@@ -18,6 +18,8 @@ from ledger.config import Settings
 from ledger.store.eventstore import EventStore
 from ledger.store.log import read_log
 from ledger.store.operations import record_operation
+from ledger.store.redis_conn import entry_order
+from projections.bounds import group_bounds
 from projections.trim import StreamTrim, retention_role, trim_shard
 from tests.log_helpers import Rig, log_entries
 
@@ -74,6 +76,39 @@ async def test_a_pending_entry_of_a_group_bounds_the_trim(redis: Any, database_u
         (events, _commands) = await trim_shard(redis, conn, 0)
     assert events.limited_by == "group slow-reader" and events.removed == 0
     assert await log_entries(redis) == ids
+
+
+class _AcknowledgesFirst:
+    """The real client, but the group's reader acknowledges everything just before each
+    XPENDING: what a busy consumer does between the two reads of ``group_bounds``."""
+
+    def __init__(self, redis: Any, group: str) -> None:
+        self._redis, self._group = redis, group
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+    async def xpending(self, stream: str, group: str) -> Any:
+        pending = await self._redis.xpending_range(stream, self._group, "-", "+", 1000)
+        await self._redis.xack(stream, self._group, *[p["message_id"] for p in pending])
+        return await self._redis.xpending(stream, group)
+
+
+async def test_a_group_that_acknowledges_between_the_two_reads_bounds_at_its_last_delivered(redis: Any) -> None:
+    """XINFO GROUPS says entries are pending, XPENDING (read next) finds none: the group has
+    processed everything delivered. It raised AttributeError (no oldest pending entry) and took
+    ``serve``'s handler and projector down with the retention role."""
+    rig = await Rig.start(redis)
+    await rig.round_trip(USER, "100", "110")
+    ids = await log_entries(redis)
+    await redis.xgroup_create(EVENTS, "busy-reader", id="0")
+    await redis.xreadgroup("busy-reader", "c", {EVENTS: ">"}, count=2)
+    assert (await redis.xpending(EVENTS, "busy-reader"))["pending"] == 2
+
+    bounds = await group_bounds(_AcknowledgesFirst(redis, "busy-reader"), EVENTS)
+
+    assert bounds["group busy-reader"] == entry_order(ids[1])
+    assert (await redis.xpending(EVENTS, "busy-reader"))["pending"] == 0
 
 
 async def test_retention_keeps_young_entries(redis: Any, database_url: str) -> None:
