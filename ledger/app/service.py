@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import io
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -30,11 +29,10 @@ from projections.projector import redact
 
 log = structlog.get_logger("ledger.app.service")
 
-# After a role failed, how long the others are given to end once cancelled (each finishes or
-# abandons its batch: what it had read is redelivered) before the process exits without them.
-CANCEL_GRACE_S = 10.0
-# Frames of a stuck task's stack in the line that reports it.
-STACK_FRAMES = 12
+# After a role failed: how long the others are given to finish their batch and end, then how
+# long to end once cancelled (what one had read and not finished is redelivered), before the
+# process exits without them.
+GRACE_S = 10.0
 
 
 class RolesStuck(OperationFailed):
@@ -190,44 +188,77 @@ async def run_roles(redis: Any, settings: Settings, roles: Sequence[str], stop: 
         log.info("stopped")
 
 
-async def run_all(runnables: Sequence[Runnable], stop: asyncio.Event, *, grace_s: float = CANCEL_GRACE_S) -> None:
-    """Run every runnable until ``stop``, as a task group does: when one fails (or this is
-    cancelled) the others are cancelled, and the failures are raised together. Unlike a task
-    group, it does not wait for ever for one that does not end once cancelled (code that
-    swallows a cancellation): after ``grace_s`` it logs where each such task is and raises
-    ``RolesStuck``, on which the process must exit without waiting for them (``run_loop``),
-    so that a failed role ends its process (the supervisor restarts it) instead of leaving the
-    process up with some of its roles gone."""
-    tasks = [asyncio.create_task(runnable.run(stop), name=type(runnable).__name__) for runnable in runnables]
+async def run_all(runnables: Sequence[Runnable], stop: asyncio.Event, *, grace_s: float = GRACE_S) -> None:
+    """Run every runnable until ``stop``; when one fails (or this is cancelled) the others are
+    stopped and the failures raised together. Stopped first as ``stop`` would (each finishes its
+    batch), cancelled only when one has not ended ``grace_s`` later: a task blocked in a Redis
+    read may never see its cancellation (redis-py loses one that arrives with the reply; seen
+    here about once in a hundred), and a task group would wait for it for ever, the process up
+    with the other roles gone. One that has not ended ``grace_s`` after its cancellation either
+    is logged with where it is, and ``RolesStuck`` raised: the process exits without waiting for
+    it (``ledger.app.processes.run_loop``) and the supervisor starts it again."""
+    halt = asyncio.Event()  # what the runnables see: ``stop``, or a failure
+    relay = asyncio.create_task(_relay(stop, halt))
+    tasks = [asyncio.create_task(runnable.run(halt), name=_name(runnable)) for runnable in runnables]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
+        relay.cancel()
+        halt.set()
         await _end(tasks, grace_s)
     errors = [exc for task in tasks if not task.cancelled() and (exc := task.exception()) is not None]
     if errors:
         raise BaseExceptionGroup("unhandled errors in the roles", errors)
 
 
+async def _relay(stop: asyncio.Event, halt: asyncio.Event) -> None:
+    await stop.wait()
+    halt.set()
+
+
+def _name(runnable: Runnable) -> str:
+    """A runnable's class, and its name where it has one (a stream consumer's)."""
+    name = getattr(runnable, "name", None)
+    return f"{type(runnable).__name__} {name}" if isinstance(name, str) else type(runnable).__name__
+
+
+def _awaiting(task: asyncio.Task[None]) -> list[str]:
+    """Where a suspended task is, outermost first: each coroutine (or async generator) it awaits
+    in turn, down to the one waiting on a future (``Task.get_stack`` shows only the first)."""
+    where: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is not None:
+            where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_qualname}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return where
+
+
 async def _end(tasks: Sequence[asyncio.Task[None]], grace_s: float) -> None:
-    """Cancel the tasks still running and wait ``grace_s`` for them to end; ``RolesStuck``
-    (with each one's stack logged) for those that did not."""
-    running = [task for task in tasks if not task.done()]
+    """Wait ``grace_s`` for the tasks still running (told to stop), cancel those that go on and
+    wait ``grace_s`` again; ``RolesStuck`` (each one's place logged) for those still running."""
+    running = await _running_after([task for task in tasks if not task.done()], grace_s)
     for task in running:
         task.cancel()
-    if not running:
-        return
-    _ended, stuck = await asyncio.wait(running, timeout=grace_s)
+    stuck = await _running_after(running, grace_s)
     if not stuck:
         return
     for task in stuck:
-        where = io.StringIO()
-        task.print_stack(limit=STACK_FRAMES, file=where)
-        log.error("role task still running after its cancellation", task=task.get_name(), where=where.getvalue())
+        log.error("role task still running after its cancellation", task=task.get_name(), where=_awaiting(task))
     failed = next((exc for task in tasks if task.done() and not task.cancelled() and (exc := task.exception())), None)
     raise RolesStuck(
         f"{len(stuck)} role task(s) did not end {grace_s:g} s after they were cancelled "
         f"({', '.join(sorted(task.get_name() for task in stuck))}): exit the process (a bug: the log says where)"
     ) from failed
+
+
+async def _running_after(tasks: Collection[asyncio.Task[None]], seconds: float) -> set[asyncio.Task[None]]:
+    """Those of ``tasks`` still running ``seconds`` from now (at once when none is)."""
+    if not tasks:
+        return set()
+    _ended, running = await asyncio.wait(tasks, timeout=seconds)
+    return running
 
 
 def stop_on_signals(stop: asyncio.Event, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:

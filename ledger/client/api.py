@@ -20,7 +20,6 @@ block longer than one second at a time, below redis-py's default 5 s socket time
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
@@ -183,8 +182,9 @@ class LedgerClient:
             "retry with the same command_id"
         )
 
-    async def wait_projected(self, shard: int, entry_id: str) -> None:
-        """Wait until the live projection of ``shard`` has applied the event ``entry_id``.
+    async def wait_projected(self, shard: int, entry_id: str, deadline: float | None = None) -> None:
+        """Wait until the live projection of ``shard`` has applied the event ``entry_id``, until
+        ``deadline`` (``time.monotonic()``; default: the client's timeout from now).
 
         One blocking XREAD on the shard's progress stream after the id just before ``entry_id``:
         it answers at once when a step at or past ``entry_id`` is there already, else as soon as
@@ -194,7 +194,8 @@ class LedgerClient:
         target = entry_order(entry_id)
         shard_keys = keys.ShardKeys(shard)
         after = _preceding(entry_id)
-        deadline = time.monotonic() + self.timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
         while True:
             block_ms = max(1, min(BLOCK_MS, int((deadline - time.monotonic()) * 1000)))
             if await self.redis.xread({shard_keys.progress: after}, count=1, block=block_ms):
@@ -210,32 +211,27 @@ class LedgerClient:
 
     async def wait_order_final(self, shard: int, order_id: str, after: str) -> Settled:
         """Wait for the event that makes an order final (filled, cancelled, rejected, expired)
-        and, for a fill, the position events it appended; return them once projected."""
-
-        async def watch() -> Settled:
-            final: wire.OrderChange | None = None
-            positions: list[wire.PositionEvent] = []
-            subscription = EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS)
-            while True:  # the subscription never ends: the timeout around it does
-                stored = await anext(subscription)
-                event = stored.event
-                if isinstance(event, wire.PositionEvent) and event.order_id == order_id:
-                    positions.append(event)
-                elif isinstance(event, wire.OrderChange) and event.stream == order_id and event.status.is_final:
-                    final = event
-                else:
-                    continue
-                if final is not None and (settled := Settled(final, positions)).complete:
-                    await self.wait_projected(shard, stored.entry_id)
-                    return settled
-
-        try:
-            return await asyncio.wait_for(watch(), self.timeout)
-        except TimeoutError:
-            raise LedgerTimeout(
-                f"order {order_id} was not filled within {self.timeout} s (with LEDGER_EXECUTION=external "
-                "the strategy must report its fills): retry with the same command_id to keep waiting"
-            ) from None
+        and, for a fill, the position events it appended; return them once projected. The
+        timeout is a deadline the reads block to, not a cancellation: redis-py can lose a
+        cancellation that arrives with a blocking read's reply, and the wait would go on."""
+        deadline = time.monotonic() + self.timeout
+        final: wire.OrderChange | None = None
+        positions: list[wire.PositionEvent] = []
+        async for stored in EventStore(self.redis, shard).subscribe(after, block_ms=BLOCK_MS, until=deadline):
+            event = stored.event
+            if isinstance(event, wire.PositionEvent) and event.order_id == order_id:
+                positions.append(event)
+            elif isinstance(event, wire.OrderChange) and event.stream == order_id and event.status.is_final:
+                final = event
+            else:
+                continue
+            if final is not None and (settled := Settled(final, positions)).complete:
+                await self.wait_projected(shard, stored.entry_id, deadline)
+                return settled
+        raise LedgerTimeout(
+            f"order {order_id} was not filled within {self.timeout} s (with LEDGER_EXECUTION=external "
+            "the strategy must report its fills): retry with the same command_id to keep waiting"
+        )
 
     async def submit_on(
         self, kind: str, aggregate_id: str, command: Callable[[str, str], wire.Command]

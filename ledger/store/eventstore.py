@@ -20,6 +20,7 @@ Loading state reads snapshots by id (HMGET), never the log.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -422,14 +423,23 @@ class EventStore:
                 yield stored
             after = text(entries[-1][0])
 
-    async def subscribe(self, after: str = "$", block_ms: int = BLOCK_MS) -> AsyncIterator[StoredEvent]:
-        """A live subscription: events appended after ``after`` ("$" = from now), forever."""
+    async def subscribe(
+        self, after: str = "$", block_ms: int = BLOCK_MS, until: float | None = None
+    ) -> AsyncIterator[StoredEvent]:
+        """A live subscription: events appended after ``after`` ("$" = from now), forever or
+        until the ``time.monotonic()`` deadline ``until`` (each read blocks to it at most)."""
         last = after
         if last == "$":
             newest = await self.redis.xrevrange(self.keys.events, count=1)
             last = text(newest[0][0]) if newest else "0-0"
         while True:
-            response = await self.redis.xread({self.keys.events: last}, block=block_ms, count=500)
+            block = block_ms
+            if until is not None:
+                left_ms = int((until - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    return
+                block = min(block_ms, left_ms)
+            response = await self.redis.xread({self.keys.events: last}, block=block, count=500)
             for _stream, entries in response or []:
                 for stored in _decoded(entries):
                     yield stored

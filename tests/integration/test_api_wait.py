@@ -6,12 +6,14 @@ never a duration."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from ledger import LedgerTimeout
 from ledger.client.api import LedgerClient
+from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys
 from tests.live_helpers import wait_for
 
@@ -67,3 +69,25 @@ async def test_a_waiter_on_redis_cluster_is_told_by_the_stream(redis_cluster: An
     await redis_cluster.xadd(KEYS.progress, {"applied": "1700000000000-5"}, id="1700000000000-5")
     await asyncio.wait_for(waiter, 10)
     assert await redis_cluster.exists(KEYS.checkpoint) == 0
+
+
+async def test_waiting_for_an_order_to_be_final_ends_at_its_deadline(redis: Any) -> None:
+    """A deadline the reads block to, not a cancellation around them (redis-py can lose a
+    cancellation that arrives with a blocking read's reply: the wait then went on)."""
+    started = time.monotonic()
+    with pytest.raises(LedgerTimeout) as caught:
+        await asyncio.wait_for(LedgerClient(redis, timeout=0.3).wait_order_final(0, "o-1", "0-0"), 10)
+    assert 0.3 <= time.monotonic() - started < 2
+    assert str(caught.value) == (
+        "order o-1 was not filled within 0.3 s (with LEDGER_EXECUTION=external the strategy must report its "
+        "fills): retry with the same command_id to keep waiting"
+    )
+
+
+async def test_a_subscription_with_a_deadline_ends_there(redis: Any) -> None:
+    async def seen() -> list[Any]:
+        return [s async for s in EventStore(redis, 0).subscribe("0-0", block_ms=5_000, until=started + 0.2)]
+
+    started = time.monotonic()
+    assert await asyncio.wait_for(seen(), 10) == []
+    assert 0.2 <= time.monotonic() - started < 1.5

@@ -1,7 +1,9 @@
-"""How a process runs its roles (``ledger.app.service.run_all``): a failed role ends them all,
-and a role that swallows its cancellation cannot keep the process up with the others gone (it
-did: the retention role failed, the projector stopped, the handler went on for ever and the
-archive fell behind without a line in the log). Pure asyncio: no servers."""
+"""How a process runs its roles (``ledger.app.service.run_all``): a failed role stops the others
+(told to stop first, cancelled after a grace), and a role that swallows its cancellation cannot
+keep the process up with the others gone. It did: the retention role failed, the projector was
+cancelled, the handler's blocking XREADGROUP lost its cancellation (redis-py returns the reply
+that came with it) and went on for ever, and the archive fell behind with no line in the log.
+Pure asyncio: no servers."""
 
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ class Fails:
 
 
 class Waits:
-    """Ends at ``stop``; records that it was cancelled."""
+    """Ends at ``stop`` (then ``ended``), or when cancelled (then ``cancelled``)."""
 
     def __init__(self) -> None:
-        self.cancelled = False
+        self.ended = self.cancelled = False
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -35,6 +37,14 @@ class Waits:
         except asyncio.CancelledError:
             self.cancelled = True
             raise
+        self.ended = True
+
+
+class IgnoresStop(Waits):
+    """Ends only when cancelled."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await super().run(asyncio.Event())
 
 
 class SwallowsCancellation:
@@ -61,23 +71,29 @@ async def test_every_role_ends_at_stop() -> None:
     await asyncio.sleep(0.01)
     stop.set()
     await asyncio.wait_for(running, 1)
-    assert [w.cancelled for w in waiting] == [False, False]
+    assert [(w.ended, w.cancelled) for w in waiting] == [(True, False), (True, False)]
 
 
-async def test_a_failed_role_cancels_the_others_and_is_raised() -> None:
-    waiting = Waits()
+async def test_a_failed_role_stops_the_others_then_cancels_those_that_go_on() -> None:
+    waiting, ignoring = Waits(), IgnoresStop()
+    started = time.monotonic()
     with pytest.raises(BaseExceptionGroup) as caught:
-        await asyncio.wait_for(run_all([waiting, Fails()], asyncio.Event()), 1)
+        await asyncio.wait_for(run_all([waiting, ignoring, Fails()], asyncio.Event(), grace_s=0.2), 2)
+    assert 0.2 <= time.monotonic() - started < 1.0
     assert [str(e) for e in caught.value.exceptions] == ["the retention pass broke"]
-    assert waiting.cancelled
+    assert (waiting.ended, waiting.cancelled) == (True, False)  # finished its batch: not cancelled
+    assert (ignoring.ended, ignoring.cancelled) == (False, True)
 
 
 async def test_a_role_that_swallows_its_cancellation_is_reported_and_left() -> None:
     stuck = SwallowsCancellation()
     started = time.monotonic()
-    with capture_logs() as logs, pytest.raises(RolesStuck) as caught:
-        await run_all([stuck, Fails()], asyncio.Event(), grace_s=0.2)
-    assert 0.2 <= time.monotonic() - started < 1.0
+    try:
+        with capture_logs() as logs, pytest.raises(RolesStuck) as caught:
+            await run_all([stuck, Fails()], asyncio.Event(), grace_s=0.2)
+    finally:
+        stuck.release.set()
+    assert 0.4 <= time.monotonic() - started < 1.5  # told to stop, then cancelled: twice the grace
     assert isinstance(caught.value.__cause__, ValueError)
     assert str(caught.value) == (
         "1 role task(s) did not end 0.2 s after they were cancelled (SwallowsCancellation): "
@@ -85,18 +101,20 @@ async def test_a_role_that_swallows_its_cancellation_is_reported_and_left() -> N
     )
     [line] = [entry for entry in logs if entry["event"] == "role task still running after its cancellation"]
     assert line["task"] == "SwallowsCancellation"
-    assert "in run" in line["where"] and "test_run_all.py" in line["where"]
-    stuck.release.set()
+    outer, inner, innermost = line["where"]
+    assert outer.endswith(" SwallowsCancellation.run") and "test_run_all.py:" in outer
+    assert inner.endswith(" SwallowsCancellation.poll_forever")
+    assert innermost.endswith(" sleep") and "asyncio" in innermost
 
 
-async def test_being_cancelled_cancels_every_role() -> None:
+async def test_being_cancelled_stops_every_role() -> None:
     waiting = [Waits(), Waits()]
     running = asyncio.create_task(run_all(waiting, asyncio.Event()))
     await asyncio.sleep(0.01)
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running
-    assert [w.cancelled for w in waiting] == [True, True]
+    assert [(w.ended, w.cancelled) for w in waiting] == [(True, False), (True, False)]
 
 
 def test_a_process_whose_role_is_stuck_exits_instead_of_hanging() -> None:
