@@ -58,7 +58,7 @@ from ledger.sqlfiles import load_queries
 from ledger.store.archived import ARCHIVED_LUA, DIGEST_BYTES, ArchivedIndex, digest, fingerprint
 from ledger.store.eventstore import MARKER_PREFIX
 from ledger.store.keys import ShardKeys, outcome_field, outcome_ids
-from ledger.store.redis_conn import EntryKey, entry_order, entry_text, text
+from ledger.store.redis_conn import EntryKey, entry_order, entry_text, lua_msgpack, text
 from projections.bounds import processed
 from projections.projector import checkpoint as archived_up_to
 
@@ -77,12 +77,12 @@ POSITION_KIND = b"p"
 
 # KEYS[1] the hash the items leave (outcomes, order or position snapshots), KEYS[2] the sorted
 # set they leave with it (the outcomes without events; the finals still to look at), KEYS[3] the
-# archived index's meta, KEYS[4] compaction's counts, KEYS[4 + k] the bucket of item k (the
-# meta again for an item that only leaves KEYS[2]). ARGV[1] the index generation the buckets
-# were computed with, ARGV[2] the count to add the moved items to ('' for none), then per
-# item: field, value read ('' for none), fingerprint ('' to only leave KEYS[2]), index value.
-# Each field that still holds the value read leaves KEYS[1] and KEYS[2] for its bucket, in one
-# step. Returns {'ok', how many moved} or, when the generation is not ARGV[1], {'stale', it}.
+# archived index's meta, KEYS[4] compaction's counts, then the buckets the items go to. ARGV[1]
+# the index generation the buckets were computed with, ARGV[2] the count to add the moved items
+# to ('' for none), ARGV[3] the items (``lua_msgpack``), each: field, value read ('' for none),
+# fingerprint ('' to only leave KEYS[2]), index value, the KEYS index of its bucket. Each field
+# that still holds the value read leaves KEYS[1] and KEYS[2] for its bucket, in one step.
+# Returns {'ok', how many moved} or, when the generation is not ARGV[1], {'stale', it}.
 _ARCHIVE_LUA = (
     ARCHIVED_LUA
     + """
@@ -91,14 +91,15 @@ if stale then
   return {'stale', stale}
 end
 local moved, added = 0, 0
-for i = 3, #ARGV, 4 do
-  if (redis.call('HGET', KEYS[1], ARGV[i]) or '') == ARGV[i + 1] then
-    if ARGV[i + 2] ~= '' then
-      added = added + redis.call('HSET', KEYS[4 + (i + 1) / 4], ARGV[i + 2], ARGV[i + 3])
-      redis.call('HDEL', KEYS[1], ARGV[i])
+for _, item in ipairs(cmsgpack.unpack(ARGV[3])) do
+  local field = item[1]
+  if (redis.call('HGET', KEYS[1], field) or '') == item[2] then
+    if item[3] ~= '' then
+      added = added + redis.call('HSET', KEYS[item[5]], item[3], item[4])
+      redis.call('HDEL', KEYS[1], field)
       moved = moved + 1
     end
-    redis.call('ZREM', KEYS[2], ARGV[i])
+    redis.call('ZREM', KEYS[2], field)
   end
 end
 if added > 0 then
@@ -457,13 +458,18 @@ async def _archive(
         return 0
     await index.grow(redis, extra=len(items))
     fingerprints = [fingerprint(field) for field, _value, _v in items]
-    flat = [x for (field, read, value), fp in zip(items, fingerprints, strict=True) for x in (field, read, fp, value)]
-    flat += [x for field, read in dropped for x in (field, read, "", "")]
 
     async def call() -> Any:
-        buckets = [index.bucket(fp) for fp in fingerprints] + [index.meta] * len(dropped)
-        key_list = [source, leaving, index.meta, keys.compacted, *buckets]
-        return await redis.eval(_ARCHIVE_LUA, len(key_list), *key_list, str(index.generation), count, *flat)
+        head = [source, leaving, index.meta, keys.compacted]
+        bucket_of = [index.bucket(fp) for fp in fingerprints]
+        buckets = {bucket: n for n, bucket in enumerate(dict.fromkeys(bucket_of), len(head) + 1)}  # Lua's KEYS index
+        rows: list[Sequence[bytes | str | int]] = [
+            (field, read, fp, value, buckets[bucket])
+            for (field, read, value), fp, bucket in zip(items, fingerprints, bucket_of, strict=True)
+        ]
+        rows += [(field, read, "", "", 0) for field, read in dropped]
+        key_list = [*head, *buckets]
+        return await redis.eval(_ARCHIVE_LUA, len(key_list), *key_list, str(index.generation), count, lua_msgpack(rows))
 
     _status, moved = await index.current(call, lambda result: result[1] if text(result[0]) == "stale" else None)
     return int(moved)

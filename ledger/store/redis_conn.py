@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
@@ -47,6 +48,37 @@ def entry_order(entry_id: str) -> EntryKey:
 def entry_text(key: EntryKey) -> str:
     """The stream entry id of a key (``entry_order``'s inverse)."""
     return f"{key[0]}-{key[1]}"
+
+
+def lua_msgpack(rows: Sequence[Sequence[bytes | str | int]]) -> bytes:
+    """Rows of texts, byte strings and whole numbers as one msgpack array of arrays, for a
+    script to unpack with Redis's ``cmsgpack``: one argument however many rows, so redis-py packs
+    one argument instead of one per value (it re-joins its buffer per argument). Byte strings go
+    as msgpack ``str`` (``cmsgpack`` reads no ``bin``): the script gets them byte for byte."""
+    out = [_msgpack_header(len(rows), 0x90, 16, b"\xdc", b"\xdd")]
+    for row in rows:
+        out.append(_msgpack_header(len(row), 0x90, 16, b"\xdc", b"\xdd"))
+        for value in row:
+            if isinstance(value, int):
+                out.append(_int_encoder.encode(value))
+                continue
+            raw = value.encode() if isinstance(value, str) else value
+            out += (_msgpack_header(len(raw), 0xA0, 32, b"\xda", b"\xdb", b"\xd9"), raw)
+    return b"".join(out)
+
+
+_int_encoder = msgspec.msgpack.Encoder()
+
+
+def _msgpack_header(n: int, fix: int, fix_limit: int, two: bytes, four: bytes, one: bytes = b"") -> bytes:
+    """The header of an array (``fix`` 0x90) or a str (0xa0) of ``n`` items or bytes."""
+    if n < fix_limit:
+        return bytes((fix | n,))
+    if one and n < 0x100:
+        return one + bytes((n,))
+    if n < 0x10000:
+        return two + n.to_bytes(2, "big")
+    return four + n.to_bytes(4, "big")
 
 
 class ShardCountMismatch(OperationFailed):
