@@ -101,6 +101,7 @@ from consumers.entries import Entry
 from consumers.guard import ExecutionGuard
 from consumers.pause import paused
 from consumers.runner import RETRYABLE, ConsumerSettings, LeaseLost, StreamConsumer
+from consumers.together import run_all
 from ledger import defaults
 from ledger.client.models import read_mark
 from ledger.config import DEFAULT_EXECUTION, Settings, parse_execution
@@ -403,9 +404,7 @@ class PaperVenue:
     # ----------------------------------------------------------------- running
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self.consumer.run(stop))
-            group.create_task(self._watch(stop))
+        await run_all([self.consumer.run, self._watch], stop)
 
     async def burst(self) -> int:
         """Handle every event available now; return how many entries were read."""

@@ -99,6 +99,7 @@ from consumers.entries import Entry
 from consumers.guard import ExecutionGuard
 from consumers.paper import _FENCE, LOST
 from consumers.runner import RETRYABLE, ConsumerSettings, LeaseLost, StreamConsumer
+from consumers.together import run_all
 from ledger.client.models import read_mark
 from ledger.config import Settings
 from ledger.domain import wire
@@ -425,9 +426,7 @@ class LiveVenue:
     # ----------------------------------------------------------------- running
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self.consumer.run(stop))
-            group.create_task(self._drive(stop))
+        await run_all([self.consumer.run, self._drive], stop)
 
     async def burst(self) -> int:
         """Handle every event available now; return how many entries were read."""
@@ -956,9 +955,7 @@ class VenueRole:
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
-            async with asyncio.TaskGroup() as group:
-                for venue in self.venues:
-                    group.create_task(venue.run(stop))
+            await run_all([venue.run for venue in self.venues], stop)
         finally:
             await self.clients.close()
 

@@ -70,6 +70,7 @@ from psycopg.types.json import Json
 from consumers.backoff import Backoff, poll
 from consumers.entries import Entry
 from consumers.runner import ConsumerSettings, StreamConsumer, Undeliverable
+from consumers.together import run_all
 from ledger.config import Settings, known_url
 from ledger.domain import wire
 from ledger.domain.decider import Requirements
@@ -777,9 +778,7 @@ class ProjectorService:
             consumers = [
                 projector_consumer(self.redis, pool, shard, settings=self.settings) for shard in range(self.shards)
             ]
-            async with asyncio.TaskGroup() as group:
-                for consumer in consumers:
-                    group.create_task(consumer.run(stop))
+            await run_all([consumer.run for consumer in consumers], stop)
         finally:
             await pool.close()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,7 +139,8 @@ class Retention:
     """``serve``'s periodic trim and compaction (role ``retention``, off unless
     ``LEDGER_RETENTION_MS`` is set): every ``trim_interval_s``, every shard's streams down to their
     safe bounds and what it keeps per command compacted, sparing what is younger than
-    ``retention_ms``. A server that is away only postpones the next pass."""
+    ``retention_ms``. A server that is away only postpones the next pass; a pass that fails
+    otherwise is logged with its error and tried again by the next one."""
 
     def __init__(self, redis: Any, database_url: str, settings: Settings) -> None:
         if settings.retention_ms is None:
@@ -160,10 +162,18 @@ class Retention:
                 await self.pass_once()
             except (psycopg.OperationalError, *RETRYABLE) as exc:
                 log.warning("retention pass postponed: a server is away", error=str(exc))
+            except Exception:  # noqa: BLE001 - a maintenance pass's bug must not take the order path down
+                # The handler and projector share this role's process: failing it would restart
+                # them with every pass. What retention leaves in Redis only waits.
+                log.exception(
+                    f"retention pass failed: the next pass, in {self.interval_s:g} s, tries again; "
+                    "the error says what to fix"
+                )
 
     async def pass_once(self) -> RetentionPass:
         """One pass over every shard; a pass that removed or compacted something is recorded in
         ``ledger:ops:retention`` (capped: routine, not an operator's action)."""
+        started = time.perf_counter()
         async with await psycopg.AsyncConnection.connect(
             self.database_url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
         ) as conn:
@@ -182,6 +192,7 @@ class Retention:
                 "retention pass",
                 removed=sum(t.removed for t in done.trims),
                 compacted=sum(c.compacted for c in done.compactions),
+                ms=round((time.perf_counter() - started) * 1000, 1),
             )
         return done
 

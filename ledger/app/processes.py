@@ -40,8 +40,9 @@ import structlog
 import uvloop
 
 from consumers.backoff import Backoff
+from consumers.together import RolesStuck
 from ledger.app.logs import configure_logging
-from ledger.app.service import PROCESS_GROUPS, RolesStuck, prepare, run_roles, serve, stop_on_signals
+from ledger.app.service import PROCESS_GROUPS, prepare, run_roles, serve, stop_on_signals
 from ledger.config import ConfigError, Settings, known_url
 from ledger.store.redis_conn import connect
 
@@ -79,11 +80,11 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def _exit_if_stuck(main: Coroutine[Any, Any, None]) -> None:
-    """``main``, but a process whose roles are stuck (``RolesStuck``) exits at once with status 1:
-    the loop's own shutdown would wait for the stuck task for ever."""
+    """``main``, but a process with a stuck task (``RolesStuck``, alone or among other errors)
+    exits at once with status 1: the loop's own shutdown would wait for that task for ever."""
     try:
         await main
-    except RolesStuck:
+    except* RolesStuck:
         log.exception("role process failed and a role did not stop: exiting now; the lines above say where")
         sys.stdout.flush()
         sys.stderr.flush()

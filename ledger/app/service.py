@@ -14,30 +14,20 @@ from __future__ import annotations
 import asyncio
 import importlib
 import signal
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
+from consumers.together import run_all
 from ledger.app import servers
 from ledger.config import SERVER_SETTINGS, Settings, known_url
-from ledger.errors import OperationFailed
 from ledger.store.redis_conn import connect, ensure_execution, ensure_shard_count, record_final_order_ttl
 from ledger.venues.accounts import live_configs
 from projections.projector import redact
 
 log = structlog.get_logger("ledger.app.service")
-
-# After a role failed: how long the others are given to finish their batch and end, then how
-# long to end once cancelled (what one had read and not finished is redelivered), before the
-# process exits without them.
-GRACE_S = 10.0
-
-
-class RolesStuck(OperationFailed):
-    """A role's task did not end once cancelled (it swallowed the cancellation): the process
-    exits without waiting for it (``run_all``, ``ledger.app.processes.run_loop``)."""
 
 
 class Runnable(Protocol):
@@ -183,82 +173,9 @@ async def run_roles(redis: Any, settings: Settings, roles: Sequence[str], stop: 
         runnables += await role_factory(role)(redis, settings)
     log.info("serving", roles=list(roles), shards=settings.shards, consumers=len(runnables))
     try:
-        await run_all(runnables, stop)
+        await run_all([runnable.run for runnable in runnables], stop)
     finally:
         log.info("stopped")
-
-
-async def run_all(runnables: Sequence[Runnable], stop: asyncio.Event, *, grace_s: float = GRACE_S) -> None:
-    """Run every runnable until ``stop``; when one fails (or this is cancelled) the others are
-    stopped and the failures raised together. Stopped first as ``stop`` would (each finishes its
-    batch), cancelled only when one has not ended ``grace_s`` later: a task blocked in a Redis
-    read may never see its cancellation (redis-py loses one that arrives with the reply; seen
-    here about once in a hundred), and a task group would wait for it for ever, the process up
-    with the other roles gone. One that has not ended ``grace_s`` after its cancellation either
-    is logged with where it is, and ``RolesStuck`` raised: the process exits without waiting for
-    it (``ledger.app.processes.run_loop``) and the supervisor starts it again."""
-    halt = asyncio.Event()  # what the runnables see: ``stop``, or a failure
-    relay = asyncio.create_task(_relay(stop, halt))
-    tasks = [asyncio.create_task(runnable.run(halt), name=_name(runnable)) for runnable in runnables]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        relay.cancel()
-        halt.set()
-        await _end(tasks, grace_s)
-    errors = [exc for task in tasks if not task.cancelled() and (exc := task.exception()) is not None]
-    if errors:
-        raise BaseExceptionGroup("unhandled errors in the roles", errors)
-
-
-async def _relay(stop: asyncio.Event, halt: asyncio.Event) -> None:
-    await stop.wait()
-    halt.set()
-
-
-def _name(runnable: Runnable) -> str:
-    """A runnable's class, and its name where it has one (a stream consumer's)."""
-    name = getattr(runnable, "name", None)
-    return f"{type(runnable).__name__} {name}" if isinstance(name, str) else type(runnable).__name__
-
-
-def _awaiting(task: asyncio.Task[None]) -> list[str]:
-    """Where a suspended task is, outermost first: each coroutine (or async generator) it awaits
-    in turn, down to the one waiting on a future (``Task.get_stack`` shows only the first)."""
-    where: list[str] = []
-    awaited: Any = task.get_coro()
-    while awaited is not None:
-        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
-        if frame is not None:
-            where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_qualname}")
-        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
-    return where
-
-
-async def _end(tasks: Sequence[asyncio.Task[None]], grace_s: float) -> None:
-    """Wait ``grace_s`` for the tasks still running (told to stop), cancel those that go on and
-    wait ``grace_s`` again; ``RolesStuck`` (each one's place logged) for those still running."""
-    running = await _running_after([task for task in tasks if not task.done()], grace_s)
-    for task in running:
-        task.cancel()
-    stuck = await _running_after(running, grace_s)
-    if not stuck:
-        return
-    for task in stuck:
-        log.error("role task still running after its cancellation", task=task.get_name(), where=_awaiting(task))
-    failed = next((exc for task in tasks if task.done() and not task.cancelled() and (exc := task.exception())), None)
-    raise RolesStuck(
-        f"{len(stuck)} role task(s) did not end {grace_s:g} s after they were cancelled "
-        f"({', '.join(sorted(task.get_name() for task in stuck))}): exit the process (a bug: the log says where)"
-    ) from failed
-
-
-async def _running_after(tasks: Collection[asyncio.Task[None]], seconds: float) -> set[asyncio.Task[None]]:
-    """Those of ``tasks`` still running ``seconds`` from now (at once when none is)."""
-    if not tasks:
-        return set()
-    _ended, running = await asyncio.wait(tasks, timeout=seconds)
-    return running
 
 
 def stop_on_signals(stop: asyncio.Event, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:

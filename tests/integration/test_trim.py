@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from structlog.testing import capture_logs
 
 from ledger.config import Settings
 from ledger.store.eventstore import EventStore
@@ -197,6 +198,36 @@ async def test_retention_is_off_unless_configured_and_trims_every_pass(redis: An
     task = asyncio.create_task(retention.run(stop))
     stop.set()
     await asyncio.wait_for(task, timeout=2)
+
+
+async def test_a_failing_pass_is_logged_and_the_role_goes_on(redis: Any, database_url: str) -> None:
+    """A pass that fails for a reason no retry covers (here an outcome whose reply is not JSON)
+    is logged with its error, and the role tries again at its next pass: it shares its process
+    with the handler and the projector, which failing the role would restart with every pass."""
+    settings = Settings.from_env({"LEDGER_RETENTION_MS": "1", "LEDGER_TRIM_INTERVAL_S": "1"})
+    (retention,) = await retention_role(redis, settings.with_overrides(database_url=database_url))
+    rig = await Rig.start(redis)
+    await rig.round_trip(USER, "100", "110")
+    await rig.project()
+    async with rig.projector(database_url):
+        await rig.archive()
+    [field, *_others] = sorted(await redis.hkeys("ledger:{0}:outcomes"))
+    await redis.hset("ledger:{0}:outcomes", field, "not json")
+    await asyncio.sleep(0.01)
+
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(retention.run(stop))
+        while sum(entry["event"].startswith("retention pass failed") for entry in logs) < 2:
+            assert not task.done(), task
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(task, timeout=2)
+
+    failed = [entry for entry in logs if entry["event"].startswith("retention pass failed")]
+    assert failed[0]["event"] == "retention pass failed: the next pass, in 1 s, tries again; the error says what to fix"
+    assert failed[0]["log_level"] == "error" and failed[0]["exc_info"] is True
+    assert await log_entries(redis) == []  # each pass trimmed before it failed in compaction
 
 
 async def test_a_capped_operations_stream_keeps_its_last_entries(redis: Any) -> None:

@@ -44,7 +44,7 @@ EXPECTED: dict[str, tuple[type[LedgerError], type[Exception]]] = {
     "ledger.domain.wire.UnknownEventType": (InvalidInput, ValueError),
     "ledger.domain.wire.WireError": (InvalidInput, ValueError),
     "ledger.store.log.LogError": (OperationFailed, RuntimeError),
-    "ledger.app.service.RolesStuck": (OperationFailed, RuntimeError),
+    "consumers.together.RolesStuck": (OperationFailed, RuntimeError),
     "projections.rebuild.RebuildError": (OperationFailed, RuntimeError),
     "consumers.runner.LeaseLost": (HandlingSignal, Exception),
     "consumers.runner.Undeliverable": (HandlingSignal, Exception),

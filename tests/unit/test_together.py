@@ -1,6 +1,6 @@
-"""How a process runs its roles (``ledger.app.service.run_all``): a failed role stops the others
-(told to stop first, cancelled after a grace), and a role that swallows its cancellation cannot
-keep the process up with the others gone. It did: the retention role failed, the projector was
+"""How a process runs its roles, and a role its parts (``consumers.together.run_all``): a failed
+loop stops the others (told to stop first, cancelled after a grace), and one that swallows its
+cancellation cannot keep the process up with the others gone. It did: the retention role failed, the projector was
 cancelled, the handler's blocking XREADGROUP lost its cancellation (redis-py returns the reply
 that came with it) and went on for ever, and the archive fell behind with no line in the log.
 Pure asyncio: no servers."""
@@ -16,7 +16,7 @@ import time
 import pytest
 from structlog.testing import capture_logs
 
-from ledger.app.service import RolesStuck, run_all
+from consumers.together import RolesStuck, run_all
 
 
 class Fails:
@@ -67,7 +67,7 @@ class SwallowsCancellation:
 async def test_every_role_ends_at_stop() -> None:
     stop = asyncio.Event()
     waiting = [Waits(), Waits()]
-    running = asyncio.create_task(run_all(waiting, stop))
+    running = asyncio.create_task(run_all([w.run for w in waiting], stop))
     await asyncio.sleep(0.01)
     stop.set()
     await asyncio.wait_for(running, 1)
@@ -78,7 +78,7 @@ async def test_a_failed_role_stops_the_others_then_cancels_those_that_go_on() ->
     waiting, ignoring = Waits(), IgnoresStop()
     started = time.monotonic()
     with pytest.raises(BaseExceptionGroup) as caught:
-        await asyncio.wait_for(run_all([waiting, ignoring, Fails()], asyncio.Event(), grace_s=0.2), 2)
+        await asyncio.wait_for(run_all([waiting.run, ignoring.run, Fails().run], asyncio.Event(), grace_s=0.2), 2)
     assert 0.2 <= time.monotonic() - started < 1.0
     assert [str(e) for e in caught.value.exceptions] == ["the retention pass broke"]
     assert (waiting.ended, waiting.cancelled) == (True, False)  # finished its batch: not cancelled
@@ -90,26 +90,26 @@ async def test_a_role_that_swallows_its_cancellation_is_reported_and_left() -> N
     started = time.monotonic()
     try:
         with capture_logs() as logs, pytest.raises(RolesStuck) as caught:
-            await run_all([stuck, Fails()], asyncio.Event(), grace_s=0.2)
+            await run_all([stuck.run, Fails().run], asyncio.Event(), grace_s=0.2)
     finally:
         stuck.release.set()
     assert 0.4 <= time.monotonic() - started < 1.5  # told to stop, then cancelled: twice the grace
     assert isinstance(caught.value.__cause__, ValueError)
     assert str(caught.value) == (
-        "1 role task(s) did not end 0.2 s after they were cancelled (SwallowsCancellation): "
+        "1 role task(s) did not end 0.2 s after they were cancelled (SwallowsCancellation.run): "
         "exit the process (a bug: the log says where)"
     )
     [line] = [entry for entry in logs if entry["event"] == "role task still running after its cancellation"]
-    assert line["task"] == "SwallowsCancellation"
+    assert line["task"] == "SwallowsCancellation.run"
     outer, inner, innermost = line["where"]
-    assert outer.endswith(" SwallowsCancellation.run") and "test_run_all.py:" in outer
+    assert outer.endswith(" SwallowsCancellation.run") and "test_together.py:" in outer
     assert inner.endswith(" SwallowsCancellation.poll_forever")
     assert innermost.endswith(" sleep") and "asyncio" in innermost
 
 
 async def test_being_cancelled_stops_every_role() -> None:
     waiting = [Waits(), Waits()]
-    running = asyncio.create_task(run_all(waiting, asyncio.Event()))
+    running = asyncio.create_task(run_all([w.run for w in waiting], asyncio.Event()))
     await asyncio.sleep(0.01)
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -117,13 +117,15 @@ async def test_being_cancelled_stops_every_role() -> None:
     assert [(w.ended, w.cancelled) for w in waiting] == [(True, False), (True, False)]
 
 
-def test_a_process_whose_role_is_stuck_exits_instead_of_hanging() -> None:
+@pytest.mark.parametrize("nested", [False, True], ids=["a role", "a part of a role"])
+def test_a_process_whose_role_is_stuck_exits_instead_of_hanging(nested: bool) -> None:
     """The real thing: ``run_loop`` (what ``serve`` and its role processes run) exits with
-    status 1, where the event loop's own shutdown would wait for the stuck task for ever."""
+    status 1, where the event loop's own shutdown would wait for the stuck task for ever; also
+    when the stuck loop is a part of a role (its ``RolesStuck`` then comes among the roles')."""
     program = textwrap.dedent(
         """
-        import asyncio
-        from ledger.app import service
+        import asyncio, sys
+        from consumers.together import run_all
         from ledger.app.logs import configure_logging
         from ledger.app.processes import run_loop
 
@@ -140,12 +142,23 @@ def test_a_process_whose_role_is_stuck_exits_instead_of_hanging() -> None:
                     except asyncio.CancelledError:
                         continue
 
+        class Role:
+            async def run(self, stop):
+                await run_all([Stuck().run, Fails().run], stop, grace_s=0.3)
+
+        class Idle:
+            async def run(self, stop):
+                await stop.wait()
+
         configure_logging("json", "info")
-        run_loop(service.run_all([Stuck(), Fails()], asyncio.Event(), grace_s=0.3))
+        loops = [Role().run, Idle().run] if sys.argv[1] == "nested" else [Stuck().run, Fails().run]
+        run_loop(run_all(loops, asyncio.Event(), grace_s=0.3))
         """
     )
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", program, "nested" if nested else "flat"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert time.monotonic() - started < 30
     assert "role task still running after its cancellation" in done.stderr
