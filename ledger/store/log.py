@@ -244,8 +244,11 @@ async def _read(
     finally:
         if ahead is not None:
             ahead.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ahead
+            # Waited for without raising its end: suppressing CancelledError around ``await ahead``
+            # also swallowed a cancellation of the reader itself arriving meanwhile.
+            await asyncio.wait([ahead])
+            if not ahead.cancelled():
+                ahead.exception()  # a page asked for early and not read: its error is no one's
 
 
 async def _region(

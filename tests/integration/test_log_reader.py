@@ -4,6 +4,7 @@ clear failure when an entry is in neither. Real handler, projector, Redis and Po
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
@@ -115,3 +116,17 @@ async def test_entries_in_neither_tier_fail_with_one_clear_line(
 
 async def test_a_shard_with_no_log_yet_reads_empty(redis: Any) -> None:
     assert await read(redis, None) == []
+
+
+async def test_a_reader_cancelled_while_it_closes_stays_cancelled(redis: Any) -> None:
+    """Closing a reader cancels the page it asked for early and waits for it; a cancellation of
+    the reader arriving meanwhile must reach it (it was swallowed with the early page's)."""
+    rig = await Rig.start(redis)
+    await rig.round_trip(USER, "100", "120")
+    reader = read_log(redis, 0, page=1)
+    await anext(reader)  # a full page: the next one is asked for early
+    closing = asyncio.create_task(reader.aclose())
+    await asyncio.sleep(0)  # closing now waits for the early page
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
