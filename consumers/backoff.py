@@ -82,6 +82,8 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float, wake: asyncio.Event
     waiters = [asyncio.ensure_future(stop.wait())]
     if wake is not None:
         waiters.append(asyncio.ensure_future(wake.wait()))
-    _done, pending = await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this is cancelled: no waiter is left behind
+        for task in waiters:
+            task.cancel()

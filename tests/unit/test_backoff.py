@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from consumers.backoff import Backoff, poll
+from consumers.backoff import Backoff, poll, sleep_or_stop
 from ledger import defaults
 
 
@@ -62,3 +62,17 @@ def test_poll_returns_false_once_stopped() -> None:
         return await poll(stop, attempt, retry_on=(OSError,), on_retry=on_retry, idle_s=10.0)
 
     assert asyncio.run(main()) is False
+
+
+def test_a_cancelled_sleep_leaves_no_waiter_behind() -> None:
+    async def run() -> set[asyncio.Task[object]]:
+        before = asyncio.all_tasks()
+        sleeping = asyncio.create_task(sleep_or_stop(asyncio.Event(), 60, asyncio.Event()))
+        await asyncio.sleep(0.01)
+        sleeping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeping
+        await asyncio.sleep(0)  # the waiters' cancellations run
+        return {task for task in asyncio.all_tasks() - before if not task.done()}
+
+    assert asyncio.run(run()) == set()
