@@ -68,6 +68,7 @@ class Filled:
 
     stack: Stack
     empty: list[Lifecycles]
+    empty_cpu: list[dict[str, float]]  # each empty run's CPU per command (us) by process
     events: int
     fill_rate: float  # commands/s while filling, until the archive caught up
     retained_from: int | None = None  # events in the log when retention was turned on (once)

@@ -179,8 +179,8 @@ async def e2e(run: Run, res: Results) -> None:
 
 
 def _trees(stack: Stack, consumer_pid: int) -> dict[str, int]:
-    """The process trees whose CPU the e2e account reports: the consumer (``serve`` or the
-    echo) and PostgreSQL's postmaster with its backends."""
+    """The process trees whose CPU an account reports: the consumer (``serve`` or the echo) and
+    PostgreSQL's postmaster with its backends."""
     postgres = stack.postgres.pid
     if postgres is None:
         raise BenchError(f"{stack.name}: PostgreSQL is not running")
@@ -446,7 +446,11 @@ async def ensure_filled(run: Run) -> Filled:
     stack = run.open("log")
     client = run.client(stack)
     await serving(stack, client)
-    empty = [await client.lifecycles(run.sizes.pairs, run=f"empty{k}") for k in range(run.runs)]
+    empty, empty_cpu = [], []
+    for k in range(run.runs):
+        done, cpu = await _accounted(client, stack, run.sizes.pairs, f"empty{k}")
+        empty.append(done)
+        empty_cpu.append(cpu)
     target = run.sizes.log_events
     commands, started, chunk = 0, time.perf_counter(), 0
     while (length := int(await client.redis.xlen(client.keys.events))) < target:
@@ -458,7 +462,7 @@ async def ensure_filled(run: Run) -> Filled:
     last = await client.last_event()
     if last is not None:
         await client.wait_archived(last)
-    run.filled = Filled(stack, empty, length, commands / (time.perf_counter() - started))
+    run.filled = Filled(stack, empty, empty_cpu, length, commands / (time.perf_counter() - started))
     await client.redis.aclose()
     return run.filled
 
@@ -467,17 +471,25 @@ async def growth(run: Run, res: Results) -> None:
     """End to end on an empty log, then with ``log_events`` events in the Redis log."""
     filled = await ensure_filled(run)
     client = run.client(filled.stack)
-    full = await client.lifecycles(run.sizes.pairs, run=f"full{run.repeat}")
+    full, cpu = await _accounted(client, filled.stack, run.sizes.pairs, f"full{run.repeat}")
     res.serve_peak_rss_bytes = filled.stack.serve_rss()
     await client.redis.aclose()
     empty = filled.empty[run.repeat]
     _growth_figures(res, "growth", f"with {filled.events:,} events in the Redis log", full, empty)
     res.params.update(pairs=run.sizes.pairs, log_events=filled.events)
+    res.params["cpu_us_per_command"] = {"measured": cpu, "empty log": filled.empty_cpu[run.repeat]}
     if run.repeat == 0:
         res.notes.append(
             f"log filled once through serve with pipelined place_order + record_fill pairs at "
             f"{filled.fill_rate:,.0f} commands/s (replies, live keys and archive caught up)"
         )
+
+
+async def _accounted(client: Client, stack: Stack, pairs: int, name: str) -> tuple[Lifecycles, dict[str, float]]:
+    """An end-to-end run of ``pairs`` on ``stack``, and the CPU it cost per command (us) by process."""
+    async with CpuAccount(client.redis, _trees(stack, stack.serve_pid())) as cpu:
+        done = await client.lifecycles(pairs, run=name)
+    return done, cpu.per_command(done.commands)
 
 
 def _growth_figures(res: Results, key: str, what: str, measured: Lifecycles, empty: Lifecycles) -> None:
@@ -576,7 +588,7 @@ async def retention(run: Run, res: Results) -> None:
         )
     else:
         await _retention_caught_up(client, stack)
-    measured = await client.lifecycles(run.sizes.pairs, run=f"retained{run.repeat}")
+    measured, cpu = await _accounted(client, stack, run.sizes.pairs, f"retained{run.repeat}")
     res.serve_peak_rss_bytes = stack.serve_rss()
     after = int(await client.redis.xlen(client.keys.events))
     await client.redis.aclose()
@@ -584,6 +596,7 @@ async def retention(run: Run, res: Results) -> None:
         run.close(stack)
         run.filled = None
     res.params.update(retention_ms=1000, trim_interval_s=1, events_before=filled.retained_from, events_after=after)
+    res.params["cpu_us_per_command"] = {"measured": cpu, "empty log": filled.empty_cpu[run.repeat]}
     empty = filled.empty[run.repeat]
     _growth_figures(res, "retention", "with retention on, after the filled log was trimmed", measured, empty)
 
