@@ -43,7 +43,12 @@ Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 async def run_all(loops: Sequence[Loop], stop: asyncio.Event, *, grace_s: float = GRACE_S) -> None:
     """Run every loop until ``stop``; when one fails (or this is cancelled) the others are
     told to stop, then cancelled after ``grace_s``, and the failures raised together; one still
-    running ``grace_s`` after its cancellation is logged and ``RolesStuck`` raised (module doc)."""
+    running ``grace_s`` after its cancellation is logged and ``RolesStuck`` raised (module doc).
+    With no loop (a role that is off, such as retention without a retention), it waits for
+    ``stop``: a process with nothing to do stays up rather than end and be restarted."""
+    if not loops:
+        await stop.wait()
+        return
     halt = asyncio.Event()  # what the loops see: ``stop``, or a failure
     relay = asyncio.create_task(_relay(stop, halt))
     tasks = [asyncio.create_task(loop(halt), name=_name(loop)) for loop in loops]

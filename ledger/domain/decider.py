@@ -339,7 +339,15 @@ def _place(
     **extra: Any,
 ) -> str:
     """Emit the order's placement, recording the contract value it is placed at: ``instrument``'s
-    (default: today's market data)."""
+    (default: today's market data). An order whose quantity a fill command could not carry (more
+    than ``MAX_AMOUNT``: a position grown past it by several fills, closed whole) is refused: the
+    venue's or the strategy's report of filling it would be refused on the wire."""
+    if quantity > MAX_AMOUNT:
+        raise _Rejected(
+            RejectCode.INVALID_ORDER,
+            f"quantity {format_decimal(quantity)} is more than {format_decimal(MAX_AMOUNT)}, the most one fill "
+            "can report: split it (close a position in parts with size)",
+        )
     order_id = order_id or out.ctx.new_id()
     recorded = (instrument or out.ctx.instrument(Exchange(exchange), symbol)).recorded_value
     out.emit(

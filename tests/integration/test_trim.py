@@ -32,6 +32,16 @@ async def _events(redis: Any, conn: Any) -> list[str]:
     return [s.entry_id async for s in read_log(redis, 0, conn=conn)]
 
 
+async def _archived_round_trip(redis: Any, database_url: str) -> Rig:
+    """One round trip of USER, live-projected and archived."""
+    rig = await Rig.start(redis)
+    await rig.round_trip(USER, "100", "110")
+    await rig.project()
+    async with rig.projector(database_url):
+        await rig.archive()
+    return rig
+
+
 async def test_trim_removes_only_archived_entries_every_group_processed(redis: Any, database_url: str) -> None:
     rig = await Rig.start(redis)
     await rig.round_trip(USER, "100", "110")
@@ -65,11 +75,7 @@ async def test_trim_removes_only_archived_entries_every_group_processed(redis: A
 
 
 async def test_a_pending_entry_of_a_group_bounds_the_trim(redis: Any, database_url: str) -> None:
-    rig = await Rig.start(redis)
-    await rig.round_trip(USER, "100", "110")
-    await rig.project()
-    async with rig.projector(database_url):
-        await rig.archive()
+    await _archived_round_trip(redis, database_url)
     ids = await log_entries(redis)
     await redis.xgroup_create(EVENTS, "slow-reader", id="0")
     await redis.xreadgroup("slow-reader", "c", {EVENTS: ">"}, count=3)  # delivered, never acknowledged
@@ -113,11 +119,7 @@ async def test_a_group_that_acknowledges_between_the_two_reads_bounds_at_its_las
 
 
 async def test_retention_keeps_young_entries(redis: Any, database_url: str) -> None:
-    rig = await Rig.start(redis)
-    await rig.round_trip(USER, "100", "110")
-    await rig.project()
-    async with rig.projector(database_url):
-        await rig.archive()
+    await _archived_round_trip(redis, database_url)
     ids = await log_entries(redis)
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         trims = await trim_shard(redis, conn, 0, retention_ms=3_600_000, dry_run=False)
@@ -173,11 +175,7 @@ async def test_retention_is_off_unless_configured_and_trims_every_pass(redis: An
     assert (settings.retention_ms, settings.trim_interval_s) == (1, 3600)
     (retention,) = await retention_role(redis, settings.with_overrides(database_url=database_url))
 
-    rig = await Rig.start(redis)
-    await rig.round_trip(USER, "100", "110")
-    await rig.project()
-    async with rig.projector(database_url):
-        await rig.archive()
+    rig = await _archived_round_trip(redis, database_url)
     ids = await log_entries(redis)
     await asyncio.sleep(0.01)  # every entry is now older than the 1 ms retention
 
@@ -206,11 +204,7 @@ async def test_a_failing_pass_is_logged_and_the_role_goes_on(redis: Any, databas
     with the handler and the projector, which failing the role would restart with every pass."""
     settings = Settings.from_env({"LEDGER_RETENTION_MS": "1", "LEDGER_TRIM_INTERVAL_S": "1"})
     (retention,) = await retention_role(redis, settings.with_overrides(database_url=database_url))
-    rig = await Rig.start(redis)
-    await rig.round_trip(USER, "100", "110")
-    await rig.project()
-    async with rig.projector(database_url):
-        await rig.archive()
+    await _archived_round_trip(redis, database_url)
     [field, *_others] = sorted(await redis.hkeys("ledger:{0}:outcomes"))
     await redis.hset("ledger:{0}:outcomes", field, "not json")
     await asyncio.sleep(0.01)

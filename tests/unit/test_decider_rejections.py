@@ -632,3 +632,25 @@ def test_overfill_of_a_close_order_closes_and_records_the_excess() -> None:
     assert position.excess_qty == D("0.02")  # 0.12 - 0.1
     assert position.gross_pnl == D("100")  # (51000 - 50000) * 0.1: the excess moves nothing
     assert driver.open_slot("short") is None
+
+
+def test_an_order_no_fill_could_report_is_refused() -> None:
+    """A position grown past ``MAX_AMOUNT`` by two fills, closed whole, would be an order whose
+    fill no command can carry (the wire takes at most 20 integer digits; the paper venue's own
+    fill was dead-lettered): refused, and closing it in parts works."""
+    driver = Driver()
+    biggest = "99999999999999999999"
+    for _fill in range(2):
+        order_id, position_id = driver.open_position("long", biggest)
+        driver.fill(order_id, biggest, "0.0001")
+    assert driver.position(position_id).size == D("199999999999999999998")
+
+    rejection = driver.refused("close_position", position_id=position_id)
+
+    assert rejection.code is RejectCode.INVALID_ORDER
+    assert rejection.message == (
+        "quantity 199999999999999999998 is more than 99999999999999999999, the most one fill can report: "
+        "split it (close a position in parts with size)"
+    )
+    placed = driver.send("close_position", position_id=position_id, size=biggest)
+    assert [type(e).__name__ for e in placed.events] == ["OrderPlaced"]

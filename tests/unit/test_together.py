@@ -74,6 +74,15 @@ async def test_every_role_ends_at_stop() -> None:
     assert [(w.ended, w.cancelled) for w in waiting] == [(True, False), (True, False)]
 
 
+async def test_nothing_to_run_waits_for_stop() -> None:
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_all([], stop))
+    await asyncio.sleep(0.05)
+    assert not running.done()
+    stop.set()
+    await asyncio.wait_for(running, 1)
+
+
 async def test_a_failed_role_stops_the_others_then_cancels_those_that_go_on() -> None:
     waiting, ignoring = Waits(), IgnoresStop()
     started = time.monotonic()
