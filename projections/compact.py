@@ -58,6 +58,7 @@ from ledger.sqlfiles import load_queries
 from ledger.store.archived import ARCHIVED_LUA, DIGEST_BYTES, ArchivedIndex, digest, fingerprint
 from ledger.store.eventstore import MARKER_PREFIX
 from ledger.store.keys import ShardKeys, outcome_field, outcome_ids
+from ledger.store.log import SEQ_MAX
 from ledger.store.redis_conn import EntryKey, entry_order, entry_text, lua_msgpack, text
 from projections.bounds import processed
 from projections.projector import checkpoint as archived_up_to
@@ -70,7 +71,6 @@ COMPACTED = "compacted"
 # The outcomes' watermark (a field of ``ledger:{s}:compacted``): the log entry up to which the
 # archive's events were looked at for outcomes to move.
 OUTCOMES_THROUGH = "outcomes:through"
-_LAST_SEQ = 2**63 - 1  # the highest sequence number of a log entry id within its millisecond
 # What the aggregates' archived index holds for an id: which hash it left.
 ORDER_KIND = b"o"
 POSITION_KIND = b"p"
@@ -274,7 +274,7 @@ async def _compact_outcomes(
     retention in ``eventless``. A shard without a watermark (an earlier version) has its outcomes
     scanned once instead."""
     archived = await archived_up_to(conn, keys.shard)
-    upto = min(entry_order(archived) if archived else (0, 0), (cutoff - 1, _LAST_SEQ))
+    upto = min(entry_order(archived) if archived else (0, 0), (cutoff - 1, SEQ_MAX))
     index = ArchivedIndex(keys.archived)
     already = await index.read(redis)  # outcomes in the index; markers left before it are added below
     entries = int(await redis.hlen(keys.outcomes))

@@ -49,7 +49,7 @@ from ledger.progress import progress_bar
 from ledger.sqlfiles import load_queries
 from ledger.store.log import log_size
 from ledger.store.operations import record_operation
-from ledger.store.redis_conn import entry_order, entry_text
+from ledger.store.redis_conn import EntryKey, entry_order, entry_text
 from projections import live
 from projections.projector import _SQL as PROJECTOR_SQL
 from projections.projector import PROJECTOR, HistoryRows, checkpoint, write_fills, write_orders, write_positions
@@ -100,7 +100,7 @@ async def _log_total(redis: Any, shards: list[int]) -> int:
     return sum([await log_size(redis, shard) for shard in shards])
 
 
-def _checkpoint_ids(points: dict[int, tuple[int, int]]) -> dict[str, str | None]:
+def _checkpoint_ids(points: dict[int, EntryKey]) -> dict[str, str | None]:
     return {str(s): entry_text(c) if c != (0, 0) else None for s, c in points.items()}
 
 

@@ -253,13 +253,16 @@ class ServeProcess:
         return self.process.wait(timeout=timeout)
 
 
-def start_serve(redis_url: str, workdir: Path, name: str = "serve", **env: str) -> ServeProcess:
-    """``ledger serve --role handler`` as a subprocess, logging to ``workdir/<name>.log``."""
+def start_serve(
+    redis_url: str, workdir: Path, name: str = "serve", *, roles: Iterable[str] = ("handler",), **env: str
+) -> ServeProcess:
+    """``ledger serve --role ROLE...`` as a subprocess in its default mode, logging to
+    ``workdir/<name>.log``."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{name}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [str(LEDGER_BIN), "serve", "--role", "handler"],
+            [str(LEDGER_BIN), "serve", *(arg for role in roles for arg in ("--role", role))],
             cwd=workdir,
             env=ledger_env(redis_url, **env),
             stdin=subprocess.DEVNULL,
@@ -293,3 +296,42 @@ def serve_processes_fixture() -> Iterable[list[ServeProcess]]:
 
 def new_id(prefix: str = "c") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# --------------------------------------------------------------------------- serve's processes
+
+CHILD = b"ledger.app.processes"
+
+
+def role_processes(parent: int) -> dict[str, int]:
+    """The live role processes ``parent`` started: their roles (``projector+retention``) -> pid."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == parent and state != "Z" and CHILD in argv:
+            roles = argv[argv.index(CHILD) + 1 :]
+            found["+".join(role.decode() for role in roles)] = int(entry.name)
+    return found
+
+
+async def wait_for_roles(serve: ServeProcess, roles: set[str], timeout: float = 30.0) -> dict[str, int]:
+    async def started() -> bool:
+        if serve.process.poll() is not None:
+            raise AssertionError(f"serve exited with {serve.process.returncode}: {serve.output()[-2000:]}")
+        return set(role_processes(serve.process.pid)) == roles
+
+    await wait_until(started, timeout=timeout, interval=0.05, what=f"role processes {sorted(roles)}")
+    return role_processes(serve.process.pid)
+
+
+def log_lines(serve: ServeProcess, name: str) -> list[dict[str, Any]]:
+    """The supervisor's and children's JSON log lines whose event is ``name``."""
+    lines = [json.loads(line) for line in serve.output().splitlines() if line.startswith("{")]
+    return [line for line in lines if line["event"] == name]

@@ -17,18 +17,20 @@ from typing import Any
 
 import psycopg
 
-from tests.blackbox.test_serve_processes import _events, _start, _wait_for_roles
 from tests.pipeline_helpers import (
     ServeProcess,
     blpop_reply,
     commands_key,
     events_key,
     fill_json,
+    log_lines,
     outcomes_key,
     place_order_json,
     reply_key,
     run_ledger,
     serve_processes_fixture,  # noqa: F401 - the fixture serve_processes
+    start_serve,
+    wait_for_roles,
     wait_until,
 )
 
@@ -54,20 +56,17 @@ async def _table_counts(database_url: str) -> dict[str, int]:
 async def test_retention_under_load_keeps_the_books_whole(
     redis: Any, redis_url: str, database_url: str, tmp_path: Path, serve_processes: list[ServeProcess]
 ) -> None:
-    serve = _start(
+    serve = start_serve(
         redis_url,
         tmp_path,
-        "handler",
-        "projection",
-        "projector",
-        "retention",
+        roles=("handler", "projection", "projector", "retention"),
         LEDGER_DATABASE_URL=database_url,
         LEDGER_EXECUTION="okx=external",
         LEDGER_RETENTION_MS="1",
         LEDGER_TRIM_INTERVAL_S="1",
     )
     serve_processes.append(serve)
-    await _wait_for_roles(serve, {"handler+projector+retention", "projection"})
+    await wait_for_roles(serve, {"handler+projector+retention", "projection"})
 
     replies: dict[tuple[str, str], str] = {}  # (user, command id) -> the first reply, raw
     events = 0
@@ -114,6 +113,6 @@ async def test_retention_under_load_keeps_the_books_whole(
     assert serve.stop(timeout=30) == 0, serve.output()[-3000:]
     errors = [json.loads(line) for line in serve.output().splitlines() if '"level": "error"' in line]
     assert errors == []
-    passes = _events(serve, "retention pass")
+    passes = log_lines(serve, "retention pass")
     assert sum(p["compacted"] for p in passes) == len(replies) + WAVES * PER_WAVE  # every outcome, every filled order
     assert all(isinstance(p["ms"], float) for p in passes)

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,37 +18,22 @@ from typing import Any
 
 from ledger.store.keys import order_key
 from tests.pipeline_helpers import (
-    LEDGER_BIN,
     ServeProcess,
     assert_gapless,
     commands_key,
     events_per_command,
-    ledger_env,
+    log_lines,
     outcomes_key,
     peek_reply,
     place_order_json,
     read_events,
     reply_key,
+    role_processes,
     serve_processes_fixture,  # noqa: F401 - the fixture serve_processes
+    start_serve,
+    wait_for_roles,
     wait_until,
 )
-
-CHILD = b"ledger.app.processes"
-
-
-def _start(redis_url: str, workdir: Path, *roles: str, **env: str) -> ServeProcess:
-    """``ledger serve --role ROLE...`` in its default mode, logging to ``workdir/serve.log``."""
-    log = workdir / "serve.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(LEDGER_BIN), "serve", *(arg for role in roles for arg in ("--role", role))],
-            cwd=workdir,
-            env=ledger_env(redis_url, **env),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return ServeProcess(process, log)
 
 
 def _alive(pid: int) -> bool:
@@ -59,40 +43,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _role_processes(parent: int) -> dict[str, int]:
-    """The live role processes ``parent`` started: their roles (``projector+retention``) -> pid."""
-    found: dict[str, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == parent and state != "Z" and CHILD in argv:
-            roles = argv[argv.index(CHILD) + 1 :]
-            found["+".join(role.decode() for role in roles)] = int(entry.name)
-    return found
-
-
-async def _wait_for_roles(serve: ServeProcess, roles: set[str], timeout: float = 30.0) -> dict[str, int]:
-    async def started() -> bool:
-        if serve.process.poll() is not None:
-            raise AssertionError(f"serve exited with {serve.process.returncode}: {serve.output()[-2000:]}")
-        return set(_role_processes(serve.process.pid)) == roles
-
-    await wait_until(started, timeout=timeout, interval=0.05, what=f"role processes {sorted(roles)}")
-    return _role_processes(serve.process.pid)
-
-
-def _events(serve: ServeProcess, name: str) -> list[dict[str, Any]]:
-    """The supervisor's and children's JSON log lines whose event is ``name``."""
-    lines = [json.loads(line) for line in serve.output().splitlines() if line.startswith("{")]
-    return [line for line in lines if line["event"] == name]
 
 
 async def _publish(redis: Any, commands: list[tuple[str, str]]) -> None:
@@ -112,9 +62,9 @@ async def test_serve_runs_each_role_group_in_its_own_process_and_sigterm_stops_t
     policy = (await redis.config_get("maxmemory-policy"))["maxmemory-policy"]
     await redis.config_set("maxmemory-policy", "allkeys-lru")  # warned about at start-up
     try:
-        serve = _start(redis_url, tmp_path, "handler", "projection")
+        serve = start_serve(redis_url, tmp_path, roles=("handler", "projection"))
         serve_processes.append(serve)
-        children = await _wait_for_roles(serve, {"handler", "projection"})
+        children = await wait_for_roles(serve, {"handler", "projection"})
     finally:
         await redis.config_set("maxmemory-policy", policy)
     assert serve.process.pid not in children.values()
@@ -134,14 +84,16 @@ async def test_serve_runs_each_role_group_in_its_own_process_and_sigterm_stops_t
     serve.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(serve.process.wait, 30) == 0, serve.output()[-3000:]
     assert not any(_alive(pid) for pid in children.values())
-    stopped = {line["role"]: line["status"] for line in _events(serve, "role process stopped")}
+    stopped = {line["role"]: line["status"] for line in log_lines(serve, "role process stopped")}
     assert stopped == {"handler": "exit 0", "projection": "exit 0"}
-    assert _events(serve, "role process exited unexpectedly: restarting it in 0.1 s; its last log lines say why") == []
+    assert (
+        log_lines(serve, "role process exited unexpectedly: restarting it in 0.1 s; its last log lines say why") == []
+    )
     # Every child finished and acknowledged what it had read.
     assert await _pending(redis, commands_key(0)) == {"ledger-handler": 0}
     assert await _pending(redis, "ledger:{0}:events") == {"ledger-projection": 0}
     # Each child's log lines name its role.
-    serving = {line["role"]: line["roles"] for line in _events(serve, "serving")}
+    serving = {line["role"]: line["roles"] for line in log_lines(serve, "serving")}
     assert serving == {"handler": ["handler"], "projection": ["projection"]}
     # The start-up checks ran once, in the supervisor.
     (warning,) = [line for line in serve.output().splitlines() if "maxmemory_policy" in line]
@@ -151,9 +103,9 @@ async def test_serve_runs_each_role_group_in_its_own_process_and_sigterm_stops_t
 async def test_a_killed_role_process_is_restarted_and_nothing_is_lost_or_doubled(
     redis: Any, redis_url: str, tmp_path: Path, serve_processes: list[ServeProcess]
 ) -> None:
-    serve = _start(redis_url, tmp_path, "handler", LEDGER_CLAIM_IDLE_MS="1000")
+    serve = start_serve(redis_url, tmp_path, roles=("handler",), LEDGER_CLAIM_IDLE_MS="1000")
     serve_processes.append(serve)
-    first = (await _wait_for_roles(serve, {"handler"}))["handler"]
+    first = (await wait_for_roles(serve, {"handler"}))["handler"]
     commands = [(f"k9c-{n % 20}", f"c{n}") for n in range(3000)]
     await _publish(redis, commands)
 
@@ -165,11 +117,11 @@ async def test_a_killed_role_process_is_restarted_and_nothing_is_lost_or_doubled
     assert await redis.hlen(outcomes_key(0)) < len(commands), "the handler finished before it was killed"
 
     async def restarted() -> bool:
-        return _role_processes(serve.process.pid).get("handler", first) != first
+        return role_processes(serve.process.pid).get("handler", first) != first
 
     await wait_until(restarted, timeout=15, interval=0.05, what="a new handler process")
     assert serve.process.poll() is None
-    (exited,) = _events(serve, "role process exited unexpectedly: restarting it in 0.1 s; its last log lines say why")
+    (exited,) = log_lines(serve, "role process exited unexpectedly: restarting it in 0.1 s; its last log lines say why")
     assert (exited["role"], exited["pid"], exited["status"], exited["level"]) == (
         "handler",
         first,
@@ -193,9 +145,9 @@ async def test_a_killed_role_process_is_restarted_and_nothing_is_lost_or_doubled
 async def test_kill_9_of_serve_leaves_no_role_process_behind(
     redis_url: str, tmp_path: Path, serve_processes: list[ServeProcess]
 ) -> None:
-    serve = _start(redis_url, tmp_path, "handler", "projection", "paper")
+    serve = start_serve(redis_url, tmp_path, roles=("handler", "projection", "paper"))
     serve_processes.append(serve)
-    children = await _wait_for_roles(serve, {"handler", "projection+paper"})
+    children = await wait_for_roles(serve, {"handler", "projection+paper"})
     serve.process.send_signal(signal.SIGKILL)
     assert serve.process.wait(timeout=10) == -signal.SIGKILL
     deadline = time.monotonic() + 5
@@ -207,13 +159,13 @@ async def test_kill_9_of_serve_leaves_no_role_process_behind(
 async def test_processes_1_runs_every_role_in_the_serve_process(
     redis: Any, redis_url: str, tmp_path: Path, serve_processes: list[ServeProcess]
 ) -> None:
-    serve = _start(redis_url, tmp_path, "handler", "projection", LEDGER_PROCESSES="1")
+    serve = start_serve(redis_url, tmp_path, roles=("handler", "projection"), LEDGER_PROCESSES="1")
     serve_processes.append(serve)
     await _publish(redis, [("one-process", "c1")])
     reply = await peek_reply(redis, reply_key(0, "one-process", "c1"), timeout=30)
     assert reply["status"] == "accepted", reply
-    assert _role_processes(serve.process.pid) == {}
+    assert role_processes(serve.process.pid) == {}
     serve.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(serve.process.wait, 30) == 0, serve.output()[-3000:]
-    assert _events(serve, "supervising") == []
-    assert [line["roles"] for line in _events(serve, "serving")] == [["handler", "projection"]]
+    assert log_lines(serve, "supervising") == []
+    assert [line["roles"] for line in log_lines(serve, "serving")] == [["handler", "projection"]]
