@@ -60,6 +60,16 @@ QUICK = Sizes(
 WARMUP_PAIRS = 50
 
 
+@dataclass(frozen=True, slots=True)
+class Accounted:
+    """An end-to-end run, the CPU it cost per command (us) by process, and how PostgreSQL was
+    brought to rest before it (a note)."""
+
+    done: Lifecycles
+    cpu: dict[str, float]
+    settled: str
+
+
 @dataclass
 class Filled:
     """A stack whose Redis log holds ``Sizes.log_events`` events, filled once for every run of
@@ -67,8 +77,7 @@ class Filled:
     one per run of the suite (run k's baseline of growth and retention)."""
 
     stack: Stack
-    empty: list[Lifecycles]
-    empty_cpu: list[dict[str, float]]  # each empty run's CPU per command (us) by process
+    empty: list[Accounted]
     events: int
     fill_rate: float  # commands/s while filling, until the archive caught up
     retained_from: int | None = None  # events in the log when retention was turned on (once)

@@ -40,7 +40,7 @@ from benchmarks.client import (
     users,
 )
 from benchmarks.figures import Figure
-from benchmarks.run import WARMUP_PAIRS, Filled, Profiler, Results, Run, serving
+from benchmarks.run import WARMUP_PAIRS, Accounted, Filled, Profiler, Results, Run, serving
 from benchmarks.stack import BenchError, Stack, cpu_seconds
 from ledger.store.keys import marks, order_key
 
@@ -48,6 +48,20 @@ Scenario = Callable[[Run, Results], Awaitable[None]]
 QUANTILES = ((50.0, "p50"), (99.0, "p99"), (99.9, "p99.9"))
 XRANGE_PAGE = 10_000
 RETENTION_WAIT_S = 300.0  # for the first passes to trim the filled log (the measurement goes on after)
+SETTLE_WAIT_S = 300.0  # for PostgreSQL's autovacuum to finish what the catch-up left it
+# The user tables autovacuum would vacuum or analyze now, by the server's own thresholds
+# (PostgreSQL's autovacuum.c: threshold + scale factor x reltuples; never analyzed counts as 0).
+_AUTOVACUUM_DUE = """
+select s.relname from pg_stat_user_tables s join pg_class c on c.oid = s.relid
+where s.n_dead_tup > current_setting('autovacuum_vacuum_threshold')::float8
+        + current_setting('autovacuum_vacuum_scale_factor')::float8 * greatest(c.reltuples, 0)
+   or s.n_ins_since_vacuum > current_setting('autovacuum_vacuum_insert_threshold')::float8
+        + current_setting('autovacuum_vacuum_insert_scale_factor')::float8 * greatest(c.reltuples, 0)
+   or s.n_mod_since_analyze > current_setting('autovacuum_analyze_threshold')::float8
+        + current_setting('autovacuum_analyze_scale_factor')::float8 * greatest(c.reltuples, 0)
+order by 1
+"""
+_AUTOVACUUM_RUNNING = "select query from pg_stat_activity where backend_type = 'autovacuum worker' order by 1"
 PROJECTOR_TABLES = ("positions", "orders", "fills", "ledger_events")
 
 
@@ -446,15 +460,11 @@ async def ensure_filled(run: Run) -> Filled:
     stack = run.open("log")
     client = run.client(stack)
     await serving(stack, client)
-    empty, empty_cpu = [], []
-    for k in range(run.runs):
-        done, cpu = await _accounted(client, stack, run.sizes.pairs, f"empty{k}")
-        empty.append(done)
-        empty_cpu.append(cpu)
+    empty = [await _accounted(client, stack, run.sizes.pairs, f"empty{k}") for k in range(run.runs)]
     target = run.sizes.log_events
     commands, started, chunk = 0, time.perf_counter(), 0
     while (length := int(await client.redis.xlen(client.keys.events))) < target:
-        per_command = length / max(1, commands + sum(e.commands for e in empty) + 2 * 100)
+        per_command = length / max(1, commands + sum(e.done.commands for e in empty) + 2 * 100)
         pairs = max(500, min(50_000, math.ceil((target - length) / per_command / 2)))
         done = await client.lifecycles(pairs, run=f"fill{chunk}", window=500, history=False)
         commands, chunk = commands + done.commands, chunk + 1
@@ -462,7 +472,7 @@ async def ensure_filled(run: Run) -> Filled:
     last = await client.last_event()
     if last is not None:
         await client.wait_archived(last)
-    run.filled = Filled(stack, empty, empty_cpu, length, commands / (time.perf_counter() - started))
+    run.filled = Filled(stack, empty, length, commands / (time.perf_counter() - started))
     await client.redis.aclose()
     return run.filled
 
@@ -471,13 +481,11 @@ async def growth(run: Run, res: Results) -> None:
     """End to end on an empty log, then with ``log_events`` events in the Redis log."""
     filled = await ensure_filled(run)
     client = run.client(filled.stack)
-    full, cpu = await _accounted(client, filled.stack, run.sizes.pairs, f"full{run.repeat}")
+    full = await _accounted(client, filled.stack, run.sizes.pairs, f"full{run.repeat}")
     res.serve_peak_rss_bytes = filled.stack.serve_rss()
     await client.redis.aclose()
-    empty = filled.empty[run.repeat]
-    _growth_figures(res, "growth", f"with {filled.events:,} events in the Redis log", full, empty)
+    _growth_figures(res, "growth", f"with {filled.events:,} events in the Redis log", full, filled.empty[run.repeat])
     res.params.update(pairs=run.sizes.pairs, log_events=filled.events)
-    res.params["cpu_us_per_command"] = {"measured": cpu, "empty log": filled.empty_cpu[run.repeat]}
     if run.repeat == 0:
         res.notes.append(
             f"log filled once through serve with pipelined place_order + record_fill pairs at "
@@ -485,14 +493,22 @@ async def growth(run: Run, res: Results) -> None:
         )
 
 
-async def _accounted(client: Client, stack: Stack, pairs: int, name: str) -> tuple[Lifecycles, dict[str, float]]:
-    """An end-to-end run of ``pairs`` on ``stack``, and the CPU it cost per command (us) by process."""
+async def _accounted(client: Client, stack: Stack, pairs: int, name: str) -> Accounted:
+    """An end-to-end run of ``pairs`` on ``stack`` once PostgreSQL has settled (every run of
+    growth and retention and their empty-log baselines alike: a run does not pay for the
+    autovacuum the one before it, or the fill, or retention's catch-up left due)."""
+    settled = await _postgres_settled(stack)
     async with CpuAccount(client.redis, _trees(stack, stack.serve_pid())) as cpu:
         done = await client.lifecycles(pairs, run=name)
-    return done, cpu.per_command(done.commands)
+    return Accounted(done, cpu.per_command(done.commands), settled)
 
 
-def _growth_figures(res: Results, key: str, what: str, measured: Lifecycles, empty: Lifecycles) -> None:
+def _growth_figures(res: Results, key: str, what: str, measured_run: Accounted, empty_run: Accounted) -> None:
+    """Growth's and retention's figures, a measured run beside its empty-log run, with what
+    each cost per command (``params.cpu_us_per_command``) and how PostgreSQL settled before each."""
+    measured, empty = measured_run.done, empty_run.done
+    res.params["cpu_us_per_command"] = {"measured": measured_run.cpu, "empty log": empty_run.cpu}
+    res.notes.append(f"before the empty-log run: {empty_run.settled}; before this run: {measured_run.settled}")
     for kind, seconds, empty_seconds in (
         ("live", measured.live_s, empty.live_s),
         ("history", measured.history_s, empty.history_s),
@@ -588,7 +604,7 @@ async def retention(run: Run, res: Results) -> None:
         )
     else:
         await _retention_caught_up(client, stack)
-    measured, cpu = await _accounted(client, stack, run.sizes.pairs, f"retained{run.repeat}")
+    measured = await _accounted(client, stack, run.sizes.pairs, f"retained{run.repeat}")
     res.serve_peak_rss_bytes = stack.serve_rss()
     after = int(await client.redis.xlen(client.keys.events))
     await client.redis.aclose()
@@ -596,9 +612,8 @@ async def retention(run: Run, res: Results) -> None:
         run.close(stack)
         run.filled = None
     res.params.update(retention_ms=1000, trim_interval_s=1, events_before=filled.retained_from, events_after=after)
-    res.params["cpu_us_per_command"] = {"measured": cpu, "empty log": filled.empty_cpu[run.repeat]}
-    empty = filled.empty[run.repeat]
-    _growth_figures(res, "retention", "with retention on, after the filled log was trimmed", measured, empty)
+    what = "with retention on, after the filled log was trimmed"
+    _growth_figures(res, "retention", what, measured, filled.empty[run.repeat])
 
 
 async def _retention_caught_up(client: Client, stack: Stack) -> str:
@@ -612,6 +627,27 @@ async def _retention_caught_up(client: Client, stack: Stack) -> str:
             return ", ".join(f"{name} {before[name]:,} -> {now[name]:,}" for name in now)
         stack.check_serve()
         await asyncio.sleep(0.2)
+
+
+async def _postgres_settled(stack: Stack) -> str:
+    """Until no autovacuum worker runs and no table is due for one (what the catch-up's bulk
+    inserts and deletes left PostgreSQL to vacuum and analyze is done before the measurement,
+    not during it; what the measured load itself makes due is measured); what it waited, as a note."""
+    started = time.perf_counter()
+    seen: set[str] = set()
+    quiet = 0
+    async with await psycopg.AsyncConnection.connect(stack.postgres.url, autocommit=True) as conn:
+        while quiet < 2 and time.perf_counter() - started < SETTLE_WAIT_S:
+            running = [row[0] for row in await (await conn.execute(_AUTOVACUUM_RUNNING)).fetchall()]
+            due = [row[0] for row in await (await conn.execute(_AUTOVACUUM_DUE)).fetchall()]
+            seen.update(running)
+            seen.update(f"due: {name}" for name in due)
+            quiet = 0 if running or due else quiet + 1
+            stack.check_serve()
+            await asyncio.sleep(1.0)
+    waited = time.perf_counter() - started
+    state = "settled" if quiet >= 2 else "still busy at the deadline"
+    return f"PostgreSQL {state} after {waited:.1f} s (autovacuum seen: {', '.join(sorted(seen)) or 'none'})"
 
 
 async def _retained(client: Client) -> dict[str, int]:
