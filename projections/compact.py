@@ -51,6 +51,7 @@ from typing import Any
 
 import msgspec
 import psycopg
+from psycopg.types.json import Json
 
 from ledger.domain.enums import FINAL_ORDER_STATUSES, FINAL_POSITION_STATUSES
 from ledger.domain.values import now_ms
@@ -154,6 +155,7 @@ class _ReplyEvents(msgspec.Struct):
     events: list[_Ref] = []
 
 
+_JSON = msgspec.json.Encoder()
 _head_decoder = msgspec.json.Decoder(_Head)
 _reply_decoder = msgspec.json.Decoder(_ReplyEvents)
 
@@ -426,16 +428,13 @@ async def _move_outcomes(
     """Copy the outcomes (field, reply) to ``ledger_outcomes`` (committed first), then move them
     to the archived index (and drop ``dropped`` from ``leaving``); return how many moved."""
     if chosen:
-        async with conn.transaction():
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    _SQL["outcome_insert"],
-                    [
-                        {"shard": keys.shard, "user_id": user, "command_id": command, "reply": reply}
-                        for field, reply in chosen
-                        for user, command in [outcome_ids(field)]
-                    ],
-                )
+        rows = [
+            {"shard": keys.shard, "user_id": user, "command_id": command, "reply": reply}
+            for field, reply in chosen
+            for user, command in [outcome_ids(field)]
+        ]
+        async with conn.transaction():  # committed before they leave Redis, whatever the connection's mode
+            await conn.execute(_SQL["outcome_insert"], {"rows": Json(rows, _JSON.encode)})
     moving = [(f, r, digest(r.encode())) for f, r in chosen]
     return await _archive(redis, keys.outcomes, leaving, keys, index, moving, dropped)
 

@@ -2,10 +2,13 @@
 -- reads of compacted outcomes (consumers/command_handler.py OutcomeReader).
 
 -- outcome_insert --
--- The first reply of a command, byte for byte; a row already there is the same reply (an
--- outcome never changes), left as it is.
+-- The first replies of some commands (%(rows)s a JSON array of rows keyed by column), byte for
+-- byte; a row already there is the same reply (an outcome never changes), left as it is. One
+-- statement for the page: psycopg's per-row parameters cost the retention role about 20 us of
+-- Python an outcome, the JSON array about 3.
 INSERT INTO ledger_outcomes (shard, user_id, command_id, reply)
-VALUES (%(shard)s, %(user_id)s, %(command_id)s, %(reply)s)
+SELECT shard, user_id, command_id, reply
+FROM json_populate_recordset(NULL::ledger_outcomes, %(rows)s)
 ON CONFLICT (shard, user_id, command_id) DO NOTHING
 
 -- outcome_get --

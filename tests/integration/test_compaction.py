@@ -443,6 +443,31 @@ async def test_outcomes_leave_from_the_archived_events_after_the_watermark(redis
     assert (rescan[0].entries, rescan[0].eligible, rescan[0].compacted) == (1, 0, 0)
 
 
+async def test_a_compacted_outcome_is_stored_byte_for_byte_whatever_its_text(redis: Any, database_url: str) -> None:
+    """The replies go to ``ledger_outcomes`` inside one JSON array: each comes back exactly as
+    Redis held it, whatever its characters, escapes, spacing and key order (a JSON round trip
+    that normalised the reply, as ``jsonb`` does, would change its digest and leave its duplicate
+    unanswered)."""
+    # Each a JSON string's text: raw non-ASCII, and escapes kept as written (a quote, a backslash,
+    # a slash, control characters, a line separator, an escape of what could be raw).
+    messages = ["prix é ≠ 1 😀", 'quote \\" backslash \\\\ slash \\/', "line\\nbreak\\ttab \\u0000 \\u2028", "\\u00e9"]
+    replies = {
+        f"{USER}:c-{n}": f'{{"status":"rejected",  "command_id":"c-{n}","error":{{"message":"{m}","code":"X"}}}}'
+        for n, m in enumerate(messages)
+    }
+    assert all(json.loads(reply) for reply in replies.values())
+    await redis.hset(KEYS.outcomes, mapping=replies)
+    await redis.zadd(KEYS.eventless, dict.fromkeys(replies, 1))
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        (outcomes, _orders, _positions) = await compact_shard(redis, conn, 0)
+        cur = await conn.execute("SELECT user_id || ':' || command_id, reply FROM ledger_outcomes")
+        stored = dict(await cur.fetchall())
+    assert (outcomes.eligible, outcomes.compacted) == (4, 4)
+    assert stored == replies
+    for field, reply in replies.items():
+        assert await archived_digest(redis, KEYS, field) == digest(reply.encode()).hex()
+
+
 async def test_an_outcome_leaves_only_once_its_last_event_is_archived(redis: Any, database_url: str) -> None:
     """A fill's outcome has two events; with the archive's tracking record between them, the
     pass finds the outcome through its first event and leaves it (its last event is not
