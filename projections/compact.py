@@ -68,6 +68,9 @@ _SQL = load_queries("projections", "compact.sql")
 PAGE = 500
 # Archived events read per query when looking for outcomes that may leave.
 EVENT_PAGE = 2000
+# Items moved per script call: a bounded pause of Redis (about 10 ms), and arguments well within
+# what Lua's ``unpack`` takes.
+ARCHIVE_CHUNK = 500
 COMPACTED = "compacted"
 # The outcomes' watermark (a field of ``ledger:{s}:compacted``): the log entry up to which the
 # archive's events were looked at for outcomes to move.
@@ -80,9 +83,11 @@ POSITION_KIND = b"p"
 # set they leave with it (the outcomes without events; the finals still to look at), KEYS[3] the
 # archived index's meta, KEYS[4] compaction's counts, then the buckets the items go to. ARGV[1]
 # the index generation the buckets were computed with, ARGV[2] the count to add the moved items
-# to ('' for none), ARGV[3] the items (``lua_msgpack``), each: field, value read ('' for none),
-# fingerprint ('' to only leave KEYS[2]), index value, the KEYS index of its bucket. Each field
-# that still holds the value read leaves KEYS[1] and KEYS[2] for its bucket, in one step.
+# to ('' for none), ARGV[3] the items (``lua_msgpack``, each field once), each: field, value read
+# ('' for none), fingerprint ('' to only leave KEYS[2]), index value, the KEYS index of its
+# bucket. Each field that still holds the value read leaves KEYS[1] and KEYS[2] for its bucket,
+# in one step. A command per key rather than per item (HMGET, a HSET per bucket, HDEL, ZREM):
+# the call and its propagation to the AOF cost more than the command's own work.
 # Returns {'ok', how many moved} or, when the generation is not ARGV[1], {'stale', it}.
 _ARCHIVE_LUA = (
     ARCHIVED_LUA
@@ -91,25 +96,45 @@ local stale = archived_stale(KEYS[3], ARGV[1])
 if stale then
   return {'stale', stale}
 end
-local moved, added = 0, 0
-for _, item in ipairs(cmsgpack.unpack(ARGV[3])) do
-  local field = item[1]
-  if (redis.call('HGET', KEYS[1], field) or '') == item[2] then
+local items = cmsgpack.unpack(ARGV[3])
+local fields = {}
+for i, item in ipairs(items) do
+  fields[i] = item[1]
+end
+local current = redis.call('HMGET', KEYS[1], unpack(fields))
+local buckets, leaving, matched = {}, {}, {}
+for i, item in ipairs(items) do
+  if (current[i] or '') == item[2] then
     if item[3] ~= '' then
-      added = added + redis.call('HSET', KEYS[item[5]], item[3], item[4])
-      redis.call('HDEL', KEYS[1], field)
-      moved = moved + 1
+      local pairs_ = buckets[item[5]]
+      if not pairs_ then
+        pairs_ = {}
+        buckets[item[5]] = pairs_
+      end
+      pairs_[#pairs_ + 1] = item[3]
+      pairs_[#pairs_ + 1] = item[4]
+      leaving[#leaving + 1] = item[1]
     end
-    redis.call('ZREM', KEYS[2], field)
+    matched[#matched + 1] = item[1]
   end
+end
+local added = 0
+for bucket, pairs_ in pairs(buckets) do
+  added = added + redis.call('HSET', KEYS[bucket], unpack(pairs_))
+end
+if #leaving > 0 then
+  redis.call('HDEL', KEYS[1], unpack(leaving))
+end
+if #matched > 0 then
+  redis.call('ZREM', KEYS[2], unpack(matched))
 end
 if added > 0 then
   redis.call('HINCRBY', KEYS[3], 'count', added)
 end
-if moved > 0 and ARGV[2] ~= '' then
-  redis.call('HINCRBY', KEYS[4], ARGV[2], moved)
+if #leaving > 0 and ARGV[2] ~= '' then
+  redis.call('HINCRBY', KEYS[4], ARGV[2], #leaving)
 end
-return {'ok', moved}
+return {'ok', #leaving}
 """
 )
 _LEGACY_MARKER = re.compile(rf"{re.escape(MARKER_PREFIX)}[0-9a-f]{{{2 * DIGEST_BYTES}}}")
@@ -456,22 +481,34 @@ async def _archive(
     if not items and not dropped:
         return 0
     await index.grow(redis, extra=len(items))
-    fingerprints = [fingerprint(field) for field, _value, _v in items]
+    # Each field once (field -> value read, index value; None: it only leaves ``leaving``).
+    pending: dict[str, tuple[str, bytes | None]] = {field: (read, value) for field, read, value in items}
+    pending |= {field: (read, None) for field, read in dropped if field not in pending}
+    fields = list(pending)
+    moved = 0
+    for start in range(0, len(fields), ARCHIVE_CHUNK):
+        chunk = fields[start : start + ARCHIVE_CHUNK]
 
-    async def call() -> Any:
-        head = [source, leaving, index.meta, keys.compacted]
-        bucket_of = [index.bucket(fp) for fp in fingerprints]
-        buckets = {bucket: n for n, bucket in enumerate(dict.fromkeys(bucket_of), len(head) + 1)}  # Lua's KEYS index
-        rows: list[Sequence[bytes | str | int]] = [
-            (field, read, fp, value, buckets[bucket])
-            for (field, read, value), fp, bucket in zip(items, fingerprints, bucket_of, strict=True)
-        ]
-        rows += [(field, read, "", "", 0) for field, read in dropped]
-        key_list = [*head, *buckets]
-        return await redis.eval(_ARCHIVE_LUA, len(key_list), *key_list, str(index.generation), count, lua_msgpack(rows))
+        async def call(chunk: list[str] = chunk) -> Any:
+            head = [source, leaving, index.meta, keys.compacted]
+            rows: list[Sequence[bytes | str | int]] = []
+            buckets: dict[str, int] = {}  # bucket -> its KEYS index in the script
+            for field in chunk:
+                read, value = pending[field]
+                if value is None:
+                    rows.append((field, read, "", "", 0))
+                    continue
+                fp = fingerprint(field)
+                bucket = buckets.setdefault(index.bucket(fp), len(head) + len(buckets) + 1)
+                rows.append((field, read, fp, value, bucket))
+            key_list = [*head, *buckets]
+            return await redis.eval(
+                _ARCHIVE_LUA, len(key_list), *key_list, str(index.generation), count, lua_msgpack(rows)
+            )
 
-    _status, moved = await index.current(call, lambda result: result[1] if text(result[0]) == "stale" else None)
-    return int(moved)
+        _status, done = await index.current(call, lambda result: result[1] if text(result[0]) == "stale" else None)
+        moved += int(done)
+    return moved
 
 
 async def compact_shard(

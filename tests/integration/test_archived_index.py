@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from ledger.domain import wire
 from ledger.store.archived import LOAD, ArchivedIndex, Generation, digest, fingerprint
 from ledger.store.eventstore import Append, EventStore, outcome_marker
 from ledger.store.keys import ShardKeys
+from projections import compact
 from projections.compact import compact_shard
 from tests.log_helpers import archived_digest
 
@@ -100,7 +102,12 @@ async def _index_holds_every_outcome(redis: Any, database_url: str) -> None:
     assert await redis.exists(KEYS.reply("u9", "c-9")) == 0
 
 
-async def test_the_index_holds_every_compacted_outcome_in_small_buckets(redis: Any, database_url: str) -> None:
+@pytest.mark.parametrize("chunk", [compact.ARCHIVE_CHUNK, 7])
+async def test_the_index_holds_every_compacted_outcome_in_small_buckets(
+    redis: Any, database_url: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also when a page's moves take many script calls (7 items a call: the last one short)."""
+    monkeypatch.setattr(compact, "ARCHIVE_CHUNK", chunk)
     await _index_holds_every_outcome(redis, database_url)
 
 

@@ -27,7 +27,7 @@ from ledger.domain import wire
 from ledger.domain.decider import Decision, Rejection
 from ledger.domain.state import OrderState, PositionState
 from ledger.domain.values import now_ms
-from ledger.store.archived import digest
+from ledger.store.archived import ArchivedIndex, digest
 from ledger.store.eventstore import EventStore, outcome_marker
 from ledger.store.keys import ShardKeys
 from ledger.store.log import read_aggregates
@@ -393,6 +393,40 @@ async def test_compaction_looks_only_at_what_became_final_and_finds_older_finals
     ]
     assert await redis.hget(KEYS.compacted, "orders") == "2"
     assert set(await redis.hkeys(KEYS.orders)) == {ids["young"]}
+
+
+class _ChangesBeforeMoving:
+    """The real client, but one snapshot changes just before the script that moves its hash's
+    items runs: a late fill appended between compaction's read and its move."""
+
+    def __init__(self, redis: Any, key: str, field: str, value: str) -> None:
+        self._redis, self._key, self._field, self._value = redis, key, field, value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+    async def eval(self, script: str, numkeys: int, *args: Any) -> Any:
+        if args[0] == self._key and self._value:
+            await self._redis.hset(self._key, self._field, self._value)
+            self._value = ""
+        return await self._redis.eval(script, numkeys, *args)
+
+
+async def test_a_snapshot_that_changed_after_it_was_read_stays_for_the_next_pass(redis: Any, database_url: str) -> None:
+    """Compaction moves a final order only if its snapshot still holds what was read: one that a
+    late fill changed in between stays in its hash and among the finals; the others move."""
+    rig = await Rig.start(redis)
+    ids = await _session(rig, database_url)
+    read = json.loads(await redis.hget(KEYS.orders, ids["buy"]))
+    changed = json.dumps(read | {"updated_at": read["updated_at"] + 1})
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        done = await compact_shard(_ChangesBeforeMoving(redis, KEYS.orders, ids["buy"], changed), conn, 0)
+
+    assert [(c.hash, c.eligible, c.compacted) for c in done][1:] == [(KEYS.orders, 2, 1), (KEYS.positions, 1, 1)]
+    assert await redis.hget(KEYS.orders, ids["buy"]) == changed
+    assert ids["sell"] not in await redis.hkeys(KEYS.orders)
+    assert set((await _finals(redis))[0]) == {ids["buy"], ids["late"]}
+    assert await ArchivedIndex(KEYS.cold).read(redis) == 2  # the sell order and the position
 
 
 async def _hscans(redis: Any) -> int:
