@@ -73,11 +73,9 @@ class Accounted:
 @dataclass
 class Filled:
     """A stack whose Redis log holds ``Sizes.log_events`` events, filled once for every run of
-    growth, replay and retention, and the end-to-end runs measured on it before it was filled,
-    one per run of the suite (run k's baseline of growth and retention)."""
+    growth, replay and retention."""
 
     stack: Stack
-    empty: list[Accounted]
     events: int
     fill_rate: float  # commands/s while filling, until the archive caught up
     retained_from: int | None = None  # events in the log when retention was turned on (once)

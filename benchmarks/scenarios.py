@@ -22,6 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from benchmarks import figures as targets
 from benchmarks import keyspace
@@ -48,7 +49,7 @@ Scenario = Callable[[Run, Results], Awaitable[None]]
 QUANTILES = ((50.0, "p50"), (99.0, "p99"), (99.9, "p99.9"))
 XRANGE_PAGE = 10_000
 RETENTION_WAIT_S = 300.0  # for the first passes to trim the filled log (the measurement goes on after)
-SETTLE_WAIT_S = 300.0  # for PostgreSQL's autovacuum to finish what the catch-up left it
+SETTLE_WAIT_S = 300.0  # for PostgreSQL's vacuum and analyze of what the fill or a catch-up left
 # The user tables autovacuum would vacuum or analyze now, by the server's own thresholds
 # (PostgreSQL's autovacuum.c: threshold + scale factor x reltuples; never analyzed counts as 0).
 _AUTOVACUUM_DUE = """
@@ -451,20 +452,18 @@ async def _timed(call: Callable[[], Awaitable[None]], count: int) -> list[float]
 
 
 async def ensure_filled(run: Run) -> Filled:
-    """The shared stack of growth, replay and retention: one end-to-end run per run of the suite
-    on its empty log (one after the other: run k's log holds the events of the k - 1 before it),
-    then the log filled to ``log_events`` events through ``serve`` itself (the same pipelined
-    pairs: every event valid, chained, projected and archived, as in production), once."""
+    """The shared stack of growth, replay and retention: its log filled to ``log_events`` events
+    through ``serve`` itself (pipelined pairs: every event valid, chained, projected and
+    archived, as in production), once."""
     if run.filled is not None:
         return run.filled
     stack = run.open("log")
     client = run.client(stack)
     await serving(stack, client)
-    empty = [await _accounted(client, stack, run.sizes.pairs, f"empty{k}") for k in range(run.runs)]
     target = run.sizes.log_events
     commands, started, chunk = 0, time.perf_counter(), 0
     while (length := int(await client.redis.xlen(client.keys.events))) < target:
-        per_command = length / max(1, commands + sum(e.done.commands for e in empty) + 2 * 100)
+        per_command = length / max(1, commands + 2 * WARMUP_PAIRS)
         pairs = max(500, min(50_000, math.ceil((target - length) / per_command / 2)))
         done = await client.lifecycles(pairs, run=f"fill{chunk}", window=500, history=False)
         commands, chunk = commands + done.commands, chunk + 1
@@ -472,19 +471,33 @@ async def ensure_filled(run: Run) -> Filled:
     last = await client.last_event()
     if last is not None:
         await client.wait_archived(last)
-    run.filled = Filled(stack, empty, length, commands / (time.perf_counter() - started))
+    run.filled = Filled(stack, length, commands / (time.perf_counter() - started))
     await client.redis.aclose()
     return run.filled
+
+
+async def _empty_log(run: Run, name: str) -> Accounted:
+    """The baseline of growth and retention: the same end-to-end run on a fresh stack (an empty
+    log), measured just before the run it is the baseline of, so both see the machine alike: on
+    a shared machine the same run's rate drifts by a fifth over minutes, more than the 10 % the
+    targets allow (a baseline measured before the fill, minutes earlier, told the drift)."""
+    with run.stack(name) as stack:
+        client = run.client(stack)
+        await serving(stack, client)
+        done = await _accounted(client, stack, run.sizes.pairs, name)
+        await client.redis.aclose()
+    return done
 
 
 async def growth(run: Run, res: Results) -> None:
     """End to end on an empty log, then with ``log_events`` events in the Redis log."""
     filled = await ensure_filled(run)
     client = run.client(filled.stack)
+    empty = await _empty_log(run, "growth-empty")
     full = await _accounted(client, filled.stack, run.sizes.pairs, f"full{run.repeat}")
     res.serve_peak_rss_bytes = filled.stack.serve_rss()
     await client.redis.aclose()
-    _growth_figures(res, "growth", f"with {filled.events:,} events in the Redis log", full, filled.empty[run.repeat])
+    _growth_figures(res, "growth", f"with {filled.events:,} events in the Redis log", full, empty)
     res.params.update(pairs=run.sizes.pairs, log_events=filled.events)
     if run.repeat == 0:
         res.notes.append(
@@ -604,6 +617,7 @@ async def retention(run: Run, res: Results) -> None:
         )
     else:
         await _retention_caught_up(client, stack)
+    empty = await _empty_log(run, "retention-empty")
     measured = await _accounted(client, stack, run.sizes.pairs, f"retained{run.repeat}")
     res.serve_peak_rss_bytes = stack.serve_rss()
     after = int(await client.redis.xlen(client.keys.events))
@@ -613,7 +627,7 @@ async def retention(run: Run, res: Results) -> None:
         run.filled = None
     res.params.update(retention_ms=1000, trim_interval_s=1, events_before=filled.retained_from, events_after=after)
     what = "with retention on, after the filled log was trimmed"
-    _growth_figures(res, "retention", what, measured, filled.empty[run.repeat])
+    _growth_figures(res, "retention", what, measured, empty)
 
 
 async def _retention_caught_up(client: Client, stack: Stack) -> str:
@@ -630,9 +644,11 @@ async def _retention_caught_up(client: Client, stack: Stack) -> str:
 
 
 async def _postgres_settled(stack: Stack) -> str:
-    """Until no autovacuum worker runs and no table is due for one (what the catch-up's bulk
-    inserts and deletes left PostgreSQL to vacuum and analyze is done before the measurement,
-    not during it; what the measured load itself makes due is measured); what it waited, as a note."""
+    """Until no autovacuum worker runs and no table is due for one: the tables autovacuum has due
+    (what the fill's or retention's catch-up's bulk inserts and deletes, or the run before, left
+    it) are vacuumed and analyzed now, as autovacuum would (it waits up to a minute,
+    ``autovacuum_naptime``, then works throttled), so that work is done before the measurement,
+    not during it; what the measured load itself makes due is measured. What was done, as a note."""
     started = time.perf_counter()
     seen: set[str] = set()
     quiet = 0
@@ -641,13 +657,15 @@ async def _postgres_settled(stack: Stack) -> str:
             running = [row[0] for row in await (await conn.execute(_AUTOVACUUM_RUNNING)).fetchall()]
             due = [row[0] for row in await (await conn.execute(_AUTOVACUUM_DUE)).fetchall()]
             seen.update(running)
-            seen.update(f"due: {name}" for name in due)
+            seen.update(f"vacuumed {name}" for name in due)
+            for name in due:
+                await conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(name)))
             quiet = 0 if running or due else quiet + 1
             stack.check_serve()
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)
     waited = time.perf_counter() - started
     state = "settled" if quiet >= 2 else "still busy at the deadline"
-    return f"PostgreSQL {state} after {waited:.1f} s (autovacuum seen: {', '.join(sorted(seen)) or 'none'})"
+    return f"PostgreSQL {state} after {waited:.1f} s ({', '.join(sorted(seen)) or 'nothing due'})"
 
 
 async def _retained(client: Client) -> dict[str, int]:
