@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from decimal import Context, Decimal, getcontext, localcontext
 from typing import Any
@@ -32,18 +33,23 @@ def _add(a: Decimal, b: Decimal) -> tuple[Decimal, Context]:
     return a + b, getcontext()
 
 
-def test_ids_are_version_4_uuids_in_lower_case_and_never_repeat() -> None:
-    ids = [new_uuid() for _ in range(1000)]  # several blocks of random bytes
+def test_ids_are_time_ordered_version_7_uuids_in_lower_case_and_never_repeat() -> None:
+    before = time.time_ns() // 1_000_000
+    ids = [new_uuid() for _ in range(3000)]  # several blocks of random bytes, many in one millisecond
+    after = time.time_ns() // 1_000_000
 
-    assert len(set(ids)) == 1000
+    assert len(set(ids)) == 3000
     for text in ids:
         assert RULES["uuid"].matches(text), text
         parsed = uuid.UUID(text)
-        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
-    # 122 random bits: every digit but the version and the variant's high bits varies.
-    assert {text[14] for text in ids} == {"4"}
+        assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, text)
+        assert before <= parsed.int >> 80 <= after  # the first 48 bits: the Unix time in ms
+    assert [uuid.UUID(t).int >> 80 for t in ids] == sorted(uuid.UUID(t).int >> 80 for t in ids)
+    # 74 random bits: every digit after the time but the version and the variant's high bits varies.
+    assert {text[14] for text in ids} == {"7"}
     assert {text[19] for text in ids} == set("89ab")
-    assert len({text[0] for text in ids}) == 16
+    for at in (15, 16, 17, 20, 21, 22, *range(24, 36)):
+        assert len({text[at] for text in ids}) == 16, at
 
 
 def test_a_forked_process_does_not_hand_out_the_parents_ids() -> None:
