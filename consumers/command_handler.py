@@ -65,8 +65,8 @@ log = structlog.get_logger("ledger.handler")
 
 class _RandomHex:
     """Random hex digits drawn from the system's source a block at a time: one ``os.urandom``
-    call per 128 ids instead of one per id. A forked child drops the block it inherited, so no
-    two processes hand out the same digits."""
+    call per 4,096 digits (about 200 ids) instead of one per id. A forked child drops the block
+    it inherited, so no two processes hand out the same digits."""
 
     BLOCK_BYTES = 2048
 
