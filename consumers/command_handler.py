@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +41,7 @@ from ledger.config import ServerNotConfigured, Settings, known_url
 from ledger.domain import wire
 from ledger.domain.decider import Context, Decision, Rejection, Requirements, decide, requirements
 from ledger.domain.evolution import evolve
+from ledger.domain.ids import new_uuid, random_hex
 from ledger.domain.state import Book, StateError
 from ledger.domain.values import exact_arithmetic, now_ms
 from ledger.errors import HandlingSignal
@@ -61,49 +61,6 @@ OUTCOME_QUERY_TIMEOUT_S = 10.0
 _SQL = load_queries("projections", "compact.sql")
 
 log = structlog.get_logger("ledger.handler")
-
-
-class _RandomHex:
-    """Random hex digits drawn from the system's source a block at a time: one ``os.urandom``
-    call per 4,096 digits (about 200 ids) instead of one per id. A forked child drops the block
-    it inherited, so no two processes hand out the same digits."""
-
-    BLOCK_BYTES = 2048
-
-    def __init__(self) -> None:
-        self._digits = ""
-        self._at = 0
-
-    def take(self, count: int) -> str:
-        start, end = self._at, self._at + count
-        if end > len(self._digits):
-            self._digits, start, end = os.urandom(self.BLOCK_BYTES).hex(), 0, count
-        self._at = end
-        return self._digits[start:end]
-
-    def drop(self) -> None:
-        self._digits, self._at = "", 0
-
-
-_random = _RandomHex()
-os.register_at_fork(after_in_child=_random.drop)
-# The variant digit of a UUID (RFC 9562: bits 10xx) keeping the random digit's two low bits.
-_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
-
-
-def new_uuid() -> str:
-    """A time-ordered UUID (version 7, RFC 9562): the Unix time in milliseconds in its first 48
-    bits, the version digit 7, then 74 random bits around the variant bits 10 (unique however
-    many are made in a millisecond). The ledger's ids (events, orders, positions) made close in
-    time sort close together, so PostgreSQL's indexes on them (``ledger_events``' key and its
-    aggregate index, the orders', positions' and fills' keys) grow at their right edge instead
-    of each row touching a random page: on a 200,000-event archive, each event insert about
-    37 -> 24-31 us of PostgreSQL's CPU and 1,109 -> 717 bytes of WAL (fewer full-page writes
-    after a checkpoint); the larger the archive, the larger the difference. The contract asks
-    for UUIDs, of no version."""
-    t = f"{now_ms() & 0xFFFF_FFFF_FFFF:012x}"
-    h = _random.take(19)
-    return f"{t[:8]}-{t[8:]}-7{h[:3]}-{_VARIANT[h[3]]}{h[4:7]}-{h[7:]}"
 
 
 @dataclass(slots=True)
@@ -281,7 +238,7 @@ class CommandHandler:
             expected_token=tokens.get(user, ""),
             # Unique to this decision, not just the entry: when two handlers decide the same
             # entry (a claimed one), the loser's next commands must not match the winner's token.
-            new_token=f"{pending.entry.id}:{_random.take(12)}",
+            new_token=f"{pending.entry.id}:{random_hex(12)}",
             reply=_reply(command, decision),
         )
         tokens[user] = append.new_token

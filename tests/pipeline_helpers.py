@@ -31,6 +31,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LEDGER_BIN = Path(sys.executable).parent / "ledger"
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# A time-ordered UUID (version 7, RFC 9562 variant), as the ledger makes them (``ledger.domain.ids``).
+UUID7 = r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 ENTRY_ID_RE = re.compile(r"^[0-9]+-[0-9]+$")
 ENVELOPE = {"event_id", "stream", "version", "command_id", "user_id", "exchange", "symbol", "ts", "schema"}
 SYMBOL = "BTC-USDT-SWAP"  # OKX linear swap

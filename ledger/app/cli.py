@@ -8,7 +8,6 @@ import functools
 import inspect
 import json
 import math
-import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +37,7 @@ from ledger.config import PROCESS_MODES, ServerNotConfigured, Settings, parse_ex
 from ledger.defaults import BLOCK_MS, REPLY_WAIT_S
 from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderStatus
+from ledger.domain.ids import new_command_id
 from ledger.domain.values import check_identifier, format_decimal, parse_decimal
 from ledger.errors import InvalidInput, LedgerError
 from ledger.store import keys
@@ -101,7 +101,7 @@ def _command_data(text_: str) -> dict[str, Any]:
         raise UsageError(f"--data: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise UsageError("--data: must be a JSON object")
-    data.setdefault("command_id", f"cli-{secrets.token_hex(8)}")
+    data.setdefault("command_id", new_command_id("cli"))
     for name in ("user_id", "command_id"):
         try:
             check_identifier(name, data.get(name))

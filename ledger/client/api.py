@@ -21,7 +21,6 @@ block longer than one second at a time, below redis-py's default 5 s socket time
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from ledger.domain.enums import (
     OrderType,
     PositionSide,
 )
+from ledger.domain.ids import new_command_id
 from ledger.domain.values import check_identifier, format_decimal, parse_decimal
 from ledger.errors import LedgerError, OperationFailed
 from ledger.store import keys
@@ -89,7 +89,7 @@ def _preceding(entry_id: str) -> str:
 
 
 def _command_id(command_id: str | None) -> str:
-    return command_id if command_id is not None else f"api-{secrets.token_hex(10)}"
+    return command_id if command_id is not None else new_command_id("api")
 
 
 @dataclass(frozen=True, slots=True)

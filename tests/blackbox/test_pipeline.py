@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import time
 import uuid
 from collections import Counter
@@ -36,6 +37,7 @@ from ledger.store.redis_conn import ShardCountMismatch, connect, ensure_shard_co
 from tests.pipeline_helpers import (
     ENTRY_ID_RE,
     SYMBOL,
+    UUID7,
     UUID_RE,
     all_events,
     assert_gapless,
@@ -915,7 +917,7 @@ async def test_submit_and_status_against_a_running_serve(
     assert rejected.returncode == 1, rejected.stderr
     reply = json.loads(rejected.stdout)
     assert (reply["status"], reply["error"]["code"]) == ("rejected", "UNKNOWN_ORDER")
-    assert reply["command_id"].startswith("cli-")
+    assert re.fullmatch(f"cli-{UUID7}", reply["command_id"])
 
     broken = await asyncio.to_thread(run_ledger, redis_url, "submit", "place_order", "--data", "{nope")
     assert broken.returncode == 2 and broken.stdout == ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from decimal import Decimal, localcontext
 from pathlib import Path
@@ -52,6 +53,7 @@ from tests.live_helpers import (
     wait_for,
     wait_order_status,
 )
+from tests.pipeline_helpers import UUID7
 
 USER = "user123"
 FEE = Decimal("0.0005")
@@ -218,6 +220,8 @@ async def test_create_order_returns_the_order_as_the_projection_shows_it(
         assert order == order_from_hash(raw) == await orders.get_order(str(order.id))
         ((_id, type_name, placed),) = await events_of(redis, 0)
         assert type_name == "OrderPlaced" and placed["stream"] == order.id
+        # No command_id given: the API's default, ``api-`` and a time-ordered (version 7) UUID.
+        assert re.fullmatch(f"api-{UUID7}", placed["command_id"])
         assert order.created_at is not None and int(order.created_at.timestamp() * 1000) == placed["ts"]
         assert await members(redis, f"orders:open:okx:{BTC}") == {order.id}
 

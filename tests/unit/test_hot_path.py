@@ -1,5 +1,4 @@
-"""The handler's cheap per-command helpers keep their guarantees: ids are full random UUIDs
-(``consumers.command_handler.new_uuid``), exact decimal arithmetic holds whether a caller set
+"""The handler's cheap per-command helpers keep their guarantees: exact decimal arithmetic holds whether a caller set
 the context once for many calls or not (``ledger.domain.values.exact_arithmetic``), and a
 snapshot leaves out exactly the fields whose JSON is their default's
 (``ledger.store.eventstore.SnapshotEncoder``)."""
@@ -7,9 +6,6 @@ snapshot leaves out exactly the fields whose JSON is their default's
 from __future__ import annotations
 
 import json
-import os
-import time
-import uuid
 from decimal import Context, Decimal, getcontext, localcontext
 from typing import Any
 
@@ -17,10 +13,9 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumers.command_handler import new_uuid
 from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide
 from ledger.domain.state import OrderState, PositionState
-from ledger.domain.values import EXACT, RULES, exact, exact_arithmetic
+from ledger.domain.values import EXACT, exact, exact_arithmetic
 from ledger.store.eventstore import ORDER_SNAPSHOT, POSITION_SNAPSHOT
 
 # 28 digits (Python's default context) would round this sum to 1; the exact context keeps it.
@@ -31,41 +26,6 @@ EXACT_SUM = Decimal("1.000000000000000000000000000001")
 @exact
 def _add(a: Decimal, b: Decimal) -> tuple[Decimal, Context]:
     return a + b, getcontext()
-
-
-def test_ids_are_time_ordered_version_7_uuids_in_lower_case_and_never_repeat() -> None:
-    before = time.time_ns() // 1_000_000
-    ids = [new_uuid() for _ in range(3000)]  # several blocks of random bytes, many in one millisecond
-    after = time.time_ns() // 1_000_000
-
-    assert len(set(ids)) == 3000
-    for text in ids:
-        assert RULES["uuid"].matches(text), text
-        parsed = uuid.UUID(text)
-        assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, text)
-        assert before <= parsed.int >> 80 <= after  # the first 48 bits: the Unix time in ms
-    assert [uuid.UUID(t).int >> 80 for t in ids] == sorted(uuid.UUID(t).int >> 80 for t in ids)
-    # 74 random bits: every digit after the time but the version and the variant's high bits varies.
-    assert {text[14] for text in ids} == {"7"}
-    assert {text[19] for text in ids} == set("89ab")
-    for at in (15, 16, 17, 20, 21, 22, *range(24, 36)):
-        assert len({text[at] for text in ids}) == 16, at
-
-
-def test_a_forked_process_does_not_hand_out_the_parents_ids() -> None:
-    new_uuid()  # the parent holds a block of random digits
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.write(write, new_uuid().encode())
-        os._exit(0)
-    os.close(write)
-    os.waitpid(child, 0)
-    from_child = os.read(read, 64).decode()
-    os.close(read)
-
-    assert RULES["uuid"].matches(from_child)
-    assert from_child != new_uuid()
 
 
 def test_an_exact_function_is_exact_alone_and_leaves_the_callers_context() -> None:
