@@ -22,6 +22,10 @@ still importing, which a pipe whose end-of-file the child must read would not gi
 ledger before its first line runs; the hook calls one C function loaded beforehand and takes no
 lock (the supervisor's other threads only wait for children or for work). The death signal follows
 the thread that forked: the supervisor forks from its event loop's thread, its main thread.
+
+A child of roles off the order path only (``service.BACKGROUND_ROLES``: the PostgreSQL projector,
+retention) runs at a lower CPU priority (``service.BACKGROUND_NICE``), set by the same hook
+(``nice(2)``), so its start-up imports already yield to the order path.
 """
 
 from __future__ import annotations
@@ -42,7 +46,15 @@ import uvloop
 from consumers.backoff import Backoff
 from consumers.together import RolesStuck
 from ledger.app.logs import configure_logging
-from ledger.app.service import PROCESS_GROUPS, prepare, run_roles, serve, stop_on_signals
+from ledger.app.service import (
+    BACKGROUND_NICE,
+    BACKGROUND_ROLES,
+    PROCESS_GROUPS,
+    prepare,
+    run_roles,
+    serve,
+    stop_on_signals,
+)
 from ledger.config import ConfigError, Settings, known_url
 from ledger.store.redis_conn import connect
 
@@ -61,6 +73,12 @@ def process_groups(roles: Sequence[str]) -> list[tuple[str, ...]]:
     for, the empty ones left out."""
     groups = (tuple(role for role in group if role in roles) for group in PROCESS_GROUPS)
     return [group for group in groups if group]
+
+
+def niceness(group: Sequence[str]) -> int:
+    """How much lower than the supervisor's a child of ``group`` sets its CPU priority: by
+    ``BACKGROUND_NICE`` when every role of it is off the order path, else not."""
+    return BACKGROUND_NICE if set(group) <= BACKGROUND_ROLES else 0
 
 
 def serve_command(settings: Settings, roles: list[str]) -> int:
@@ -104,9 +122,12 @@ async def supervise(settings: Settings, roles: Sequence[str]) -> int:
     await redis.aclose()
     groups = process_groups(roles)
     log.info("supervising", groups=[_name(group) for group in groups], pid=os.getpid())
-    in_child = _die_with(os.getpid())
+    supervisor = os.getpid()
     async with asyncio.TaskGroup() as tasks:
-        children = [tasks.create_task(_keep_running(group, settings, stop, in_child)) for group in groups]
+        children = [
+            tasks.create_task(_keep_running(group, settings, stop, _in_child(supervisor, niceness(group))))
+            for group in groups
+        ]
     statuses = {_name(group): child.result() for group, child in zip(groups, children, strict=True)}
     log.info("stopped", statuses=statuses)
     return 0 if not any(statuses.values()) else 1
@@ -122,7 +143,7 @@ async def _keep_running(
     while True:
         started = time.monotonic()
         child = await _start(group, settings, in_child)
-        log.info("role process started", role=role, pid=child.pid)
+        log.info("role process started", role=role, pid=child.pid, nice=niceness(group))
         exited = asyncio.ensure_future(child.wait())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait((exited, stopping), return_when=asyncio.FIRST_COMPLETED)
@@ -217,9 +238,9 @@ async def _run_child(settings: Settings, roles: Sequence[str]) -> None:
         await redis.aclose()
 
 
-def _die_with(parent: int) -> Callable[[], None]:
-    """The hook a child runs between fork and exec: SIGKILL when ``parent`` dies, and exit now
-    if it already has."""
+def _in_child(parent: int, nice: int) -> Callable[[], None]:
+    """The hook a child runs between fork and exec: SIGKILL when ``parent`` dies, exit now if it
+    already has, and its CPU priority lowered by ``nice`` (in force from its first instruction)."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def in_child() -> None:
@@ -228,6 +249,8 @@ def _die_with(parent: int) -> Callable[[], None]:
             raise OSError(error, f"prctl(PR_SET_PDEATHSIG): {os.strerror(error)}")
         if os.getppid() != parent:
             os._exit(1)
+        if nice:
+            os.nice(nice)
 
     return in_child
 

@@ -53,6 +53,11 @@ async def _table_counts(database_url: str) -> dict[str, int]:
         return counts
 
 
+def _nice(pid: int) -> int:
+    """A process's nice value (``/proc/<pid>/stat``, field 19)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 async def test_retention_under_load_keeps_the_books_whole(
     redis: Any, redis_url: str, database_url: str, tmp_path: Path, serve_processes: list[ServeProcess]
 ) -> None:
@@ -66,7 +71,13 @@ async def test_retention_under_load_keeps_the_books_whole(
         LEDGER_TRIM_INTERVAL_S="1",
     )
     serve_processes.append(serve)
-    await wait_for_roles(serve, {"handler+projector+retention", "projection"})
+    children = await wait_for_roles(serve, {"handler", "projection", "projector+retention"})
+    # The history and retention run at a lower CPU priority than the order path (and the supervisor).
+    assert {role: _nice(pid) - _nice(serve.process.pid) for role, pid in children.items()} == {
+        "handler": 0,
+        "projection": 0,
+        "projector+retention": 10,
+    }
 
     replies: dict[tuple[str, str], str] = {}  # (user, command id) -> the first reply, raw
     events = 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ledger.app.processes import process_groups
-from ledger.app.service import PROCESS_GROUPS, ROLES
+from ledger.app.processes import niceness, process_groups
+from ledger.app.service import BACKGROUND_NICE, PROCESS_GROUPS, ROLES
 from ledger.config import ConfigError, Settings
 
 
@@ -18,9 +18,16 @@ def test_every_role_runs_in_exactly_one_process_group() -> None:
 
 def test_the_groups_keep_only_the_roles_asked_for_in_their_order() -> None:
     assert process_groups(list(ROLES)) == list(PROCESS_GROUPS)
-    assert process_groups(["paper", "retention", "handler"]) == [("handler", "retention"), ("paper",)]
+    assert process_groups(["paper", "retention", "handler"]) == [("handler",), ("paper",), ("retention",)]
     assert process_groups(["venue", "paper"]) == [("paper", "venue")]
     assert process_groups(["projection"]) == [("projection",)]
+
+
+def test_the_order_path_runs_at_normal_priority_and_the_history_and_retention_lower() -> None:
+    assert BACKGROUND_NICE == 10
+    assert [niceness(group) for group in PROCESS_GROUPS] == [0, 0, 10]
+    assert niceness(("retention",)) == niceness(("projector",)) == 10
+    assert niceness(("handler",)) == niceness(("projection", "paper")) == 0
 
 
 def test_the_process_mode_setting() -> None:
