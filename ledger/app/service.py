@@ -56,9 +56,10 @@ ROLES: dict[str, str] = {
 # venue's ccxt). The work off the order path, the PostgreSQL projector and the periodic retention,
 # in a third process at a lower CPU priority (``BACKGROUND_ROLES``). Measured on the two-core
 # benchmark machine against two processes (handler + projector + retention | projection + venues),
-# medians of alternating runs: ``create_order`` p50 6.2 -> 5.3 ms, ``open_position`` p50 18.0 ->
-# 14.2 ms, command -> reply p50 at 1,000 commands/s 19.8 -> 15.6 ms, end to end unchanged; every
-# process costs about 55 MB.
+# medians of three alternating runs each: ``create_order`` p50 6.1 -> 5.1 ms, ``open_position`` p50
+# 16.0 -> 14.6 ms, command -> reply p50 at 1,000 commands/s 24.8 -> 16.9 ms, end to end unchanged
+# (1,783 -> 1,828 commands/s); a process costs about 57 MB (peak RSS summed 198 -> 221 MB, with the
+# supervisor's own image cut: ``ledger.app.supervisor``).
 PROCESS_GROUPS: tuple[tuple[str, ...], ...] = (
     ("handler",),
     ("projection", "paper", "venue", "reconcile"),
@@ -67,8 +68,9 @@ PROCESS_GROUPS: tuple[tuple[str, ...], ...] = (
 # The roles off the order path: a child running only these lowers its CPU priority by
 # ``BACKGROUND_NICE`` (``os.nice``), so that when the cores are busy the handler and the live
 # projection run first and the history catches up in the time they leave (a process at nice 10
-# still gets about a tenth of a contended core, so it never stops). The third process without the
-# lower priority (two runs): ``create_order`` 5.7 ms, ``open_position`` 15.3, reply p50 19.6.
+# still runs when they do, with a CFS weight of 110 against their 1,024 each, so it never stops).
+# The third process without the lower priority, two runs against the same base then: create_order
+# 6.2 -> 5.7 ms, open_position 18.0 -> 15.3 ms, reply p50 19.8 -> 19.6 ms.
 BACKGROUND_ROLES = frozenset({"projector", "retention"})
 BACKGROUND_NICE = 10
 # The roles that need the PostgreSQL history: ``serve`` starts the private one for them when no
