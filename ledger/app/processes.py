@@ -33,7 +33,7 @@ from ledger.app.service import (
     serve,
     stop_on_signals,
 )
-from ledger.app.supervisor import Plan, hand_over, name
+from ledger.app.supervisor import STOP_SIGNALS, Plan, hand_over, name
 from ledger.config import ConfigError, Settings, known_url
 from ledger.store.redis_conn import connect
 
@@ -93,6 +93,10 @@ async def supervise(settings: Settings, roles: Sequence[str]) -> int:
     stop_on_signals(stop)
     redis, settings = await prepare(settings, roles)
     await redis.aclose()
+    # From here on the stop signals wait for the supervisor: blocked in the one thread left (the
+    # resolver's threads joined, so none can take a signal and lose it at the exec).
+    await asyncio.get_running_loop().shutdown_default_executor()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     if stop.is_set():
         return 0
     groups = tuple((group, niceness(group)) for group in process_groups(roles))

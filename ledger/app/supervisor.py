@@ -9,7 +9,9 @@ already pickled for the children, and how to log. This module imports only what 
 needs (no Redis, PostgreSQL, pydantic or domain code), so the process that only waits holds about
 30 MB instead of the 63 the checks left it with (peak RSS, summed over ``serve``'s processes, is
 what the benchmark's target counts). The trailing ``ledger serve`` is for ``ps`` and ``pgrep -f
-'ledger serve'``, and the process keeps its name, ``ledger``.
+'ledger serve'``, and the process keeps its name, ``ledger``. SIGTERM and SIGINT are blocked from
+just before the exec until the new image handles them: one sent in between stays pending and
+stops ``serve`` cleanly before any child starts.
 
 Each group runs as ``python -m ledger.app.processes ROLE...``, which reads the settings from its
 stdin. A child that exits unexpectedly is started again after a back-off
@@ -63,6 +65,9 @@ STOP_TIMEOUT_S = 30.0
 # A child that ran this long before it exited is restarted after the first back-off again.
 STEADY_S = 60.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The signals that stop serve. Blocked from just before the exec until the supervisor handles
+# them: one sent in between stays pending across the exec and stops serve cleanly (status 0).
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 PR_SET_NAME = 15
 
 
@@ -78,7 +83,8 @@ class Plan:
 
 
 def hand_over(plan: Plan) -> NoReturn:
-    """Replace this process by the supervisor of ``plan`` (same pid, fresh memory image)."""
+    """Replace this process by the supervisor of ``plan`` (same pid, fresh memory image); the
+    caller has blocked ``STOP_SIGNALS``."""
     fd = os.memfd_create("ledger-serve-plan", 0)  # no close-on-exec: the new image reads it
     os.write(fd, pickle.dumps(plan))
     os.lseek(fd, 0, os.SEEK_SET)
@@ -100,8 +106,13 @@ async def supervise(plan: Plan) -> int:
     """Run ``plan``'s groups until SIGTERM/SIGINT; 0 when every child stopped cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    sent = signal.sigpending() & STOP_SIGNALS  # since the exec, blocked: stop before starting anything
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if sent:
+        log.info("stopped", statuses={})
+        return 0
     supervisor = os.getpid()
     log.info("supervising", groups=[name(group) for group, _nice in plan.groups], pid=supervisor)
     async with asyncio.TaskGroup() as tasks:

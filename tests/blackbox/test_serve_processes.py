@@ -118,6 +118,23 @@ async def test_serve_runs_each_role_group_in_its_own_process_and_sigterm_stops_t
     assert "role" not in json.loads(warning)
 
 
+async def test_sigterm_as_serve_becomes_the_supervisor_stops_it_cleanly(
+    redis_url: str, tmp_path: Path, serve_processes: list[ServeProcess]
+) -> None:
+    serve = start_serve(redis_url, tmp_path, roles=("handler",))
+    serve_processes.append(serve)
+    cmdline = Path(f"/proc/{serve.process.pid}/cmdline")
+    deadline = time.monotonic() + 30
+    while b"ledger.app.supervisor" not in cmdline.read_bytes():  # the exec, seen within a millisecond
+        assert serve.process.poll() is None and time.monotonic() < deadline, serve.output()[-3000:]
+        time.sleep(0.0005)
+    # The new image is still starting (its imports take a tenth of a second): the signal waits for it.
+    serve.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(serve.process.wait, 30) == 0, serve.output()[-3000:]
+    assert [line["statuses"] for line in log_lines(serve, "stopped")] == [{}]
+    assert log_lines(serve, "role process started") == []
+
+
 async def test_a_killed_role_process_is_restarted_and_nothing_is_lost_or_doubled(
     redis: Any, redis_url: str, tmp_path: Path, serve_processes: list[ServeProcess]
 ) -> None:
