@@ -65,10 +65,10 @@ STOP_TIMEOUT_S = 30.0
 # A child that ran this long before it exited is restarted after the first back-off again.
 STEADY_S = 60.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_NAME = 15
 # The signals that stop serve. Blocked from just before the exec until the supervisor handles
 # them: one sent in between stays pending across the exec and stops serve cleanly (status 0).
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-PR_SET_NAME = 15
 
 
 @dataclass(frozen=True)
