@@ -31,9 +31,8 @@ from ledger.app.service import (
     prepare,
     run_roles,
     serve,
-    stop_on_signals,
 )
-from ledger.app.supervisor import STOP_SIGNALS, Plan, hand_over, name
+from ledger.app.supervisor import STOP_SIGNALS, Plan, hand_over, name, stop_on_signals
 from ledger.config import ConfigError, Settings, known_url
 from ledger.store.redis_conn import connect
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -22,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from consumers.together import run_all
 from ledger.app import servers
+from ledger.app.supervisor import stop_on_signals
 from ledger.config import SERVER_SETTINGS, Settings, known_url
 from ledger.store.redis_conn import connect, ensure_execution, ensure_shard_count, record_final_order_ttl
 from ledger.venues.accounts import live_configs
@@ -189,13 +189,6 @@ async def run_roles(redis: Any, settings: Settings, roles: Sequence[str], stop: 
         await run_all([runnable.run for runnable in runnables], stop)
     finally:
         log.info("stopped")
-
-
-def stop_on_signals(stop: asyncio.Event, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
-    """Set ``stop`` on any of ``signals`` (the running loop's handlers)."""
-    loop = asyncio.get_running_loop()
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
 
 
 async def serve(settings: Settings, roles: list[str], stop: asyncio.Event | None = None) -> None:

@@ -46,7 +46,7 @@ import pickle
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -82,6 +82,13 @@ class Plan:
     log_level: str
 
 
+def stop_on_signals(stop: asyncio.Event, signals: Iterable[int] = STOP_SIGNALS) -> None:
+    """Set ``stop`` on any of ``signals`` (the running loop's handlers)."""
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+
+
 def hand_over(plan: Plan) -> NoReturn:
     """Replace this process by the supervisor of ``plan`` (same pid, fresh memory image); the
     caller has blocked ``STOP_SIGNALS``."""
@@ -105,9 +112,7 @@ def main(argv: Sequence[str]) -> int:
 async def supervise(plan: Plan) -> int:
     """Run ``plan``'s groups until SIGTERM/SIGINT; 0 when every child stopped cleanly."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     sent = signal.sigpending() & STOP_SIGNALS  # since the exec, blocked: stop before starting anything
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if sent:
