@@ -46,7 +46,7 @@ from ledger.domain.state import Book, StateError
 from ledger.domain.values import exact_arithmetic, now_ms
 from ledger.errors import HandlingSignal
 from ledger.sqlfiles import load_queries
-from ledger.store.eventstore import Append, EventStore, outcome_marker
+from ledger.store.eventstore import Append, EventStore, InlineWrites, outcome_marker
 from ledger.store.keys import outcome_field, outcome_ids, shard_of
 from ledger.store.log import read_aggregates
 from ledger.store.redis_conn import CONNECT_TIMEOUT_S
@@ -479,14 +479,20 @@ class OutcomeReader:
                 await conn.close()
 
 
-async def handler_role(redis: Any, settings: Settings) -> list[StreamConsumer | OutcomeReader]:
+async def handler_role(
+    redis: Any, settings: Settings, live: Callable[[Any, int, Settings], InlineWrites | None] | None = None
+) -> list[StreamConsumer | OutcomeReader]:
     """``ledger serve`` role ``handler``: one command consumer per shard (more may run), and one
     ``OutcomeReader`` per shard, which reaches the ledger's PostgreSQL (the configured one, else
     the private one of ``LEDGER_HOME``) only when a duplicate of a compacted command, or a
-    command naming an archived aggregate, waits."""
+    command naming an archived aggregate, waits. ``live(redis, shard, settings)``: the live
+    projection's writes that the append step makes itself (``EventStore``'s ``live``, given by
+    the composition root; None on Redis Cluster)."""
     runnables: list[StreamConsumer | OutcomeReader] = []
     for shard in range(settings.shards):
-        store = EventStore(redis, shard, reply_ttl_s=settings.reply_ttl_s)
+        store = EventStore(
+            redis, shard, reply_ttl_s=settings.reply_ttl_s, live=live(redis, shard, settings) if live else None
+        )
         reader = OutcomeReader(store, lambda: known_url(settings, "postgres"))
         runnables.append(
             StreamConsumer(

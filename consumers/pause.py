@@ -17,22 +17,18 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+from consumers.runner import release_lease
+
 __all__ = ["PAUSE_MS", "paused"]
 
 PAUSE_MS = 60_000  # how long a consumer waits for a tool that died holding its lease
 
-# KEYS[1] a lease; ARGV[1] its holder: deleted only while it still names that holder.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 
 @asynccontextmanager
 async def paused(redis: Any, leases: Sequence[str], tool: str) -> AsyncIterator[str]:
-    """Hold ``leases`` (as ``tool:host:random``) for the block; yield the holder's name."""
+    """Hold ``leases`` (as ``tool:host:random``) for the block; yield the holder's name.
+    ``tool`` is never a consumer group's name (``consumers.runner.names_of``): a lease held by a
+    tool is told from one held by a consumer by that."""
     holder = f"{tool}:{socket.gethostname()}:{secrets.token_hex(4)}"
     for lease in leases:
         await redis.set(lease, holder, px=PAUSE_MS)
@@ -40,4 +36,4 @@ async def paused(redis: Any, leases: Sequence[str], tool: str) -> AsyncIterator[
         yield holder
     finally:
         for lease in leases:
-            await redis.eval(_RELEASE, 1, lease, holder)
+            await release_lease(redis, lease, holder)

@@ -93,6 +93,14 @@ end
 return 0
 """
 
+# KEYS[1] a lease; ARGV[1] its holder: deleted only while it still names that holder.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # KEYS[1] try counters; ARGV[1] the increment (0: mark), ARGV[2..] entry ids. A mark (0) creates
 # a counter of 0 only where there is none. Returns each entry's counter as it was before; an
 # entry counted (increment > 0) without a counter was delivered once already (a fresh entry has
@@ -287,7 +295,18 @@ class ConsumerSettings:
 
 def consumer_name(role: str) -> str:
     """A consumer name unique to this process."""
-    return f"{role}:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return f"{names_of(role)}{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+async def release_lease(redis: Any, lease: str, holder: str) -> None:
+    """Delete ``lease`` while it still names ``holder``."""
+    await redis.eval(_RELEASE_LEASE, 1, lease, holder)
+
+
+def names_of(role: str) -> str:
+    """How the names of ``role``'s consumers begin (a lease naming one is held by ``role``, not
+    by a tool that paused it: ``consumers.pause``)."""
+    return f"{role}:"
 
 
 class StreamConsumer:
@@ -348,7 +367,18 @@ class StreamConsumer:
         """Consume until ``stop`` is set; survive Redis outages with capped backoff."""
         backoff = Backoff(max_s=self.settings.backoff_max_s)
         await poll(stop, self._attempt, retry_on=self.retryable, on_retry=self._server_away, backoff=backoff)
+        if self.lease_key is not None:
+            await self._give_up(self.lease_key)
         self.log.info("consumer stopped")
+
+    async def _give_up(self, lease: str) -> None:
+        """A consumer that stops gives its lease up (its last batch is done): a standby takes
+        over at once, and what watches the lease sees the role stopped (the handler's append
+        step makes the live projection's writes only while a projection consumer holds it)."""
+        try:
+            await release_lease(self.redis, lease, self.name)
+        except RETRYABLE as exc:
+            self.log.warning("lease not given up: it lapses by itself", error=str(exc))
 
     async def _attempt(self) -> bool:
         try:

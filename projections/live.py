@@ -76,7 +76,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from consumers.deadletter import decode_events
 from consumers.entries import Entry
-from consumers.runner import ConsumerSettings, LeaseLost, StreamConsumer
+from consumers.runner import ConsumerSettings, LeaseLost, StreamConsumer, names_of
 from ledger.config import Settings
 from ledger.defaults import FINAL_ORDER_TTL_S
 from ledger.domain import wire
@@ -86,6 +86,7 @@ from ledger.domain.mapping import ORDER, POSITION, order_changes
 from ledger.domain.state import StateError
 from ledger.domain.values import check_identifier, now_ms
 from ledger.store import keys
+from ledger.store.eventstore import LIVE_WRITES_LUA, Append
 from ledger.store.redis_conn import entry_order, text
 
 GROUP = "ledger-projection"
@@ -108,89 +109,18 @@ FENCE_KEEP_S = 3600
 
 log = structlog.get_logger("ledger.projection")
 
-_AFTER = """
-local function after(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am > bm or (am == bm and as > bs)
-end
-"""
-
-# The one writer of a live key, for this projection and for ``ledger verify --repair``:
-# ``write(key, op, member, args, first)`` applies ``op`` to ``key``; ``member`` is the set member
-# or hash field, ``args[first..]`` the operands (field/value pairs of 'put', the members of
-# 'sput', the value of 'hset').
-WRITE_LIVE_KEY = """
-local function write(key, op, member, args, first)
-  if op == 'put' then
-    redis.call('DEL', key)
-    redis.call('HSET', key, unpack(args, first))
-  elseif op == 'del' then
-    redis.call('DEL', key)
-  elseif op == 'sput' then
-    redis.call('DEL', key)
-    for i = first, #args, 1000 do  -- unpack stops at about 8,000 values
-      redis.call('SADD', key, unpack(args, i, math.min(i + 999, #args)))
-    end
-  elseif op == 'sadd' then
-    redis.call('SADD', key, member)
-  elseif op == 'srem' then
-    redis.call('SREM', key, member)
-  elseif op == 'hset' then
-    redis.call('HSET', key, member, args[first])
-  else
-    redis.call('HDEL', key, member)
-  end
-end
-"""
-
-# The writes of a step in one call. ARGV[1] the writes, msgpack: a list of
-#   {'fenced', key, fence, entry id, fence field, op, operands...}: ``op`` on a live key, only if
-#     the event is newer than the last one written there (its fence field: '' for the whole
-#     key, else the set member or hash field written);
-#   {'order', key, order id, version, expire-at epoch ms or '', field/value pairs...}: an order
-#     hash (``orders:{id}``, or the GRID level hash the order holds), written only over version
-#     n-1 of the same order (0: no order there);
-#   {'later', key, score, member}: ZADD NX;
-# where key and fence are indexes into KEYS. With ARGV[2..5] (holder or '', the checkpoint the
-# writes were planned from or '' for none, the new checkpoint, ``PROGRESS_KEEP``), KEYS[1] is the
-# checkpoint, KEYS[2] the lease and KEYS[3] the progress stream: -1 when the lease names another
-# holder, -2 when the checkpoint is no longer the one planned from (nothing written either way);
-# else the writes and the checkpoint move, and the progress stream gets an entry whose id is the
-# new checkpoint (``pcall``: an id not above the stream's last one, after a tool moved the
-# checkpoint back, means a waiter for it is woken already, and must not fail the step).
+# The writes of a step in one call. ARGV[1] the writes, msgpack (``live_writes`` of
+# ``LIVE_WRITES_LUA``, whose stamps are entry ids here), where key and fence are indexes into
+# KEYS. With ARGV[2..5] (holder or '', the checkpoint the writes were planned from or '' for
+# none, the new checkpoint, ``PROGRESS_KEEP``), KEYS[1] is the checkpoint, KEYS[2] the lease and
+# KEYS[3] the progress stream: -1 when the lease names another holder, -2 when the checkpoint is
+# no longer the one planned from (nothing written either way); else the writes and the
+# checkpoint move, and the progress stream gets an entry whose id is the new checkpoint
+# (``pcall``: an id not above the stream's last one, after a tool moved the checkpoint back,
+# means a waiter for it is woken already, and must not fail the step).
 _APPLY = (
-    _AFTER
-    + WRITE_LIVE_KEY
+    LIVE_WRITES_LUA
     + """
-local function fenced(key, fence, stamp, member, op, args, first)
-  local last = redis.call('HGET', fence, member)
-  if last and not after(stamp, last) then
-    return
-  end
-  redis.call('HSET', fence, member, stamp)
-  write(key, op, member, args, first)
-end
-
-local function order(key, id, version, expire, args, first)
-  local stored = redis.call('HMGET', key, 'id', 'version')
-  local previous = 0
-  if stored[1] then
-    if stored[1] ~= id then
-      return
-    end
-    previous = tonumber(stored[2]) or 0
-  end
-  if previous ~= tonumber(version) - 1 then
-    return
-  end
-  redis.call('HSET', key, unpack(args, first))
-  if expire ~= '' then
-    redis.call('PEXPIREAT', key, expire)
-  end
-end
-
 local step = #ARGV > 1
 if step then
   if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then
@@ -200,15 +130,7 @@ if step then
     return -2
   end
 end
-for _, w in ipairs(cmsgpack.unpack(ARGV[1])) do
-  if w[1] == 'fenced' then
-    fenced(KEYS[w[2]], KEYS[w[3]], w[4], w[5], w[6], w, 7)
-  elseif w[1] == 'order' then
-    order(KEYS[w[2]], w[3], w[4], w[5], w, 6)
-  else
-    redis.call('ZADD', KEYS[w[2]], 'NX', w[3], w[4])
-  end
-end
+live_writes(cmsgpack.unpack(ARGV[1]), function(stamp) return stamp end)
 if step then
   redis.call('SET', KEYS[1], ARGV[4])
   redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], ARGV[4], 'applied', ARGV[4])
@@ -393,6 +315,61 @@ class _Writes:
 _STEP_KEYS = 3
 
 
+class InlineProjection:
+    """The live writes of a chunk of appends, made by the append step itself while the projection
+    is caught up (``ledger.store.eventstore.InlineWrites``; ``lua/append.lua`` says when): the
+    projection's hop (waking it, reading the events, its step) leaves the order path, and a reply
+    comes with its live keys written. Plain Redis only (the live keys have no hash tag). The
+    writes are ``plan``'s, stamped with each event's number among its command's events (the
+    script stamps them with the entry ids it makes). A GRID order's writes depend on which order
+    holds its level, which the projection reads: its command's are false, and from there on the
+    projection applies the log as before."""
+
+    def __init__(
+        self, shard: int, final_order_ttl_s: int = FINAL_ORDER_TTL_S, fence_keep_s: int = FENCE_KEEP_S
+    ) -> None:
+        self.keys = keys.ShardKeys(shard)
+        self.final_order_ttl_s = final_order_ttl_s
+        self.forget_after_s = max(final_order_ttl_s, fence_keep_s)
+
+    def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]]:
+        now = now_ms()
+        writes = _Writes(
+            "", now + self.final_order_ttl_s * 1000, now + self.forget_after_s * 1000, self.keys.expiring, None
+        )
+        call = writes.calls[0] = _Call(offset)
+        for step_key in (self.keys.checkpoint, self.keys.lease(GROUP), self.keys.progress):
+            call.key(step_key)
+        made: list[list[list[Any]] | bool] = []
+        for append in appends:
+            if not _without_grid(append):
+                made.append(False)
+                continue
+            call.writes = []
+            plan(writes, ((str(number), event) for number, event in enumerate(append.events, 1)), GridLevels())
+            made.append(call.writes)
+        return call.keys, [_packer.encode(made), names_of(GROUP), str(PROGRESS_KEEP)]
+
+
+def inline_projection(redis: Any, shard: int, settings: Settings) -> InlineProjection | None:
+    """The live writes the handler's append step makes on ``redis``; None on Redis Cluster."""
+    if isinstance(redis, RedisCluster):
+        return None
+    return InlineProjection(shard, settings.final_order_ttl_s)
+
+
+def _without_grid(append: Append) -> bool:
+    """No event of ``append`` touches a GRID level: each order event's order (in the append's
+    snapshots, as every order event's is) has none."""
+    for event in append.events:
+        if isinstance(event, wire.PositionEvent | wire.DriftEvent):
+            continue
+        order = append.orders.get(event.stream)
+        if order is None or order.grid_level is not None:
+            return False
+    return True
+
+
 class LiveProjection:
     """Applies one shard's events to the legacy keys.
 
@@ -444,6 +421,8 @@ class LiveProjection:
         """Apply the log after the checkpoint up to the last delivered entry; then sweep when
         something may be due."""
         last = max((entry.id for entry in entries), key=entry_order)
+        if self.atomic:  # the append step moves it too (``InlineProjection``)
+            await self._read_checkpoint()
         delivered = self._next_in_log(entries)
         while await self._step(last, delivered):
             delivered = None
@@ -474,9 +453,7 @@ class LiveProjection:
         the lease) once every node has acknowledged the writes, so a reader waiting on the
         checkpoint sees its own write."""
         if not self._checkpoint_known:
-            checkpoint, holder = await self.redis.mget(self.keys.checkpoint, self.lease)
-            self._check_holder(holder)
-            self._checkpoint, self._checkpoint_known = text(checkpoint), self.atomic
+            await self._read_checkpoint()
         planned_from = self._checkpoint
         writes = await self._writes(planned_from, last, delivered)
         if writes is None:
@@ -500,6 +477,15 @@ class LiveProjection:
         if writes.scheduled:
             self._sweep_at_ms = min(self._sweep_at_ms, writes.forget_at_ms)
         return True
+
+    async def _read_checkpoint(self) -> None:
+        """The checkpoint as it is (kept in memory on a plain Redis), the lease checked; its chain
+        number is known only while it is the checkpoint this applier last wrote."""
+        checkpoint, holder = await self.redis.mget(self.keys.checkpoint, self.lease)
+        self._check_holder(holder)
+        if text(checkpoint) != self._checkpoint:
+            self._checkpoint_n = None
+        self._checkpoint, self._checkpoint_known = text(checkpoint), self.atomic
 
     async def _apply(self, calls: list[tuple[_Call, list[str], list[str]]]) -> list[int]:
         """Run ``_APPLY`` calls (writes, the keys before theirs, the arguments after them); several

@@ -62,7 +62,7 @@ from ledger.domain.values import RULES, now_ms
 from ledger.errors import OperationFailed
 from ledger.sqlfiles import load_queries
 from ledger.store import keys
-from ledger.store.eventstore import StoredEvent
+from ledger.store.eventstore import LIVE_WRITES_LUA, StoredEvent
 from ledger.store.keys import ShardKeys, shard_of
 from ledger.store.log import read_pages, without_cycle_collection
 from ledger.store.operations import Operation, record_operation
@@ -87,7 +87,7 @@ _SQL = load_queries("projections", "verify.sql")
 # ARGV[4] expire-at (epoch ms) or '', ARGV[5..] the operands (field/value pairs of 'put', members
 # of 'sput', the value of 'hset').
 _REPAIR = (
-    live.WRITE_LIVE_KEY
+    LIVE_WRITES_LUA
     + """
 write(KEYS[1], ARGV[1], ARGV[2], ARGV, 5)
 if ARGV[1] == 'put' and ARGV[4] ~= '' then

@@ -22,9 +22,11 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
+from consumers.entries import Entry
 from ledger import Exchange, OrderManager, OrderStatus, PositionManager, PositionSide
 from ledger.app.service import serve
 from ledger.config import Settings, parse_execution
+from projections.live import LiveProjection
 
 WEEK_S = 7 * 24 * 3600
 PLAIN_DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
@@ -223,6 +225,14 @@ async def dump_key(redis: Any, key: str) -> tuple[str, Any, bool]:
 async def snapshot(redis: Any) -> dict[str, tuple[str, Any, bool]]:
     """Every live key with its type, contents and whether it expires."""
     return {key: await dump_key(redis, key) for key in await live_keys(redis)}
+
+
+async def projected_afresh(redis: Any) -> dict[str, tuple[str, Any, bool]]:
+    """The live keys of shard 0's whole log applied at once by a fresh applier, from nothing."""
+    await redis.delete(*await live_keys(redis))
+    ((last, _fields),) = await redis.xrevrange("ledger:{0}:events", count=1)
+    await LiveProjection(redis, 0).handle([Entry(_text(last), {})])
+    return await snapshot(redis)
 
 
 async def hash_of(redis: Any, key: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from ledger.store.archived import ArchivedIndex, fingerprint
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys, shard_of
 from ledger.store.redis_conn import ensure_shard_count
-from projections.live import LiveProjection
+from projections.live import InlineProjection, LiveProjection
 from projections.projector import open_pool, projector_consumer
 
 SYMBOL = "BTC-USDT-SWAP"
@@ -54,12 +54,15 @@ class Rig:
     counter: int = 0
 
     @classmethod
-    async def start(cls, redis: Any, shards: int = 1) -> Rig:
+    async def start(cls, redis: Any, shards: int = 1, *, inline: bool = False) -> Rig:
+        """``inline``: the handler's appends make the live projection's writes while it is caught
+        up (``projections.live.InlineProjection``), as in ``ledger serve``."""
         await ensure_shard_count(redis, shards)
         rig = cls(redis, shards)
         for shard in range(shards):
             keys = ShardKeys(shard)
-            handler = CommandHandler(EventStore(redis, shard), shards, clock=rig.clock)
+            store = EventStore(redis, shard, live=InlineProjection(shard) if inline else None)
+            handler = CommandHandler(store, shards, clock=rig.clock)
             rig.handlers.append(
                 StreamConsumer(
                     redis,

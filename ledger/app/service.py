@@ -12,6 +12,7 @@ process under a supervisor (``ledger.app.processes``), so Python work spreads ov
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ from ledger.app.supervisor import stop_on_signals
 from ledger.config import SERVER_SETTINGS, Settings, known_url
 from ledger.store.redis_conn import connect, ensure_execution, ensure_shard_count, record_final_order_ttl
 from ledger.venues.accounts import live_configs
+from projections.live import inline_projection
 from projections.projector import redact
 
 log = structlog.get_logger("ledger.app.service")
@@ -148,8 +150,11 @@ async def warn_about_redis(redis: Any) -> dict[str, str]:
 
 def role_factory(role: str) -> RoleFactory:
     """The factory of ``role`` (a key of :data:`ROLES`), its module imported now."""
-    factory: RoleFactory = getattr(importlib.import_module(ROLES[role]), f"{role}_role")
-    return factory
+    factory = getattr(importlib.import_module(ROLES[role]), f"{role}_role")
+    if role == "handler":  # its appends make the live projection's writes while that is caught up
+        factory = functools.partial(factory, live=inline_projection)
+    typed: RoleFactory = factory
+    return typed
 
 
 async def prepare(settings: Settings, roles: Sequence[str]) -> tuple[Any, Settings]:

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 import structlog
@@ -39,7 +39,10 @@ from ledger.store.keys import ShardKeys, outcome_field, outcome_ids
 from ledger.store.redis_conn import text
 
 log = structlog.get_logger("ledger.store.eventstore")
-APPEND_LUA = ARCHIVED_LUA + resources.files("ledger.store").joinpath("lua/append.lua").read_text()
+# The writes of the legacy live keys (``live_writes``): the live projection's step runs them, and
+# so does the append step while the projection is caught up (``InlineProjection``).
+LIVE_WRITES_LUA = resources.files("ledger.store").joinpath("lua/live_writes.lua").read_text()
+APPEND_LUA = ARCHIVED_LUA + LIVE_WRITES_LUA + resources.files("ledger.store").joinpath("lua/append.lua").read_text()
 # How a compacted outcome is named to its waiting duplicates: this prefix (a reply is JSON and
 # starts with "{"; the scripts test the same character) and the hex digits of the reply's digest
 # (``archived.digest``), which the reply read back from PostgreSQL must match before it is given.
@@ -169,6 +172,16 @@ class Append:
     slots: dict[str, str | None] = field(default_factory=dict)
 
 
+class InlineWrites(Protocol):
+    """The live projection's writes of a chunk of appends, for the append step to make itself
+    (``lua/append.lua``, ARGV[5..7]): given the chunk and how many keys come before theirs, the
+    keys to declare (the projection's checkpoint, lease and progress stream, then the live keys)
+    and the arguments (the writes, how the projection's consumers' names begin, how many entries
+    its progress stream keeps). ``projections.live.InlineProjection`` is the one."""
+
+    def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]]: ...
+
+
 # Reads the states of archived orders and positions by id (``ledger.store.log.aggregate_reader``).
 ArchiveReader = Callable[[Sequence[str]], Awaitable[dict[str, OrderState | PositionState]]]
 
@@ -202,9 +215,18 @@ class EventStore:
     """Reads and writes one shard's log and state. ``redis`` is a plain or cluster client."""
 
     def __init__(
-        self, redis: Any, shard: int, *, reply_ttl_s: int = REPLY_TTL_S, archive: ArchiveReader | None = None
+        self,
+        redis: Any,
+        shard: int,
+        *,
+        reply_ttl_s: int = REPLY_TTL_S,
+        archive: ArchiveReader | None = None,
+        live: InlineWrites | None = None,
     ) -> None:
         self.redis = redis
+        # The live projection's writes, made by each append while the projection is caught up
+        # (plain Redis only: the live keys have no hash tag); without it the projection makes them.
+        self.live = live
         # Reads orders and positions compaction moved to PostgreSQL (``ledger.store.log.aggregate_reader``),
         # for ``order`` and ``position``; without it they answer None for those.
         self.archive = archive
@@ -309,24 +331,26 @@ class EventStore:
         fingerprints = [fingerprint(f) for f in fields]
         batch = _batch_encoder.encode([_packed(a, f) for a, f in zip(appends, fields, strict=True)])
         replies = [keys.reply(a.user_id, a.command_id) for a in appends]
+        fixed = [
+            keys.events,
+            keys.orders,
+            keys.positions,
+            keys.slots,
+            keys.sequence,
+            keys.outcomes,
+            keys.chain,
+            keys.waiting,
+            keys.eventless,
+            keys.archived,
+            keys.final_orders,
+            keys.final_positions,
+            *replies,
+        ]
+        # The projection's keys (``live``) come after the index buckets, one per command.
+        live_keys, live_args = self.live(appends, len(fixed) + len(appends)) if self.live else ([], [])
 
         async def call() -> Any:
-            key_list = [
-                keys.events,
-                keys.orders,
-                keys.positions,
-                keys.slots,
-                keys.sequence,
-                keys.outcomes,
-                keys.chain,
-                keys.waiting,
-                keys.eventless,
-                keys.archived,
-                keys.final_orders,
-                keys.final_positions,
-                *replies,
-                *(self.index.bucket(fp) for fp in fingerprints),
-            ]
+            key_list = [*fixed, *(self.index.bucket(fp) for fp in fingerprints), *live_keys]
             args = [
                 len(key_list),
                 *key_list,
@@ -334,6 +358,7 @@ class EventStore:
                 self.reply_ttl_s,
                 str(self.index.generation),
                 b"".join(fingerprints),
+                *live_args,
             ]
             sha = self._sha or await self._load_script()
             try:

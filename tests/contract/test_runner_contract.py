@@ -365,8 +365,25 @@ class RunnerContract:
         await asyncio.wait_for(task, 5)
 
         assert handler.calls == [["1", "2"]]
-        assert await client.get(LEASE) == "a"
+        assert await client.get(LEASE) is None  # given up once stopped: a standby takes over at once
         assert await client.exists(TRIES, DEAD) == 0
+
+    async def test_a_consumer_that_stops_gives_up_only_its_own_lease(self, client: Any) -> None:
+        standby = self.consumer(client, Recorder(), "b", leased=True)
+        holder = self.consumer(client, Recorder(), "a", leased=True)
+        await self.publish(client, "1")
+        assert await holder.burst() == 1
+        await client.set(LEASE, "ledger-repair:host:1", px=60_000)  # a tool paused it meanwhile
+        stop = asyncio.Event()
+        stop.set()
+        await holder.run(stop)
+        assert await client.get(LEASE) == "ledger-repair:host:1"
+
+        await client.delete(LEASE)
+        assert await standby.burst() == 0  # takes the lease: nothing left
+        assert await client.get(LEASE) == "b"
+        await standby.run(stop)
+        assert await client.get(LEASE) is None
 
 
 async def _pending(client: Any) -> int:

@@ -59,11 +59,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import event as reached
 from hypothesis import strategies as st
 
-from consumers.command_handler import handler_role
 from consumers.runner import ConsumerSettings, StreamConsumer
+from ledger.app.service import role_factory
 from ledger.config import Settings, parse_execution
 from ledger.store.redis_conn import connect, ensure_shard_count
-from projections.live import projection_role
 from projections.projector import open_pool, projector_consumer
 from tests.fuzz_helpers import (
     COMMAND_ID,
@@ -212,8 +211,8 @@ async def run_session(redis_url: str, database_url: str, home: Path, data: st.Da
         )
         await ensure_shard_count(ledger_redis, SHARDS)
         consumers = [
-            *await handler_role(ledger_redis, config),
-            *await projection_role(ledger_redis, config),
+            *await role_factory("handler")(ledger_redis, config),
+            *await role_factory("projection")(ledger_redis, config),
             projector_consumer(ledger_redis, pool, 0, settings=ConsumerSettings.from_settings(config)),
         ]
         session = Session(raw, consumers)

@@ -8,6 +8,7 @@ the events come from the real command handler (``tests.log_helpers.Rig``)."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from consumers.entries import Entry
 from ledger.store.keys import ShardKeys
 from projections import live, verify
 from projections.live import LiveProjection
-from tests.live_helpers import live_keys, snapshot
+from tests.live_helpers import projected_afresh, snapshot
 from tests.log_helpers import Rig
 
 USER = "alice"
@@ -34,9 +35,10 @@ class _RoundTrips:
     """The real client, recording each round trip the projection makes: a command's name, or
     the names of a pipeline's commands."""
 
-    def __init__(self, real: Any) -> None:
+    def __init__(self, real: Any, then: dict[str, Callable[[], Awaitable[Any]]] | None = None) -> None:
         self.real = real
         self.trips: list[str] = []
+        self.then = then or {}  # command -> what happens once its first call has returned
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.real, name)
@@ -45,9 +47,17 @@ class _RoundTrips:
             result = method(*args, **kwargs)
             if inspect.isawaitable(result):  # a round trip (not, say, a cluster's keyslot)
                 self.trips.append(str(args[0]) if name == "execute_command" else name)
+                if name in self.then:
+                    return self._then(result, self.then.pop(name))
             return result
 
         return call
+
+    @staticmethod
+    async def _then(result: Awaitable[Any], then: Callable[[], Awaitable[Any]]) -> Any:
+        value = await result
+        await then()
+        return value
 
     def pipeline(self, transaction: bool = False) -> _Pipeline:
         return _Pipeline(self, self.real.pipeline(transaction=transaction))
@@ -79,13 +89,6 @@ async def _last(redis: Any) -> Entry:
     return Entry(entry_id, {})
 
 
-async def _clean(redis: Any) -> dict[str, Any]:
-    """The live keys of the whole log applied at once by a fresh applier, from nothing."""
-    await redis.delete(*await live_keys(redis))
-    await LiveProjection(redis, 0).handle([await _last(redis)])
-    return await snapshot(redis)
-
-
 async def test_a_plain_redis_step_is_one_script_call(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(live, "SWEEP_EVERY_MS", 3_600_000)  # no periodic read in this test
     rig = await Rig.start(redis)
@@ -112,14 +115,14 @@ async def test_a_plain_redis_step_is_one_script_call(redis: Any, monkeypatch: py
     trips.trips.clear()
     await redis.config_resetstat()
     await projection.handle([await _last(redis)])
-    # The checkpoint is the one this applier wrote, the order's grid level (none) is known,
-    # nothing is due: the log and one script call.
-    assert trips.trips == ["xrange", "EVALSHA"]
-    assert await _calls(redis, *top_level) == {"evalsha": 1, "xrange": 1}
+    # The checkpoint read again (the handler's append step moves it too: ``InlineProjection``),
+    # the order's grid level (none) is known, nothing is due: the log and one script call.
+    assert trips.trips == ["mget", "xrange", "EVALSHA"]
+    assert await _calls(redis, *top_level) == {"evalsha": 1, "mget": 1, "xrange": 1}
 
     assert (await redis.get(KEYS.checkpoint)) == (await _last(redis)).id
     applied = await snapshot(redis)
-    assert await _clean(redis) == applied
+    assert await projected_afresh(redis) == applied
 
 
 async def _delivered_after(redis: Any, entry_id: str) -> list[Entry]:
@@ -139,14 +142,14 @@ async def test_a_delivered_batch_that_follows_the_checkpoint_is_applied_as_deliv
     await rig.fill(USER, order, "0.1", "100")  # OrderPartiallyFilled, PositionOpened: chain 2, 3
     projection.redis = trips = _RoundTrips(redis)
 
-    # Chain numbers 2 and 3 follow the checkpoint's 1: applied as delivered (in log order,
-    # whatever the order delivered), no XRANGE.
+    # Chain numbers 2 and 3 follow the checkpoint's 1, which is still the one it wrote: applied
+    # as delivered (in log order, whatever the order delivered), no XRANGE.
     await projection.handle(list(reversed(await _delivered_after(redis, placed.id))))
 
-    assert trips.trips == ["EVALSHA"]
+    assert trips.trips == ["mget", "EVALSHA"]
     assert (await redis.get(KEYS.checkpoint)) == (await _last(redis)).id
     applied = await snapshot(redis)
-    assert await _clean(redis) == applied
+    assert await projected_afresh(redis) == applied
 
 
 async def test_a_delivered_batch_with_a_gap_is_read_from_the_log(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,38 +167,47 @@ async def test_a_delivered_batch_with_a_gap_is_read_from_the_log(redis: Any, mon
     # 2, 4 and 5 delivered (3 went to another reader): the log is read, 3 applied in its place.
     await projection.handle([after[0], *after[2:]])
 
-    assert trips.trips == ["xrange", "EVALSHA"]
+    assert trips.trips == ["mget", "xrange", "EVALSHA"]
     position = await redis.hgetall(f"positions:{USER}:okx:BTC-USDT-SWAP:long")
     assert (position["size"], position["entry_price"], position["version"]) == ("0.2", "100.5", "2")
     applied = await snapshot(redis)
-    assert await _clean(redis) == applied
+    assert await projected_afresh(redis) == applied
 
 
 async def _moved_under_it(redis: Any) -> list[str]:
-    """Applier A applies the first batch; B applies the second; A, which still holds the
-    checkpoint it wrote, is handed the third: its step finds the checkpoint moved, writes
-    nothing, reads it again and applies the rest. Returns A's round trips in the third."""
+    """Applier A applies the first batch; two more are appended; A is handed both and reads the
+    checkpoint (its own), then B applies the second: A's step, planned from the checkpoint it
+    read, finds it moved, writes nothing, reads it again and applies the rest. Returns A's
+    round trips in its second batch."""
     rig = await Rig.start(redis)
     order = await rig.place(USER, "buy", "0.2", "100")
     a, b = LiveProjection(redis, 0), LiveProjection(redis, 0)
     await a.handle([await _last(redis)])
     await rig.fill(USER, order, "0.1", "100")
-    await b.handle([await _last(redis)])
+    second = await _last(redis)
     await rig.fill(USER, order, "0.1", "101")
-    a.redis = trips = _RoundTrips(redis)
+    a.redis = trips = _RoundTrips(redis, then={"mget": lambda: b.handle([second])})
     await a.handle([await _last(redis)])
     assert (await redis.get(KEYS.checkpoint)) == (await _last(redis)).id
     position = await redis.hgetall(f"positions:{USER}:okx:BTC-USDT-SWAP:long")
     assert (position["size"], position["entry_price"], position["version"]) == ("0.2", "100.5", "2")
     applied = await snapshot(redis)
-    assert await _clean(redis) == applied
+    assert await projected_afresh(redis) == applied
     return trips.trips
 
 
 async def test_a_checkpoint_moved_by_another_applier_is_read_again(redis: Any) -> None:
     # Planned from its own checkpoint and refused; the checkpoint read; the rest planned again
     # (the order's level read: it became final in the first plan, which forgot it) and applied.
-    assert await _moved_under_it(redis) == ["xrange", "EVALSHA", "mget", "xrange", "pipeline(hget)", "EVALSHA"]
+    assert await _moved_under_it(redis) == [
+        "mget",
+        "xrange",
+        "EVALSHA",
+        "mget",
+        "xrange",
+        "pipeline(hget)",
+        "EVALSHA",
+    ]
 
 
 async def test_a_checkpoint_moved_by_another_applier_is_read_again_on_cluster(redis_cluster: Any) -> None:
@@ -214,7 +226,7 @@ async def _script_lost(redis: Any) -> None:
     position = await redis.hgetall(f"positions:{USER}:okx:BTC-USDT-SWAP:long")
     assert (position["size"], position["status"]) == ("0.1", "open")
     applied = await snapshot(redis)
-    assert await _clean(redis) == applied
+    assert await projected_afresh(redis) == applied
 
 
 async def test_the_script_is_loaded_again_when_the_server_lost_it(redis: Any) -> None:
@@ -248,7 +260,7 @@ async def test_a_cluster_step_is_one_call_per_slot_then_the_checkpoint(redis_clu
     assert (await redis.get(KEYS.checkpoint)) == (await _last(redis)).id
     applied = await snapshot(redis)
     assert set(applied) == {*written, *(f"ledger:live:fence:{{{key}}}" for key in written[1:]), KEYS.checkpoint}
-    assert await _clean(redis) == applied
+    assert await projected_afresh(redis) == applied
 
 
 async def test_a_set_written_whole_may_hold_more_members_than_one_lua_call_takes(redis: Any) -> None:

@@ -3,7 +3,9 @@
 A hypothesis state machine publishes commands of two users (orders, partial fills, cancels,
 one-way flips, hedge mode, closes, liquidations, duplicates, fills of unknown orders, malformed
 entries) as raw stream entries to a real Redis, runs the real command handler and live projection
-to quiescence after every step, and checks three views against each other:
+(built by ``ledger serve``'s role factories: the handler's append step makes the live writes
+while the projection is caught up) to quiescence after every step, and checks three views
+against each other:
 
 * a small independent model written here from CONTRACT §3, §6, §7 (not from the project's code):
   which commands are accepted, order statuses and filled quantities, and per side the one open
@@ -38,13 +40,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from consumers.command_handler import handler_role
+from ledger.app.service import role_factory
 from ledger.config import Settings, parse_execution
 from ledger.domain import wire
 from ledger.domain.evolution import evolve
 from ledger.domain.state import Book
 from ledger.store.redis_conn import connect
-from projections.live import projection_role
 
 USERS = ("alice", "bob")
 SYMBOLS = ("BTC-USDT-SWAP", "ETH-USDT-SWAP")
@@ -184,7 +185,10 @@ class Books(RuleBasedStateMachine):
             self.redis = await connect(self.redis_url)
             await self.redis.flushall()
             cfg = Settings(redis_url=self.redis_url, shards=1, execution=parse_execution("external"), home=self.home)
-            self.consumers = [*(await handler_role(self.redis, cfg)), *(await projection_role(self.redis, cfg))]
+            self.consumers = [
+                *(await role_factory("handler")(self.redis, cfg)),
+                *(await role_factory("projection")(self.redis, cfg)),
+            ]
 
         self.run(start())
 

@@ -15,6 +15,12 @@
 --        {field, value, ...} of its slots (value '' deletes the slot)};
 --       2 reply TTL seconds; 3 the index generation the buckets were computed with; 4 the
 --       fingerprints of the outcome fields, 16 bytes each, in command order.
+--       ARGV[5], when given: the live projection's writes of each command's events, msgpack, as
+--       live_writes.lua reads them with stamps numbering the events of their command (1, 2 ...),
+--       or false where the step cannot make them (a GRID order's level holder is the
+--       projection's to read); ARGV[6] how the names of the projection's consumers begin, ARGV[7]
+--       how many entries its progress stream keeps. KEYS[12 + 2n + 1..3] are then the
+--       projection's checkpoint, lease and progress stream, and the live keys follow.
 -- Returns, per command in order, {'ok'|'duplicate', reply}, {'archived', marker} or
 -- {'conflict', current token}. A conflict writes nothing for that command; the user's later
 -- commands in the batch expected its new token, so they conflict too. When the index's
@@ -29,10 +35,19 @@
 -- shard's chain, 1, 2, 3 ...) and hash = sha1hex(previous hash .. '\n' .. n .. '\n' .. type ..
 -- '\n' .. data), the first previous hash being the genesis sha1hex(KEYS[1]); KEYS[7] holds the
 -- head (id, n, hash), moved by each command's events (read once per batch).
+-- The live projection's writes (ARGV[5]) are made here while the projection's lease names one of
+-- its consumers (not a tool that paused it) and its checkpoint is the head (it applied every
+-- entry): each command's events get their live writes with them, the checkpoint moves to the
+-- last one and the progress stream tells it, as the projection's own step would (which then finds
+-- them applied). From a command whose writes are false on, the checkpoint stays behind and the
+-- projection applies the rest. Only on a plain Redis: the live keys have no hash tag.
 local batch = cmsgpack.unpack(ARGV[1])
 local ttl = ARGV[2]
 local head_n, head_hash
 local now
+local live = ARGV[5] and cmsgpack.unpack(ARGV[5])
+local projection = 12 + 2 * #batch
+local projecting, projected = false, nil
 
 local function answer(key, reply)
   redis.call('DEL', key)
@@ -49,7 +64,16 @@ local function write_snapshots(key, final_key, triples)
   end
 end
 
-local function apply(c, reply_key, bucket, fingerprint)
+local function project(writes, ids)
+  if writes == false then
+    projecting = false
+    return
+  end
+  live_writes(writes, function(stamp) return ids[tonumber(stamp)] end)
+  projected = ids[#ids]
+end
+
+local function apply(c, reply_key, bucket, fingerprint, writes)
   local user, field, expected, new_token, reply_head = c[1], c[2], c[3], c[4], c[5]
   local events, orders, positions, slots = c[6], c[7], c[8], c[9]
   local earlier = redis.call('HGET', KEYS[6], field)
@@ -66,7 +90,7 @@ local function apply(c, reply_key, bucket, fingerprint)
   if token ~= expected then
     return {'conflict', token}
   end
-  local refs, id = {}, nil
+  local refs, ids, id = {}, {}, nil
   if #events > 0 and not head_n then
     local head = redis.call('HMGET', KEYS[7], 'n', 'hash')
     head_n = tonumber(head[1] or '0')
@@ -79,9 +103,13 @@ local function apply(c, reply_key, bucket, fingerprint)
     head_hash = redis.sha1hex(head_hash .. '\n' .. number .. '\n' .. event_type .. '\n' .. data)
     id = redis.call('XADD', KEYS[1], '*', 'type', event_type, 'data', data, 'n', number, 'hash', head_hash)
     refs[#refs + 1] = '{"type":"' .. event_type .. '","id":"' .. id .. '"}'
+    ids[#ids + 1] = id
   end
   if #refs > 0 then
     redis.call('HSET', KEYS[7], 'id', id, 'n', string.format('%d', head_n), 'hash', head_hash)
+    if projecting then
+      project(writes, ids)
+    end
   end
   write_snapshots(KEYS[2], KEYS[11], orders)
   write_snapshots(KEYS[3], KEYS[12], positions)
@@ -110,8 +138,19 @@ local stale = archived_stale(KEYS[10], ARGV[3])
 if stale then
   return {{'stale', stale}}
 end
+if live then
+  local holder = redis.call('GET', KEYS[projection + 2])
+  local checkpoint = redis.call('GET', KEYS[projection + 1])
+  projecting = holder ~= false and string.sub(holder, 1, #ARGV[6]) == ARGV[6]
+    and checkpoint ~= false and checkpoint == redis.call('HGET', KEYS[7], 'id')
+end
 local results = {}
 for i, c in ipairs(batch) do
-  results[i] = apply(c, KEYS[12 + i], KEYS[12 + #batch + i], string.sub(ARGV[4], 16 * i - 15, 16 * i))
+  local writes = live and live[i]
+  results[i] = apply(c, KEYS[12 + i], KEYS[12 + #batch + i], string.sub(ARGV[4], 16 * i - 15, 16 * i), writes)
+end
+if projected then
+  redis.call('SET', KEYS[projection + 1], projected)
+  redis.pcall('XADD', KEYS[projection + 3], 'MAXLEN', '~', ARGV[7], projected, 'applied', projected)
 end
 return results

@@ -1,0 +1,209 @@
+"""Issue 10: the handler's append step makes the live projection's writes itself while the
+projection is caught up (``projections.live.InlineProjection``, ``lua/append.lua``), so a reply
+comes with its live keys written; the projection then finds them applied.
+
+On the real Redis of the test session, with the real command handler and live projection in
+bursts (``tests.log_helpers.Rig``). The oracle is the live projection itself applying the whole
+log afresh (``projected_afresh``: every live key, fence and the checkpoint), whose exact keys and
+fields the contract tests pin; the append step must leave exactly that, and must write nothing
+while the projection is not the one applying (no lease, a tool holding it, a checkpoint behind
+the log, none yet) or a GRID order is in the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from ledger.store.keys import ShardKeys
+from ledger.store.redis_conn import connect
+from projections import live
+from tests.live_helpers import hash_of, projected_afresh, snapshot
+from tests.log_helpers import Rig
+
+USER = "alice"
+KEYS = ShardKeys(0)
+TOOL = "ledger-repair:host:1"  # how ``consumers.pause`` names a tool holding a lease
+
+
+async def _head(redis: Any) -> str:
+    ((entry_id, _fields),) = await redis.xrevrange(KEYS.events, count=1)
+    return str(entry_id)
+
+
+async def _caught_up(redis: Any) -> Rig:
+    """A rig whose handler makes the live writes, two orders placed and projected by the
+    projection (which holds its lease now)."""
+    rig = await Rig.start(redis, inline=True)
+    await rig.place(USER, "buy", "0.2", "100")
+    await rig.place(USER, "buy", "0.3", "99")
+    await rig.project()
+    assert (await redis.get(KEYS.lease(live.GROUP))).startswith(f"{live.GROUP}:")
+    assert await redis.get(KEYS.checkpoint) == await _head(redis)
+    return rig
+
+
+async def test_a_reply_comes_with_its_live_keys_written_as_the_projection_writes_them(redis: Any) -> None:
+    rig = await _caught_up(redis)
+
+    order = await rig.place(USER, "buy", "0.1", "101")  # the projection does not run
+    placed = await _head(redis)
+    assert await redis.get(KEYS.checkpoint) == placed
+    ((told, fields),) = await redis.xrevrange(KEYS.progress, count=1)
+    assert (told, fields) == (placed, {"applied": placed})
+    fields = await hash_of(redis, f"orders:{order}")
+    assert (fields["status"], fields["quantity"], fields["price"], fields["version"]) == ("pending", "0.1", "101", "1")
+    assert order in await redis.smembers("orders:open:okx:BTC-USDT-SWAP")
+
+    await rig.fill(USER, order, "0.1", "101")  # OrderFilled, PositionOpened
+    assert await redis.get(KEYS.checkpoint) == await _head(redis)
+    position = await hash_of(redis, f"positions:{USER}:okx:BTC-USDT-SWAP:long")
+    assert (position["size"], position["entry_price"], position["fees"]) == ("0.1", "101", "0.01")
+    assert order not in await redis.smembers("orders:open:okx:BTC-USDT-SWAP")
+    assert 0 < await redis.pttl(f"orders:{order}")  # final: expires after the retention
+
+    written = await snapshot(redis)
+    await rig.project()  # finds every entry applied: writes nothing
+    assert await snapshot(redis) == written
+    assert await projected_afresh(redis) == written  # fences and checkpoint included
+
+
+async def _no_lease(redis: Any) -> None:
+    await redis.delete(KEYS.lease(live.GROUP))
+
+
+async def _tool_holds_the_lease(redis: Any) -> None:
+    await redis.set(KEYS.lease(live.GROUP), TOOL, px=60_000)
+
+
+async def _checkpoint_behind(redis: Any) -> None:
+    ((first, _fields),) = await redis.xrange(KEYS.events, count=1)
+    await redis.set(KEYS.checkpoint, first)  # what a tool's rewind leaves: the log is ahead
+
+
+async def _no_checkpoint(redis: Any) -> None:
+    await redis.delete(KEYS.checkpoint)  # the projection applied nothing: a log older than it
+
+
+@pytest.mark.parametrize("situation", [_no_lease, _tool_holds_the_lease, _checkpoint_behind, _no_checkpoint])
+async def test_nothing_is_written_unless_the_projection_holds_its_lease_and_applied_the_whole_log(
+    redis: Any, situation: Callable[[Any], Awaitable[None]]
+) -> None:
+    rig = await _caught_up(redis)
+    await situation(redis)
+    checkpoint = await redis.get(KEYS.checkpoint)
+
+    order = await rig.place(USER, "sell", "0.1", "99")
+
+    assert await redis.exists(f"orders:{order}") == 0
+    assert await redis.get(KEYS.checkpoint) == checkpoint
+    if situation is _tool_holds_the_lease:
+        return  # the projection stands by until the tool gives it back
+    await rig.project()  # the projection applies what the append step left
+    assert (await hash_of(redis, f"orders:{order}"))["status"] == "pending"
+    assert await snapshot(redis) == await projected_afresh(redis)
+
+
+async def test_a_grid_order_and_what_follows_it_in_the_batch_are_left_to_the_projection(redis: Any) -> None:
+    rig = await _caught_up(redis)
+    checkpoint = await redis.get(KEYS.checkpoint)
+    for n, extra in enumerate(({"grid_level": 3}, {})):  # one batch: a GRID order, then a plain one
+        data = {
+            "command_id": f"batch-{n}",
+            "user_id": USER,
+            "exchange": "okx",
+            "symbol": "BTC-USDT-SWAP",
+            "side": "buy",
+            "order_type": "limit",
+            "quantity": "0.1",
+            "price": "98",
+            **extra,
+        }
+        await redis.xadd(KEYS.commands, {"type": "place_order", "data": json.dumps(data)})
+    await rig.handlers[0].burst()
+    grid, plain = [json.loads(await redis.lindex(KEYS.reply(USER, f"batch-{n}"), 0))["order_id"] for n in (0, 1)]
+
+    assert (
+        await redis.exists(f"orders:{grid}", f"orders:{plain}", f"okx:user:{USER}:symbol:BTC-USDT-SWAP:active_grid:3")
+        == 0
+    )
+    assert await redis.get(KEYS.checkpoint) == checkpoint
+
+    await rig.project()
+    assert (await hash_of(redis, f"okx:user:{USER}:symbol:BTC-USDT-SWAP:active_grid:3"))["id"] == grid
+    after = await rig.place(USER, "buy", "0.1", "97")  # caught up again: written with its reply
+    assert (await hash_of(redis, f"orders:{after}"))["price"] == "97"
+    assert await redis.get(KEYS.checkpoint) == await _head(redis)
+    assert await snapshot(redis) == await projected_afresh(redis)
+
+
+# --------------------------------------------------------------------------- any interleaving
+
+ACTIONS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("place"),
+            st.sampled_from(["buy", "sell"]),
+            st.sampled_from(["0.1", "0.25", "1"]),
+            st.sampled_from(["95", "100", "104.5"]),
+            st.sampled_from([None, None, None, 1, 2]),
+        ),
+        st.tuples(st.just("fill"), st.integers(0, 50), st.sampled_from(["part", "rest"])),
+        st.tuples(st.just("cancel"), st.integers(0, 50)),
+        st.sampled_from([("project",), ("pause",), ("no lease",)]),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions=ACTIONS)
+def test_any_interleaving_leaves_the_keys_a_projection_of_the_whole_log_leaves(
+    redis_url: str, actions: list[tuple[Any, ...]]
+) -> None:
+    """Orders placed (some on GRID levels), filled in parts, cancelled; the projection run, paused
+    by a tool, resumed, its lease lapsed, at any point between them: once the projection has run
+    at the end, the live keys are exactly those of the whole log applied afresh."""
+
+    async def session() -> None:
+        redis = await connect(redis_url)
+        try:
+            await redis.flushall()
+            rig = await Rig.start(redis, inline=True)
+            open_orders = [(await rig.place(USER, "buy", "1", "100"), "1")]  # (order id, quantity left)
+            for action in actions:
+                if action[0] == "place":
+                    _, side, quantity, price, level = action
+                    extra = {} if level is None else {"grid_level": level}
+                    open_orders.append((await rig.place(USER, side, quantity, price, **extra), quantity))
+                elif action[0] in ("fill", "cancel") and open_orders:
+                    at = action[1] % len(open_orders)
+                    order, left = open_orders[at]
+                    if action[0] == "cancel":
+                        await rig.send(USER, "cancel_order", order_id=order)
+                        del open_orders[at]
+                    elif action[2] == "part" and left == "1":
+                        await rig.fill(USER, order, "0.5", "100")
+                        open_orders[at] = (order, "0.5")
+                    else:
+                        await rig.fill(USER, order, left, "100")
+                        del open_orders[at]
+                elif action[0] == "project":
+                    await rig.project()
+                elif action[0] == "pause":
+                    await _tool_holds_the_lease(redis)
+                elif action[0] == "no lease":  # the tool gave it back, or the projection's lapsed
+                    await _no_lease(redis)
+            await _no_lease(redis)
+            await rig.project()
+            assert await snapshot(redis) == await projected_afresh(redis)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(session())
