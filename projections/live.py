@@ -329,8 +329,16 @@ class InlineProjection:
         self, shard: int, final_order_ttl_s: int = FINAL_ORDER_TTL_S, fence_keep_s: int = FENCE_KEEP_S
     ) -> None:
         self.keys = keys.ShardKeys(shard)
+        self.watched = (self.keys.checkpoint, self.keys.lease(GROUP))
         self.final_order_ttl_s = final_order_ttl_s
         self.forget_after_s = max(final_order_ttl_s, fence_keep_s)
+
+    def ready(self, checkpoint: str | None, holder: str | None, head: str | None) -> bool:
+        """The script's rule: a projection consumer holds the lease, and the checkpoint is the
+        log's head."""
+        return (
+            holder is not None and holder.startswith(names_of(GROUP)) and checkpoint is not None and checkpoint == head
+        )
 
     def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]]:
         now = now_ms()
@@ -338,7 +346,7 @@ class InlineProjection:
             "", now + self.final_order_ttl_s * 1000, now + self.forget_after_s * 1000, self.keys.expiring, None
         )
         call = writes.calls[0] = _Call(offset)
-        for step_key in (self.keys.checkpoint, self.keys.lease(GROUP), self.keys.progress):
+        for step_key in (*self.watched, self.keys.progress):
             call.key(step_key)
         made: list[list[list[Any]] | bool] = []
         for append in appends:

@@ -5,7 +5,7 @@ with external execution (the test reports accepts and fills) and a clock the tes
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +16,10 @@ from consumers.command_handler import GROUP as HANDLER_GROUP
 from consumers.command_handler import CommandHandler
 from consumers.runner import ConsumerSettings, StreamConsumer
 from ledger.store.archived import ArchivedIndex, fingerprint
-from ledger.store.eventstore import EventStore
+from ledger.store.eventstore import EventStore, InlineWrites
 from ledger.store.keys import ShardKeys, shard_of
 from ledger.store.redis_conn import ensure_shard_count
-from projections.live import InlineProjection, LiveProjection
+from projections.live import LiveProjection
 from projections.projector import open_pool, projector_consumer
 
 SYMBOL = "BTC-USDT-SWAP"
@@ -54,14 +54,14 @@ class Rig:
     counter: int = 0
 
     @classmethod
-    async def start(cls, redis: Any, shards: int = 1, *, inline: bool = False) -> Rig:
-        """``inline``: the handler's appends make the live projection's writes while it is caught
-        up (``projections.live.InlineProjection``), as in ``ledger serve``."""
+    async def start(cls, redis: Any, shards: int = 1, *, live: Callable[[int], InlineWrites] | None = None) -> Rig:
+        """``live(shard)``: the live projection's writes the handler's appends make while it is
+        caught up (``projections.live.InlineProjection``, as in ``ledger serve``)."""
         await ensure_shard_count(redis, shards)
         rig = cls(redis, shards)
         for shard in range(shards):
             keys = ShardKeys(shard)
-            store = EventStore(redis, shard, live=InlineProjection(shard) if inline else None)
+            store = EventStore(redis, shard, live=live(shard) if live else None)
             handler = CommandHandler(store, shards, clock=rig.clock)
             rig.handlers.append(
                 StreamConsumer(

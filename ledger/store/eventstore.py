@@ -177,7 +177,15 @@ class InlineWrites(Protocol):
     (``lua/append.lua``, ARGV[5..7]): given the chunk and how many keys come before theirs, the
     keys to declare (the projection's checkpoint, lease and progress stream, then the live keys)
     and the arguments (the writes, how the projection's consumers' names begin, how many entries
-    its progress stream keeps). ``projections.live.InlineProjection`` is the one."""
+    its progress stream keeps). ``projections.live.InlineProjection`` is the one.
+
+    ``watched`` (the projection's checkpoint and lease) are read with the state the commands
+    need, and ``ready`` tells from them and the log's head whether the script would make the
+    writes (its rule, read ahead): while the projection lags, none are planned."""
+
+    watched: tuple[str, str]
+
+    def ready(self, checkpoint: str | None, holder: str | None, head: str | None) -> bool: ...
 
     def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]]: ...
 
@@ -227,6 +235,7 @@ class EventStore:
         # The live projection's writes, made by each append while the projection is caught up
         # (plain Redis only: the live keys have no hash tag); without it the projection makes them.
         self.live = live
+        self._projecting = True  # as ``live.ready`` last said, when state was loaded
         # Reads orders and positions compaction moved to PostgreSQL (``ledger.store.log.aggregate_reader``),
         # for ``order`` and ``position``; without it they answer None for those.
         self.archive = archive
@@ -255,6 +264,10 @@ class EventStore:
             pipe.hmget(self.keys.positions, position_ids)
         if slots:
             pipe.hmget(self.keys.slots, slots)
+        watch = self.live is not None and bool(users)
+        if self.live is not None and watch:
+            pipe.mget(*self.live.watched)
+            pipe.hget(self.keys.chain, "id")
         results = iter(await pipe.execute())
         tokens = {user: text(value) or "" for user, value in zip(users, next(results), strict=True)} if users else {}
         if order_ids:
@@ -266,6 +279,9 @@ class EventStore:
         if slots:
             for slot, value in zip(slots, next(results), strict=True):
                 book.slots[slot] = text(value) or None
+        if self.live is not None and watch:
+            checkpoint, holder = next(results)
+            self._projecting = self.live.ready(text(checkpoint), text(holder), text(next(results)))
         absent = [i for i in order_ids if book.orders[i] is None] + [
             i for i in position_ids if book.positions[i] is None
         ]
@@ -347,7 +363,9 @@ class EventStore:
             *replies,
         ]
         # The projection's keys (``live``) come after the index buckets, one per command.
-        live_keys, live_args = self.live(appends, len(fixed) + len(appends)) if self.live else ([], [])
+        live_keys, live_args = (
+            self.live(appends, len(fixed) + len(appends)) if self.live and self._projecting else ([], [])
+        )
 
         async def call() -> Any:
             key_list = [*fixed, *(self.index.bucket(fp) for fp in fingerprints), *live_keys]

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from ledger.store.eventstore import Append
 from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import connect
 from projections import live
+from projections.live import InlineProjection
 from tests.live_helpers import hash_of, projected_afresh, snapshot
 from tests.log_helpers import Rig
 
@@ -36,20 +38,41 @@ async def _head(redis: Any) -> str:
     return str(entry_id)
 
 
-async def _caught_up(redis: Any) -> Rig:
+class Counted(InlineProjection):
+    """Counts the chunks it plans writes for."""
+
+    def __init__(self, shard: int) -> None:
+        super().__init__(shard)
+        self.planned = 0
+
+    def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]]:
+        self.planned += 1
+        return super().__call__(appends, offset)
+
+
+class Eager(Counted):
+    """Plans writes whatever the projection's state when loaded: what the script alone decides
+    when the projection moved between the handler's load and its append."""
+
+    def ready(self, checkpoint: str | None, holder: str | None, head: str | None) -> bool:
+        return True
+
+
+async def _caught_up(redis: Any, kind: type[Counted] = Counted) -> tuple[Rig, Counted]:
     """A rig whose handler makes the live writes, two orders placed and projected by the
     projection (which holds its lease now)."""
-    rig = await Rig.start(redis, inline=True)
+    planner = kind(0)
+    rig = await Rig.start(redis, live=lambda _shard: planner)
     await rig.place(USER, "buy", "0.2", "100")
     await rig.place(USER, "buy", "0.3", "99")
     await rig.project()
     assert (await redis.get(KEYS.lease(live.GROUP))).startswith(f"{live.GROUP}:")
     assert await redis.get(KEYS.checkpoint) == await _head(redis)
-    return rig
+    return rig, planner
 
 
 async def test_a_reply_comes_with_its_live_keys_written_as_the_projection_writes_them(redis: Any) -> None:
-    rig = await _caught_up(redis)
+    rig, _planner = await _caught_up(redis)
 
     order = await rig.place(USER, "buy", "0.1", "101")  # the projection does not run
     placed = await _head(redis)
@@ -90,16 +113,21 @@ async def _no_checkpoint(redis: Any) -> None:
     await redis.delete(KEYS.checkpoint)  # the projection applied nothing: a log older than it
 
 
+@pytest.mark.parametrize("kind", [Counted, Eager])
 @pytest.mark.parametrize("situation", [_no_lease, _tool_holds_the_lease, _checkpoint_behind, _no_checkpoint])
 async def test_nothing_is_written_unless_the_projection_holds_its_lease_and_applied_the_whole_log(
-    redis: Any, situation: Callable[[Any], Awaitable[None]]
+    redis: Any, situation: Callable[[Any], Awaitable[None]], kind: type[Counted]
 ) -> None:
-    rig = await _caught_up(redis)
+    """Seen when the state is loaded, no writes are planned; planned anyway (the projection
+    moved in between), the script makes none."""
+    rig, planner = await _caught_up(redis, kind)
     await situation(redis)
     checkpoint = await redis.get(KEYS.checkpoint)
+    planned = planner.planned
 
     order = await rig.place(USER, "sell", "0.1", "99")
 
+    assert planner.planned == planned + (kind is Eager)
     assert await redis.exists(f"orders:{order}") == 0
     assert await redis.get(KEYS.checkpoint) == checkpoint
     if situation is _tool_holds_the_lease:
@@ -110,7 +138,7 @@ async def test_nothing_is_written_unless_the_projection_holds_its_lease_and_appl
 
 
 async def test_a_grid_order_and_what_follows_it_in_the_batch_are_left_to_the_projection(redis: Any) -> None:
-    rig = await _caught_up(redis)
+    rig, _planner = await _caught_up(redis)
     checkpoint = await redis.get(KEYS.checkpoint)
     for n, extra in enumerate(({"grid_level": 3}, {})):  # one batch: a GRID order, then a plain one
         data = {
@@ -163,9 +191,9 @@ ACTIONS = st.lists(
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(actions=ACTIONS)
+@given(actions=ACTIONS, eager=st.booleans())
 def test_any_interleaving_leaves_the_keys_a_projection_of_the_whole_log_leaves(
-    redis_url: str, actions: list[tuple[Any, ...]]
+    redis_url: str, actions: list[tuple[Any, ...]], eager: bool
 ) -> None:
     """Orders placed (some on GRID levels), filled in parts, cancelled; the projection run, paused
     by a tool, resumed, its lease lapsed, at any point between them: once the projection has run
@@ -175,7 +203,7 @@ def test_any_interleaving_leaves_the_keys_a_projection_of_the_whole_log_leaves(
         redis = await connect(redis_url)
         try:
             await redis.flushall()
-            rig = await Rig.start(redis, inline=True)
+            rig = await Rig.start(redis, live=Eager if eager else InlineProjection)
             open_orders = [(await rig.place(USER, "buy", "1", "100"), "1")]  # (order id, quantity left)
             for action in actions:
                 if action[0] == "place":

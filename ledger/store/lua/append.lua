@@ -45,9 +45,8 @@ local batch = cmsgpack.unpack(ARGV[1])
 local ttl = ARGV[2]
 local head_n, head_hash
 local now
-local live = ARGV[5] and cmsgpack.unpack(ARGV[5])
 local projection = 12 + 2 * #batch
-local projecting, projected = false, nil
+local live, projecting, projected = nil, false, nil
 
 local function answer(key, reply)
   redis.call('DEL', key)
@@ -138,11 +137,12 @@ local stale = archived_stale(KEYS[10], ARGV[3])
 if stale then
   return {{'stale', stale}}
 end
-if live then
+if ARGV[5] then
   local holder = redis.call('GET', KEYS[projection + 2])
   local checkpoint = redis.call('GET', KEYS[projection + 1])
   projecting = holder ~= false and string.sub(holder, 1, #ARGV[6]) == ARGV[6]
     and checkpoint ~= false and checkpoint == redis.call('HGET', KEYS[7], 'id')
+  live = projecting and cmsgpack.unpack(ARGV[5])
 end
 local results = {}
 for i, c in ipairs(batch) do
