@@ -177,7 +177,8 @@ class InlineWrites(Protocol):
     (``lua/append.lua``, ARGV[5..7]): given the chunk and how many keys come before theirs, the
     keys to declare (the projection's checkpoint, lease and progress stream, then the live keys)
     and the arguments (the writes, how the projection's consumers' names begin, how many entries
-    its progress stream keeps). ``projections.live.InlineProjection`` is the one.
+    its progress stream keeps), or None to leave the chunk to the projection.
+    ``projections.live.InlineProjection`` is the one.
 
     ``watched`` (the projection's checkpoint and lease) are read with the state the commands
     need, and ``ready`` tells from them and the log's head whether the script would make the
@@ -187,7 +188,7 @@ class InlineWrites(Protocol):
 
     def ready(self, checkpoint: str | None, holder: str | None, head: str | None) -> bool: ...
 
-    def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]]: ...
+    def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]] | None: ...
 
 
 # Reads the states of archived orders and positions by id (``ledger.store.log.aggregate_reader``).
@@ -363,9 +364,8 @@ class EventStore:
             *replies,
         ]
         # The projection's keys (``live``) come after the index buckets, one per command.
-        live_keys, live_args = (
-            self.live(appends, len(fixed) + len(appends)) if self.live and self._projecting else ([], [])
-        )
+        planned = self.live(appends, len(fixed) + len(appends)) if self.live and self._projecting else None
+        live_keys, live_args = planned or ([], [])
 
         async def call() -> Any:
             key_list = [*fixed, *(self.index.bucket(fp) for fp in fingerprints), *live_keys]

@@ -45,7 +45,7 @@ class Counted(InlineProjection):
         super().__init__(shard)
         self.planned = 0
 
-    def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]]:
+    def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]] | None:
         self.planned += 1
         return super().__call__(appends, offset)
 
@@ -137,10 +137,9 @@ async def test_nothing_is_written_unless_the_projection_holds_its_lease_and_appl
     assert await snapshot(redis) == await projected_afresh(redis)
 
 
-async def test_a_grid_order_and_what_follows_it_in_the_batch_are_left_to_the_projection(redis: Any) -> None:
-    rig, _planner = await _caught_up(redis)
-    checkpoint = await redis.get(KEYS.checkpoint)
-    for n, extra in enumerate(({"grid_level": 3}, {})):  # one batch: a GRID order, then a plain one
+async def _one_batch(rig: Rig, *extras: dict[str, Any]) -> list[str]:
+    """Orders placed by commands the handler takes in one batch; their ids."""
+    for n, extra in enumerate(extras):
         data = {
             "command_id": f"batch-{n}",
             "user_id": USER,
@@ -152,22 +151,48 @@ async def test_a_grid_order_and_what_follows_it_in_the_batch_are_left_to_the_pro
             "price": "98",
             **extra,
         }
-        await redis.xadd(KEYS.commands, {"type": "place_order", "data": json.dumps(data)})
+        await rig.redis.xadd(KEYS.commands, {"type": "place_order", "data": json.dumps(data)})
     await rig.handlers[0].burst()
-    grid, plain = [json.loads(await redis.lindex(KEYS.reply(USER, f"batch-{n}"), 0))["order_id"] for n in (0, 1)]
+    replies = [await rig.redis.lindex(KEYS.reply(USER, f"batch-{n}"), 0) for n in range(len(extras))]
+    return [json.loads(reply)["order_id"] for reply in replies]
 
-    assert (
-        await redis.exists(f"orders:{grid}", f"orders:{plain}", f"okx:user:{USER}:symbol:BTC-USDT-SWAP:active_grid:3")
-        == 0
-    )
-    assert await redis.get(KEYS.checkpoint) == checkpoint
 
+async def _caught_up_again(rig: Rig) -> None:
+    """Once the projection applied what the append step left, the next reply comes with its
+    live keys written, and they are what the projection writes."""
     await rig.project()
-    assert (await hash_of(redis, f"okx:user:{USER}:symbol:BTC-USDT-SWAP:active_grid:3"))["id"] == grid
-    after = await rig.place(USER, "buy", "0.1", "97")  # caught up again: written with its reply
-    assert (await hash_of(redis, f"orders:{after}"))["price"] == "97"
-    assert await redis.get(KEYS.checkpoint) == await _head(redis)
-    assert await snapshot(redis) == await projected_afresh(redis)
+    after = await rig.place(USER, "buy", "0.1", "97")
+    assert (await hash_of(rig.redis, f"orders:{after}"))["price"] == "97"
+    assert await rig.redis.get(KEYS.checkpoint) == await _head(rig.redis)
+    assert await snapshot(rig.redis) == await projected_afresh(rig.redis)
+
+
+async def test_a_grid_order_and_what_follows_it_in_the_batch_are_left_to_the_projection(redis: Any) -> None:
+    rig, _planner = await _caught_up(redis)
+    checkpoint = await redis.get(KEYS.checkpoint)
+    level = f"okx:user:{USER}:symbol:BTC-USDT-SWAP:active_grid:3"
+
+    grid, plain = await _one_batch(rig, {"grid_level": 3}, {})
+
+    assert await redis.exists(f"orders:{grid}", f"orders:{plain}", level) == 0
+    assert await redis.get(KEYS.checkpoint) == checkpoint
+    await _caught_up_again(rig)
+    assert (await hash_of(redis, level))["id"] == grid
+
+
+async def test_a_chunk_of_more_events_than_the_handler_makes_writes_for_is_left_to_the_projection(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live, "INLINE_EVENTS", 1)
+    rig, planner = await _caught_up(redis)
+    checkpoint, planned = await redis.get(KEYS.checkpoint), planner.planned
+
+    orders = await _one_batch(rig, {}, {})  # two OrderPlaced
+
+    assert await redis.exists(*(f"orders:{order}" for order in orders)) == 0
+    assert await redis.get(KEYS.checkpoint) == checkpoint
+    assert planner.planned == planned + 1  # asked, and declined
+    await _caught_up_again(rig)  # one event
 
 
 # --------------------------------------------------------------------------- any interleaving
