@@ -49,6 +49,22 @@ from the log as above.
 The fences are used on both kinds of Redis (one write path); on a plain Redis the step's call
 alone already fences.
 
+**The handler's append step makes these writes while the projection is caught up** (plain Redis;
+``InlineProjection``, ``ledger/store/lua/append.lua``): when the lease names one of this
+projection's consumers (not a tool that paused it) and the checkpoint is the log's head, the
+script that appends a chunk's events also makes their live writes (``plan``'s, the one write path:
+``ledger/store/lua/live_writes.lua``), moves the checkpoint and tells the progress stream, in the
+same atomic step; so a reply comes with its live keys written, and the projection, which still
+reads every entry, finds them applied (it reads the checkpoint at the start of each batch). The
+checkpoint check is the fence: the projection's own step, planned from an older checkpoint, is
+refused and starts again from the one found. The handler plans the writes only when its load saw
+the projection caught up, and only for a chunk of at most ``INLINE_EVENTS`` events (a larger one
+says the handler is busy: the projection's process applies it in parallel); a GRID order's writes
+depend on which order holds its level, which only the projection reads, so from a command with
+one on the checkpoint stays behind and the projection applies the rest. A consumer that stops
+gives its lease up, so a stopped projection stops these writes at once (one that died, after its
+lease's time).
+
 Final orders stay readable in ``orders:{id}`` for ``final_order_ttl_s`` (``LEDGER_FINAL_ORDER_TTL_S``,
 7 days by default), then expire; they leave ``orders:open:…`` at once, and the projection removes their ids from
 ``orders:user:…`` once their hash has expired (``ShardKeys.expiring``, swept after a batch when

@@ -138,6 +138,23 @@ class LedgerClient:
         one raises ``CommandRejected`` with the code the handler would give). Publishing the
         same ``command_id`` again returns the first outcome and changes nothing.
         """
+        reply, _ = await self._submit(command, None)
+        return reply
+
+    async def submit_reading(
+        self, command: wire.Command, key_of: Callable[[dict[str, Any]], str]
+    ) -> tuple[dict[str, Any], dict[Any, Any]]:
+        """``submit``, and the live hash ``key_of(reply)`` as it is once the reply is projected
+        (read in the same round trip as the projection's progress when that is there already:
+        the handler's append step writes the live keys while the projection is caught up)."""
+        reply, fields = await self._submit(command, key_of)
+        if fields is None:  # no event to wait for: the hash as it is
+            fields = await self.redis.hgetall(key_of(reply))
+        return reply, fields
+
+    async def _submit(
+        self, command: wire.Command, key_of: Callable[[dict[str, Any]], str] | None
+    ) -> tuple[dict[str, Any], dict[Any, Any] | None]:
         try:
             fields = wire.command_fields(command)
         except wire.WireError as exc:
@@ -166,10 +183,12 @@ class LedgerClient:
         reply = await self._reply(reply_key, found, deadline)
         if reply["status"] != "accepted":
             raise CommandRejected(reply)
+        found_hash = None
         if reply["events"]:
-            await self.wait_projected(shard, reply["events"][-1]["id"])
+            read = key_of(reply) if key_of is not None else None
+            found_hash = await self.wait_projected(shard, reply["events"][-1]["id"], read=read)
         reply["shard"] = shard
-        return reply
+        return reply, found_hash
 
     async def _reply(self, reply_key: str, found: Any, deadline: float) -> dict[str, Any]:
         """The reply ``found`` by the first BLPOP, else waited for until ``deadline``."""
@@ -182,27 +201,38 @@ class LedgerClient:
             "retry with the same command_id"
         )
 
-    async def wait_projected(self, shard: int, entry_id: str, deadline: float | None = None) -> None:
+    async def wait_projected(
+        self, shard: int, entry_id: str, deadline: float | None = None, *, read: str | None = None
+    ) -> dict[Any, Any] | None:
         """Wait until the live projection of ``shard`` has applied the event ``entry_id``, until
-        ``deadline`` (``time.monotonic()``; default: the client's timeout from now).
+        ``deadline`` (``time.monotonic()``; default: the client's timeout from now); with
+        ``read``, return that hash as it is then (HGETALL), else None.
 
         One blocking XREAD on the shard's progress stream after the id just before ``entry_id``:
         it answers at once when a step at or past ``entry_id`` is there already, else as soon as
         the projection's step that applies it adds its entry. Between blocks (at most
         ``BLOCK_MS`` each) the checkpoint itself is read: a projection of an earlier version moves
-        it without telling."""
+        it without telling. With ``read``, the first XREAD does not block and the hash is read
+        behind it in the same round trip (Redis runs them in order, so a step seen there was
+        applied before the read): one round trip when the step is there already."""
         target = entry_order(entry_id)
         shard_keys = keys.ShardKeys(shard)
         after = _preceding(entry_id)
+        if read is not None:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xread({shard_keys.progress: after}, count=1)
+            pipe.hgetall(read)
+            told, fields = await pipe.execute()
+            if told:
+                return fields  # type: ignore[no-any-return]
         if deadline is None:
             deadline = time.monotonic() + self.timeout
         while True:
             block_ms = max(1, min(BLOCK_MS, int((deadline - time.monotonic()) * 1000)))
-            if await self.redis.xread({shard_keys.progress: after}, count=1, block=block_ms):
-                return
-            applied = await queries.projected_up_to(self.redis, shard)
-            if applied is not None and entry_order(applied) >= target:
-                return
+            told = await self.redis.xread({shard_keys.progress: after}, count=1, block=block_ms)
+            applied = None if told else await queries.projected_up_to(self.redis, shard)
+            if told or (applied is not None and entry_order(applied) >= target):
+                return await self.redis.hgetall(read) if read is not None else None
             if time.monotonic() > deadline:
                 raise LedgerTimeout(
                     f"the live projection of shard {shard} did not reach {entry_id} in {self.timeout} s: "
@@ -416,7 +446,7 @@ class OrderManager(_Manager):
 
         Called again with the same ``command_id`` it places nothing and returns that order.
         """
-        reply = await self.client.submit(
+        reply, fields = await self.client.submit_reading(
             wire.PlaceOrder(
                 command_id=_command_id(command_id),
                 user_id=user_id,
@@ -433,9 +463,10 @@ class OrderManager(_Manager):
                 leverage=leverage,
                 grid_level=grid_level,
                 metadata=metadata,
-            )
+            ),
+            lambda reply: keys.order_key(reply["order_id"]),
         )
-        order = await queries.get_order(self.redis, reply["order_id"])
+        order = queries.order_of(reply["order_id"], fields)
         if order is None:
             raise OperationFailed(f"order {reply['order_id']} is no longer in the live keys: see `ledger history`")
         return order

@@ -155,9 +155,13 @@ async def get_position(redis: Any, position_id: str) -> Position | None:
 
 async def get_order(redis: Any, order_id: str) -> Order | None:
     order_id = check_identifier("id", order_id, "order_id").lower()
-    key = keys.order_key(order_id)
-    fields = _decoded(await redis.hgetall(key))
-    return _readable(key, fields, order_from_hash, order_id) if fields else None
+    return order_of(order_id, await redis.hgetall(keys.order_key(order_id)))
+
+
+def order_of(order_id: str, raw: dict[Any, Any]) -> Order | None:
+    """The order its live hash ``orders:{order_id}`` shows, as read (HGETALL); None: no hash."""
+    fields = _decoded(raw)
+    return _readable(keys.order_key(order_id), fields, order_from_hash, order_id) if fields else None
 
 
 def order_statuses(

@@ -12,6 +12,10 @@ to the archived index, ``ledger.store.archived``) it answers ``archived`` and re
 duplicate in ``ledger:{s}:outcomes:waiting`` with its marker; the handler's ``OutcomeReader``
 writes the reply from PostgreSQL with ``answer_waiting``.
 
+On a plain Redis the append step also makes the live projection's writes of the events while
+the projection is caught up (``InlineWrites``, given by the composition root:
+``projections.live.InlineProjection``).
+
 A batch of appends (``append_many``) is one script call with the batch packed in one msgpack
 argument; each append in it keeps its own atomic step and outcome, in order.
 

@@ -51,6 +51,24 @@ async def test_a_step_already_past_the_entry_answers_at_once(redis: Any) -> None
     await asyncio.wait_for(LedgerClient(redis, timeout=30).wait_projected(0, "1700000000000-5"), 10)
 
 
+async def test_a_hash_read_with_the_wait_is_the_one_the_step_it_waited_for_left(redis: Any) -> None:
+    """Told already: one XREAD and one HGETALL (the server's own count); told later: the hash
+    is read once the step is told, never before."""
+    client = LedgerClient(redis, timeout=30)
+    await redis.hset("orders:o-1", mapping={"status": "pending"})
+    await redis.xadd(KEYS.progress, {"applied": "1700000000000-5"}, id="1700000000000-5")
+    await redis.config_resetstat()
+    assert await client.wait_projected(0, "1700000000000-5", read="orders:o-1") == {"status": "pending"}
+    stats = await redis.info("commandstats")
+    assert (stats["cmdstat_xread"]["calls"], stats["cmdstat_hgetall"]["calls"]) == (1, 1)
+
+    waiter = asyncio.create_task(client.wait_projected(0, "1700000000000-6", read="orders:o-1"))
+    await wait_for(lambda: _blocked_on_progress(redis), "the waiter to block on the progress stream")
+    await redis.hset("orders:o-1", "status", "open")  # what the step writes, then tells
+    await redis.xadd(KEYS.progress, {"applied": "1700000000000-6"}, id="1700000000000-6")
+    assert await asyncio.wait_for(waiter, 10) == {"status": "open"}
+
+
 async def test_a_checkpoint_moved_without_telling_is_still_seen(redis: Any) -> None:
     """A projection of an earlier version moves only the checkpoint: read between blocks."""
     await redis.set(KEYS.checkpoint, "1700000000000-5")
