@@ -412,6 +412,7 @@ async def test_conflicting_append_is_decided_again_on_fresh_state(ledger_redis: 
         await asyncio.wait_for(a_waiting.wait(), 5)
         assert await b.step(block=False) == 1  # reads f2 and appends it
         assert await asyncio.wait_for(task_a, 5) == 1
+        assert await a.burst() == await b.burst() == 0  # each acknowledges what it handled
     finally:
         await client_a.aclose()
         await client_b.aclose()

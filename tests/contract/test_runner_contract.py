@@ -406,9 +406,11 @@ class TestRunnerOnRedis(RunnerContract):
         await consumer.ensure_group()
         await self.publish(client, "1")
         assert await consumer.step() == 1
+        assert await _pending(client) == 1  # "1" handled: acknowledged with the next read
 
         waiting = asyncio.create_task(consumer.step())
-        blocked = await _blocked_in_xread(client)
+        blocked = await _blocked_in(client, "xread")
+        assert await _pending(client) == 0  # acknowledged before the wait blocked
         reads = await _xreadgroup_calls(client)
         assert int(blocked["qbuf"]) > 0  # the pipelined EVALSHA of _READ_NEW, not yet run
         await self.publish(client, "2")
@@ -416,21 +418,42 @@ class TestRunnerOnRedis(RunnerContract):
         assert await asyncio.wait_for(waiting, 10) == 1
         assert await _xreadgroup_calls(client) == reads + 1
         assert handler.calls == [["1"], ["2"]]
+        assert await consumer.burst() == 0  # nothing new; "2" acknowledged
         assert await client.xpending(STREAM, GROUP) == {"pending": 0, "min": None, "max": None, "consumers": []}
+
+    async def test_an_unleased_consumer_acknowledges_a_batch_before_its_next_read_blocks(self, client: Any) -> None:
+        handler = Recorder()
+        consumer = self.consumer(client, handler, "a")
+        await consumer.ensure_group()
+        await self.publish(client, "1", "2")
+        assert await consumer.step() == 2
+        assert await _pending(client) == 2  # handled: acknowledged with the next read
+
+        waiting = asyncio.create_task(consumer.step())
+        await _blocked_in(client, "xreadgroup")
+        assert await _pending(client) == 0
+        await self.publish(client, "3")
+        assert await asyncio.wait_for(waiting, 10) == 1
+
+        stop = asyncio.Event()
+        stop.set()
+        await consumer.run(stop)  # a consumer that stops acknowledges what it handled
+        assert handler.calls == [["1", "2"], ["3"]]
+        assert await _pending(client) == 0
 
 
 async def _xreadgroup_calls(client: Any) -> int:
     return int((await client.info("commandstats")).get("cmdstat_xreadgroup", {}).get("calls", 0))
 
 
-async def _blocked_in_xread(client: Any) -> dict[str, Any]:
-    """The client of the server blocked in XREAD (per CLIENT LIST), once there is one."""
+async def _blocked_in(client: Any, command: str) -> dict[str, Any]:
+    """The client of the server blocked in ``command`` (per CLIENT LIST), once there is one."""
     for _ in range(1000):
         for found in await client.client_list():
-            if found["cmd"] == "xread" and "b" in found["flags"]:
+            if found["cmd"] == command and "b" in found["flags"]:
                 return found
         await asyncio.sleep(0.01)
-    raise AssertionError("no client blocked in XREAD")
+    raise AssertionError(f"no client blocked in {command}")
 
 
 class TestRunnerOnCluster(RunnerContract):
