@@ -498,14 +498,13 @@ class StreamConsumer:
 
     async def _execute(self, pipe: Any) -> list[Any]:
         """Run a pipeline made by ``_acknowledging``; the batch is acknowledged once it returns.
-        Cut short by an outage, the acknowledgement may not have run: the batch's count is given
-        back (``_uncounted``), so a consumer that claims it later handles it as given back, not
-        as a failed delivery (it was handled: handling it again changes nothing)."""
+        Cut short by an outage, the acknowledgement may or may not have run: it is sent again
+        with the next read (acknowledging an entry twice changes nothing)."""
         handled, self._handled = self._handled, []
         try:
             results: list[Any] = await pipe.execute(raise_on_error=False)
         except self.retryable:
-            self._uncounted.update(e.id for e in handled)
+            self._handled = handled + self._handled
             raise
         if handled and isinstance(results[0], redis_errors.NoScriptError):
             await self._ack(handled)  # the server lost its script cache: the call loads it

@@ -16,6 +16,7 @@ import contextlib
 from typing import Any
 
 import pytest
+from redis import exceptions as redis_errors
 
 from consumers.entries import Entry
 from consumers.runner import ConsumerSettings, LeaseLost, StreamConsumer, Undeliverable
@@ -440,6 +441,32 @@ class TestRunnerOnRedis(RunnerContract):
         await consumer.run(stop)  # a consumer that stops acknowledges what it handled
         assert handler.calls == [["1", "2"], ["3"]]
         assert await _pending(client) == 0
+
+
+async def test_an_outage_while_waiting_keeps_the_batch_to_acknowledge_again(redis: Any) -> None:
+    """The connection dies while the read behind the acknowledgement blocks: whether or not the
+    acknowledgement ran, it is sent again with the next read; nothing is handled twice and no
+    counter is left behind."""
+    handler = Recorder()
+    settings = ConsumerSettings(batch_size=2, block_ms=10_000, claim_idle_ms=60_000, max_deliveries=2)
+    consumer = StreamConsumer(
+        redis, stream=STREAM, group=GROUP, handler=handler, dead_stream=DEAD, name="a", settings=settings
+    )
+    await consumer.ensure_group()
+    await redis.xadd(STREAM, {"n": "1"})
+    assert await consumer.step() == 1
+
+    waiting = asyncio.create_task(consumer.step())
+    blocked = await _blocked_in(redis, "xreadgroup")
+    await redis.client_kill_filter(_id=blocked["id"])
+    with pytest.raises(redis_errors.ConnectionError):
+        await asyncio.wait_for(waiting, 10)
+
+    await redis.xadd(STREAM, {"n": "2"})
+    assert await consumer.burst() == 1
+    assert handler.calls == [["1"], ["2"]]
+    assert await _pending(redis) == 0
+    assert await redis.exists(TRIES) == 0
 
 
 async def _xreadgroup_calls(client: Any) -> int:
