@@ -373,19 +373,23 @@ class StreamConsumer:
         """Consume until ``stop`` is set; survive Redis outages with capped backoff."""
         backoff = Backoff(max_s=self.settings.backoff_max_s)
         await poll(stop, self._attempt, retry_on=self.retryable, on_retry=self._server_away, backoff=backoff)
-        await self._flush()
-        if self.lease_key is not None:
-            await self._give_up(self.lease_key)
+        await self._leave()
         self.log.info("consumer stopped")
 
-    async def _give_up(self, lease: str) -> None:
-        """A consumer that stops gives its lease up (its last batch is done): a standby takes
-        over at once, and what watches the lease sees the role stopped (the handler's append
-        step makes the live projection's writes only while a projection consumer holds it)."""
+    async def _leave(self) -> None:
+        """A consumer that stops acknowledges its last batch and gives its lease up: a standby
+        takes over at once, and what watches the lease sees the role stopped (the handler's
+        append step makes the live projection's writes only while a projection consumer holds
+        it). With the server away, the batch is claimed later and handled again (idempotently),
+        and the lease lapses by itself."""
         try:
-            await release_lease(self.redis, lease, self.name)
+            await self._flush()
+            if self.lease_key is not None:
+                await release_lease(self.redis, self.lease_key, self.name)
         except RETRYABLE as exc:
-            self.log.warning("lease not given up: it lapses by itself", error=str(exc))
+            self.log.warning(
+                "stopped with the server away: last batch left pending, lease left to lapse", error=str(exc)
+            )
 
     async def _attempt(self) -> bool:
         try:

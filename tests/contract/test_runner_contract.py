@@ -16,6 +16,7 @@ import contextlib
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from consumers.entries import Entry
@@ -467,6 +468,30 @@ async def test_an_outage_while_waiting_keeps_the_batch_to_acknowledge_again(redi
     assert handler.calls == [["1"], ["2"]]
     assert await _pending(redis) == 0
     assert await redis.exists(TRIES) == 0
+
+
+async def test_a_consumer_stopping_while_the_server_does_not_answer_stops_all_the_same(
+    redis: Any, redis_url: str
+) -> None:
+    """Its last batch stays pending (claimed later, handled again: handlers are idempotent) and
+    its lease lapses by itself. The server holds writes (CLIENT PAUSE) past the consumer's
+    socket timeout."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=0.3)
+    consumer = StreamConsumer(
+        client, stream=STREAM, group=GROUP, handler=Recorder(), dead_stream=DEAD, name="a", settings=SETTINGS
+    )
+    await consumer.ensure_group()
+    await redis.xadd(STREAM, {"n": "1"})
+    assert await consumer.step() == 1
+    stop = asyncio.Event()
+    stop.set()
+    await redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+    try:
+        await asyncio.wait_for(consumer.run(stop), 10)
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        await client.aclose()
+    assert await _pending(redis) == 1
 
 
 async def _xreadgroup_calls(client: Any) -> int:
