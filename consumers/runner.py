@@ -518,10 +518,11 @@ class StreamConsumer:
         return results
 
     async def _flush(self) -> None:
-        """Acknowledge the batch handled last, if any, on its own."""
+        """Acknowledge the batch handled last, if any, on its own (kept for the next read if the
+        server does not answer)."""
         if self._handled:
-            handled, self._handled = self._handled, []
-            await self._ack(handled)
+            await self._ack(self._handled)
+            self._handled = []
 
     async def _read_new(self) -> tuple[list[Entry], list[int]]:
         script = self._scripts["read_new"]
