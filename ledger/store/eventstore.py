@@ -269,9 +269,9 @@ class EventStore:
             pipe.hmget(self.keys.positions, position_ids)
         if slots:
             pipe.hmget(self.keys.slots, slots)
-        watch = self.live is not None and bool(users)
-        if self.live is not None and watch:
-            pipe.mget(*self.live.watched)
+        live = self.live if users else None  # read ahead once per batch, with the tokens
+        if live is not None:
+            pipe.mget(*live.watched)
             pipe.hget(self.keys.chain, "id")
         results = iter(await pipe.execute())
         tokens = {user: text(value) or "" for user, value in zip(users, next(results), strict=True)} if users else {}
@@ -284,9 +284,9 @@ class EventStore:
         if slots:
             for slot, value in zip(slots, next(results), strict=True):
                 book.slots[slot] = text(value) or None
-        if self.live is not None and watch:
+        if live is not None:
             checkpoint, holder = next(results)
-            self._projecting = self.live.ready(text(checkpoint), text(holder), text(next(results)))
+            self._projecting = live.ready(text(checkpoint), text(holder), text(next(results)))
         absent = [i for i in order_ids if book.orders[i] is None] + [
             i for i in position_ids if book.positions[i] is None
         ]
