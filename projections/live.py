@@ -25,8 +25,9 @@ slow server) would still write. So each write is fenced:
   applier (``holder``), else ``LeaseLost`` is raised and nothing is written, and only if the
   checkpoint is still the one the writes were planned from, else nothing is written and the
   step starts again from the checkpoint found; the checkpoint moves in the same call (so only
-  forward: the writes are of later entries). The applier keeps the checkpoint it last wrote in
-  memory, so a step is one XRANGE and one call.
+  forward: the writes are of later entries). The applier reads the checkpoint once at the
+  start of a batch (the handler's append step moves it too, below), so a step is one XRANGE and
+  one call.
 * On Redis Cluster the legacy keys (no hash tag) span slots, so a step is one ``_APPLY`` call
   per slot, in one pipeline, each atomic on its own keys: every hash, set member and GRID level
   carries, in its fence (``keys.fence``, on the key's own slot), the entry id of the last event
@@ -332,8 +333,13 @@ class _Writes:
         self.scheduled = True
 
 
-# How many keys come before a plain Redis step's writes (``_APPLY``: the checkpoint, the lease,
-# the progress stream).
+def _step_keys(shard_keys: keys.ShardKeys) -> list[str]:
+    """The keys a step declares before its writes (``_APPLY``, and the append step's projection
+    keys): the checkpoint, the projection's lease, the progress stream."""
+    return [shard_keys.checkpoint, shard_keys.lease(GROUP), shard_keys.progress]
+
+
+# How many keys come before a plain Redis step's writes (``_step_keys``).
 _STEP_KEYS = 3
 
 
@@ -351,7 +357,8 @@ class InlineProjection:
         self, shard: int, final_order_ttl_s: int = FINAL_ORDER_TTL_S, fence_keep_s: int = FENCE_KEEP_S
     ) -> None:
         self.keys = keys.ShardKeys(shard)
-        self.watched = (self.keys.checkpoint, self.keys.lease(GROUP))
+        checkpoint, lease, _progress = _step_keys(self.keys)
+        self.watched = (checkpoint, lease)
         self.final_order_ttl_s = final_order_ttl_s
         self.forget_after_s = max(final_order_ttl_s, fence_keep_s)
 
@@ -370,7 +377,7 @@ class InlineProjection:
             "", now + self.final_order_ttl_s * 1000, now + self.forget_after_s * 1000, self.keys.expiring, None
         )
         call = writes.calls[0] = _Call(offset)
-        for step_key in (*self.watched, self.keys.progress):
+        for step_key in _step_keys(self.keys):
             call.key(step_key)
         made: list[list[list[Any]] | bool] = []
         for append in appends:
@@ -491,7 +498,7 @@ class LiveProjection:
         if writes is None:
             self._checkpoint_known = self.atomic
             return False
-        step_keys = [self.keys.checkpoint, self.lease, self.keys.progress]
+        step_keys = _step_keys(self.keys)
         move = [self.holder or "", planned_from or "", writes.last_id, str(PROGRESS_KEEP)]
         if self.atomic:
             call = writes.calls.get(0) or _Call(_STEP_KEYS)
