@@ -36,6 +36,7 @@ from consumers.backoff import Backoff, poll
 from consumers.deadletter import Reply, write_dead_letter
 from consumers.entries import Entry
 from consumers.runner import RETRYABLE, ConsumerSettings, StreamConsumer
+from consumers.user_books import UserBooks
 from ledger import defaults
 from ledger.config import ServerNotConfigured, Settings, known_url
 from ledger.domain import wire
@@ -85,6 +86,8 @@ class CommandHandler:
         self.new_id = new_id
         # Called when a duplicate of a compacted command starts waiting (wakes its OutcomeReader).
         self.on_archived = on_archived
+        # The users it appended for last, as it left them: no load for them (``UserBooks``).
+        self.books = UserBooks()
         self.log = log.bind(shard=store.keys.shard)  # bound once: the module's proxy binds per call
 
     async def handle(self, entries: list[Entry]) -> None:
@@ -160,37 +163,48 @@ class CommandHandler:
 
     async def _handle_commands(self, commands: list[_Pending]) -> None:
         book = Book()
-        tokens, cold = await self._load(book, [p.command for p in commands])
+        known = self.books.take(book, {p.command.user_id for p in commands})
+        tokens, cold = await self._load(book, [p.command for p in commands], known)
+        decided = commands
+        unsure: set[str] = set()  # users not kept in memory: a command not appended as decided
         if cold:
-            commands = await self._defer(commands, book, cold)
+            decided = await self._defer(commands, book, cold)
+            remaining = {id(p) for p in decided}
+            unsure = {p.command.user_id for p in commands if id(p) not in remaining}
         with exact_arithmetic():
-            appends = [self._decide(p, book, tokens) for p in commands]
+            appends = [self._decide(p, book, tokens) for p in decided]
         results = await self.store.append_many(appends)
         conflicted: set[str] = set()
         retry: list[_Pending] = []
-        for pending, append, result in zip(commands, appends, results, strict=True):
+        for pending, append, result in zip(decided, appends, results, strict=True):
             user = pending.command.user_id
+            if result.status != "ok":
+                unsure.add(user)
             if result.status == "conflict" or user in conflicted:
                 conflicted.add(user)
                 retry.append(pending)
             else:
                 self._log_outcome(pending, append, result.status)
+        self.books.keep(book, {user: token for user, token in tokens.items() if user not in unsure})
         for pending in retry:
             await self._handle_alone(pending)
 
-    async def _load(self, book: Book, commands: Sequence[wire.Command]) -> tuple[dict[str, str], set[str]]:
+    async def _load(
+        self, book: Book, commands: Sequence[wire.Command], known: dict[str, str]
+    ) -> tuple[dict[str, str], set[str]]:
         """Load what the commands need, in pipelined waves until nothing is missing, and return
-        the aggregates found archived (cold) and their users' tokens, read first in the first
-        wave's round trip: state read after a token
-        is at least as new as it, so an append made in between by another handler always shows
-        as a conflict. A wave follows what the last one loaded (an order's position, a slot's
-        position; a position refers to nothing, so two waves follow the longest chain). A command
-        is walked again only while it misses something: the book only grows. Deciding needs no
-        more loading: evolving the book by a decision adds every aggregate and slot the decision
-        made."""
+        the aggregates found archived (cold) and the users' tokens: ``known``'s (the users the
+        book was given from memory, ``UserBooks``), the others' read first in the first wave's
+        round trip: state read after a token is at least as new as it, so an append made in
+        between by another handler always shows as a conflict. A wave follows what the last one
+        loaded (an order's position, a slot's position; a position refers to nothing, so two
+        waves follow the longest chain). A command is walked again only while it misses
+        something: the book only grows. Deciding needs no more loading: evolving the book by a
+        decision adds every aggregate and slot the decision made. With every user known and
+        nothing missing, nothing is read."""
         pending = list(commands)
-        tokens_of = [command.user_id for command in commands]
-        tokens: dict[str, str] = {}
+        tokens = dict(known)
+        tokens_of = [command.user_id for command in commands if command.user_id not in known]
         cold: set[str] = set()
         while True:
             wanted = [requirements(command, book, instrument_table()) for command in pending]
@@ -251,7 +265,7 @@ class CommandHandler:
         """Decide one command again on fresh state until its append is not in conflict."""
         for _attempt in range(MAX_CONFLICT_RETRIES):
             book = Book()
-            tokens, cold = await self._load(book, [pending.command])
+            tokens, cold = await self._load(book, [pending.command], {})
             if cold and not await self._defer([pending], book, cold):
                 return
             with exact_arithmetic():

@@ -58,9 +58,10 @@ script that appends a chunk's events also makes their live writes (``plan``'s, t
 same atomic step; so a reply comes with its live keys written, and the projection, which still
 reads every entry, finds them applied (it reads the checkpoint at the start of each batch). The
 checkpoint check is the fence: the projection's own step, planned from an older checkpoint, is
-refused and starts again from the one found. The handler plans the writes only when its load saw
-the projection caught up, and only for a chunk of at most ``INLINE_EVENTS`` events (a larger one
-says the handler is busy: the projection's process applies it in parallel); a GRID order's writes
+refused and starts again from the one found. The handler plans the writes only for a chunk of at
+most ``INLINE_EVENTS`` events (a larger one says the handler is busy: the projection's process
+applies it in parallel), and the script makes them only when the rule holds (the handler no longer
+reads the rule ahead: it loads no state for a user whose state it holds); a GRID order's writes
 depend on which order holds its level, which only the projection reads, so from a command with
 one on the checkpoint stays behind and the projection applies the rest. A consumer that stops
 gives its lease up, so a stopped projection stops these writes at once (one that died, after its
@@ -357,17 +358,8 @@ class InlineProjection:
         self, shard: int, final_order_ttl_s: int = FINAL_ORDER_TTL_S, fence_keep_s: int = FENCE_KEEP_S
     ) -> None:
         self.keys = keys.ShardKeys(shard)
-        checkpoint, lease, _progress = _step_keys(self.keys)
-        self.watched = (checkpoint, lease)
         self.final_order_ttl_s = final_order_ttl_s
         self.forget_after_s = max(final_order_ttl_s, fence_keep_s)
-
-    def ready(self, checkpoint: str | None, holder: str | None, head: str | None) -> bool:
-        """The script's rule: a projection consumer holds the lease, and the checkpoint is the
-        log's head."""
-        return (
-            holder is not None and holder.startswith(names_of(GROUP)) and checkpoint is not None and checkpoint == head
-        )
 
     def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]] | None:
         if sum(len(append.events) for append in appends) > INLINE_EVENTS:

@@ -84,6 +84,13 @@ def drift_slot(user_id: str, exchange: str, market: str, kind: str) -> str:
     return f"{DRIFT_SLOT_PREFIX}{user_id}|{exchange}|{market}|{kind}"
 
 
+def slot_user(slot: str) -> str:
+    """The user of a slot: a position slot's (``slot_field``: four parts) or a drift slot's
+    (``drift_slot``: the prefix and four parts)."""
+    parts = slot.split("|")
+    return parts[1] if len(parts) == 5 and slot.startswith(DRIFT_SLOT_PREFIX) else parts[0]
+
+
 @exact
 def position_payload(position: PositionState) -> dict[str, Any]:
     """A position's fields as a position event carries them (decimals as wire strings)."""

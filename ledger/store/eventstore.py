@@ -181,16 +181,9 @@ class InlineWrites(Protocol):
     (``lua/append.lua``, ARGV[5..7]): given the chunk and how many keys come before theirs, the
     keys to declare (the projection's checkpoint, lease and progress stream, then the live keys)
     and the arguments (the writes, how the projection's consumers' names begin, how many entries
-    its progress stream keeps), or None to leave the chunk to the projection.
-    ``projections.live.InlineProjection`` is the one.
-
-    ``watched`` (the projection's checkpoint and lease) are read with the state the commands
-    need, and ``ready`` tells from them and the log's head whether the script would make the
-    writes (its rule, read ahead): while the projection lags, none are planned."""
-
-    watched: tuple[str, str]
-
-    def ready(self, checkpoint: str | None, holder: str | None, head: str | None) -> bool: ...
+    its progress stream keeps), or None to leave the chunk to the projection. The script makes
+    the writes only while the projection is caught up (its rule, checked in the same atomic
+    step). ``projections.live.InlineProjection`` is the one."""
 
     def __call__(self, appends: Sequence[Append], offset: int) -> tuple[list[str], list[Any]] | None: ...
 
@@ -240,7 +233,6 @@ class EventStore:
         # The live projection's writes, made by each append while the projection is caught up
         # (plain Redis only: the live keys have no hash tag); without it the projection makes them.
         self.live = live
-        self._projecting = True  # as ``live.ready`` last said, when state was loaded
         # Reads orders and positions compaction moved to PostgreSQL (``ledger.store.log.aggregate_reader``),
         # for ``order`` and ``position``; without it they answer None for those.
         self.archive = archive
@@ -269,10 +261,6 @@ class EventStore:
             pipe.hmget(self.keys.positions, position_ids)
         if slots:
             pipe.hmget(self.keys.slots, slots)
-        live = self.live if users else None  # read ahead once per batch, with the tokens
-        if live is not None:
-            pipe.mget(*live.watched)
-            pipe.hget(self.keys.chain, "id")
         results = iter(await pipe.execute())
         tokens = {user: text(value) or "" for user, value in zip(users, next(results), strict=True)} if users else {}
         if order_ids:
@@ -284,9 +272,6 @@ class EventStore:
         if slots:
             for slot, value in zip(slots, next(results), strict=True):
                 book.slots[slot] = text(value) or None
-        if live is not None:
-            checkpoint, holder = next(results)
-            self._projecting = live.ready(text(checkpoint), text(holder), text(next(results)))
         absent = [i for i in order_ids if book.orders[i] is None] + [
             i for i in position_ids if book.positions[i] is None
         ]
@@ -368,7 +353,7 @@ class EventStore:
             *replies,
         ]
         # The projection's keys (``live``) come after the index buckets, one per command.
-        planned = self.live(appends, len(fixed) + len(appends)) if self.live and self._projecting else None
+        planned = self.live(appends, len(fixed) + len(appends)) if self.live else None
         live_keys, live_args = planned or ([], [])
 
         async def call() -> Any:

@@ -50,18 +50,10 @@ class Counted(InlineProjection):
         return super().__call__(appends, offset)
 
 
-class Eager(Counted):
-    """Plans writes whatever the projection's state when loaded: what the script alone decides
-    when the projection moved between the handler's load and its append."""
-
-    def ready(self, checkpoint: str | None, holder: str | None, head: str | None) -> bool:
-        return True
-
-
-async def _caught_up(redis: Any, kind: type[Counted] = Counted) -> tuple[Rig, Counted]:
+async def _caught_up(redis: Any) -> tuple[Rig, Counted]:
     """A rig whose handler makes the live writes, two orders placed and projected by the
     projection (which holds its lease now)."""
-    planner = kind(0)
+    planner = Counted(0)
     rig = await Rig.start(redis, live=lambda _shard: planner)
     await rig.place(USER, "buy", "0.2", "100")
     await rig.place(USER, "buy", "0.3", "99")
@@ -114,21 +106,20 @@ async def _no_checkpoint(redis: Any) -> None:
     await redis.delete(KEYS.checkpoint)  # the projection applied nothing: a log older than it
 
 
-@pytest.mark.parametrize("kind", [Counted, Eager])
 @pytest.mark.parametrize("situation", [_no_lease, _tool_holds_the_lease, _checkpoint_behind, _no_checkpoint])
 async def test_nothing_is_written_unless_the_projection_holds_its_lease_and_applied_the_whole_log(
-    redis: Any, situation: Callable[[Any], Awaitable[None]], kind: type[Counted]
+    redis: Any, situation: Callable[[Any], Awaitable[None]]
 ) -> None:
-    """Seen when the state is loaded, no writes are planned; planned anyway (the projection
-    moved in between), the script makes none."""
-    rig, planner = await _caught_up(redis, kind)
+    """The handler plans the writes of every small chunk; the script makes none unless the
+    projection is caught up."""
+    rig, planner = await _caught_up(redis)
     await situation(redis)
     checkpoint = await redis.get(KEYS.checkpoint)
     planned = planner.planned
 
     order = await rig.place(USER, "sell", "0.1", "99")
 
-    assert planner.planned == planned + (kind is Eager)
+    assert planner.planned == planned + 1
     assert await redis.exists(f"orders:{order}") == 0
     assert await redis.get(KEYS.checkpoint) == checkpoint
     if situation is _tool_holds_the_lease:
@@ -217,9 +208,9 @@ ACTIONS = st.lists(
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(actions=ACTIONS, eager=st.booleans())
+@given(actions=ACTIONS)
 def test_any_interleaving_leaves_the_keys_a_projection_of_the_whole_log_leaves(
-    redis_url: str, actions: list[tuple[Any, ...]], eager: bool
+    redis_url: str, actions: list[tuple[Any, ...]]
 ) -> None:
     """Orders placed (some on GRID levels), filled in parts, cancelled; the projection run, paused
     by a tool, resumed, its lease lapsed, at any point between them: once the projection has run
@@ -229,7 +220,7 @@ def test_any_interleaving_leaves_the_keys_a_projection_of_the_whole_log_leaves(
         redis = await connect(redis_url)
         try:
             await redis.flushall()
-            rig = await Rig.start(redis, live=Eager if eager else InlineProjection)
+            rig = await Rig.start(redis, live=InlineProjection)
             open_orders = [(await rig.place(USER, "buy", "1", "100"), "1")]  # (order id, quantity left)
             for action in actions:
                 if action[0] == "place":

@@ -7,8 +7,6 @@ the events come from the real command handler (``tests.log_helpers.Rig``)."""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from projections import live, verify
 from projections.live import LiveProjection
 from tests.live_helpers import projected_afresh, snapshot
 from tests.log_helpers import Rig
+from tests.round_trips import RoundTrips
 
 USER = "alice"
 KEYS = ShardKeys(0)
@@ -31,59 +30,6 @@ async def _calls(redis: Any, *commands: str) -> dict[str, int]:
     return {c: int(stats[f"cmdstat_{c}"]["calls"]) for c in commands if f"cmdstat_{c}" in stats}
 
 
-class _RoundTrips:
-    """The real client, recording each round trip the projection makes: a command's name, or
-    the names of a pipeline's commands."""
-
-    def __init__(self, real: Any, then: dict[str, Callable[[], Awaitable[Any]]] | None = None) -> None:
-        self.real = real
-        self.trips: list[str] = []
-        self.then = then or {}  # command -> what happens once its first call has returned
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.real, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            result = method(*args, **kwargs)
-            if inspect.isawaitable(result):  # a round trip (not, say, a cluster's keyslot)
-                self.trips.append(str(args[0]) if name == "execute_command" else name)
-                if name in self.then:
-                    return self._then(result, self.then.pop(name))
-            return result
-
-        return call
-
-    @staticmethod
-    async def _then(result: Awaitable[Any], then: Callable[[], Awaitable[Any]]) -> Any:
-        value = await result
-        await then()
-        return value
-
-    def pipeline(self, transaction: bool = False) -> _Pipeline:
-        return _Pipeline(self, self.real.pipeline(transaction=transaction))
-
-
-class _Pipeline:
-    def __init__(self, owner: _RoundTrips, real: Any) -> None:
-        self.owner = owner
-        self.real = real
-        self.names: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.real, name)
-
-        def queue(*args: Any, **kwargs: Any) -> _Pipeline:
-            self.names.append(name)
-            method(*args, **kwargs)
-            return self
-
-        return queue
-
-    async def execute(self) -> list[Any]:
-        self.owner.trips.append(f"pipeline({', '.join(self.names)})")
-        return await self.real.execute()  # type: ignore[no-any-return]
-
-
 async def _last(redis: Any) -> Entry:
     ((entry_id, _fields),) = await redis.xrevrange(KEYS.events, count=1)
     return Entry(entry_id, {})
@@ -94,7 +40,7 @@ async def test_a_plain_redis_step_is_one_script_call(redis: Any, monkeypatch: py
     rig = await Rig.start(redis)
     order = await rig.place(USER, "buy", "0.1", "100")
     projection = LiveProjection(redis, 0, holder="me")
-    projection.redis = trips = _RoundTrips(redis)
+    projection.redis = trips = RoundTrips(redis)
     await redis.set(KEYS.lease(live.GROUP), "me")
 
     await redis.config_resetstat()
@@ -140,7 +86,7 @@ async def test_a_delivered_batch_that_follows_the_checkpoint_is_applied_as_deliv
     placed = await _last(redis)
     await projection.handle(await _delivered_after(redis, "0-0"))  # the first step reads the log
     await rig.fill(USER, order, "0.1", "100")  # OrderPartiallyFilled, PositionOpened: chain 2, 3
-    projection.redis = trips = _RoundTrips(redis)
+    projection.redis = trips = RoundTrips(redis)
 
     # Chain numbers 2 and 3 follow the checkpoint's 1, which is still the one it wrote: applied
     # as delivered (in log order, whatever the order delivered), no XRANGE.
@@ -161,7 +107,7 @@ async def test_a_delivered_batch_with_a_gap_is_read_from_the_log(redis: Any, mon
     placed = await _last(redis)
     await rig.fill(USER, order, "0.1", "100")
     await rig.fill(USER, order, "0.1", "101")  # chain 2 to 5
-    projection.redis = trips = _RoundTrips(redis)
+    projection.redis = trips = RoundTrips(redis)
     after = await _delivered_after(redis, placed.id)
 
     # 2, 4 and 5 delivered (3 went to another reader): the log is read, 3 applied in its place.
@@ -186,7 +132,7 @@ async def _moved_under_it(redis: Any) -> list[str]:
     await rig.fill(USER, order, "0.1", "100")
     second = await _last(redis)
     await rig.fill(USER, order, "0.1", "101")
-    a.redis = trips = _RoundTrips(redis, then={"mget": lambda: b.handle([second])})
+    a.redis = trips = RoundTrips(redis, then={"mget": lambda: b.handle([second])})
     await a.handle([await _last(redis)])
     assert (await redis.get(KEYS.checkpoint)) == (await _last(redis)).id
     position = await redis.hgetall(f"positions:{USER}:okx:BTC-USDT-SWAP:long")
@@ -242,7 +188,7 @@ async def test_a_cluster_step_is_one_call_per_slot_then_the_checkpoint(redis_clu
     rig = await Rig.start(redis)
     order = await rig.place(USER, "buy", "0.1", "100")
     projection = LiveProjection(redis, 0)
-    projection.redis = trips = _RoundTrips(redis)
+    projection.redis = trips = RoundTrips(redis)
     await projection.handle([await _last(redis)])
     written = [f"orders:{order}", f"orders:user:{USER}:okx", "orders:open:okx:BTC-USDT-SWAP"]
     slots = {redis.keyslot(key) for key in written}  # each key's fence is on the key's slot

@@ -2,10 +2,11 @@
 
 A hypothesis state machine publishes commands of two users (orders, partial fills, cancels,
 one-way flips, hedge mode, closes, liquidations, duplicates, fills of unknown orders, malformed
-entries) as raw stream entries to a real Redis, runs the real command handler and live projection
-(built by ``ledger serve``'s role factories: the handler's append step makes the live writes
-while the projection is caught up) to quiescence after every step, and checks three views
-against each other:
+entries) as raw stream entries to a real Redis, runs two real command handlers taking turns (each
+keeps the users it appended for in memory, which the other makes stale) and the live projection
+(built by ``ledger serve``'s role factories: the handler's append step makes the live writes while
+the projection is caught up) to quiescence after every step, and checks three views against each
+other:
 
 * a small independent model written here from CONTRACT §3, §6, §7 (not from the project's code):
   which commands are accepted, order statuses and filled quantities, and per side the one open
@@ -185,10 +186,8 @@ class Books(RuleBasedStateMachine):
             self.redis = await connect(self.redis_url)
             await self.redis.flushall()
             cfg = Settings(redis_url=self.redis_url, shards=1, execution=parse_execution("external"), home=self.home)
-            self.consumers = [
-                *(await role_factory("handler")(self.redis, cfg)),
-                *(await role_factory("projection")(self.redis, cfg)),
-            ]
+            self.handlers = [await role_factory("handler")(self.redis, cfg) for _ in range(2)]
+            self.projection = await role_factory("projection")(self.redis, cfg)
 
         self.run(start())
 
@@ -217,9 +216,14 @@ class Books(RuleBasedStateMachine):
         return reply
 
     async def settle(self) -> None:
+        """Run the ledger until nothing moves. Two handlers take turns (the one that runs first
+        takes the command): each keeps the users it appended for in memory, which the other's
+        appends make stale every other command; the append step's token check must turn each
+        stale decision into a conflict decided again on fresh state."""
+        first, second = self.handlers if self.n % 2 else reversed(self.handlers)
         for _ in range(20):
             moved = 0
-            for consumer in self.consumers:
+            for consumer in [*first, *second, *self.projection]:
                 moved += await consumer.burst()
             if moved == 0:
                 return
