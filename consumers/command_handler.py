@@ -36,7 +36,7 @@ from consumers.backoff import Backoff, poll
 from consumers.deadletter import Reply, write_dead_letter
 from consumers.entries import Entry
 from consumers.runner import RETRYABLE, ConsumerSettings, StreamConsumer
-from consumers.user_books import UserBooks
+from consumers.user_books import Kept, UserBooks
 from ledger import defaults
 from ledger.config import ServerNotConfigured, Settings, known_url
 from ledger.domain import wire
@@ -163,7 +163,7 @@ class CommandHandler:
 
     async def _handle_commands(self, commands: list[_Pending]) -> None:
         book = Book()
-        known = self.books.take(book, {p.command.user_id for p in commands})
+        known = self.books.take({p.command.user_id for p in commands})
         tokens, cold = await self._load(book, [p.command for p in commands], known)
         decided = commands
         unsure: set[str] = set()  # users not kept in memory: a command not appended as decided
@@ -185,29 +185,34 @@ class CommandHandler:
                 retry.append(pending)
             else:
                 self._log_outcome(pending, append, result.status)
-        self.books.keep(book, {user: token for user, token in tokens.items() if user not in unsure})
+        self.books.keep(book, {user: token for user, token in tokens.items() if user not in unsure}, known)
         for pending in retry:
             await self._handle_alone(pending)
 
     async def _load(
-        self, book: Book, commands: Sequence[wire.Command], known: dict[str, str]
+        self, book: Book, commands: Sequence[wire.Command], known: dict[str, Kept]
     ) -> tuple[dict[str, str], set[str]]:
         """Load what the commands need, in pipelined waves until nothing is missing, and return
-        the aggregates found archived (cold) and the users' tokens: ``known``'s (the users the
-        book was given from memory, ``UserBooks``), the others' read first in the first wave's
-        round trip: state read after a token is at least as new as it, so an append made in
-        between by another handler always shows as a conflict. A wave follows what the last one
-        loaded (an order's position, a slot's position; a position refers to nothing, so two
-        waves follow the longest chain). A command is walked again only while it misses
-        something: the book only grows. Deciding needs no more loading: evolving the book by a
-        decision adds every aggregate and slot the decision made. With every user known and
-        nothing missing, nothing is read."""
+        the aggregates found archived (cold) and the users' tokens: the ``known`` users' from
+        memory (``UserBooks``), whose entries are looked up first, the others' read first in the
+        first wave's round trip: state read after a token is at least as new as it, so an append
+        made in between by another handler always shows as a conflict. A wave follows what the
+        last one loaded (an order's position, a slot's position; a position refers to nothing, so
+        two waves follow the longest chain); what memory gives is walked again at once. A command
+        is walked again only while it misses something: the book only grows. Deciding needs no
+        more loading: evolving the book by a decision adds every aggregate and slot the decision
+        made. With every user known and nothing missing, nothing is read."""
+        table = instrument_table()
         pending = list(commands)
-        tokens = dict(known)
+        tokens = {user: kept.token for user, kept in known.items()}
         tokens_of = [command.user_id for command in commands if command.user_id not in known]
         cold: set[str] = set()
         while True:
-            wanted = [requirements(command, book, instrument_table()) for command in pending]
+            wanted = [requirements(command, book, table) for command in pending]
+            recalled = list(range(len(pending))) if known else []
+            while recalled := [i for i in recalled if _recall(known, pending[i], book, wanted[i])]:
+                for i in recalled:  # what memory gave may name more
+                    wanted[i] = requirements(pending[i], book, table)
             missing = Requirements(
                 frozenset().union(*(w.order_ids for w in wanted)),
                 frozenset().union(*(w.position_ids for w in wanted)),
@@ -299,6 +304,12 @@ class CommandHandler:
             self.log.info("command rejected", code=append.reply.error.code, reason=append.reply.error.message, **fields)
         else:
             self.log.debug("command accepted", event_ids=[e.event_id for e in append.events], **fields)
+
+
+def _recall(known: dict[str, Kept], command: wire.Command, book: Book, wanted: Requirements) -> bool:
+    """Whether memory gave ``book`` some of what ``command`` wants (from its user's entry)."""
+    kept = known.get(command.user_id)
+    return kept is not None and kept.recall(book, wanted)
 
 
 def _reply(command: wire.Command, decision: Decision | Rejection) -> wire.Reply:

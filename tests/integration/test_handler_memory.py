@@ -75,6 +75,11 @@ async def test_a_memory_another_handler_made_stale_is_a_conflict_decided_again_o
     order = await _order(redis, order_id)
     assert (order["status"], order["filled_qty"], order["version"]) == ("filled", "1", 2)
     assert await redis.xlen(KEYS.events) == 3  # placed, filled, the position opened: no cancel
+    # a user whose command conflicted is forgotten: its next command reads its state first
+    first.store.redis = trips = RoundTrips(redis)
+    (placed,) = await _batch(redis, first, ("alice", "place_order", {**ORDER, "quantity": "1"}))
+    assert placed["status"] == "accepted"
+    assert trips.trips[0].startswith("pipeline(hmget") and trips.trips.count("EVALSHA") == 1  # no conflict
 
 
 async def test_another_users_order_is_never_remembered_for_the_user_who_named_it(redis: Any) -> None:
