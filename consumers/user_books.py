@@ -79,9 +79,6 @@ class UserBooks:
         self._users: OrderedDict[str, Kept] = OrderedDict()
         self._size = 0
 
-    def __len__(self) -> int:
-        return len(self._users)
-
     def take(self, users: Iterable[str]) -> dict[str, Kept]:
         """The entries of ``users`` that are kept, now the batch's (no longer here)."""
         taken: dict[str, Kept] = {}
