@@ -400,8 +400,11 @@ async def test_conflicting_append_is_decided_again_on_fresh_state(ledger_redis: 
         slow_store = SlowStore(client_a, 0, stats=stats_a)
         a = consumer(client_a, slow_store, "a")
         b = consumer(client_b, FastStore(client_b, 0), "b")
+        # Placed through B: A knows nothing of the user and reads its state; B decides f2 from
+        # the memory of its own append.
         await r.xadd(commands_key(0), {"type": "place_order", "data": place_order_json(user, "p1")})
-        assert await a.burst() == 1
+        assert await b.burst() == 1
+        b_done.clear()  # set by that append: A waits for B's next one
         order_id = (await peek_reply(r, reply_key(0, user, "p1")))["order_id"]
         slow_store.armed = True
         for n in (1, 2):
