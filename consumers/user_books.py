@@ -29,8 +29,9 @@ kept).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ledger.domain.decider import Requirements
 from ledger.domain.evolution import slot_user
@@ -107,18 +108,8 @@ class UserBooks:
                 owner.slots[slot] = held
                 if held is not None and held in book.positions and book.positions[held] is None:
                     owner.positions[held] = None  # reserved by the slot: no state yet
-        for order_id, order in book.orders.items():
-            if order is not None and (owner := entries.get(order.user_id)):
-                if order.status.is_final:
-                    owner.orders.pop(order_id, None)
-                else:
-                    owner.orders[order_id] = order
-        for position_id, position in book.positions.items():
-            if position is not None and (owner := entries.get(position.user_id)):
-                if position.status.is_final:
-                    owner.positions.pop(position_id, None)
-                else:
-                    owner.positions[position_id] = position
+        _merge(book.orders, entries, lambda entry: entry.orders)
+        _merge(book.positions, entries, lambda entry: entry.positions)
         for user, entry in entries.items():  # none is here: ``take`` gave the batch's users' entries
             if entry.size <= self.capacity:
                 self._users[user] = entry
@@ -126,3 +117,17 @@ class UserBooks:
         while self._size > self.capacity:
             _user, oldest = self._users.popitem(last=False)
             self._size -= oldest.size
+
+
+def _merge(
+    states: Mapping[str, OrderState | PositionState | None],
+    entries: dict[str, Kept],
+    kept_of: Callable[[Kept], dict[str, Any]],
+) -> None:
+    """Write each state over its owner's entry (``kept_of`` it): a final one leaves it."""
+    for aggregate_id, state in states.items():
+        if state is not None and (owner := entries.get(state.user_id)):
+            if state.status.is_final:
+                kept_of(owner).pop(aggregate_id, None)
+            else:
+                kept_of(owner)[aggregate_id] = state
