@@ -1,11 +1,13 @@
 """The command handler: decode, validate, decide, append, reply (CONTRACT §3, §4).
 
-A batch of command entries of one shard is handled in log order. State is loaded from the
+A batch of command entries of one shard is handled in log order. State is taken from the
+handler's memory of the users it appended for (``consumers.user_books``), else loaded from the
 shard's snapshots in a few pipelined waves, every command is decided by the pure decider
 against one in-memory book (in one exact decimal context for the whole batch), and all outcomes
 are appended in one script call, each atomically with its reply and deduplication record. When
-another handler changed a user's state in between (the append script answers ``conflict``), that
-user's remaining commands are decided again, one by one, on freshly loaded state. Malformed
+another handler changed a user's state in between (the append script answers ``conflict``:
+loaded or remembered, the state was older than the user's token), that user's remaining
+commands are decided again, one by one, on freshly loaded state. Malformed
 entries are dead-lettered, with a rejection reply when their ``command_id`` and ``user_id`` can be
 read, once per entry: a redelivered entry (a batch retried entry by entry, a claimed entry)
 writes neither again. Any other failure of one entry is the runner's to isolate (it retries the
