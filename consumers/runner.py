@@ -479,16 +479,13 @@ class StreamConsumer:
             return entries, before
         # Wait for an entry after the last one seen, without taking it (a plain read, which
         # costs the server no write), then take the new ones: one pipeline.
-        script = self._scripts["read_new"]
         pipe = self.redis.pipeline(transaction=False)
         pipe.xread({self.stream: self._last_seen}, count=1, block=self.settings.block_ms)
-        # ``execute_command``: redis-py's cluster pipeline refuses ``evalsha`` (the raw command
-        # is routed by its keys, both on the stream's slot).
-        pipe.execute_command("EVALSHA", script.sha, 2, self.stream, self.lease_key, *self._read_new_args())
+        self._queue_read_new(pipe)
         try:
             _waited, taken = await pipe.execute()
-        except redis_errors.NoScriptError:  # the server lost its script cache: the call loads it
-            taken = await script([self.stream, self.lease_key], self._read_new_args())
+        except redis_errors.NoScriptError:
+            taken = await self._read_new_loading()
         return await self._taken(taken)
 
     def _acknowledging(self) -> Any:
@@ -525,16 +522,25 @@ class StreamConsumer:
             self._handled = []
 
     async def _read_new(self) -> tuple[list[Entry], list[int]]:
-        script = self._scripts["read_new"]
         pipe = self._acknowledging()
-        pipe.execute_command("EVALSHA", script.sha, 2, self.stream, self.lease_key, *self._read_new_args())
+        self._queue_read_new(pipe)
         *_, taken = await self._execute(pipe)
-        if isinstance(taken, redis_errors.NoScriptError):  # the server lost its script cache
-            taken = await script([self.stream, self.lease_key], self._read_new_args())
+        if isinstance(taken, redis_errors.NoScriptError):
+            taken = await self._read_new_loading()
         return await self._taken(taken)
 
     def _read_new_args(self) -> list[Any]:
         return [self.group, self.name, self.settings.batch_size, self.name]
+
+    def _queue_read_new(self, pipe: Any) -> None:
+        """Queue ``_READ_NEW`` by its SHA (``execute_command``: redis-py's cluster pipeline
+        refuses ``evalsha``; the raw command is routed by its keys, both on the stream's slot)."""
+        sha = self._scripts["read_new"].sha
+        pipe.execute_command("EVALSHA", sha, 2, self.stream, self.lease_key, *self._read_new_args())
+
+    async def _read_new_loading(self) -> Any:
+        """``_READ_NEW`` called on its own, loading it: the server lost its script cache."""
+        return await self._scripts["read_new"]([self.stream, self.lease_key], self._read_new_args())
 
     async def _taken(self, result: Any) -> tuple[list[Entry], list[int]]:
         """The entries ``_READ_NEW`` took (``result``), with their counters before the mark."""

@@ -102,9 +102,8 @@ class UserBooks:
             owner = entries.get(slot_user(slot))
             if owner is not None:
                 before = owner.slots.get(slot)
-                if before is not None and before != held and before in owner.positions:
-                    if owner.positions[before] is None:  # a reservation the slot no longer makes
-                        del owner.positions[before]
+                if before is not None and before != held and owner.positions.get(before, False) is None:
+                    del owner.positions[before]  # a reservation the slot no longer makes
                 owner.slots[slot] = held
                 if held is not None and held in book.positions and book.positions[held] is None:
                     owner.positions[held] = None  # reserved by the slot: no state yet

@@ -423,6 +423,28 @@ class TestRunnerOnRedis(RunnerContract):
         assert await consumer.burst() == 0  # nothing new; "2" acknowledged
         assert await client.xpending(STREAM, GROUP) == {"pending": 0, "min": None, "max": None, "consumers": []}
 
+    async def test_a_leased_consumer_reads_on_after_the_server_lost_its_scripts(self, client: Any) -> None:
+        """``SCRIPT FLUSH`` (what a restarted server's cache looks like) before a read, and while
+        a read waits with ``_READ_NEW`` sent behind it: each script is loaded again as it is
+        needed (the read's, then the acknowledgement's), nothing is lost or left pending."""
+        handler = Recorder()
+        consumer = self.consumer(client, handler, "a", leased=True)
+        await consumer.ensure_group()
+        assert await consumer.step(block=False) == 0  # takes the lease, its scripts loaded
+        await client.script_flush()
+        await self.publish(client, "1")
+        assert await consumer.step(block=False) == 1
+
+        waiting = asyncio.create_task(consumer.step())  # acknowledges "1" first: script loaded again
+        await _blocked_in(client, "xread")
+        await client.script_flush()  # the _READ_NEW queued behind the wait is unknown now
+        await self.publish(client, "2")
+        assert await asyncio.wait_for(waiting, 10) == 1
+
+        assert await consumer.burst() == 0
+        assert handler.calls == [["1"], ["2"]]
+        assert await _pending(client) == 0
+
     async def test_an_unleased_consumer_acknowledges_a_batch_before_its_next_read_blocks(self, client: Any) -> None:
         handler = Recorder()
         consumer = self.consumer(client, handler, "a")
