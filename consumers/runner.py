@@ -353,7 +353,8 @@ class StreamConsumer:
         self._next_claim = 0.0
         self._next_retry = 0.0
         self._group_ready = False
-        # The stream's last entry id when the group had nothing new: a blocking XREAD waits after it.
+        # The last entry this consumer took, or the stream's last when the group had nothing
+        # new: the blocking XREAD of the next read waits after it.
         self._last_seen = "0-0"
         # When the lease was last confirmed (monotonic s): renewed at most every third of its life.
         self._lease_confirmed: float | None = None
@@ -362,11 +363,16 @@ class StreamConsumer:
     # ----------------------------------------------------------------- lifecycle
 
     async def ensure_group(self) -> None:
+        """Create the group if it is missing and load the consumer's scripts (at the start and
+        after every outage: a restarted server has none), so that an acknowledgement sent by
+        SHA ahead of a blocking read runs before the read blocks."""
         try:
             await self.redis.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
         except redis_errors.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        for script in self._scripts.values():
+            await self.redis.script_load(script.script)
         self._group_ready = True
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -454,10 +460,12 @@ class StreamConsumer:
         """The next batch and the entries' try counters as they were before it was marked:
         this consumer's own pending entries first (a batch that failed), else new ones. A
         consumer without a lease takes new entries with one XREADGROUP, blocking while there are
-        none; a leased one reads them with ``_READ_NEW`` (which checks the lease) and waits for
-        them with a plain XREAD, pipelined with the ``_READ_NEW`` that takes them (one round
-        trip: Redis runs a connection's commands in order, so the read runs once the wait
-        ends)."""
+        none; a leased one takes them with ``_READ_NEW`` (which checks the lease) behind a plain
+        XREAD that waits for an entry after the last one it saw (``_last_seen``: the last entry
+        it took, or the stream's last when it found nothing), in one round trip with the
+        acknowledgement of the batch before: Redis runs a connection's commands in order, so
+        the acknowledgement runs at once and the take once the wait ends, at once when an entry
+        is there already (a batch is one round trip, busy or idle)."""
         if self._own_pending:
             await self._flush()  # else the batch handled last is read again as pending
             response = await self.redis.xreadgroup(
@@ -474,17 +482,13 @@ class StreamConsumer:
             *_, response = await self._execute(pipe)
             entries = _entries(response)
             return entries, [-1] * len(entries)
-        entries, before = await self._read_new()
-        if entries or not block:
-            return entries, before
-        # Wait for an entry after the last one seen, without taking it (a plain read, which
-        # costs the server no write), then take the new ones: one pipeline.
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xread({self.stream: self._last_seen}, count=1, block=self.settings.block_ms)
+        pipe = self._acknowledging()
+        if block:
+            # Wait without taking (a plain read, which costs the server no write).
+            pipe.xread({self.stream: self._last_seen}, count=1, block=self.settings.block_ms)
         self._queue_read_new(pipe)
-        try:
-            _waited, taken = await pipe.execute()
-        except redis_errors.NoScriptError:
+        *_, taken = await self._execute(pipe)
+        if isinstance(taken, redis_errors.NoScriptError):
             taken = await self._read_new_loading()
         return await self._taken(taken)
 
@@ -521,14 +525,6 @@ class StreamConsumer:
             await self._ack(self._handled)
             self._handled = []
 
-    async def _read_new(self) -> tuple[list[Entry], list[int]]:
-        pipe = self._acknowledging()
-        self._queue_read_new(pipe)
-        *_, taken = await self._execute(pipe)
-        if isinstance(taken, redis_errors.NoScriptError):
-            taken = await self._read_new_loading()
-        return await self._taken(taken)
-
     def _read_new_args(self) -> list[Any]:
         return [self.group, self.name, self.settings.batch_size, self.name]
 
@@ -555,7 +551,9 @@ class StreamConsumer:
         if not found:
             self._last_seen = text(last) or "0-0"
             return [], []
-        return [_entry(raw_id, fields) for raw_id, fields in found], [-1] * len(found)
+        entries = [_entry(raw_id, fields) for raw_id, fields in found]
+        self._last_seen = entries[-1].id
+        return entries, [-1] * len(entries)
 
     async def _process(self, entries: list[Entry], before: list[int]) -> None:
         """Handle a batch whose entries were marked (``before``: their counters before the mark);

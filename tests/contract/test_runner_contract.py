@@ -423,6 +423,41 @@ class TestRunnerOnRedis(RunnerContract):
         assert await consumer.burst() == 0  # nothing new; "2" acknowledged
         assert await client.xpending(STREAM, GROUP) == {"pending": 0, "min": None, "max": None, "consumers": []}
 
+    async def test_a_leased_consumer_acknowledges_waits_and_takes_in_one_round_trip(self, client: Any) -> None:
+        """After a batch, the next step is one round trip whether or not an entry is there yet:
+        the acknowledgement, the wait (at once when an entry is there) and the take, two script
+        calls and one XREAD by the server's own count (a take tried before the wait would be a
+        third script call; the lease is renewed at most every 20 s and the wait lasts 10 s at
+        most, so neither adds a call)."""
+        handler = Recorder()
+        settings = ConsumerSettings(batch_size=2, block_ms=10_000, claim_idle_ms=60_000, max_deliveries=2)
+        consumer = StreamConsumer(
+            client,
+            stream=STREAM,
+            group=GROUP,
+            handler=handler,
+            dead_stream=DEAD,
+            name="a",
+            settings=settings,
+            lease_key=LEASE,
+        )
+        await consumer.ensure_group()
+        await self.publish(client, "1")
+        assert await consumer.step() == 1
+
+        before = await _calls(client, "evalsha", "xread")
+        waiting = asyncio.create_task(consumer.step())
+        await _blocked_in(client, "xread")
+        await self.publish(client, "2")
+        assert await asyncio.wait_for(waiting, 10) == 1
+        assert await _calls(client, "evalsha", "xread") == [before[0] + 2, before[1] + 1]
+
+        await self.publish(client, "3", "4")  # there already: the wait returns at once
+        before = await _calls(client, "evalsha", "xread")
+        assert await consumer.step() == 2
+        assert await _calls(client, "evalsha", "xread") == [before[0] + 2, before[1] + 1]
+        assert handler.calls == [["1"], ["2"], ["3", "4"]]
+
     async def test_a_leased_consumer_reads_on_after_the_server_lost_its_scripts(self, client: Any) -> None:
         """``SCRIPT FLUSH`` (what a restarted server's cache looks like) before a read, and while
         a read waits with ``_READ_NEW`` sent behind it: each script is loaded again as it is
@@ -517,7 +552,14 @@ async def test_a_consumer_stopping_while_the_server_does_not_answer_stops_all_th
 
 
 async def _xreadgroup_calls(client: Any) -> int:
-    return int((await client.info("commandstats")).get("cmdstat_xreadgroup", {}).get("calls", 0))
+    (calls,) = await _calls(client, "xreadgroup")
+    return calls
+
+
+async def _calls(client: Any, *commands: str) -> list[int]:
+    """How many times the server ran each of ``commands`` (script calls included)."""
+    stats = await client.info("commandstats")
+    return [int(stats.get(f"cmdstat_{command}", {}).get("calls", 0)) for command in commands]
 
 
 async def _blocked_in(client: Any, command: str) -> dict[str, Any]:
