@@ -61,6 +61,14 @@ not fence: a holder whose batch outlives the lease (a pause, a slow server) woul
 after the new holder wrote newer state. So every exclusive handler fences its own writes: it
 checks, in the batch's atomic step, that the lease still names this consumer (``name``) and
 raises ``LeaseLost`` when it does not; the delivery is then given back like a server outage.
+Its reads check the lease too (``_READ_NEW``, a script), so a holder whose lease lapsed takes
+nothing and entries reach the handler strictly in log order. A handler that applies the log from
+its own checkpoint whatever it is delivered (the live projection) passes ``ordered=False``: its
+reads block in one XREADGROUP (no script, and woken only by entries its group has not been
+moved past), and what a lapsed holder took stays pending until claimed, harmless to it.
+
+``idle``, when given, is called after a read that found nothing (every ``block_ms`` while
+nothing comes): work a handler does on its own time (the live projection's sweep).
 """
 
 from __future__ import annotations
@@ -325,9 +333,11 @@ class StreamConsumer:
         settings: ConsumerSettings | None = None,
         start_id: str = "0",
         lease_key: str | None = None,
+        ordered: bool = True,
         reads: bool = True,
         retryable: tuple[type[BaseException], ...] = (),
         on_dead_letter: DeadLetterHook | None = None,
+        idle: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -338,7 +348,9 @@ class StreamConsumer:
         self.settings = settings or ConsumerSettings()
         self.start_id = start_id
         self.lease_key = lease_key
+        self.ordered = ordered
         self.reads = reads
+        self.idle = idle
         self.retryable = RETRYABLE + retryable
         self.on_dead_letter = on_dead_letter
         self.tries = tries(stream, group)
@@ -451,6 +463,8 @@ class StreamConsumer:
                 entries, before = await self._read(block)
             if entries:
                 await self._process(entries, before)
+            elif self.idle is not None:
+                await self.idle()
         except LeaseLost:
             self._lease_confirmed = None  # the next step asks Redis who holds it
             raise
@@ -458,14 +472,15 @@ class StreamConsumer:
 
     async def _read(self, block: bool) -> tuple[list[Entry], list[int]]:
         """The next batch and the entries' try counters as they were before it was marked:
-        this consumer's own pending entries first (a batch that failed), else new ones. A
+        this consumer's own pending entries first (a batch that failed), else new ones, in one
+        round trip with the acknowledgement of the batch before (Redis runs a connection's
+        commands in order: the acknowledgement runs at once, before a read behind it blocks). A
         consumer without a lease takes new entries with one XREADGROUP, blocking while there are
-        none; a leased one takes them with ``_READ_NEW`` (which checks the lease) behind a plain
+        none; one not ``ordered`` too, then reads who holds the lease (a GET behind the read).
+        An ``ordered`` one takes them with ``_READ_NEW`` (which checks the lease) behind a plain
         XREAD that waits for an entry after the last one it saw (``_last_seen``: the last entry
-        it took, or the stream's last when it found nothing), in one round trip with the
-        acknowledgement of the batch before: Redis runs a connection's commands in order, so
-        the acknowledgement runs at once and the take once the wait ends, at once when an entry
-        is there already (a batch is one round trip, busy or idle)."""
+        it took, or the stream's last when it found nothing), at once when one is there already:
+        a batch is one round trip, busy or idle."""
         if self._own_pending:
             await self._flush()  # else the batch handled last is read again as pending
             response = await self.redis.xreadgroup(
@@ -475,12 +490,16 @@ class StreamConsumer:
             if entries:
                 return entries, await self._mark_pending(entries)
             self._own_pending = False
-        if self.lease_key is None:
+        if self.lease_key is None or not self.ordered:
             block_ms = self.settings.block_ms if block else None
             pipe = self._acknowledging()
             pipe.xreadgroup(self.group, self.name, {self.stream: ">"}, count=self.settings.batch_size, block=block_ms)
-            *_, response = await self._execute(pipe)
-            entries = _entries(response)
+            if self.lease_key is not None:
+                pipe.get(self.lease_key)
+            results = await self._execute(pipe)
+            if self.lease_key is not None and text(results.pop()) != self.name:
+                return await self._lost()
+            entries = _entries(results[-1])
             return entries, [-1] * len(entries)
         pipe = self._acknowledging()
         if block:
@@ -542,18 +561,22 @@ class StreamConsumer:
         """The entries ``_READ_NEW`` took (``result``), with their counters before the mark."""
         found, last, lost = result
         if lost:
-            # Taken by a tool (``consumers.pause``) or lapsed since this consumer last renewed it:
-            # take it again now if it is free (adopting what was left pending), else stand by.
-            self._lease_confirmed = None
-            if not await self._hold_lease():
-                return [], []
-            return await self._read(block=False)
+            return await self._lost()
         if not found:
             self._last_seen = text(last) or "0-0"
             return [], []
         entries = [_entry(raw_id, fields) for raw_id, fields in found]
         self._last_seen = entries[-1].id
         return entries, [-1] * len(entries)
+
+    async def _lost(self) -> tuple[list[Entry], list[int]]:
+        """A read found the lease naming another holder: taken by a tool (``consumers.pause``) or
+        lapsed since this consumer last renewed it. Take it again now if it is free (adopting
+        what was left pending, what a read not ``ordered`` took included), else stand by."""
+        self._lease_confirmed = None
+        if not await self._hold_lease():
+            return [], []
+        return await self._read(block=False)
 
     async def _process(self, entries: list[Entry], before: list[int]) -> None:
         """Handle a batch whose entries were marked (``before``: their counters before the mark);

@@ -55,10 +55,13 @@ alone already fences.
 projection's consumers (not a tool that paused it) and the checkpoint is the log's head, the
 script that appends a chunk's events also makes their live writes (``plan``'s, the one write path:
 ``ledger/store/lua/live_writes.lua``), moves the checkpoint and tells the progress stream, in the
-same atomic step; so a reply comes with its live keys written, and the projection, which still
-reads every entry, finds them applied (it reads the checkpoint at the start of each batch). The
+same atomic step, and moves the projection's group past them (its last-delivered id); so a reply
+comes with its live keys written, and the projection's consumer, blocked in XREADGROUP (not
+``ordered``: consumers.runner), is not even woken for them. One that took entries before the step
+moved the group finds them applied (it reads the checkpoint at the start of each batch). The
 checkpoint check is the fence: the projection's own step, planned from an older checkpoint, is
-refused and starts again from the one found. The handler plans the writes only for a chunk of at
+refused and starts again from the one found. The sweep below then runs when the consumer's read
+finds nothing (``sweep_if_due``), as well as after each batch. The handler plans the writes only for a chunk of at
 most ``INLINE_EVENTS`` events (a larger one says the handler is busy: the projection's process
 applies it in parallel), and the script makes them only when the rule holds (the handler no longer
 reads the rule ahead: it loads no state for a user whose state it holds); a GRID order's writes
@@ -69,8 +72,9 @@ lease's time).
 
 Final orders stay readable in ``orders:{id}`` for ``final_order_ttl_s`` (``LEDGER_FINAL_ORDER_TTL_S``,
 7 days by default), then expire; they leave ``orders:open:…`` at once, and the projection removes their ids from
-``orders:user:…`` once their hash has expired (``ShardKeys.expiring``, swept after a batch when
-its first item is due, and read at least every ``SWEEP_EVERY_MS`` for items another applier
+``orders:user:…`` once their hash has expired (``ShardKeys.expiring``, swept after a batch, or
+when a read finds nothing, once its first item is due, and read at least every ``SWEEP_EVERY_MS``
+for items another applier
 scheduled).
 Closed and liquidated positions leave every live key at once; history is in PostgreSQL. Fence
 fields of final orders and closed positions are dropped after the same retention, but never
@@ -379,7 +383,7 @@ class InlineProjection:
             call.writes = []
             plan(writes, ((str(number), event) for number, event in enumerate(append.events, 1)), GridLevels())
             made.append(call.writes)
-        return call.keys, [_packer.encode(made), names_of(GROUP), str(PROGRESS_KEEP)]
+        return call.keys, [_packer.encode(made), names_of(GROUP), str(PROGRESS_KEEP), GROUP]
 
 
 def inline_projection(redis: Any, shard: int, settings: Settings) -> InlineProjection | None:
@@ -444,6 +448,8 @@ class LiveProjection:
             dead_stream=self.keys.dead,
             settings=settings,
             lease_key=self.lease,
+            ordered=False,  # applies the log from its checkpoint, whatever it is delivered
+            idle=self.sweep_if_due,
         )
         self.holder = consumer.name
         return consumer
@@ -457,6 +463,11 @@ class LiveProjection:
         delivered = self._next_in_log(entries)
         while await self._step(last, delivered):
             delivered = None
+        await self.sweep_if_due()
+
+    async def sweep_if_due(self) -> None:
+        """Sweep when something may be due (after a batch, and when no entry came: the append
+        step applies them while the projection is caught up, and moves its group past them)."""
         if now_ms() >= self._sweep_at_ms:
             await self.sweep()
 

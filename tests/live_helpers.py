@@ -72,6 +72,16 @@ async def wait_for(
         await asyncio.sleep(step)
 
 
+async def blocked_in(redis: Any, command: str) -> dict[str, Any]:
+    """The client of the server blocked in ``command`` (per CLIENT LIST), once there is one."""
+    for _ in range(1000):
+        for found in await redis.client_list():
+            if found["cmd"] == command and "b" in found["flags"]:
+                return found  # type: ignore[no-any-return]
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no client blocked in {command}")
+
+
 @dataclass
 class Running:
     settings: Settings

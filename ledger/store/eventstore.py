@@ -181,7 +181,7 @@ class InlineWrites(Protocol):
     (``lua/append.lua``, ARGV[5..7]): given the chunk and how many keys come before theirs, the
     keys to declare (the projection's checkpoint, lease and progress stream, then the live keys)
     and the arguments (the writes, how the projection's consumers' names begin, how many entries
-    its progress stream keeps), or None to leave the chunk to the projection. The script makes
+    its progress stream keeps, its consumer group), or None to leave the chunk to the projection. The script makes
     the writes only while the projection is caught up (its rule, checked in the same atomic
     step). ``projections.live.InlineProjection`` is the one."""
 

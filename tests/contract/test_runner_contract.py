@@ -22,6 +22,7 @@ from redis import exceptions as redis_errors
 from consumers.entries import Entry
 from consumers.runner import ConsumerSettings, LeaseLost, StreamConsumer, Undeliverable
 from ledger.domain.values import now_ms
+from tests.live_helpers import blocked_in
 
 STREAM, DEAD, LEASE, GROUP = "t:{r}:in", "t:{r}:dead", "t:{r}:lease", "g"
 TRIES, RETRIES, INDEX = f"{STREAM}:tries:{GROUP}", f"{STREAM}:retry:{GROUP}", f"{DEAD}:index"
@@ -411,7 +412,7 @@ class TestRunnerOnRedis(RunnerContract):
         assert await _pending(client) == 1  # "1" handled: acknowledged with the next read
 
         waiting = asyncio.create_task(consumer.step())
-        blocked = await _blocked_in(client, "xread")
+        blocked = await blocked_in(client, "xread")
         assert await _pending(client) == 0  # acknowledged before the wait blocked
         reads = await _xreadgroup_calls(client)
         assert int(blocked["qbuf"]) > 0  # the pipelined EVALSHA of _READ_NEW, not yet run
@@ -447,7 +448,7 @@ class TestRunnerOnRedis(RunnerContract):
 
         before = await _calls(client, "evalsha", "xread")
         waiting = asyncio.create_task(consumer.step())
-        await _blocked_in(client, "xread")
+        await blocked_in(client, "xread")
         await self.publish(client, "2")
         assert await asyncio.wait_for(waiting, 10) == 1
         assert await _calls(client, "evalsha", "xread") == [before[0] + 2, before[1] + 1]
@@ -457,6 +458,42 @@ class TestRunnerOnRedis(RunnerContract):
         assert await consumer.step() == 2
         assert await _calls(client, "evalsha", "xread") == [before[0] + 2, before[1] + 1]
         assert handler.calls == [["1"], ["2"], ["3", "4"]]
+
+    async def test_an_unordered_leased_consumer_hands_nothing_over_once_the_lease_moved(self, client: Any) -> None:
+        """Not ``ordered``: it waits in XREADGROUP itself (no script). A tool takes the lease while
+        it waits: what the read then takes stays pending, its handler is not called, and it
+        stands by; once the lease is free it takes it again and handles what it had taken."""
+        handler = Recorder()
+        settings = ConsumerSettings(batch_size=2, block_ms=10_000, claim_idle_ms=60_000, max_deliveries=2)
+        consumer = StreamConsumer(
+            client,
+            stream=STREAM,
+            group=GROUP,
+            handler=handler,
+            dead_stream=DEAD,
+            name="a",
+            settings=settings,
+            lease_key=LEASE,
+            ordered=False,
+        )
+        await consumer.ensure_group()
+        await self.publish(client, "1")
+        assert await consumer.step() == 1
+
+        before = await _calls(client, "evalsha")
+        waiting = asyncio.create_task(consumer.step())
+        await blocked_in(client, "xreadgroup")
+        await client.set(LEASE, "ledger-repair:host:1")
+        await self.publish(client, "2")
+        assert await asyncio.wait_for(waiting, 10) == 0
+        assert await _calls(client, "evalsha") == [before[0] + 2]  # acknowledging "1", renewing refused
+        assert handler.calls == [["1"]]
+        assert await _pending(client) == 1  # "2", taken by the read
+
+        await client.delete(LEASE)
+        assert await consumer.burst() == 1
+        assert handler.calls == [["1"], ["2"]]
+        assert await _pending(client) == 0
 
     async def test_a_leased_consumer_reads_on_after_the_server_lost_its_scripts(self, client: Any) -> None:
         """``SCRIPT FLUSH`` (what a restarted server's cache looks like) before a read, and while
@@ -471,7 +508,7 @@ class TestRunnerOnRedis(RunnerContract):
         assert await consumer.step(block=False) == 1
 
         waiting = asyncio.create_task(consumer.step())  # acknowledges "1" first: script loaded again
-        await _blocked_in(client, "xread")
+        await blocked_in(client, "xread")
         await client.script_flush()  # the _READ_NEW queued behind the wait is unknown now
         await self.publish(client, "2")
         assert await asyncio.wait_for(waiting, 10) == 1
@@ -489,7 +526,7 @@ class TestRunnerOnRedis(RunnerContract):
         assert await _pending(client) == 2  # handled: acknowledged with the next read
 
         waiting = asyncio.create_task(consumer.step())
-        await _blocked_in(client, "xreadgroup")
+        await blocked_in(client, "xreadgroup")
         assert await _pending(client) == 0
         await self.publish(client, "3")
         assert await asyncio.wait_for(waiting, 10) == 1
@@ -515,7 +552,7 @@ async def test_an_outage_while_waiting_keeps_the_batch_to_acknowledge_again(redi
     assert await consumer.step() == 1
 
     waiting = asyncio.create_task(consumer.step())
-    blocked = await _blocked_in(redis, "xreadgroup")
+    blocked = await blocked_in(redis, "xreadgroup")
     await redis.client_kill_filter(_id=blocked["id"])
     with pytest.raises(redis_errors.ConnectionError):
         await asyncio.wait_for(waiting, 10)
@@ -560,16 +597,6 @@ async def _calls(client: Any, *commands: str) -> list[int]:
     """How many times the server ran each of ``commands`` (script calls included)."""
     stats = await client.info("commandstats")
     return [int(stats.get(f"cmdstat_{command}", {}).get("calls", 0)) for command in commands]
-
-
-async def _blocked_in(client: Any, command: str) -> dict[str, Any]:
-    """The client of the server blocked in ``command`` (per CLIENT LIST), once there is one."""
-    for _ in range(1000):
-        for found in await client.client_list():
-            if found["cmd"] == command and "b" in found["flags"]:
-                return found
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"no client blocked in {command}")
 
 
 class TestRunnerOnCluster(RunnerContract):

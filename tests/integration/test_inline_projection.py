@@ -12,6 +12,7 @@ the log, none yet) or a GRID order is in the batch."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -24,9 +25,9 @@ from ledger.store.eventstore import Append
 from ledger.store.keys import ShardKeys
 from ledger.store.redis_conn import connect
 from projections import live
-from projections.live import InlineProjection
-from tests.live_helpers import hash_of, projected_afresh, snapshot
-from tests.log_helpers import Rig
+from projections.live import InlineProjection, LiveProjection
+from tests.live_helpers import blocked_in, hash_of, projected_afresh, snapshot, wait_for
+from tests.log_helpers import SETTINGS, Rig
 
 USER = "alice"
 KEYS = ShardKeys(0)
@@ -170,6 +171,56 @@ async def test_a_grid_order_and_what_follows_it_in_the_batch_are_left_to_the_pro
     assert await redis.get(KEYS.checkpoint) == checkpoint
     await _caught_up_again(rig)
     assert (await hash_of(redis, level))["id"] == grid
+
+
+async def test_the_projection_is_not_woken_for_what_the_append_step_applied(redis: Any) -> None:
+    """The append step moves the projection's group past the entries it applied: the
+    projection's consumer, blocked in XREADGROUP, stays blocked; the next entry left to it (a
+    GRID order's) wakes it."""
+    rig, _planner = await _caught_up(redis)
+    consumer = rig.live[0]
+    consumer.settings = dataclasses.replace(consumer.settings, block_ms=10_000)
+    waiting = asyncio.create_task(consumer.step())
+    await blocked_in(redis, "xreadgroup")
+
+    await rig.place(USER, "buy", "0.1", "101")
+    await rig.place(USER, "buy", "0.1", "102")
+    applied = await _head(redis)
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    assert await redis.get(KEYS.checkpoint) == applied
+    (group,) = [g for g in await redis.xinfo_groups(KEYS.events) if g["name"] == live.GROUP]
+    assert (group["last-delivered-id"], group["pending"]) == (applied, 0)
+
+    (grid,) = await _one_batch(rig, {"grid_level": 3})
+    assert await asyncio.wait_for(waiting, 10) == 1
+    assert (await hash_of(redis, f"orders:{grid}"))["id"] == grid
+    assert await redis.get(KEYS.checkpoint) == await _head(redis)
+
+
+async def test_the_projection_sweeps_when_no_entry_comes(redis: Any) -> None:
+    """Expired final orders leave ``orders:user:…`` although every entry was applied by the
+    append step (the projection's read finds nothing, then it sweeps): here a 1 s retention."""
+    planner = InlineProjection(0, final_order_ttl_s=1, fence_keep_s=1)
+    rig = await Rig.start(redis, live=lambda _shard: planner)
+    rig.live[0] = LiveProjection(redis, 0, final_order_ttl_s=1, fence_keep_s=1).consumer(SETTINGS)
+    await rig.place(USER, "buy", "0.2", "100")
+    await rig.project()  # caught up: the projection holds its lease
+    order = await rig.place(USER, "buy", "0.1", "101")
+    await rig.send(USER, "cancel_order", order_id=order)
+    await rig.send(USER, "order_cancelled", order_id=order)  # final, by the append step
+    assert await redis.get(KEYS.checkpoint) == await _head(redis)
+    assert order in await redis.smembers(f"orders:user:{USER}:okx")
+
+    await wait_for(lambda: _gone(redis, f"orders:{order}"), "the final order's hash to expire", timeout=5)
+    await asyncio.sleep(0.05)
+    assert await rig.live[0].step() == 0  # nothing to read: it sweeps
+    assert order not in await redis.smembers(f"orders:user:{USER}:okx")
+    assert await redis.zcard(KEYS.expiring) == 0
+
+
+async def _gone(redis: Any, key: str) -> bool:
+    return not await redis.exists(key)
 
 
 async def test_a_chunk_of_more_events_than_the_handler_makes_writes_for_is_left_to_the_projection(

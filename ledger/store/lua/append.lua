@@ -19,8 +19,9 @@
 --       live_writes.lua reads them with stamps numbering the events of their command (1, 2 ...),
 --       or false where the step cannot make them (a GRID order's level holder is the
 --       projection's to read); ARGV[6] how the names of the projection's consumers begin, ARGV[7]
---       how many entries its progress stream keeps. KEYS[12 + 2n + 1..3] are then the
---       projection's checkpoint, lease and progress stream, and the live keys follow.
+--       how many entries its progress stream keeps, ARGV[8] its consumer group. KEYS[12 + 2n +
+--       1..3] are then the projection's checkpoint, lease and progress stream, and the live keys
+--       follow.
 -- Returns, per command in order, {'ok'|'duplicate', reply}, {'archived', marker} or
 -- {'conflict', current token}. A conflict writes nothing for that command; the user's later
 -- commands in the batch expected its new token, so they conflict too. When the index's
@@ -38,9 +39,12 @@
 -- The live projection's writes (ARGV[5]) are made here while the projection's lease names one of
 -- its consumers (not a tool that paused it) and its checkpoint is the head (it applied every
 -- entry): each command's events get their live writes with them, the checkpoint moves to the
--- last one and the progress stream tells it, as the projection's own step would (which then finds
--- them applied). From a command whose writes are false on, the checkpoint stays behind and the
--- projection applies the rest. Only on a plain Redis: the live keys have no hash tag.
+-- last one and the progress stream tells it, as the projection's own step would, and the
+-- projection's group moves past them (its last-delivered id), so that its consumer, blocked in
+-- XREADGROUP, is not woken for entries applied already (``pcall``: a group deleted meanwhile only
+-- means its next read finds them applied). From a command whose writes are false on, the
+-- checkpoint stays behind and the projection applies the rest. Only on a plain Redis: the live
+-- keys have no hash tag.
 local batch = cmsgpack.unpack(ARGV[1])
 local ttl = ARGV[2]
 local head_n, head_hash
@@ -152,5 +156,6 @@ end
 if projected then
   redis.call('SET', KEYS[projection + 1], projected)
   redis.pcall('XADD', KEYS[projection + 3], 'MAXLEN', '~', ARGV[7], projected, 'applied', projected)
+  redis.pcall('XGROUP', 'SETID', KEYS[1], ARGV[8], projected)
 end
 return results
