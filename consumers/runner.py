@@ -294,6 +294,9 @@ class ConsumerSettings:
     claim_idle_ms: int = defaults.CLAIM_IDLE_MS
     max_deliveries: int = defaults.MAX_DELIVERIES
     backoff_max_s: float = defaults.BACKOFF_MAX_S
+    # After a batch smaller than batch_size, wait this long before the next read (``run`` only, not
+    # ``burst``): a consumer off the order path whose cost is per batch gathers larger ones.
+    linger_ms: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConsumerSettings:
@@ -463,6 +466,8 @@ class StreamConsumer:
                 entries, before = await self._read(block)
             if entries:
                 await self._process(entries, before)
+                if block and self.settings.linger_ms and len(entries) < self.settings.batch_size:
+                    await asyncio.sleep(self.settings.linger_ms / 1000)
             elif self.idle is not None:
                 await self.idle()
         except LeaseLost:

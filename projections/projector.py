@@ -128,6 +128,10 @@ GAP_CODE_LENGTH = 32  # projector_gaps.code
 # after an outage, 8 against 4: medians of three alternating runs 10,251 -> 11,545 rows/s; the
 # price is a longer read script (about 33 ms of Redis per 2,048 entries) during a catch-up.
 BATCH_FACTOR = 8
+# After a batch shorter than that, `serve`'s projector waits this long before reading again, so
+# that at a moderate rate its batches gather the events of many commands instead of one or two
+# (history is off the order path; the archive is this much later at most).
+LINGER_MS = 20
 # Entries per statement within a batch's transaction: PostgreSQL inserts one chunk while Python
 # builds the next (``Projector.project``).
 CHUNK = 256
@@ -802,7 +806,7 @@ async def projector_role(redis: Any, settings: Settings) -> list[Any]:
     """``ledger serve --role projector``: the factory registered in ``ledger.app.service.ROLES``."""
     url = known_url(settings, "postgres")
     consumer = ConsumerSettings.from_settings(settings)
-    consumer = replace(consumer, batch_size=consumer.batch_size * BATCH_FACTOR)
+    consumer = replace(consumer, batch_size=consumer.batch_size * BATCH_FACTOR, linger_ms=LINGER_MS)
     return [ProjectorService(redis, url, settings.shards, settings=consumer)]
 
 

@@ -459,6 +459,31 @@ class TestRunnerOnRedis(RunnerContract):
         assert await _calls(client, "evalsha", "xread") == [before[0] + 2, before[1] + 1]
         assert handler.calls == [["1"], ["2"], ["3", "4"]]
 
+    async def test_a_lingering_consumer_gathers_what_comes_after_a_short_batch(self, client: Any) -> None:
+        """``linger_ms``: after a batch smaller than ``batch_size`` the step waits before the next
+        read, so entries published 50 and 100 ms later come in one batch (without it the next
+        read would return the first alone); ``burst`` does not wait."""
+        handler = Recorder()
+        settings = ConsumerSettings(batch_size=10, block_ms=10_000, claim_idle_ms=60_000, linger_ms=400)
+        consumer = StreamConsumer(
+            client, stream=STREAM, group=GROUP, handler=handler, dead_stream=DEAD, name="a", settings=settings
+        )
+        await consumer.ensure_group()
+        await self.publish(client, "1")
+
+        async def later() -> None:
+            for n in ("2", "3"):
+                await asyncio.sleep(0.05)
+                await self.publish(client, n)
+
+        publishing = asyncio.create_task(later())
+        assert await consumer.step() == 1
+        assert await consumer.step() == 2
+        await publishing
+        await self.publish(client, "4")
+        assert await asyncio.wait_for(consumer.burst(), 0.3) == 1
+        assert handler.calls == [["1"], ["2", "3"], ["4"]]
+
     async def test_an_unordered_leased_consumer_hands_nothing_over_once_the_lease_moved(self, client: Any) -> None:
         """Not ``ordered``: it waits in XREADGROUP itself (no script). A tool takes the lease while
         it waits: what the read then takes stays pending, its handler is not called, and it
