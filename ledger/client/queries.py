@@ -33,11 +33,6 @@ def position_from_hash(raw: dict[Any, Any], mark: Decimal | None = None) -> Posi
     return Position.from_live(_decoded(raw), current_price=mark)
 
 
-def order_from_hash(raw: dict[Any, Any]) -> Order:
-    """An order from its live hash (``ledger.domain.mapping.ORDER``)."""
-    return Order.from_live(_decoded(raw))
-
-
 async def marks(redis: Any, exchange: Exchange | str, symbols: list[str]) -> dict[str, Decimal]:
     """The valid mark prices of ``symbols`` on an exchange (absent and invalid ones left out)."""
     if not symbols:
@@ -85,7 +80,7 @@ async def _positions_at(redis: Any, targets: list[tuple[str, str | None]]) -> li
     """The readable positions at these keys, each with the id it must hold when known."""
     found = zip(targets, await _hashes(redis, [key for key, _ in targets]), strict=True)
     read = [
-        (fields, _readable(key, fields, position_from_hash, expected)) for (key, expected), fields in found if fields
+        (fields, _readable(key, fields, Position.from_live, expected)) for (key, expected), fields in found if fields
     ]
     return [(fields, position) for fields, position in read if position is not None]
 
@@ -161,7 +156,7 @@ async def get_order(redis: Any, order_id: str) -> Order | None:
 def order_of(order_id: str, raw: dict[Any, Any]) -> Order | None:
     """The order its live hash ``orders:{order_id}`` shows, as read (HGETALL); None: no hash."""
     fields = _decoded(raw)
-    return _readable(keys.order_key(order_id), fields, order_from_hash, order_id) if fields else None
+    return _readable(keys.order_key(order_id), fields, Order.from_live, order_id) if fields else None
 
 
 def order_statuses(
@@ -203,7 +198,7 @@ async def _order_entries(
         )
     order_keys = [keys.order_key(i) for i in ids]
     found = zip(ids, order_keys, await _hashes(redis, order_keys), strict=True)
-    read = [(fields, _readable(key, fields, order_from_hash, order_id)) for order_id, key, fields in found if fields]
+    read = [(fields, _readable(key, fields, Order.from_live, order_id)) for order_id, key, fields in found if fields]
     entries = [
         (fields, order)
         for fields, order in read

@@ -37,7 +37,6 @@ from ledger import (
     PositionSide,
     PositionStatus,
 )
-from ledger.client.queries import order_from_hash
 from tests.live_helpers import (
     BTC,
     ETH,
@@ -217,7 +216,7 @@ async def test_create_order_returns_the_order_as_the_projection_shows_it(
             "7",
             "1",
         )
-        assert order == order_from_hash(raw) == await orders.get_order(str(order.id))
+        assert order == Order.from_live(raw) == await orders.get_order(str(order.id))
         ((_id, type_name, placed),) = await events_of(redis, 0)
         assert type_name == "OrderPlaced" and placed["stream"] == order.id
         # No command_id given: the API's default, ``api-`` and a time-ordered (version 7) UUID.
