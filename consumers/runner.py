@@ -68,7 +68,8 @@ reads block in one XREADGROUP (no script, and woken only by entries its group ha
 moved past), and what a lapsed holder took stays pending until claimed, harmless to it.
 
 ``idle``, when given, is called after a read that found nothing (every ``block_ms`` while
-nothing comes): work a handler does on its own time (the live projection's sweep).
+nothing comes), and with a lease only when that read found the lease still this consumer's:
+work a handler does on its own time (the live projection's sweep).
 """
 
 from __future__ import annotations
@@ -468,8 +469,8 @@ class StreamConsumer:
                 await self._process(entries, before)
                 if block and self.settings.linger_ms and len(entries) < self.settings.batch_size:
                     await asyncio.sleep(self.settings.linger_ms / 1000)
-            elif self.idle is not None:
-                await self.idle()
+            elif self.idle is not None and (self.lease_key is None or self._lease_confirmed is not None):
+                await self.idle()  # not when the read found the lease moved (a tool's work stands)
         except LeaseLost:
             self._lease_confirmed = None  # the next step asks Redis who holds it
             raise

@@ -486,9 +486,15 @@ class TestRunnerOnRedis(RunnerContract):
 
     async def test_an_unordered_leased_consumer_hands_nothing_over_once_the_lease_moved(self, client: Any) -> None:
         """Not ``ordered``: it waits in XREADGROUP itself (no script). A tool takes the lease while
-        it waits: what the read then takes stays pending, its handler is not called, and it
-        stands by; once the lease is free it takes it again and handles what it had taken."""
+        it waits: what the read then takes stays pending, neither its handler nor its idle work
+        runs, and it stands by; once the lease is free it takes it again and handles what it had
+        taken, and its idle work runs when a read finds nothing."""
         handler = Recorder()
+        idle: list[int] = []
+
+        async def idle_work() -> None:
+            idle.append(len(handler.calls))
+
         settings = ConsumerSettings(batch_size=2, block_ms=10_000, claim_idle_ms=60_000, max_deliveries=2)
         consumer = StreamConsumer(
             client,
@@ -500,6 +506,7 @@ class TestRunnerOnRedis(RunnerContract):
             settings=settings,
             lease_key=LEASE,
             ordered=False,
+            idle=idle_work,
         )
         await consumer.ensure_group()
         await self.publish(client, "1")
@@ -512,12 +519,12 @@ class TestRunnerOnRedis(RunnerContract):
         await self.publish(client, "2")
         assert await asyncio.wait_for(waiting, 10) == 0
         assert await _calls(client, "evalsha") == [before[0] + 2]  # acknowledging "1", renewing refused
-        assert handler.calls == [["1"]]
+        assert (handler.calls, idle) == ([["1"]], [])
         assert await _pending(client) == 1  # "2", taken by the read
 
         await client.delete(LEASE)
         assert await consumer.burst() == 1
-        assert handler.calls == [["1"], ["2"]]
+        assert (handler.calls, idle) == ([["1"], ["2"]], [2])
         assert await _pending(client) == 0
 
     async def test_a_leased_consumer_reads_on_after_the_server_lost_its_scripts(self, client: Any) -> None:
