@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import pytest
@@ -27,6 +28,8 @@ from tests.live_helpers import blocked_in
 STREAM, DEAD, LEASE, GROUP = "t:{r}:in", "t:{r}:dead", "t:{r}:lease", "g"
 TRIES, RETRIES, INDEX = f"{STREAM}:tries:{GROUP}", f"{STREAM}:retry:{GROUP}", f"{DEAD}:index"
 SETTINGS = ConsumerSettings(batch_size=2, block_ms=50, claim_idle_ms=300, max_deliveries=2)
+# A read that waits long enough to be seen blocked, and a lease not renewed within a test.
+WAITING = ConsumerSettings(batch_size=2, block_ms=10_000, claim_idle_ms=60_000, max_deliveries=2)
 
 
 class Recorder:
@@ -52,7 +55,14 @@ class RunnerContract:
         raise NotImplementedError
 
     def consumer(
-        self, client: Any, handler: Any, name: str, *, leased: bool = False, reads: bool = True
+        self,
+        client: Any,
+        handler: Any,
+        name: str,
+        *,
+        leased: bool = False,
+        settings: ConsumerSettings = SETTINGS,
+        **options: Any,
     ) -> StreamConsumer:
         return StreamConsumer(
             client,
@@ -61,9 +71,9 @@ class RunnerContract:
             handler=handler,
             dead_stream=DEAD,
             name=name,
-            settings=SETTINGS,
+            settings=settings,
             lease_key=LEASE if leased else None,
-            reads=reads,
+            **options,
         )
 
     async def publish(self, client: Any, *names: str) -> list[str]:
@@ -431,17 +441,7 @@ class TestRunnerOnRedis(RunnerContract):
         third script call; the lease is renewed at most every 20 s and the wait lasts 10 s at
         most, so neither adds a call)."""
         handler = Recorder()
-        settings = ConsumerSettings(batch_size=2, block_ms=10_000, claim_idle_ms=60_000, max_deliveries=2)
-        consumer = StreamConsumer(
-            client,
-            stream=STREAM,
-            group=GROUP,
-            handler=handler,
-            dead_stream=DEAD,
-            name="a",
-            settings=settings,
-            lease_key=LEASE,
-        )
+        consumer = self.consumer(client, handler, "a", leased=True, settings=WAITING)
         await consumer.ensure_group()
         await self.publish(client, "1")
         assert await consumer.step() == 1
@@ -464,10 +464,8 @@ class TestRunnerOnRedis(RunnerContract):
         read, so entries published 50 and 100 ms later come in one batch (without it the next
         read would return the first alone); ``burst`` does not wait."""
         handler = Recorder()
-        settings = ConsumerSettings(batch_size=10, block_ms=10_000, claim_idle_ms=60_000, linger_ms=400)
-        consumer = StreamConsumer(
-            client, stream=STREAM, group=GROUP, handler=handler, dead_stream=DEAD, name="a", settings=settings
-        )
+        settings = dataclasses.replace(WAITING, batch_size=10, linger_ms=400)
+        consumer = self.consumer(client, handler, "a", settings=settings)
         await consumer.ensure_group()
         await self.publish(client, "1")
 
@@ -495,19 +493,7 @@ class TestRunnerOnRedis(RunnerContract):
         async def idle_work() -> None:
             idle.append(len(handler.calls))
 
-        settings = ConsumerSettings(batch_size=2, block_ms=10_000, claim_idle_ms=60_000, max_deliveries=2)
-        consumer = StreamConsumer(
-            client,
-            stream=STREAM,
-            group=GROUP,
-            handler=handler,
-            dead_stream=DEAD,
-            name="a",
-            settings=settings,
-            lease_key=LEASE,
-            ordered=False,
-            idle=idle_work,
-        )
+        consumer = self.consumer(client, handler, "a", leased=True, settings=WAITING, ordered=False, idle=idle_work)
         await consumer.ensure_group()
         await self.publish(client, "1")
         assert await consumer.step() == 1
@@ -575,9 +561,8 @@ async def test_an_outage_while_waiting_keeps_the_batch_to_acknowledge_again(redi
     acknowledgement ran, it is sent again with the next read; nothing is handled twice and no
     counter is left behind."""
     handler = Recorder()
-    settings = ConsumerSettings(batch_size=2, block_ms=10_000, claim_idle_ms=60_000, max_deliveries=2)
     consumer = StreamConsumer(
-        redis, stream=STREAM, group=GROUP, handler=handler, dead_stream=DEAD, name="a", settings=settings
+        redis, stream=STREAM, group=GROUP, handler=handler, dead_stream=DEAD, name="a", settings=WAITING
     )
     await consumer.ensure_group()
     await redis.xadd(STREAM, {"n": "1"})
