@@ -61,10 +61,11 @@ comes with its live keys written, and the projection's consumer, blocked in XREA
 moved the group finds them applied (it reads the checkpoint at the start of each batch). The
 checkpoint check is the fence: the projection's own step, planned from an older checkpoint, is
 refused and starts again from the one found. The sweep below then runs when the consumer's read
-finds nothing (``sweep_if_due``), as well as after each batch. The handler plans the writes only for a chunk of at
-most ``INLINE_EVENTS`` events (a larger one says the handler is busy: the projection's process
-applies it in parallel), and the script makes them only when the rule holds (the handler no longer
-reads the rule ahead: it loads no state for a user whose state it holds); a GRID order's writes
+finds nothing (``sweep_if_due``), as well as after each batch. The handler plans the writes only
+for a chunk of at most ``INLINE_EVENTS`` events (a larger one says the handler is busy: the
+projection's process applies it in parallel), and the script makes them only when the rule holds
+(the handler no longer reads the rule ahead: it loads no state for a user whose state it
+holds); a GRID order's writes
 depend on which order holds its level, which only the projection reads, so from a command with
 one on the checkpoint stays behind and the projection applies the rest. A consumer that stops
 gives its lease up, so a stopped projection stops these writes at once (one that died, after its
@@ -74,8 +75,7 @@ Final orders stay readable in ``orders:{id}`` for ``final_order_ttl_s`` (``LEDGE
 7 days by default), then expire; they leave ``orders:open:…`` at once, and the projection removes their ids from
 ``orders:user:…`` once their hash has expired (``ShardKeys.expiring``, swept after a batch, or
 when a read finds nothing, once its first item is due, and read at least every ``SWEEP_EVERY_MS``
-for items another applier
-scheduled).
+for items another applier scheduled).
 Closed and liquidated positions leave every live key at once; history is in PostgreSQL. Fence
 fields of final orders and closed positions are dropped after the same retention, but never
 before ``FENCE_KEEP_S`` (a stale writer is never that late); a final order's id leaves
