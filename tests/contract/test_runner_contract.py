@@ -350,6 +350,26 @@ class RunnerContract:
         (group,) = await client.xinfo_groups(STREAM)
         assert group["last-delivered-id"] == "0-0"
 
+    async def test_an_unordered_leased_consumer_reads_and_stands_by_without_its_lease(self, client: Any) -> None:
+        """Not ``ordered`` (one XREADGROUP, the lease read behind it): it takes new entries while
+        it holds the lease; once a tool holds it, what its read takes reaches no handler until
+        the lease is free again, then it is adopted and handled."""
+        handler = Recorder()
+        consumer = self.consumer(client, handler, "a", leased=True, ordered=False)
+        await consumer.ensure_group()
+        await self.publish(client, "1", "2")
+        assert await consumer.step(block=False) == 2
+
+        await client.set(LEASE, "ledger-repair:host:1", px=10_000)
+        await self.publish(client, "3")
+        assert await consumer.step(block=False) == 0
+        assert handler.calls == [["1", "2"]]
+
+        await client.delete(LEASE)
+        assert await consumer.burst() == 1
+        assert handler.calls == [["1", "2"], ["3"]]
+        assert await _pending(client) == 0
+
     async def test_run_stands_by_after_lease_lost_and_stops_on_request(self, client: Any) -> None:
         handler = Recorder()
         calls = 0
