@@ -496,9 +496,9 @@ class StreamConsumer:
             if entries:
                 return entries, await self._mark_pending(entries)
             self._own_pending = False
+        pipe = self._acknowledging()
         if self.lease_key is None or not self.ordered:
             block_ms = self.settings.block_ms if block else None
-            pipe = self._acknowledging()
             pipe.xreadgroup(self.group, self.name, {self.stream: ">"}, count=self.settings.batch_size, block=block_ms)
             if self.lease_key is not None:
                 pipe.get(self.lease_key)
@@ -507,14 +507,16 @@ class StreamConsumer:
                 return await self._lost()
             entries = _entries(results[-1])
             return entries, [-1] * len(entries)
-        pipe = self._acknowledging()
         if block:
             # Wait without taking (a plain read, which costs the server no write).
             pipe.xread({self.stream: self._last_seen}, count=1, block=self.settings.block_ms)
-        self._queue_read_new(pipe)
+        # By SHA through ``execute_command``: redis-py's cluster pipeline refuses ``evalsha``; the
+        # raw command is routed by its keys, both on the stream's slot.
+        keys, args = [self.stream, self.lease_key], [self.group, self.name, self.settings.batch_size, self.name]
+        pipe.execute_command("EVALSHA", self._scripts["read_new"].sha, len(keys), *keys, *args)
         *_, taken = await self._execute(pipe)
-        if isinstance(taken, redis_errors.NoScriptError):
-            taken = await self._read_new_loading()
+        if isinstance(taken, redis_errors.NoScriptError):  # the server lost its script cache: the call loads it
+            taken = await self._scripts["read_new"](keys, args)
         return await self._taken(taken)
 
     def _acknowledging(self) -> Any:
@@ -549,19 +551,6 @@ class StreamConsumer:
         if self._handled:
             await self._ack(self._handled)
             self._handled = []
-
-    def _read_new_args(self) -> list[Any]:
-        return [self.group, self.name, self.settings.batch_size, self.name]
-
-    def _queue_read_new(self, pipe: Any) -> None:
-        """Queue ``_READ_NEW`` by its SHA (``execute_command``: redis-py's cluster pipeline
-        refuses ``evalsha``; the raw command is routed by its keys, both on the stream's slot)."""
-        sha = self._scripts["read_new"].sha
-        pipe.execute_command("EVALSHA", sha, 2, self.stream, self.lease_key, *self._read_new_args())
-
-    async def _read_new_loading(self) -> Any:
-        """``_READ_NEW`` called on its own, loading it: the server lost its script cache."""
-        return await self._scripts["read_new"]([self.stream, self.lease_key], self._read_new_args())
 
     async def _taken(self, result: Any) -> tuple[list[Entry], list[int]]:
         """The entries ``_READ_NEW`` took (``result``), with their counters before the mark."""

@@ -72,14 +72,18 @@ async def wait_for(
         await asyncio.sleep(step)
 
 
+async def blocked(redis: Any, command: str) -> dict[str, Any] | None:
+    """A client of the server blocked in ``command`` now (per CLIENT LIST), if any."""
+    for found in await redis.client_list():
+        if found["cmd"] == command and "b" in found["flags"]:
+            return found  # type: ignore[no-any-return]
+    return None
+
+
 async def blocked_in(redis: Any, command: str) -> dict[str, Any]:
-    """The client of the server blocked in ``command`` (per CLIENT LIST), once there is one."""
-    for _ in range(1000):
-        for found in await redis.client_list():
-            if found["cmd"] == command and "b" in found["flags"]:
-                return found  # type: ignore[no-any-return]
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"no client blocked in {command}")
+    """The client of the server blocked in ``command``, once there is one."""
+    found: dict[str, Any] = await wait_for(lambda: blocked(redis, command), f"a client blocked in {command}")
+    return found
 
 
 @dataclass

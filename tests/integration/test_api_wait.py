@@ -15,14 +15,9 @@ from ledger import LedgerTimeout
 from ledger.client.api import LedgerClient
 from ledger.store.eventstore import EventStore
 from ledger.store.keys import ShardKeys
-from tests.live_helpers import wait_for
+from tests.live_helpers import blocked, blocked_in
 
 KEYS = ShardKeys(0)
-
-
-async def _blocked_on_progress(redis: Any) -> bool:
-    """A client of this server is blocked in an XREAD (the waiter), per the server itself."""
-    return any(c["cmd"] == "xread" and "b" in c["flags"] for c in await redis.client_list())
 
 
 @pytest.mark.parametrize(
@@ -34,10 +29,10 @@ async def _blocked_on_progress(redis: Any) -> bool:
 )
 async def test_a_waiter_blocks_until_the_step_at_its_entry_tells_it(redis: Any, target: str, earlier: str) -> None:
     waiter = asyncio.create_task(LedgerClient(redis, timeout=30).wait_projected(0, target))
-    await wait_for(lambda: _blocked_on_progress(redis), "the waiter to block on the progress stream")
+    await blocked_in(redis, "xread")  # the waiter, on the progress stream
 
     await redis.xadd(KEYS.progress, {"applied": earlier}, id=earlier)
-    assert await _blocked_on_progress(redis)  # a step before its entry leaves it waiting
+    assert await blocked(redis, "xread")  # a step before its entry leaves it waiting
     assert not waiter.done()
 
     await redis.xadd(KEYS.progress, {"applied": target}, id=target)
@@ -63,7 +58,7 @@ async def test_a_hash_read_with_the_wait_is_the_one_the_step_it_waited_for_left(
     assert (stats["cmdstat_xread"]["calls"], stats["cmdstat_hgetall"]["calls"]) == (1, 1)
 
     waiter = asyncio.create_task(client.wait_projected(0, "1700000000000-6", read="orders:o-1"))
-    await wait_for(lambda: _blocked_on_progress(redis), "the waiter to block on the progress stream")
+    await blocked_in(redis, "xread")  # the waiter, on the progress stream
     await redis.hset("orders:o-1", "status", "open")  # what the step writes, then tells
     await redis.xadd(KEYS.progress, {"applied": "1700000000000-6"}, id="1700000000000-6")
     assert await asyncio.wait_for(waiter, 10) == {"status": "open"}
