@@ -118,7 +118,7 @@ from ledger.domain.values import (
     format_decimal,
     now_ms,
 )
-from ledger.store.eventstore import StoredEvent
+from ledger.store.eventstore import ORDER_SNAPSHOT, StoredEvent
 from ledger.store.keys import ShardKeys, marks, shard_key
 from ledger.store.log import read_log
 from ledger.store.redis_conn import entry_order, text
@@ -268,7 +268,6 @@ class RestingOrder(msgspec.Struct, kw_only=True, frozen=True):
 
 
 _resting_decoder = msgspec.json.Decoder(RestingOrder)
-_order_decoder = msgspec.json.Decoder(OrderState)
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -741,7 +740,7 @@ class PaperVenue:
         if not ids:
             return {}
         values = await self.redis.hmget(self.keys.orders, ids)
-        return {oid: _order_decoder.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
+        return {oid: ORDER_SNAPSHOT.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
 
     async def _marks_and_modes(
         self, placed: list[wire.OrderPlaced]

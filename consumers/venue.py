@@ -106,6 +106,7 @@ from ledger.domain import wire
 from ledger.domain.enums import Exchange, OrderSide, OrderStatus, OrderType, PositionSide
 from ledger.domain.state import OrderState
 from ledger.domain.values import format_decimal, now_ms
+from ledger.store.eventstore import ORDER_SNAPSHOT
 from ledger.store.keys import ShardKeys, marks, shard_key
 from ledger.store.redis_conn import text
 from ledger.venues import commands
@@ -213,7 +214,6 @@ class LiveOrder(msgspec.Struct, kw_only=True, frozen=True):
 
 
 _record_decoder = msgspec.json.Decoder(LiveOrder)
-_order_decoder = msgspec.json.Decoder(OrderState)
 
 
 def _intent(order_id: str, record: LiveOrder) -> Intent:
@@ -934,7 +934,7 @@ class LiveVenue:
         pipe.hmget(self.keys.orders, ids)
         self.guard.read(pipe)
         values, modes = await pipe.execute()
-        states = {oid: _order_decoder.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
+        states = {oid: ORDER_SNAPSHOT.decode(raw) for oid, raw in zip(ids, values, strict=True) if raw}
         return states, self.guard.acting(modes)
 
     async def working(self) -> dict[str, LiveOrder]:

@@ -1,10 +1,11 @@
 """The seed's Python API: ``PositionManager`` and ``OrderManager`` (CONTRACT §10).
 
 Both work through the command stream and the live projection, like any strategy in any
-language: a method that changes state publishes a command, waits for its reply (BLPOP), then
-waits until the live projection has applied the resulting events (blocked on the shard's
-progress stream, which the projection's step that moves the checkpoint writes to), so the caller
-reads its own writes. ``open_position`` and ``close_position`` also wait for the order
+language: a method that changes state publishes a command, waits for its reply, then waits until
+the live projection has applied the resulting events, so the caller reads its own writes. While
+the projection is caught up that is one round trip (``LedgerClient._submit``); else the wait
+blocks on the shard's progress stream, which the projection's step that moves the checkpoint
+writes to. ``open_position`` and ``close_position`` also wait for the order
 to be filled by whoever executes it (the paper venue, a live venue, or the strategy reporting
 fills in ``external`` mode).
 
@@ -28,6 +29,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from redis.exceptions import NoScriptError
 
 from ledger.client import queries
 from ledger.client.models import Order, PnLInfo, Position
@@ -43,10 +45,11 @@ from ledger.domain.enums import (
     PositionSide,
 )
 from ledger.domain.ids import new_command_id
+from ledger.domain.mapping import ORDER
 from ledger.domain.values import check_identifier, format_decimal, parse_decimal
 from ledger.errors import LedgerError, OperationFailed
 from ledger.store import keys
-from ledger.store.eventstore import EventStore, StoredEvent
+from ledger.store.eventstore import ORDER_SNAPSHOT, EventStore, StoredEvent
 from ledger.store.log import read_log
 from ledger.store.redis_conn import entry_order, recorded_shards, text
 from ledger.venues.accounts import VenueConfig, live_configs
@@ -56,6 +59,31 @@ from ledger.venues.live import VenueClients
 _LAST_SEQ = 2**64 - 1
 
 __all__ = ["CommandRejected", "LedgerClient", "LedgerError", "LedgerTimeout", "OrderManager", "PositionManager"]
+
+
+# The end of a command's round trip, once the wait for its reply (a BLMOVE of the reply list onto
+# itself) returned: take the reply, and say how far the live projection is. KEYS: 1 the reply
+# list, 2 the projection's checkpoint, 3 the chain head (``ledger.store.chain``), 4 the order
+# snapshots. ARGV[1]: the reply's field naming an order ('' for none). Returns false (no reply
+# yet) or {reply, checkpoint or false, snapshot or false}: the order's snapshot only when the
+# checkpoint is the chain head, the projection having applied every event there is, so that the
+# order's live hash is what the snapshot maps to (``ledger.domain.mapping.ORDER``).
+SETTLE = """
+local reply = redis.call('LINDEX', KEYS[1], 0)
+if not reply then
+  return false
+end
+redis.call('DEL', KEYS[1])
+local checkpoint = redis.call('GET', KEYS[2])
+local snapshot = false
+if ARGV[1] ~= '' and checkpoint and checkpoint == redis.call('HGET', KEYS[3], 'id') then
+  local id = cjson.decode(reply)[ARGV[1]]
+  if type(id) == 'string' then
+    snapshot = redis.call('HGET', KEYS[4], id)
+  end
+end
+return {reply, checkpoint, snapshot}
+"""
 
 
 class CommandRejected(OperationFailed):
@@ -119,6 +147,7 @@ class LedgerClient:
         self.redis = redis
         self.timeout = timeout
         self._shards: int | None = None
+        self._settle = redis.register_script(SETTLE)
 
     async def shards(self) -> int:
         if self._shards is None:
@@ -138,23 +167,15 @@ class LedgerClient:
         one raises ``CommandRejected`` with the code the handler would give). Publishing the
         same ``command_id`` again returns the first outcome and changes nothing.
         """
-        reply, _ = await self._submit(command, None)
+        reply, _ = await self._submit(command, read_order=False)
         return reply
 
-    async def submit_reading(
-        self, command: wire.Command, key_of: Callable[[dict[str, Any]], str]
-    ) -> tuple[dict[str, Any], dict[Any, Any]]:
-        """``submit``, and the live hash ``key_of(reply)`` as it is once the reply is projected
-        (read in the same round trip as the projection's progress when that is there already:
-        the handler's append step writes the live keys while the projection is caught up)."""
-        reply, fields = await self._submit(command, key_of)
-        if fields is None:  # no event to wait for: the hash as it is
-            fields = await self.redis.hgetall(key_of(reply))
-        return reply, fields
+    async def submit_order(self, command: wire.Command) -> tuple[dict[str, Any], Order | None]:
+        """``submit``, and the order the reply names as the live projection shows it once it
+        applied the reply's events (None: its hash is gone, expired after it became final)."""
+        return await self._submit(command, read_order=True)
 
-    async def _submit(
-        self, command: wire.Command, key_of: Callable[[dict[str, Any]], str] | None
-    ) -> tuple[dict[str, Any], dict[Any, Any] | None]:
+    async def _submit(self, command: wire.Command, *, read_order: bool) -> tuple[dict[str, Any], Order | None]:
         try:
             fields = wire.command_fields(command)
         except wire.WireError as exc:
@@ -172,26 +193,52 @@ class LedgerClient:
         shard_keys = keys.ShardKeys(shard)
         reply_key = shard_keys.reply(command.user_id, command.command_id)
         # A reply left by an earlier try (one that timed out) is not this publication's answer.
-        # One round trip publishes and starts waiting: the keys are on the shard's slot, and a
-        # pipeline keeps their order (the BLPOP is blocked before the handler can answer).
+        # One round trip publishes, waits and settles: the keys are on the shard's slot, and a
+        # pipeline keeps their order (the wait is blocked before the handler can answer, and
+        # the script behind it runs once the wait returns). The wait is a BLMOVE of the reply
+        # list onto itself: it leaves the reply for the script to take.
         deadline = time.monotonic() + self.timeout
+        settle_keys = [reply_key, shard_keys.checkpoint, shard_keys.chain, shard_keys.orders]
+        settle_args = ["order_id" if read_order else ""]
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(reply_key)
         pipe.xadd(shard_keys.commands, fields)
-        pipe.blpop([reply_key], timeout=BLOCK_MS / 1000)
-        *_, found = await pipe.execute()
-        reply = await self._reply(reply_key, found, deadline)
+        pipe.blmove(reply_key, reply_key, BLOCK_MS / 1000, "LEFT", "RIGHT")
+        # By SHA through ``execute_command``: redis-py's cluster pipeline refuses ``evalsha``.
+        pipe.execute_command("EVALSHA", self._settle.sha, len(settle_keys), *settle_keys, *settle_args)
+        *results, settled = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        if isinstance(settled, NoScriptError):  # the server lost its script cache: the call loads it
+            settled = await self._settle(settle_keys, settle_args)
+        elif isinstance(settled, Exception):
+            raise settled
+        if settled:
+            raw, checkpoint, snapshot = settled
+            reply: dict[str, Any] = json.loads(text(raw))
+        else:
+            reply, checkpoint, snapshot = await self._reply(reply_key, deadline), None, None
         if reply["status"] != "accepted":
             raise CommandRejected(reply)
-        found_hash = None
-        if reply["events"]:
-            read = key_of(reply) if key_of is not None else None
-            found_hash = await self.wait_projected(shard, reply["events"][-1]["id"], read=read)
         reply["shard"] = shard
-        return reply, found_hash
+        order_id: str | None = reply["order_id"] if read_order else None
+        if snapshot and order_id is not None:  # every event projected: the live hash is the snapshot's
+            return reply, queries.order_of(order_id, ORDER.to_live(ORDER.values(ORDER_SNAPSHOT.decode(snapshot))))
+        last = reply["events"][-1]["id"] if reply["events"] else None
+        if last is None or (checkpoint and entry_order(text(checkpoint)) >= entry_order(last)):
+            return reply, await self._read_order(order_id)  # projected already (or nothing to wait for)
+        await self.wait_projected(shard, last)
+        return reply, await self._read_order(order_id)
 
-    async def _reply(self, reply_key: str, found: Any, deadline: float) -> dict[str, Any]:
-        """The reply ``found`` by the first BLPOP, else waited for until ``deadline``."""
+    async def _read_order(self, order_id: str | None) -> Order | None:
+        if order_id is None:
+            return None
+        return queries.order_of(order_id, await self.redis.hgetall(keys.order_key(order_id)))
+
+    async def _reply(self, reply_key: str, deadline: float) -> dict[str, Any]:
+        """The reply the first wait did not see, waited for until ``deadline``."""
+        found = None
         while found is None and time.monotonic() < deadline:
             found = await self.redis.blpop([reply_key], timeout=BLOCK_MS / 1000)
         if found is not None:
@@ -201,30 +248,18 @@ class LedgerClient:
             "retry with the same command_id"
         )
 
-    async def wait_projected(
-        self, shard: int, entry_id: str, deadline: float | None = None, *, read: str | None = None
-    ) -> dict[Any, Any] | None:
+    async def wait_projected(self, shard: int, entry_id: str, deadline: float | None = None) -> None:
         """Wait until the live projection of ``shard`` has applied the event ``entry_id``, until
-        ``deadline`` (``time.monotonic()``; default: the client's timeout from now); with
-        ``read``, return that hash as it is then (HGETALL), else None.
+        ``deadline`` (``time.monotonic()``; default: the client's timeout from now).
 
         One blocking XREAD on the shard's progress stream after the id just before ``entry_id``:
         it answers at once when a step at or past ``entry_id`` is there already, else as soon as
         the projection's step that applies it adds its entry. Between blocks (at most
         ``BLOCK_MS`` each) the checkpoint itself is read: a projection of an earlier version moves
-        it without telling. With ``read``, the first XREAD does not block and the hash is read
-        behind it in the same round trip (Redis runs them in order, so a step seen there was
-        applied before the read): one round trip when the step is there already."""
+        it without telling."""
         target = entry_order(entry_id)
         shard_keys = keys.ShardKeys(shard)
         after = _preceding(entry_id)
-        if read is not None:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xread({shard_keys.progress: after}, count=1)
-            pipe.hgetall(read)
-            told, fields = await pipe.execute()
-            if told:
-                return fields  # type: ignore[no-any-return]
         if deadline is None:
             deadline = time.monotonic() + self.timeout
         while True:
@@ -232,7 +267,7 @@ class LedgerClient:
             told = await self.redis.xread({shard_keys.progress: after}, count=1, block=block_ms)
             applied = None if told else await queries.projected_up_to(self.redis, shard)
             if told or (applied is not None and entry_order(applied) >= target):
-                return await self.redis.hgetall(read) if read is not None else None
+                return
             if time.monotonic() > deadline:
                 raise LedgerTimeout(
                     f"the live projection of shard {shard} did not reach {entry_id} in {self.timeout} s: "
@@ -446,7 +481,7 @@ class OrderManager(_Manager):
 
         Called again with the same ``command_id`` it places nothing and returns that order.
         """
-        reply, fields = await self.client.submit_reading(
+        reply, order = await self.client.submit_order(
             wire.PlaceOrder(
                 command_id=_command_id(command_id),
                 user_id=user_id,
@@ -464,9 +499,7 @@ class OrderManager(_Manager):
                 grid_level=grid_level,
                 metadata=metadata,
             ),
-            lambda reply: keys.order_key(reply["order_id"]),
         )
-        order = queries.order_of(reply["order_id"], fields)
         if order is None:
             raise OperationFailed(f"order {reply['order_id']} is no longer in the live keys: see `ledger history`")
         return order

@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -111,22 +111,24 @@ end
 return sent
 """
 
-_order_decoder = msgspec.json.Decoder(OrderState)
-_position_decoder = msgspec.json.Decoder(PositionState)
 _encoder = msgspec.json.Encoder()
 _batch_encoder = msgspec.msgpack.Encoder()
 
 
-class SnapshotEncoder:
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+class SnapshotCodec(Generic[S]):
     """The JSON of a state with every field whose JSON is its default's left out: it decodes to
-    that default (``OrderState`` / ``PositionState`` decoders, wherever they read a snapshot), so
+    that default (``decode``, wherever a snapshot is read), so
     a snapshot holds only what differs (an order placed without options: 580 -> 270 bytes). The
     same rule writes the full snapshots of the append step and the compact ones of
     ``projections.compact`` (``fields``: the kept subset; ``extra``: fields no state has)."""
 
-    __slots__ = ("names", "defaults")
+    __slots__ = ("names", "defaults", "decode")
 
-    def __init__(self, cls: type[msgspec.Struct]) -> None:
+    def __init__(self, cls: type[S]) -> None:
+        self.decode: Callable[[bytes | str], S] = msgspec.json.Decoder(cls).decode
         self.names = tuple(info.name for info in msgspec.structs.fields(cls))
         # Each default as JSON's builtins (a Decimal as its text, an enum as its value): two
         # builtins of one field's type are equal exactly when their JSON is.
@@ -149,8 +151,8 @@ class SnapshotEncoder:
         return _encoder.encode(kept)
 
 
-ORDER_SNAPSHOT = SnapshotEncoder(OrderState)
-POSITION_SNAPSHOT = SnapshotEncoder(PositionState)
+ORDER_SNAPSHOT = SnapshotCodec(OrderState)
+POSITION_SNAPSHOT = SnapshotCodec(PositionState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,10 +267,10 @@ class EventStore:
         tokens = {user: text(value) or "" for user, value in zip(users, next(results), strict=True)} if users else {}
         if order_ids:
             for oid, raw in zip(order_ids, next(results), strict=True):
-                book.orders[oid] = _order_decoder.decode(raw) if raw else None
+                book.orders[oid] = ORDER_SNAPSHOT.decode(raw) if raw else None
         if position_ids:
             for pid, raw in zip(position_ids, next(results), strict=True):
-                book.positions[pid] = _position_decoder.decode(raw) if raw else None
+                book.positions[pid] = POSITION_SNAPSHOT.decode(raw) if raw else None
         if slots:
             for slot, value in zip(slots, next(results), strict=True):
                 book.slots[slot] = text(value) or None
@@ -303,12 +305,12 @@ class EventStore:
 
     async def order(self, order_id: str) -> OrderState | None:
         raw = await self.redis.hget(self.keys.orders, order_id)
-        state = _order_decoder.decode(raw) if raw else await self._archived(order_id)
+        state = ORDER_SNAPSHOT.decode(raw) if raw else await self._archived(order_id)
         return state if isinstance(state, OrderState) else None
 
     async def position(self, position_id: str) -> PositionState | None:
         raw = await self.redis.hget(self.keys.positions, position_id)
-        state = _position_decoder.decode(raw) if raw else await self._archived(position_id)
+        state = POSITION_SNAPSHOT.decode(raw) if raw else await self._archived(position_id)
         return state if isinstance(state, PositionState) else None
 
     async def _archived(self, aggregate_id: str) -> OrderState | PositionState | None:
@@ -521,7 +523,7 @@ def _packed(append: Append, field: str) -> list[Any]:
     ]
 
 
-def _triples(snapshots: dict[str, OrderState] | dict[str, PositionState], snapshot: SnapshotEncoder) -> list[str]:
+def _triples(snapshots: dict[str, OrderState] | dict[str, PositionState], snapshot: SnapshotCodec[Any]) -> list[str]:
     """Id, snapshot JSON and, for a final order or closed position, its ``updated_at`` (the
     script adds it to what compaction has to look at), else ''."""
     return [

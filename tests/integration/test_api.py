@@ -225,6 +225,34 @@ async def test_create_order_returns_the_order_as_the_projection_shows_it(
         assert await members(redis, f"orders:open:okx:{BTC}") == {order.id}
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"order_type": "limit", "price": "40000.10"},
+        {"order_type": "market", "metadata": {"note": "ü", "n": [1, 2]}, "client_order_id": "c-7"},
+        {"order_type": "stop_limit", "price": "39000", "trigger_price": "39500.0", "leverage": 5},
+        {"order_type": "take_profit_market", "trigger_price": "45000", "position_side": "short"},
+    ],
+    ids=["limit", "market", "stop_limit", "take_profit_market"],
+)
+async def test_create_order_returns_in_one_round_trip_what_the_live_hash_shows(
+    redis: Any, redis_url: str, tmp_path: Path, options: dict[str, Any]
+) -> None:
+    """While the projection is caught up the append step writes the live keys, and the reply's
+    round trip brings the order's snapshot: no HGETALL, no wait on the progress stream; what it
+    returns is what ``get_order`` reads from the hash, field for field."""
+    async with running_ledger(redis_url, tmp_path, roles=("handler", "projection"), execution="external"):
+        orders = OrderManager(redis)
+        await orders.create_order(USER, "okx", BTC, "buy", "limit", Decimal("0.1"), "1")  # the scripts load
+        await redis.config_resetstat()
+        order = await orders.create_order(USER, "okx", BTC, "sell", quantity=Decimal("0.25"), **options)
+        stats = await redis.info("commandstats")
+        assert ("cmdstat_hgetall" in stats, "cmdstat_xread" in stats) == (False, False)
+        raw = await hash_of(redis, f"orders:{order.id}")
+        assert order == Order.from_live(raw) == await orders.get_order(str(order.id))
+        assert (raw["status"], raw["quantity"], raw["version"]) == ("pending", "0.25", "1")
+
+
 async def test_cancel_order_true_then_cancelled_and_false_for_filled_or_unknown(
     redis: Any, redis_url: str, tmp_path: Path
 ) -> None:

@@ -13,7 +13,11 @@ other:
   position with its exact size, entry price, fees and net realized PnL;
 * the live projection (the legacy keys of CONTRACT §6, read with plain Redis commands);
 * a replay of the event log through the domain's ``evolve``, in which a ``PositionOpened`` never
-  finds its side already open.
+  finds its side already open;
+
+and, the projection having applied the whole log, that each order's snapshot (the handler's
+state) maps to exactly its live hash: what ``OrderManager.create_order`` returns without reading
+the hash.
 
 Execution is ``external``: the test reports acceptances and fills itself. One linear contract
 market per symbol, fees in the settlement currency, so every figure is exact.
@@ -45,7 +49,9 @@ from ledger.app.service import role_factory
 from ledger.config import Settings, parse_execution
 from ledger.domain import wire
 from ledger.domain.evolution import evolve
+from ledger.domain.mapping import ORDER
 from ledger.domain.state import Book
+from ledger.store.eventstore import ORDER_SNAPSHOT
 from ledger.store.redis_conn import connect
 
 USERS = ("alice", "bob")
@@ -527,6 +533,8 @@ class Books(RuleBasedStateMachine):
             live = {_text(k): _text(v) for k, v in (await redis.hgetall(f"orders:{order.id}")).items()}
             assert live["status"] == order.status, (order, live)
             assert Decimal(live["filled_qty"]) == order.filled, (order, live)
+            snapshot = ORDER_SNAPSHOT.decode(await redis.hget("ledger:{0}:orders", order.id))
+            assert ORDER.to_live(ORDER.values(snapshot)) == live, (snapshot, live)
         for symbol in SYMBOLS:
             members = {_text(m) for m in await redis.smembers(f"orders:open:okx:{symbol}")}
             assert members == {

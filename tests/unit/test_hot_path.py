@@ -1,7 +1,7 @@
 """The handler's cheap per-command helpers keep their guarantees: exact decimal arithmetic holds
 whether a caller set the context once for many calls or not
 (``ledger.domain.values.exact_arithmetic``), and a snapshot leaves out exactly the fields whose
-JSON is their default's (``ledger.store.eventstore.SnapshotEncoder``)."""
+JSON is their default's (``ledger.store.eventstore.SnapshotCodec``)."""
 
 from __future__ import annotations
 
