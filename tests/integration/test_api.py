@@ -37,6 +37,8 @@ from ledger import (
     PositionSide,
     PositionStatus,
 )
+from ledger.domain.mapping import ORDER
+from ledger.store.eventstore import ORDER_SNAPSHOT
 from tests.live_helpers import (
     BTC,
     ETH,
@@ -217,6 +219,10 @@ async def test_create_order_returns_the_order_as_the_projection_shows_it(
             "1",
         )
         assert order == Order.from_live(raw) == await orders.get_order(str(order.id))
+        # A GRID order's snapshot maps to its live hash too (what a later create_order returns).
+        assert (
+            ORDER.to_live(ORDER.values(ORDER_SNAPSHOT.decode(await redis.hget("ledger:{0}:orders", order.id)))) == raw
+        )
         ((_id, type_name, placed),) = await events_of(redis, 0)
         assert type_name == "OrderPlaced" and placed["stream"] == order.id
         # No command_id given: the API's default, ``api-`` and a time-ordered (version 7) UUID.
