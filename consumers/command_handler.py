@@ -37,7 +37,7 @@ import structlog
 from consumers.backoff import Backoff, poll
 from consumers.deadletter import Reply, write_dead_letter
 from consumers.entries import Entry
-from consumers.runner import RETRYABLE, ConsumerSettings, Rest, StreamConsumer
+from consumers.runner import RETRYABLE, ConsumerSettings, StreamConsumer
 from consumers.user_books import Kept, UserBooks
 from ledger import defaults
 from ledger.config import ServerNotConfigured, Settings, known_url
@@ -49,7 +49,7 @@ from ledger.domain.state import Book, StateError
 from ledger.domain.values import exact_arithmetic, now_ms
 from ledger.errors import HandlingSignal
 from ledger.sqlfiles import load_queries
-from ledger.store.eventstore import Append, AppendResult, EventStore, InlineWrites, outcome_marker
+from ledger.store.eventstore import Append, EventStore, InlineWrites, outcome_marker
 from ledger.store.keys import outcome_field, outcome_ids, shard_of
 from ledger.store.log import read_aggregates
 from ledger.store.redis_conn import CONNECT_TIMEOUT_S
@@ -93,23 +93,13 @@ class CommandHandler:
         self.log = log.bind(shard=store.keys.shard)  # bound once: the module's proxy binds per call
 
     async def handle(self, entries: list[Entry]) -> None:
-        """Handle a batch: ``begin`` it and wait for its appends' answers."""
-        rest = await self.begin(entries)
-        if rest is not None:
-            await rest
-
-    async def begin(self, entries: list[Entry]) -> Rest | None:
-        """Decide a batch and send its appends; return the wait for their answers (``_settle``),
-        which the runner awaits once it handed over the next batch (``consumers.runner``: one
-        batch ahead)."""
         commands: list[_Pending] = []
         for entry in entries:
             command = await self._decode(entry)
             if command is not None:
                 commands.append(_Pending(entry, command))
         if commands:
-            return await self._handle_commands(commands)
-        return None
+            await self._handle_commands(commands)
 
     # ----------------------------------------------------------------- decoding
 
@@ -173,15 +163,9 @@ class CommandHandler:
 
     # ----------------------------------------------------------------- deciding
 
-    async def _handle_commands(self, commands: list[_Pending]) -> Rest:
-        """Decide the batch and send its appends. Its users are kept in memory as decided, before
-        the appends answer: the next batch, decided while Redis appends this one, starts from
-        them (its appends expect this batch's tokens), and a user whose command does not append
-        as decided is forgotten once the answer says so (``_settle``). A next-batch decision
-        made on such a guess conflicts in its append and is decided again: never a wrong one."""
+    async def _handle_commands(self, commands: list[_Pending]) -> None:
         book = Book()
-        users = {p.command.user_id for p in commands}
-        known = self.books.take(users)
+        known = self.books.take({p.command.user_id for p in commands})
         tokens, cold = await self._load(book, [p.command for p in commands], known)
         decided = commands
         unsure: set[str] = set()  # users not kept in memory: a command not appended as decided
@@ -191,26 +175,8 @@ class CommandHandler:
             unsure = {p.command.user_id for p in commands if id(p) not in remaining}
         with exact_arithmetic():
             appends = [self._decide(p, book, tokens) for p in decided]
-        self.books.keep(book, {user: token for user, token in tokens.items() if user not in unsure}, known)
-        appending = asyncio.ensure_future(self.store.append_many(appends))  # sent while the caller goes on
-        return self._settle(decided, appends, appending, users)
-
-    async def _settle(
-        self,
-        decided: list[_Pending],
-        appends: list[Append],
-        appending: asyncio.Future[list[AppendResult]],
-        users: set[str],
-    ) -> None:
-        """The appends' answers: log each outcome, forget the users whose commands did not
-        append as decided, and decide again, one by one, those that conflicted."""
-        try:
-            results = await appending
-        except BaseException:
-            self.books.forget(users)  # the batch failed: what it kept is a guess nobody checked
-            raise
+        results = await self.store.append_many(appends)
         conflicted: set[str] = set()
-        unsure: set[str] = set()
         retry: list[_Pending] = []
         for pending, append, result in zip(decided, appends, results, strict=True):
             user = pending.command.user_id
@@ -221,7 +187,7 @@ class CommandHandler:
                 retry.append(pending)
             else:
                 self._log_outcome(pending, append, result.status)
-        self.books.forget(unsure)
+        self.books.keep(book, {user: token for user, token in tokens.items() if user not in unsure}, known)
         for pending in retry:
             await self._handle_alone(pending)
 
@@ -560,7 +526,7 @@ async def handler_role(
                 redis,
                 stream=store.keys.commands,
                 group=GROUP,
-                handler=CommandHandler(store, settings.shards, on_archived=reader.wake.set).begin,
+                handler=CommandHandler(store, settings.shards, on_archived=reader.wake.set).handle,
                 dead_stream=store.keys.dead,
                 settings=ConsumerSettings.from_settings(settings),
             )

@@ -67,16 +67,6 @@ its own checkpoint whatever it is delivered (the live projection) passes ``order
 reads block in one XREADGROUP (no script, and woken only by entries its group has not been
 moved past), and what a lapsed holder took stays pending until claimed, harmless to it.
 
-One batch ahead: a handler may return the rest of its work on a batch instead of finishing it
-(the command handler returns the wait for its append, sent already). The runner then reads the
-next batch at once (without blocking) and hands it over before it awaits that rest, so the
-handler decides the next batch while Redis appends this one; a batch is acknowledged only once
-its rest completed, and a rest that fails is handled like a batch that raised (entry by entry,
-or given back on an outage, with the batch read ahead given back too). At most one batch is
-ahead; a batch of one entry (the stream is idle) is finished at once (reading ahead would cost a
-round trip per entry for nothing), and so is every batch read again (own pending, claimed,
-retried: handled alone).
-
 ``idle``, when given, is called after a read that found nothing (every ``block_ms`` while
 nothing comes), and with a lease only when that read found the lease still this consumer's:
 work a handler does on its own time (the live projection's sweep).
@@ -284,10 +274,7 @@ RETRYABLE = (
 )
 
 
-# A handler may hand back the rest of a batch's work (``Rest``): the runner then reads and starts
-# the next batch before it awaits that rest (see the module's "One batch ahead").
-Rest = Awaitable[None]
-Handler = Callable[[list[Entry]], Awaitable[Rest | None]]
+Handler = Callable[[list[Entry]], Awaitable[None]]
 # Told (entry, code, reason) before the entry is dead-lettered; may raise a retryable error.
 DeadLetterHook = Callable[[Entry, str, str], Awaitable[None]]
 
@@ -378,8 +365,6 @@ class StreamConsumer:
         # A batch handled and not acknowledged yet: its acknowledgement goes in the round trip of
         # the next read (``_read``), or alone before anything else reads the group (``_flush``).
         self._handled: list[Entry] = []
-        # A batch handed over whose rest is still to be awaited (one batch ahead).
-        self._ahead: tuple[list[Entry], Rest] | None = None
         self._own_pending = True
         self._next_claim = 0.0
         self._next_retry = 0.0
@@ -420,7 +405,6 @@ class StreamConsumer:
         it). With the server away, the batch is claimed later and handled again (idempotently),
         and the lease lapses by itself."""
         try:
-            await self._finish_ahead()
             await self._flush()
             if self.lease_key is not None:
                 await release_lease(self.redis, self.lease_key, self.name)
@@ -457,7 +441,6 @@ class StreamConsumer:
             if count == 0:
                 break
             handled += count
-        await self._finish_ahead()
         await self._flush()
         return handled
 
@@ -481,21 +464,15 @@ class StreamConsumer:
             entries = await self._claim_stale()
             before = await self._mark_pending(entries) if entries else []
             if not entries:
-                entries, before = await self._read(block and self._ahead is None)
+                entries, before = await self._read(block)
             if entries:
                 await self._process(entries, before)
                 if block and self.settings.linger_ms and len(entries) < self.settings.batch_size:
                     await asyncio.sleep(self.settings.linger_ms / 1000)
-            elif self._ahead is not None:
-                await self._finish_ahead()
             elif self.idle is not None and (self.lease_key is None or self._lease_confirmed is not None):
                 await self.idle()  # not when the read found the lease moved (a tool's work stands)
         except LeaseLost:
             self._lease_confirmed = None  # the next step asks Redis who holds it
-            await self._give_back_ahead()
-            raise
-        except self.retryable:
-            await self._give_back_ahead()
             raise
         return retried + len(entries)
 
@@ -511,7 +488,6 @@ class StreamConsumer:
         it took, or the stream's last when it found nothing), at once when one is there already:
         a batch is one round trip, busy or idle."""
         if self._own_pending:
-            await self._finish_ahead()
             await self._flush()  # else the batch handled last is read again as pending
             response = await self.redis.xreadgroup(
                 self.group, self.name, {self.stream: "0"}, count=self.settings.batch_size
@@ -599,57 +575,20 @@ class StreamConsumer:
 
     async def _process(self, entries: list[Entry], before: list[int]) -> None:
         """Handle a batch whose entries were marked (``before``: their counters before the mark);
-        entries tried before (or a batch that fails) are handled alone. A batch whose handler
-        hands back a rest goes ahead, and the batch ahead before it is finished."""
+        entries tried before (or a batch that fails) are handled alone."""
         if any(n >= 0 for n in before):
-            await self._finish_ahead()
             await self._process_alone(entries)
             return
         try:
-            rest = await self.handler(entries)
+            await self.handler(entries)
         except self.retryable:
             await self._uncount(entries)
             raise
         except Exception as exc:  # noqa: BLE001 - isolate the failing entry, keep the stream moving
-            await self._finish_ahead()
             self.log.error("batch failed, retrying entry by entry", error=repr(exc), size=len(entries))
             await self._process_alone(entries)
             return
-        if rest is not None and len(entries) > 1:
-            ahead, self._ahead = self._ahead, (entries, rest)
-            if ahead is not None:
-                await self._finish(*ahead)
-            return
-        await self._finish_ahead()
-        await self._finish(entries, rest)
-
-    async def _finish(self, entries: list[Entry], rest: Rest | None) -> None:
-        """Await a batch's rest; then it is acknowledged with the next read (``_acknowledging``)."""
-        if rest is not None:
-            try:
-                await rest
-            except self.retryable:
-                await self._uncount(entries)
-                raise
-            except Exception as exc:  # noqa: BLE001 - isolate the failing entry, keep the stream moving
-                self.log.error("batch failed, retrying entry by entry", error=repr(exc), size=len(entries))
-                await self._process_alone(entries)
-                return
-        self._handled = self._handled + entries
-
-    async def _finish_ahead(self) -> None:
-        if self._ahead is not None:
-            ahead, self._ahead = self._ahead, None
-            await self._finish(*ahead)
-
-    async def _give_back_ahead(self) -> None:
-        """On an outage or a lost lease: the batch ahead is not acknowledged (read again, or
-        claimed by the new holder); its rest is awaited for what it does, its error dropped."""
-        if self._ahead is not None:
-            (entries, rest), self._ahead = self._ahead, None
-            with contextlib.suppress(Exception):
-                await rest
-            await self._uncount(entries)
+        self._handled = self._handled + entries  # acknowledged with the next read (``_acknowledging``)
 
     async def _process_alone(self, entries: list[Entry]) -> None:
         for entry in entries:
@@ -659,9 +598,7 @@ class StreamConsumer:
                 await self._dead_letter(entry, "DELIVERY_LIMIT", f"failed deliveries: {before}; last error: {reason}")
                 continue
             try:
-                rest = await self.handler([entry])
-                if rest is not None:
-                    await rest
+                await self.handler([entry])
             except self.retryable:
                 await self._uncount([entry])
                 raise

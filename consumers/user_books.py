@@ -15,13 +15,10 @@ compaction removes only final orders and closed positions, which are not kept he
 rehydration writes back only those), and the append refuses with ``conflict`` when the token is
 not the one the decision expected. So when anything else appended for the user since (a second
 ``serve``, an entry claimed from a stalled handler) the commands conflict and are decided again
-on state loaded from Redis: a stale memory costs a retry, never a wrong decision. A batch's
-users are kept as decided before its appends answer, so that the next batch, decided while Redis
-appends this one, starts from them (``consumers.runner``: one batch ahead); a user is forgotten
-as soon as one of its commands did not append as decided (a conflict, a duplicate, a command set
-aside for an archived aggregate) or its batch failed, and the next batch's commands decided on
-that guess conflict and are decided again. While a batch is being decided its users' entries
-are the batch's (a batch that fails while deciding gives nothing back).
+on state loaded from Redis: a stale memory costs a retry, never a wrong decision. A user is
+forgotten as soon as one of its commands did not append as decided (a conflict, a duplicate, a
+command set aside for an archived aggregate), and while a batch is under way its users' entries
+are the batch's (a batch that fails gives nothing back).
 
 Absences are not kept (an order id nobody has is looked up each time: ids of adopted orders are
 derived, so one may appear later), and at most ``BOOK_AGGREGATES`` orders and positions in all
@@ -92,10 +89,6 @@ class UserBooks:
                 self._size -= kept.size
                 taken[user] = kept
         return taken
-
-    def forget(self, users: Iterable[str]) -> None:
-        """Drop the entries of ``users``: their commands did not append as decided."""
-        self.take(users)
 
     def keep(self, book: Book, tokens: dict[str, str], taken: dict[str, Kept]) -> None:
         """Keep each user of ``tokens`` (the token its last append wrote): its entry ``taken``

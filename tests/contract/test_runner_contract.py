@@ -47,30 +47,6 @@ class Recorder:
                 raise error
 
 
-class Ahead:
-    """A handler handing back the rest of each batch (``consumers.runner``: one batch ahead): it
-    records when a batch was handed over (``begin``) and when its rest ran (``rest``), with the
-    group's pending entries as the rest saw them; a rest raises what ``fail`` says."""
-
-    def __init__(self, client: Any, fail: dict[str, BaseException] | None = None) -> None:
-        self.client = client
-        self.log: list[tuple[str, list[str]]] = []
-        self.pending_in_rest: list[int] = []
-        self.fail = fail or {}
-
-    async def __call__(self, entries: list[Entry]) -> Any:
-        names = [e.fields["n"] for e in entries]
-        self.log.append(("begin", names))
-        return self._rest(names)
-
-    async def _rest(self, names: list[str]) -> None:
-        self.pending_in_rest.append(await _pending(self.client))
-        self.log.append(("rest", names))
-        for name in names:
-            if name in self.fail:
-                raise self.fail[name]
-
-
 class RunnerContract:
     """What ``StreamConsumer`` promises on any Redis. Subclasses provide ``client``."""
 
@@ -126,69 +102,6 @@ class RunnerContract:
         assert handler.calls == [["1", "2"], ["3", "4"], ["5"]]
         (group,) = await client.xinfo_groups(STREAM)
         assert (group["last-delivered-id"], group["pending"]) == (ids[-1], 0)
-
-    async def test_a_batch_is_handed_over_before_the_rest_of_the_one_before_is_awaited(self, client: Any) -> None:
-        """One batch ahead: the next batch is read and begun, then the rest of the one before
-        runs; a batch is acknowledged only once its rest ran (pending: the rest's own batch
-        and the one ahead). A batch of one (the last) is finished at once."""
-        handler = Ahead(client)
-        consumer = self.consumer(client, handler, "a")
-        await consumer.ensure_group()
-        await self.publish(client, "1", "2", "3", "4", "5")
-
-        assert await consumer.burst() == 5
-
-        assert handler.log == [
-            ("begin", ["1", "2"]),
-            ("begin", ["3", "4"]),
-            ("rest", ["1", "2"]),
-            ("begin", ["5"]),
-            ("rest", ["3", "4"]),
-            ("rest", ["5"]),
-        ]
-        # 1-4 pending in the first rest; 3-5 in the next two (1, 2 acknowledged with the read of
-        # 5; 3, 4 with the read after it, the one that finds nothing)
-        assert handler.pending_in_rest == [4, 3, 3]
-        assert await _pending(client) == 0
-
-    async def test_a_failing_rest_is_retried_entry_by_entry_and_the_batch_ahead_goes_on(self, client: Any) -> None:
-        handler = Ahead(client, {"2": ValueError("no")})
-        consumer = self.consumer(client, handler, "a")
-        await consumer.ensure_group()
-        ids = await self.publish(client, "1", "2", "3", "4")
-
-        assert await consumer.step(block=False) == 2
-        assert await consumer.step(block=False) == 2
-        await consumer.step(block=False)  # finishes the batch ahead before reading "2" again
-
-        assert handler.log[:8] == [
-            ("begin", ["1", "2"]),
-            ("begin", ["3", "4"]),
-            ("rest", ["1", "2"]),  # fails: each entry alone, its rest at once
-            ("begin", ["1"]),
-            ("rest", ["1"]),
-            ("begin", ["2"]),
-            ("rest", ["2"]),  # fails again: counted
-            ("rest", ["3", "4"]),
-        ]
-        assert (await client.hget(TRIES, ids[1]), await client.hget(TRIES, ids[3])) == ("2", None)
-
-    async def test_an_outage_in_a_rest_gives_back_that_batch_and_the_one_ahead(self, client: Any) -> None:
-        handler = Ahead(client, {"1": ConnectionError("server down")})
-        consumer = self.consumer(client, handler, "a")
-        await consumer.ensure_group()
-        await self.publish(client, "1", "2", "3", "4")
-
-        with pytest.raises(ConnectionError):
-            await consumer.burst()
-        assert handler.log == [("begin", ["1", "2"]), ("begin", ["3", "4"]), ("rest", ["1", "2"]), ("rest", ["3", "4"])]
-        assert (await _pending(client), await client.exists(TRIES)) == (4, 1)  # given back, not counted
-
-        handler.fail.clear()  # the server is back
-        handler.log.clear()
-        assert await consumer.burst() == 4
-        assert [names for step, names in handler.log if step == "rest"] == [["1", "2"], ["3", "4"]]
-        assert (await _pending(client), await client.exists(TRIES)) == (0, 0)
 
     # ----------------------------------------------------------------- failures
 
