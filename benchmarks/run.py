@@ -19,7 +19,7 @@ from ledger.config import Durability
 @dataclass(frozen=True)
 class Sizes:
     pairs: int  # place_order + record_fill pairs of an end-to-end run
-    latency_s: float  # paced load, per consumer (echo, then the ledger)
+    latency_s: float  # each paced load (the echo; the ledger; the ledger with its live keys watched)
     rate: int  # commands/s of the paced load
     clients: int  # closed-loop clients of the paced load
     api_orders: int  # create_order calls, one at a time
