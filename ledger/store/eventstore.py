@@ -120,10 +120,10 @@ S = TypeVar("S", bound=msgspec.Struct)
 
 class SnapshotCodec(Generic[S]):
     """The JSON of a state with every field whose JSON is its default's left out: it decodes to
-    that default (``decode``, wherever a snapshot is read), so
-    a snapshot holds only what differs (an order placed without options: 580 -> 270 bytes). The
-    same rule writes the full snapshots of the append step and the compact ones of
-    ``projections.compact`` (``fields``: the kept subset; ``extra``: fields no state has)."""
+    that default (``decode``, wherever a snapshot is read), so a snapshot holds only what
+    differs (an order placed without options: 580 -> 270 bytes). The same rule writes the full
+    snapshots of the append step and the compact ones of ``projections.compact`` (``fields``:
+    the kept subset; ``extra``: fields no state has)."""
 
     __slots__ = ("names", "defaults", "decode")
 
