@@ -65,9 +65,9 @@ finds nothing (``sweep_if_due``), as well as after each batch. The handler plans
 for a chunk of at most ``INLINE_EVENTS`` events (a larger one says the handler is busy: the
 projection's process applies it in parallel), and the script makes them only when the rule holds
 (the handler no longer reads the rule ahead: it loads no state for a user whose state it
-holds); a GRID order's writes
-depend on which order holds its level, which only the projection reads, so from a command with
-one on the checkpoint stays behind and the projection applies the rest. A consumer that stops
+holds); a GRID order's writes depend on which order holds its level, which only the projection
+reads, so from a command with one on the checkpoint stays behind and the projection applies the
+rest. A consumer that stops
 gives its lease up, so a stopped projection stops these writes at once (one that died, after its
 lease's time).
 

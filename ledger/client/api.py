@@ -226,15 +226,9 @@ class LedgerClient:
         if snapshot and order_id is not None:  # every event projected: the live hash is the snapshot's
             return reply, queries.order_of(order_id, ORDER.to_live(ORDER.values(ORDER_SNAPSHOT.decode(snapshot))))
         last = reply["events"][-1]["id"] if reply["events"] else None
-        if last is None or (checkpoint and entry_order(text(checkpoint)) >= entry_order(last)):
-            return reply, await self._read_order(order_id)  # projected already (or nothing to wait for)
-        await self.wait_projected(shard, last)
-        return reply, await self._read_order(order_id)
-
-    async def _read_order(self, order_id: str | None) -> Order | None:
-        if order_id is None:
-            return None
-        return queries.order_of(order_id, await self.redis.hgetall(keys.order_key(order_id)))
+        if last is not None and not (checkpoint and entry_order(text(checkpoint)) >= entry_order(last)):
+            await self.wait_projected(shard, last)  # not projected yet
+        return reply, await queries.get_order(self.redis, order_id) if order_id is not None else None
 
     async def _reply(self, reply_key: str, deadline: float) -> dict[str, Any]:
         """The reply the first wait did not see, waited for until ``deadline``."""
